@@ -1,0 +1,289 @@
+//! Versions of tables and keys, advanced by writes and CDC events. An entry is
+//! served only while none of its dependencies moved past the entry's LSN.
+//! Applying a change is idempotent and monotone (a max), so duplicated and
+//! reordered CDC events are harmless. The key map is bounded: evicting a key
+//! raises its table's key watermark, which is conservative (it can only make
+//! entries invalid, never valid).
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+
+use crate::hash::{FixedHasher, FixedMap};
+use crate::sql::TableId;
+use std::hash::Hasher;
+
+/// A commit position in the primary's WAL.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Lsn(pub u64);
+
+/// What a cached entry depends on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dep {
+    /// Any change to the table.
+    Table(TableId),
+    /// A change to the row with this key hash (see [`key_hash`]).
+    Key(TableId, u64),
+}
+
+/// What one committed change touched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChangeTarget {
+    /// Effect unknown (DDL, DO blocks, multi-statement strings): everything.
+    All,
+    /// Rows of the table, keys unknown.
+    Table(TableId),
+    /// These rows of the table.
+    Keys(TableId, Vec<u64>),
+}
+
+/// A committed change, from a write's reply or from the CDC stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub lsn: Lsn,
+    pub targets: Vec<ChangeTarget>,
+}
+
+/// One CDC message: the commit at `lsn`, whose predecessor in the primary's
+/// commit order was at `prev_lsn`. `prev_lsn == lsn` with no targets is a
+/// keepalive saying nothing was committed after `lsn`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CdcEvent {
+    pub prev_lsn: Lsn,
+    pub change: Change,
+}
+
+/// Hash of a primary-key value (canonical text) within a table.
+pub fn key_hash(table: TableId, canonical: &[u8]) -> u64 {
+    let mut h = FixedHasher::default();
+    h.write_u32(table.0);
+    h.write(canonical);
+    h.finish()
+}
+
+#[derive(Clone, Debug)]
+pub struct VersionMapConfig {
+    /// Upper bound on tracked keys.
+    pub keys_max: usize,
+    /// Upper bound on CDC events buffered while waiting for a gap to fill.
+    pub pending_max: usize,
+}
+
+impl Default for VersionMapConfig {
+    fn default() -> Self {
+        VersionMapConfig { keys_max: 1 << 20, pending_max: 4096 }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct VersionStats {
+    pub changes_applied: u64,
+    pub keys_evicted: u64,
+    pub keys: u64,
+    pub cdc_gaps_dropped: u64,
+}
+
+#[derive(Debug)]
+pub struct VersionMap {
+    config: VersionMapConfig,
+    global: Lsn,
+    table_any: FixedMap<TableId, Lsn>,
+    table_whole: FixedMap<TableId, Lsn>,
+    keys: FixedMap<(TableId, u64), Lsn>,
+    key_watermark: FixedMap<TableId, Lsn>,
+    by_age: BinaryHeap<Reverse<(Lsn, TableId, u64)>>,
+    /// Every commit up to here has been applied (contiguous CDC prefix).
+    complete_through: Lsn,
+    /// CDC events past a gap: prev_lsn -> (lsn).
+    pending: BTreeMap<Lsn, Lsn>,
+    stats: VersionStats,
+}
+
+impl VersionMap {
+    /// `start` is the LSN from which the CDC stream is complete (the slot's start).
+    pub fn new(config: VersionMapConfig, start: Lsn) -> Self {
+        assert!(config.keys_max > 0, "keys_max must be positive");
+        VersionMap {
+            config,
+            global: Lsn(0),
+            table_any: FixedMap::default(),
+            table_whole: FixedMap::default(),
+            keys: FixedMap::default(),
+            key_watermark: FixedMap::default(),
+            by_age: BinaryHeap::new(),
+            complete_through: start,
+            pending: BTreeMap::new(),
+            stats: VersionStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> VersionStats {
+        VersionStats { keys: self.keys.len() as u64, ..self.stats }
+    }
+
+    /// Every commit at or below this LSN is reflected in the map.
+    pub fn complete_through(&self) -> Lsn {
+        self.complete_through
+    }
+
+    /// Applies a change (a write's own reply or a CDC event's payload).
+    pub fn apply(&mut self, change: &Change) {
+        let lsn = change.lsn;
+        self.stats.changes_applied += 1;
+        for target in &change.targets {
+            match target {
+                ChangeTarget::All => self.global = self.global.max(lsn),
+                ChangeTarget::Table(t) => {
+                    bump(&mut self.table_whole, *t, lsn);
+                    bump(&mut self.table_any, *t, lsn);
+                }
+                ChangeTarget::Keys(t, ks) => {
+                    bump(&mut self.table_any, *t, lsn);
+                    for k in ks {
+                        let v = self.keys.entry((*t, *k)).or_insert(Lsn(0));
+                        if *v < lsn {
+                            *v = lsn;
+                            self.by_age.push(Reverse((lsn, *t, *k)));
+                        }
+                    }
+                }
+            }
+        }
+        self.enforce_bounds();
+    }
+
+    /// Applies a CDC event and advances the contiguous frontier when it can.
+    pub fn apply_cdc(&mut self, event: &CdcEvent) {
+        if !event.change.targets.is_empty() {
+            self.apply(&event.change);
+        }
+        let lsn = event.change.lsn;
+        if lsn <= self.complete_through {
+            return;
+        }
+        if event.prev_lsn <= self.complete_through {
+            self.complete_through = lsn;
+            while let Some((&prev, &next)) = self.pending.first_key_value() {
+                if prev > self.complete_through {
+                    break;
+                }
+                self.pending.pop_first();
+                self.complete_through = self.complete_through.max(next);
+            }
+        } else {
+            if self.pending.len() >= self.config.pending_max {
+                // the frontier stays where it is: correct, only less useful
+                self.pending.clear();
+                self.stats.cdc_gaps_dropped += 1;
+            }
+            let e = self.pending.entry(event.prev_lsn).or_insert(lsn);
+            *e = (*e).max(lsn);
+        }
+    }
+
+    /// Whether an entry reflecting commits up to `lsn`, with `deps`, is current
+    /// as far as this map knows.
+    pub fn is_valid(&self, lsn: Lsn, deps: &[Dep]) -> bool {
+        if self.global > lsn {
+            return false;
+        }
+        deps.iter().all(|d| match *d {
+            Dep::Table(t) => get(&self.table_any, t) <= lsn,
+            Dep::Key(t, k) => {
+                get(&self.table_whole, t) <= lsn
+                    && get(&self.key_watermark, t) <= lsn
+                    && self.keys.get(&(t, k)).copied().unwrap_or(Lsn(0)) <= lsn
+            }
+        })
+    }
+
+    /// The newest version among `deps` (the LSN an entry must reflect to be valid).
+    pub fn required_lsn(&self, deps: &[Dep]) -> Lsn {
+        let mut need = self.global;
+        for d in deps {
+            let v = match *d {
+                Dep::Table(t) => get(&self.table_any, t),
+                Dep::Key(t, k) => get(&self.table_whole, t)
+                    .max(get(&self.key_watermark, t))
+                    .max(self.keys.get(&(t, k)).copied().unwrap_or(Lsn(0))),
+            };
+            need = need.max(v);
+        }
+        need
+    }
+
+    fn enforce_bounds(&mut self) {
+        while self.keys.len() > self.config.keys_max {
+            let Some(Reverse((lsn, t, k))) = self.by_age.pop() else { break };
+            if self.keys.get(&(t, k)) == Some(&lsn) {
+                self.keys.remove(&(t, k));
+                bump(&mut self.key_watermark, t, lsn);
+                self.stats.keys_evicted += 1;
+            }
+        }
+        if self.by_age.len() > 4 * self.config.keys_max + 64 {
+            self.by_age = self.keys.iter().map(|(&(t, k), &lsn)| Reverse((lsn, t, k))).collect();
+        }
+    }
+}
+
+fn get(map: &FixedMap<TableId, Lsn>, t: TableId) -> Lsn {
+    map.get(&t).copied().unwrap_or(Lsn(0))
+}
+
+fn bump(map: &mut FixedMap<TableId, Lsn>, t: TableId, lsn: Lsn) {
+    let v = map.entry(t).or_insert(Lsn(0));
+    *v = (*v).max(lsn);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: TableId = TableId(1);
+    const U: TableId = TableId(2);
+
+    fn keys(lsn: u64, t: TableId, ks: &[u64]) -> Change {
+        Change { lsn: Lsn(lsn), targets: vec![ChangeTarget::Keys(t, ks.to_vec())] }
+    }
+
+    #[test]
+    fn key_level_and_table_level() {
+        let mut m = VersionMap::new(VersionMapConfig::default(), Lsn(0));
+        m.apply(&keys(10, T, &[1]));
+        assert!(!m.is_valid(Lsn(5), &[Dep::Key(T, 1)]));
+        assert!(m.is_valid(Lsn(5), &[Dep::Key(T, 2)]));
+        assert!(!m.is_valid(Lsn(5), &[Dep::Table(T)]));
+        assert!(m.is_valid(Lsn(5), &[Dep::Table(U)]));
+        m.apply(&Change { lsn: Lsn(20), targets: vec![ChangeTarget::Table(U)] });
+        assert!(!m.is_valid(Lsn(15), &[Dep::Key(U, 7)]));
+        m.apply(&Change { lsn: Lsn(30), targets: vec![ChangeTarget::All] });
+        assert!(!m.is_valid(Lsn(25), &[]));
+        assert_eq!(m.required_lsn(&[Dep::Key(T, 1)]), Lsn(30));
+    }
+
+    #[test]
+    fn eviction_is_conservative() {
+        let mut m = VersionMap::new(VersionMapConfig { keys_max: 2, pending_max: 8 }, Lsn(0));
+        m.apply(&keys(1, T, &[1]));
+        m.apply(&keys(2, T, &[2]));
+        m.apply(&keys(3, T, &[3]));
+        assert_eq!(m.stats().keys, 2);
+        // key 1 was evicted: an entry for it at lsn 0 is still invalid
+        assert!(!m.is_valid(Lsn(0), &[Dep::Key(T, 1)]));
+        assert!(m.is_valid(Lsn(3), &[Dep::Key(T, 1)]));
+    }
+
+    #[test]
+    fn cdc_frontier_survives_reordering_and_duplicates() {
+        let mut m = VersionMap::new(VersionMapConfig::default(), Lsn(0));
+        let ev = |prev: u64, lsn: u64| CdcEvent { prev_lsn: Lsn(prev), change: keys(lsn, T, &[lsn]) };
+        m.apply_cdc(&ev(10, 20));
+        assert_eq!(m.complete_through(), Lsn(0));
+        m.apply_cdc(&ev(20, 30));
+        m.apply_cdc(&ev(0, 10));
+        assert_eq!(m.complete_through(), Lsn(30));
+        m.apply_cdc(&ev(0, 10));
+        assert_eq!(m.complete_through(), Lsn(30));
+        assert!(!m.is_valid(Lsn(25), &[Dep::Key(T, 30)]));
+    }
+}

@@ -1,0 +1,132 @@
+//! SQL analysis: classify a statement, find the tables it reads and writes,
+//! decide whether its result may be cached, fingerprint its shape and find the
+//! point keys it touches. Full parsing happens once per shape ([`Analyzer`]);
+//! the hot path lexes, hashes and looks the shape up.
+
+mod analyze;
+mod lexer;
+mod session;
+
+pub use analyze::{Analyzer, AnalyzerConfig, Catalog};
+pub use lexer::{LITERAL_MARK, LexError, Lexed, Lexer, Literal, LiteralKind, canonical_literal, canonical_number, shape_with_placeholders};
+pub use session::{RESULT_NEUTRAL_SETTINGS, SessionCommand, parse_session_command};
+
+use std::fmt;
+
+/// What kind of statement, for routing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StatementKind {
+    /// SELECT, VALUES, TABLE, SHOW, EXPLAIN, COPY ... TO.
+    Read,
+    /// INSERT, UPDATE, DELETE, MERGE, COPY ... FROM, SELECT INTO, TRUNCATE,
+    /// and queries with data-modifying CTEs.
+    Write,
+    /// CREATE, ALTER, DROP, GRANT, REVOKE, COMMENT.
+    Ddl,
+    /// BEGIN, COMMIT, ROLLBACK, SAVEPOINT, RELEASE.
+    Transaction,
+    /// SET, RESET, DISCARD.
+    Session,
+    /// Everything else, including multi-statement strings and unparsable text.
+    Other,
+}
+
+impl fmt::Display for StatementKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            StatementKind::Read => "read",
+            StatementKind::Write => "write",
+            StatementKind::Ddl => "ddl",
+            StatementKind::Transaction => "transaction",
+            StatementKind::Session => "session",
+            StatementKind::Other => "other",
+        };
+        f.write_str(s)
+    }
+}
+
+/// Transaction control, for the session's transaction state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxnControl {
+    Begin,
+    Commit,
+    Rollback,
+    Savepoint,
+    Release,
+    RollbackTo,
+}
+
+/// Why a statement's result may not be cached.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotCacheable {
+    #[error("not a read ({0})")]
+    NotARead(StatementKind),
+    #[error("read that is not a plain query (SHOW, EXPLAIN, COPY)")]
+    NotAQuery,
+    #[error("calls volatile function {0}()")]
+    Volatile(String),
+    #[error("takes row locks (FOR UPDATE/SHARE)")]
+    Locking,
+    #[error("reads a system catalog ({0})")]
+    SystemCatalog(String),
+    #[error("multi-statement string")]
+    MultiStatement,
+    #[error("empty query")]
+    Empty,
+    #[error("cannot be parsed: {0}")]
+    Unparsable(String),
+}
+
+/// A table, interned by the [`Catalog`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TableId(pub u32);
+
+/// Identifies a shape registered with an [`Analyzer`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ShapeId(pub u32);
+
+/// Where a key value comes from: a bound parameter (`$n`, 0-based here) or the
+/// n-th literal of the text (0-based).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArgRef {
+    Param(u32),
+    Literal(u32),
+}
+
+/// Point access on one table's primary key: one argument per key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyAccess {
+    pub table: TableId,
+    pub args: Vec<ArgRef>,
+}
+
+/// Everything known about a statement shape, computed once.
+#[derive(Clone, Debug)]
+pub struct Shape {
+    pub id: ShapeId,
+    /// The normalised text with literals as `$n` (as `pg_stat_statements` shows it).
+    pub text: String,
+    pub kind: StatementKind,
+    pub txn: Option<TxnControl>,
+    pub reads: Vec<TableId>,
+    pub writes: Vec<TableId>,
+    /// Its effect on data cannot be bounded (DO, CALL, DDL, multi-statement,
+    /// unparsable writes): when it succeeds, everything cached is invalid.
+    pub writes_unknown: bool,
+    pub cacheable: Result<(), NotCacheable>,
+    /// Point keys read, when the read touches only those rows of one table.
+    pub read_keys: Option<KeyAccess>,
+    /// Point keys written, when the write touches only those rows of one table.
+    pub write_keys: Option<KeyAccess>,
+    /// Number of literals in the text (arguments after the parameters).
+    pub literal_count: u32,
+    /// Highest `$n` in the text.
+    pub param_count: u32,
+}
+
+impl Shape {
+    pub fn is_cacheable(&self) -> bool {
+        self.cacheable.is_ok()
+    }
+}
