@@ -7,6 +7,7 @@ pub mod consistency;
 pub mod failover;
 pub mod hash;
 pub mod invalidation;
+pub mod node;
 pub mod rng;
 pub mod router;
 pub mod sql;

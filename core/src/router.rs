@@ -6,7 +6,9 @@ use crate::rng::Rng;
 use crate::{Duration, Instant, Lsn};
 
 /// A data-residency zone (EU, US, APAC).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum Zone {
     Eu,
     Us,
@@ -56,7 +58,13 @@ pub struct RouterConfig {
 
 impl Default for RouterConfig {
     fn default() -> Self {
-        RouterConfig { failures_to_open: 3, open_for: Duration::from_secs(2), ewma_alpha: 0.2, latency_slack: 1.5, endpoints_max: 64 }
+        RouterConfig {
+            failures_to_open: 3,
+            open_for: Duration::from_secs(2),
+            ewma_alpha: 0.2,
+            latency_slack: 1.5,
+            endpoints_max: 64,
+        }
     }
 }
 
@@ -109,14 +117,32 @@ pub struct Router {
 
 impl Router {
     pub fn new(config: RouterConfig, seed: u64) -> Self {
-        Router { config, endpoints: Vec::new(), rng: Rng::new(seed) }
+        Router {
+            config,
+            endpoints: Vec::new(),
+            rng: Rng::new(seed),
+        }
     }
 
-    pub fn add_endpoint(&mut self, id: EndpointId, zone: Zone, role: Role, rtt_ms_guess: f64) -> Result<(), RouteError> {
+    pub fn add_endpoint(
+        &mut self,
+        id: EndpointId,
+        zone: Zone,
+        role: Role,
+        rtt_ms_guess: f64,
+    ) -> Result<(), RouteError> {
         if self.endpoints.len() >= self.config.endpoints_max {
             return Err(RouteError::TooMany(self.config.endpoints_max));
         }
-        self.endpoints.push(Endpoint { id, zone, role, replay_lsn: Lsn(0), ewma_ms: rtt_ms_guess, outstanding: 0, breaker: Breaker::Closed { failures: 0 } });
+        self.endpoints.push(Endpoint {
+            id,
+            zone,
+            role,
+            replay_lsn: Lsn(0),
+            ewma_ms: rtt_ms_guess,
+            outstanding: 0,
+            breaker: Breaker::Closed { failures: 0 },
+        });
         Ok(())
     }
 
@@ -138,7 +164,11 @@ impl Router {
     /// Failover re-pointed the primary.
     pub fn set_primary(&mut self, id: EndpointId) {
         for e in &mut self.endpoints {
-            e.role = if e.id == id { Role::Primary } else { Role::Replica };
+            e.role = if e.id == id {
+                Role::Primary
+            } else {
+                Role::Replica
+            };
         }
     }
 
@@ -148,7 +178,10 @@ impl Router {
     }
 
     pub fn primary(&self) -> Option<EndpointId> {
-        self.endpoints.iter().find(|e| e.role == Role::Primary).map(|e| e.id)
+        self.endpoints
+            .iter()
+            .find(|e| e.role == Role::Primary)
+            .map(|e| e.id)
     }
 
     fn usable(&mut self, idx: usize, now: Instant) -> bool {
@@ -170,7 +203,11 @@ impl Router {
 
     /// The primary for a write, if its breaker lets a request through.
     pub fn route_write(&mut self, now: Instant) -> Result<EndpointId, RouteError> {
-        let idx = self.endpoints.iter().position(|e| e.role == Role::Primary).ok_or(RouteError::NoPrimary)?;
+        let idx = self
+            .endpoints
+            .iter()
+            .position(|e| e.role == Role::Primary)
+            .ok_or(RouteError::NoPrimary)?;
         if !self.usable(idx, now) {
             return Err(RouteError::NoHealthyEndpoint);
         }
@@ -202,7 +239,10 @@ impl Router {
                 _ => RouteError::NoHealthyEndpoint,
             });
         }
-        let best = candidates.iter().map(|&i| self.endpoints[i].ewma_ms).fold(f64::INFINITY, f64::min);
+        let best = candidates
+            .iter()
+            .map(|&i| self.endpoints[i].ewma_ms)
+            .fold(f64::INFINITY, f64::min);
         let limit = best * self.config.latency_slack + 0.5;
         candidates.retain(|&i| self.endpoints[i].ewma_ms <= limit);
         let pick = if candidates.len() == 1 {
@@ -240,8 +280,14 @@ impl Router {
             }
             Err(()) => {
                 e.breaker = match e.breaker {
-                    Breaker::Closed { failures } if failures + 1 < failures_to_open => Breaker::Closed { failures: failures + 1 },
-                    _ => Breaker::Open { until: now + open_for },
+                    Breaker::Closed { failures } if failures + 1 < failures_to_open => {
+                        Breaker::Closed {
+                            failures: failures + 1,
+                        }
+                    }
+                    _ => Breaker::Open {
+                        until: now + open_for,
+                    },
                 };
             }
         }
@@ -249,7 +295,9 @@ impl Router {
 
     /// Whether the breaker of `id` is currently letting requests through.
     pub fn is_healthy(&self, id: EndpointId) -> bool {
-        self.endpoints.iter().any(|e| e.id == id && matches!(e.breaker, Breaker::Closed { .. }))
+        self.endpoints
+            .iter()
+            .any(|e| e.id == id && matches!(e.breaker, Breaker::Closed { .. }))
     }
 }
 
@@ -259,10 +307,14 @@ mod tests {
 
     fn router() -> Router {
         let mut r = Router::new(RouterConfig::default(), 7);
-        r.add_endpoint(EndpointId(0), Zone::Us, Role::Primary, 80.0).expect("room");
-        r.add_endpoint(EndpointId(1), Zone::Eu, Role::Replica, 10.0).expect("room");
-        r.add_endpoint(EndpointId(2), Zone::Eu, Role::Replica, 12.0).expect("room");
-        r.add_endpoint(EndpointId(3), Zone::Apac, Role::Replica, 150.0).expect("room");
+        r.add_endpoint(EndpointId(0), Zone::Us, Role::Primary, 80.0)
+            .expect("room");
+        r.add_endpoint(EndpointId(1), Zone::Eu, Role::Replica, 10.0)
+            .expect("room");
+        r.add_endpoint(EndpointId(2), Zone::Eu, Role::Replica, 12.0)
+            .expect("room");
+        r.add_endpoint(EndpointId(3), Zone::Apac, Role::Replica, 150.0)
+            .expect("room");
         r
     }
 
@@ -270,27 +322,62 @@ mod tests {
     fn freshness_then_latency() {
         let mut r = router();
         let now = Instant::ZERO;
-        let req = ReadRequest { residency: None, floor: None, strong: false };
+        let req = ReadRequest {
+            residency: None,
+            floor: None,
+            strong: false,
+        };
         let id = r.route_read(now, req).expect("route");
         assert!(id == EndpointId(1) || id == EndpointId(2));
         // floor beyond every replica: only the primary is fresh
-        let id = r.route_read(now, ReadRequest { floor: Some(Lsn(5)), ..req }).expect("route");
+        let id = r
+            .route_read(
+                now,
+                ReadRequest {
+                    floor: Some(Lsn(5)),
+                    ..req
+                },
+            )
+            .expect("route");
         assert_eq!(id, EndpointId(0));
         r.handle_replay_lsn(EndpointId(2), Lsn(9));
-        let id = r.route_read(now, ReadRequest { floor: Some(Lsn(5)), ..req }).expect("route");
+        let id = r
+            .route_read(
+                now,
+                ReadRequest {
+                    floor: Some(Lsn(5)),
+                    ..req
+                },
+            )
+            .expect("route");
         assert_eq!(id, EndpointId(2));
     }
 
     #[test]
     fn residency_is_never_violated() {
         let mut r = router();
-        let req = ReadRequest { residency: Some(Zone::Eu), floor: Some(Lsn(100)), strong: false };
+        let req = ReadRequest {
+            residency: Some(Zone::Eu),
+            floor: Some(Lsn(100)),
+            strong: false,
+        };
         // no EU endpoint is fresh: refuse rather than leave the zone
-        assert_eq!(r.route_read(Instant::ZERO, req), Err(RouteError::NoHealthyEndpoint));
-        let mut r2 = Router::new(RouterConfig::default(), 1);
-        r2.add_endpoint(EndpointId(0), Zone::Us, Role::Primary, 1.0).expect("room");
         assert_eq!(
-            r2.route_read(Instant::ZERO, ReadRequest { residency: Some(Zone::Apac), floor: None, strong: false }),
+            r.route_read(Instant::ZERO, req),
+            Err(RouteError::NoHealthyEndpoint)
+        );
+        let mut r2 = Router::new(RouterConfig::default(), 1);
+        r2.add_endpoint(EndpointId(0), Zone::Us, Role::Primary, 1.0)
+            .expect("room");
+        assert_eq!(
+            r2.route_read(
+                Instant::ZERO,
+                ReadRequest {
+                    residency: Some(Zone::Apac),
+                    floor: None,
+                    strong: false
+                }
+            ),
             Err(RouteError::NoEndpointInZone(Zone::Apac))
         );
     }
@@ -303,7 +390,11 @@ mod tests {
             r.handle_result(t0, EndpointId(1), Err(()));
         }
         assert!(!r.is_healthy(EndpointId(1)));
-        let req = ReadRequest { residency: Some(Zone::Eu), floor: None, strong: false };
+        let req = ReadRequest {
+            residency: Some(Zone::Eu),
+            floor: None,
+            strong: false,
+        };
         for _ in 0..20 {
             assert_eq!(r.route_read(t0, req).expect("route"), EndpointId(2));
             r.handle_result(t0, EndpointId(2), Ok(Duration::from_millis(12)));

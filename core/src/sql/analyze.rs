@@ -5,8 +5,8 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use sqlparser::ast::{
-    self, Expr, FromTable, Insert, ObjectName, ObjectNamePart, OnConflictAction, OnInsert, Query, SetExpr, Statement,
-    TableFactor, TableObject, Value, Visit, Visitor,
+    self, Expr, FromTable, Insert, ObjectName, ObjectNamePart, OnConflictAction, OnInsert, Query,
+    SetExpr, Statement, TableFactor, TableObject, Value, Visit, Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -93,7 +93,9 @@ impl Catalog {
     }
 
     pub fn primary_key(&self, id: TableId) -> Option<&str> {
-        self.primary_keys.get(id.0 as usize).and_then(|p| p.as_deref())
+        self.primary_keys
+            .get(id.0 as usize)
+            .and_then(|p| p.as_deref())
     }
 
     pub fn len(&self) -> usize {
@@ -116,7 +118,10 @@ pub struct AnalyzerConfig {
 
 impl Default for AnalyzerConfig {
     fn default() -> Self {
-        AnalyzerConfig { shapes_max: 100_000, volatile_functions: Vec::new() }
+        AnalyzerConfig {
+            shapes_max: 100_000,
+            volatile_functions: Vec::new(),
+        }
     }
 }
 
@@ -134,7 +139,14 @@ pub struct Analyzer {
 
 impl Analyzer {
     pub fn new(config: AnalyzerConfig, catalog: Catalog) -> Self {
-        Analyzer { config, catalog, lexer: Lexer::new(), by_shape: FixedMap::default(), shapes: Vec::new(), shapes_over_limit: 0 }
+        Analyzer {
+            config,
+            catalog,
+            lexer: Lexer::new(),
+            by_shape: FixedMap::default(),
+            shapes: Vec::new(),
+            shapes_over_limit: 0,
+        }
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -162,7 +174,8 @@ impl Analyzer {
         if self.shapes.len() < self.config.shapes_max {
             shape.id = next_id;
             let shape = Arc::new(shape);
-            self.by_shape.insert(lexed.shape.clone().into_boxed_str(), next_id);
+            self.by_shape
+                .insert(lexed.shape.clone().into_boxed_str(), next_id);
             self.shapes.push(shape.clone());
             Ok((shape, lexed))
         } else {
@@ -183,6 +196,7 @@ impl Analyzer {
 fn basic(kind: StatementKind, text: String, lexed: &Lexed) -> Shape {
     Shape {
         id: ShapeId(u32::MAX),
+        fingerprint: crate::hash::hash_bytes(text.as_bytes()),
         text,
         kind,
         txn: None,
@@ -235,35 +249,57 @@ fn analyze(lexed: &Lexed, original: &str, catalog: &mut Catalog, config: &Analyz
             s.cacheable = Err(NotCacheable::NotAQuery);
             return s;
         }
-        "create" | "alter" | "drop" | "grant" | "revoke" | "comment" | "reindex" | "cluster" | "security" | "refresh" => {
+        "create" | "alter" | "drop" | "grant" | "revoke" | "comment" | "reindex" | "cluster"
+        | "security" => {
             let mut s = basic(StatementKind::Ddl, text, lexed);
             s.writes_unknown = true;
             return s;
         }
-        "explain" if matches!(w(1), "analyze" | "analyse") || (w(1) == "(" && matches!(w(2), "analyze" | "analyse")) => {
+        "explain"
+            if matches!(w(1), "analyze" | "analyse")
+                || (w(1) == "(" && matches!(w(2), "analyze" | "analyse")) =>
+        {
             let mut s = basic(StatementKind::Other, text, lexed);
             s.writes_unknown = true;
             return s;
         }
-        "select" | "with" | "values" | "table" | "insert" | "update" | "delete" | "merge" | "copy" | "explain" | "(" => {}
+        "select" | "with" | "values" | "table" | "insert" | "update" | "delete" | "merge"
+        | "copy" | "explain" | "truncate" | "(" => {}
         _ => {
             // LISTEN, NOTIFY, DO, CALL, VACUUM, ANALYZE, LOCK, PREPARE, EXECUTE, ...
             let mut s = basic(StatementKind::Other, text, lexed);
-            s.writes_unknown = matches!(first, "do" | "call" | "execute" | "merge" | "import" | "load");
+            s.writes_unknown = matches!(
+                first,
+                "do" | "call" | "execute" | "import" | "load" | "refresh"
+            );
             return s;
         }
     }
     let dialect = PostgreSqlDialect {};
+    // PostgreSQL syntax sqlparser lacks, rewritten to an equivalent it knows:
+    // the classification is the same.
+    let mut parse_text = text.clone();
+    if first == "table" {
+        parse_text = format!("select * from {}", &text["table".len()..]);
+    }
+    for (from, to) in [
+        (" for no key update", " for update"),
+        (" for key share", " for share"),
+    ] {
+        parse_text = parse_text.replace(from, to);
+    }
     // Literals as placeholders first (so keys can point at arguments); the
     // original text if sqlparser refuses a placeholder somewhere (`INTERVAL $1`).
-    let (statements, keys_usable) = match Parser::parse_sql(&dialect, &text) {
+    let (statements, keys_usable) = match Parser::parse_sql(&dialect, &parse_text) {
         Ok(st) => (st, true),
         Err(_) => match Parser::parse_sql(&dialect, original) {
             Ok(st) => (st, false),
+            Err(_) if first == "copy" => return copy_by_keywords(text, lexed, catalog),
             Err(e) => {
                 let mut s = basic(StatementKind::Other, text, lexed);
                 s.cacheable = Err(NotCacheable::Unparsable(e.to_string()));
-                s.writes_unknown = !matches!(first, "select" | "values" | "table" | "explain" | "(");
+                s.writes_unknown =
+                    !matches!(first, "select" | "values" | "table" | "explain" | "(");
                 return s;
             }
         },
@@ -275,6 +311,54 @@ fn analyze(lexed: &Lexed, original: &str, catalog: &mut Catalog, config: &Analyz
         return s;
     };
     analyze_statement(statement, text, lexed, keys_usable, catalog, config)
+}
+
+/// COPY options sqlparser does not know (`WITH (FREEZE ON)`): the table follows
+/// COPY, the direction is FROM or TO.
+fn copy_by_keywords(text: String, lexed: &Lexed, catalog: &mut Catalog) -> Shape {
+    let words: Vec<&str> = text.split(' ').collect();
+    let from = words.contains(&"from");
+    let mut s = basic(
+        if from {
+            StatementKind::Write
+        } else {
+            StatementKind::Read
+        },
+        text.clone(),
+        lexed,
+    );
+    match words.get(1) {
+        Some(&"(") | None => s.writes_unknown = from,
+        Some(name) => {
+            let table = name
+                .trim_matches('"')
+                .rsplit('.')
+                .next()
+                .unwrap_or(name)
+                .to_ascii_lowercase();
+            let id = catalog.intern(&table);
+            if from {
+                s.writes.push(id)
+            } else {
+                s.reads.push(id)
+            }
+            // a name followed by `.`: schema-qualified, the table is the last part
+            if words.get(2) == Some(&".")
+                && let Some(t) = words.get(3)
+            {
+                let id = catalog.intern(&t.trim_matches('"').to_ascii_lowercase());
+                if from {
+                    s.writes = vec![id]
+                } else {
+                    s.reads = vec![id]
+                }
+            }
+        }
+    }
+    if !from {
+        s.cacheable = Err(NotCacheable::NotAQuery);
+    }
+    s
 }
 
 #[derive(Default)]
@@ -311,7 +395,11 @@ fn is_system(name: &ObjectName) -> bool {
             ObjectNamePart::Function(f) => f.name.value.to_ascii_lowercase(),
         })
         .collect();
-    let schema_system = parts.len() >= 2 && matches!(parts[parts.len() - 2].as_str(), "pg_catalog" | "information_schema");
+    let schema_system = parts.len() >= 2
+        && matches!(
+            parts[parts.len() - 2].as_str(),
+            "pg_catalog" | "information_schema"
+        );
     schema_system || parts.last().is_some_and(|t| t.starts_with("pg_"))
 }
 
@@ -328,7 +416,9 @@ impl Visitor for FactVisitor<'_> {
     fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
         if let Some(with) = &query.with {
             for cte in &with.cte_tables {
-                self.facts.cte_names.push(cte.alias.name.value.to_ascii_lowercase());
+                self.facts
+                    .cte_names
+                    .push(cte.alias.name.value.to_ascii_lowercase());
             }
         }
         if !query.locks.is_empty() {
@@ -339,7 +429,10 @@ impl Visitor for FactVisitor<'_> {
         {
             let name = match into.targets.first() {
                 Some(Expr::Identifier(id)) => id.value.to_ascii_lowercase(),
-                Some(Expr::CompoundIdentifier(ids)) => ids.last().map(|i| i.value.to_ascii_lowercase()).unwrap_or_default(),
+                Some(Expr::CompoundIdentifier(ids)) => ids
+                    .last()
+                    .map(|i| i.value.to_ascii_lowercase())
+                    .unwrap_or_default(),
                 _ => String::new(),
             };
             self.facts.select_into = Some(name);
@@ -348,7 +441,9 @@ impl Visitor for FactVisitor<'_> {
     }
 
     fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
-        self.facts.relations.push((last_part(relation), is_system(relation)));
+        self.facts
+            .relations
+            .push((last_part(relation), is_system(relation)));
         ControlFlow::Continue(())
     }
 
@@ -359,7 +454,10 @@ impl Visitor for FactVisitor<'_> {
                 && (VOLATILE_FUNCTIONS.contains(&name.as_str())
                     || name.starts_with("pg_advisory")
                     || name.starts_with("pg_try_advisory")
-                    || self.extra_volatile.iter().any(|v| v.eq_ignore_ascii_case(&name)))
+                    || self
+                        .extra_volatile
+                        .iter()
+                        .any(|v| v.eq_ignore_ascii_case(&name)))
             {
                 self.facts.volatile = Some(name);
             }
@@ -369,7 +467,10 @@ impl Visitor for FactVisitor<'_> {
 
     fn pre_visit_statement(&mut self, statement: &Statement) -> ControlFlow<()> {
         let target = match statement {
-            Statement::Insert(Insert { table: TableObject::TableName(name), .. }) => Some(last_part(name)),
+            Statement::Insert(Insert {
+                table: TableObject::TableName(name),
+                ..
+            }) => Some(last_part(name)),
             Statement::Update(u) => table_factor_name(&u.table.relation),
             Statement::Delete(d) => {
                 let from = match &d.from {
@@ -395,7 +496,10 @@ fn analyze_statement(
     catalog: &mut Catalog,
     config: &AnalyzerConfig,
 ) -> Shape {
-    let mut v = FactVisitor { facts: Facts::default(), extra_volatile: &config.volatile_functions };
+    let mut v = FactVisitor {
+        facts: Facts::default(),
+        extra_volatile: &config.volatile_functions,
+    };
     let _ = statement.visit(&mut v);
     let mut facts = v.facts;
 
@@ -414,7 +518,10 @@ fn analyze_statement(
                 plain_query = true;
             }
         }
-        Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_) | Statement::Merge(_) => {
+        Statement::Insert(_)
+        | Statement::Update(_)
+        | Statement::Delete(_)
+        | Statement::Merge(_) => {
             s.kind = StatementKind::Write;
         }
         Statement::Truncate(t) => {
@@ -425,6 +532,11 @@ fn analyze_statement(
         Statement::Copy { source, to, .. } => {
             if *to {
                 s.kind = StatementKind::Read;
+                if let ast::CopySource::Table { table_name, .. } = source {
+                    facts
+                        .relations
+                        .push((last_part(table_name), is_system(table_name)));
+                }
             } else {
                 s.kind = StatementKind::Write;
                 if let ast::CopySource::Table { table_name, .. } = source {
@@ -440,9 +552,18 @@ fn analyze_statement(
     }
 
     // reads = relation occurrences, minus CTE references, minus one occurrence per target
-    let mut remaining: Vec<(String, bool)> =
-        facts.relations.iter().filter(|(n, _)| !facts.cte_names.contains(n)).cloned().collect();
-    let all_targets: Vec<String> = facts.targets.iter().chain(extra_targets.iter()).cloned().collect();
+    let mut remaining: Vec<(String, bool)> = facts
+        .relations
+        .iter()
+        .filter(|(n, _)| !facts.cte_names.contains(n))
+        .cloned()
+        .collect();
+    let all_targets: Vec<String> = facts
+        .targets
+        .iter()
+        .chain(extra_targets.iter())
+        .cloned()
+        .collect();
     for t in &all_targets {
         if let Some(pos) = remaining.iter().position(|(n, _)| n == t) {
             remaining.remove(pos);
@@ -473,13 +594,20 @@ fn analyze_statement(
     };
     if facts.volatile.is_some() && s.kind == StatementKind::Read {
         // a volatile function may be nextval() or a user function that writes
-        s.writes_unknown |= facts.volatile.as_deref().is_some_and(|f| matches!(f, "nextval" | "setval" | "set_config"));
+        s.writes_unknown |= facts
+            .volatile
+            .as_deref()
+            .is_some_and(|f| matches!(f, "nextval" | "setval" | "set_config"));
     }
 
     if keys_usable {
         let single_relation = facts.relations.len() == 1 && facts.cte_names.is_empty();
         if single_relation {
-            let resolve = |table: &str, catalog: &Catalog| catalog.get(table).and_then(|id| catalog.primary_key(id).map(|pk| (id, pk.to_string())));
+            let resolve = |table: &str, catalog: &Catalog| {
+                catalog
+                    .get(table)
+                    .and_then(|id| catalog.primary_key(id).map(|pk| (id, pk.to_string())))
+            };
             if s.kind == StatementKind::Read && plain_query {
                 if let Statement::Query(q) = statement
                     && let SetExpr::Select(sel) = q.body.as_ref()
@@ -489,7 +617,8 @@ fn analyze_statement(
                     && let Some((id, pk)) = resolve(&table, catalog)
                     && let Some(sel_expr) = &sel.selection
                 {
-                    s.read_keys = point_keys(sel_expr, &pk, lexed).map(|args| KeyAccess { table: id, args });
+                    s.read_keys =
+                        point_keys(sel_expr, &pk, lexed).map(|args| KeyAccess { table: id, args });
                 }
             } else if s.kind == StatementKind::Write {
                 s.write_keys = write_keys(statement, lexed, catalog, &resolve);
@@ -501,7 +630,12 @@ fn analyze_statement(
 
 type Resolve<'a> = dyn Fn(&str, &Catalog) -> Option<(TableId, String)> + 'a;
 
-fn write_keys(statement: &Statement, lexed: &Lexed, catalog: &Catalog, resolve: &Resolve<'_>) -> Option<KeyAccess> {
+fn write_keys(
+    statement: &Statement,
+    lexed: &Lexed,
+    catalog: &Catalog,
+    resolve: &Resolve<'_>,
+) -> Option<KeyAccess> {
     match statement {
         Statement::Update(u) => {
             if u.from.is_some() || !u.table.joins.is_empty() {
@@ -533,7 +667,9 @@ fn write_keys(statement: &Statement, lexed: &Lexed, catalog: &Catalog, resolve: 
             Some(KeyAccess { table: id, args })
         }
         Statement::Insert(ins) => {
-            let TableObject::TableName(name) = &ins.table else { return None };
+            let TableObject::TableName(name) = &ins.table else {
+                return None;
+            };
             let (id, pk) = resolve(&last_part(name), catalog)?;
             if let Some(OnInsert::OnConflict(oc)) = &ins.on
                 && matches!(oc.action, OnConflictAction::DoUpdate(_))
@@ -545,7 +681,9 @@ fn write_keys(statement: &Statement, lexed: &Lexed, catalog: &Catalog, resolve: 
             }
             let pos = ins.columns.iter().position(|c| last_part(c) == pk)?;
             let source = ins.source.as_ref()?;
-            let SetExpr::Values(values) = source.body.as_ref() else { return None };
+            let SetExpr::Values(values) = source.body.as_ref() else {
+                return None;
+            };
             let mut args = Vec::with_capacity(values.rows.len());
             for row in &values.rows {
                 args.push(arg_ref(row.content.get(pos)?, lexed)?);
@@ -561,10 +699,16 @@ fn write_keys(statement: &Statement, lexed: &Lexed, catalog: &Catalog, resolve: 
 fn point_keys(expr: &Expr, pk: &str, lexed: &Lexed) -> Option<Vec<ArgRef>> {
     match expr {
         Expr::Nested(e) => point_keys(e, pk, lexed),
-        Expr::BinaryOp { left, op: ast::BinaryOperator::And, right } => {
-            point_keys(left, pk, lexed).or_else(|| point_keys(right, pk, lexed))
-        }
-        Expr::BinaryOp { left, op: ast::BinaryOperator::Eq, right } => {
+        Expr::BinaryOp {
+            left,
+            op: ast::BinaryOperator::And,
+            right,
+        } => point_keys(left, pk, lexed).or_else(|| point_keys(right, pk, lexed)),
+        Expr::BinaryOp {
+            left,
+            op: ast::BinaryOperator::Eq,
+            right,
+        } => {
             if is_column(left, pk) {
                 arg_ref(right, lexed).map(|a| vec![a])
             } else if is_column(right, pk) {
@@ -573,9 +717,12 @@ fn point_keys(expr: &Expr, pk: &str, lexed: &Lexed) -> Option<Vec<ArgRef>> {
                 None
             }
         }
-        Expr::In { expr, target: ast::InTarget::List(list), negated: false, .. } if is_column(expr, pk) => {
-            list.iter().map(|e| arg_ref(e, lexed)).collect()
-        }
+        Expr::In {
+            expr,
+            target: ast::InTarget::List(list),
+            negated: false,
+            ..
+        } if is_column(expr, pk) => list.iter().map(|e| arg_ref(e, lexed)).collect(),
         _ => None,
     }
 }
@@ -583,7 +730,9 @@ fn point_keys(expr: &Expr, pk: &str, lexed: &Lexed) -> Option<Vec<ArgRef>> {
 fn is_column(expr: &Expr, pk: &str) -> bool {
     match expr {
         Expr::Identifier(id) => id.value.eq_ignore_ascii_case(pk),
-        Expr::CompoundIdentifier(ids) => ids.last().is_some_and(|id| id.value.eq_ignore_ascii_case(pk)),
+        Expr::CompoundIdentifier(ids) => ids
+            .last()
+            .is_some_and(|id| id.value.eq_ignore_ascii_case(pk)),
         Expr::Nested(e) => is_column(e, pk),
         _ => false,
     }
@@ -596,7 +745,9 @@ fn arg_ref(expr: &Expr, lexed: &Lexed) -> Option<ArgRef> {
         Expr::Nested(e) => arg_ref(e, lexed),
         Expr::Cast { expr, .. } => arg_ref(expr, lexed),
         Expr::Value(v) => {
-            let Value::Placeholder(p) = &v.value else { return None };
+            let Value::Placeholder(p) = &v.value else {
+                return None;
+            };
             let n: u32 = p.strip_prefix('$')?.parse().ok()?;
             if n == 0 {
                 return None;

@@ -8,7 +8,10 @@ mod lexer;
 mod session;
 
 pub use analyze::{Analyzer, AnalyzerConfig, Catalog};
-pub use lexer::{LITERAL_MARK, LexError, Lexed, Lexer, Literal, LiteralKind, canonical_literal, canonical_number, shape_with_placeholders};
+pub use lexer::{
+    LITERAL_MARK, LexError, Lexed, Lexer, Literal, LiteralKind, canonical_literal,
+    canonical_number, shape_with_placeholders,
+};
 pub use session::{RESULT_NEUTRAL_SETTINGS, SessionCommand, parse_session_command};
 
 use std::fmt;
@@ -105,6 +108,8 @@ pub struct KeyAccess {
 #[derive(Clone, Debug)]
 pub struct Shape {
     pub id: ShapeId,
+    /// Hash of the normalised text: the same on every node (cache keys use it).
+    pub fingerprint: u64,
     /// The normalised text with literals as `$n` (as `pg_stat_statements` shows it).
     pub text: String,
     pub kind: StatementKind,

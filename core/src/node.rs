@@ -1,0 +1,776 @@
+//! The edge node: the composition a driver runs at one site. A client query
+//! comes in; the node answers it from L1 or L2, or asks the driver to send it
+//! upstream (to the regional pool, which holds L3, or to a database), fills the
+//! tiers back from the reply, applies its own writes' invalidations before
+//! acknowledging them (read-your-writes), and applies CDC events.
+//!
+//! Surface: `handle_*` inputs with `now`, `poll_output` outputs.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use crate::cache::{Entry, Lookup, Tier, TierConfig, TierConfigError, TierName};
+use crate::consistency::{Consistency, entry_meets_floor, read_floor};
+use crate::hash::{Digest128, FixedMap, hash_bytes};
+use crate::invalidation::{
+    CdcEvent, Change, ChangeTarget, Dep, VersionMap, VersionMapConfig, key_hash,
+};
+use crate::router::Zone;
+use crate::sql::{
+    Analyzer, AnalyzerConfig, ArgRef, Catalog, KeyAccess, LexError, NotCacheable,
+    RESULT_NEUTRAL_SETTINGS, SessionCommand, Shape, StatementKind, TableId, TxnControl,
+    canonical_literal, canonical_number, parse_session_command,
+};
+use crate::{Duration, Instant, Lsn};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SessionId(pub u64);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequestId(pub u64);
+
+/// Who answered a read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum Served {
+    L1,
+    L2,
+    L3,
+    Replica,
+    Primary,
+}
+
+impl Served {
+    pub fn name(self) -> &'static str {
+        match self {
+            Served::L1 => "L1",
+            Served::L2 => "L2",
+            Served::L3 => "L3",
+            Served::Replica => "replica",
+            Served::Primary => "primary",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub zone: Zone,
+    pub l1: TierConfig,
+    pub l2: TierConfig,
+    pub versions: VersionMapConfig,
+    pub analyzer: AnalyzerConfig,
+    pub sessions_max: usize,
+    pub pending_max: usize,
+    /// Tables whose rows must stay in one residency zone.
+    pub residency: Vec<(TableId, Zone)>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NodeConfigError {
+    #[error("L1: {0}")]
+    L1(TierConfigError),
+    #[error("L2: {0}")]
+    L2(TierConfigError),
+    #[error("sessions_max and pending_max must be positive")]
+    Limits,
+}
+
+/// Where an upstream request must go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Writes, strong reads, everything inside a transaction, everything unknown.
+    Primary,
+    /// A read any fresh-enough endpoint may answer (L3 first, if cacheable).
+    Read { floor: Option<Lsn> },
+}
+
+/// Output of the node, drained with [`EdgeNode::poll_output`].
+#[derive(Clone, Debug)]
+pub enum NodeOutput<V> {
+    /// Answer the client.
+    Reply {
+        req: RequestId,
+        session: SessionId,
+        served: Served,
+        value: V,
+    },
+    /// Send the query upstream, then call [`EdgeNode::handle_upstream`].
+    Upstream(UpstreamRequest),
+    /// Answer the client with an error.
+    Failed {
+        req: RequestId,
+        session: SessionId,
+        error: NodeError,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct UpstreamRequest {
+    pub req: RequestId,
+    pub session: SessionId,
+    pub shape: Arc<Shape>,
+    pub route: Route,
+    /// Cache key, when the result may be cached upstream (L3).
+    pub cache_key: Option<u128>,
+    pub deps: Vec<Dep>,
+    /// Residency zone of the data, when the query touches zoned tables.
+    pub residency: Option<Zone>,
+}
+
+/// What came back from upstream.
+#[derive(Clone, Debug)]
+pub struct UpstreamReply<V> {
+    pub value: V,
+    pub size_bytes: u32,
+    pub served: Served,
+    /// For reads: the result reflects at least every commit up to here.
+    pub snapshot_lsn: Lsn,
+    /// For writes and COMMIT: an upper bound of the commit's LSN.
+    pub commit_lsn: Option<Lsn>,
+    /// A per-query TTL shorter than the tiers'.
+    pub ttl: Option<Duration>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NodeError {
+    #[error("unknown session {0:?}")]
+    UnknownSession(SessionId),
+    #[error("too many sessions (max {0})")]
+    TooManySessions(usize),
+    #[error("too many requests in flight (max {0})")]
+    TooManyPending(usize),
+    #[error("upstream failed: {0}")]
+    Upstream(String),
+}
+
+#[derive(Clone, Debug)]
+struct Session {
+    consistency: Consistency,
+    /// LSN of the session's last acknowledged write.
+    last_write: Lsn,
+    /// Every write up to `last_write` was applied to this node's version map.
+    writes_local: bool,
+    in_txn: bool,
+    /// Changes of the open transaction, applied at COMMIT.
+    txn_targets: Vec<ChangeTarget>,
+    /// Result-affecting settings, sorted: the cache context.
+    settings: Vec<(String, String)>,
+    context: u64,
+    role: String,
+    database: String,
+}
+
+impl Session {
+    fn recompute_context(&mut self) {
+        let mut d = Digest128::new();
+        d.bytes(self.role.as_bytes());
+        d.bytes(self.database.as_bytes());
+        for (k, v) in &self.settings {
+            d.bytes(k.as_bytes());
+            d.bytes(v.as_bytes());
+        }
+        self.context = d.finish() as u64;
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Pending {
+    session: SessionId,
+    shape: Arc<Shape>,
+    cache_key: Option<u128>,
+    deps: Vec<Dep>,
+    targets: Vec<ChangeTarget>,
+    started: Instant,
+    cache_here: bool,
+    session_command: Option<SessionCommand>,
+}
+
+/// A statement prepared once (extended protocol): its shape and its literals.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    pub shape: Arc<Shape>,
+    literal_keys: Vec<Option<String>>,
+    literal_digest: u128,
+    /// For SET/RESET/DISCARD: the command, parsed from the original text.
+    session_command: Option<SessionCommand>,
+}
+
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct NodeStats {
+    pub queries: u64,
+    pub l1_hits: u64,
+    pub l2_hits: u64,
+    pub upstream: u64,
+    pub uncacheable: u64,
+    pub writes: u64,
+    pub cdc_events: u64,
+}
+
+#[derive(Debug)]
+pub struct EdgeNode<V> {
+    config: NodeConfig,
+    analyzer: Analyzer,
+    l1: Tier<V>,
+    l2: Tier<V>,
+    versions: VersionMap,
+    sessions: FixedMap<SessionId, Session>,
+    pending: FixedMap<RequestId, Pending>,
+    outputs: VecDeque<NodeOutput<V>>,
+    next_req: u64,
+    stats: NodeStats,
+    residency: FixedMap<TableId, Zone>,
+}
+
+/// Cache-key ingredients of one query.
+struct Args<'a> {
+    params: &'a [Option<&'a [u8]>],
+    literal_keys: &'a [Option<String>],
+    literal_digest: u128,
+}
+
+impl<V: Clone> EdgeNode<V> {
+    pub fn new(
+        config: NodeConfig,
+        catalog: Catalog,
+        cdc_start: Lsn,
+    ) -> Result<Self, NodeConfigError> {
+        if config.sessions_max == 0 || config.pending_max == 0 {
+            return Err(NodeConfigError::Limits);
+        }
+        let l1 = Tier::new(config.l1.clone()).map_err(NodeConfigError::L1)?;
+        let l2 = Tier::new(config.l2.clone()).map_err(NodeConfigError::L2)?;
+        let residency = config.residency.iter().copied().collect();
+        Ok(EdgeNode {
+            analyzer: Analyzer::new(config.analyzer.clone(), catalog),
+            versions: VersionMap::new(config.versions.clone(), cdc_start),
+            l1,
+            l2,
+            sessions: FixedMap::default(),
+            pending: FixedMap::default(),
+            outputs: VecDeque::new(),
+            next_req: 0,
+            stats: NodeStats::default(),
+            residency,
+            config,
+        })
+    }
+
+    pub fn stats(&self) -> NodeStats {
+        self.stats
+    }
+    pub fn tier(&self, name: TierName) -> Option<&Tier<V>> {
+        match name {
+            TierName::L1 => Some(&self.l1),
+            TierName::L2 => Some(&self.l2),
+            TierName::L3 => None,
+        }
+    }
+    pub fn versions(&self) -> &VersionMap {
+        &self.versions
+    }
+    pub fn analyzer(&self) -> &Analyzer {
+        &self.analyzer
+    }
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Loses a site tier (fault injection, or an operator flush).
+    pub fn clear_tier(&mut self, name: TierName) {
+        match name {
+            TierName::L1 => self.l1.clear(),
+            TierName::L2 => self.l2.clear(),
+            TierName::L3 => {}
+        }
+    }
+
+    pub fn open_session(
+        &mut self,
+        id: SessionId,
+        role: &str,
+        database: &str,
+        consistency: Consistency,
+    ) -> Result<(), NodeError> {
+        if self.sessions.len() >= self.config.sessions_max && !self.sessions.contains_key(&id) {
+            return Err(NodeError::TooManySessions(self.config.sessions_max));
+        }
+        let mut s = Session {
+            consistency,
+            last_write: Lsn(0),
+            writes_local: true,
+            in_txn: false,
+            txn_targets: Vec::new(),
+            settings: Vec::new(),
+            context: 0,
+            role: role.to_string(),
+            database: database.to_string(),
+        };
+        s.recompute_context();
+        self.sessions.insert(id, s);
+        Ok(())
+    }
+
+    pub fn close_session(&mut self, id: SessionId) {
+        self.sessions.remove(&id);
+    }
+
+    pub fn set_consistency(&mut self, id: SessionId, consistency: Consistency) {
+        if let Some(s) = self.sessions.get_mut(&id) {
+            s.consistency = consistency;
+        }
+    }
+
+    /// A floor learned from outside this node (a session token): reads must
+    /// reflect at least `lsn`, and this node's map may not have seen those writes.
+    pub fn raise_floor(&mut self, id: SessionId, lsn: Lsn) {
+        if let Some(s) = self.sessions.get_mut(&id)
+            && lsn > s.last_write
+        {
+            s.last_write = lsn;
+            s.writes_local = false;
+        }
+    }
+
+    /// Prepares a statement (extended protocol Parse): analysed once here, so
+    /// that executing it never lexes or parses.
+    pub fn prepare(&mut self, sql: &str) -> Result<Prepared, LexError> {
+        let (shape, lexed) = self.analyzer.lookup(sql)?;
+        let mut d = Digest128::new();
+        let mut literal_keys = Vec::with_capacity(lexed.literals.len());
+        for lit in &lexed.literals {
+            d.bytes(sql.as_bytes().get(lit.span.clone()).unwrap_or(&[]));
+            literal_keys.push(canonical_literal(sql, lit));
+        }
+        let session_command = if shape.kind == StatementKind::Session {
+            parse_session_command(sql)
+        } else {
+            None
+        };
+        Ok(Prepared {
+            shape,
+            literal_keys,
+            literal_digest: d.finish(),
+            session_command,
+        })
+    }
+
+    /// A simple-protocol query. Unlexable text goes to the primary untouched,
+    /// which answers with PostgreSQL's own error.
+    pub fn handle_simple_query(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        sql: &str,
+    ) -> RequestId {
+        match self.prepare(sql) {
+            Ok(p) => self.handle_execute(now, session, &p, &[]),
+            Err(e) => {
+                let shape = Arc::new(unlexable_shape(sql, &e));
+                let p = Prepared {
+                    shape,
+                    literal_keys: Vec::new(),
+                    literal_digest: 0,
+                    session_command: None,
+                };
+                self.handle_execute(now, session, &p, &[])
+            }
+        }
+    }
+
+    /// Executes a prepared statement with text-format parameters.
+    pub fn handle_execute(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        prepared: &Prepared,
+        params: &[Option<&[u8]>],
+    ) -> RequestId {
+        let req = RequestId(self.next_req);
+        self.next_req += 1;
+        self.stats.queries += 1;
+        let Some(sess) = self.sessions.get(&session) else {
+            self.outputs.push_back(NodeOutput::Failed {
+                req,
+                session,
+                error: NodeError::UnknownSession(session),
+            });
+            return req;
+        };
+        if self.pending.len() >= self.config.pending_max {
+            let error = NodeError::TooManyPending(self.config.pending_max);
+            self.outputs.push_back(NodeOutput::Failed {
+                req,
+                session,
+                error,
+            });
+            return req;
+        }
+        let shape = prepared.shape.clone();
+        let args = Args {
+            params,
+            literal_keys: &prepared.literal_keys,
+            literal_digest: prepared.literal_digest,
+        };
+        let residency = self.residency_of(&shape);
+        let foreign = residency.is_some_and(|z| z != self.config.zone);
+        let cacheable =
+            shape.is_cacheable() && !sess.in_txn && sess.consistency != Consistency::Strong;
+        if !cacheable {
+            self.stats.uncacheable += u64::from(shape.kind == StatementKind::Read);
+            let route = if shape.kind == StatementKind::Read
+                && !sess.in_txn
+                && sess.consistency != Consistency::Strong
+                && shape.txn.is_none()
+            {
+                Route::Read {
+                    floor: read_floor(sess.consistency, sess.last_write),
+                }
+            } else {
+                Route::Primary
+            };
+            let targets = write_targets(&shape, &args);
+            let cmd = prepared.session_command.clone();
+            self.forward(
+                now,
+                req,
+                session,
+                shape,
+                route,
+                None,
+                Vec::new(),
+                targets,
+                residency,
+                false,
+                cmd,
+            );
+            return req;
+        }
+        let key = cache_key(&shape, sess.context, &args);
+        let deps = read_deps(&shape, &args);
+        let floor = read_floor(sess.consistency, sess.last_write);
+        if !foreign {
+            let versions = &self.versions;
+            let complete = versions.complete_through();
+            let local = sess.writes_local;
+            let ok = |e: &Entry<V>| {
+                versions.is_valid(e.lsn, &e.deps)
+                    && entry_meets_floor(e.lsn, floor, complete, local)
+            };
+            if let Lookup::Hit(e) = self.l1.get(now, key, ok) {
+                self.stats.l1_hits += 1;
+                let value = e.value.clone();
+                self.outputs.push_back(NodeOutput::Reply {
+                    req,
+                    session,
+                    served: Served::L1,
+                    value,
+                });
+                return req;
+            }
+            let ok = |e: &Entry<V>| {
+                versions.is_valid(e.lsn, &e.deps)
+                    && entry_meets_floor(e.lsn, floor, complete, local)
+            };
+            if let Lookup::Hit(e) = self.l2.get(now, key, ok) {
+                self.stats.l2_hits += 1;
+                let entry = e.clone();
+                let value = entry.value.clone();
+                self.l1.insert(now, key, entry);
+                self.outputs.push_back(NodeOutput::Reply {
+                    req,
+                    session,
+                    served: Served::L2,
+                    value,
+                });
+                return req;
+            }
+        }
+        self.forward(
+            now,
+            req,
+            session,
+            shape,
+            Route::Read { floor },
+            Some(key),
+            deps,
+            Vec::new(),
+            residency,
+            !foreign,
+            None,
+        );
+        req
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &mut self,
+        now: Instant,
+        req: RequestId,
+        session: SessionId,
+        shape: Arc<Shape>,
+        route: Route,
+        cache_key: Option<u128>,
+        deps: Vec<Dep>,
+        targets: Vec<ChangeTarget>,
+        residency: Option<Zone>,
+        cache_here: bool,
+        session_command: Option<SessionCommand>,
+    ) {
+        self.stats.upstream += 1;
+        let pending = Pending {
+            session,
+            shape: shape.clone(),
+            cache_key,
+            deps: deps.clone(),
+            targets,
+            started: now,
+            cache_here,
+            session_command,
+        };
+        self.pending.insert(req, pending);
+        self.outputs
+            .push_back(NodeOutput::Upstream(UpstreamRequest {
+                req,
+                session,
+                shape,
+                route,
+                cache_key,
+                deps,
+                residency,
+            }));
+    }
+
+    fn residency_of(&self, shape: &Shape) -> Option<Zone> {
+        if self.residency.is_empty() {
+            return None;
+        }
+        shape
+            .reads
+            .iter()
+            .chain(shape.writes.iter())
+            .find_map(|t| self.residency.get(t).copied())
+    }
+
+    /// The upstream answer to a request from [`NodeOutput::Upstream`].
+    pub fn handle_upstream(
+        &mut self,
+        now: Instant,
+        req: RequestId,
+        result: Result<UpstreamReply<V>, String>,
+    ) {
+        let Some(p) = self.pending.remove(&req) else {
+            return;
+        };
+        let session = p.session;
+        let reply = match result {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(s) = self.sessions.get_mut(&session)
+                    && p.shape.txn.is_some()
+                {
+                    // a failed COMMIT or ROLLBACK ends the transaction either way
+                    s.in_txn = false;
+                    s.txn_targets.clear();
+                }
+                self.outputs.push_back(NodeOutput::Failed {
+                    req,
+                    session,
+                    error: NodeError::Upstream(e),
+                });
+                return;
+            }
+        };
+        let _ = p.started;
+        self.apply_session_effects(&p, &reply);
+        if let Some(key) = p.cache_key
+            && p.cache_here
+            && self.versions.is_valid(reply.snapshot_lsn, &p.deps)
+        {
+            let expires_at = now + reply.ttl.unwrap_or(Duration::MAX);
+            let entry = Entry {
+                value: reply.value.clone(),
+                lsn: reply.snapshot_lsn,
+                deps: p.deps.clone(),
+                size_bytes: reply.size_bytes,
+                expires_at,
+            };
+            self.l2.insert(now, key, entry.clone());
+            self.l1.insert(now, key, entry);
+        }
+        self.outputs.push_back(NodeOutput::Reply {
+            req,
+            session,
+            served: reply.served,
+            value: reply.value,
+        });
+    }
+
+    fn apply_session_effects(&mut self, p: &Pending, reply: &UpstreamReply<V>) {
+        let Some(s) = self.sessions.get_mut(&p.session) else {
+            return;
+        };
+        let shape = &p.shape;
+        let mut apply: Option<Change> = None;
+        match shape.txn {
+            Some(TxnControl::Begin) => {
+                s.in_txn = true;
+                s.txn_targets.clear();
+            }
+            Some(TxnControl::Commit) => {
+                s.in_txn = false;
+                let targets = std::mem::take(&mut s.txn_targets);
+                if !targets.is_empty()
+                    && let Some(lsn) = reply.commit_lsn
+                {
+                    apply = Some(Change { lsn, targets });
+                }
+            }
+            Some(TxnControl::Rollback) => {
+                s.in_txn = false;
+                s.txn_targets.clear();
+            }
+            _ => {}
+        }
+        if let Some(cmd) = p.session_command.clone() {
+            apply_setting(s, cmd);
+        }
+        if !p.targets.is_empty() {
+            if s.in_txn {
+                s.txn_targets.extend(p.targets.iter().cloned());
+            } else {
+                let lsn = reply.commit_lsn.unwrap_or(reply.snapshot_lsn);
+                apply = Some(Change {
+                    lsn,
+                    targets: p.targets.clone(),
+                });
+            }
+        }
+        if let Some(change) = apply {
+            self.stats.writes += 1;
+            s.last_write = s.last_write.max(change.lsn);
+            self.versions.apply(&change);
+        }
+    }
+
+    /// A CDC event from the primary's logical decoding stream.
+    pub fn handle_cdc(&mut self, _now: Instant, event: &CdcEvent) {
+        self.stats.cdc_events += 1;
+        self.versions.apply_cdc(event);
+    }
+
+    #[must_use]
+    pub fn poll_output(&mut self) -> Option<NodeOutput<V>> {
+        self.outputs.pop_front()
+    }
+
+    /// The node has no timers of its own: TTLs are checked on lookup.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        None
+    }
+}
+
+fn apply_setting(s: &mut Session, cmd: SessionCommand) {
+    match cmd {
+        SessionCommand::Set { name, value } => {
+            if RESULT_NEUTRAL_SETTINGS.contains(&name.as_str()) {
+                return;
+            }
+            if name == "role" || name == "session authorization" {
+                s.role = value.clone();
+            }
+            s.settings.retain(|(k, _)| *k != name);
+            s.settings.push((name, value));
+            s.settings.sort();
+        }
+        SessionCommand::Reset { name } => s.settings.retain(|(k, _)| *k != name),
+        SessionCommand::ResetAll => s.settings.clear(),
+        SessionCommand::SetLocal | SessionCommand::NoEffect => return,
+    }
+    s.recompute_context();
+}
+
+fn unlexable_shape(sql: &str, e: &LexError) -> Shape {
+    Shape {
+        id: crate::sql::ShapeId(u32::MAX),
+        fingerprint: hash_bytes(sql.as_bytes()),
+        text: sql.to_string(),
+        kind: StatementKind::Other,
+        txn: None,
+        reads: Vec::new(),
+        writes: Vec::new(),
+        writes_unknown: false,
+        cacheable: Err(NotCacheable::Unparsable(e.to_string())),
+        read_keys: None,
+        write_keys: None,
+        literal_count: 0,
+        param_count: 0,
+    }
+}
+
+fn arg_value(arg: ArgRef, args: &Args<'_>) -> Option<String> {
+    match arg {
+        ArgRef::Param(i) => {
+            let raw = args.params.get(i as usize).copied().flatten()?;
+            let text = std::str::from_utf8(raw).ok()?;
+            Some(canonical_number(text))
+        }
+        ArgRef::Literal(i) => args.literal_keys.get(i as usize).cloned().flatten(),
+    }
+}
+
+/// Key hashes of a point access, `None` if any argument is unusable.
+fn key_hashes(access: &KeyAccess, args: &Args<'_>) -> Option<Vec<u64>> {
+    access
+        .args
+        .iter()
+        .map(|a| arg_value(*a, args).map(|v| key_hash(access.table, v.as_bytes())))
+        .collect()
+}
+
+fn read_deps(shape: &Shape, args: &Args<'_>) -> Vec<Dep> {
+    if let Some(access) = &shape.read_keys
+        && let Some(hashes) = key_hashes(access, args)
+    {
+        return hashes
+            .into_iter()
+            .map(|h| Dep::Key(access.table, h))
+            .collect();
+    }
+    shape.reads.iter().map(|t| Dep::Table(*t)).collect()
+}
+
+fn write_targets(shape: &Shape, args: &Args<'_>) -> Vec<ChangeTarget> {
+    if shape.writes_unknown {
+        return vec![ChangeTarget::All];
+    }
+    if shape.writes.is_empty() {
+        return Vec::new();
+    }
+    if let Some(access) = &shape.write_keys
+        && shape.writes == [access.table]
+        && let Some(hashes) = key_hashes(access, args)
+    {
+        return vec![ChangeTarget::Keys(access.table, hashes)];
+    }
+    shape
+        .writes
+        .iter()
+        .map(|t| ChangeTarget::Table(*t))
+        .collect()
+}
+
+/// The cache key: shape fingerprint, session context, parameters, literals.
+fn cache_key(shape: &Shape, context: u64, args: &Args<'_>) -> u128 {
+    let mut d = Digest128::new();
+    d.u64(shape.fingerprint);
+    d.u64(context);
+    d.u64(args.literal_digest as u64);
+    d.u64((args.literal_digest >> 64) as u64);
+    d.u64(args.params.len() as u64);
+    for p in args.params {
+        match p {
+            None => d.u64(u64::MAX),
+            Some(b) => d.bytes(b),
+        }
+    }
+    d.finish()
+}
