@@ -9,9 +9,7 @@ use crate::invalidation::Dep;
 use crate::{Duration, Instant, Lsn};
 
 /// Which tier, for statistics and replies.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub enum TierName {
     L1,
     L2,
@@ -162,19 +160,12 @@ impl<V: Clone> Tier<V> {
 
     /// Looks `key` up. An expired entry, or one `valid` rejects, is removed and
     /// counts as a miss (as an expiration or an invalidation).
-    pub fn get(
-        &mut self,
-        now: Instant,
-        key: u128,
-        valid: impl FnOnce(&Entry<V>) -> bool,
-    ) -> Lookup<'_, V> {
+    pub fn get(&mut self, now: Instant, key: u128, valid: impl FnOnce(&Entry<V>) -> bool) -> Lookup<'_, V> {
         let Some(&idx) = self.map.get(&key) else {
             self.stats.misses += 1;
             return Lookup::Miss;
         };
-        let slot = self.slots[idx as usize]
-            .as_ref()
-            .expect("mapped slot is occupied");
+        let slot = self.slots[idx as usize].as_ref().expect("mapped slot is occupied");
         if slot.entry.expires_at <= now {
             self.remove_idx(idx);
             self.stats.expirations += 1;
@@ -199,9 +190,7 @@ impl<V: Clone> Tier<V> {
                 self.link_head(idx);
             }
         }
-        let slot = self.slots[idx as usize]
-            .as_ref()
-            .expect("mapped slot is occupied");
+        let slot = self.slots[idx as usize].as_ref().expect("mapped slot is occupied");
         Lookup::Hit(&slot.entry)
     }
 
@@ -219,10 +208,7 @@ impl<V: Clone> Tier<V> {
         }
         entry.expires_at = entry.expires_at.min(now + self.config.ttl);
         if let Some(&idx) = self.map.get(&key) {
-            let old = &self.slots[idx as usize]
-                .as_ref()
-                .expect("mapped slot is occupied")
-                .entry;
+            let old = &self.slots[idx as usize].as_ref().expect("mapped slot is occupied").entry;
             if old.lsn > entry.lsn {
                 return false;
             }
@@ -236,13 +222,7 @@ impl<V: Clone> Tier<V> {
             }
         }
         let size = entry.size_bytes as u64;
-        let slot = Slot {
-            key,
-            entry,
-            visited: false,
-            older: NIL,
-            newer: NIL,
-        };
+        let slot = Slot { key, entry, visited: false, older: NIL, newer: NIL };
         let idx = match self.free.pop() {
             Some(i) => {
                 self.slots[i as usize] = Some(slot);
@@ -280,15 +260,9 @@ impl<V: Clone> Tier<V> {
         let victim = match self.config.eviction {
             Eviction::Lru => self.tail,
             Eviction::Sieve => {
-                let mut hand = if self.hand == NIL {
-                    self.tail
-                } else {
-                    self.hand
-                };
+                let mut hand = if self.hand == NIL { self.tail } else { self.hand };
                 loop {
-                    let s = self.slots[hand as usize]
-                        .as_mut()
-                        .expect("listed slot is occupied");
+                    let s = self.slots[hand as usize].as_mut().expect("listed slot is occupied");
                     if !s.visited {
                         break;
                     }
@@ -298,9 +272,7 @@ impl<V: Clone> Tier<V> {
                 hand
             }
         };
-        let next_hand = self.slots[victim as usize]
-            .as_ref()
-            .map_or(NIL, |s| s.newer);
+        let next_hand = self.slots[victim as usize].as_ref().map_or(NIL, |s| s.newer);
         self.remove_idx(victim);
         self.hand = next_hand;
         self.stats.evictions += 1;
@@ -312,9 +284,7 @@ impl<V: Clone> Tier<V> {
             self.hand = self.slots[idx as usize].as_ref().map_or(NIL, |s| s.newer);
         }
         self.unlink(idx);
-        let slot = self.slots[idx as usize]
-            .take()
-            .expect("removing an occupied slot");
+        let slot = self.slots[idx as usize].take().expect("removing an occupied slot");
         self.map.remove(&slot.key);
         self.free.push(idx);
         self.stats.bytes -= slot.entry.size_bytes as u64;
@@ -323,9 +293,7 @@ impl<V: Clone> Tier<V> {
 
     fn unlink(&mut self, idx: u32) {
         let (older, newer) = {
-            let s = self.slots[idx as usize]
-                .as_ref()
-                .expect("unlinking an occupied slot");
+            let s = self.slots[idx as usize].as_ref().expect("unlinking an occupied slot");
             (s.older, s.newer)
         };
         if older != NIL {
@@ -343,17 +311,12 @@ impl<V: Clone> Tier<V> {
     fn link_head(&mut self, idx: u32) {
         let old_head = self.head;
         {
-            let s = self.slots[idx as usize]
-                .as_mut()
-                .expect("linking an occupied slot");
+            let s = self.slots[idx as usize].as_mut().expect("linking an occupied slot");
             s.older = old_head;
             s.newer = NIL;
         }
         if old_head != NIL {
-            self.slots[old_head as usize]
-                .as_mut()
-                .expect("linked")
-                .newer = idx;
+            self.slots[old_head as usize].as_mut().expect("linked").newer = idx;
         } else {
             self.tail = idx;
         }
@@ -366,22 +329,11 @@ mod tests {
     use super::*;
 
     fn cfg(entries: usize, eviction: Eviction) -> TierConfig {
-        TierConfig {
-            bytes_max: 1 << 20,
-            entries_max: entries,
-            ttl: Duration::from_secs(60),
-            eviction,
-        }
+        TierConfig { bytes_max: 1 << 20, entries_max: entries, ttl: Duration::from_secs(60), eviction }
     }
 
     fn entry(lsn: u64, size: u32) -> Entry<u32> {
-        Entry {
-            value: lsn as u32,
-            lsn: Lsn(lsn),
-            deps: vec![],
-            size_bytes: size,
-            expires_at: Instant::MAX,
-        }
+        Entry { value: lsn as u32, lsn: Lsn(lsn), deps: vec![], size_bytes: size, expires_at: Instant::MAX }
     }
 
     #[test]
@@ -391,15 +343,9 @@ mod tests {
         assert!(t.insert(now, 1, entry(1, 10)));
         assert!(matches!(t.get(now, 1, |_| true), Lookup::Hit(_)));
         assert!(matches!(t.get(now, 2, |_| true), Lookup::Miss));
-        assert!(matches!(
-            t.get(now + Duration::from_secs(61), 1, |_| true),
-            Lookup::Miss
-        ));
+        assert!(matches!(t.get(now + Duration::from_secs(61), 1, |_| true), Lookup::Miss));
         let s = t.stats();
-        assert_eq!(
-            (s.hits, s.misses, s.expirations, s.entries, s.bytes),
-            (1, 2, 1, 0, 0)
-        );
+        assert_eq!((s.hits, s.misses, s.expirations, s.entries, s.bytes), (1, 2, 1, 0, 0));
     }
 
     #[test]
@@ -426,11 +372,7 @@ mod tests {
     #[test]
     fn budgets_hold_and_sieve_keeps_visited() {
         for ev in [Eviction::Sieve, Eviction::Lru] {
-            let mut t = Tier::new(TierConfig {
-                bytes_max: 100,
-                ..cfg(5, ev)
-            })
-            .expect("valid");
+            let mut t = Tier::new(TierConfig { bytes_max: 100, ..cfg(5, ev) }).expect("valid");
             let now = Instant::ZERO;
             for k in 0..5u128 {
                 t.insert(now, k, entry(1, 10));
@@ -455,9 +397,6 @@ mod tests {
 
     #[test]
     fn bad_config_is_refused() {
-        assert_eq!(
-            Tier::<u32>::new(cfg(0, Eviction::Sieve)).err(),
-            Some(TierConfigError::Entries)
-        );
+        assert_eq!(Tier::<u32>::new(cfg(0, Eviction::Sieve)).err(), Some(TierConfigError::Entries));
     }
 }

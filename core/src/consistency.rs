@@ -2,19 +2,7 @@
 
 use crate::Lsn;
 
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    serde::Serialize,
-    serde::Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Consistency {
     /// TTL plus invalidation; may read data older than the session's own writes
@@ -34,9 +22,7 @@ impl std::str::FromStr for Consistency {
             "eventual" => Ok(Consistency::Eventual),
             "read-your-writes" | "read_your_writes" | "ryw" => Ok(Consistency::ReadYourWrites),
             "strong" => Ok(Consistency::Strong),
-            other => Err(format!(
-                "unknown consistency mode {other:?} (eventual, read-your-writes, strong)"
-            )),
+            other => Err(format!("unknown consistency mode {other:?} (eventual, read-your-writes, strong)")),
         }
     }
 }
@@ -56,12 +42,7 @@ pub fn read_floor(mode: Consistency, last_write: Lsn) -> Option<Lsn> {
 /// An entry older than the floor is still safe when the node's invalidation
 /// state already covers the floor: then any write up to the floor that touched
 /// the entry's dependencies has invalidated it.
-pub fn entry_meets_floor(
-    entry_lsn: Lsn,
-    floor: Option<Lsn>,
-    complete_through: Lsn,
-    writes_seen_locally: bool,
-) -> bool {
+pub fn entry_meets_floor(entry_lsn: Lsn, floor: Option<Lsn>, complete_through: Lsn, writes_seen_locally: bool) -> bool {
     match floor {
         None => true,
         Some(f) => entry_lsn >= f || complete_through >= f || writes_seen_locally,
@@ -75,19 +56,13 @@ mod tests {
     #[test]
     fn floors() {
         assert_eq!(read_floor(Consistency::Eventual, Lsn(5)), None);
-        assert_eq!(
-            read_floor(Consistency::ReadYourWrites, Lsn(5)),
-            Some(Lsn(5))
-        );
+        assert_eq!(read_floor(Consistency::ReadYourWrites, Lsn(5)), Some(Lsn(5)));
         assert!(entry_meets_floor(Lsn(1), None, Lsn(0), false));
         assert!(!entry_meets_floor(Lsn(1), Some(Lsn(5)), Lsn(4), false));
         assert!(entry_meets_floor(Lsn(1), Some(Lsn(5)), Lsn(5), false));
         assert!(entry_meets_floor(Lsn(6), Some(Lsn(5)), Lsn(0), false));
         assert!(entry_meets_floor(Lsn(1), Some(Lsn(5)), Lsn(0), true));
-        assert_eq!(
-            "ryw".parse::<Consistency>(),
-            Ok(Consistency::ReadYourWrites)
-        );
+        assert_eq!("ryw".parse::<Consistency>(), Ok(Consistency::ReadYourWrites));
         assert!("x".parse::<Consistency>().is_err());
     }
 }

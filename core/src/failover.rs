@@ -70,28 +70,10 @@ pub struct FailoverController {
 }
 
 impl FailoverController {
-    pub fn new(
-        config: FailoverConfig,
-        now: Instant,
-        primary: EndpointId,
-        replicas: &[EndpointId],
-    ) -> Self {
-        assert!(
-            replicas.len() < config.nodes_max,
-            "more database nodes than nodes_max"
-        );
-        let mut nodes = vec![Node {
-            id: primary,
-            last_seen: None,
-            lsn: Lsn(0),
-            excluded: false,
-        }];
-        nodes.extend(replicas.iter().map(|&id| Node {
-            id,
-            last_seen: None,
-            lsn: Lsn(0),
-            excluded: false,
-        }));
+    pub fn new(config: FailoverConfig, now: Instant, primary: EndpointId, replicas: &[EndpointId]) -> Self {
+        assert!(replicas.len() < config.nodes_max, "more database nodes than nodes_max");
+        let mut nodes = vec![Node { id: primary, last_seen: None, lsn: Lsn(0), excluded: false }];
+        nodes.extend(replicas.iter().map(|&id| Node { id, last_seen: None, lsn: Lsn(0), excluded: false }));
         FailoverController {
             config,
             nodes,
@@ -131,22 +113,15 @@ impl FailoverController {
             && epoch == self.epoch
         {
             self.state = State::Healthy;
-            self.outputs.push_back(FailoverOutput::RoutesChanged {
-                primary: node,
-                epoch,
-            });
+            self.outputs.push_back(FailoverOutput::RoutesChanged { primary: node, epoch });
         }
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
             State::Healthy => {
-                let last = self
-                    .nodes
-                    .iter()
-                    .find(|n| n.id == self.primary)
-                    .and_then(|n| n.last_seen)
-                    .unwrap_or(self.started);
+                let last =
+                    self.nodes.iter().find(|n| n.id == self.primary).and_then(|n| n.last_seen).unwrap_or(self.started);
                 Some(last + self.config.heartbeat_timeout)
             }
             State::Promoting { since, .. } => Some(since + self.config.promote_timeout),
@@ -156,12 +131,8 @@ impl FailoverController {
     pub fn handle_timeout(&mut self, now: Instant) {
         match self.state {
             State::Healthy => {
-                let last = self
-                    .nodes
-                    .iter()
-                    .find(|n| n.id == self.primary)
-                    .and_then(|n| n.last_seen)
-                    .unwrap_or(self.started);
+                let last =
+                    self.nodes.iter().find(|n| n.id == self.primary).and_then(|n| n.last_seen).unwrap_or(self.started);
                 if now.saturating_since(last) >= self.config.heartbeat_timeout {
                     let old = self.primary;
                     if let Some(n) = self.nodes.iter_mut().find(|n| n.id == old) {
@@ -187,31 +158,18 @@ impl FailoverController {
         let candidate = self
             .nodes
             .iter()
-            .filter(|n| {
-                !n.excluded
-                    && n.last_seen
-                        .is_some_and(|t| now.saturating_since(t) < horizon)
-            })
+            .filter(|n| !n.excluded && n.last_seen.is_some_and(|t| now.saturating_since(t) < horizon))
             .max_by(|a, b| a.lsn.cmp(&b.lsn).then(b.id.cmp(&a.id)))
             .map(|n| n.id);
         let Some(node) = candidate else {
             self.outputs.push_back(FailoverOutput::NoCandidate);
             // try again after another timeout
-            self.state = State::Promoting {
-                node: previous,
-                since: now,
-            };
+            self.state = State::Promoting { node: previous, since: now };
             return;
         };
         self.epoch = Epoch(self.epoch.0 + 1);
-        self.outputs.push_back(FailoverOutput::Fence {
-            node: previous,
-            epoch: self.epoch,
-        });
-        self.outputs.push_back(FailoverOutput::Promote {
-            node,
-            epoch: self.epoch,
-        });
+        self.outputs.push_back(FailoverOutput::Fence { node: previous, epoch: self.epoch });
+        self.outputs.push_back(FailoverOutput::Promote { node, epoch: self.epoch });
         self.primary = node;
         self.state = State::Promoting { node, since: now };
     }
@@ -244,10 +202,7 @@ impl Fence {
             return Err(FenceError::NotPrimary);
         }
         if write_epoch != self.epoch {
-            return Err(FenceError::StaleEpoch {
-                write: write_epoch,
-                node: self.epoch,
-            });
+            return Err(FenceError::StaleEpoch { write: write_epoch, node: self.epoch });
         }
         Ok(())
     }
@@ -288,48 +243,24 @@ mod tests {
         assert_eq!(
             drain(&mut c),
             vec![
-                FailoverOutput::Fence {
-                    node: p,
-                    epoch: Epoch(2)
-                },
-                FailoverOutput::Promote {
-                    node: r2,
-                    epoch: Epoch(2)
-                }
+                FailoverOutput::Fence { node: p, epoch: Epoch(2) },
+                FailoverOutput::Promote { node: r2, epoch: Epoch(2) }
             ]
         );
         c.handle_promoted(t2, r2, Epoch(2));
-        assert_eq!(
-            drain(&mut c),
-            vec![FailoverOutput::RoutesChanged {
-                primary: r2,
-                epoch: Epoch(2)
-            }]
-        );
+        assert_eq!(drain(&mut c), vec![FailoverOutput::RoutesChanged { primary: r2, epoch: Epoch(2) }]);
         assert_eq!(c.primary(), r2);
     }
 
     #[test]
     fn fence_refuses_old_epochs() {
-        let mut f = Fence {
-            epoch: Epoch(1),
-            is_primary: true,
-        };
+        let mut f = Fence { epoch: Epoch(1), is_primary: true };
         assert!(f.check_write(Epoch(1)).is_ok());
         f.handle_epoch(Epoch(2), false);
         assert_eq!(f.check_write(Epoch(1)), Err(FenceError::NotPrimary));
         f.handle_epoch(Epoch(1), true);
         assert!(!f.is_primary, "an old epoch never re-arms a fence");
-        let g = Fence {
-            epoch: Epoch(3),
-            is_primary: true,
-        };
-        assert_eq!(
-            g.check_write(Epoch(2)),
-            Err(FenceError::StaleEpoch {
-                write: Epoch(2),
-                node: Epoch(3)
-            })
-        );
+        let g = Fence { epoch: Epoch(3), is_primary: true };
+        assert_eq!(g.check_write(Epoch(2)), Err(FenceError::StaleEpoch { write: Epoch(2), node: Epoch(3) }));
     }
 }

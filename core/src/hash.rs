@@ -89,17 +89,12 @@ impl Default for Digest128 {
 
 impl Digest128 {
     pub fn new() -> Self {
-        Digest128 {
-            a: 0xcbf2_9ce4_8422_2325,
-            b: 0x6c62_272e_07bb_0142,
-        }
+        Digest128 { a: 0xcbf2_9ce4_8422_2325, b: 0x6c62_272e_07bb_0142 }
     }
     #[inline]
     pub fn u64(&mut self, w: u64) {
         self.a = (self.a.rotate_left(5) ^ w).wrapping_mul(SEED);
-        self.b = (self.b ^ w)
-            .wrapping_mul(0x0000_0100_0000_01b3)
-            .rotate_left(29);
+        self.b = (self.b ^ w).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29);
     }
     pub fn bytes(&mut self, bytes: &[u8]) {
         self.u64(bytes.len() as u64);

@@ -13,19 +13,7 @@ use crate::sql::TableId;
 use std::hash::Hasher;
 
 /// A commit position in the primary's WAL.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    serde::Serialize,
-    serde::Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Lsn(pub u64);
 
 /// What a cached entry depends on.
@@ -82,10 +70,7 @@ pub struct VersionMapConfig {
 
 impl Default for VersionMapConfig {
     fn default() -> Self {
-        VersionMapConfig {
-            keys_max: 1 << 20,
-            pending_max: 4096,
-        }
+        VersionMapConfig { keys_max: 1 << 20, pending_max: 4096 }
     }
 }
 
@@ -132,10 +117,7 @@ impl VersionMap {
     }
 
     pub fn stats(&self) -> VersionStats {
-        VersionStats {
-            keys: self.keys.len() as u64,
-            ..self.stats
-        }
+        VersionStats { keys: self.keys.len() as u64, ..self.stats }
     }
 
     /// Every commit at or below this LSN is reflected in the map.
@@ -241,11 +223,7 @@ impl VersionMap {
             }
         }
         if self.by_age.len() > 4 * self.config.keys_max + 64 {
-            self.by_age = self
-                .keys
-                .iter()
-                .map(|(&(t, k), &lsn)| Reverse((lsn, t, k)))
-                .collect();
+            self.by_age = self.keys.iter().map(|(&(t, k), &lsn)| Reverse((lsn, t, k))).collect();
         }
     }
 }
@@ -267,10 +245,7 @@ mod tests {
     const U: TableId = TableId(2);
 
     fn keys(lsn: u64, t: TableId, ks: &[u64]) -> Change {
-        Change {
-            lsn: Lsn(lsn),
-            targets: vec![ChangeTarget::Keys(t, ks.to_vec())],
-        }
+        Change { lsn: Lsn(lsn), targets: vec![ChangeTarget::Keys(t, ks.to_vec())] }
     }
 
     #[test]
@@ -281,28 +256,16 @@ mod tests {
         assert!(m.is_valid(Lsn(5), &[Dep::Key(T, 2)]));
         assert!(!m.is_valid(Lsn(5), &[Dep::Table(T)]));
         assert!(m.is_valid(Lsn(5), &[Dep::Table(U)]));
-        m.apply(&Change {
-            lsn: Lsn(20),
-            targets: vec![ChangeTarget::Table(U)],
-        });
+        m.apply(&Change { lsn: Lsn(20), targets: vec![ChangeTarget::Table(U)] });
         assert!(!m.is_valid(Lsn(15), &[Dep::Key(U, 7)]));
-        m.apply(&Change {
-            lsn: Lsn(30),
-            targets: vec![ChangeTarget::All],
-        });
+        m.apply(&Change { lsn: Lsn(30), targets: vec![ChangeTarget::All] });
         assert!(!m.is_valid(Lsn(25), &[]));
         assert_eq!(m.required_lsn(&[Dep::Key(T, 1)]), Lsn(30));
     }
 
     #[test]
     fn eviction_is_conservative() {
-        let mut m = VersionMap::new(
-            VersionMapConfig {
-                keys_max: 2,
-                pending_max: 8,
-            },
-            Lsn(0),
-        );
+        let mut m = VersionMap::new(VersionMapConfig { keys_max: 2, pending_max: 8 }, Lsn(0));
         m.apply(&keys(1, T, &[1]));
         m.apply(&keys(2, T, &[2]));
         m.apply(&keys(3, T, &[3]));
@@ -315,10 +278,7 @@ mod tests {
     #[test]
     fn cdc_frontier_survives_reordering_and_duplicates() {
         let mut m = VersionMap::new(VersionMapConfig::default(), Lsn(0));
-        let ev = |prev: u64, lsn: u64| CdcEvent {
-            prev_lsn: Lsn(prev),
-            change: keys(lsn, T, &[lsn]),
-        };
+        let ev = |prev: u64, lsn: u64| CdcEvent { prev_lsn: Lsn(prev), change: keys(lsn, T, &[lsn]) };
         m.apply_cdc(&ev(10, 20));
         assert_eq!(m.complete_through(), Lsn(0));
         m.apply_cdc(&ev(20, 30));

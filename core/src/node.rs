@@ -12,14 +12,12 @@ use std::sync::Arc;
 use crate::cache::{Entry, Lookup, Tier, TierConfig, TierConfigError, TierName};
 use crate::consistency::{Consistency, entry_meets_floor, read_floor};
 use crate::hash::{Digest128, FixedMap, hash_bytes};
-use crate::invalidation::{
-    CdcEvent, Change, ChangeTarget, Dep, VersionMap, VersionMapConfig, key_hash,
-};
+use crate::invalidation::{CdcEvent, Change, ChangeTarget, Dep, VersionMap, VersionMapConfig, key_hash};
 use crate::router::Zone;
 use crate::sql::{
-    Analyzer, AnalyzerConfig, ArgRef, Catalog, KeyAccess, LexError, NotCacheable,
-    RESULT_NEUTRAL_SETTINGS, SessionCommand, Shape, StatementKind, TableId, TxnControl,
-    canonical_literal, canonical_number, parse_session_command,
+    Analyzer, AnalyzerConfig, ArgRef, Catalog, KeyAccess, LexError, NotCacheable, RESULT_NEUTRAL_SETTINGS,
+    SessionCommand, Shape, StatementKind, TableId, TxnControl, canonical_literal, canonical_number,
+    parse_session_command,
 };
 use crate::{Duration, Instant, Lsn};
 
@@ -62,6 +60,20 @@ pub struct NodeConfig {
     pub pending_max: usize,
     /// Tables whose rows must stay in one residency zone.
     pub residency: Vec<(TableId, Zone)>,
+    pub invalidation: InvalidationMode,
+}
+
+/// How precisely writes invalidate cached entries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InvalidationMode {
+    /// Entries live until their TTL; writes and CDC invalidate nothing.
+    TtlOnly,
+    /// Any change to a table invalidates every entry that reads it.
+    Table,
+    /// Point reads depend on their rows only (table-level where keys are unknown).
+    #[default]
+    Key,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -87,20 +99,11 @@ pub enum Route {
 #[derive(Clone, Debug)]
 pub enum NodeOutput<V> {
     /// Answer the client.
-    Reply {
-        req: RequestId,
-        session: SessionId,
-        served: Served,
-        value: V,
-    },
+    Reply { req: RequestId, session: SessionId, served: Served, value: V },
     /// Send the query upstream, then call [`EdgeNode::handle_upstream`].
     Upstream(UpstreamRequest),
     /// Answer the client with an error.
-    Failed {
-        req: RequestId,
-        session: SessionId,
-        error: NodeError,
-    },
+    Failed { req: RequestId, session: SessionId, error: NodeError },
 }
 
 #[derive(Clone, Debug)]
@@ -228,11 +231,7 @@ struct Args<'a> {
 }
 
 impl<V: Clone> EdgeNode<V> {
-    pub fn new(
-        config: NodeConfig,
-        catalog: Catalog,
-        cdc_start: Lsn,
-    ) -> Result<Self, NodeConfigError> {
+    pub fn new(config: NodeConfig, catalog: Catalog, cdc_start: Lsn) -> Result<Self, NodeConfigError> {
         if config.sessions_max == 0 || config.pending_max == 0 {
             return Err(NodeConfigError::Limits);
         }
@@ -340,37 +339,18 @@ impl<V: Clone> EdgeNode<V> {
             d.bytes(sql.as_bytes().get(lit.span.clone()).unwrap_or(&[]));
             literal_keys.push(canonical_literal(sql, lit));
         }
-        let session_command = if shape.kind == StatementKind::Session {
-            parse_session_command(sql)
-        } else {
-            None
-        };
-        Ok(Prepared {
-            shape,
-            literal_keys,
-            literal_digest: d.finish(),
-            session_command,
-        })
+        let session_command = if shape.kind == StatementKind::Session { parse_session_command(sql) } else { None };
+        Ok(Prepared { shape, literal_keys, literal_digest: d.finish(), session_command })
     }
 
     /// A simple-protocol query. Unlexable text goes to the primary untouched,
     /// which answers with PostgreSQL's own error.
-    pub fn handle_simple_query(
-        &mut self,
-        now: Instant,
-        session: SessionId,
-        sql: &str,
-    ) -> RequestId {
+    pub fn handle_simple_query(&mut self, now: Instant, session: SessionId, sql: &str) -> RequestId {
         match self.prepare(sql) {
             Ok(p) => self.handle_execute(now, session, &p, &[]),
             Err(e) => {
                 let shape = Arc::new(unlexable_shape(sql, &e));
-                let p = Prepared {
-                    shape,
-                    literal_keys: Vec::new(),
-                    literal_digest: 0,
-                    session_command: None,
-                };
+                let p = Prepared { shape, literal_keys: Vec::new(), literal_digest: 0, session_command: None };
                 self.handle_execute(now, session, &p, &[])
             }
         }
@@ -388,32 +368,19 @@ impl<V: Clone> EdgeNode<V> {
         self.next_req += 1;
         self.stats.queries += 1;
         let Some(sess) = self.sessions.get(&session) else {
-            self.outputs.push_back(NodeOutput::Failed {
-                req,
-                session,
-                error: NodeError::UnknownSession(session),
-            });
+            self.outputs.push_back(NodeOutput::Failed { req, session, error: NodeError::UnknownSession(session) });
             return req;
         };
         if self.pending.len() >= self.config.pending_max {
             let error = NodeError::TooManyPending(self.config.pending_max);
-            self.outputs.push_back(NodeOutput::Failed {
-                req,
-                session,
-                error,
-            });
+            self.outputs.push_back(NodeOutput::Failed { req, session, error });
             return req;
         }
         let shape = prepared.shape.clone();
-        let args = Args {
-            params,
-            literal_keys: &prepared.literal_keys,
-            literal_digest: prepared.literal_digest,
-        };
+        let args = Args { params, literal_keys: &prepared.literal_keys, literal_digest: prepared.literal_digest };
         let residency = self.residency_of(&shape);
         let foreign = residency.is_some_and(|z| z != self.config.zone);
-        let cacheable =
-            shape.is_cacheable() && !sess.in_txn && sess.consistency != Consistency::Strong;
+        let cacheable = shape.is_cacheable() && !sess.in_txn && sess.consistency != Consistency::Strong;
         if !cacheable {
             self.stats.uncacheable += u64::from(shape.kind == StatementKind::Read);
             let route = if shape.kind == StatementKind::Read
@@ -421,66 +388,38 @@ impl<V: Clone> EdgeNode<V> {
                 && sess.consistency != Consistency::Strong
                 && shape.txn.is_none()
             {
-                Route::Read {
-                    floor: read_floor(sess.consistency, sess.last_write),
-                }
+                Route::Read { floor: read_floor(sess.consistency, sess.last_write) }
             } else {
                 Route::Primary
             };
-            let targets = write_targets(&shape, &args);
+            let targets = write_targets(&shape, &args, self.config.invalidation);
             let cmd = prepared.session_command.clone();
-            self.forward(
-                now,
-                req,
-                session,
-                shape,
-                route,
-                None,
-                Vec::new(),
-                targets,
-                residency,
-                false,
-                cmd,
-            );
+            self.forward(now, req, session, shape, route, None, Vec::new(), targets, residency, false, cmd);
             return req;
         }
         let key = cache_key(&shape, sess.context, &args);
-        let deps = read_deps(&shape, &args);
+        let deps = read_deps(&shape, &args, self.config.invalidation);
         let floor = read_floor(sess.consistency, sess.last_write);
         if !foreign {
             let versions = &self.versions;
             let complete = versions.complete_through();
             let local = sess.writes_local;
-            let ok = |e: &Entry<V>| {
-                versions.is_valid(e.lsn, &e.deps)
-                    && entry_meets_floor(e.lsn, floor, complete, local)
-            };
+            let ok =
+                |e: &Entry<V>| versions.is_valid(e.lsn, &e.deps) && entry_meets_floor(e.lsn, floor, complete, local);
             if let Lookup::Hit(e) = self.l1.get(now, key, ok) {
                 self.stats.l1_hits += 1;
                 let value = e.value.clone();
-                self.outputs.push_back(NodeOutput::Reply {
-                    req,
-                    session,
-                    served: Served::L1,
-                    value,
-                });
+                self.outputs.push_back(NodeOutput::Reply { req, session, served: Served::L1, value });
                 return req;
             }
-            let ok = |e: &Entry<V>| {
-                versions.is_valid(e.lsn, &e.deps)
-                    && entry_meets_floor(e.lsn, floor, complete, local)
-            };
+            let ok =
+                |e: &Entry<V>| versions.is_valid(e.lsn, &e.deps) && entry_meets_floor(e.lsn, floor, complete, local);
             if let Lookup::Hit(e) = self.l2.get(now, key, ok) {
                 self.stats.l2_hits += 1;
                 let entry = e.clone();
                 let value = entry.value.clone();
                 self.l1.insert(now, key, entry);
-                self.outputs.push_back(NodeOutput::Reply {
-                    req,
-                    session,
-                    served: Served::L2,
-                    value,
-                });
+                self.outputs.push_back(NodeOutput::Reply { req, session, served: Served::L2, value });
                 return req;
             }
         }
@@ -527,36 +466,26 @@ impl<V: Clone> EdgeNode<V> {
             session_command,
         };
         self.pending.insert(req, pending);
-        self.outputs
-            .push_back(NodeOutput::Upstream(UpstreamRequest {
-                req,
-                session,
-                shape,
-                route,
-                cache_key,
-                deps,
-                residency,
-            }));
+        self.outputs.push_back(NodeOutput::Upstream(UpstreamRequest {
+            req,
+            session,
+            shape,
+            route,
+            cache_key,
+            deps,
+            residency,
+        }));
     }
 
     fn residency_of(&self, shape: &Shape) -> Option<Zone> {
         if self.residency.is_empty() {
             return None;
         }
-        shape
-            .reads
-            .iter()
-            .chain(shape.writes.iter())
-            .find_map(|t| self.residency.get(t).copied())
+        shape.reads.iter().chain(shape.writes.iter()).find_map(|t| self.residency.get(t).copied())
     }
 
     /// The upstream answer to a request from [`NodeOutput::Upstream`].
-    pub fn handle_upstream(
-        &mut self,
-        now: Instant,
-        req: RequestId,
-        result: Result<UpstreamReply<V>, String>,
-    ) {
+    pub fn handle_upstream(&mut self, now: Instant, req: RequestId, result: Result<UpstreamReply<V>, String>) {
         let Some(p) = self.pending.remove(&req) else {
             return;
         };
@@ -571,11 +500,7 @@ impl<V: Clone> EdgeNode<V> {
                     s.in_txn = false;
                     s.txn_targets.clear();
                 }
-                self.outputs.push_back(NodeOutput::Failed {
-                    req,
-                    session,
-                    error: NodeError::Upstream(e),
-                });
+                self.outputs.push_back(NodeOutput::Failed { req, session, error: NodeError::Upstream(e) });
                 return;
             }
         };
@@ -596,12 +521,7 @@ impl<V: Clone> EdgeNode<V> {
             self.l2.insert(now, key, entry.clone());
             self.l1.insert(now, key, entry);
         }
-        self.outputs.push_back(NodeOutput::Reply {
-            req,
-            session,
-            served: reply.served,
-            value: reply.value,
-        });
+        self.outputs.push_back(NodeOutput::Reply { req, session, served: reply.served, value: reply.value });
     }
 
     fn apply_session_effects(&mut self, p: &Pending, reply: &UpstreamReply<V>) {
@@ -638,10 +558,7 @@ impl<V: Clone> EdgeNode<V> {
                 s.txn_targets.extend(p.targets.iter().cloned());
             } else {
                 let lsn = reply.commit_lsn.unwrap_or(reply.snapshot_lsn);
-                apply = Some(Change {
-                    lsn,
-                    targets: p.targets.clone(),
-                });
+                apply = Some(Change { lsn, targets: p.targets.clone() });
             }
         }
         if let Some(change) = apply {
@@ -654,6 +571,9 @@ impl<V: Clone> EdgeNode<V> {
     /// A CDC event from the primary's logical decoding stream.
     pub fn handle_cdc(&mut self, _now: Instant, event: &CdcEvent) {
         self.stats.cdc_events += 1;
+        if self.config.invalidation == InvalidationMode::TtlOnly {
+            return;
+        }
         self.versions.apply_cdc(event);
     }
 
@@ -699,7 +619,7 @@ fn unlexable_shape(sql: &str, e: &LexError) -> Shape {
         writes: Vec::new(),
         writes_unknown: false,
         cacheable: Err(NotCacheable::Unparsable(e.to_string())),
-        read_keys: None,
+        read_keys: Vec::new(),
         write_keys: None,
         literal_count: 0,
         param_count: 0,
@@ -717,45 +637,59 @@ fn arg_value(arg: ArgRef, args: &Args<'_>) -> Option<String> {
     }
 }
 
-/// Key hashes of a point access, `None` if any argument is unusable.
+/// Integer key ranges up to this many keys depend on each key; wider ones on the table.
+pub const RANGE_KEYS_MAX: i64 = 64;
+
+/// Key hashes of a key access, `None` if any argument is unusable (then the
+/// table as a whole is the dependency).
 fn key_hashes(access: &KeyAccess, args: &Args<'_>) -> Option<Vec<u64>> {
-    access
-        .args
-        .iter()
-        .map(|a| arg_value(*a, args).map(|v| key_hash(access.table, v.as_bytes())))
-        .collect()
-}
-
-fn read_deps(shape: &Shape, args: &Args<'_>) -> Vec<Dep> {
-    if let Some(access) = &shape.read_keys
-        && let Some(hashes) = key_hashes(access, args)
-    {
-        return hashes
-            .into_iter()
-            .map(|h| Dep::Key(access.table, h))
-            .collect();
+    if access.range {
+        let lo: i64 = arg_value(*access.args.first()?, args)?.parse().ok()?;
+        let hi: i64 = arg_value(*access.args.get(1)?, args)?.parse().ok()?;
+        if hi < lo {
+            return Some(Vec::new());
+        }
+        if hi - lo >= RANGE_KEYS_MAX {
+            return None;
+        }
+        return Some((lo..=hi).map(|k| key_hash(access.table, k.to_string().as_bytes())).collect());
     }
-    shape.reads.iter().map(|t| Dep::Table(*t)).collect()
+    access.args.iter().map(|a| arg_value(*a, args).map(|v| key_hash(access.table, v.as_bytes()))).collect()
 }
 
-fn write_targets(shape: &Shape, args: &Args<'_>) -> Vec<ChangeTarget> {
+fn read_deps(shape: &Shape, args: &Args<'_>, mode: InvalidationMode) -> Vec<Dep> {
+    if mode == InvalidationMode::TtlOnly {
+        return Vec::new();
+    }
+    let mut deps = Vec::with_capacity(shape.reads.len());
+    for t in &shape.reads {
+        let keyed = if mode == InvalidationMode::Key { shape.read_keys.iter().find(|a| a.table == *t) } else { None };
+        match keyed.and_then(|a| key_hashes(a, args)) {
+            Some(hashes) => deps.extend(hashes.into_iter().map(|h| Dep::Key(*t, h))),
+            None => deps.push(Dep::Table(*t)),
+        }
+    }
+    deps
+}
+
+fn write_targets(shape: &Shape, args: &Args<'_>, mode: InvalidationMode) -> Vec<ChangeTarget> {
+    if mode == InvalidationMode::TtlOnly {
+        return Vec::new();
+    }
     if shape.writes_unknown {
         return vec![ChangeTarget::All];
     }
     if shape.writes.is_empty() {
         return Vec::new();
     }
-    if let Some(access) = &shape.write_keys
+    if mode == InvalidationMode::Key
+        && let Some(access) = &shape.write_keys
         && shape.writes == [access.table]
         && let Some(hashes) = key_hashes(access, args)
     {
         return vec![ChangeTarget::Keys(access.table, hashes)];
     }
-    shape
-        .writes
-        .iter()
-        .map(|t| ChangeTarget::Table(*t))
-        .collect()
+    shape.writes.iter().map(|t| ChangeTarget::Table(*t)).collect()
 }
 
 /// The cache key: shape fingerprint, session context, parameters, literals.

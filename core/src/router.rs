@@ -6,9 +6,7 @@ use crate::rng::Rng;
 use crate::{Duration, Instant, Lsn};
 
 /// A data-residency zone (EU, US, APAC).
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Zone {
     Eu,
     Us,
@@ -117,11 +115,7 @@ pub struct Router {
 
 impl Router {
     pub fn new(config: RouterConfig, seed: u64) -> Self {
-        Router {
-            config,
-            endpoints: Vec::new(),
-            rng: Rng::new(seed),
-        }
+        Router { config, endpoints: Vec::new(), rng: Rng::new(seed) }
     }
 
     pub fn add_endpoint(
@@ -164,11 +158,7 @@ impl Router {
     /// Failover re-pointed the primary.
     pub fn set_primary(&mut self, id: EndpointId) {
         for e in &mut self.endpoints {
-            e.role = if e.id == id {
-                Role::Primary
-            } else {
-                Role::Replica
-            };
+            e.role = if e.id == id { Role::Primary } else { Role::Replica };
         }
     }
 
@@ -178,10 +168,7 @@ impl Router {
     }
 
     pub fn primary(&self) -> Option<EndpointId> {
-        self.endpoints
-            .iter()
-            .find(|e| e.role == Role::Primary)
-            .map(|e| e.id)
+        self.endpoints.iter().find(|e| e.role == Role::Primary).map(|e| e.id)
     }
 
     fn usable(&mut self, idx: usize, now: Instant) -> bool {
@@ -203,11 +190,7 @@ impl Router {
 
     /// The primary for a write, if its breaker lets a request through.
     pub fn route_write(&mut self, now: Instant) -> Result<EndpointId, RouteError> {
-        let idx = self
-            .endpoints
-            .iter()
-            .position(|e| e.role == Role::Primary)
-            .ok_or(RouteError::NoPrimary)?;
+        let idx = self.endpoints.iter().position(|e| e.role == Role::Primary).ok_or(RouteError::NoPrimary)?;
         if !self.usable(idx, now) {
             return Err(RouteError::NoHealthyEndpoint);
         }
@@ -239,10 +222,7 @@ impl Router {
                 _ => RouteError::NoHealthyEndpoint,
             });
         }
-        let best = candidates
-            .iter()
-            .map(|&i| self.endpoints[i].ewma_ms)
-            .fold(f64::INFINITY, f64::min);
+        let best = candidates.iter().map(|&i| self.endpoints[i].ewma_ms).fold(f64::INFINITY, f64::min);
         let limit = best * self.config.latency_slack + 0.5;
         candidates.retain(|&i| self.endpoints[i].ewma_ms <= limit);
         let pick = if candidates.len() == 1 {
@@ -281,13 +261,9 @@ impl Router {
             Err(()) => {
                 e.breaker = match e.breaker {
                     Breaker::Closed { failures } if failures + 1 < failures_to_open => {
-                        Breaker::Closed {
-                            failures: failures + 1,
-                        }
+                        Breaker::Closed { failures: failures + 1 }
                     }
-                    _ => Breaker::Open {
-                        until: now + open_for,
-                    },
+                    _ => Breaker::Open { until: now + open_for },
                 };
             }
         }
@@ -295,9 +271,7 @@ impl Router {
 
     /// Whether the breaker of `id` is currently letting requests through.
     pub fn is_healthy(&self, id: EndpointId) -> bool {
-        self.endpoints
-            .iter()
-            .any(|e| e.id == id && matches!(e.breaker, Breaker::Closed { .. }))
+        self.endpoints.iter().any(|e| e.id == id && matches!(e.breaker, Breaker::Closed { .. }))
     }
 }
 
@@ -307,14 +281,10 @@ mod tests {
 
     fn router() -> Router {
         let mut r = Router::new(RouterConfig::default(), 7);
-        r.add_endpoint(EndpointId(0), Zone::Us, Role::Primary, 80.0)
-            .expect("room");
-        r.add_endpoint(EndpointId(1), Zone::Eu, Role::Replica, 10.0)
-            .expect("room");
-        r.add_endpoint(EndpointId(2), Zone::Eu, Role::Replica, 12.0)
-            .expect("room");
-        r.add_endpoint(EndpointId(3), Zone::Apac, Role::Replica, 150.0)
-            .expect("room");
+        r.add_endpoint(EndpointId(0), Zone::Us, Role::Primary, 80.0).expect("room");
+        r.add_endpoint(EndpointId(1), Zone::Eu, Role::Replica, 10.0).expect("room");
+        r.add_endpoint(EndpointId(2), Zone::Eu, Role::Replica, 12.0).expect("room");
+        r.add_endpoint(EndpointId(3), Zone::Apac, Role::Replica, 150.0).expect("room");
         r
     }
 
@@ -322,62 +292,27 @@ mod tests {
     fn freshness_then_latency() {
         let mut r = router();
         let now = Instant::ZERO;
-        let req = ReadRequest {
-            residency: None,
-            floor: None,
-            strong: false,
-        };
+        let req = ReadRequest { residency: None, floor: None, strong: false };
         let id = r.route_read(now, req).expect("route");
         assert!(id == EndpointId(1) || id == EndpointId(2));
         // floor beyond every replica: only the primary is fresh
-        let id = r
-            .route_read(
-                now,
-                ReadRequest {
-                    floor: Some(Lsn(5)),
-                    ..req
-                },
-            )
-            .expect("route");
+        let id = r.route_read(now, ReadRequest { floor: Some(Lsn(5)), ..req }).expect("route");
         assert_eq!(id, EndpointId(0));
         r.handle_replay_lsn(EndpointId(2), Lsn(9));
-        let id = r
-            .route_read(
-                now,
-                ReadRequest {
-                    floor: Some(Lsn(5)),
-                    ..req
-                },
-            )
-            .expect("route");
+        let id = r.route_read(now, ReadRequest { floor: Some(Lsn(5)), ..req }).expect("route");
         assert_eq!(id, EndpointId(2));
     }
 
     #[test]
     fn residency_is_never_violated() {
         let mut r = router();
-        let req = ReadRequest {
-            residency: Some(Zone::Eu),
-            floor: Some(Lsn(100)),
-            strong: false,
-        };
+        let req = ReadRequest { residency: Some(Zone::Eu), floor: Some(Lsn(100)), strong: false };
         // no EU endpoint is fresh: refuse rather than leave the zone
-        assert_eq!(
-            r.route_read(Instant::ZERO, req),
-            Err(RouteError::NoHealthyEndpoint)
-        );
+        assert_eq!(r.route_read(Instant::ZERO, req), Err(RouteError::NoHealthyEndpoint));
         let mut r2 = Router::new(RouterConfig::default(), 1);
-        r2.add_endpoint(EndpointId(0), Zone::Us, Role::Primary, 1.0)
-            .expect("room");
+        r2.add_endpoint(EndpointId(0), Zone::Us, Role::Primary, 1.0).expect("room");
         assert_eq!(
-            r2.route_read(
-                Instant::ZERO,
-                ReadRequest {
-                    residency: Some(Zone::Apac),
-                    floor: None,
-                    strong: false
-                }
-            ),
+            r2.route_read(Instant::ZERO, ReadRequest { residency: Some(Zone::Apac), floor: None, strong: false }),
             Err(RouteError::NoEndpointInZone(Zone::Apac))
         );
     }
@@ -390,11 +325,7 @@ mod tests {
             r.handle_result(t0, EndpointId(1), Err(()));
         }
         assert!(!r.is_healthy(EndpointId(1)));
-        let req = ReadRequest {
-            residency: Some(Zone::Eu),
-            floor: None,
-            strong: false,
-        };
+        let req = ReadRequest { residency: Some(Zone::Eu), floor: None, strong: false };
         for _ in 0..20 {
             assert_eq!(r.route_read(t0, req).expect("route"), EndpointId(2));
             r.handle_result(t0, EndpointId(2), Ok(Duration::from_millis(12)));

@@ -7,9 +7,7 @@ use std::ops::{Add, Sub};
 pub use std::time::Duration;
 
 /// A monotonic instant in nanoseconds since an arbitrary origin chosen by the driver.
-#[derive(
-    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize, serde::Deserialize)]
 pub struct Instant(u64);
 
 impl Instant {

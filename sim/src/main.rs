@@ -1,1 +1,86 @@
-fn main() {}
+//! `cargo run --release -p postai-sim` runs the default scenario suite and
+//! prints, per scenario, a table of target vs measured.
+
+use std::process::ExitCode;
+
+use postai_sim::{SUITE, Scenario, report, run_scenario, scenarios_dir};
+
+const USAGE: &str = "usage: postai-sim [SCENARIO.toml ...] [--seed N] [--json FILE] [--strict]
+  no scenario: the default suite (scenarios/*.toml in suite order)
+  --seed N     override every scenario's seed
+  --json FILE  write the reports as JSON
+  --strict     exit 1 when any target is missed (safety violations always exit 1)";
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}\n{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn real_main() -> Result<ExitCode, String> {
+    let mut files = Vec::new();
+    let mut seed: Option<u64> = None;
+    let mut json: Option<String> = None;
+    let mut strict = false;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--seed" => {
+                seed = Some(args.next().ok_or("--seed needs a value")?.parse().map_err(|e| format!("--seed: {e}"))?)
+            }
+            "--json" => json = Some(args.next().ok_or("--json needs a file")?),
+            "--strict" => strict = true,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            f if f.starts_with("--") => return Err(format!("unknown flag {f}")),
+            f => files.push(f.to_string()),
+        }
+    }
+    if files.is_empty() {
+        let dir = scenarios_dir();
+        files = SUITE.iter().map(|n| dir.join(format!("{n}.toml")).to_string_lossy().into_owned()).collect();
+    }
+    let mut reports = Vec::new();
+    let mut all_pass = true;
+    let mut all_safe = true;
+    for f in &files {
+        let mut sc = Scenario::load(f).map_err(|e| e.to_string())?;
+        if let Some(s) = seed {
+            sc.seed = s;
+        }
+        let wall = std::time::Instant::now();
+        let r = run_scenario(&sc);
+        let secs = wall.elapsed().as_secs_f64();
+        print!("{}", report::table(&r));
+        println!(
+            "  simulator speed: {:.0} simulated queries per wall-second ({} in {:.2} s)",
+            r.queries as f64 / secs.max(1e-9),
+            r.queries,
+            secs
+        );
+        if !r.passed() {
+            println!("  reproduce: cargo run --release -p postai-sim -- {f} --seed {}", r.seed);
+        }
+        all_pass &= r.passed();
+        all_safe &= r.safe();
+        println!();
+        reports.push(r);
+    }
+    let passed = reports.iter().filter(|r| r.passed()).count();
+    println!("suite: {passed} of {} scenarios met every target", reports.len());
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&reports).map_err(|e| e.to_string())?;
+        std::fs::write(&path, text).map_err(|e| format!("{path}: {e}"))?;
+    }
+    if !all_safe {
+        eprintln!("SAFETY VIOLATION: see the FAIL rows above");
+        return Ok(ExitCode::from(1));
+    }
+    Ok(if strict && !all_pass { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}

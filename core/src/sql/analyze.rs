@@ -5,8 +5,8 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use sqlparser::ast::{
-    self, Expr, FromTable, Insert, ObjectName, ObjectNamePart, OnConflictAction, OnInsert, Query,
-    SetExpr, Statement, TableFactor, TableObject, Value, Visit, Visitor,
+    self, Expr, FromTable, Insert, ObjectName, ObjectNamePart, OnConflictAction, OnInsert, Query, SetExpr, Statement,
+    TableFactor, TableObject, Value, Visit, Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -58,6 +58,7 @@ pub struct Catalog {
     ids: FixedMap<String, TableId>,
     names: Vec<String>,
     primary_keys: Vec<Option<String>>,
+    integer_keys: Vec<bool>,
 }
 
 impl Catalog {
@@ -81,7 +82,19 @@ impl Catalog {
         self.ids.insert(name.clone(), id);
         self.names.push(name);
         self.primary_keys.push(None);
+        self.integer_keys.push(false);
         id
+    }
+
+    /// Declares that `table`'s primary key is an integer: small key ranges
+    /// (`id BETWEEN 5 AND 15`) then depend on their keys, not the whole table.
+    pub fn set_integer_key(&mut self, table: &str) {
+        let id = self.intern(table);
+        self.integer_keys[id.0 as usize] = true;
+    }
+
+    pub fn integer_key(&self, id: TableId) -> bool {
+        self.integer_keys.get(id.0 as usize).copied().unwrap_or(false)
     }
 
     pub fn get(&self, table: &str) -> Option<TableId> {
@@ -93,9 +106,7 @@ impl Catalog {
     }
 
     pub fn primary_key(&self, id: TableId) -> Option<&str> {
-        self.primary_keys
-            .get(id.0 as usize)
-            .and_then(|p| p.as_deref())
+        self.primary_keys.get(id.0 as usize).and_then(|p| p.as_deref())
     }
 
     pub fn len(&self) -> usize {
@@ -118,10 +129,7 @@ pub struct AnalyzerConfig {
 
 impl Default for AnalyzerConfig {
     fn default() -> Self {
-        AnalyzerConfig {
-            shapes_max: 100_000,
-            volatile_functions: Vec::new(),
-        }
+        AnalyzerConfig { shapes_max: 100_000, volatile_functions: Vec::new() }
     }
 }
 
@@ -174,8 +182,7 @@ impl Analyzer {
         if self.shapes.len() < self.config.shapes_max {
             shape.id = next_id;
             let shape = Arc::new(shape);
-            self.by_shape
-                .insert(lexed.shape.clone().into_boxed_str(), next_id);
+            self.by_shape.insert(lexed.shape.clone().into_boxed_str(), next_id);
             self.shapes.push(shape.clone());
             Ok((shape, lexed))
         } else {
@@ -204,7 +211,7 @@ fn basic(kind: StatementKind, text: String, lexed: &Lexed) -> Shape {
         writes: Vec::new(),
         writes_unknown: false,
         cacheable: Err(NotCacheable::NotARead(kind)),
-        read_keys: None,
+        read_keys: Vec::new(),
         write_keys: None,
         literal_count: u32::try_from(lexed.literals.len()).unwrap_or(u32::MAX),
         param_count: lexed.param_max,
@@ -249,29 +256,24 @@ fn analyze(lexed: &Lexed, original: &str, catalog: &mut Catalog, config: &Analyz
             s.cacheable = Err(NotCacheable::NotAQuery);
             return s;
         }
-        "create" | "alter" | "drop" | "grant" | "revoke" | "comment" | "reindex" | "cluster"
-        | "security" => {
+        "create" | "alter" | "drop" | "grant" | "revoke" | "comment" | "reindex" | "cluster" | "security" => {
             let mut s = basic(StatementKind::Ddl, text, lexed);
             s.writes_unknown = true;
             return s;
         }
         "explain"
-            if matches!(w(1), "analyze" | "analyse")
-                || (w(1) == "(" && matches!(w(2), "analyze" | "analyse")) =>
+            if matches!(w(1), "analyze" | "analyse") || (w(1) == "(" && matches!(w(2), "analyze" | "analyse")) =>
         {
             let mut s = basic(StatementKind::Other, text, lexed);
             s.writes_unknown = true;
             return s;
         }
-        "select" | "with" | "values" | "table" | "insert" | "update" | "delete" | "merge"
-        | "copy" | "explain" | "truncate" | "(" => {}
+        "select" | "with" | "values" | "table" | "insert" | "update" | "delete" | "merge" | "copy" | "explain"
+        | "truncate" | "(" => {}
         _ => {
             // LISTEN, NOTIFY, DO, CALL, VACUUM, ANALYZE, LOCK, PREPARE, EXECUTE, ...
             let mut s = basic(StatementKind::Other, text, lexed);
-            s.writes_unknown = matches!(
-                first,
-                "do" | "call" | "execute" | "import" | "load" | "refresh"
-            );
+            s.writes_unknown = matches!(first, "do" | "call" | "execute" | "import" | "load" | "refresh");
             return s;
         }
     }
@@ -282,10 +284,7 @@ fn analyze(lexed: &Lexed, original: &str, catalog: &mut Catalog, config: &Analyz
     if first == "table" {
         parse_text = format!("select * from {}", &text["table".len()..]);
     }
-    for (from, to) in [
-        (" for no key update", " for update"),
-        (" for key share", " for share"),
-    ] {
+    for (from, to) in [(" for no key update", " for update"), (" for key share", " for share")] {
         parse_text = parse_text.replace(from, to);
     }
     // Literals as placeholders first (so keys can point at arguments); the
@@ -298,8 +297,7 @@ fn analyze(lexed: &Lexed, original: &str, catalog: &mut Catalog, config: &Analyz
             Err(e) => {
                 let mut s = basic(StatementKind::Other, text, lexed);
                 s.cacheable = Err(NotCacheable::Unparsable(e.to_string()));
-                s.writes_unknown =
-                    !matches!(first, "select" | "values" | "table" | "explain" | "(");
+                s.writes_unknown = !matches!(first, "select" | "values" | "table" | "explain" | "(");
                 return s;
             }
         },
@@ -318,24 +316,11 @@ fn analyze(lexed: &Lexed, original: &str, catalog: &mut Catalog, config: &Analyz
 fn copy_by_keywords(text: String, lexed: &Lexed, catalog: &mut Catalog) -> Shape {
     let words: Vec<&str> = text.split(' ').collect();
     let from = words.contains(&"from");
-    let mut s = basic(
-        if from {
-            StatementKind::Write
-        } else {
-            StatementKind::Read
-        },
-        text.clone(),
-        lexed,
-    );
+    let mut s = basic(if from { StatementKind::Write } else { StatementKind::Read }, text.clone(), lexed);
     match words.get(1) {
         Some(&"(") | None => s.writes_unknown = from,
         Some(name) => {
-            let table = name
-                .trim_matches('"')
-                .rsplit('.')
-                .next()
-                .unwrap_or(name)
-                .to_ascii_lowercase();
+            let table = name.trim_matches('"').rsplit('.').next().unwrap_or(name).to_ascii_lowercase();
             let id = catalog.intern(&table);
             if from {
                 s.writes.push(id)
@@ -347,11 +332,7 @@ fn copy_by_keywords(text: String, lexed: &Lexed, catalog: &mut Catalog) -> Shape
                 && let Some(t) = words.get(3)
             {
                 let id = catalog.intern(&t.trim_matches('"').to_ascii_lowercase());
-                if from {
-                    s.writes = vec![id]
-                } else {
-                    s.reads = vec![id]
-                }
+                if from { s.writes = vec![id] } else { s.reads = vec![id] }
             }
         }
     }
@@ -395,11 +376,8 @@ fn is_system(name: &ObjectName) -> bool {
             ObjectNamePart::Function(f) => f.name.value.to_ascii_lowercase(),
         })
         .collect();
-    let schema_system = parts.len() >= 2
-        && matches!(
-            parts[parts.len() - 2].as_str(),
-            "pg_catalog" | "information_schema"
-        );
+    let schema_system =
+        parts.len() >= 2 && matches!(parts[parts.len() - 2].as_str(), "pg_catalog" | "information_schema");
     schema_system || parts.last().is_some_and(|t| t.starts_with("pg_"))
 }
 
@@ -416,9 +394,7 @@ impl Visitor for FactVisitor<'_> {
     fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
         if let Some(with) = &query.with {
             for cte in &with.cte_tables {
-                self.facts
-                    .cte_names
-                    .push(cte.alias.name.value.to_ascii_lowercase());
+                self.facts.cte_names.push(cte.alias.name.value.to_ascii_lowercase());
             }
         }
         if !query.locks.is_empty() {
@@ -429,10 +405,9 @@ impl Visitor for FactVisitor<'_> {
         {
             let name = match into.targets.first() {
                 Some(Expr::Identifier(id)) => id.value.to_ascii_lowercase(),
-                Some(Expr::CompoundIdentifier(ids)) => ids
-                    .last()
-                    .map(|i| i.value.to_ascii_lowercase())
-                    .unwrap_or_default(),
+                Some(Expr::CompoundIdentifier(ids)) => {
+                    ids.last().map(|i| i.value.to_ascii_lowercase()).unwrap_or_default()
+                }
                 _ => String::new(),
             };
             self.facts.select_into = Some(name);
@@ -441,9 +416,7 @@ impl Visitor for FactVisitor<'_> {
     }
 
     fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
-        self.facts
-            .relations
-            .push((last_part(relation), is_system(relation)));
+        self.facts.relations.push((last_part(relation), is_system(relation)));
         ControlFlow::Continue(())
     }
 
@@ -454,10 +427,7 @@ impl Visitor for FactVisitor<'_> {
                 && (VOLATILE_FUNCTIONS.contains(&name.as_str())
                     || name.starts_with("pg_advisory")
                     || name.starts_with("pg_try_advisory")
-                    || self
-                        .extra_volatile
-                        .iter()
-                        .any(|v| v.eq_ignore_ascii_case(&name)))
+                    || self.extra_volatile.iter().any(|v| v.eq_ignore_ascii_case(&name)))
             {
                 self.facts.volatile = Some(name);
             }
@@ -467,10 +437,7 @@ impl Visitor for FactVisitor<'_> {
 
     fn pre_visit_statement(&mut self, statement: &Statement) -> ControlFlow<()> {
         let target = match statement {
-            Statement::Insert(Insert {
-                table: TableObject::TableName(name),
-                ..
-            }) => Some(last_part(name)),
+            Statement::Insert(Insert { table: TableObject::TableName(name), .. }) => Some(last_part(name)),
             Statement::Update(u) => table_factor_name(&u.table.relation),
             Statement::Delete(d) => {
                 let from = match &d.from {
@@ -496,10 +463,7 @@ fn analyze_statement(
     catalog: &mut Catalog,
     config: &AnalyzerConfig,
 ) -> Shape {
-    let mut v = FactVisitor {
-        facts: Facts::default(),
-        extra_volatile: &config.volatile_functions,
-    };
+    let mut v = FactVisitor { facts: Facts::default(), extra_volatile: &config.volatile_functions };
     let _ = statement.visit(&mut v);
     let mut facts = v.facts;
 
@@ -518,10 +482,7 @@ fn analyze_statement(
                 plain_query = true;
             }
         }
-        Statement::Insert(_)
-        | Statement::Update(_)
-        | Statement::Delete(_)
-        | Statement::Merge(_) => {
+        Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_) | Statement::Merge(_) => {
             s.kind = StatementKind::Write;
         }
         Statement::Truncate(t) => {
@@ -533,9 +494,7 @@ fn analyze_statement(
             if *to {
                 s.kind = StatementKind::Read;
                 if let ast::CopySource::Table { table_name, .. } = source {
-                    facts
-                        .relations
-                        .push((last_part(table_name), is_system(table_name)));
+                    facts.relations.push((last_part(table_name), is_system(table_name)));
                 }
             } else {
                 s.kind = StatementKind::Write;
@@ -552,18 +511,9 @@ fn analyze_statement(
     }
 
     // reads = relation occurrences, minus CTE references, minus one occurrence per target
-    let mut remaining: Vec<(String, bool)> = facts
-        .relations
-        .iter()
-        .filter(|(n, _)| !facts.cte_names.contains(n))
-        .cloned()
-        .collect();
-    let all_targets: Vec<String> = facts
-        .targets
-        .iter()
-        .chain(extra_targets.iter())
-        .cloned()
-        .collect();
+    let mut remaining: Vec<(String, bool)> =
+        facts.relations.iter().filter(|(n, _)| !facts.cte_names.contains(n)).cloned().collect();
+    let all_targets: Vec<String> = facts.targets.iter().chain(extra_targets.iter()).cloned().collect();
     for t in &all_targets {
         if let Some(pos) = remaining.iter().position(|(n, _)| n == t) {
             remaining.remove(pos);
@@ -594,48 +544,126 @@ fn analyze_statement(
     };
     if facts.volatile.is_some() && s.kind == StatementKind::Read {
         // a volatile function may be nextval() or a user function that writes
-        s.writes_unknown |= facts
-            .volatile
-            .as_deref()
-            .is_some_and(|f| matches!(f, "nextval" | "setval" | "set_config"));
+        s.writes_unknown |= facts.volatile.as_deref().is_some_and(|f| matches!(f, "nextval" | "setval" | "set_config"));
     }
 
-    if keys_usable {
-        let single_relation = facts.relations.len() == 1 && facts.cte_names.is_empty();
-        if single_relation {
-            let resolve = |table: &str, catalog: &Catalog| {
-                catalog
-                    .get(table)
-                    .and_then(|id| catalog.primary_key(id).map(|pk| (id, pk.to_string())))
-            };
-            if s.kind == StatementKind::Read && plain_query {
-                if let Statement::Query(q) = statement
-                    && let SetExpr::Select(sel) = q.body.as_ref()
-                    && let [twj] = sel.from.as_slice()
-                    && twj.joins.is_empty()
-                    && let Some(table) = table_factor_name(&twj.relation)
-                    && let Some((id, pk)) = resolve(&table, catalog)
-                    && let Some(sel_expr) = &sel.selection
-                {
-                    s.read_keys =
-                        point_keys(sel_expr, &pk, lexed).map(|args| KeyAccess { table: id, args });
-                }
-            } else if s.kind == StatementKind::Write {
-                s.write_keys = write_keys(statement, lexed, catalog, &resolve);
+    if keys_usable && facts.cte_names.is_empty() {
+        let resolve = |table: &str, catalog: &Catalog| {
+            catalog.get(table).and_then(|id| catalog.primary_key(id).map(|pk| (id, pk.to_string())))
+        };
+        if s.kind == StatementKind::Read && plain_query {
+            if let Statement::Query(q) = statement
+                && let SetExpr::Select(sel) = q.body.as_ref()
+            {
+                s.read_keys = read_keys(sel, facts.relations.len(), lexed, catalog);
             }
+        } else if s.kind == StatementKind::Write && facts.relations.len() == 1 {
+            s.write_keys = write_keys(statement, lexed, catalog, &resolve);
         }
     }
     s
 }
 
+/// Keyed tables of a SELECT: each table of the FROM clause (joins included)
+/// whose primary key the WHERE conjunction pins to arguments. Only when every
+/// relation of the statement is in the FROM clause (no subqueries), each once.
+fn read_keys(sel: &ast::Select, relation_count: usize, lexed: &Lexed, catalog: &Catalog) -> Vec<KeyAccess> {
+    let Some(selection) = &sel.selection else { return Vec::new() };
+    let mut factors: Vec<(String, Option<String>)> = Vec::new();
+    for twj in &sel.from {
+        for tf in std::iter::once(&twj.relation).chain(twj.joins.iter().map(|j| &j.relation)) {
+            match tf {
+                TableFactor::Table { name, alias, .. } => {
+                    factors.push((last_part(name), alias.as_ref().map(|a| a.name.value.to_ascii_lowercase())));
+                }
+                _ => return Vec::new(),
+            }
+        }
+    }
+    if factors.len() != relation_count {
+        return Vec::new();
+    }
+    let mut names: Vec<&str> = factors.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort();
+    names.dedup();
+    if names.len() != factors.len() {
+        return Vec::new();
+    }
+    let single = factors.len() == 1;
+    let mut out = Vec::new();
+    for (name, alias) in &factors {
+        let Some(id) = catalog.get(name) else { continue };
+        let Some(pk) = catalog.primary_key(id) else { continue };
+        let col = ColumnRef { pk, table: name, alias: alias.as_deref(), unqualified_ok: single };
+        if let Some(args) = point_keys(selection, &col, lexed) {
+            out.push(KeyAccess { table: id, args, range: false });
+        } else if catalog.integer_key(id)
+            && let Some((lo, hi)) = range_keys(selection, &col, lexed)
+        {
+            out.push(KeyAccess { table: id, args: vec![lo, hi], range: true });
+        }
+    }
+    out
+}
+
+/// A primary-key column as it may be written in a WHERE clause.
+struct ColumnRef<'a> {
+    pk: &'a str,
+    table: &'a str,
+    alias: Option<&'a str>,
+    /// An unqualified name refers to this table (the only one in FROM).
+    unqualified_ok: bool,
+}
+
+impl ColumnRef<'_> {
+    fn matches(&self, expr: &Expr) -> bool {
+        match expr {
+            Expr::Identifier(id) => self.unqualified_ok && id.value.eq_ignore_ascii_case(self.pk),
+            Expr::CompoundIdentifier(ids) => {
+                let [.., q, c] = ids.as_slice() else { return false };
+                let q = q.value.to_ascii_lowercase();
+                c.value.eq_ignore_ascii_case(self.pk)
+                    && (self.alias == Some(q.as_str())
+                        || (self.alias.is_none() && q == self.table)
+                        || self.unqualified_ok && q == self.table)
+            }
+            Expr::Nested(e) => self.matches(e),
+            _ => false,
+        }
+    }
+}
+
+/// `pk BETWEEN lo AND hi`, or `pk >= lo AND pk <= hi`, in the WHERE conjunction.
+fn range_keys(expr: &Expr, col: &ColumnRef<'_>, lexed: &Lexed) -> Option<(ArgRef, ArgRef)> {
+    let mut lo = None;
+    let mut hi = None;
+    collect_bounds(expr, col, lexed, &mut lo, &mut hi);
+    Some((lo?, hi?))
+}
+
+fn collect_bounds(expr: &Expr, col: &ColumnRef<'_>, lexed: &Lexed, lo: &mut Option<ArgRef>, hi: &mut Option<ArgRef>) {
+    use ast::BinaryOperator as B;
+    match expr {
+        Expr::Nested(e) => collect_bounds(e, col, lexed, lo, hi),
+        Expr::BinaryOp { left, op: B::And, right } => {
+            collect_bounds(left, col, lexed, lo, hi);
+            collect_bounds(right, col, lexed, lo, hi);
+        }
+        Expr::Between { expr, negated: false, low, high } if col.matches(expr) => {
+            if let (Some(l), Some(h)) = (arg_ref(low, lexed), arg_ref(high, lexed)) {
+                *lo = Some(l);
+                *hi = Some(h);
+            }
+        }
+        Expr::BinaryOp { left, op: B::GtEq, right } if col.matches(left) => *lo = arg_ref(right, lexed).or(*lo),
+        Expr::BinaryOp { left, op: B::LtEq, right } if col.matches(left) => *hi = arg_ref(right, lexed).or(*hi),
+        _ => {}
+    }
+}
+
 type Resolve<'a> = dyn Fn(&str, &Catalog) -> Option<(TableId, String)> + 'a;
 
-fn write_keys(
-    statement: &Statement,
-    lexed: &Lexed,
-    catalog: &Catalog,
-    resolve: &Resolve<'_>,
-) -> Option<KeyAccess> {
+fn write_keys(statement: &Statement, lexed: &Lexed, catalog: &Catalog, resolve: &Resolve<'_>) -> Option<KeyAccess> {
     match statement {
         Statement::Update(u) => {
             if u.from.is_some() || !u.table.joins.is_empty() {
@@ -650,8 +678,9 @@ fn write_keys(
             if assigns_pk {
                 return None;
             }
-            let args = point_keys(u.selection.as_ref()?, &pk, lexed)?;
-            Some(KeyAccess { table: id, args })
+            let col = ColumnRef { pk: &pk, table: &table, alias: None, unqualified_ok: true };
+            let args = point_keys(u.selection.as_ref()?, &col, lexed)?;
+            Some(KeyAccess { table: id, args, range: false })
         }
         Statement::Delete(d) => {
             let from = match &d.from {
@@ -663,8 +692,9 @@ fn write_keys(
             }
             let table = table_factor_name(&twj.relation)?;
             let (id, pk) = resolve(&table, catalog)?;
-            let args = point_keys(d.selection.as_ref()?, &pk, lexed)?;
-            Some(KeyAccess { table: id, args })
+            let col = ColumnRef { pk: &pk, table: &table, alias: None, unqualified_ok: true };
+            let args = point_keys(d.selection.as_ref()?, &col, lexed)?;
+            Some(KeyAccess { table: id, args, range: false })
         }
         Statement::Insert(ins) => {
             let TableObject::TableName(name) = &ins.table else {
@@ -688,7 +718,7 @@ fn write_keys(
             for row in &values.rows {
                 args.push(arg_ref(row.content.get(pos)?, lexed)?);
             }
-            Some(KeyAccess { table: id, args })
+            Some(KeyAccess { table: id, args, range: false })
         }
         _ => None,
     }
@@ -696,45 +726,25 @@ fn write_keys(
 
 /// Keys from a WHERE clause that is a conjunction containing `pk = arg` or
 /// `pk IN (args)`.
-fn point_keys(expr: &Expr, pk: &str, lexed: &Lexed) -> Option<Vec<ArgRef>> {
+fn point_keys(expr: &Expr, col: &ColumnRef<'_>, lexed: &Lexed) -> Option<Vec<ArgRef>> {
     match expr {
-        Expr::Nested(e) => point_keys(e, pk, lexed),
-        Expr::BinaryOp {
-            left,
-            op: ast::BinaryOperator::And,
-            right,
-        } => point_keys(left, pk, lexed).or_else(|| point_keys(right, pk, lexed)),
-        Expr::BinaryOp {
-            left,
-            op: ast::BinaryOperator::Eq,
-            right,
-        } => {
-            if is_column(left, pk) {
+        Expr::Nested(e) => point_keys(e, col, lexed),
+        Expr::BinaryOp { left, op: ast::BinaryOperator::And, right } => {
+            point_keys(left, col, lexed).or_else(|| point_keys(right, col, lexed))
+        }
+        Expr::BinaryOp { left, op: ast::BinaryOperator::Eq, right } => {
+            if col.matches(left) {
                 arg_ref(right, lexed).map(|a| vec![a])
-            } else if is_column(right, pk) {
+            } else if col.matches(right) {
                 arg_ref(left, lexed).map(|a| vec![a])
             } else {
                 None
             }
         }
-        Expr::In {
-            expr,
-            target: ast::InTarget::List(list),
-            negated: false,
-            ..
-        } if is_column(expr, pk) => list.iter().map(|e| arg_ref(e, lexed)).collect(),
+        Expr::In { expr, target: ast::InTarget::List(list), negated: false, .. } if col.matches(expr) => {
+            list.iter().map(|e| arg_ref(e, lexed)).collect()
+        }
         _ => None,
-    }
-}
-
-fn is_column(expr: &Expr, pk: &str) -> bool {
-    match expr {
-        Expr::Identifier(id) => id.value.eq_ignore_ascii_case(pk),
-        Expr::CompoundIdentifier(ids) => ids
-            .last()
-            .is_some_and(|id| id.value.eq_ignore_ascii_case(pk)),
-        Expr::Nested(e) => is_column(e, pk),
-        _ => false,
     }
 }
 

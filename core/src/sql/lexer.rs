@@ -170,8 +170,7 @@ impl Lexer {
                 i = scan_quoted(b, i, b'\'', false).ok_or(LexError::UnterminatedString(start))?;
                 push_literal(out, start..i, LiteralKind::String);
             } else if c == b'"' {
-                i = scan_quoted(b, i, b'"', false)
-                    .ok_or(LexError::UnterminatedIdentifier(start))?;
+                i = scan_quoted(b, i, b'"', false).ok_or(LexError::UnterminatedIdentifier(start))?;
                 out.shape.push_str(&sql[start..i]);
             } else if c == b'$' && b.get(i + 1).is_some_and(|d| d.is_ascii_digit()) {
                 i += 1;
@@ -188,16 +187,12 @@ impl Lexer {
                 out.shape.push_str(&sql[start..i]);
             } else if c == b'$' {
                 // dollar quote: $tag$ ... $tag$
-                let tag_end = b[i + 1..]
-                    .iter()
-                    .position(|&d| !is_ident_cont(d) || d == b'$')
-                    .map(|p| i + 1 + p);
+                let tag_end = b[i + 1..].iter().position(|&d| !is_ident_cont(d) || d == b'$').map(|p| i + 1 + p);
                 match tag_end {
                     Some(e) if b[e] == b'$' => {
                         let tag = &b[i..=e];
                         let body = e + 1;
-                        let close = find(&b[body..], tag)
-                            .ok_or(LexError::UnterminatedDollarQuote(start))?;
+                        let close = find(&b[body..], tag).ok_or(LexError::UnterminatedDollarQuote(start))?;
                         i = body + close + tag.len();
                         push_literal(out, start..i, LiteralKind::Other);
                     }
@@ -206,9 +201,7 @@ impl Lexer {
                         out.shape.push('$');
                     }
                 }
-            } else if c.is_ascii_digit()
-                || (c == b'.' && b.get(i + 1).is_some_and(|d| d.is_ascii_digit()))
-            {
+            } else if c.is_ascii_digit() || (c == b'.' && b.get(i + 1).is_some_and(|d| d.is_ascii_digit())) {
                 i = scan_number(b, i);
                 push_literal(out, start..i, LiteralKind::Number);
             } else if is_ident_start(c) {
@@ -220,32 +213,27 @@ impl Lexer {
                 let prefix = word.len() == 1 && matches!(c | 0x20, b'e' | b'b' | b'x' | b'n');
                 if prefix && b.get(i) == Some(&b'\'') {
                     let escapes = c | 0x20 == b'e';
-                    i = scan_quoted(b, i, b'\'', escapes)
-                        .ok_or(LexError::UnterminatedString(start))?;
+                    i = scan_quoted(b, i, b'\'', escapes).ok_or(LexError::UnterminatedString(start))?;
                     push_literal(out, start..i, LiteralKind::Other);
                 } else if word.len() == 1
                     && (c | 0x20) == b'u'
                     && b.get(i) == Some(&b'&')
                     && b.get(i + 1) == Some(&b'\'')
                 {
-                    i = scan_quoted(b, i + 1, b'\'', false)
-                        .ok_or(LexError::UnterminatedString(start))?;
+                    i = scan_quoted(b, i + 1, b'\'', false).ok_or(LexError::UnterminatedString(start))?;
                     push_literal(out, start..i, LiteralKind::Other);
                 } else {
                     for ch in word.chars() {
                         out.shape.push(ch.to_ascii_lowercase());
                     }
                     if out.statements == 1 && out.first_word.is_empty() {
-                        out.first_word
-                            .push_str(&out.shape[out.shape.len() - word.len()..]);
+                        out.first_word.push_str(&out.shape[out.shape.len() - word.len()..]);
                     }
                 }
             } else if is_op_char(c) {
                 while i < b.len() && is_op_char(b[i]) {
                     // stop before a comment start inside an operator run
-                    if (b[i] == b'-' && b.get(i + 1) == Some(&b'-'))
-                        || (b[i] == b'/' && b.get(i + 1) == Some(&b'*'))
-                    {
+                    if (b[i] == b'-' && b.get(i + 1) == Some(&b'-')) || (b[i] == b'/' && b.get(i + 1) == Some(&b'*')) {
                         break;
                     }
                     i += 1;
@@ -344,11 +332,7 @@ pub fn canonical_number(text: &str) -> String {
     if text.bytes().all(|c| c.is_ascii_digit() || c == b'_') {
         let digits: String = text.chars().filter(|c| *c != '_').collect();
         let trimmed = digits.trim_start_matches('0');
-        if trimmed.is_empty() {
-            "0".to_string()
-        } else {
-            trimmed.to_string()
-        }
+        if trimmed.is_empty() { "0".to_string() } else { trimmed.to_string() }
     } else {
         text.to_string()
     }
@@ -383,34 +367,19 @@ mod tests {
 
     #[test]
     fn literals_and_case_are_normalised() {
-        assert_eq!(
-            shape("SELECT * FROM t WHERE id = 42"),
-            shape("select *   from t where id=7")
-        );
-        assert_eq!(
-            shape("SELECT * FROM t WHERE id = 42"),
-            "select * from t where id = $1"
-        );
-        assert_eq!(
-            shape("select a from t where b = $1 and c = 'x'"),
-            "select a from t where b = $1 and c = $2"
-        );
+        assert_eq!(shape("SELECT * FROM t WHERE id = 42"), shape("select *   from t where id=7"));
+        assert_eq!(shape("SELECT * FROM t WHERE id = 42"), "select * from t where id = $1");
+        assert_eq!(shape("select a from t where b = $1 and c = 'x'"), "select a from t where b = $1 and c = $2");
     }
 
     #[test]
     fn quoted_identifiers_keep_case() {
-        assert_ne!(
-            shape(r#"select * from "Users""#),
-            shape("select * from users")
-        );
+        assert_ne!(shape(r#"select * from "Users""#), shape("select * from users"));
     }
 
     #[test]
     fn comments_are_dropped() {
-        assert_eq!(
-            shape("select 1 -- hi\n"),
-            shape("/* a /* nested */ */ select 2")
-        );
+        assert_eq!(shape("select 1 -- hi\n"), shape("/* a /* nested */ */ select 2"));
     }
 
     #[test]
@@ -425,10 +394,7 @@ mod tests {
     #[test]
     fn unterminated_input_is_an_error() {
         let mut l = Lexer::new();
-        assert!(matches!(
-            l.lex("select 'abc"),
-            Err(LexError::UnterminatedString(7))
-        ));
+        assert!(matches!(l.lex("select 'abc"), Err(LexError::UnterminatedString(7))));
         assert!(l.lex("select \"abc").is_err());
         assert!(l.lex("select /* abc").is_err());
         assert!(l.lex("select $x$ abc").is_err());
@@ -447,22 +413,13 @@ mod tests {
         let sql = "select * from t where id = 007 and n = 'it''s'";
         let mut l = Lexer::new();
         let lexed = l.lex(sql).expect("lexes").clone();
-        assert_eq!(
-            canonical_literal(sql, &lexed.literals[0]).as_deref(),
-            Some("7")
-        );
-        assert_eq!(
-            canonical_literal(sql, &lexed.literals[1]).as_deref(),
-            Some("it's")
-        );
+        assert_eq!(canonical_literal(sql, &lexed.literals[0]).as_deref(), Some("7"));
+        assert_eq!(canonical_literal(sql, &lexed.literals[1]).as_deref(), Some("it's"));
     }
 
     #[test]
     fn numbers_and_operators() {
-        assert_eq!(
-            shape("select 1.5e3, -2, a->>'k', b::int from t"),
-            "select $1 , - $2 , a ->> $3 , b :: int from t"
-        );
+        assert_eq!(shape("select 1.5e3, -2, a->>'k', b::int from t"), "select $1 , - $2 , a ->> $3 , b :: int from t");
         assert_eq!(shape("select a--comment\nfrom t"), "select a from t");
     }
 

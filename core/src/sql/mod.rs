@@ -9,8 +9,8 @@ mod session;
 
 pub use analyze::{Analyzer, AnalyzerConfig, Catalog};
 pub use lexer::{
-    LITERAL_MARK, LexError, Lexed, Lexer, Literal, LiteralKind, canonical_literal,
-    canonical_number, shape_with_placeholders,
+    LITERAL_MARK, LexError, Lexed, Lexer, Literal, LiteralKind, canonical_literal, canonical_number,
+    shape_with_placeholders,
 };
 pub use session::{RESULT_NEUTRAL_SETTINGS, SessionCommand, parse_session_command};
 
@@ -97,11 +97,13 @@ pub enum ArgRef {
     Literal(u32),
 }
 
-/// Point access on one table's primary key: one argument per key.
+/// Access to one table by its primary key: one argument per key, or, when
+/// `range` is set, an inclusive integer range `[args[0], args[1]]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyAccess {
     pub table: TableId,
     pub args: Vec<ArgRef>,
+    pub range: bool,
 }
 
 /// Everything known about a statement shape, computed once.
@@ -120,8 +122,9 @@ pub struct Shape {
     /// unparsable writes): when it succeeds, everything cached is invalid.
     pub writes_unknown: bool,
     pub cacheable: Result<(), NotCacheable>,
-    /// Point keys read, when the read touches only those rows of one table.
-    pub read_keys: Option<KeyAccess>,
+    /// Tables read only at these keys (a key predicate in the WHERE clause);
+    /// every other table in `reads` is read as a whole.
+    pub read_keys: Vec<KeyAccess>,
     /// Point keys written, when the write touches only those rows of one table.
     pub write_keys: Option<KeyAccess>,
     /// Number of literals in the text (arguments after the parameters).

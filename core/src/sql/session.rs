@@ -33,20 +33,14 @@ pub fn parse_session_command(sql: &str) -> Option<SessionCommand> {
     match first.as_str() {
         "discard" => {
             let what = words.next().unwrap_or("").to_ascii_lowercase();
-            Some(if what == "all" {
-                SessionCommand::ResetAll
-            } else {
-                SessionCommand::NoEffect
-            })
+            Some(if what == "all" { SessionCommand::ResetAll } else { SessionCommand::NoEffect })
         }
         "reset" => {
             let name = words.next()?.to_ascii_lowercase();
             if name == "all" {
                 Some(SessionCommand::ResetAll)
             } else if name == "session" {
-                Some(SessionCommand::Reset {
-                    name: "session authorization".into(),
-                })
+                Some(SessionCommand::Reset { name: "session authorization".into() })
             } else {
                 Some(SessionCommand::Reset { name })
             }
@@ -71,29 +65,17 @@ pub fn parse_session_command(sql: &str) -> Option<SessionCommand> {
             let after_name = rest_of(skip);
             match name_word.as_str() {
                 "role" => {
-                    return Some(SessionCommand::Set {
-                        name: "role".into(),
-                        value: unquote(after_name[4..].trim()),
-                    });
+                    return Some(SessionCommand::Set { name: "role".into(), value: unquote(after_name[4..].trim()) });
                 }
                 "time" => {
-                    let v = after_name
-                        .splitn(3, char::is_whitespace)
-                        .nth(2)
-                        .unwrap_or("")
-                        .trim();
-                    return Some(SessionCommand::Set {
-                        name: "timezone".into(),
-                        value: unquote(v),
-                    });
+                    let v = after_name.splitn(3, char::is_whitespace).nth(2).unwrap_or("").trim();
+                    return Some(SessionCommand::Set { name: "timezone".into(), value: unquote(v) });
                 }
                 _ => {}
             }
             // name may be glued to '=': SET a=1
             let (name, value) = match after_name.split_once('=') {
-                Some((n, v)) if !n.trim().contains(char::is_whitespace) => {
-                    (n.trim().to_string(), v.trim().to_string())
-                }
+                Some((n, v)) if !n.trim().contains(char::is_whitespace) => (n.trim().to_string(), v.trim().to_string()),
                 _ => {
                     let mut parts = after_name.splitn(2, char::is_whitespace);
                     let n = parts.next().unwrap_or("").to_string();
@@ -106,10 +88,7 @@ pub fn parse_session_command(sql: &str) -> Option<SessionCommand> {
                     (n, v.trim().to_string())
                 }
             };
-            Some(SessionCommand::Set {
-                name: name.to_ascii_lowercase(),
-                value: unquote(&value),
-            })
+            Some(SessionCommand::Set { name: name.to_ascii_lowercase(), value: unquote(&value) })
         }
         _ => None,
     }
@@ -156,55 +135,23 @@ mod tests {
     use super::*;
 
     fn set(name: &str, value: &str) -> Option<SessionCommand> {
-        Some(SessionCommand::Set {
-            name: name.into(),
-            value: value.into(),
-        })
+        Some(SessionCommand::Set { name: name.into(), value: value.into() })
     }
 
     #[test]
     fn set_forms() {
-        assert_eq!(
-            parse_session_command("SET search_path TO app, public"),
-            set("search_path", "app, public")
-        );
-        assert_eq!(
-            parse_session_command("set search_path = 'x'"),
-            set("search_path", "x")
-        );
-        assert_eq!(
-            parse_session_command("SET SESSION DateStyle=ISO"),
-            set("datestyle", "ISO")
-        );
-        assert_eq!(
-            parse_session_command("SET ROLE alice"),
-            set("role", "alice")
-        );
-        assert_eq!(
-            parse_session_command("SET TIME ZONE 'UTC'"),
-            set("timezone", "UTC")
-        );
-        assert_eq!(
-            parse_session_command("SET SESSION AUTHORIZATION bob"),
-            set("session authorization", "bob")
-        );
-        assert_eq!(
-            parse_session_command("SET LOCAL statement_timeout = 5"),
-            Some(SessionCommand::SetLocal)
-        );
-        assert_eq!(
-            parse_session_command("RESET ALL"),
-            Some(SessionCommand::ResetAll)
-        );
-        assert_eq!(
-            parse_session_command("DISCARD ALL;"),
-            Some(SessionCommand::ResetAll)
-        );
+        assert_eq!(parse_session_command("SET search_path TO app, public"), set("search_path", "app, public"));
+        assert_eq!(parse_session_command("set search_path = 'x'"), set("search_path", "x"));
+        assert_eq!(parse_session_command("SET SESSION DateStyle=ISO"), set("datestyle", "ISO"));
+        assert_eq!(parse_session_command("SET ROLE alice"), set("role", "alice"));
+        assert_eq!(parse_session_command("SET TIME ZONE 'UTC'"), set("timezone", "UTC"));
+        assert_eq!(parse_session_command("SET SESSION AUTHORIZATION bob"), set("session authorization", "bob"));
+        assert_eq!(parse_session_command("SET LOCAL statement_timeout = 5"), Some(SessionCommand::SetLocal));
+        assert_eq!(parse_session_command("RESET ALL"), Some(SessionCommand::ResetAll));
+        assert_eq!(parse_session_command("DISCARD ALL;"), Some(SessionCommand::ResetAll));
         assert_eq!(
             parse_session_command("RESET search_path"),
-            Some(SessionCommand::Reset {
-                name: "search_path".into()
-            })
+            Some(SessionCommand::Reset { name: "search_path".into() })
         );
         assert_eq!(
             parse_session_command("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"),

@@ -1,0 +1,61 @@
+//! Human-readable tables of a report.
+
+use std::fmt::Write;
+
+use crate::run::Report;
+
+pub fn table(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "== {} (seed {}, {} sites, {} s simulated, {} queries)",
+        r.scenario, r.seed, r.sites, r.simulated_s, r.queries
+    );
+    let _ = writeln!(s, "  {:<44} {:>16} {:>22}  result", "metric", "target", "measured");
+    for row in &r.rows {
+        let verdict = if row.pass { "PASS" } else { "FAIL" };
+        let _ = writeln!(s, "  {:<44} {:>16} {:>22}  {verdict}", row.metric, row.target, row.measured);
+    }
+    let _ = writeln!(
+        s,
+        "  reads p50/p95/p99 {:.2}/{:.2}/{:.2} ms, writes {:.2}/{:.2}/{:.2} ms",
+        r.reads.p50_ms, r.reads.p95_ms, r.reads.p99_ms, r.writes.p50_ms, r.writes.p95_ms, r.writes.p99_ms
+    );
+    let by_region: Vec<String> = r.reads_by_region.iter().map(|(z, q)| format!("{z} {:.2}", q.p95_ms)).collect();
+    let _ = writeln!(s, "  read p95 by region (ms): {}", by_region.join(", "));
+    let by_tier: Vec<String> =
+        r.reads_by_tier.iter().map(|(t, q)| format!("{t} {} ({:.2} ms)", q.count, q.p95_ms)).collect();
+    let _ = writeln!(s, "  reads by tier (count, p95): {}", by_tier.join(", "));
+    let _ = writeln!(
+        s,
+        "  hit rate {:.2} % (L1 {:.2} %, L2 {:.2} % of L1 misses, L3 {:.2} % of upstream); edge holds {:.2} % of the keys per site",
+        r.hit_rate * 100.0,
+        r.hit_rate_l1 * 100.0,
+        r.hit_rate_l2 * 100.0,
+        r.hit_rate_l3 * 100.0,
+        r.edge_data_share * 100.0
+    );
+    let _ = writeln!(
+        s,
+        "  stale reads {} (max staleness {:.1} ms), failovers {}",
+        r.stale_reads, r.staleness_ms_max, r.failovers
+    );
+    for rec in &r.recoveries {
+        let _ = writeln!(s, "  fault {} at {:.1} s: recovered after {:.0} ms", rec.fault, rec.at_s, rec.rto_ms);
+    }
+    if !r.strategies.is_empty() {
+        let _ = writeln!(s, "  {:<10} {:>10} {:>14} {:>18}", "strategy", "hit rate", "stale reads", "max staleness");
+        for st in &r.strategies {
+            let _ = writeln!(
+                s,
+                "  {:<10} {:>9.2}% {:>8} ({:.2}%) {:>15.1} ms",
+                st.strategy,
+                st.hit_rate * 100.0,
+                st.stale_reads,
+                st.stale_share * 100.0,
+                st.staleness_ms_max
+            );
+        }
+    }
+    s
+}

@@ -1,0 +1,408 @@
+//! Runs one scenario inside madsim and turns the history into a report.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use postai_core::node::{InvalidationMode, Served};
+use postai_core::router::Zone;
+use serde::Serialize;
+
+use crate::check::split_brain;
+use crate::geo::{SITES_CSV, parse_sites};
+use crate::scenario::{Replication, Scenario};
+use crate::world::{Shared, World};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub metric: String,
+    pub target: String,
+    pub measured: String,
+    pub pass: bool,
+    /// Safety rows fail the run whatever the flags.
+    pub safety: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Quantiles {
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Recovery {
+    pub fault: String,
+    pub at_s: f64,
+    /// Time from the fault to the end of the last failed request it caused.
+    pub rto_ms: f64,
+    pub target_ms: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StrategyResult {
+    pub strategy: String,
+    pub hit_rate: f64,
+    pub stale_reads: u64,
+    pub stale_share: f64,
+    pub staleness_ms_max: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub seed: u64,
+    pub sites: usize,
+    pub simulated_s: u64,
+    pub queries: u64,
+    pub reads: Quantiles,
+    pub writes: Quantiles,
+    pub reads_by_region: Vec<(String, Quantiles)>,
+    pub reads_by_tier: Vec<(String, Quantiles)>,
+    pub hit_rate: f64,
+    pub hit_rate_l1: f64,
+    pub hit_rate_l2: f64,
+    pub hit_rate_l3: f64,
+    pub edge_data_share: f64,
+    pub stale_reads: u64,
+    pub staleness_ms_max: f64,
+    pub ryw_violations: u64,
+    pub residency_violations: u64,
+    pub acked_writes_lost: u64,
+    pub rpo_ms: f64,
+    pub split_brain_epochs: usize,
+    pub availability: f64,
+    pub failovers: usize,
+    pub recoveries: Vec<Recovery>,
+    pub site_read_p95_ms: Vec<(String, f64, f64, f64)>,
+    pub strategies: Vec<StrategyResult>,
+    pub rows: Vec<Row>,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.rows.iter().all(|r| r.pass)
+    }
+    pub fn safe(&self) -> bool {
+        self.rows.iter().all(|r| r.pass || !r.safety)
+    }
+}
+
+fn q(l: &crate::check::Latency) -> Quantiles {
+    Quantiles {
+        count: l.count(),
+        p50_ms: r3(l.quantile_ms(0.50)),
+        p95_ms: r3(l.quantile_ms(0.95)),
+        p99_ms: r3(l.quantile_ms(0.99)),
+    }
+}
+
+fn r3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// Runs `sc` (once, or once per invalidation strategy) on madsim with its seed.
+pub fn run_scenario(sc: &Scenario) -> Report {
+    let sc = if sc.swarm { crate::swarm::draw(sc) } else { sc.clone() };
+    if !sc.compare_invalidation {
+        return run_once(&sc, sc.workload.invalidation);
+    }
+    let mut base: Option<Report> = None;
+    let mut strategies = Vec::new();
+    for mode in [InvalidationMode::TtlOnly, InvalidationMode::Table, InvalidationMode::Key] {
+        let r = run_once(&sc, mode);
+        let reads = r.reads.count.max(1);
+        strategies.push(StrategyResult {
+            strategy: format!("{mode:?}"),
+            hit_rate: r.hit_rate,
+            stale_reads: r.stale_reads,
+            stale_share: r3(r.stale_reads as f64 / reads as f64 * 100.0) / 100.0,
+            staleness_ms_max: r.staleness_ms_max,
+        });
+        if mode == InvalidationMode::Key {
+            base = Some(r);
+        }
+    }
+    let mut report = base.expect("the key-level run ran");
+    report.strategies = strategies;
+    report
+}
+
+fn run_once(sc: &Scenario, mode: InvalidationMode) -> Report {
+    let places = parse_sites(SITES_CSV).expect("sites.csv is checked by a test");
+    let rt = madsim::runtime::Runtime::with_seed_and_config(sc.seed, madsim::Config::default());
+    let sc2 = sc.clone();
+    rt.block_on(async move { simulate(sc2, places, mode).await })
+}
+
+async fn simulate(sc: Scenario, places: Vec<crate::geo::Place>, mode: InvalidationMode) -> Report {
+    let world: Shared = Rc::new(RefCell::new(World::new(sc.clone(), &places, mode)));
+    let duration = std::time::Duration::from_secs(sc.duration_s);
+    let tick_ms = 10u64;
+
+    // workload: one generator per site
+    for site in 0..world.borrow().sites.len() {
+        let w = world.clone();
+        madsim::task::spawn_local(async move {
+            let per_site = {
+                let wb = w.borrow();
+                wb.sc.workload.rate_qps / wb.sites.len() as f64
+            };
+            let mut carry = 0.0f64;
+            loop {
+                madsim::time::sleep(std::time::Duration::from_millis(tick_ms)).await;
+                let now = w.borrow().now();
+                if now.as_nanos() >= duration.as_nanos() as u64 {
+                    break;
+                }
+                let t_s = now.as_nanos() as f64 / 1e9;
+                let expected = per_site * w.borrow().sun_factor(site, t_s) * tick_ms as f64 / 1e3 + carry;
+                let n = expected.floor();
+                carry = expected - n;
+                for _ in 0..n as u64 {
+                    let up = w.borrow_mut().start_query(site);
+                    if let Some(u) = up {
+                        madsim::task::spawn_local(crate::world::upstream(w.clone(), site, u));
+                    }
+                }
+            }
+        });
+    }
+    // writes that bypass the edge
+    if sc.workload.bypass_write_qps > 0.0 {
+        let w = world.clone();
+        let rate = sc.workload.bypass_write_qps;
+        madsim::task::spawn_local(async move {
+            let mut carry = 0.0;
+            loop {
+                madsim::time::sleep(std::time::Duration::from_millis(tick_ms)).await;
+                if w.borrow().now().as_nanos() >= duration.as_nanos() as u64 {
+                    break;
+                }
+                let expected = rate * tick_ms as f64 / 1e3 + carry;
+                let n = expected.floor();
+                carry = expected - n;
+                for _ in 0..n as u64 {
+                    w.borrow_mut().bypass_write();
+                }
+            }
+        });
+    }
+    // CDC delivery
+    {
+        let w = world.clone();
+        madsim::task::spawn_local(async move {
+            loop {
+                madsim::time::sleep(std::time::Duration::from_millis(20)).await;
+                w.borrow_mut().pump_cdc();
+            }
+        });
+    }
+    // control plane: heartbeats, failover
+    {
+        let w = world.clone();
+        let hb = sc.db.heartbeat_ms;
+        let promote_ms = sc.db.promote_ms;
+        madsim::task::spawn_local(async move {
+            loop {
+                madsim::time::sleep(std::time::Duration::from_millis(hb.min(500))).await;
+                let promotions = w.borrow_mut().tick_control();
+                for (node, epoch) in promotions {
+                    let w2 = w.clone();
+                    madsim::task::spawn_local(async move {
+                        madsim::time::sleep(std::time::Duration::from_millis(promote_ms)).await;
+                        w2.borrow_mut().finish_promotion(node, epoch);
+                    });
+                }
+            }
+        });
+    }
+    // faults
+    for fault in sc.faults.clone() {
+        let w = world.clone();
+        madsim::task::spawn_local(async move {
+            madsim::time::sleep(std::time::Duration::from_secs_f64(fault.at_s())).await;
+            let end = w.borrow_mut().apply_fault(&fault, true);
+            if let Some(after) = end {
+                madsim::time::sleep(std::time::Duration::from_secs_f64(after)).await;
+                w.borrow_mut().apply_fault(&fault, false);
+            }
+        });
+    }
+    // run, then let in-flight requests drain
+    madsim::time::sleep(duration + std::time::Duration::from_secs(60)).await;
+    let wb = world.borrow();
+    build_report(&wb)
+}
+
+fn build_report(w: &World) -> Report {
+    let sc = &w.sc;
+    let c = &w.checker;
+    let t = &sc.targets;
+    let reads_total = c.read_ok + c.read_failed;
+    let served = |s: Served| c.reads_by_served.get(&s).map_or(0, |l| l.count());
+    let (l1, l2, l3, rep, pri) =
+        (served(Served::L1), served(Served::L2), served(Served::L3), served(Served::Replica), served(Served::Primary));
+    let reads_ok = c.read_ok.max(1) as f64;
+    let hit_rate = (l1 + l2 + l3) as f64 / reads_ok;
+    let hit_rate_l1 = l1 as f64 / reads_ok;
+    let l2_lookups = reads_ok - l1 as f64;
+    let hit_rate_l2 = if l2_lookups > 0.0 { l2 as f64 / l2_lookups } else { 0.0 };
+    let l3_lookups = (l3 + rep + pri) as f64;
+    let hit_rate_l3 = if l3_lookups > 0.0 { l3 as f64 / l3_lookups } else { 0.0 };
+    let entries: u64 =
+        w.sites.iter().map(|s| s.node.tier(postai_core::cache::TierName::L2).map_or(0, |t| t.len() as u64)).sum();
+    let edge_data_share = entries as f64 / w.sites.len().max(1) as f64 / sc.workload.keys as f64;
+    let total = reads_total + c.write_ok + c.write_failed;
+    let availability = (c.read_ok + c.write_ok) as f64 / total.max(1) as f64;
+    let lost = c.lost_acked.len() as u64;
+    let rpo_ms = c
+        .lost_acked
+        .iter()
+        .map(|(_, acked, lost_at)| lost_at.saturating_since(*acked).as_secs_f64() * 1e3)
+        .fold(0.0, f64::max);
+    let split = split_brain(&w.db.accepted);
+
+    let recoveries: Vec<Recovery> = w
+        .faults_log
+        .iter()
+        .zip(sc.faults.iter())
+        .map(|((at, label), f)| {
+            let horizon = *at + std::time::Duration::from_secs(120);
+            let last_fail = c.failures.iter().filter(|t| **t >= *at && **t <= horizon).max();
+            let rto_ms = last_fail.map_or(0.0, |t| t.saturating_since(*at).as_secs_f64() * 1e3);
+            Recovery {
+                fault: label.clone(),
+                at_s: r3(at.as_nanos() as f64 / 1e9),
+                rto_ms: r3(rto_ms),
+                target_ms: f.rto_target_ms(t),
+            }
+        })
+        .collect();
+
+    let mut rows = Vec::new();
+    let mut row = |metric: &str, target: String, measured: String, pass: bool, safety: bool| {
+        rows.push(Row { metric: metric.into(), target, measured, pass, safety });
+    };
+    let reads = q(&c.reads);
+    let writes = q(&c.writes);
+    row(
+        "read p95",
+        format!("< {} ms", t.read_p95_ms),
+        format!("{:.2} ms", reads.p95_ms),
+        reads.p95_ms < t.read_p95_ms,
+        false,
+    );
+    row(
+        "write p95",
+        format!("< {} ms", t.write_p95_ms),
+        format!("{:.2} ms", writes.p95_ms),
+        writes.p95_ms < t.write_p95_ms,
+        false,
+    );
+    row(
+        "cache hit rate",
+        format!(">= {:.1} %", t.hit_rate * 100.0),
+        format!("{:.2} %", hit_rate * 100.0),
+        hit_rate >= t.hit_rate,
+        false,
+    );
+    row(
+        "availability",
+        format!(">= {:.2} %", t.availability * 100.0),
+        format!("{:.4} %", availability * 100.0),
+        availability >= t.availability,
+        false,
+    );
+    let ryw_promised = sc.workload.consistency != postai_core::consistency::Consistency::Eventual;
+    if ryw_promised {
+        row(
+            "read-your-writes violations",
+            format!("{}", t.ryw_violations),
+            format!("{}", c.ryw_violations),
+            c.ryw_violations <= t.ryw_violations,
+            true,
+        );
+    }
+    if sc.db.replication == Replication::Sync {
+        row(
+            "RPO (acknowledged writes lost)",
+            format!("{}", t.rpo_writes),
+            format!("{lost} ({rpo_ms:.0} ms)"),
+            lost <= t.rpo_writes,
+            true,
+        );
+    } else {
+        row(
+            "RPO (acknowledged writes lost, async)",
+            "reported".into(),
+            format!("{lost} ({rpo_ms:.0} ms)"),
+            true,
+            false,
+        );
+    }
+    row(
+        "primaries accepting writes in one epoch",
+        "<= 1".into(),
+        format!("{} epochs with 2+", split.len()),
+        split.is_empty(),
+        true,
+    );
+    if sc.workload.eu_resident_share > 0.0 {
+        row(
+            "EU rows cached or served outside EU",
+            "0".into(),
+            format!("{}", c.residency_violations),
+            c.residency_violations == 0,
+            true,
+        );
+    }
+    for rec in &recoveries {
+        if let Some(target) = rec.target_ms {
+            row(
+                &format!("RTO {}", rec.fault),
+                format!("< {target:.0} ms"),
+                format!("{:.0} ms", rec.rto_ms),
+                rec.rto_ms < target,
+                false,
+            );
+        }
+    }
+
+    let zone_names = |z: &Zone| z.name().to_string();
+    let site_read_p95_ms = w
+        .sites
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.place.name.clone(), s.place.lat, s.place.lon, r3(c.reads_by_site[i].quantile_ms(0.95))))
+        .collect();
+    Report {
+        scenario: sc.name.clone(),
+        seed: sc.seed,
+        sites: w.sites.len(),
+        simulated_s: sc.duration_s,
+        queries: w.queries,
+        reads,
+        writes,
+        reads_by_region: c.reads_by_zone.iter().map(|(z, l)| (zone_names(z), q(l))).collect(),
+        reads_by_tier: c.reads_by_served.iter().map(|(s, l)| (s.name().to_string(), q(l))).collect(),
+        hit_rate: r3(hit_rate * 100.0) / 100.0,
+        hit_rate_l1: r3(hit_rate_l1 * 100.0) / 100.0,
+        hit_rate_l2: r3(hit_rate_l2 * 100.0) / 100.0,
+        hit_rate_l3: r3(hit_rate_l3 * 100.0) / 100.0,
+        edge_data_share: r3(edge_data_share * 100.0) / 100.0,
+        stale_reads: c.stale_reads,
+        staleness_ms_max: r3(c.staleness_ms_max),
+        ryw_violations: c.ryw_violations,
+        residency_violations: c.residency_violations,
+        acked_writes_lost: lost,
+        rpo_ms: r3(rpo_ms),
+        split_brain_epochs: split.len(),
+        availability: (availability * 1e6).round() / 1e6,
+        failovers: w.failovers.len(),
+        recoveries,
+        site_read_p95_ms,
+        strategies: Vec::new(),
+        rows,
+    }
+}

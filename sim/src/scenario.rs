@@ -1,0 +1,377 @@
+//! Scenario files: seed, topology, workload, faults, targets. Data, not code.
+
+use postai_core::consistency::Consistency;
+use postai_core::node::InvalidationMode;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Parse { path: String, source: Box<toml::de::Error> },
+    #[error("{path}: invalid scenario: {reason}")]
+    Invalid { path: String, reason: String },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    pub description: String,
+    pub seed: u64,
+    /// Simulated seconds, warm-up included.
+    pub duration_s: u64,
+    /// Requests before this are not measured (caches start cold).
+    #[serde(default = "d_warmup")]
+    pub warmup_s: u64,
+    /// Number of edge sites taken from sites.csv (spread over all of it).
+    #[serde(default = "d_sites")]
+    pub sites: usize,
+    #[serde(default)]
+    pub workload: Workload,
+    #[serde(default)]
+    pub tiers: Tiers,
+    #[serde(default)]
+    pub db: Db,
+    #[serde(default)]
+    pub network: Network,
+    #[serde(default)]
+    pub faults: Vec<Fault>,
+    #[serde(default)]
+    pub targets: Targets,
+    /// Draw topology and fault rates from the seed (VOPR-style swarm).
+    #[serde(default)]
+    pub swarm: bool,
+    /// Run the same workload once per invalidation strategy and compare.
+    #[serde(default)]
+    pub compare_invalidation: bool,
+}
+
+fn d_warmup() -> u64 {
+    10
+}
+fn d_sites() -> usize {
+    300
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Workload {
+    /// Fleet-wide queries per second at the daily peak.
+    pub rate_qps: f64,
+    pub keys: u64,
+    /// Zipf exponent of read popularity.
+    pub zipf_s: f64,
+    /// Zipf exponent of write popularity (0 = uniform). Writes drawn from the
+    /// read distribution would hit each hot key from 300 sites at once:
+    /// see the hot-key-write-burst scenario for that case.
+    pub write_zipf_s: f64,
+    pub write_ratio: f64,
+    /// Shares of reads: point lookups, ranges, joins (normalised).
+    pub point: f64,
+    pub range: f64,
+    pub join: f64,
+    pub sessions_per_site: u32,
+    pub consistency: Consistency,
+    /// Writes per second made directly on the primary, bypassing the edge:
+    /// only CDC can invalidate them.
+    pub bypass_write_qps: f64,
+    /// UTC hour at simulated time zero; rates follow each site's local sun.
+    pub utc_hour_start: f64,
+    /// Simulated hours per simulated second (1/3600 = real time).
+    pub sun_speed: f64,
+    /// Fraction of keys whose rows are EU-resident (never leave EU).
+    pub eu_resident_share: f64,
+    /// A hot key receiving this share of all writes (hot-key write burst).
+    pub hot_write_share: f64,
+    pub invalidation: InvalidationMode,
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Workload {
+            rate_qps: 30_000.0,
+            keys: 20_000,
+            zipf_s: 1.1,
+            write_zipf_s: 0.0,
+            write_ratio: 0.05,
+            point: 0.85,
+            range: 0.10,
+            join: 0.05,
+            sessions_per_site: 4,
+            consistency: Consistency::ReadYourWrites,
+            bypass_write_qps: 0.0,
+            utc_hour_start: 14.0,
+            sun_speed: 1.0 / 3600.0,
+            eu_resident_share: 0.0,
+            hot_write_share: 0.0,
+            invalidation: InvalidationMode::Key,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tiers {
+    pub l1_entries: usize,
+    pub l1_ms: f64,
+    pub l2_entries: usize,
+    pub l2_ms: f64,
+    pub l3_entries: usize,
+    pub l3_ms: f64,
+    pub ttl_s: u64,
+    pub entry_bytes: u32,
+}
+
+impl Default for Tiers {
+    fn default() -> Self {
+        Tiers {
+            l1_entries: 2_000,
+            l1_ms: 0.5,
+            l2_entries: 20_000,
+            l2_ms: 3.0,
+            l3_entries: 200_000,
+            l3_ms: 0.5,
+            ttl_s: 300,
+            entry_bytes: 512,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Replication {
+    Sync,
+    Async,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Db {
+    pub replication: Replication,
+    pub point_ms: f64,
+    pub range_ms: f64,
+    pub join_ms: f64,
+    pub write_ms: f64,
+    pub replica_apply_ms: f64,
+    pub heartbeat_ms: u64,
+    pub heartbeat_timeout_ms: u64,
+    /// Time a promotion takes (pg_promote and reconnects).
+    pub promote_ms: u64,
+    /// Extra delay of the CDC stream to the regions.
+    pub cdc_lag_ms: f64,
+    pub cdc_duplicate: f64,
+    pub cdc_reorder: f64,
+}
+
+impl Default for Db {
+    fn default() -> Self {
+        Db {
+            replication: Replication::Sync,
+            point_ms: 0.3,
+            range_ms: 3.0,
+            join_ms: 6.0,
+            write_ms: 1.0,
+            replica_apply_ms: 5.0,
+            heartbeat_ms: 1_000,
+            heartbeat_timeout_ms: 5_000,
+            promote_ms: 2_000,
+            cdc_lag_ms: 50.0,
+            cdc_duplicate: 0.0,
+            cdc_reorder: 0.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Network {
+    pub fiber_km_per_ms: f64,
+    pub route_factor: f64,
+    pub jitter_ms: f64,
+    pub loss: f64,
+    pub client_rtt_ms_min: f64,
+    pub client_rtt_ms_max: f64,
+    /// A request upstream that gets no answer fails after this long.
+    pub timeout_ms: u64,
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Network {
+            fiber_km_per_ms: 200.0,
+            route_factor: 1.5,
+            jitter_ms: 0.5,
+            loss: 0.0,
+            client_rtt_ms_min: 1.0,
+            client_rtt_ms_max: 5.0,
+            timeout_ms: 1_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "kebab-case")]
+pub enum Fault {
+    PrimaryCrash { at_s: f64, restart_after_s: Option<f64> },
+    ReplicaCrash { at_s: f64, region: String, restart_after_s: Option<f64> },
+    RegionalOutage { at_s: f64, region: String, duration_s: f64 },
+    TierLoss { at_s: f64, tier: String, region: Option<String> },
+    EdgePartition { at_s: f64, region: String, duration_s: f64 },
+    PrimaryPartition { at_s: f64, region: String, duration_s: f64 },
+    SlowLink { at_s: f64, region: String, extra_ms: f64, duration_s: f64 },
+    CdcStall { at_s: f64, duration_s: f64 },
+}
+
+impl Fault {
+    pub fn at_s(&self) -> f64 {
+        match self {
+            Fault::PrimaryCrash { at_s, .. }
+            | Fault::ReplicaCrash { at_s, .. }
+            | Fault::RegionalOutage { at_s, .. }
+            | Fault::TierLoss { at_s, .. }
+            | Fault::EdgePartition { at_s, .. }
+            | Fault::PrimaryPartition { at_s, .. }
+            | Fault::SlowLink { at_s, .. }
+            | Fault::CdcStall { at_s, .. } => *at_s,
+        }
+    }
+    pub fn label(&self) -> String {
+        match self {
+            Fault::PrimaryCrash { .. } => "primary-crash".into(),
+            Fault::ReplicaCrash { region, .. } => format!("replica-crash {region}"),
+            Fault::RegionalOutage { region, .. } => format!("regional-outage {region}"),
+            Fault::TierLoss { tier, region, .. } => format!("tier-loss {tier} {}", region.as_deref().unwrap_or("all")),
+            Fault::EdgePartition { region, .. } => format!("edge-partition {region}"),
+            Fault::PrimaryPartition { region, .. } => format!("primary-partition {region}"),
+            Fault::SlowLink { region, .. } => format!("slow-link {region}"),
+            Fault::CdcStall { .. } => "cdc-stall".into(),
+        }
+    }
+    /// The recovery-time target class of this fault.
+    pub fn rto_target_ms(&self, t: &Targets) -> Option<f64> {
+        match self {
+            Fault::PrimaryCrash { .. } => Some(t.rto_primary_ms),
+            Fault::RegionalOutage { .. } | Fault::EdgePartition { .. } => Some(t.rto_regional_ms),
+            Fault::TierLoss { .. } => Some(t.rto_cache_ms),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Targets {
+    pub read_p95_ms: f64,
+    pub write_p95_ms: f64,
+    pub hit_rate: f64,
+    pub availability: f64,
+    pub rto_primary_ms: f64,
+    pub rto_regional_ms: f64,
+    pub rto_cache_ms: f64,
+    pub rpo_writes: u64,
+    pub ryw_violations: u64,
+}
+
+impl Default for Targets {
+    fn default() -> Self {
+        Targets {
+            read_p95_ms: 10.0,
+            write_p95_ms: 150.0,
+            hit_rate: 0.90,
+            availability: 0.9999,
+            rto_primary_ms: 30_000.0,
+            rto_regional_ms: 10_000.0,
+            rto_cache_ms: 1_000.0,
+            rpo_writes: 0,
+            ryw_violations: 0,
+        }
+    }
+}
+
+impl Scenario {
+    pub fn load(path: &str) -> Result<Scenario, ScenarioError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read { path: path.into(), source })?;
+        Scenario::parse(path, &text)
+    }
+
+    pub fn parse(path: &str, text: &str) -> Result<Scenario, ScenarioError> {
+        let sc: Scenario =
+            toml::from_str(text).map_err(|e| ScenarioError::Parse { path: path.into(), source: Box::new(e) })?;
+        sc.validate().map_err(|reason| ScenarioError::Invalid { path: path.into(), reason })?;
+        Ok(sc)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let w = &self.workload;
+        if self.duration_s == 0 || self.duration_s > 86_400 {
+            return Err("duration_s must be in 1..=86400".into());
+        }
+        if self.warmup_s >= self.duration_s {
+            return Err("warmup_s must be shorter than duration_s".into());
+        }
+        if self.sites == 0 || self.sites > 300 {
+            return Err("sites must be in 1..=300".into());
+        }
+        if !(w.rate_qps > 0.0 && w.rate_qps <= 2_000_000.0) {
+            return Err("workload.rate_qps must be in (0, 2e6]".into());
+        }
+        if w.keys == 0 || w.keys > 10_000_000 {
+            return Err("workload.keys must be in 1..=1e7".into());
+        }
+        for (name, v) in [
+            ("write_ratio", w.write_ratio),
+            ("eu_resident_share", w.eu_resident_share),
+            ("hot_write_share", w.hot_write_share),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(format!("workload.{name} must be in [0, 1]"));
+            }
+        }
+        if w.point < 0.0 || w.range < 0.0 || w.join < 0.0 || w.point + w.range + w.join <= 0.0 {
+            return Err("workload.point/range/join must be non-negative and not all zero".into());
+        }
+        if w.sessions_per_site == 0 || w.sessions_per_site > 1000 {
+            return Err("workload.sessions_per_site must be in 1..=1000".into());
+        }
+        if !(w.zipf_s >= 0.0 && w.zipf_s < 5.0) {
+            return Err("workload.zipf_s must be in [0, 5)".into());
+        }
+        if self.tiers.l1_entries == 0
+            || self.tiers.l2_entries == 0
+            || self.tiers.l3_entries == 0
+            || self.tiers.ttl_s == 0
+        {
+            return Err("tier sizes and ttl_s must be positive".into());
+        }
+        if self.network.client_rtt_ms_min > self.network.client_rtt_ms_max || self.network.timeout_ms == 0 {
+            return Err("network: client_rtt_ms_min <= client_rtt_ms_max and timeout_ms > 0".into());
+        }
+        for f in &self.faults {
+            if !(0.0..self.duration_s as f64).contains(&f.at_s()) {
+                return Err(format!("fault {} at {}s is outside the run", f.label(), f.at_s()));
+            }
+            let region = match f {
+                Fault::ReplicaCrash { region, .. }
+                | Fault::RegionalOutage { region, .. }
+                | Fault::EdgePartition { region, .. }
+                | Fault::PrimaryPartition { region, .. }
+                | Fault::SlowLink { region, .. } => Some(region.as_str()),
+                Fault::TierLoss { region, tier, .. } => {
+                    if !matches!(tier.as_str(), "L1" | "L2" | "L3") {
+                        return Err(format!("tier-loss tier {tier:?} is not L1, L2 or L3"));
+                    }
+                    region.as_deref()
+                }
+                _ => None,
+            };
+            if let Some(r) = region
+                && postai_core::router::Zone::parse(r).is_none()
+            {
+                return Err(format!("fault {}: unknown region {r:?} (EU, US, APAC)", f.label()));
+            }
+        }
+        Ok(())
+    }
+}
