@@ -5,8 +5,7 @@
 //! raises its table's key watermark, which is conservative (it can only make
 //! entries invalid, never valid).
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::BTreeMap;
 
 use crate::hash::{FixedHasher, FixedMap};
 use crate::sql::TableId;
@@ -90,7 +89,6 @@ pub struct VersionMap {
     table_whole: FixedMap<TableId, Lsn>,
     keys: FixedMap<(TableId, u64), Lsn>,
     key_watermark: FixedMap<TableId, Lsn>,
-    by_age: BinaryHeap<Reverse<(Lsn, TableId, u64)>>,
     /// Every commit up to here has been applied (contiguous CDC prefix).
     complete_through: Lsn,
     /// CDC events past a gap: prev_lsn -> (lsn).
@@ -109,7 +107,6 @@ impl VersionMap {
             table_whole: FixedMap::default(),
             keys: FixedMap::default(),
             key_watermark: FixedMap::default(),
-            by_age: BinaryHeap::new(),
             complete_through: start,
             pending: BTreeMap::new(),
             stats: VersionStats::default(),
@@ -140,10 +137,7 @@ impl VersionMap {
                     bump(&mut self.table_any, *t, lsn);
                     for k in ks {
                         let v = self.keys.entry((*t, *k)).or_insert(Lsn(0));
-                        if *v < lsn {
-                            *v = lsn;
-                            self.by_age.push(Reverse((lsn, *t, *k)));
-                        }
+                        *v = (*v).max(lsn);
                     }
                 }
             }
@@ -211,19 +205,22 @@ impl VersionMap {
         need
     }
 
+    /// Past `keys_max`, evicts the oldest eighth of the keys at once (amortised
+    /// O(1) per change), raising each table's watermark to the newest evicted.
     fn enforce_bounds(&mut self) {
-        while self.keys.len() > self.config.keys_max {
-            let Some(Reverse((lsn, t, k))) = self.by_age.pop() else {
-                break;
-            };
-            if self.keys.get(&(t, k)) == Some(&lsn) {
-                self.keys.remove(&(t, k));
-                bump(&mut self.key_watermark, t, lsn);
-                self.stats.keys_evicted += 1;
-            }
+        if self.keys.len() <= self.config.keys_max {
+            return;
         }
-        if self.by_age.len() > 4 * self.config.keys_max + 64 {
-            self.by_age = self.keys.iter().map(|(&(t, k), &lsn)| Reverse((lsn, t, k))).collect();
+        let mut all: Vec<(Lsn, TableId, u64)> = self.keys.iter().map(|(&(t, k), &lsn)| (lsn, t, k)).collect();
+        let evict = (self.keys.len() - self.config.keys_max + self.config.keys_max / 8).min(all.len());
+        if evict == 0 {
+            return;
+        }
+        all.select_nth_unstable(evict - 1);
+        for &(lsn, t, k) in &all[..evict] {
+            self.keys.remove(&(t, k));
+            bump(&mut self.key_watermark, t, lsn);
+            self.stats.keys_evicted += 1;
         }
     }
 }

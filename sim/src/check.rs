@@ -57,8 +57,8 @@ pub struct Checker {
     pub write_ok: u64,
     pub read_failed: u64,
     pub write_failed: u64,
-    /// (fault index, failure time) of failures, for recovery times.
-    pub failures: Vec<Instant>,
+    /// One entry per fault, in the order they began.
+    pub recovering: Vec<Recovering>,
     pub stale_reads: u64,
     pub staleness_ms_max: f64,
     pub ryw_violations: u64,
@@ -127,6 +127,68 @@ impl Checker {
             self.staleness_ms_max = self.staleness_ms_max.max(ms);
         }
         Some(ms)
+    }
+}
+
+/// Which requests a fault affects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Writes,
+    Zone(Zone),
+    All,
+}
+
+/// Recovery of the requests in `scope` after a fault at `at`: the first
+/// success and the last failure among requests that started after it.
+#[derive(Clone, Debug)]
+pub struct Recovering {
+    pub label: String,
+    pub at: Instant,
+    pub scope: Scope,
+    pub first_ok: Option<Instant>,
+    pub last_fail: Option<Instant>,
+    pub failed: u64,
+}
+
+/// Faults are observed for this long after they begin.
+pub const RECOVERY_HORIZON_S: u64 = 120;
+
+impl Checker {
+    /// A request that started at `started` finished at `now`.
+    pub fn observe(&mut self, started: Instant, now: Instant, write: bool, zone: Zone, ok: bool) {
+        for r in &mut self.recovering {
+            if started < r.at || started > r.at + std::time::Duration::from_secs(RECOVERY_HORIZON_S) {
+                continue;
+            }
+            let in_scope = match r.scope {
+                Scope::Writes => write,
+                Scope::Zone(z) => z == zone,
+                Scope::All => true,
+            };
+            if !in_scope {
+                continue;
+            }
+            if ok {
+                r.first_ok = Some(r.first_ok.map_or(now, |t| t.min(now)));
+            } else {
+                r.last_fail = Some(r.last_fail.map_or(now, |t| t.max(now)));
+                r.failed += 1;
+            }
+        }
+    }
+}
+
+impl Recovering {
+    /// Time from the fault until requests in scope succeed again: the later of
+    /// the first success and the last failure. `None` if no request was in scope.
+    pub fn rto_ms(&self) -> Option<f64> {
+        let end = match (self.first_ok, self.last_fail) {
+            (Some(a), Some(b)) => a.max(b),
+            (Some(a), None) => a,
+            (None, Some(b)) => b,
+            (None, None) => return None,
+        };
+        Some(end.saturating_since(self.at).as_secs_f64() * 1e3)
     }
 }
 

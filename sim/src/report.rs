@@ -35,13 +35,24 @@ pub fn table(r: &Report) -> String {
         r.hit_rate_l3 * 100.0,
         r.edge_data_share * 100.0
     );
+    for (name, t) in &r.tier_stats {
+        let _ = writeln!(
+            s,
+            "  {name}: {} hits, {} misses, {} invalidated, {} expired, {} evicted, {} entries",
+            t.hits, t.misses, t.invalidations, t.expirations, t.evictions, t.entries
+        );
+    }
     let _ = writeln!(
         s,
         "  stale reads {} (max staleness {:.1} ms), failovers {}",
         r.stale_reads, r.staleness_ms_max, r.failovers
     );
     for rec in &r.recoveries {
-        let _ = writeln!(s, "  fault {} at {:.1} s: recovered after {:.0} ms", rec.fault, rec.at_s, rec.rto_ms);
+        let _ = writeln!(
+            s,
+            "  fault {} at {:.1} s: recovered after {:.0} ms ({} requests failed)",
+            rec.fault, rec.at_s, rec.rto_ms, rec.failed
+        );
     }
     if !r.strategies.is_empty() {
         let _ = writeln!(s, "  {:<10} {:>10} {:>14} {:>18}", "strategy", "hit rate", "stale reads", "max staleness");

@@ -34,8 +34,11 @@ pub struct Quantiles {
 pub struct Recovery {
     pub fault: String,
     pub at_s: f64,
-    /// Time from the fault to the end of the last failed request it caused.
+    /// Time from the fault until requests in its scope succeed again (the
+    /// later of the first success and the last failure after it).
     pub rto_ms: f64,
+    /// Requests in scope that failed.
+    pub failed: u64,
     pub target_ms: Option<f64>,
 }
 
@@ -76,6 +79,8 @@ pub struct Report {
     pub recoveries: Vec<Recovery>,
     pub site_read_p95_ms: Vec<(String, f64, f64, f64)>,
     pub strategies: Vec<StrategyResult>,
+    /// Site tier statistics summed over all sites, and L3 over all regions.
+    pub tier_stats: Vec<(String, postai_core::cache::TierStats)>,
     pub rows: Vec<Row>,
 }
 
@@ -156,7 +161,11 @@ async fn simulate(sc: Scenario, places: Vec<crate::geo::Place>, mode: Invalidati
                     break;
                 }
                 let t_s = now.as_nanos() as f64 / 1e9;
-                let expected = per_site * w.borrow().sun_factor(site, t_s) * tick_ms as f64 / 1e3 + carry;
+                let warm = {
+                    let wb = w.borrow();
+                    if t_s < wb.sc.warmup_s as f64 { wb.sc.warmup_rate_factor } else { 1.0 }
+                };
+                let expected = per_site * warm * w.borrow().sun_factor(site, t_s) * tick_ms as f64 / 1e3 + carry;
                 let n = expected.floor();
                 carry = expected - n;
                 for _ in 0..n as u64 {
@@ -235,6 +244,37 @@ async fn simulate(sc: Scenario, places: Vec<crate::geo::Place>, mode: Invalidati
     build_report(&wb)
 }
 
+fn tier_stats(w: &World) -> Vec<(String, postai_core::cache::TierStats)> {
+    use postai_core::cache::{TierName, TierStats};
+    let add = |a: &mut TierStats, b: TierStats| {
+        a.hits += b.hits;
+        a.misses += b.misses;
+        a.expirations += b.expirations;
+        a.evictions += b.evictions;
+        a.invalidations += b.invalidations;
+        a.inserts += b.inserts;
+        a.oversized += b.oversized;
+        a.bytes += b.bytes;
+        a.entries += b.entries;
+    };
+    let mut out = Vec::new();
+    for t in [TierName::L1, TierName::L2] {
+        let mut sum = TierStats::default();
+        for s in &w.sites {
+            if let Some(tier) = s.node.tier(t) {
+                add(&mut sum, tier.stats());
+            }
+        }
+        out.push((format!("{t:?}"), sum));
+    }
+    let mut sum = TierStats::default();
+    for r in &w.regions {
+        add(&mut sum, r.l3.stats());
+    }
+    out.push(("L3".to_string(), sum));
+    out
+}
+
 fn build_report(w: &World) -> Report {
     let sc = &w.sc;
     let c = &w.checker;
@@ -263,20 +303,16 @@ fn build_report(w: &World) -> Report {
         .fold(0.0, f64::max);
     let split = split_brain(&w.db.accepted);
 
-    let recoveries: Vec<Recovery> = w
-        .faults_log
+    let recoveries: Vec<Recovery> = c
+        .recovering
         .iter()
-        .zip(sc.faults.iter())
-        .map(|((at, label), f)| {
-            let horizon = *at + std::time::Duration::from_secs(120);
-            let last_fail = c.failures.iter().filter(|t| **t >= *at && **t <= horizon).max();
-            let rto_ms = last_fail.map_or(0.0, |t| t.saturating_since(*at).as_secs_f64() * 1e3);
-            Recovery {
-                fault: label.clone(),
-                at_s: r3(at.as_nanos() as f64 / 1e9),
-                rto_ms: r3(rto_ms),
-                target_ms: f.rto_target_ms(t),
-            }
+        .zip(sc.faults_sorted().iter())
+        .map(|(rec, f)| Recovery {
+            fault: rec.label.clone(),
+            at_s: r3(rec.at.as_nanos() as f64 / 1e9),
+            rto_ms: r3(rec.rto_ms().unwrap_or(0.0)),
+            failed: rec.failed,
+            target_ms: f.rto_target_ms(t),
         })
         .collect();
 
@@ -403,6 +439,7 @@ fn build_report(w: &World) -> Report {
         recoveries,
         site_read_p95_ms,
         strategies: Vec::new(),
+        tier_stats: tier_stats(w),
         rows,
     }
 }

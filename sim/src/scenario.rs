@@ -25,6 +25,15 @@ pub struct Scenario {
     /// Requests before this are not measured (caches start cold).
     #[serde(default = "d_warmup")]
     pub warmup_s: u64,
+    /// Caches start as this many seconds of steady traffic would leave them
+    /// (each key cached with the probability that the workload touched it);
+    /// 0 starts cold. The measured part of a run is steady state, as in production.
+    #[serde(default = "d_warm_start")]
+    pub warm_start_s: u64,
+    /// Query rate multiplier during the warm-up, so that a short run measures
+    /// caches as warm as hours of steady traffic would leave them.
+    #[serde(default = "d_warmup_rate")]
+    pub warmup_rate_factor: f64,
     /// Number of edge sites taken from sites.csv (spread over all of it).
     #[serde(default = "d_sites")]
     pub sites: usize,
@@ -50,6 +59,12 @@ pub struct Scenario {
 
 fn d_warmup() -> u64 {
     10
+}
+fn d_warmup_rate() -> f64 {
+    1.0
+}
+fn d_warm_start() -> u64 {
+    600
 }
 fn d_sites() -> usize {
     300
@@ -290,6 +305,26 @@ impl Default for Targets {
     }
 }
 
+fn scale_fault(f: &mut Fault, k: f64) {
+    match f {
+        Fault::PrimaryCrash { at_s, restart_after_s } | Fault::ReplicaCrash { at_s, restart_after_s, .. } => {
+            *at_s *= k;
+            if let Some(r) = restart_after_s {
+                *r *= k;
+            }
+        }
+        Fault::RegionalOutage { at_s, duration_s, .. }
+        | Fault::EdgePartition { at_s, duration_s, .. }
+        | Fault::PrimaryPartition { at_s, duration_s, .. }
+        | Fault::SlowLink { at_s, duration_s, .. }
+        | Fault::CdcStall { at_s, duration_s } => {
+            *at_s *= k;
+            *duration_s *= k;
+        }
+        Fault::TierLoss { at_s, .. } => *at_s *= k,
+    }
+}
+
 impl Scenario {
     pub fn load(path: &str) -> Result<Scenario, ScenarioError> {
         let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read { path: path.into(), source })?;
@@ -303,6 +338,31 @@ impl Scenario {
         Ok(sc)
     }
 
+    /// The short form `cargo test` runs: 60 sites, 24 simulated seconds, the
+    /// same rate per site, faults at the same relative times, warm start kept.
+    pub fn short(&self, seed: u64) -> Scenario {
+        let mut sc = self.clone();
+        sc.seed = seed;
+        let scale = 24.0 / self.duration_s as f64;
+        sc.duration_s = 24;
+        sc.warmup_s = ((self.warmup_s as f64 * scale).round() as u64).clamp(1, 5);
+        sc.workload.rate_qps *= 60.0 / self.sites as f64;
+        sc.workload.bypass_write_qps *= 60.0 / self.sites as f64;
+        sc.sites = 60.min(self.sites);
+        sc.warm_start_s = self.warm_start_s.min(300);
+        for f in &mut sc.faults {
+            scale_fault(f, scale);
+        }
+        sc
+    }
+
+    /// Faults in the order they begin (ties keep file order).
+    pub fn faults_sorted(&self) -> Vec<Fault> {
+        let mut f = self.faults.clone();
+        f.sort_by(|a, b| a.at_s().total_cmp(&b.at_s()));
+        f
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         let w = &self.workload;
         if self.duration_s == 0 || self.duration_s > 86_400 {
@@ -310,6 +370,9 @@ impl Scenario {
         }
         if self.warmup_s >= self.duration_s {
             return Err("warmup_s must be shorter than duration_s".into());
+        }
+        if !(1.0..=20.0).contains(&self.warmup_rate_factor) {
+            return Err("warmup_rate_factor must be in [1, 20]".into());
         }
         if self.sites == 0 || self.sites > 300 {
             return Err("sites must be in 1..=300".into());

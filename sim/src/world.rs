@@ -21,7 +21,7 @@ use postai_core::router::{EndpointId, ReadRequest, Role, Router, RouterConfig, Z
 use postai_core::sql::{AnalyzerConfig, Catalog, TableId};
 use postai_core::{Duration, Instant, Lsn};
 
-use crate::check::Checker;
+use crate::check::{Checker, Recovering, Scope};
 use crate::db::{Database, DbNode};
 use crate::geo::{Place, distance_km, hub};
 use crate::scenario::{Fault, Scenario};
@@ -159,6 +159,8 @@ impl World {
         let items = catalog.set_primary_key("items", "id");
         let items_eu = catalog.set_primary_key("items_eu", "id");
         catalog.set_primary_key("owners", "id");
+        catalog.set_integer_key("items");
+        catalog.set_integer_key("items_eu");
 
         let tier = |entries: usize| TierConfig {
             bytes_max: entries as u64 * sc.tiers.entry_bytes as u64 * 2,
@@ -304,6 +306,11 @@ impl World {
             EndpointId(0),
             &(1..db.nodes.len() as u32).map(EndpointId).collect::<Vec<_>>(),
         );
+        let mut world_rng = rng;
+        if sc.warm_start_s > 0 {
+            warm_start(&sc, &mut sites, &cdf, &mut world_rng);
+        }
+        let rng = world_rng;
         let measure_from = Instant::from_millis(sc.warmup_s * 1000);
         let checker = Checker::new(sc.workload.keys, n, measure_from);
         let inflight = (0..n).map(|_| postai_core::hash::FixedMap::default()).collect();
@@ -452,6 +459,7 @@ impl World {
             }
         }
         let _ = now;
+        self.checker.observe(ctx.started, now, false, site_zone, true);
         if self.checker.measured(ctx.started) {
             self.checker.read_ok += 1;
             self.checker.reads.record_ms(ms);
@@ -469,7 +477,8 @@ impl World {
                 self.checker.read_failed += 1;
             }
         }
-        self.checker.failures.push(now);
+        let zone = self.sites[ctx.site].place.zone;
+        self.checker.observe(ctx.started, now, ctx.op == Op::Write, zone, false);
     }
 
     /// Picks a region for an upstream request from `site`.
@@ -681,7 +690,7 @@ impl World {
     /// A write that bypasses the edge, made directly on the primary.
     pub fn bypass_write(&mut self) {
         let now = self.now();
-        let key = self.zipf_key();
+        let key = self.write_key();
         let p = self.db.primary;
         let epoch = self.db.nodes[p].fence.epoch;
         if let Ok(lsn) = self.db.write(p, epoch, now, Some(key)) {
@@ -696,6 +705,23 @@ impl World {
         let region_of = |name: &str| Zone::parse(name).map(zone_index).unwrap_or(0);
         if begin {
             self.faults_log.push((now, fault.label()));
+            let scope = match fault {
+                Fault::PrimaryCrash { .. } => Scope::Writes,
+                Fault::RegionalOutage { region, .. } | Fault::EdgePartition { region, .. } => {
+                    Zone::parse(region).map_or(Scope::All, Scope::Zone)
+                }
+                Fault::TierLoss { region: Some(region), .. } => Zone::parse(region).map_or(Scope::All, Scope::Zone),
+                _ => Scope::All,
+            };
+            let label = fault.label();
+            self.checker.recovering.push(Recovering {
+                label,
+                at: now,
+                scope,
+                first_ok: None,
+                last_fail: None,
+                failed: 0,
+            });
         }
         match fault {
             Fault::PrimaryCrash { restart_after_s, .. } => {
@@ -781,6 +807,54 @@ impl World {
                     self.cdc_stalled_until = now + Duration::from_secs_f64(*duration_s);
                 }
                 None
+            }
+        }
+    }
+}
+
+/// Fills every site's tiers as `warm_start_s` seconds of steady reads would
+/// have: a key is cached with the probability that at least one of those reads
+/// touched it. Hottest keys are filled last, so that L1 holds them.
+fn warm_start(sc: &Scenario, sites: &mut [Site], cdf: &[f64], rng: &mut Rng) {
+    let w = &sc.workload;
+    let total = w.point + w.range + w.join;
+    let reads_per_site =
+        w.rate_qps / sites.len().max(1) as f64 * (1.0 - w.write_ratio) * sc.warm_start_s as f64 * 0.625;
+    let mut prob = Vec::with_capacity(cdf.len());
+    let mut prev = 0.0;
+    for c in cdf {
+        prob.push(c - prev);
+        prev = *c;
+    }
+    for site in sites.iter_mut() {
+        for (op, share) in [(Op::Range, w.range), (Op::Join, w.join), (Op::Point, w.point)] {
+            let n = reads_per_site * share / total;
+            for key in (0..prob.len() as u64).rev() {
+                let p_touched = 1.0 - (1.0 - prob[key as usize]).powf(n);
+                if rng.unit_f64() >= p_touched {
+                    continue;
+                }
+                let key_s = key.to_string();
+                let hi_s = (key + RANGE_SPAN).to_string();
+                let params: [Option<&[u8]>; 2] = [Some(key_s.as_bytes()), Some(hi_s.as_bytes())];
+                let (stmt, np) = match op {
+                    Op::Range => (&site.stmts.range, 2),
+                    Op::Join => (&site.stmts.join, 1),
+                    _ => (&site.stmts.point, 1),
+                };
+                let sid = site.sessions[0].id;
+                let req = site.node.handle_execute(Instant::ZERO, sid, stmt, &params[..np]);
+                while site.node.poll_output().is_some() {}
+                let reply = UpstreamReply {
+                    value: Val { lsn: Lsn(0) },
+                    size_bytes: sc.tiers.entry_bytes,
+                    served: Served::Primary,
+                    snapshot_lsn: Lsn(0),
+                    commit_lsn: None,
+                    ttl: None,
+                };
+                site.node.handle_upstream(Instant::ZERO, req, Ok(reply));
+                while site.node.poll_output().is_some() {}
             }
         }
     }
@@ -1006,6 +1080,8 @@ pub async fn upstream(w: Shared, site: usize, u: UpstreamRequest) {
                         sess.writes.pop_front();
                     }
                 }
+                let zone = wb.sites[site].place.zone;
+                wb.checker.observe(ctx.started, now, true, zone, true);
                 if wb.checker.measured(ctx.started) {
                     wb.checker.write_ok += 1;
                     wb.checker.writes.record_ms(ms);

@@ -1,0 +1,163 @@
+//! Every scenario of the suite, in its short form, over several seeds: the
+//! safety properties hold (read-your-writes, RPO 0 with synchronous
+//! replication, one writable primary per epoch, residency), the run is
+//! deterministic, and the checkers see what they must.
+//!
+//! A failure prints the seed and the command that reproduces it.
+
+use postai_sim::{Report, SUITE, Scenario, run_scenario, scenarios_dir};
+
+const SEEDS: [u64; 4] = [1, 2, 3, 4];
+
+fn load(name: &str) -> Scenario {
+    let path = scenarios_dir().join(format!("{name}.toml"));
+    Scenario::load(&path.to_string_lossy()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn reproduce(name: &str, seed: u64) -> String {
+    format!(
+        "reproduce: cargo run --release -p postai-sim -- scenarios/{name}.toml --seed {seed} (full form; this test runs Scenario::short)"
+    )
+}
+
+fn check_safety(name: &str, seed: u64, r: &Report) {
+    let unsafe_rows: Vec<String> = r
+        .rows
+        .iter()
+        .filter(|row| row.safety && !row.pass)
+        .map(|row| format!("{} = {}", row.metric, row.measured))
+        .collect();
+    assert!(unsafe_rows.is_empty(), "{name} seed {seed}: safety violated: {unsafe_rows:?}\n{}", reproduce(name, seed));
+    assert!(r.reads.count > 0 && r.queries > 0, "{name} seed {seed}: no reads measured\n{}", reproduce(name, seed));
+}
+
+fn run_suite_scenario(name: &str) {
+    let base = load(name);
+    for seed in SEEDS {
+        let r = run_scenario(&base.short(seed));
+        check_safety(name, seed, &r);
+    }
+}
+
+#[test]
+fn suite_lists_every_scenario_file() {
+    let mut files: Vec<String> = std::fs::read_dir(scenarios_dir())
+        .expect("scenarios/ exists")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter_map(|n| n.strip_suffix(".toml").map(str::to_string))
+        .collect();
+    files.sort();
+    let mut suite: Vec<String> = SUITE.iter().map(|s| s.to_string()).collect();
+    suite.sort();
+    assert_eq!(files, suite);
+    for name in SUITE {
+        let sc = load(name);
+        assert_eq!(&sc.name, name, "scenario file name and name field differ");
+    }
+}
+
+#[test]
+fn global_read_heavy() {
+    run_suite_scenario("global-read-heavy");
+}
+
+#[test]
+fn primary_failover() {
+    let base = load("primary-failover");
+    for seed in SEEDS {
+        let r = run_scenario(&base.short(seed));
+        check_safety("primary-failover", seed, &r);
+        assert_eq!(r.failovers, 1, "seed {seed}: exactly one promotion\n{}", reproduce("primary-failover", seed));
+        assert!(r.writes.count > 0, "seed {seed}: writes resumed");
+    }
+}
+
+#[test]
+fn regional_outage() {
+    run_suite_scenario("regional-outage");
+}
+
+#[test]
+fn cache_tier_loss() {
+    run_suite_scenario("cache-tier-loss");
+}
+
+#[test]
+fn edge_partition() {
+    run_suite_scenario("edge-partition");
+}
+
+#[test]
+fn hot_key_write_burst() {
+    run_suite_scenario("hot-key-write-burst");
+}
+
+#[test]
+fn residency_eu() {
+    run_suite_scenario("residency-eu");
+}
+
+#[test]
+fn cdc_lag_reorder() {
+    let base = load("cdc-lag-reorder");
+    for seed in SEEDS {
+        let r = run_scenario(&base.short(seed));
+        check_safety("cdc-lag-reorder", seed, &r);
+        assert!(
+            r.stale_reads > 0,
+            "seed {seed}: writes that bypass the edge are visible as stale reads until CDC arrives"
+        );
+    }
+}
+
+#[test]
+fn invalidation_strategies() {
+    let base = load("invalidation-strategies");
+    let r = run_scenario(&base.short(1));
+    check_safety("invalidation-strategies", 1, &r);
+    let by = |s: &str| r.strategies.iter().find(|x| x.strategy == s).unwrap_or_else(|| panic!("{s} ran"));
+    let (ttl, table, key) = (by("TtlOnly"), by("Table"), by("Key"));
+    assert!(key.hit_rate > table.hit_rate, "key-level invalidation keeps more hits than table-level");
+    assert!(ttl.stale_reads > key.stale_reads, "TTL-only serves more stale reads than key-level");
+}
+
+#[test]
+fn swarm() {
+    run_suite_scenario("swarm");
+}
+
+#[test]
+fn same_seed_same_report() {
+    let sc = load("primary-failover").short(7);
+    let a = serde_json::to_string(&run_scenario(&sc)).expect("report serialises");
+    let b = serde_json::to_string(&run_scenario(&sc)).expect("report serialises");
+    assert_eq!(a, b, "same seed, different report");
+    let c = serde_json::to_string(&run_scenario(&load("primary-failover").short(8))).expect("report serialises");
+    assert_ne!(a, c, "the seed changes the run");
+}
+
+#[test]
+fn corrupt_scenarios_are_clear_errors() {
+    let bad = [
+        ("not toml", "name = "),
+        ("unknown field", "name='x'\ndescription=''\nseed=1\nduration_s=10\nbogus=1"),
+        ("zero duration", "name='x'\ndescription=''\nseed=1\nduration_s=0"),
+        (
+            "fault outside run",
+            "name='x'\ndescription=''\nseed=1\nduration_s=20\nwarmup_s=1\n[[faults]]\nkind='primary-crash'\nat_s=99.0",
+        ),
+        (
+            "bad region",
+            "name='x'\ndescription=''\nseed=1\nduration_s=20\nwarmup_s=1\n[[faults]]\nkind='regional-outage'\nat_s=2.0\nregion='MARS'\nduration_s=1.0",
+        ),
+        (
+            "bad fault kind",
+            "name='x'\ndescription=''\nseed=1\nduration_s=20\nwarmup_s=1\n[[faults]]\nkind='meteor'\nat_s=2.0",
+        ),
+    ];
+    for (what, text) in bad {
+        let err = Scenario::parse("test.toml", text).err().unwrap_or_else(|| panic!("{what}: accepted"));
+        assert!(err.to_string().starts_with("test.toml"), "{what}: error names the file: {err}");
+    }
+}
