@@ -160,7 +160,12 @@ pub fn zipf_trace(n: usize, keys: u64, s: f64, seed: u64) -> Vec<u64> {
         cdf.push(acc);
     }
     let mut rng = Rng::new(seed);
-    (0..n).map(|_| cdf.partition_point(|c| *c < rng.unit_f64() * acc) as u64).collect()
+    (0..n)
+        .map(|_| {
+            let u = rng.unit_f64() * acc;
+            cdf.partition_point(|c| *c < u) as u64
+        })
+        .collect()
 }
 
 fn replay(trace: &[u64], ev: Eviction) -> (f64, u64) {
