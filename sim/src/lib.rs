@@ -13,6 +13,7 @@ pub mod geo;
 pub mod report;
 pub mod run;
 pub mod scenario;
+pub mod svg;
 pub mod swarm;
 pub mod world;
 

@@ -3,12 +3,13 @@
 
 use std::process::ExitCode;
 
-use postai_sim::{SUITE, Scenario, report, run_scenario, scenarios_dir};
+use postai_sim::{SUITE, Scenario, report, scenarios_dir};
 
-const USAGE: &str = "usage: postai-sim [SCENARIO.toml ...] [--seed N] [--json FILE] [--strict]
+const USAGE: &str = "usage: postai-sim [SCENARIO.toml ...] [--seed N] [--json FILE] [--svg DIR] [--strict]
   no scenario: the default suite (scenarios/*.toml in suite order)
   --seed N     override every scenario's seed
   --json FILE  write the reports as JSON
+  --svg DIR    write one SVG per scenario (latency CDF per region, map of site read p95)
   --strict     exit 1 when any target is missed (safety violations always exit 1)";
 
 fn main() -> ExitCode {
@@ -26,6 +27,7 @@ fn real_main() -> Result<ExitCode, String> {
     let mut seed: Option<u64> = None;
     let mut json: Option<String> = None;
     let mut strict = false;
+    let mut svg_dir: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -34,6 +36,7 @@ fn real_main() -> Result<ExitCode, String> {
             }
             "--json" => json = Some(args.next().ok_or("--json needs a file")?),
             "--strict" => strict = true,
+            "--svg" => svg_dir = Some(args.next().ok_or("--svg needs a directory")?),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(ExitCode::SUCCESS);
@@ -55,8 +58,15 @@ fn real_main() -> Result<ExitCode, String> {
             sc.seed = s;
         }
         let wall = std::time::Instant::now();
-        let r = run_scenario(&sc);
+        let r = postai_sim::run::run_scenario_with_progress(&sc, true);
         let secs = wall.elapsed().as_secs_f64();
+        if let Some(dir) = &svg_dir {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{dir}: {e}"))?;
+            let path = std::path::Path::new(dir).join(format!("{}.svg", r.scenario));
+            std::fs::write(&path, postai_sim::svg::render(&r, sc.targets.read_p95_ms))
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            println!("  svg: {}", path.display());
+        }
         print!("{}", report::table(&r));
         println!(
             "  simulator speed: {:.0} simulated queries per wall-second ({} in {:.2} s)",

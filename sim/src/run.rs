@@ -62,6 +62,8 @@ pub struct Report {
     pub writes: Quantiles,
     pub reads_by_region: Vec<(String, Quantiles)>,
     pub reads_by_tier: Vec<(String, Quantiles)>,
+    /// Read latency CDF per region: (ms, share of reads at or below).
+    pub read_cdf_by_region: Vec<(String, Vec<(f64, f64)>)>,
     pub hit_rate: f64,
     pub hit_rate_l1: f64,
     pub hit_rate_l2: f64,
@@ -102,20 +104,33 @@ fn q(l: &crate::check::Latency) -> Quantiles {
     }
 }
 
+/// 101 points of the distribution: the latency at each percentile.
+fn cdf(l: &crate::check::Latency) -> Vec<(f64, f64)> {
+    if l.count() == 0 {
+        return Vec::new();
+    }
+    (0..=100).map(|p| (r3(l.quantile_ms(p as f64 / 100.0)), p as f64 / 100.0)).collect()
+}
+
 fn r3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
 /// Runs `sc` (once, or once per invalidation strategy) on madsim with its seed.
 pub fn run_scenario(sc: &Scenario) -> Report {
+    run_scenario_with_progress(sc, false)
+}
+
+/// As [`run_scenario`]; with `progress`, a progress bar on stderr.
+pub fn run_scenario_with_progress(sc: &Scenario, progress: bool) -> Report {
     let sc = if sc.swarm { crate::swarm::draw(sc) } else { sc.clone() };
     if !sc.compare_invalidation {
-        return run_once(&sc, sc.workload.invalidation);
+        return run_once(&sc, sc.workload.invalidation, progress);
     }
     let mut base: Option<Report> = None;
     let mut strategies = Vec::new();
     for mode in [InvalidationMode::TtlOnly, InvalidationMode::Table, InvalidationMode::Key] {
-        let r = run_once(&sc, mode);
+        let r = run_once(&sc, mode, progress);
         let reads = r.reads.count.max(1);
         strategies.push(StrategyResult {
             strategy: format!("{mode:?}"),
@@ -133,14 +148,14 @@ pub fn run_scenario(sc: &Scenario) -> Report {
     report
 }
 
-fn run_once(sc: &Scenario, mode: InvalidationMode) -> Report {
+fn run_once(sc: &Scenario, mode: InvalidationMode, progress: bool) -> Report {
     let places = parse_sites(SITES_CSV).expect("sites.csv is checked by a test");
     let rt = madsim::runtime::Runtime::with_seed_and_config(sc.seed, madsim::Config::default());
     let sc2 = sc.clone();
-    rt.block_on(async move { simulate(sc2, places, mode).await })
+    rt.block_on(async move { simulate(sc2, places, mode, progress).await })
 }
 
-async fn simulate(sc: Scenario, places: Vec<crate::geo::Place>, mode: InvalidationMode) -> Report {
+async fn simulate(sc: Scenario, places: Vec<crate::geo::Place>, mode: InvalidationMode, progress: bool) -> Report {
     let world: Shared = Rc::new(RefCell::new(World::new(sc.clone(), &places, mode)));
     let duration = std::time::Duration::from_secs(sc.duration_s);
     let tick_ms = 10u64;
@@ -236,6 +251,20 @@ async fn simulate(sc: Scenario, places: Vec<crate::geo::Place>, mode: Invalidati
                 madsim::time::sleep(std::time::Duration::from_secs_f64(after)).await;
                 w.borrow_mut().apply_fault(&fault, false);
             }
+        });
+    }
+    if progress {
+        let label = format!("{} ({mode:?})", sc.name);
+        let total = sc.duration_s;
+        madsim::task::spawn_local(async move {
+            use std::io::Write;
+            for step in 1..=20u64 {
+                madsim::time::sleep(std::time::Duration::from_secs_f64(total as f64 / 20.0)).await;
+                let bar: String = (0..20).map(|i| if i < step { '#' } else { '.' }).collect();
+                eprint!("\r  {label} [{bar}] {:>3} / {total} s simulated", step * total / 20);
+                let _ = std::io::stderr().flush();
+            }
+            eprintln!();
         });
     }
     // run, then let in-flight requests drain
@@ -422,6 +451,7 @@ fn build_report(w: &World) -> Report {
         writes,
         reads_by_region: c.reads_by_zone.iter().map(|(z, l)| (zone_names(z), q(l))).collect(),
         reads_by_tier: c.reads_by_served.iter().map(|(s, l)| (s.name().to_string(), q(l))).collect(),
+        read_cdf_by_region: c.reads_by_zone.iter().map(|(z, l)| (zone_names(z), cdf(l))).collect(),
         hit_rate: r3(hit_rate * 100.0) / 100.0,
         hit_rate_l1: r3(hit_rate_l1 * 100.0) / 100.0,
         hit_rate_l2: r3(hit_rate_l2 * 100.0) / 100.0,
