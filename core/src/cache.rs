@@ -241,6 +241,34 @@ impl<V: Clone> Tier<V> {
         true
     }
 
+    /// Replaces the value of `key` with one reflecting `lsn`, when the entry
+    /// is older than `lsn` and `compute` yields `(value, size)`. Returns whether
+    /// it did. The entry keeps its place and its expiry.
+    pub fn refresh(&mut self, _now: Instant, key: u128, lsn: Lsn, compute: impl FnOnce(&V) -> Option<(V, u32)>) -> bool {
+        let Some(&idx) = self.map.get(&key) else { return false };
+        let slot = self.slots[idx as usize].as_mut().expect("mapped slot is occupied");
+        if slot.entry.lsn >= lsn {
+            return false;
+        }
+        let Some((value, size)) = compute(&slot.entry.value) else { return false };
+        let old = slot.entry.size_bytes as u64;
+        slot.entry.value = value;
+        slot.entry.size_bytes = size;
+        slot.entry.lsn = lsn;
+        self.stats.bytes = self.stats.bytes - old + size as u64;
+        if size as u64 > self.config.bytes_max {
+            self.remove_idx(idx);
+            self.stats.oversized += 1;
+            return false;
+        }
+        while self.stats.bytes > self.config.bytes_max {
+            if !self.evict_one() {
+                break;
+            }
+        }
+        true
+    }
+
     /// Removes `key` if present (an explicit invalidation).
     pub fn remove(&mut self, key: u128) -> bool {
         match self.map.get(&key) {

@@ -13,6 +13,7 @@ use crate::cache::{Entry, Lookup, Tier, TierConfig, TierConfigError, TierName};
 use crate::consistency::{Consistency, entry_meets_floor, read_floor};
 use crate::hash::{Digest128, FixedMap, hash_bytes};
 use crate::invalidation::{CdcEvent, Change, ChangeTarget, Dep, VersionMap, VersionMapConfig, key_hash};
+use crate::refresh::RefreshIndex;
 use crate::router::Zone;
 use crate::sql::{
     Analyzer, AnalyzerConfig, ArgRef, Catalog, KeyAccess, LexError, NotCacheable, RESULT_NEUTRAL_SETTINGS,
@@ -74,6 +75,14 @@ pub enum InvalidationMode {
     /// Point reads depend on their rows only (table-level where keys are unknown).
     #[default]
     Key,
+    /// Key-level, and CDC row images refresh cached point reads in place.
+    Refresh,
+}
+
+impl InvalidationMode {
+    fn key_level(self) -> bool {
+        matches!(self, InvalidationMode::Key | InvalidationMode::Refresh)
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -221,6 +230,7 @@ pub struct EdgeNode<V> {
     next_req: u64,
     stats: NodeStats,
     residency: FixedMap<TableId, Zone>,
+    refresh: RefreshIndex,
 }
 
 /// Cache-key ingredients of one query.
@@ -249,6 +259,7 @@ impl<V: Clone> EdgeNode<V> {
             next_req: 0,
             stats: NodeStats::default(),
             residency,
+            refresh: RefreshIndex::new(config.l2.entries_max.saturating_mul(2)),
             config,
         })
     }
@@ -518,6 +529,12 @@ impl<V: Clone> EdgeNode<V> {
                 size_bytes: reply.size_bytes,
                 expires_at,
             };
+            if self.config.invalidation == InvalidationMode::Refresh
+                && p.shape.refreshable
+                && let [Dep::Key(t, k)] = p.deps.as_slice()
+            {
+                self.refresh.track(*t, *k, key);
+            }
             self.l2.insert(now, key, entry.clone());
             self.l1.insert(now, key, entry);
         }
@@ -577,6 +594,27 @@ impl<V: Clone> EdgeNode<V> {
         self.versions.apply_cdc(event);
     }
 
+    /// A CDC event with row images: applied as [`Self::handle_cdc`], then, in
+    /// `Refresh` mode, the cached point reads of the changed rows are refreshed
+    /// in place. `refresh(table, key, old, lsn)` renders the new result from
+    /// the event's row image (`None` leaves the entry to invalidation).
+    pub fn handle_cdc_rows(
+        &mut self,
+        now: Instant,
+        event: &CdcEvent,
+        refresh: &mut dyn FnMut(TableId, u64, &V, Lsn) -> Option<(V, u32)>,
+    ) {
+        self.handle_cdc(now, event);
+        if self.config.invalidation == InvalidationMode::Refresh {
+            self.refresh.apply(now, event, &mut [&mut self.l1, &mut self.l2], refresh);
+        }
+    }
+
+    /// Entries refreshed in place so far.
+    pub fn refreshed(&self) -> u64 {
+        self.refresh.refreshed
+    }
+
     #[must_use]
     pub fn poll_output(&mut self) -> Option<NodeOutput<V>> {
         self.outputs.pop_front()
@@ -620,6 +658,7 @@ fn unlexable_shape(sql: &str, e: &LexError) -> Shape {
         writes_unknown: false,
         cacheable: Err(NotCacheable::Unparsable(e.to_string())),
         read_keys: Vec::new(),
+        refreshable: false,
         write_keys: None,
         literal_count: 0,
         param_count: 0,
@@ -663,7 +702,7 @@ fn read_deps(shape: &Shape, args: &Args<'_>, mode: InvalidationMode) -> Vec<Dep>
     }
     let mut deps = Vec::with_capacity(shape.reads.len());
     for t in &shape.reads {
-        let keyed = if mode == InvalidationMode::Key { shape.read_keys.iter().find(|a| a.table == *t) } else { None };
+        let keyed = if mode.key_level() { shape.read_keys.iter().find(|a| a.table == *t) } else { None };
         match keyed.and_then(|a| key_hashes(a, args)) {
             Some(hashes) => deps.extend(hashes.into_iter().map(|h| Dep::Key(*t, h))),
             None => deps.push(Dep::Table(*t)),
@@ -682,7 +721,7 @@ fn write_targets(shape: &Shape, args: &Args<'_>, mode: InvalidationMode) -> Vec<
     if shape.writes.is_empty() {
         return Vec::new();
     }
-    if mode == InvalidationMode::Key
+    if mode.key_level()
         && let Some(access) = &shape.write_keys
         && shape.writes == [access.table]
         && let Some(hashes) = key_hashes(access, args)
@@ -707,4 +746,146 @@ fn cache_key(shape: &Shape, context: u64, args: &Args<'_>) -> u128 {
         }
     }
     d.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::Eviction;
+
+    fn node(mode: InvalidationMode) -> (EdgeNode<u64>, TableId) {
+        let mut catalog = Catalog::new();
+        let items = catalog.set_primary_key("items", "id");
+        let tier = |n| TierConfig { bytes_max: 1 << 20, entries_max: n, ttl: Duration::from_secs(60), eviction: Eviction::Sieve };
+        let config = NodeConfig {
+            zone: Zone::Eu,
+            l1: tier(10),
+            l2: tier(100),
+            versions: VersionMapConfig::default(),
+            analyzer: AnalyzerConfig::default(),
+            sessions_max: 2,
+            pending_max: 8,
+            residency: Vec::new(),
+            invalidation: mode,
+        };
+        let mut n = EdgeNode::new(config, catalog, Lsn(0)).expect("valid config");
+        n.open_session(SessionId(1), "app", "app", Consistency::ReadYourWrites).expect("room");
+        (n, items)
+    }
+
+    fn read(n: &mut EdgeNode<u64>, p: &Prepared, key: &str, origin: u64) -> (Served, u64) {
+        n.handle_execute(Instant::ZERO, SessionId(1), p, &[Some(key.as_bytes())]);
+        match n.poll_output() {
+            Some(NodeOutput::Reply { served, value, .. }) => (served, value),
+            Some(NodeOutput::Upstream(u)) => {
+                let reply = UpstreamReply { value: origin, size_bytes: 8, served: Served::Replica, snapshot_lsn: Lsn(origin), commit_lsn: None, ttl: None };
+                n.handle_upstream(Instant::ZERO, u.req, Ok(reply));
+                match n.poll_output() {
+                    Some(NodeOutput::Reply { served, value, .. }) => (served, value),
+                    other => panic!("expected a reply, got {other:?}"),
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn event(items: TableId, key: &str, prev: u64, lsn: u64) -> CdcEvent {
+        CdcEvent { prev_lsn: Lsn(prev), change: Change { lsn: Lsn(lsn), targets: vec![ChangeTarget::Keys(items, vec![key_hash(items, key.as_bytes())])] } }
+    }
+
+    #[test]
+    fn refresh_keeps_point_reads_hot_and_current() {
+        let (mut n, items) = node(InvalidationMode::Refresh);
+        let p = n.prepare("SELECT id, v FROM items WHERE id = $1").expect("lexes");
+        assert!(p.shape.refreshable);
+        assert_eq!(read(&mut n, &p, "7", 1), (Served::Replica, 1));
+        n.handle_cdc_rows(Instant::ZERO, &event(items, "7", 0, 5), &mut |_, _, _, lsn| Some((lsn.0 * 100, 8)));
+        assert_eq!(read(&mut n, &p, "7", 99), (Served::L1, 500), "refreshed in place, not invalidated");
+        assert_eq!(n.refreshed(), 2, "L1 and L2 entries");
+    }
+
+    #[test]
+    fn key_mode_invalidates_instead() {
+        let (mut n, items) = node(InvalidationMode::Key);
+        let p = n.prepare("SELECT id, v FROM items WHERE id = $1").expect("lexes");
+        read(&mut n, &p, "7", 1);
+        n.handle_cdc_rows(Instant::ZERO, &event(items, "7", 0, 5), &mut |_, _, _, lsn| Some((lsn.0, 8)));
+        assert_eq!(read(&mut n, &p, "7", 6), (Served::Replica, 6));
+    }
+
+    #[test]
+    fn only_single_row_projections_are_refreshable() {
+        let (mut n, _) = node(InvalidationMode::Refresh);
+        for (sql, want) in [
+            ("SELECT * FROM items WHERE id = $1", true),
+            ("SELECT items.v AS value FROM items WHERE items.id = 3", true),
+            ("SELECT v FROM items WHERE id = $1 AND v > 2", false),
+            ("SELECT v FROM items WHERE id = $1 LIMIT 1", false),
+            ("SELECT count(*) FROM items WHERE id = $1", false),
+            ("SELECT lower(v) FROM items WHERE id = $1", false),
+            ("SELECT v FROM items WHERE id IN ($1, $2)", false),
+            ("SELECT i.v FROM items i JOIN owners o ON o.id = i.owner WHERE i.id = $1", false),
+        ] {
+            let p = n.prepare(sql).expect("lexes");
+            assert_eq!(p.shape.refreshable, want, "{sql}");
+        }
+    }
+
+    #[test]
+    fn session_settings_change_the_cache_context() {
+        let (mut n, _) = node(InvalidationMode::Key);
+        let p = n.prepare("SELECT v FROM items WHERE id = $1").expect("lexes");
+        read(&mut n, &p, "1", 1);
+        assert_eq!(read(&mut n, &p, "1", 2).0, Served::L1);
+        // a result-neutral setting keeps the context
+        n.handle_simple_query(Instant::ZERO, SessionId(1), "SET application_name = 'x'");
+        let Some(NodeOutput::Upstream(u)) = n.poll_output() else { panic!("SET goes upstream") };
+        let ok = UpstreamReply { value: 0, size_bytes: 0, served: Served::Primary, snapshot_lsn: Lsn(0), commit_lsn: None, ttl: None };
+        n.handle_upstream(Instant::ZERO, u.req, Ok(ok.clone()));
+        while n.poll_output().is_some() {}
+        assert_eq!(read(&mut n, &p, "1", 3).0, Served::L1);
+        // search_path changes what `items` means
+        n.handle_simple_query(Instant::ZERO, SessionId(1), "SET search_path TO tenant_b");
+        let Some(NodeOutput::Upstream(u)) = n.poll_output() else { panic!("SET goes upstream") };
+        n.handle_upstream(Instant::ZERO, u.req, Ok(ok));
+        while n.poll_output().is_some() {}
+        assert_eq!(read(&mut n, &p, "1", 4).0, Served::Replica, "another search_path, another cache entry");
+    }
+
+    #[test]
+    fn transactions_are_never_cached_and_writes_apply_at_commit() {
+        let (mut n, _) = node(InvalidationMode::Key);
+        let p = n.prepare("SELECT v FROM items WHERE id = $1").expect("lexes");
+        read(&mut n, &p, "1", 1);
+        let ok = |lsn| UpstreamReply { value: 0u64, size_bytes: 0, served: Served::Primary, snapshot_lsn: Lsn(lsn), commit_lsn: Some(Lsn(lsn)), ttl: None };
+        for sql in ["BEGIN", "UPDATE items SET v = 2 WHERE id = 1"] {
+            n.handle_simple_query(Instant::ZERO, SessionId(1), sql);
+            let Some(NodeOutput::Upstream(u)) = n.poll_output() else { panic!("{sql} goes upstream") };
+            assert_eq!(u.route, Route::Primary);
+            n.handle_upstream(Instant::ZERO, u.req, Ok(ok(1)));
+            while n.poll_output().is_some() {}
+        }
+        n.handle_execute(Instant::ZERO, SessionId(1), &p, &[Some(b"1")]);
+        let Some(NodeOutput::Upstream(u)) = n.poll_output() else { panic!("a read in a transaction goes upstream") };
+        assert_eq!((u.route, u.cache_key), (Route::Primary, None));
+        n.handle_upstream(Instant::ZERO, u.req, Ok(ok(1)));
+        while n.poll_output().is_some() {}
+        n.handle_simple_query(Instant::ZERO, SessionId(1), "COMMIT");
+        let Some(NodeOutput::Upstream(u)) = n.poll_output() else { panic!("COMMIT goes upstream") };
+        n.handle_upstream(Instant::ZERO, u.req, Ok(ok(9)));
+        while n.poll_output().is_some() {}
+        assert_eq!(read(&mut n, &p, "1", 9), (Served::Replica, 9), "the commit invalidated the row");
+    }
+
+    #[test]
+    fn bad_input_is_an_error_not_a_panic() {
+        let (mut n, _) = node(InvalidationMode::Key);
+        n.handle_simple_query(Instant::ZERO, SessionId(1), "SELECT 'unterminated");
+        let Some(NodeOutput::Upstream(u)) = n.poll_output() else { panic!("goes to the primary for its error") };
+        assert_eq!((u.route, u.cache_key), (Route::Primary, None));
+        n.handle_simple_query(Instant::ZERO, SessionId(99), "SELECT 1");
+        assert!(matches!(n.poll_output(), Some(NodeOutput::Failed { error: NodeError::UnknownSession(_), .. })));
+        n.handle_upstream(Instant::ZERO, RequestId(12345), Err("late".into()));
+        assert!(n.poll_output().is_none(), "an unknown request id is ignored");
+    }
 }

@@ -58,7 +58,7 @@ struct Model {
 }
 
 impl Model {
-    fn new(eviction: Eviction) -> Model {
+    fn new(eviction: Eviction, mode: InvalidationMode) -> Model {
         let mut catalog = Catalog::new();
         let items = catalog.set_primary_key("items", "id");
         catalog.set_integer_key("items");
@@ -72,7 +72,7 @@ impl Model {
             sessions_max: 4,
             pending_max: 16,
             residency: Vec::new(),
-            invalidation: InvalidationMode::Key,
+            invalidation: mode,
         };
         let mut node = EdgeNode::new(config, catalog, Lsn(0)).expect("valid config");
         for s in 0..2 {
@@ -165,8 +165,10 @@ fn check_fresh_from_origin(_value: Lsn, _req: postai_core::node::RequestId) -> R
     Ok(())
 }
 
-fn run(ops: Vec<Op>, eviction: Eviction) -> Result<(), TestCaseError> {
-    let mut m = Model::new(eviction);
+fn run(ops: Vec<Op>, eviction: Eviction, mode: InvalidationMode) -> Result<(), TestCaseError> {
+    let mut m = Model::new(eviction, mode);
+    // a refreshed entry takes the event's LSN: the model's value is the LSN
+    let mut refresh = |_t, _k, _old: &Lsn, lsn: Lsn| Some((lsn, 10));
     for op in ops {
         match op {
             Op::Read { key, session } => m.read(&[key], session, false)?,
@@ -201,7 +203,7 @@ fn run(ops: Vec<Op>, eviction: Eviction) -> Result<(), TestCaseError> {
                 }
                 let i = pick % m.pending.len();
                 let ev = if duplicate { m.pending[i].clone() } else { m.pending.remove(i) };
-                m.node.handle_cdc(m.now, &ev);
+                m.node.handle_cdc_rows(m.now, &ev, &mut refresh);
                 for t in &ev.change.targets {
                     if let ChangeTarget::Keys(_, hs) = t {
                         for k in 0..KEYS + 2 {
@@ -217,7 +219,7 @@ fn run(ops: Vec<Op>, eviction: Eviction) -> Result<(), TestCaseError> {
     }
     // deliver everything, in order, then every read must be current
     for ev in std::mem::take(&mut m.pending) {
-        m.node.handle_cdc(m.now, &ev);
+        m.node.handle_cdc_rows(m.now, &ev, &mut refresh);
     }
     m.known.clone_from(&m.db);
     for key in 0..KEYS {
@@ -232,11 +234,16 @@ proptest! {
 
     #[test]
     fn cache_never_serves_past_a_known_version_sieve(ops in proptest::collection::vec(op(), 1..120)) {
-        run(ops, Eviction::Sieve)?;
+        run(ops, Eviction::Sieve, InvalidationMode::Key)?;
+    }
+
+    #[test]
+    fn refresh_in_place_never_serves_past_a_known_version(ops in proptest::collection::vec(op(), 1..120)) {
+        run(ops, Eviction::Sieve, InvalidationMode::Refresh)?;
     }
 
     #[test]
     fn cache_never_serves_past_a_known_version_lru(ops in proptest::collection::vec(op(), 1..120)) {
-        run(ops, Eviction::Lru)?;
+        run(ops, Eviction::Lru, InvalidationMode::Key)?;
     }
 }

@@ -58,7 +58,8 @@ fn real_main() -> Result<ExitCode, String> {
             sc.seed = s;
         }
         let wall = std::time::Instant::now();
-        let r = postai_sim::run::run_scenario_with_progress(&sc, true);
+        let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let r = postai_sim::run::run_scenario_with_progress(&sc, tty);
         let secs = wall.elapsed().as_secs_f64();
         if let Some(dir) = &svg_dir {
             std::fs::create_dir_all(dir).map_err(|e| format!("{dir}: {e}"))?;

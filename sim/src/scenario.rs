@@ -26,8 +26,9 @@ pub struct Scenario {
     #[serde(default = "d_warmup")]
     pub warmup_s: u64,
     /// Caches start as this many seconds of steady traffic would leave them
-    /// (each key cached with the probability that the workload touched it);
-    /// 0 starts cold. The measured part of a run is steady state, as in production.
+    /// (each key cached with the probability that the workload touched it),
+    /// at most the TTL; 0 starts cold. The measured part of a run is steady
+    /// state, as in production.
     #[serde(default = "d_warm_start")]
     pub warm_start_s: u64,
     /// Query rate multiplier during the warm-up, so that a short run measures
@@ -121,7 +122,7 @@ impl Default for Workload {
             sun_speed: 1.0 / 3600.0,
             eu_resident_share: 0.0,
             hot_write_share: 0.0,
-            invalidation: InvalidationMode::Key,
+            invalidation: InvalidationMode::Refresh,
         }
     }
 }

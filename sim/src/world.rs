@@ -16,6 +16,7 @@ use postai_core::node::{
     EdgeNode, InvalidationMode, NodeConfig, NodeOutput, Prepared, RequestId, Served, SessionId, UpstreamReply,
     UpstreamRequest,
 };
+use postai_core::refresh::RefreshIndex;
 use postai_core::rng::Rng;
 use postai_core::router::{EndpointId, ReadRequest, Role, Router, RouterConfig, Zone};
 use postai_core::sql::{AnalyzerConfig, Catalog, TableId};
@@ -87,6 +88,7 @@ pub struct Region {
     pub primary_partitioned: bool,
     pub slow_ms: f64,
     db_oneway_ms: Vec<f64>,
+    refresh: RefreshIndex,
     /// CDC events as they arrive at this region: (arrival, event).
     cdc_log: Vec<(Instant, CdcEvent)>,
     cdc_applied: usize,
@@ -225,6 +227,7 @@ impl World {
                     primary_partitioned: false,
                     slow_ms: 0.0,
                     db_oneway_ms,
+                    refresh: RefreshIndex::new(sc.tiers.l3_entries * 2),
                     cdc_log: Vec::new(),
                     cdc_applied: 0,
                     cdc_base: 0,
@@ -581,6 +584,8 @@ impl World {
     /// Delivers arrived CDC events to regions and their sites.
     pub fn pump_cdc(&mut self) {
         let now = self.now();
+        let mode = self.mode;
+        let entry_bytes = self.sc.tiers.entry_bytes;
         for r in 0..self.regions.len() {
             let region_up = self.regions[r].up;
             {
@@ -591,6 +596,9 @@ impl World {
                         break;
                     }
                     reg.versions.apply_cdc(ev);
+                    if mode == InvalidationMode::Refresh {
+                        reg.refresh.apply(now, ev, &mut [&mut reg.l3], &mut |_, _, _, lsn| Some((Val { lsn }, entry_bytes)));
+                    }
                     reg.cdc_applied += 1;
                 }
             }
@@ -608,7 +616,7 @@ impl World {
                     if *arr + delay > now || self.regions[r].edge_partitioned {
                         break;
                     }
-                    site.node.handle_cdc(now, ev);
+                    site.node.handle_cdc_rows(now, ev, &mut |_, _, _, lsn| Some((Val { lsn }, entry_bytes)));
                     site.cdc_cursor += 1;
                 }
                 min_cursor = min_cursor.min(site.cdc_cursor);

@@ -212,6 +212,7 @@ fn basic(kind: StatementKind, text: String, lexed: &Lexed) -> Shape {
         writes_unknown: false,
         cacheable: Err(NotCacheable::NotARead(kind)),
         read_keys: Vec::new(),
+        refreshable: false,
         write_keys: None,
         literal_count: u32::try_from(lexed.literals.len()).unwrap_or(u32::MAX),
         param_count: lexed.param_max,
@@ -556,6 +557,10 @@ fn analyze_statement(
                 && let SetExpr::Select(sel) = q.body.as_ref()
             {
                 s.read_keys = read_keys(sel, facts.relations.len(), lexed, catalog);
+                s.refreshable = s.read_keys.len() == 1
+                    && !s.read_keys[0].range
+                    && s.read_keys[0].args.len() == 1
+                    && is_row_projection(q, sel, catalog.primary_key(s.read_keys[0].table).unwrap_or(""));
             }
         } else if s.kind == StatementKind::Write && facts.relations.len() == 1 {
             s.write_keys = write_keys(statement, lexed, catalog, &resolve);
@@ -604,6 +609,39 @@ fn read_keys(sel: &ast::Select, relation_count: usize, lexed: &Lexed, catalog: &
         }
     }
     out
+}
+
+/// `SELECT plain columns FROM one table WHERE pk = arg`: nothing else that
+/// could make the result depend on more than that row's columns.
+fn is_row_projection(q: &Query, sel: &ast::Select, pk: &str) -> bool {
+    use ast::SelectItem as I;
+    let plain_columns = sel.projection.iter().all(|item| match item {
+        I::UnnamedExpr(e) | I::ExprWithAlias { expr: e, .. } => matches!(e, Expr::Identifier(_) | Expr::CompoundIdentifier(_)),
+        I::Wildcard(_) | I::QualifiedWildcard(..) => true,
+        _ => false,
+    });
+    let where_is_pk_only = match &sel.selection {
+        Some(Expr::BinaryOp { left, op: ast::BinaryOperator::Eq, right }) => {
+            let is_pk = |e: &Expr| match e {
+                Expr::Identifier(id) => id.value.eq_ignore_ascii_case(pk),
+                Expr::CompoundIdentifier(ids) => ids.last().is_some_and(|id| id.value.eq_ignore_ascii_case(pk)),
+                _ => false,
+            };
+            let is_arg = |e: &Expr| matches!(e, Expr::Value(v) if matches!(v.value, Value::Placeholder(_)));
+            (is_pk(left) && is_arg(right)) || (is_pk(right) && is_arg(left))
+        }
+        _ => false,
+    };
+    plain_columns
+        && where_is_pk_only
+        && sel.from.len() == 1
+        && sel.from[0].joins.is_empty()
+        && sel.distinct.is_none()
+        && sel.having.is_none()
+        && matches!(&sel.group_by, ast::GroupByExpr::Expressions(e, _) if e.is_empty())
+        && q.limit_clause.is_none()
+        && q.fetch.is_none()
+        && q.with.is_none()
 }
 
 /// A primary-key column as it may be written in a WHERE clause.

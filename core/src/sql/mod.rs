@@ -125,6 +125,8 @@ pub struct Shape {
     /// Tables read only at these keys (a key predicate in the WHERE clause);
     /// every other table in `reads` is read as a whole.
     pub read_keys: Vec<KeyAccess>,
+    /// A point read whose result is a function of one row (see `refresh`).
+    pub refreshable: bool,
     /// Point keys written, when the write touches only those rows of one table.
     pub write_keys: Option<KeyAccess>,
     /// Number of literals in the text (arguments after the parameters).
