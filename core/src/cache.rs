@@ -244,7 +244,13 @@ impl<V: Clone> Tier<V> {
     /// Replaces the value of `key` with one reflecting `lsn`, when the entry
     /// is older than `lsn` and `compute` yields `(value, size)`. Returns whether
     /// it did. The entry keeps its place and its expiry.
-    pub fn refresh(&mut self, _now: Instant, key: u128, lsn: Lsn, compute: impl FnOnce(&V) -> Option<(V, u32)>) -> bool {
+    pub fn refresh(
+        &mut self,
+        _now: Instant,
+        key: u128,
+        lsn: Lsn,
+        compute: impl FnOnce(&V) -> Option<(V, u32)>,
+    ) -> bool {
         let Some(&idx) = self.map.get(&key) else { return false };
         let slot = self.slots[idx as usize].as_mut().expect("mapped slot is occupied");
         if slot.entry.lsn >= lsn {

@@ -756,7 +756,12 @@ mod tests {
     fn node(mode: InvalidationMode) -> (EdgeNode<u64>, TableId) {
         let mut catalog = Catalog::new();
         let items = catalog.set_primary_key("items", "id");
-        let tier = |n| TierConfig { bytes_max: 1 << 20, entries_max: n, ttl: Duration::from_secs(60), eviction: Eviction::Sieve };
+        let tier = |n| TierConfig {
+            bytes_max: 1 << 20,
+            entries_max: n,
+            ttl: Duration::from_secs(60),
+            eviction: Eviction::Sieve,
+        };
         let config = NodeConfig {
             zone: Zone::Eu,
             l1: tier(10),
@@ -778,7 +783,14 @@ mod tests {
         match n.poll_output() {
             Some(NodeOutput::Reply { served, value, .. }) => (served, value),
             Some(NodeOutput::Upstream(u)) => {
-                let reply = UpstreamReply { value: origin, size_bytes: 8, served: Served::Replica, snapshot_lsn: Lsn(origin), commit_lsn: None, ttl: None };
+                let reply = UpstreamReply {
+                    value: origin,
+                    size_bytes: 8,
+                    served: Served::Replica,
+                    snapshot_lsn: Lsn(origin),
+                    commit_lsn: None,
+                    ttl: None,
+                };
                 n.handle_upstream(Instant::ZERO, u.req, Ok(reply));
                 match n.poll_output() {
                     Some(NodeOutput::Reply { served, value, .. }) => (served, value),
@@ -790,7 +802,13 @@ mod tests {
     }
 
     fn event(items: TableId, key: &str, prev: u64, lsn: u64) -> CdcEvent {
-        CdcEvent { prev_lsn: Lsn(prev), change: Change { lsn: Lsn(lsn), targets: vec![ChangeTarget::Keys(items, vec![key_hash(items, key.as_bytes())])] } }
+        CdcEvent {
+            prev_lsn: Lsn(prev),
+            change: Change {
+                lsn: Lsn(lsn),
+                targets: vec![ChangeTarget::Keys(items, vec![key_hash(items, key.as_bytes())])],
+            },
+        }
     }
 
     #[test]
@@ -840,7 +858,14 @@ mod tests {
         // a result-neutral setting keeps the context
         n.handle_simple_query(Instant::ZERO, SessionId(1), "SET application_name = 'x'");
         let Some(NodeOutput::Upstream(u)) = n.poll_output() else { panic!("SET goes upstream") };
-        let ok = UpstreamReply { value: 0, size_bytes: 0, served: Served::Primary, snapshot_lsn: Lsn(0), commit_lsn: None, ttl: None };
+        let ok = UpstreamReply {
+            value: 0,
+            size_bytes: 0,
+            served: Served::Primary,
+            snapshot_lsn: Lsn(0),
+            commit_lsn: None,
+            ttl: None,
+        };
         n.handle_upstream(Instant::ZERO, u.req, Ok(ok.clone()));
         while n.poll_output().is_some() {}
         assert_eq!(read(&mut n, &p, "1", 3).0, Served::L1);
@@ -857,7 +882,14 @@ mod tests {
         let (mut n, _) = node(InvalidationMode::Key);
         let p = n.prepare("SELECT v FROM items WHERE id = $1").expect("lexes");
         read(&mut n, &p, "1", 1);
-        let ok = |lsn| UpstreamReply { value: 0u64, size_bytes: 0, served: Served::Primary, snapshot_lsn: Lsn(lsn), commit_lsn: Some(Lsn(lsn)), ttl: None };
+        let ok = |lsn| UpstreamReply {
+            value: 0u64,
+            size_bytes: 0,
+            served: Served::Primary,
+            snapshot_lsn: Lsn(lsn),
+            commit_lsn: Some(Lsn(lsn)),
+            ttl: None,
+        };
         for sql in ["BEGIN", "UPDATE items SET v = 2 WHERE id = 1"] {
             n.handle_simple_query(Instant::ZERO, SessionId(1), sql);
             let Some(NodeOutput::Upstream(u)) = n.poll_output() else { panic!("{sql} goes upstream") };

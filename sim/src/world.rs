@@ -597,7 +597,8 @@ impl World {
                     }
                     reg.versions.apply_cdc(ev);
                     if mode == InvalidationMode::Refresh {
-                        reg.refresh.apply(now, ev, &mut [&mut reg.l3], &mut |_, _, _, lsn| Some((Val { lsn }, entry_bytes)));
+                        reg.refresh
+                            .apply(now, ev, &mut [&mut reg.l3], &mut |_, _, _, lsn| Some((Val { lsn }, entry_bytes)));
                     }
                     reg.cdc_applied += 1;
                 }

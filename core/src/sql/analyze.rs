@@ -616,7 +616,9 @@ fn read_keys(sel: &ast::Select, relation_count: usize, lexed: &Lexed, catalog: &
 fn is_row_projection(q: &Query, sel: &ast::Select, pk: &str) -> bool {
     use ast::SelectItem as I;
     let plain_columns = sel.projection.iter().all(|item| match item {
-        I::UnnamedExpr(e) | I::ExprWithAlias { expr: e, .. } => matches!(e, Expr::Identifier(_) | Expr::CompoundIdentifier(_)),
+        I::UnnamedExpr(e) | I::ExprWithAlias { expr: e, .. } => {
+            matches!(e, Expr::Identifier(_) | Expr::CompoundIdentifier(_))
+        }
         I::Wildcard(_) | I::QualifiedWildcard(..) => true,
         _ => false,
     });
