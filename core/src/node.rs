@@ -13,7 +13,7 @@ use crate::cache::{Entry, Lookup, Tier, TierConfig, TierConfigError, TierName};
 use crate::consistency::{Consistency, entry_meets_floor, read_floor};
 use crate::hash::{Digest128, FixedMap, hash_bytes};
 use crate::invalidation::{CdcEvent, Change, ChangeTarget, Dep, VersionMap, VersionMapConfig, key_hash};
-use crate::refresh::RefreshIndex;
+use crate::refresh::{RefreshFn, RefreshIndex};
 use crate::router::Zone;
 use crate::sql::{
     Analyzer, AnalyzerConfig, ArgRef, Catalog, KeyAccess, LexError, NotCacheable, RESULT_NEUTRAL_SETTINGS,
@@ -598,12 +598,7 @@ impl<V: Clone> EdgeNode<V> {
     /// `Refresh` mode, the cached point reads of the changed rows are refreshed
     /// in place. `refresh(table, key, old, lsn)` renders the new result from
     /// the event's row image (`None` leaves the entry to invalidation).
-    pub fn handle_cdc_rows(
-        &mut self,
-        now: Instant,
-        event: &CdcEvent,
-        refresh: &mut dyn FnMut(TableId, u64, &V, Lsn) -> Option<(V, u32)>,
-    ) {
+    pub fn handle_cdc_rows(&mut self, now: Instant, event: &CdcEvent, refresh: &mut RefreshFn<'_, V>) {
         self.handle_cdc(now, event);
         if self.config.invalidation == InvalidationMode::Refresh {
             self.refresh.apply(now, event, &mut [&mut self.l1, &mut self.l2], refresh);

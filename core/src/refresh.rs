@@ -14,6 +14,10 @@ use crate::invalidation::{CdcEvent, ChangeTarget};
 use crate::sql::TableId;
 use crate::{Instant, Lsn};
 
+/// Renders a refreshed result from a CDC row image: `(table, key hash, old
+/// value, lsn) -> (new value, size)`; `None` leaves the entry to invalidation.
+pub type RefreshFn<'a, V> = dyn FnMut(TableId, u64, &V, Lsn) -> Option<(V, u32)> + 'a;
+
 /// Row key -> cache keys of refreshable entries for that row. Bounded: past
 /// `entries_max` it starts over (entries then fall back to invalidation).
 #[derive(Debug)]
@@ -51,7 +55,7 @@ impl RefreshIndex {
         now: Instant,
         event: &CdcEvent,
         tiers: &mut [&mut Tier<V>],
-        refresh: &mut dyn FnMut(TableId, u64, &V, Lsn) -> Option<(V, u32)>,
+        refresh: &mut RefreshFn<'_, V>,
     ) {
         let lsn = event.change.lsn;
         for target in &event.change.targets {
