@@ -171,21 +171,40 @@ impl Router {
         self.endpoints.iter().find(|e| e.role == Role::Primary).map(|e| e.id)
     }
 
-    fn usable(&mut self, idx: usize, now: Instant) -> bool {
-        let open_for = self.config.open_for;
-        let e = &mut self.endpoints[idx];
-        match e.breaker {
-            Breaker::Closed { .. } => true,
-            Breaker::Open { until } if now >= until => {
-                e.breaker = Breaker::HalfOpen { probing: false };
-                true
-            }
-            Breaker::Open { .. } => false,
-            Breaker::HalfOpen { probing } => {
-                let _ = open_for;
-                !probing
+    /// Client requests go to closed breakers only: an open breaker is tested
+    /// by a health probe ([`Router::poll_probe`]), never by a client's request.
+    fn usable(&mut self, idx: usize, _now: Instant) -> bool {
+        matches!(self.endpoints[idx].breaker, Breaker::Closed { .. })
+    }
+
+    /// An endpoint whose breaker has been open long enough to be probed: the
+    /// driver sends it a health check and reports with [`Router::handle_result`]
+    /// (success closes the breaker, failure opens it again). One probe at a time
+    /// per endpoint.
+    #[must_use]
+    pub fn poll_probe(&mut self, now: Instant) -> Option<EndpointId> {
+        for e in &mut self.endpoints {
+            match e.breaker {
+                Breaker::Open { until } if now >= until => {
+                    e.breaker = Breaker::HalfOpen { probing: true };
+                    e.outstanding = e.outstanding.saturating_add(1);
+                    return Some(e.id);
+                }
+                _ => {}
             }
         }
+        None
+    }
+
+    /// When the next probe falls due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.endpoints
+            .iter()
+            .filter_map(|e| match e.breaker {
+                Breaker::Open { until } => Some(until),
+                _ => None,
+            })
+            .min()
     }
 
     /// The primary for a write, if its breaker lets a request through.
@@ -240,9 +259,6 @@ impl Router {
     fn start(&mut self, idx: usize) {
         let e = &mut self.endpoints[idx];
         e.outstanding = e.outstanding.saturating_add(1);
-        if let Breaker::HalfOpen { .. } = e.breaker {
-            e.breaker = Breaker::HalfOpen { probing: true };
-        }
     }
 
     /// The outcome of a request routed to `id`: a latency on success.
@@ -318,7 +334,7 @@ mod tests {
     }
 
     #[test]
-    fn breaker_opens_and_half_opens() {
+    fn breaker_opens_and_is_probed_not_tried_with_client_requests() {
         let mut r = router();
         let t0 = Instant::ZERO;
         for _ in 0..3 {
@@ -326,18 +342,27 @@ mod tests {
         }
         assert!(!r.is_healthy(EndpointId(1)));
         let req = ReadRequest { residency: Some(Zone::Eu), floor: None, strong: false };
-        for _ in 0..20 {
-            assert_eq!(r.route_read(t0, req).expect("route"), EndpointId(2));
-            r.handle_result(t0, EndpointId(2), Ok(Duration::from_millis(12)));
-        }
-        // after open_for, exactly one probe goes through
+        assert_eq!(r.poll_timeout(), Some(t0 + Duration::from_secs(2)));
+        assert_eq!(r.poll_probe(t0), None, "not before open_for");
         let t1 = t0 + Duration::from_secs(3);
-        r.handle_result(t1, EndpointId(2), Err(()));
-        r.handle_result(t1, EndpointId(2), Err(()));
-        r.handle_result(t1, EndpointId(2), Err(()));
-        assert_eq!(r.route_read(t1, req).expect("probe"), EndpointId(1));
-        assert_eq!(r.route_read(t1, req), Err(RouteError::NoHealthyEndpoint));
-        r.handle_result(t1, EndpointId(1), Ok(Duration::from_millis(10)));
+        for _ in 0..20 {
+            assert_eq!(r.route_read(t1, req).expect("route"), EndpointId(2), "client requests avoid an open breaker");
+            r.handle_result(t1, EndpointId(2), Ok(Duration::from_millis(12)));
+        }
+        assert_eq!(r.poll_probe(t1), Some(EndpointId(1)));
+        assert_eq!(r.poll_probe(t1), None, "one probe at a time");
+        r.handle_result(t1, EndpointId(1), Err(()));
+        assert_eq!(r.poll_probe(t1), None, "a failed probe re-opens for open_for");
+        let t2 = t1 + Duration::from_secs(3);
+        assert_eq!(r.poll_probe(t2), Some(EndpointId(1)));
+        r.handle_result(t2, EndpointId(1), Ok(Duration::from_millis(10)));
         assert!(r.is_healthy(EndpointId(1)));
+        // every EU endpoint open: client requests are refused, not sent outside EU
+        for id in [1, 2] {
+            for _ in 0..3 {
+                r.handle_result(t2, EndpointId(id), Err(()));
+            }
+        }
+        assert_eq!(r.route_read(t2, req), Err(RouteError::NoHealthyEndpoint));
     }
 }

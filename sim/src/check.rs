@@ -133,62 +133,79 @@ impl Checker {
 /// Which requests a fault affects.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Scope {
+    /// Every write (a primary failure).
     Writes,
+    /// Requests from sites in the zone that needed the region (not answered
+    /// from the site's own tiers): a regional outage or an edge partition.
+    Upstream(Zone),
+    /// Every read at sites in the zone (a lost tier), or everywhere.
     Zone(Zone),
     All,
 }
 
-/// Recovery of the requests in `scope` after a fault at `at`: the first
-/// success and the last failure among requests that started after it.
+/// Recovery of the requests in `scope` after a fault at `at`. Requests that
+/// started after the fault are bucketed by start time into 100 ms windows; a
+/// request is good when it succeeded within `disrupted_ms`.
 #[derive(Clone, Debug)]
 pub struct Recovering {
     pub label: String,
     pub at: Instant,
     pub scope: Scope,
-    pub first_ok: Option<Instant>,
-    pub last_fail: Option<Instant>,
+    /// (good, total) per window.
+    pub windows: Vec<(u32, u32)>,
     pub failed: u64,
+    pub disrupted_ms: f64,
 }
 
 /// Faults are observed for this long after they begin.
 pub const RECOVERY_HORIZON_S: u64 = 120;
+/// Width of a recovery window.
+pub const WINDOW_MS: u64 = 100;
+/// A window has recovered when this share of its requests is good.
+pub const GOOD_SHARE: f64 = 0.99;
+
+impl Recovering {
+    pub fn new(label: String, at: Instant, scope: Scope, disrupted_ms: f64) -> Self {
+        let n = (RECOVERY_HORIZON_S * 1000 / WINDOW_MS) as usize;
+        Recovering { label, at, scope, windows: vec![(0, 0); n], failed: 0, disrupted_ms }
+    }
+
+    /// Time from the fault to the end of the last window in which fewer than
+    /// 99 % of the requests in scope succeeded within the disruption threshold:
+    /// from then on, service was normal. 0 when no window was disrupted.
+    pub fn rto_ms(&self) -> f64 {
+        let last_bad =
+            self.windows.iter().rposition(|&(good, total)| total > 0 && (good as f64) < GOOD_SHARE * total as f64);
+        last_bad.map_or(0.0, |i| ((i + 1) as u64 * WINDOW_MS) as f64)
+    }
+}
 
 impl Checker {
     /// A request that started at `started` finished at `now`.
-    pub fn observe(&mut self, started: Instant, now: Instant, write: bool, zone: Zone, ok: bool) {
+    pub fn observe(&mut self, started: Instant, now: Instant, write: bool, upstream: bool, zone: Zone, ok: bool) {
         for r in &mut self.recovering {
-            if started < r.at || started > r.at + std::time::Duration::from_secs(RECOVERY_HORIZON_S) {
+            if started < r.at {
+                continue;
+            }
+            let w = (started.saturating_since(r.at).as_millis() as u64 / WINDOW_MS) as usize;
+            if w >= r.windows.len() {
                 continue;
             }
             let in_scope = match r.scope {
                 Scope::Writes => write,
+                Scope::Upstream(z) => upstream && z == zone,
                 Scope::Zone(z) => z == zone,
                 Scope::All => true,
             };
             if !in_scope {
                 continue;
             }
-            if ok {
-                r.first_ok = Some(r.first_ok.map_or(now, |t| t.min(now)));
-            } else {
-                r.last_fail = Some(r.last_fail.map_or(now, |t| t.max(now)));
-                r.failed += 1;
-            }
+            let took_ms = now.saturating_since(started).as_secs_f64() * 1e3;
+            let good = ok && took_ms <= r.disrupted_ms;
+            r.windows[w].1 += 1;
+            r.windows[w].0 += u32::from(good);
+            r.failed += u64::from(!ok);
         }
-    }
-}
-
-impl Recovering {
-    /// Time from the fault until requests in scope succeed again: the later of
-    /// the first success and the last failure. `None` if no request was in scope.
-    pub fn rto_ms(&self) -> Option<f64> {
-        let end = match (self.first_ok, self.last_fail) {
-            (Some(a), Some(b)) => a.max(b),
-            (Some(a), None) => a,
-            (None, Some(b)) => b,
-            (None, None) => return None,
-        };
-        Some(end.saturating_since(self.at).as_secs_f64() * 1e3)
     }
 }
 

@@ -134,6 +134,21 @@ pub struct World {
 
 pub type Shared = Rc<RefCell<World>>;
 
+#[derive(Clone, Copy, Debug)]
+pub enum ProbeFrom {
+    Site(usize),
+    Region(usize),
+}
+
+/// A health check of an endpoint whose breaker is open.
+#[derive(Clone, Copy, Debug)]
+pub struct Probe {
+    pub from: ProbeFrom,
+    pub endpoint: EndpointId,
+    pub reachable: bool,
+    pub ms: f64,
+}
+
 fn zone_index(z: Zone) -> usize {
     match z {
         Zone::Eu => 0,
@@ -462,7 +477,8 @@ impl World {
             }
         }
         let _ = now;
-        self.checker.observe(ctx.started, now, false, site_zone, true);
+        let upstream = !matches!(served, Served::L1 | Served::L2);
+        self.checker.observe(ctx.started, now, false, upstream, site_zone, true);
         if self.checker.measured(ctx.started) {
             self.checker.read_ok += 1;
             self.checker.reads.record_ms(ms);
@@ -481,7 +497,7 @@ impl World {
             }
         }
         let zone = self.sites[ctx.site].place.zone;
-        self.checker.observe(ctx.started, now, ctx.op == Op::Write, zone, false);
+        self.checker.observe(ctx.started, now, ctx.op == Op::Write, true, zone, false);
     }
 
     /// Picks a region for an upstream request from `site`.
@@ -696,6 +712,41 @@ impl World {
         // route changes are drained on the next control tick
     }
 
+    /// Health probes that routers ask for (open breakers past their wait):
+    /// `(site or region, endpoint, reachable, round trip ms)`.
+    pub fn due_probes(&mut self) -> Vec<Probe> {
+        let now = self.now();
+        let timeout_ms = self.sc.network.timeout_ms as f64;
+        let mut out = Vec::new();
+        for (i, site) in self.sites.iter_mut().enumerate() {
+            while let Some(id) = site.regions.poll_probe(now) {
+                let r = &self.regions[id.0 as usize];
+                let reachable = r.up && !r.edge_partitioned;
+                let ms = if reachable { 2.0 * site.region_oneway_ms[id.0 as usize] } else { timeout_ms };
+                out.push(Probe { from: ProbeFrom::Site(i), endpoint: id, reachable, ms });
+            }
+        }
+        for (i, region) in self.regions.iter_mut().enumerate() {
+            while let Some(id) = region.router.poll_probe(now) {
+                let node = id.0 as usize;
+                let n = &self.db.nodes[node];
+                let reachable = region.up && n.up && !(node == self.db.primary && region.primary_partitioned);
+                let ms = if reachable { 2.0 * region.db_oneway_ms[node] } else { timeout_ms };
+                out.push(Probe { from: ProbeFrom::Region(i), endpoint: id, reachable, ms });
+            }
+        }
+        out
+    }
+
+    pub fn probe_result(&mut self, p: &Probe) {
+        let now = self.now();
+        let result = if p.reachable { Ok(Duration::from_secs_f64(p.ms / 1e3)) } else { Err(()) };
+        match p.from {
+            ProbeFrom::Site(i) => self.sites[i].regions.handle_result(now, p.endpoint, result),
+            ProbeFrom::Region(i) => self.regions[i].router.handle_result(now, p.endpoint, result),
+        }
+    }
+
     /// A write that bypasses the edge, made directly on the primary.
     pub fn bypass_write(&mut self) {
         let now = self.now();
@@ -717,20 +768,13 @@ impl World {
             let scope = match fault {
                 Fault::PrimaryCrash { .. } => Scope::Writes,
                 Fault::RegionalOutage { region, .. } | Fault::EdgePartition { region, .. } => {
-                    Zone::parse(region).map_or(Scope::All, Scope::Zone)
+                    Zone::parse(region).map_or(Scope::All, Scope::Upstream)
                 }
                 Fault::TierLoss { region: Some(region), .. } => Zone::parse(region).map_or(Scope::All, Scope::Zone),
                 _ => Scope::All,
             };
-            let label = fault.label();
-            self.checker.recovering.push(Recovering {
-                label,
-                at: now,
-                scope,
-                first_ok: None,
-                last_fail: None,
-                failed: 0,
-            });
+            let disrupted_ms = self.sc.network.timeout_ms as f64;
+            self.checker.recovering.push(Recovering::new(fault.label(), now, scope, disrupted_ms));
         }
         match fault {
             Fault::PrimaryCrash { restart_after_s, .. } => {
@@ -1090,7 +1134,7 @@ pub async fn upstream(w: Shared, site: usize, u: UpstreamRequest) {
                     }
                 }
                 let zone = wb.sites[site].place.zone;
-                wb.checker.observe(ctx.started, now, true, zone, true);
+                wb.checker.observe(ctx.started, now, true, true, zone, true);
                 if wb.checker.measured(ctx.started) {
                     wb.checker.write_ok += 1;
                     wb.checker.writes.record_ms(ms);
