@@ -34,6 +34,7 @@ fn node() -> EdgeNode<u64> {
         pending_max: 1024,
         residency: Vec::new(),
         invalidation: InvalidationMode::Key,
+        cdc_silence_max: None,
     };
     let mut n = EdgeNode::new(config, catalog, Lsn(0)).expect("valid config");
     n.open_session(SessionId(1), "app", "app", Consistency::ReadYourWrites).expect("room");

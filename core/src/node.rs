@@ -62,6 +62,11 @@ pub struct NodeConfig {
     /// Tables whose rows must stay in one residency zone.
     pub residency: Vec<(TableId, Zone)>,
     pub invalidation: InvalidationMode,
+    /// With a bound, the node serves nothing from L1/L2 while its CDC stream
+    /// (events or keepalives) has been silent for longer, nor before the first
+    /// event: invalidations it cannot hear about would leave it serving stale
+    /// data without limit. `None`: no bound (TTL only).
+    pub cdc_silence_max: Option<Duration>,
 }
 
 /// How precisely writes invalidate cached entries.
@@ -215,6 +220,8 @@ pub struct NodeStats {
     pub uncacheable: u64,
     pub writes: u64,
     pub cdc_events: u64,
+    /// Cacheable reads sent upstream because the CDC stream was silent.
+    pub cdc_silent_misses: u64,
 }
 
 #[derive(Debug)]
@@ -231,6 +238,7 @@ pub struct EdgeNode<V> {
     stats: NodeStats,
     residency: FixedMap<TableId, Zone>,
     refresh: RefreshIndex,
+    last_cdc: Option<Instant>,
 }
 
 /// Cache-key ingredients of one query.
@@ -260,6 +268,7 @@ impl<V: Clone> EdgeNode<V> {
             stats: NodeStats::default(),
             residency,
             refresh: RefreshIndex::new(config.l2.entries_max.saturating_mul(2)),
+            last_cdc: None,
             config,
         })
     }
@@ -411,7 +420,14 @@ impl<V: Clone> EdgeNode<V> {
         let key = cache_key(&shape, sess.context, &args);
         let deps = read_deps(&shape, &args, self.config.invalidation);
         let floor = read_floor(sess.consistency, sess.last_write);
-        if !foreign {
+        let cdc_heard = match self.config.cdc_silence_max {
+            None => true,
+            Some(max) => self.last_cdc.is_some_and(|t| now.saturating_since(t) <= max),
+        };
+        if !cdc_heard {
+            self.stats.cdc_silent_misses += 1;
+        }
+        if !foreign && cdc_heard {
             let versions = &self.versions;
             let complete = versions.complete_through();
             let local = sess.writes_local;
@@ -586,8 +602,9 @@ impl<V: Clone> EdgeNode<V> {
     }
 
     /// A CDC event from the primary's logical decoding stream.
-    pub fn handle_cdc(&mut self, _now: Instant, event: &CdcEvent) {
+    pub fn handle_cdc(&mut self, now: Instant, event: &CdcEvent) {
         self.stats.cdc_events += 1;
+        self.last_cdc = Some(self.last_cdc.map_or(now, |t| t.max(now)));
         if self.config.invalidation == InvalidationMode::TtlOnly {
             return;
         }
@@ -767,6 +784,7 @@ mod tests {
             pending_max: 8,
             residency: Vec::new(),
             invalidation: mode,
+            cdc_silence_max: None,
         };
         let mut n = EdgeNode::new(config, catalog, Lsn(0)).expect("valid config");
         n.open_session(SessionId(1), "app", "app", Consistency::ReadYourWrites).expect("room");
@@ -914,5 +932,68 @@ mod tests {
         assert!(matches!(n.poll_output(), Some(NodeOutput::Failed { error: NodeError::UnknownSession(_), .. })));
         n.handle_upstream(Instant::ZERO, RequestId(12345), Err("late".into()));
         assert!(n.poll_output().is_none(), "an unknown request id is ignored");
+    }
+}
+
+#[cfg(test)]
+mod silence_tests {
+    use super::*;
+    use crate::cache::Eviction;
+
+    #[test]
+    fn a_silent_cdc_stream_stops_cache_serving() {
+        let mut catalog = Catalog::new();
+        catalog.set_primary_key("items", "id");
+        let tier = |n| TierConfig {
+            bytes_max: 1 << 20,
+            entries_max: n,
+            ttl: Duration::from_secs(60),
+            eviction: Eviction::Sieve,
+        };
+        let config = NodeConfig {
+            zone: Zone::Eu,
+            l1: tier(10),
+            l2: tier(10),
+            versions: VersionMapConfig::default(),
+            analyzer: AnalyzerConfig::default(),
+            sessions_max: 2,
+            pending_max: 8,
+            residency: Vec::new(),
+            invalidation: InvalidationMode::Key,
+            cdc_silence_max: Some(Duration::from_secs(2)),
+        };
+        let mut n: EdgeNode<u64> = EdgeNode::new(config, catalog, Lsn(0)).expect("valid");
+        n.open_session(SessionId(1), "app", "app", Consistency::ReadYourWrites).expect("room");
+        let p = n.prepare("SELECT v FROM items WHERE id = $1").expect("lexes");
+        let read = |n: &mut EdgeNode<u64>, at: Instant| {
+            n.handle_execute(at, SessionId(1), &p, &[Some(b"1")]);
+            match n.poll_output() {
+                Some(NodeOutput::Reply { served, .. }) => served,
+                Some(NodeOutput::Upstream(u)) => {
+                    let r = UpstreamReply {
+                        value: 1,
+                        size_bytes: 8,
+                        served: Served::Replica,
+                        snapshot_lsn: Lsn(1),
+                        commit_lsn: None,
+                        ttl: None,
+                    };
+                    n.handle_upstream(at, u.req, Ok(r));
+                    while n.poll_output().is_some() {}
+                    Served::Replica
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        let t0 = Instant::from_millis(1000);
+        assert_eq!(read(&mut n, t0), Served::Replica);
+        assert_eq!(read(&mut n, t0), Served::Replica, "nothing is served before the stream is heard");
+        let keepalive = CdcEvent { prev_lsn: Lsn(0), change: Change { lsn: Lsn(0), targets: Vec::new() } };
+        n.handle_cdc(t0, &keepalive);
+        assert_eq!(read(&mut n, t0 + Duration::from_secs(1)), Served::L1);
+        assert_eq!(read(&mut n, t0 + Duration::from_secs(3)), Served::Replica, "silent for 3 s: go upstream");
+        n.handle_cdc(t0 + Duration::from_secs(3), &keepalive);
+        assert_eq!(read(&mut n, t0 + Duration::from_secs(3)), Served::L1);
+        assert!(n.stats().cdc_silent_misses >= 3);
     }
 }

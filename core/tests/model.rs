@@ -73,6 +73,7 @@ impl Model {
             pending_max: 16,
             residency: Vec::new(),
             invalidation: mode,
+            cdc_silence_max: None,
         };
         let mut node = EdgeNode::new(config, catalog, Lsn(0)).expect("valid config");
         for s in 0..2 {

@@ -212,12 +212,17 @@ async fn simulate(sc: Scenario, places: Vec<crate::geo::Place>, mode: Invalidati
             }
         });
     }
-    // CDC delivery
+    // CDC delivery, and keepalives every 200 ms
     {
         let w = world.clone();
         madsim::task::spawn_local(async move {
+            let mut tick = 0u64;
             loop {
                 madsim::time::sleep(std::time::Duration::from_millis(20)).await;
+                tick += 1;
+                if tick.is_multiple_of(10) {
+                    w.borrow_mut().emit_keepalive();
+                }
                 w.borrow_mut().pump_cdc();
             }
         });

@@ -179,6 +179,9 @@ pub struct Db {
     pub cdc_lag_ms: f64,
     pub cdc_duplicate: f64,
     pub cdc_reorder: f64,
+    /// Sites stop serving from their tiers after this long without a CDC
+    /// event or keepalive (keepalives every 200 ms).
+    pub cdc_silence_max_ms: u64,
 }
 
 impl Default for Db {
@@ -196,6 +199,7 @@ impl Default for Db {
             cdc_lag_ms: 50.0,
             cdc_duplicate: 0.0,
             cdc_reorder: 0.0,
+            cdc_silence_max_ms: 2_000,
         }
     }
 }

@@ -89,6 +89,8 @@ pub struct Region {
     pub slow_ms: f64,
     db_oneway_ms: Vec<f64>,
     refresh: RefreshIndex,
+    /// When this region last heard the CDC stream (the same silence rule as sites).
+    last_cdc: Instant,
     /// CDC events as they arrive at this region: (arrival, event).
     cdc_log: Vec<(Instant, CdcEvent)>,
     cdc_applied: usize,
@@ -243,6 +245,7 @@ impl World {
                     slow_ms: 0.0,
                     db_oneway_ms,
                     refresh: RefreshIndex::new(sc.tiers.l3_entries * 2),
+                    last_cdc: Instant::ZERO,
                     cdc_log: Vec::new(),
                     cdc_applied: 0,
                     cdc_base: 0,
@@ -260,6 +263,7 @@ impl World {
             pending_max: 100_000,
             residency: vec![(items_eu, Zone::Eu)],
             invalidation: mode,
+            cdc_silence_max: Some(Duration::from_millis(sc.db.cdc_silence_max_ms)),
         };
         let mut sites = Vec::with_capacity(n);
         for place in chosen {
@@ -533,6 +537,10 @@ impl World {
             postai_core::node::Route::Primary => return None,
         };
         self.checker.l3_lookups += 1;
+        let silence = Duration::from_millis(self.sc.db.cdc_silence_max_ms);
+        if now.saturating_since(self.regions[region].last_cdc) > silence {
+            return None;
+        }
         let r = &mut self.regions[region];
         let versions = &r.versions;
         let complete = versions.complete_through();
@@ -566,11 +574,21 @@ impl World {
         r.l3.insert(now, key, entry);
     }
 
+    /// A keepalive of the CDC stream: nothing committed after the last event.
+    pub fn emit_keepalive(&mut self) {
+        let lsn = self.last_cdc_lsn;
+        self.emit_event(CdcEvent { prev_lsn: lsn, change: Change { lsn, targets: Vec::new() } });
+    }
+
     fn emit_cdc(&mut self, lsn: Lsn, target: ChangeTarget) {
-        let now = self.now();
         let prev = self.last_cdc_lsn;
         self.last_cdc_lsn = lsn;
-        let event = CdcEvent { prev_lsn: prev, change: Change { lsn, targets: vec![target] } };
+        self.emit_event(CdcEvent { prev_lsn: prev, change: Change { lsn, targets: vec![target] } });
+    }
+
+    fn emit_event(&mut self, event: CdcEvent) {
+        let now = self.now();
+        let lsn = event.change.lsn;
         let primary = self.db.primary;
         let dup = self.sc.db.cdc_duplicate;
         let reorder = self.sc.db.cdc_reorder;
@@ -612,6 +630,7 @@ impl World {
                         break;
                     }
                     reg.versions.apply_cdc(ev);
+                    reg.last_cdc = now;
                     if mode == InvalidationMode::Refresh {
                         reg.refresh
                             .apply(now, ev, &mut [&mut reg.l3], &mut |_, _, _, lsn| Some((Val { lsn }, entry_bytes)));
