@@ -338,6 +338,29 @@ impl<V: Clone> EdgeNode<V> {
         }
     }
 
+    /// The upstream connection's transaction status (ReadyForQuery) is the
+    /// ground truth: a transaction opened or closed by a path the node did not
+    /// analyse (the extended protocol relayed as is) is synchronised here.
+    /// Ending a transaction applies its pending changes at `lsn`.
+    pub fn sync_transaction(&mut self, id: SessionId, in_txn: bool, lsn: Lsn) {
+        let Some(s) = self.sessions.get_mut(&id) else { return };
+        if s.in_txn == in_txn {
+            return;
+        }
+        s.in_txn = in_txn;
+        if !in_txn {
+            let targets = std::mem::take(&mut s.txn_targets);
+            if !targets.is_empty() {
+                s.last_write = s.last_write.max(lsn);
+                self.versions.apply(&Change { lsn, targets });
+            }
+        }
+    }
+
+    pub fn in_transaction(&self, id: SessionId) -> bool {
+        self.sessions.get(&id).is_some_and(|s| s.in_txn)
+    }
+
     /// A floor learned from outside this node (a session token): reads must
     /// reflect at least `lsn`, and this node's map may not have seen those writes.
     pub fn raise_floor(&mut self, id: SessionId, lsn: Lsn) {

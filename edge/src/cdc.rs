@@ -1,0 +1,210 @@
+//! Invalidation from the primary's logical decoding stream: a `test_decoding`
+//! slot polled over an ordinary connection. Each committed transaction
+//! becomes one CDC event (key-level where the table's primary key is known),
+//! each poll also a keepalive, so writes that bypass the proxy invalidate too.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use postai_core::Lsn;
+use postai_core::invalidation::{CdcEvent, Change, ChangeTarget, key_hash};
+use postai_core::sql::{Catalog, canonical_number};
+
+use crate::protocol::{self, Message};
+use crate::proxy::Proxy;
+use crate::upstream::{Conn, error_message};
+
+/// Parses one `test_decoding` line of a table change into its target.
+/// `None` for BEGIN/COMMIT and for tables nothing cached depends on.
+pub fn parse_change(line: &str, catalog: &Catalog) -> Option<ChangeTarget> {
+    let rest = line.strip_prefix("table ")?;
+    let (name, rest) = rest.split_once(": ")?;
+    let table_name = name.rsplit('.').next().unwrap_or(name).trim_matches('"');
+    let table = catalog.get(table_name)?;
+    let (op, cols) = rest.split_once(':').unwrap_or((rest, ""));
+    if op == "TRUNCATE" {
+        return Some(ChangeTarget::Table(table));
+    }
+    let Some(pk) = catalog.primary_key(table) else { return Some(ChangeTarget::Table(table)) };
+    // every `pk[type]:value` in the line (old-key and new-tuple of an update)
+    let mut keys = Vec::new();
+    let needle = format!("{pk}[");
+    let mut s = cols;
+    while let Some(pos) = s.find(&needle) {
+        let boundary = pos == 0 || s.as_bytes()[pos - 1] == b' ';
+        let after = &s[pos + needle.len()..];
+        let Some(colon) = after.find("]:") else { break };
+        let value_start = &after[colon + 2..];
+        let (value, consumed) = match parse_value(value_start) {
+            Some(v) => v,
+            None => return Some(ChangeTarget::Table(table)),
+        };
+        if boundary {
+            keys.push(key_hash(table, value.as_bytes()));
+        }
+        s = &value_start[consumed..];
+    }
+    if keys.is_empty() { Some(ChangeTarget::Table(table)) } else { Some(ChangeTarget::Keys(table, keys)) }
+}
+
+/// A value as test_decoding prints it: `'text with ''quotes'''` or a bare
+/// token. Returns the canonical key text and the bytes consumed.
+fn parse_value(s: &str) -> Option<(String, usize)> {
+    if let Some(rest) = s.strip_prefix('\'') {
+        let mut out = String::new();
+        let mut chars = rest.char_indices().peekable();
+        while let Some((i, c)) = chars.next() {
+            if c == '\'' {
+                if chars.peek().map(|(_, n)| *n) == Some('\'') {
+                    chars.next();
+                    out.push('\'');
+                } else {
+                    return Some((out, i + 2));
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        None
+    } else {
+        let end = s.find(' ').unwrap_or(s.len());
+        let tok = &s[..end];
+        if tok == "null" {
+            return None;
+        }
+        Some((canonical_number(tok), end))
+    }
+}
+
+/// Polls the slot forever; reconnects after errors.
+pub async fn run(proxy: Arc<Proxy>) {
+    let cfg = proxy.config.cdc.clone();
+    let mut last = Lsn(0);
+    loop {
+        match poll_loop(&proxy, &mut last).await {
+            Ok(()) => return,
+            Err(e) => {
+                eprintln!("postai-edge: cdc ({}): {e}; retrying", cfg.slot);
+                tokio::time::sleep(std::time::Duration::from_millis(cfg.poll_ms.max(100) * 10)).await;
+            }
+        }
+    }
+}
+
+async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
+    let cfg = &proxy.config.cdc;
+    let max = proxy.config.max_message_bytes;
+    let mut conn = Conn::login(&proxy.config.upstream, &cfg.user, &cfg.database, max).await?;
+    let exists = conn.simple(&format!("SELECT 1 FROM pg_replication_slots WHERE slot_name = '{}'", cfg.slot)).await?;
+    if protocol::first_value(&exists).is_none() {
+        check(
+            conn.simple(&format!("SELECT pg_create_logical_replication_slot('{}', 'test_decoding')", cfg.slot)).await?,
+        )?;
+    }
+    let mut pending: Vec<ChangeTarget> = Vec::new();
+    loop {
+        let lsn_msgs = check(conn.simple("SELECT pg_current_wal_lsn()::text").await?)?;
+        let current = protocol::first_value(&lsn_msgs).and_then(|s| protocol::parse_lsn(&s));
+        let rows = check(
+            conn.simple(&format!(
+                "SELECT lsn::text, data FROM pg_logical_slot_get_changes('{}', NULL, NULL)",
+                cfg.slot
+            ))
+            .await?,
+        )?;
+        let now = proxy.now();
+        {
+            let mut node = proxy.node.lock().unwrap_or_else(|p| p.into_inner());
+            for row in rows.iter().filter(|m| m.tag == b'D') {
+                let Some((lsn, data)) = two_columns(row) else { continue };
+                if data.starts_with("BEGIN") {
+                    pending.clear();
+                } else if data.starts_with("COMMIT") {
+                    let lsn = protocol::parse_lsn(&lsn).map(Lsn).unwrap_or(*last);
+                    let event =
+                        CdcEvent { prev_lsn: *last, change: Change { lsn, targets: std::mem::take(&mut pending) } };
+                    node.handle_cdc(now, &event);
+                    *last = (*last).max(lsn);
+                } else if let Some(t) = parse_change(&data, node.analyzer().catalog()) {
+                    pending.push(t);
+                } else if data.starts_with("table ") && !data.contains(": ") {
+                    pending.push(ChangeTarget::All);
+                }
+            }
+            // keepalive: nothing committed after `last` that we have not seen
+            let keepalive = CdcEvent { prev_lsn: *last, change: Change { lsn: *last, targets: Vec::new() } };
+            node.handle_cdc(now, &keepalive);
+        }
+        if let Some(c) = current {
+            proxy.lsn_seen.fetch_max(c, Ordering::Relaxed);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(cfg.poll_ms)).await;
+    }
+}
+
+fn check(msgs: Vec<Message>) -> std::io::Result<Vec<Message>> {
+    match msgs.iter().find(|m| m.tag == b'E') {
+        Some(e) => Err(std::io::Error::other(error_message(e))),
+        None => Ok(msgs),
+    }
+}
+
+fn two_columns(row: &Message) -> Option<(String, String)> {
+    let b = row.body();
+    let n = i16::from_be_bytes([*b.first()?, *b.get(1)?]);
+    if n != 2 {
+        return None;
+    }
+    let mut at = 2usize;
+    let mut out = Vec::with_capacity(2);
+    for _ in 0..2 {
+        let len = i32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?);
+        at += 4;
+        if len < 0 {
+            return None;
+        }
+        let v = b.get(at..at + len as usize)?;
+        at += len as usize;
+        out.push(String::from_utf8_lossy(v).into_owned());
+    }
+    let data = out.pop()?;
+    let lsn = out.pop()?;
+    Some((lsn, data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_decoding_lines() {
+        let mut c = Catalog::new();
+        let items = c.set_primary_key("items", "id");
+        let users = c.set_primary_key("users", "email");
+        let h = |t, v: &str| key_hash(t, v.as_bytes());
+        assert_eq!(
+            parse_change("table public.items: UPDATE: id[integer]:5 v[integer]:7", &c),
+            Some(ChangeTarget::Keys(items, vec![h(items, "5")]))
+        );
+        assert_eq!(
+            parse_change(
+                "table public.items: UPDATE: old-key: id[integer]:5 new-tuple: id[integer]:6 v[integer]:1",
+                &c
+            ),
+            Some(ChangeTarget::Keys(items, vec![h(items, "5"), h(items, "6")]))
+        );
+        assert_eq!(
+            parse_change("table public.users: INSERT: email[text]:'o''neil@x' grid[integer]:1", &c),
+            Some(ChangeTarget::Keys(users, vec![h(users, "o'neil@x")]))
+        );
+        assert_eq!(
+            parse_change("table public.items: DELETE: id[integer]:9", &c),
+            Some(ChangeTarget::Keys(items, vec![h(items, "9")]))
+        );
+        assert_eq!(parse_change("table public.items: TRUNCATE: (no-flags)", &c), Some(ChangeTarget::Table(items)));
+        assert_eq!(parse_change("table public.other: INSERT: id[integer]:1", &c), None, "nothing cached reads it");
+        // a column whose name ends with the key's name is not the key
+        assert_eq!(parse_change("table public.items: INSERT: xid[integer]:3", &c), Some(ChangeTarget::Table(items)));
+        assert_eq!(parse_change("BEGIN 123", &c), None);
+    }
+}

@@ -1,0 +1,33 @@
+//! `postai-edge --config edge.toml`: the proxy.
+
+use anyhow::Context;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let mut path = None;
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--config" => path = Some(args.next().context("--config needs a file")?),
+            "-h" | "--help" => {
+                println!("usage: postai-edge --config FILE");
+                return Ok(());
+            }
+            other => anyhow::bail!("unknown argument {other:?} (usage: postai-edge --config FILE)"),
+        }
+    }
+    let path = path.context("usage: postai-edge --config FILE")?;
+    let config = postai_edge::Config::load(&path)?;
+    let listener =
+        tokio::net::TcpListener::bind(&config.listen).await.with_context(|| format!("listen on {}", config.listen))?;
+    let proxy = postai_edge::Proxy::new(config)?;
+    if proxy.config.cdc.enabled {
+        tokio::spawn(postai_edge::cdc::run(proxy.clone()));
+    }
+    eprintln!("postai-edge: listening on {}, primary {}", proxy.config.listen, proxy.config.upstream);
+    tokio::select! {
+        r = postai_edge::serve(proxy, listener) => r.context("accept")?,
+        _ = tokio::signal::ctrl_c() => eprintln!("postai-edge: shutting down"),
+    }
+    Ok(())
+}

@@ -1,0 +1,101 @@
+//! The proxy in front of a real PostgreSQL: psql through it, cache hits,
+//! invalidation by a write through the proxy and by a write made directly on
+//! the primary (CDC), errors passed through, bad input survived.
+
+mod pg;
+
+use std::time::Duration;
+
+use pg::{Pg, free_port, psql};
+use postai_edge::{Config, Proxy};
+
+fn start_proxy(pg: &Pg) -> (u16, tokio::runtime::Runtime) {
+    let port = free_port();
+    let text = format!(
+        "listen = '127.0.0.1:{port}'\nupstream = '{}'\n[[tables]]\nname = 'items'\nprimary_key = 'id'\ninteger_key = true\n[cdc]\npoll_ms = 50\nsilence_max_ms = 5000\n",
+        pg.addr()
+    );
+    let config = Config::parse("test.toml", &text).expect("config parses");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let proxy = Proxy::new(config).expect("proxy");
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}")).await.expect("bind");
+        tokio::spawn(postai_edge::cdc::run(proxy.clone()));
+        tokio::spawn(postai_edge::serve(proxy, listener));
+    });
+    (port, rt)
+}
+
+fn stat(port: u16, name: &str) -> u64 {
+    let out = psql(port, "SHOW POSTAI STATS");
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}|")).and_then(|v| v.parse().ok()))
+        .unwrap_or_else(|| panic!("stat {name} in SHOW POSTAI STATS: {out}"))
+}
+
+/// Waits until `f` holds (CDC is asynchronous), at most 10 s.
+fn eventually(mut f: impl FnMut() -> bool) -> bool {
+    for _ in 0..100 {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn caches_invalidates_and_survives_bad_input() {
+    let pg = Pg::start("proxy");
+    let setup = psql(
+        pg.port,
+        "CREATE TABLE items (id int PRIMARY KEY, v text); INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 100) g;",
+    );
+    assert!(!setup.contains("ERROR"), "{setup}");
+    let (port, _rt) = start_proxy(&pg);
+    // the CDC stream must be heard before anything is served from the cache
+    assert!(eventually(|| stat(port, "cdc_events") > 0), "CDC connected");
+
+    // a read through the proxy, twice: the second is a hit
+    assert_eq!(psql(port, "SELECT v FROM items WHERE id = 7"), "v7");
+    let hits = stat(port, "l1_hits");
+    assert_eq!(psql(port, "SELECT v FROM items WHERE id = 7"), "v7");
+    assert_eq!(stat(port, "l1_hits"), hits + 1, "second read served from L1");
+
+    // a write through the proxy invalidates at once (read-your-writes)
+    assert_eq!(psql(port, "UPDATE items SET v = 'seven' WHERE id = 7"), "");
+    assert_eq!(psql(port, "SELECT v FROM items WHERE id = 7"), "seven");
+
+    // a write made directly on the primary invalidates through CDC
+    assert_eq!(psql(port, "SELECT v FROM items WHERE id = 8"), "v8");
+    assert_eq!(psql(port, "SELECT v FROM items WHERE id = 8"), "v8");
+    psql(pg.port, "UPDATE items SET v = 'eight' WHERE id = 8");
+    assert!(eventually(|| psql(port, "SELECT v FROM items WHERE id = 8") == "eight"), "CDC invalidated the entry");
+
+    // volatile functions are never cached
+    let a = psql(port, "SELECT clock_timestamp()");
+    std::thread::sleep(Duration::from_millis(5));
+    assert_ne!(a, psql(port, "SELECT clock_timestamp()"));
+
+    // errors pass through; the proxy goes on
+    let err = psql(port, "SELECT * FROM no_such_table");
+    assert!(err.contains("no_such_table") && err.contains("does not exist"), "{err}");
+    let err = psql(port, "SELEC 1");
+    assert!(err.contains("syntax error"), "{err}");
+
+    // transactions are relayed, never cached
+    let txn = psql(port, "BEGIN; UPDATE items SET v = 'nine' WHERE id = 9; SELECT v FROM items WHERE id = 9; COMMIT;");
+    assert_eq!(txn, "nine");
+    assert_eq!(psql(port, "SELECT v FROM items WHERE id = 9"), "nine");
+
+    // garbage on a socket: that client gets an error, everyone else is served
+    {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.write_all(b"\x00\x00\x00\x08\xde\xad\xbe\xef").expect("write");
+        let mut reply = Vec::new();
+        let _ = s.read_to_end(&mut reply);
+        assert_eq!(reply.first(), Some(&b'E'), "an ErrorResponse for a bad startup");
+    }
+    assert_eq!(psql(port, "SELECT v FROM items WHERE id = 1"), "v1");
+}
