@@ -99,3 +99,34 @@ fn caches_invalidates_and_survives_bad_input() {
     }
     assert_eq!(psql(port, "SELECT v FROM items WHERE id = 1"), "v1");
 }
+
+fn pgbench(port: u16, args: &[&str]) -> (bool, String) {
+    let port = port.to_string();
+    let out = std::process::Command::new("pgbench")
+        .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres"])
+        .args(args)
+        .arg("postgres")
+        .output()
+        .expect("pgbench runs");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// pgbench through the proxy: initialisation (COPY, multi-statement DDL),
+/// then the select-only script in every query mode.
+#[test]
+fn pgbench_runs_through_the_proxy_in_every_mode() {
+    let pg = Pg::start("pgbench");
+    let (port, _rt) = start_proxy(&pg);
+    let (ok, out) = pgbench(port, &["-i", "-s", "1", "-q"]);
+    assert!(ok, "pgbench -i: {out}");
+    for mode in ["simple", "extended", "prepared"] {
+        let (ok, out) = pgbench(port, &["-S", "-M", mode, "-c", "2", "-j", "1", "-t", "200", "-n"]);
+        assert!(ok, "pgbench -M {mode}: {out}");
+        assert!(out.contains("number of transactions actually processed: 400/400"), "pgbench -M {mode}: {out}");
+    }
+    // the tpcb-like script writes through the proxy, in transactions
+    let (ok, out) = pgbench(port, &["-M", "simple", "-c", "2", "-j", "1", "-t", "50", "-n"]);
+    assert!(ok && out.contains("100/100"), "pgbench tpcb-like: {out}");
+    let total = psql(pg.port, "SELECT sum(abalance) = (SELECT sum(delta) FROM pgbench_history) FROM pgbench_accounts");
+    assert_eq!(total, "t", "every write reached the primary");
+}
