@@ -10,7 +10,9 @@ use bytes::{BufMut, BytesMut};
 use postai_core::cache::{Eviction, TierConfig, TierName};
 use postai_core::consistency::Consistency;
 use postai_core::invalidation::VersionMapConfig;
-use postai_core::node::{EdgeNode, InvalidationMode, NodeConfig, NodeOutput, Served, SessionId, UpstreamReply};
+use postai_core::node::{
+    EdgeNode, InvalidationMode, NodeConfig, NodeOutput, Prepared, Served, SessionId, UpstreamReply,
+};
 use postai_core::router::Zone;
 use postai_core::sql::{AnalyzerConfig, Catalog, StatementKind, TxnControl};
 use postai_core::{Duration, Instant, Lsn};
@@ -135,6 +137,68 @@ struct Client {
     status: u8,
     /// The extended protocol ran a statement that may write.
     extended_write: bool,
+    /// Prepared statements by name, as analysed by the core.
+    statements: std::collections::HashMap<String, Prepared>,
+    /// A Parse of the unnamed statement answered from the cache, not yet sent.
+    unsent_unnamed_parse: Option<Message>,
+    /// ParseComplete messages the client must not see (for re-sent Parses).
+    swallow_parse_complete: u32,
+}
+
+struct CacheableExec {
+    prepared: Prepared,
+    params: Vec<Option<Vec<u8>>>,
+    parsed_unnamed: Option<Message>,
+}
+
+const PARSE_COMPLETE: [u8; 5] = [b'1', 0, 0, 0, 4];
+const BIND_COMPLETE: [u8; 5] = [b'2', 0, 0, 0, 4];
+
+struct Bind {
+    portal: String,
+    statement: String,
+    binary_params: bool,
+    params: Vec<Option<Vec<u8>>>,
+    result_formats: Vec<u8>,
+}
+
+/// Bind: portal, statement, parameter formats, parameters, result formats.
+fn parse_bind(m: &Message) -> Option<Bind> {
+    let b = m.body();
+    let mut at = 0usize;
+    let cstr = |at: &mut usize| -> Option<String> {
+        let end = b.get(*at..)?.iter().position(|c| *c == 0)?;
+        let s = String::from_utf8(b[*at..*at + end].to_vec()).ok()?;
+        *at += end + 1;
+        Some(s)
+    };
+    let i16_at = |at: &mut usize| -> Option<i16> {
+        let v = i16::from_be_bytes(b.get(*at..*at + 2)?.try_into().ok()?);
+        *at += 2;
+        Some(v)
+    };
+    let portal = cstr(&mut at)?;
+    let statement = cstr(&mut at)?;
+    let nformats = i16_at(&mut at)?;
+    let mut binary_params = false;
+    for _ in 0..nformats.max(0) {
+        binary_params |= i16_at(&mut at)? != 0;
+    }
+    let nparams = i16_at(&mut at)?;
+    let mut params = Vec::with_capacity(nparams.max(0) as usize);
+    for _ in 0..nparams.max(0) {
+        let len = i32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?);
+        at += 4;
+        if len < 0 {
+            params.push(None);
+        } else {
+            params.push(Some(b.get(at..at + len as usize)?.to_vec()));
+            at += len as usize;
+        }
+    }
+    let nresults = i16_at(&mut at)?;
+    let result_formats = b.get(at..at + 2 * nresults.max(0) as usize)?.to_vec();
+    Some(Bind { portal, statement, binary_params, params, result_formats })
 }
 
 impl Client {
@@ -190,6 +254,9 @@ impl Client {
             session,
             status: b'I',
             extended_write: false,
+            statements: std::collections::HashMap::new(),
+            unsent_unnamed_parse: None,
+            swallow_parse_complete: 0,
         };
         if !c.relay_login().await? {
             return Ok(());
@@ -243,35 +310,239 @@ impl Client {
     }
 
     async fn serve_queries(&mut self) -> anyhow::Result<()> {
+        let mut batch: Vec<Message> = Vec::new();
         while let Some(m) = self.client_message().await? {
             match m.tag {
-                b'Q' => self.simple_query(&m).await?,
+                b'Q' => {
+                    self.flush_batch(&mut batch).await?;
+                    self.simple_query(&m).await?
+                }
                 b'X' => {
                     let _ = self.up.send(&m.raw).await;
                     return Ok(());
                 }
                 b'S' => {
-                    self.up.send(&m.raw).await?;
-                    self.relay_until_ready(None).await?;
+                    self.sync(std::mem::take(&mut batch), m).await?;
                     if self.extended_write {
                         self.extended_write = false;
                         self.after_extended_write().await?;
                     }
                 }
-                b'P' => {
-                    // a statement the cache never sees: if it may write, this
-                    // session's later cached reads must reflect it
-                    if let Some(sql) = parse_message_sql(&m) {
-                        let kind =
-                            self.proxy.node().prepare(&sql).map(|p| p.shape.kind).unwrap_or(StatementKind::Other);
-                        self.extended_write |= kind != StatementKind::Read;
-                    }
+                b'H' => {
+                    // Flush: the client waits for the responses so far
+                    let sent = std::mem::take(&mut batch);
+                    self.send_batch(&sent).await?;
                     self.up.send(&m.raw).await?;
+                    self.relay_responses(&sent).await?;
                 }
-                _ => self.up.send(&m.raw).await?,
+                b'P' => {
+                    if let Some((name, sql)) = parse_message(&m) {
+                        let prepared = self.proxy.node().prepare(&sql).ok();
+                        // a statement that may write: this session's later cached
+                        // reads must reflect it
+                        self.extended_write |= prepared.as_ref().is_none_or(|p| p.shape.kind != StatementKind::Read);
+                        match prepared {
+                            Some(p) => {
+                                self.statements.insert(name, p);
+                            }
+                            None => {
+                                self.statements.remove(&name);
+                            }
+                        }
+                    }
+                    batch.push(m);
+                }
+                b'd' | b'c' | b'f' => {
+                    self.flush_batch(&mut batch).await?;
+                    self.up.send(&m.raw).await?
+                }
+                _ => batch.push(m),
             }
         }
         Ok(())
+    }
+
+    /// Sends a batch upstream, first re-sending an unnamed statement that a
+    /// cache hit answered without the primary (its ParseComplete is swallowed).
+    async fn send_batch(&mut self, batch: &[Message]) -> anyhow::Result<()> {
+        if let Some(parse) = self.unsent_unnamed_parse.take() {
+            let starts_with_own =
+                batch.first().is_some_and(|m| m.tag == b'P' && parse_message(m).is_some_and(|(n, _)| n.is_empty()));
+            if !starts_with_own {
+                self.up.send(&parse.raw).await?;
+                self.swallow_parse_complete += 1;
+            }
+        }
+        self.out.clear();
+        for m in batch {
+            self.out.extend_from_slice(&m.raw);
+        }
+        let out = std::mem::take(&mut self.out);
+        self.up.send(&out).await?;
+        self.out = out;
+        Ok(())
+    }
+
+    async fn flush_batch(&mut self, batch: &mut Vec<Message>) -> anyhow::Result<()> {
+        if !batch.is_empty() {
+            let b = std::mem::take(batch);
+            self.send_batch(&b).await?;
+        }
+        Ok(())
+    }
+
+    /// Relays the responses to `sent` after a Flush: one completion per request
+    /// (an error ends them: the primary skips the rest until Sync).
+    async fn relay_responses(&mut self, sent: &[Message]) -> anyhow::Result<()> {
+        for req in sent {
+            let done: &[u8] = match req.tag {
+                b'P' => b"1",
+                b'B' => b"2",
+                b'C' => b"3",
+                b'D' if req.body().first() == Some(&b'S') => b"Tn",
+                b'D' => b"Tn",
+                b'E' => b"CsI",
+                _ => continue,
+            };
+            loop {
+                let m = self.up.recv().await?;
+                if m.tag == b'1' && self.swallow_parse_complete > 0 {
+                    self.swallow_parse_complete -= 1;
+                    continue;
+                }
+                self.wr.write_all(&m.raw).await?;
+                if m.tag == b'E' {
+                    return Ok(());
+                }
+                if done.contains(&m.tag) {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sync: answer a cacheable [Parse] Bind [Describe] Execute batch from the
+    /// cache, or send the batch and relay (filling the cache when it may).
+    async fn sync(&mut self, batch: Vec<Message>, sync: Message) -> anyhow::Result<()> {
+        let Some(exec) = self.cacheable_batch(&batch) else {
+            self.send_batch(&batch).await?;
+            self.up.send(&sync.raw).await?;
+            self.relay_until_ready(None).await?;
+            return Ok(());
+        };
+        let now = self.proxy.now();
+        let snapshot = Lsn(self.proxy.lsn_seen.load(Ordering::Relaxed));
+        let out = {
+            let mut n = self.proxy.node();
+            n.sync_transaction(self.session, self.status != b'I', snapshot);
+            let params: Vec<Option<&[u8]>> = exec.params.iter().map(|p| p.as_deref()).collect();
+            n.handle_execute(now, self.session, &exec.prepared, &params);
+            n.poll_output()
+        };
+        match out {
+            Some(NodeOutput::Reply { value, .. }) => {
+                let mut out = BytesMut::with_capacity(value.len() + 16);
+                if exec.parsed_unnamed.is_some() {
+                    out.extend_from_slice(&PARSE_COMPLETE);
+                }
+                out.extend_from_slice(&BIND_COMPLETE);
+                out.extend_from_slice(&value);
+                out.extend_from_slice(&protocol::ready_for_query(self.status));
+                self.wr.write_all(&out).await?;
+                if let Some(p) = exec.parsed_unnamed {
+                    // the primary never saw this Parse: re-send it before the
+                    // unnamed statement is used upstream
+                    self.unsent_unnamed_parse = Some(p);
+                }
+            }
+            Some(NodeOutput::Upstream(u)) => {
+                self.send_batch(&batch).await?;
+                self.up.send(&sync.raw).await?;
+                let keep = u.cache_key.map(|_| self.proxy.config.cache.entry_bytes_max);
+                let (kept, error) = self.relay_until_ready(keep).await?;
+                let result = match error {
+                    Some(e) => Err(e),
+                    None => {
+                        // the cached value: RowDescription, DataRows, CommandComplete
+                        let mut value = BytesMut::new();
+                        if let Some(k) = kept {
+                            let mut k = k;
+                            while let Ok(Some(m)) = protocol::decode(&mut k, usize::MAX, protocol::BACKEND_TAGS) {
+                                if matches!(m.tag, b'T' | b'D' | b'C') {
+                                    value.extend_from_slice(&m.raw);
+                                }
+                            }
+                        }
+                        let value: Value = Arc::from(&value[..]);
+                        let size_bytes = u32::try_from(value.len()).unwrap_or(u32::MAX);
+                        Ok(UpstreamReply {
+                            value,
+                            size_bytes,
+                            served: Served::Primary,
+                            snapshot_lsn: snapshot,
+                            commit_lsn: None,
+                            ttl: None,
+                        })
+                    }
+                };
+                let now = self.proxy.now();
+                let mut n = self.proxy.node();
+                n.handle_upstream(now, u.req, result);
+                while n.poll_output().is_some() {}
+            }
+            Some(NodeOutput::Failed { .. }) | None => {
+                self.send_batch(&batch).await?;
+                self.up.send(&sync.raw).await?;
+                self.relay_until_ready(None).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A batch the cache may answer: `[Parse] Bind [Describe portal] Execute`
+    /// on the unnamed portal, text parameters, all rows, a cacheable read,
+    /// outside a transaction.
+    fn cacheable_batch(&self, batch: &[Message]) -> Option<CacheableExec> {
+        if self.status != b'I' {
+            return None;
+        }
+        let (parse, rest) = match batch.first() {
+            Some(m) if m.tag == b'P' => (Some(m), &batch[1..]),
+            _ => (None, batch),
+        };
+        let (bind, describe, execute) = match rest {
+            [b, e] if b.tag == b'B' && e.tag == b'E' => (b, None, e),
+            [b, d, e] if b.tag == b'B' && d.tag == b'D' && e.tag == b'E' => (b, Some(d), e),
+            _ => return None,
+        };
+        let bind = parse_bind(bind)?;
+        if !bind.portal.is_empty() || bind.binary_params {
+            return None;
+        }
+        if let Some(d) = describe
+            && d.body() != b"P\0"
+        {
+            return None;
+        }
+        if execute.body() != b"\0\0\0\0\0" {
+            return None;
+        }
+        let parsed_unnamed = match parse.and_then(parse_message) {
+            Some((name, _)) if name != bind.statement => return None,
+            Some((name, _)) if name.is_empty() => parse.cloned(),
+            _ => None,
+        };
+        let prepared = self.statements.get(&bind.statement)?.clone();
+        if !prepared.shape.is_cacheable() {
+            return None;
+        }
+        let mut params: Vec<Option<Vec<u8>>> = bind.params;
+        // what else changes the bytes of the answer: Describe, result formats
+        let mut shape_of_answer = vec![u8::from(describe.is_some())];
+        shape_of_answer.extend_from_slice(&bind.result_formats);
+        params.push(Some(shape_of_answer));
+        Some(CacheableExec { prepared, params, parsed_unnamed })
     }
 
     /// After the extended protocol ran a write: raise the session's floor to
@@ -376,6 +647,10 @@ impl Client {
         self.out.clear();
         loop {
             let m = self.up.recv().await?;
+            if m.tag == b'1' && self.swallow_parse_complete > 0 {
+                self.swallow_parse_complete -= 1;
+                continue;
+            }
             self.out.extend_from_slice(&m.raw);
             match m.tag {
                 b'Z' => {
@@ -430,13 +705,14 @@ impl Client {
     }
 }
 
-/// The query text of a Parse message (name, query, ...).
-fn parse_message_sql(m: &Message) -> Option<String> {
+/// The statement name and query text of a Parse message.
+fn parse_message(m: &Message) -> Option<(String, String)> {
     let body = m.body();
     let name_end = body.iter().position(|b| *b == 0)?;
+    let name = String::from_utf8(body[..name_end].to_vec()).ok()?;
     let rest = body.get(name_end + 1..)?;
     let q_end = rest.iter().position(|b| *b == 0)?;
-    String::from_utf8(rest[..q_end].to_vec()).ok()
+    Some((name, String::from_utf8(rest[..q_end].to_vec()).ok()?))
 }
 
 /// RowDescription + DataRows + CommandComplete for a two-column text result.

@@ -130,3 +130,35 @@ fn pgbench_runs_through_the_proxy_in_every_mode() {
     let total = psql(pg.port, "SELECT sum(abalance) = (SELECT sum(delta) FROM pgbench_history) FROM pgbench_accounts");
     assert_eq!(total, "t", "every write reached the primary");
 }
+
+/// Extended protocol (unnamed and named statements) is answered from the cache
+/// on repeats, and invalidated by writes like the simple protocol.
+#[test]
+fn extended_protocol_hits_the_cache() {
+    let pg = Pg::start("extended");
+    let (port, _rt) = start_proxy(&pg);
+    let setup = psql(
+        pg.port,
+        "CREATE TABLE items (id int PRIMARY KEY, v int); INSERT INTO items SELECT g, g FROM generate_series(1, 10) g;",
+    );
+    assert!(!setup.contains("ERROR"), "{setup}");
+    assert!(eventually(|| stat(port, "cdc_events") > 0), "CDC connected");
+    let script = pg.dir.join("read.sql");
+    std::fs::write(
+        &script,
+        "\\set id 3\nSELECT v FROM items WHERE id = :id \\gset\n\\if :v != 3\n  SELECT 1/0;\n\\endif\n",
+    )
+    .expect("script");
+    let script = script.to_string_lossy().into_owned();
+    for mode in ["extended", "prepared"] {
+        let before = stat(port, "l1_hits");
+        let (ok, out) = pgbench(port, &["-M", mode, "-c", "1", "-t", "100", "-n", "-f", &script]);
+        assert!(ok && out.contains("100/100"), "pgbench -M {mode}: {out}");
+        let hits = stat(port, "l1_hits") - before;
+        assert!(hits >= 98, "pgbench -M {mode}: {hits} hits of 100");
+    }
+    // a write through the simple protocol; the cached extended answer is invalidated
+    psql(port, "UPDATE items SET v = 30 WHERE id = 3");
+    let (ok, out) = pgbench(port, &["-M", "prepared", "-c", "1", "-t", "5", "-n", "-f", &script]);
+    assert!(!ok || out.contains("failed"), "the script must see v = 30 and fail its check: {out}");
+}
