@@ -44,6 +44,8 @@ pub struct CacheConfig {
     pub ttl_s: u64,
     /// Results larger than this are relayed, not cached.
     pub entry_bytes_max: usize,
+    /// `false`: a pass-through proxy (every query relayed, nothing cached).
+    pub enabled: bool,
 }
 
 impl Default for CacheConfig {
@@ -55,6 +57,7 @@ impl Default for CacheConfig {
             l2_bytes: 512 << 20,
             ttl_s: 300,
             entry_bytes_max: 1 << 20,
+            enabled: true,
         }
     }
 }

@@ -504,7 +504,7 @@ impl Client {
     /// on the unnamed portal, text parameters, all rows, a cacheable read,
     /// outside a transaction.
     fn cacheable_batch(&self, batch: &[Message]) -> Option<CacheableExec> {
-        if self.status != b'I' {
+        if self.status != b'I' || !self.proxy.config.cache.enabled {
             return None;
         }
         let (parse, rest) = match batch.first() {
@@ -582,6 +582,11 @@ impl Client {
         if let Some(rows) = self.admin(&sql) {
             self.wr.write_all(&rows).await?;
             self.wr.write_all(&protocol::ready_for_query(self.status)).await?;
+            return Ok(());
+        }
+        if !self.proxy.config.cache.enabled {
+            self.up.send(&m.raw).await?;
+            self.relay_until_ready(None).await?;
             return Ok(());
         }
         let now = self.proxy.now();

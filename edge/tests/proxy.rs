@@ -162,3 +162,30 @@ fn extended_protocol_hits_the_cache() {
     let (ok, out) = pgbench(port, &["-M", "prepared", "-c", "1", "-t", "5", "-n", "-f", &script]);
     assert!(!ok || out.contains("failed"), "the script must see v = 30 and fail its check: {out}");
 }
+
+/// With `[cache] enabled = false` the proxy relays everything: no hits.
+#[test]
+fn pass_through_mode_caches_nothing() {
+    let pg = Pg::start("pass");
+    let port = free_port();
+    let text = format!(
+        "listen = '127.0.0.1:{port}'\nupstream = '{}'\n[cache]\nenabled = false\n[cdc]\nenabled = false\n",
+        pg.addr()
+    );
+    let config = Config::parse("test.toml", &text).expect("config parses");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let proxy = Proxy::new(config).expect("proxy");
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}")).await.expect("bind");
+        tokio::spawn(postai_edge::serve(proxy, listener));
+    });
+    for _ in 0..3 {
+        assert_eq!(psql(port, "SELECT 41 + 1"), "42");
+    }
+    let (ok, out) = pgbench(port, &["-i", "-s", "1", "-q"]);
+    assert!(ok, "{out}");
+    let (ok, out) = pgbench(port, &["-S", "-M", "prepared", "-c", "2", "-t", "50", "-n"]);
+    assert!(ok && out.contains("100/100"), "{out}");
+    assert_eq!(stat(port, "l1_hits"), 0);
+    assert_eq!(stat(port, "queries"), 0, "the core never saw a query");
+}
