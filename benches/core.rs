@@ -7,7 +7,7 @@ use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use postai_core::cache::{Entry, Eviction, Lookup, Tier, TierConfig};
 use postai_core::consistency::Consistency;
 use postai_core::invalidation::{CdcEvent, Change, ChangeTarget, Lsn, VersionMap, VersionMapConfig, key_hash};
-use postai_core::node::{EdgeNode, InvalidationMode, NodeConfig, NodeOutput, Served, SessionId, UpstreamReply};
+use postai_core::node::{EdgeNode, NodeConfig, NodeOutput, Served, SessionId, UpstreamReply};
 use postai_core::rng::Rng;
 use postai_core::router::{EndpointId, ReadRequest, Role, Router, RouterConfig, Zone};
 use postai_core::sql::{Analyzer, AnalyzerConfig, Catalog};
@@ -24,18 +24,7 @@ fn node() -> EdgeNode<u64> {
         ttl: Duration::from_secs(3600),
         eviction: Eviction::Sieve,
     };
-    let config = NodeConfig {
-        zone: Zone::Eu,
-        l1: tier(100_000),
-        l2: tier(1_000_000),
-        versions: VersionMapConfig::default(),
-        analyzer: AnalyzerConfig::default(),
-        sessions_max: 16,
-        pending_max: 1024,
-        residency: Vec::new(),
-        invalidation: InvalidationMode::Key,
-        cdc_silence_max: None,
-    };
+    let config = NodeConfig::new(Zone::Eu, tier(100_000), tier(1_000_000));
     let mut n = EdgeNode::new(config, catalog, Lsn(0)).expect("valid config");
     n.open_session(SessionId(1), "app", "app", Consistency::ReadYourWrites).expect("room");
     n

@@ -9,9 +9,7 @@ use gungraun::prelude::*;
 use postai_core::cache::{Eviction, TierConfig};
 use postai_core::consistency::Consistency;
 use postai_core::invalidation::{CdcEvent, Change, ChangeTarget, Lsn, VersionMap, VersionMapConfig, key_hash};
-use postai_core::node::{
-    EdgeNode, InvalidationMode, NodeConfig, NodeOutput, Prepared, Served, SessionId, UpstreamReply,
-};
+use postai_core::node::{EdgeNode, NodeConfig, NodeOutput, Prepared, Served, SessionId, UpstreamReply};
 use postai_core::router::{EndpointId, ReadRequest, Role, Router, RouterConfig, Zone};
 use postai_core::sql::{Analyzer, AnalyzerConfig, Catalog};
 use postai_core::{Duration, Instant};
@@ -31,18 +29,7 @@ fn node() -> EdgeNode<u64> {
         ttl: Duration::from_secs(3600),
         eviction: Eviction::Sieve,
     };
-    let config = NodeConfig {
-        zone: Zone::Eu,
-        l1: tier(10_000),
-        l2: tier(100_000),
-        versions: VersionMapConfig::default(),
-        analyzer: AnalyzerConfig::default(),
-        sessions_max: 16,
-        pending_max: 1024,
-        residency: Vec::new(),
-        invalidation: InvalidationMode::Key,
-        cdc_silence_max: None,
-    };
+    let config = NodeConfig::new(Zone::Eu, tier(10_000), tier(100_000));
     let mut n = EdgeNode::new(config, catalog(), Lsn(0)).expect("valid config");
     n.open_session(SessionId(1), "app", "app", Consistency::ReadYourWrites).expect("room");
     n

@@ -90,6 +90,26 @@ impl InvalidationMode {
     }
 }
 
+impl NodeConfig {
+    /// A site with these tiers, and defaults for the rest: default version map
+    /// and analyser, 10 000 sessions and requests in flight, no residency
+    /// rules, key-level invalidation, no CDC-silence bound.
+    pub fn new(zone: Zone, l1: TierConfig, l2: TierConfig) -> Self {
+        NodeConfig {
+            zone,
+            l1,
+            l2,
+            versions: VersionMapConfig::default(),
+            analyzer: AnalyzerConfig::default(),
+            sessions_max: 10_000,
+            pending_max: 10_000,
+            residency: Vec::new(),
+            invalidation: InvalidationMode::Key,
+            cdc_silence_max: None,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NodeConfigError {
     #[error("L1: {0}")]
@@ -798,16 +818,10 @@ mod tests {
             eviction: Eviction::Sieve,
         };
         let config = NodeConfig {
-            zone: Zone::Eu,
-            l1: tier(10),
-            l2: tier(100),
-            versions: VersionMapConfig::default(),
-            analyzer: AnalyzerConfig::default(),
             sessions_max: 2,
             pending_max: 8,
-            residency: Vec::new(),
             invalidation: mode,
-            cdc_silence_max: None,
+            ..NodeConfig::new(Zone::Eu, tier(10), tier(100))
         };
         let mut n = EdgeNode::new(config, catalog, Lsn(0)).expect("valid config");
         n.open_session(SessionId(1), "app", "app", Consistency::ReadYourWrites).expect("room");
@@ -974,16 +988,8 @@ mod silence_tests {
             eviction: Eviction::Sieve,
         };
         let config = NodeConfig {
-            zone: Zone::Eu,
-            l1: tier(10),
-            l2: tier(10),
-            versions: VersionMapConfig::default(),
-            analyzer: AnalyzerConfig::default(),
-            sessions_max: 2,
-            pending_max: 8,
-            residency: Vec::new(),
-            invalidation: InvalidationMode::Key,
             cdc_silence_max: Some(Duration::from_secs(2)),
+            ..NodeConfig::new(Zone::Eu, tier(10), tier(10))
         };
         let mut n: EdgeNode<u64> = EdgeNode::new(config, catalog, Lsn(0)).expect("valid");
         n.open_session(SessionId(1), "app", "app", Consistency::ReadYourWrites).expect("room");

@@ -12,7 +12,7 @@ use postai_core::node::{
     EdgeNode, InvalidationMode, NodeConfig, NodeOutput, Prepared, Served, SessionId, UpstreamReply,
 };
 use postai_core::router::Zone;
-use postai_core::sql::{AnalyzerConfig, Catalog, TableId};
+use postai_core::sql::{Catalog, TableId};
 use postai_core::{Duration, Instant};
 use proptest::prelude::*;
 
@@ -64,16 +64,9 @@ impl Model {
         catalog.set_integer_key("items");
         let tier = |n| TierConfig { bytes_max: 10_000, entries_max: n, ttl: Duration::from_secs(30), eviction };
         let config = NodeConfig {
-            zone: Zone::Eu,
-            l1: tier(2),
-            l2: tier(4),
             versions: VersionMapConfig { keys_max: 3, pending_max: 4 },
-            analyzer: AnalyzerConfig::default(),
-            sessions_max: 4,
-            pending_max: 16,
-            residency: Vec::new(),
             invalidation: mode,
-            cdc_silence_max: None,
+            ..NodeConfig::new(Zone::Eu, tier(2), tier(4))
         };
         let mut node = EdgeNode::new(config, catalog, Lsn(0)).expect("valid config");
         for s in 0..2 {

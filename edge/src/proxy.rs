@@ -431,15 +431,10 @@ impl Client {
             self.relay_until_ready(None).await?;
             return Ok(());
         };
-        let now = self.proxy.now();
-        let snapshot = Lsn(self.proxy.lsn_seen.load(Ordering::Relaxed));
-        let out = {
-            let mut n = self.proxy.node();
-            n.sync_transaction(self.session, self.status != b'I', snapshot);
+        let (out, snapshot) = self.ask_node(|n, now, session| {
             let params: Vec<Option<&[u8]>> = exec.params.iter().map(|p| p.as_deref()).collect();
-            n.handle_execute(now, self.session, &exec.prepared, &params);
-            n.poll_output()
-        };
+            n.handle_execute(now, session, &exec.prepared, &params);
+        });
         match out {
             Some(NodeOutput::Reply { value, .. }) => {
                 let mut out = BytesMut::with_capacity(value.len() + 16);
@@ -486,10 +481,7 @@ impl Client {
                         })
                     }
                 };
-                let now = self.proxy.now();
-                let mut n = self.proxy.node();
-                n.handle_upstream(now, u.req, result);
-                while n.poll_output().is_some() {}
+                self.finish(u.req, result);
             }
             Some(NodeOutput::Failed { .. }) | None => {
                 self.send_batch(&batch).await?;
@@ -545,6 +537,26 @@ impl Client {
         Some(CacheableExec { prepared, params, parsed_unnamed })
     }
 
+    /// Gives the node one query (`ask`), the upstream transaction status first
+    /// (it is the truth about transactions), and returns the node's answer with
+    /// the snapshot lower bound taken before it.
+    fn ask_node(&self, ask: impl FnOnce(&mut EdgeNode<Value>, Instant, SessionId)) -> (Option<NodeOutput<Value>>, Lsn) {
+        let now = self.proxy.now();
+        let snapshot = Lsn(self.proxy.lsn_seen.load(Ordering::Relaxed));
+        let mut n = self.proxy.node();
+        n.sync_transaction(self.session, self.status != b'I', snapshot);
+        ask(&mut n, now, self.session);
+        (n.poll_output(), snapshot)
+    }
+
+    /// Hands the upstream outcome of `req` to the node (fill or invalidate).
+    fn finish(&self, req: postai_core::node::RequestId, result: Result<UpstreamReply<Value>, String>) {
+        let now = self.proxy.now();
+        let mut n = self.proxy.node();
+        n.handle_upstream(now, req, result);
+        while n.poll_output().is_some() {}
+    }
+
     /// After the extended protocol ran a write: raise the session's floor to
     /// the primary's current LSN (read-your-writes for cached reads).
     async fn after_extended_write(&mut self) -> anyhow::Result<()> {
@@ -589,15 +601,9 @@ impl Client {
             self.relay_until_ready(None).await?;
             return Ok(());
         }
-        let now = self.proxy.now();
-        let snapshot = Lsn(self.proxy.lsn_seen.load(Ordering::Relaxed));
-        let out = {
-            let mut n = self.proxy.node();
-            // the upstream status is the truth about transactions
-            n.sync_transaction(self.session, self.status != b'I', snapshot);
-            n.handle_simple_query(now, self.session, &sql);
-            n.poll_output()
-        };
+        let (out, snapshot) = self.ask_node(|n, now, session| {
+            n.handle_simple_query(now, session, &sql);
+        });
         match out {
             Some(NodeOutput::Reply { value, .. }) => {
                 self.out.clear();
@@ -628,10 +634,7 @@ impl Client {
                         })
                     }
                 };
-                let now = self.proxy.now();
-                let mut n = self.proxy.node();
-                n.handle_upstream(now, u.req, result);
-                while n.poll_output().is_some() {}
+                self.finish(u.req, result);
             }
             Some(NodeOutput::Failed { error, .. }) => {
                 self.wr.write_all(&protocol::error_response("ERROR", "53300", &error.to_string())).await?;

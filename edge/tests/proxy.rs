@@ -10,17 +10,24 @@ use pg::{Pg, free_port, psql};
 use postai_edge::{Config, Proxy};
 
 fn start_proxy(pg: &Pg) -> (u16, tokio::runtime::Runtime) {
+    start_proxy_with(
+        pg,
+        "[[tables]]\nname = 'items'\nprimary_key = 'id'\ninteger_key = true\n[cdc]\npoll_ms = 50\nsilence_max_ms = 5000\n",
+    )
+}
+
+/// Starts a proxy in front of `pg` with `extra` configuration; returns its port.
+fn start_proxy_with(pg: &Pg, extra: &str) -> (u16, tokio::runtime::Runtime) {
     let port = free_port();
-    let text = format!(
-        "listen = '127.0.0.1:{port}'\nupstream = '{}'\n[[tables]]\nname = 'items'\nprimary_key = 'id'\ninteger_key = true\n[cdc]\npoll_ms = 50\nsilence_max_ms = 5000\n",
-        pg.addr()
-    );
+    let text = format!("listen = '127.0.0.1:{port}'\nupstream = '{}'\n{extra}", pg.addr());
     let config = Config::parse("test.toml", &text).expect("config parses");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let proxy = Proxy::new(config).expect("proxy");
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}")).await.expect("bind");
-        tokio::spawn(postai_edge::cdc::run(proxy.clone()));
+        if proxy.config.cdc.enabled {
+            tokio::spawn(postai_edge::cdc::run(proxy.clone()));
+        }
         tokio::spawn(postai_edge::serve(proxy, listener));
     });
     (port, rt)
