@@ -383,6 +383,18 @@ impl Client {
         Ok(())
     }
 
+    /// Sends a batch and its Sync, relays the answers up to ReadyForQuery.
+    async fn relay_batch(
+        &mut self,
+        batch: &[Message],
+        sync: &Message,
+        keep: Option<usize>,
+    ) -> anyhow::Result<(Option<BytesMut>, Option<String>)> {
+        self.send_batch(batch).await?;
+        self.up.send(&sync.raw).await?;
+        self.relay_until_ready(keep).await
+    }
+
     async fn flush_batch(&mut self, batch: &mut Vec<Message>) -> anyhow::Result<()> {
         if !batch.is_empty() {
             let b = std::mem::take(batch);
@@ -426,10 +438,7 @@ impl Client {
     /// cache, or send the batch and relay (filling the cache when it may).
     async fn sync(&mut self, batch: Vec<Message>, sync: Message) -> anyhow::Result<()> {
         let Some(exec) = self.cacheable_batch(&batch) else {
-            self.send_batch(&batch).await?;
-            self.up.send(&sync.raw).await?;
-            self.relay_until_ready(None).await?;
-            return Ok(());
+            return self.relay_batch(&batch, &sync, None).await.map(|_| ());
         };
         let (out, snapshot) = self.ask_node(|n, now, session| {
             let params: Vec<Option<&[u8]>> = exec.params.iter().map(|p| p.as_deref()).collect();
@@ -452,10 +461,8 @@ impl Client {
                 }
             }
             Some(NodeOutput::Upstream(u)) => {
-                self.send_batch(&batch).await?;
-                self.up.send(&sync.raw).await?;
                 let keep = u.cache_key.map(|_| self.proxy.config.cache.entry_bytes_max);
-                let (kept, error) = self.relay_until_ready(keep).await?;
+                let (kept, error) = self.relay_batch(&batch, &sync, keep).await?;
                 let result = match error {
                     Some(e) => Err(e),
                     None => {
@@ -484,9 +491,7 @@ impl Client {
                 self.finish(u.req, result);
             }
             Some(NodeOutput::Failed { .. }) | None => {
-                self.send_batch(&batch).await?;
-                self.up.send(&sync.raw).await?;
-                self.relay_until_ready(None).await?;
+                self.relay_batch(&batch, &sync, None).await?;
             }
         }
         Ok(())
