@@ -476,16 +476,7 @@ impl Client {
                                 }
                             }
                         }
-                        let value: Value = Arc::from(&value[..]);
-                        let size_bytes = u32::try_from(value.len()).unwrap_or(u32::MAX);
-                        Ok(UpstreamReply {
-                            value,
-                            size_bytes,
-                            served: Served::Primary,
-                            snapshot_lsn: snapshot,
-                            commit_lsn: None,
-                            ttl: None,
-                        })
+                        Ok(primary_reply(Arc::from(&value[..]), snapshot, None))
                     }
                 };
                 self.finish(u.req, result);
@@ -628,15 +619,7 @@ impl Client {
                     Some(e) => Err(e),
                     None => {
                         let value: Value = kept.map(|b| Arc::from(&b[..])).unwrap_or_else(|| Arc::from(&[][..]));
-                        let size_bytes = u32::try_from(value.len()).unwrap_or(u32::MAX);
-                        Ok(UpstreamReply {
-                            value,
-                            size_bytes,
-                            served: Served::Primary,
-                            snapshot_lsn: snapshot,
-                            commit_lsn,
-                            ttl: None,
-                        })
+                        Ok(primary_reply(value, snapshot, commit_lsn))
                     }
                 };
                 self.finish(u.req, result);
@@ -716,6 +699,12 @@ impl Client {
         let rows = self.proxy.stats_rows();
         Some(text_result(&["name", "value"], &rows, "SHOW"))
     }
+}
+
+/// What the primary answered, for the node: the encoded messages it sent.
+fn primary_reply(value: Value, snapshot: Lsn, commit_lsn: Option<Lsn>) -> UpstreamReply<Value> {
+    let size_bytes = u32::try_from(value.len()).unwrap_or(u32::MAX);
+    UpstreamReply { value, size_bytes, served: Served::Primary, snapshot_lsn: snapshot, commit_lsn, ttl: None }
 }
 
 /// The statement name and query text of a Parse message.
