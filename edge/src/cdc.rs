@@ -12,7 +12,7 @@ use postai_core::sql::{Catalog, canonical_number};
 
 use crate::protocol::{self, Message};
 use crate::proxy::Proxy;
-use crate::upstream::{Conn, error_message};
+use crate::upstream::error_message;
 
 /// Parses one `test_decoding` line of a table change into its target.
 /// `None` for BEGIN/COMMIT and for tables nothing cached depends on.
@@ -93,13 +93,26 @@ pub async fn run(proxy: Arc<Proxy>) {
 
 async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
     let cfg = &proxy.config.cdc;
-    let max = proxy.config.max_message_bytes;
-    let mut conn = Conn::login(&proxy.config.upstream, &cfg.user, &cfg.database, max).await?;
+    let mut conn = proxy.service_login(&proxy.primary_addr(), &cfg.user, &cfg.database).await?;
     let exists = conn.simple(&format!("SELECT 1 FROM pg_replication_slots WHERE slot_name = '{}'", cfg.slot)).await?;
     if protocol::first_value(&exists).is_none() {
-        check(
-            conn.simple(&format!("SELECT pg_create_logical_replication_slot('{}', 'test_decoding')", cfg.slot)).await?,
+        let created = check(
+            conn.simple(&format!(
+                "SELECT lsn::text FROM pg_create_logical_replication_slot('{}', 'test_decoding')",
+                cfg.slot
+            ))
+            .await?,
         )?;
+        // a new slot (first start, or a promoted primary after failover): the
+        // changes before its first LSN were never seen here, so every entry
+        // cached from a snapshot older than that is invalid
+        let start = protocol::first_value(&created).and_then(|s| protocol::parse_lsn(&s)).map(Lsn);
+        if let Some(start) = start {
+            let mut node = proxy.node.lock().unwrap_or_else(|p| p.into_inner());
+            let event = CdcEvent { prev_lsn: *last, change: Change { lsn: start, targets: vec![ChangeTarget::All] } };
+            node.handle_cdc(proxy.now(), &event);
+            *last = (*last).max(start);
+        }
     }
     let mut pending: Vec<ChangeTarget> = Vec::new();
     loop {

@@ -28,6 +28,52 @@ pub struct Config {
     pub tables: Vec<TableConfig>,
     #[serde(default)]
     pub cdc: CdcConfig,
+    /// The users the proxy authenticates (SCRAM-SHA-256) and logs in upstream
+    /// as. None: no client authentication (any user name, like trust), and
+    /// the upstream login has no password.
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+    /// TLS for clients, terminated at the proxy. None: SSLRequest gets 'N'.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Streaming replicas of the primary (host:port): cache misses that may
+    /// read a snapshot go to one that has replayed past the session's floor.
+    #[serde(default)]
+    pub replicas: Vec<String>,
+    #[serde(default)]
+    pub failover: FailoverSettings,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailoverSettings {
+    /// Promote the most caught-up replica when the primary is silent.
+    pub enabled: bool,
+    /// Every node is checked this often.
+    pub health_interval_ms: u64,
+    /// A health check slower than this failed.
+    pub check_timeout_ms: u64,
+    /// The primary silent this long is declared failed.
+    pub timeout_ms: u64,
+    /// A promotion not confirmed within this is abandoned for the next candidate.
+    pub promote_timeout_ms: u64,
+    /// The user and database health checks and promotion use (trust auth).
+    pub user: String,
+    pub database: String,
+}
+
+impl Default for FailoverSettings {
+    fn default() -> Self {
+        FailoverSettings {
+            enabled: true,
+            health_interval_ms: 500,
+            check_timeout_ms: 1_000,
+            timeout_ms: 5_000,
+            promote_timeout_ms: 30_000,
+            user: "postgres".into(),
+            database: "postgres".into(),
+        }
+    }
 }
 
 fn d_max_message() -> usize {
@@ -106,10 +152,17 @@ impl Config {
     }
 
     pub fn parse(path: &str, text: &str) -> Result<Config, ConfigError> {
-        let c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(path.into(), Box::new(e)))?;
+        let mut c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(path.into(), Box::new(e)))?;
         let bad = |m: &str| Err(ConfigError::Invalid(path.into(), m.into()));
         if c.cache.l1_entries == 0 || c.cache.l2_entries == 0 || c.cache.ttl_s == 0 {
             return bad("cache sizes and ttl_s must be positive");
+        }
+        let f = &c.failover;
+        if f.health_interval_ms == 0 || f.check_timeout_ms == 0 || f.timeout_ms < f.health_interval_ms {
+            return bad("failover: intervals must be positive and timeout_ms at least health_interval_ms");
+        }
+        if c.replicas.iter().any(|r| r == &c.upstream) {
+            return bad("a replica cannot be the upstream primary");
         }
         if c.max_message_bytes < 1024 {
             return bad("max_message_bytes must be at least 1024");
@@ -119,6 +172,97 @@ impl Config {
         {
             return bad("cdc.slot must be lower-case letters, digits and _");
         }
+        c.prepare_auth().map_err(|m| ConfigError::Invalid(path.into(), m))?;
         Ok(c)
     }
+
+    /// The `[[users]]` entry of `name`.
+    pub fn user(&self, name: &str) -> Option<&UserConfig> {
+        self.users.iter().find(|u| u.name == name)
+    }
+
+    /// The password the proxy logs in upstream with as `user` (for its own
+    /// connections too: CDC, health checks, replicas).
+    pub fn upstream_password(&self, user: &str) -> Option<&str> {
+        self.user(user).and_then(|u| u.upstream_password.as_deref())
+    }
+
+    /// Checks `[[users]]` and `[tls]`, derives the SCRAM secrets and loads the
+    /// certificate.
+    fn prepare_auth(&mut self) -> Result<(), String> {
+        let mut seen = std::collections::HashSet::new();
+        for (i, u) in self.users.iter_mut().enumerate() {
+            let at = format!("users[{i}] ({:?})", u.name);
+            if u.name.is_empty() || u.name.contains('\0') {
+                return Err(format!("users[{i}]: name must be a non-empty user name"));
+            }
+            if !seen.insert(u.name.clone()) {
+                return Err(format!("{at}: the user is listed twice"));
+            }
+            if u.password.is_empty() {
+                return Err(format!("{at}: password is empty"));
+            }
+            if crate::auth::is_md5_hash(&u.password) {
+                return Err(format!(
+                    "{at}: password is an MD5 hash, which SCRAM cannot use: give the plaintext password or a SCRAM-SHA-256 verifier"
+                ));
+            }
+            let secret = if crate::auth::is_verifier(&u.password) {
+                crate::auth::ScramSecret::parse_verifier(&u.password).map_err(|e| format!("{at}: password: {e}"))?
+            } else {
+                if u.upstream_password.is_none() {
+                    u.upstream_password = Some(u.password.clone());
+                }
+                crate::auth::ScramSecret::from_password(&u.password)
+            };
+            if u.upstream_password.as_deref().is_some_and(|p| p.is_empty() || p.contains('\0')) {
+                return Err(format!("{at}: upstream_password must be a non-empty plaintext password"));
+            }
+            u.secret = Some(secret);
+        }
+        if let Some(t) = &mut self.tls {
+            if t.cert.is_empty() || t.key.is_empty() {
+                return Err("tls: cert and key must be PEM file paths".into());
+            }
+            t.loaded = Some(crate::tls::Tls::load(&t.cert, &t.key).map_err(|e| format!("tls: {e}"))?);
+        }
+        Ok(())
+    }
+}
+
+/// A user the proxy authenticates.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    /// Plaintext, or a SCRAM verifier as in `pg_authid`:
+    /// `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`.
+    pub password: String,
+    /// Plaintext: what the proxy logs in upstream with as this user. Default:
+    /// `password` when it is plaintext, else none (filled by `Config::parse`).
+    #[serde(default)]
+    pub upstream_password: Option<String>,
+    /// The SCRAM secret of `password` (derived by `Config::parse`).
+    #[serde(skip)]
+    pub secret: Option<crate::auth::ScramSecret>,
+}
+
+impl std::fmt::Debug for UserConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // never the passwords
+        f.debug_struct("UserConfig").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// TLS for clients: PEM files.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first.
+    pub cert: String,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+    /// Loaded by `Config::parse`.
+    #[serde(skip)]
+    pub loaded: Option<crate::tls::Tls>,
 }

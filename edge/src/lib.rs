@@ -2,10 +2,14 @@
 //! it drives the core's `EdgeNode` and relays what must go to the primary,
 //! byte for byte. Only this crate knows tokio.
 
+pub mod auth;
 pub mod cdc;
 pub mod config;
+pub mod frontend;
 pub mod protocol;
 pub mod proxy;
+pub mod tls;
+pub mod topology;
 pub mod upstream;
 
 pub use config::Config;

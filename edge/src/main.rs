@@ -21,9 +21,7 @@ async fn main() -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(&config.listen).await.with_context(|| format!("listen on {}", config.listen))?;
     let proxy = postai_edge::Proxy::new(config)?;
-    if proxy.config.cdc.enabled {
-        tokio::spawn(postai_edge::cdc::run(proxy.clone()));
-    }
+    proxy.spawn_tasks();
     eprintln!("postai-edge: listening on {}, primary {}", proxy.config.listen, proxy.config.upstream);
     tokio::select! {
         r = postai_edge::serve(proxy, listener) => r.context("accept")?,

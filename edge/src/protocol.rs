@@ -202,6 +202,26 @@ pub fn first_value(msgs: &[Message]) -> Option<String> {
     String::from_utf8(b[..len as usize].to_vec()).ok()
 }
 
+/// Every column of a DataRow as text (`None` for NULL); `None` if malformed.
+pub fn text_columns(row: &Message) -> Option<Vec<Option<String>>> {
+    let b = row.body();
+    let n = i16::from_be_bytes([*b.first()?, *b.get(1)?]);
+    let mut at = 2usize;
+    let mut out = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n.max(0) {
+        let len = i32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?);
+        at += 4;
+        if len < 0 {
+            out.push(None);
+            continue;
+        }
+        let v = b.get(at..at + len as usize)?;
+        at += len as usize;
+        out.push(Some(String::from_utf8_lossy(v).into_owned()));
+    }
+    Some(out)
+}
+
 /// Parses an LSN as PostgreSQL prints it (`16/B374D848`).
 pub fn parse_lsn(s: &str) -> Option<u64> {
     let (hi, lo) = s.trim().split_once('/')?;

@@ -1,5 +1,6 @@
-//! One task per client connection: startup and authentication are relayed to
-//! the primary as they are (the primary authenticates); simple queries go
+//! One task per client connection: TLS and authentication end at the proxy
+//! (`frontend.rs`), which logs in to the primary on the client's behalf
+//! (`upstream::login`) and relays its ParameterStatus; simple queries go
 //! through the core (cache hit, or relay and fill); the extended protocol is
 //! relayed as is, and the upstream transaction status keeps the core honest.
 
@@ -9,20 +10,23 @@ use std::sync::{Arc, Mutex};
 use bytes::{BufMut, BytesMut};
 use postai_core::cache::{Eviction, TierConfig, TierName};
 use postai_core::consistency::Consistency;
+use postai_core::failover::FailoverConfig;
 use postai_core::invalidation::VersionMapConfig;
 use postai_core::node::{
-    EdgeNode, InvalidationMode, NodeConfig, NodeOutput, Prepared, Served, SessionId, UpstreamReply,
+    EdgeNode, InvalidationMode, NodeConfig, NodeOutput, Prepared, Route, Served, SessionId, UpstreamReply,
 };
-use postai_core::router::Zone;
+use postai_core::router::{EndpointId, Zone};
 use postai_core::sql::{AnalyzerConfig, Catalog, StatementKind, TxnControl};
 use postai_core::{Duration, Instant, Lsn};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::Config;
-use crate::protocol::{self, FRONTEND_TAGS, Message, Startup};
-use crate::upstream::{Conn, error_message};
+use crate::frontend::{self, ClientStream, Opening};
+use crate::protocol::{self, FRONTEND_TAGS, Message};
+use crate::topology::Topology;
+use crate::upstream::{self, Conn, error_message};
 
 /// A cached result: the encoded backend messages, ReadyForQuery excluded.
 pub type Value = Arc<[u8]>;
@@ -33,6 +37,8 @@ pub struct Proxy {
     pub node: Mutex<EdgeNode<Value>>,
     /// Highest `pg_current_wal_lsn()` seen: a lower bound of any later snapshot.
     pub lsn_seen: AtomicU64,
+    /// The database nodes: primary, replicas, failover.
+    pub topology: Mutex<Topology>,
     next_session: AtomicU64,
     start: std::time::Instant,
 }
@@ -66,9 +72,17 @@ impl Proxy {
             cdc_silence_max: config.cdc.enabled.then(|| Duration::from_millis(config.cdc.silence_max_ms)),
         };
         let node = EdgeNode::new(node_config, catalog, Lsn(0))?;
+        let f = &config.failover;
+        let failover = f.enabled.then(|| FailoverConfig {
+            heartbeat_timeout: Duration::from_millis(f.timeout_ms),
+            promote_timeout: Duration::from_millis(f.promote_timeout_ms),
+            nodes_max: config.replicas.len() + 2,
+        });
+        let topology = Topology::new(&config.upstream, &config.replicas, failover, Instant::ZERO);
         Ok(Arc::new(Proxy {
             config,
             node: Mutex::new(node),
+            topology: Mutex::new(topology),
             lsn_seen: AtomicU64::new(0),
             next_session: AtomicU64::new(1),
             start: std::time::Instant::now(),
@@ -83,6 +97,42 @@ impl Proxy {
     fn node(&self) -> std::sync::MutexGuard<'_, EdgeNode<Value>> {
         // a panic while holding the lock is a bug; keep serving with the state as is
         self.node.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn topology(&self) -> std::sync::MutexGuard<'_, Topology> {
+        self.topology.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current primary (it changes on failover).
+    pub fn primary_addr(&self) -> String {
+        self.topology().primary_addr()
+    }
+
+    /// A connection of the proxy's own (CDC, health checks) as `user`, with
+    /// the password `[[users]]` gives it upstream, if any.
+    pub async fn service_login(&self, addr: &str, user: &str, database: &str) -> std::io::Result<Conn> {
+        let params = vec![("user".to_string(), user.to_string()), ("database".to_string(), database.to_string())];
+        let password = self.config.upstream_password(user);
+        match upstream::login(addr, &params, password, self.config.max_message_bytes).await {
+            Ok(l) => Ok(l.conn),
+            Err(upstream::LoginError::Io(e) | upstream::LoginError::Unreachable(_, e)) => Err(e),
+            Err(e) => Err(std::io::Error::other(e.to_string())),
+        }
+    }
+
+    /// Drops every cached entry (a failover: the old CDC stream is gone).
+    pub fn forget_cache(&self, _now: Instant) {
+        let mut n = self.node();
+        n.clear_tier(TierName::L1);
+        n.clear_tier(TierName::L2);
+    }
+
+    /// Starts the background tasks: the CDC reader and the health checks.
+    pub fn spawn_tasks(self: &Arc<Self>) {
+        if self.config.cdc.enabled {
+            tokio::spawn(crate::cdc::run(self.clone()));
+        }
+        tokio::spawn(crate::topology::run(self.clone()));
     }
 
     /// `SHOW POSTAI STATS` as (name, value) rows.
@@ -106,6 +156,13 @@ impl Proxy {
                 rows.push((format!("{t:?}_invalidations").to_lowercase(), ts.invalidations.to_string()));
             }
         }
+        drop(n);
+        let t = self.topology();
+        rows.push(("replica_reads".into(), t.replica_reads.to_string()));
+        rows.push(("failovers".into(), t.failovers.to_string()));
+        rows.push(("epoch".into(), t.epoch().0.to_string()));
+        rows.push(("primary".into(), t.primary_addr()));
+        rows.push(("fenced_returns".into(), t.fenced_returns.to_string()));
         rows
     }
 }
@@ -127,8 +184,8 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) -> std::io::Result<
 
 struct Client {
     proxy: Arc<Proxy>,
-    rd: OwnedReadHalf,
-    wr: OwnedWriteHalf,
+    rd: ReadHalf<ClientStream>,
+    wr: WriteHalf<ClientStream>,
     buf: BytesMut,
     out: BytesMut,
     up: Conn,
@@ -139,16 +196,47 @@ struct Client {
     extended_write: bool,
     /// Prepared statements by name, as analysed by the core.
     statements: std::collections::HashMap<String, Prepared>,
-    /// A Parse of the unnamed statement answered from the cache, not yet sent.
-    unsent_unnamed_parse: Option<Message>,
+    /// Their Parse messages (to prepare them elsewhere).
+    parses: std::collections::HashMap<String, Message>,
+    /// Their parameter types: declared in Parse, or learned from the
+    /// ParameterDescription answering a Describe of the statement.
+    param_types: std::collections::HashMap<String, Vec<u32>>,
+    /// Statements described in the requests sent, in order, whose
+    /// ParameterDescription has not come back yet.
+    described: std::collections::VecDeque<String>,
+    /// Parses answered without the primary (cache hit, replica), not yet sent to it.
+    unsent_parses: Vec<Message>,
+    /// Connections to replicas, opened on the first read routed to each.
+    replicas: ReplicaConns,
     /// ParseComplete messages the client must not see (for re-sent Parses).
     swallow_parse_complete: u32,
+    /// The current relay has already written part of its answer to the client.
+    flushed_mid: bool,
 }
 
 struct CacheableExec {
     prepared: Prepared,
     params: Vec<Option<Vec<u8>>>,
-    parsed_unnamed: Option<Message>,
+    /// The batch's own Parse (the primary must still see it).
+    parse: Option<Message>,
+    /// The prepared statement the batch binds.
+    statement: String,
+}
+
+/// A session's replica connections, and what they need to match its primary
+/// connection.
+#[derive(Default)]
+struct ReplicaConns {
+    conns: Vec<(EndpointId, Conn)>,
+    /// The startup parameters the client logged in with.
+    login: Vec<(String, String)>,
+    /// The password the proxy logs in upstream with, for this user.
+    password: Option<String>,
+    /// SET/RESET statements the session ran, replayed on each new connection.
+    settings: Vec<bytes::Bytes>,
+    /// Session state a replica connection cannot reproduce (a SET inside a
+    /// transaction or through the extended protocol): primary only.
+    pinned: bool,
 }
 
 const PARSE_COMPLETE: [u8; 5] = [b'1', 0, 0, 0, 4];
@@ -157,7 +245,8 @@ const BIND_COMPLETE: [u8; 5] = [b'2', 0, 0, 0, 4];
 struct Bind {
     portal: String,
     statement: String,
-    binary_params: bool,
+    /// Per parameter: 0 text, 1 binary (Bind's format codes, expanded).
+    param_formats: Vec<i16>,
     params: Vec<Option<Vec<u8>>>,
     result_formats: Vec<u8>,
 }
@@ -180,11 +269,16 @@ fn parse_bind(m: &Message) -> Option<Bind> {
     let portal = cstr(&mut at)?;
     let statement = cstr(&mut at)?;
     let nformats = i16_at(&mut at)?;
-    let mut binary_params = false;
+    let mut formats = Vec::with_capacity(nformats.max(0) as usize);
     for _ in 0..nformats.max(0) {
-        binary_params |= i16_at(&mut at)? != 0;
+        formats.push(i16_at(&mut at)?);
     }
     let nparams = i16_at(&mut at)?;
+    let param_formats: Vec<i16> = match formats.len() {
+        0 => vec![0; nparams.max(0) as usize],
+        1 => vec![formats[0]; nparams.max(0) as usize],
+        _ => formats,
+    };
     let mut params = Vec::with_capacity(nparams.max(0) as usize);
     for _ in 0..nparams.max(0) {
         let len = i32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?);
@@ -198,51 +292,42 @@ fn parse_bind(m: &Message) -> Option<Bind> {
     }
     let nresults = i16_at(&mut at)?;
     let result_formats = b.get(at..at + 2 * nresults.max(0) as usize)?.to_vec();
-    Some(Bind { portal, statement, binary_params, params, result_formats })
+    Some(Bind { portal, statement, param_formats, params, result_formats })
 }
 
 impl Client {
     async fn run(proxy: Arc<Proxy>, socket: TcpStream) -> anyhow::Result<()> {
         let max = proxy.config.max_message_bytes;
-        let (mut rd, mut wr) = socket.into_split();
-        let mut buf = BytesMut::with_capacity(8 << 10);
-        let params = loop {
-            match protocol::decode_startup(&mut buf, max) {
-                Ok(Some(Startup::Params(p))) => break p,
-                Ok(Some(Startup::Ssl | Startup::GssEnc)) => wr.write_all(b"N").await?,
-                Ok(Some(Startup::Cancel { pid, key })) => {
-                    let mut c = Conn::connect(&proxy.config.upstream, max).await?;
-                    let mut m = BytesMut::with_capacity(16);
-                    m.put_i32(16);
-                    m.put_i32(protocol::CANCEL_REQUEST);
-                    m.put_i32(pid);
-                    m.put_i32(key);
-                    c.send(&m).await?;
-                    return Ok(());
-                }
-                Ok(None) => {
-                    if rd.read_buf(&mut buf).await? == 0 {
-                        return Ok(());
-                    }
-                }
-                Err(e) => {
-                    wr.write_all(&protocol::error_response("FATAL", "08P01", &e.to_string())).await?;
-                    return Ok(());
-                }
+        // TLS, the StartupMessage and client authentication end at the proxy
+        let accepted = match frontend::open(&proxy.config, socket).await? {
+            Opening::Login(a) => a,
+            Opening::Cancel { pid, key } => {
+                let mut c = Conn::connect(&proxy.primary_addr(), max).await?;
+                let mut m = BytesMut::with_capacity(16);
+                m.put_i32(16);
+                m.put_i32(protocol::CANCEL_REQUEST);
+                m.put_i32(pid);
+                m.put_i32(key);
+                c.send(&m).await?;
+                return Ok(());
             }
+            Opening::Closed => return Ok(()),
         };
-        let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-        let user = param("user").unwrap_or_default();
-        let database = param("database").unwrap_or_else(|| user.clone());
-        let mut up = match Conn::connect(&proxy.config.upstream, max).await {
-            Ok(c) => c,
+        // the proxy logs in upstream on the client's behalf, with its own password
+        let params = accepted.upstream_params();
+        let frontend::Accepted { rd, mut wr, buf, user, database, upstream_password, auth_ok, .. } = *accepted;
+        let login = match upstream::login(&proxy.primary_addr(), &params, upstream_password.as_deref(), max).await {
+            Ok(l) => l,
             Err(e) => {
-                let msg = format!("postai-edge: upstream {} unreachable: {e}", proxy.config.upstream);
-                wr.write_all(&protocol::error_response("FATAL", "08006", &msg)).await?;
+                if !matches!(e, upstream::LoginError::Refused(_)) {
+                    eprintln!("postai-edge: upstream login as {user:?}: {e}");
+                }
+                wr.write_all(&e.client_error()).await?;
+                let _ = wr.shutdown().await;
                 return Ok(());
             }
         };
-        up.send(&protocol::startup(&params)).await?;
+        let up = login.conn;
         let session = SessionId(proxy.next_session.fetch_add(1, Ordering::Relaxed));
         let mut c = Client {
             proxy,
@@ -255,12 +340,16 @@ impl Client {
             status: b'I',
             extended_write: false,
             statements: std::collections::HashMap::new(),
-            unsent_unnamed_parse: None,
+            parses: std::collections::HashMap::new(),
+            param_types: std::collections::HashMap::new(),
+            described: std::collections::VecDeque::new(),
+            unsent_parses: Vec::new(),
+            replicas: ReplicaConns { login: params.clone(), password: upstream_password, ..ReplicaConns::default() },
             swallow_parse_complete: 0,
+            flushed_mid: false,
         };
-        if !c.relay_login().await? {
-            return Ok(());
-        }
+        // the client sees the primary's ParameterStatus and BackendKeyData (cancels go to it)
+        c.wr.write_all(&frontend::greeting(&auth_ok, &login.greeting, login.status)).await?;
         let opened = c.proxy.node().open_session(session, &user, &database, Consistency::ReadYourWrites);
         if let Err(e) = opened {
             c.wr.write_all(&protocol::error_response("FATAL", "53300", &e.to_string())).await?;
@@ -269,26 +358,6 @@ impl Client {
         let result = c.serve_queries().await;
         c.proxy.node().close_session(session);
         result
-    }
-
-    /// Relays authentication both ways until the primary is ready.
-    async fn relay_login(&mut self) -> anyhow::Result<bool> {
-        loop {
-            let m = self.up.recv().await?;
-            self.wr.write_all(&m.raw).await?;
-            match m.tag {
-                b'Z' => return Ok(true),
-                b'E' => return Ok(false),
-                b'R' if m.body().get(..4).is_some_and(|c| c != [0, 0, 0, 0] && c != [0, 0, 0, 12]) => {
-                    // a password, SASL initial or SASL response from the client
-                    if matches!(m.body().get(..4), Some([0, 0, 0, 3 | 5 | 10 | 11])) {
-                        let Some(p) = self.client_message().await? else { return Ok(false) };
-                        self.up.send(&p.raw).await?;
-                    }
-                }
-                _ => {}
-            }
-        }
     }
 
     async fn client_message(&mut self) -> anyhow::Result<Option<Message>> {
@@ -338,17 +407,32 @@ impl Client {
                 b'P' => {
                     if let Some((name, sql)) = parse_message(&m) {
                         let prepared = self.proxy.node().prepare(&sql).ok();
-                        // a statement that may write: this session's later cached
-                        // reads must reflect it
-                        self.extended_write |= prepared.as_ref().is_none_or(|p| p.shape.kind != StatementKind::Read);
+                        if prepared.as_ref().is_some_and(|p| p.shape.kind == StatementKind::Session) {
+                            // a SET a replica connection would not see
+                            self.replicas.pinned = true;
+                        }
                         match prepared {
                             Some(p) => {
-                                self.statements.insert(name, p);
+                                self.statements.insert(name.clone(), p);
+                                self.param_types.insert(name.clone(), parse_param_types(&m).unwrap_or_default());
+                                self.parses.insert(name, m.clone());
                             }
                             None => {
                                 self.statements.remove(&name);
+                                self.param_types.remove(&name);
+                                self.parses.remove(&name);
                             }
                         }
+                    }
+                    batch.push(m);
+                }
+                b'C' => {
+                    // Close of a statement: forget it (a portal close needs nothing)
+                    if let Some(name) = m.body().strip_prefix(b"S").and_then(|n| n.strip_suffix(b"\0")) {
+                        let name = String::from_utf8_lossy(name).into_owned();
+                        self.statements.remove(&name);
+                        self.param_types.remove(&name);
+                        self.parses.remove(&name);
                     }
                     batch.push(m);
                 }
@@ -365,17 +449,30 @@ impl Client {
     /// Sends a batch upstream, first re-sending an unnamed statement that a
     /// cache hit answered without the primary (its ParseComplete is swallowed).
     async fn send_batch(&mut self, batch: &[Message]) -> anyhow::Result<()> {
-        if let Some(parse) = self.unsent_unnamed_parse.take() {
-            let starts_with_own =
-                batch.first().is_some_and(|m| m.tag == b'P' && parse_message(m).is_some_and(|(n, _)| n.is_empty()));
-            if !starts_with_own {
-                self.up.send(&parse.raw).await?;
-                self.swallow_parse_complete += 1;
+        let own_unnamed =
+            batch.first().is_some_and(|m| m.tag == b'P' && parse_message(m).is_some_and(|(n, _)| n.is_empty()));
+        for parse in std::mem::take(&mut self.unsent_parses) {
+            if own_unnamed && parse_message(&parse).is_some_and(|(n, _)| n.is_empty()) {
+                continue;
             }
+            self.up.send(&parse.raw).await?;
+            self.swallow_parse_complete += 1;
         }
         self.out.clear();
         for m in batch {
             self.out.extend_from_slice(&m.raw);
+            if m.tag == b'B' && !self.extended_write {
+                // a statement that may write: this session's later cached
+                // reads must reflect it (the floor is raised at Sync)
+                let name = bind_statement(m);
+                self.extended_write =
+                    name.and_then(|n| self.statements.get(n)).is_none_or(|p| p.shape.kind != StatementKind::Read);
+            }
+            if m.tag == b'D'
+                && let Some(name) = m.body().strip_prefix(b"S").and_then(|n| n.strip_suffix(b"\0"))
+            {
+                self.described.push_back(String::from_utf8_lossy(name).into_owned());
+            }
         }
         let out = std::mem::take(&mut self.out);
         self.up.send(&out).await?;
@@ -422,6 +519,7 @@ impl Client {
                     self.swallow_parse_complete -= 1;
                     continue;
                 }
+                self.snoop(&m);
                 self.wr.write_all(&m.raw).await?;
                 if m.tag == b'E' {
                     return Ok(());
@@ -447,22 +545,39 @@ impl Client {
         match out {
             Some(NodeOutput::Reply { value, .. }) => {
                 let mut out = BytesMut::with_capacity(value.len() + 16);
-                if exec.parsed_unnamed.is_some() {
+                if exec.parse.is_some() {
                     out.extend_from_slice(&PARSE_COMPLETE);
                 }
                 out.extend_from_slice(&BIND_COMPLETE);
                 out.extend_from_slice(&value);
                 out.extend_from_slice(&protocol::ready_for_query(self.status));
                 self.wr.write_all(&out).await?;
-                if let Some(p) = exec.parsed_unnamed {
+                if let Some(p) = exec.parse {
                     // the primary never saw this Parse: re-send it before the
-                    // unnamed statement is used upstream
-                    self.unsent_unnamed_parse = Some(p);
+                    // statement is used upstream
+                    self.unsent_parses.push(p);
                 }
             }
             Some(NodeOutput::Upstream(u)) => {
                 let keep = u.cache_key.map(|_| self.proxy.config.cache.entry_bytes_max);
-                let (kept, error) = self.relay_batch(&batch, &sync, keep).await?;
+                let on_replica = match (u.route, self.replica_request(&batch, &exec.statement, &sync)) {
+                    (Route::Read { floor }, Some(request)) if keep.is_some() => {
+                        self.read_on_replica(&request, keep, floor, exec.parse.is_none()).await?
+                    }
+                    _ => None,
+                };
+                let (kept, error, snapshot, served) = match on_replica {
+                    Some((kept, error, replayed)) => {
+                        if let Some(p) = exec.parse {
+                            self.unsent_parses.push(p);
+                        }
+                        (kept, error, replayed, Served::Replica)
+                    }
+                    None => {
+                        let (kept, error) = self.relay_batch(&batch, &sync, keep).await?;
+                        (kept, error, snapshot, Served::Primary)
+                    }
+                };
                 let result = match error {
                     Some(e) => Err(e),
                     None => {
@@ -476,7 +591,9 @@ impl Client {
                                 }
                             }
                         }
-                        Ok(primary_reply(Arc::from(&value[..]), snapshot, None))
+                        let mut reply = primary_reply(Arc::from(&value[..]), snapshot, None);
+                        reply.served = served;
+                        Ok(reply)
                     }
                 };
                 self.finish(u.req, result);
@@ -486,6 +603,40 @@ impl Client {
             }
         }
         Ok(())
+    }
+
+    /// A cacheable batch as a replica runs it: the statement as an unnamed
+    /// Parse (the replica connection has not prepared it), the Bind re-pointed
+    /// at it, the rest as sent, and Sync. `None` without replicas.
+    fn replica_request(&self, batch: &[Message], statement: &str, sync: &Message) -> Option<BytesMut> {
+        if self.proxy.config.replicas.is_empty() || self.replicas.pinned {
+            return None;
+        }
+        let rest = match batch.first() {
+            Some(m) if m.tag == b'P' => &batch[1..],
+            _ => batch,
+        };
+        let parse = batch.first().filter(|m| m.tag == b'P').or_else(|| self.parses.get(statement))?;
+        let (bind, tail) = rest.split_first()?;
+        let p = parse.body();
+        let name_end = p.iter().position(|c| *c == 0)?;
+        let b = bind.body();
+        let portal_end = b.iter().position(|c| *c == 0)?;
+        let stmt_end = portal_end + 1 + b.get(portal_end + 1..)?.iter().position(|c| *c == 0)?;
+        let mut out = BytesMut::with_capacity(parse.raw.len() + bind.raw.len() + 64);
+        let mut body = Vec::with_capacity(p.len());
+        body.push(0);
+        body.extend_from_slice(&p[name_end + 1..]);
+        frame_into(&mut out, b'P', &body);
+        body.clear();
+        body.extend_from_slice(&[0, 0]);
+        body.extend_from_slice(&b[stmt_end + 1..]);
+        frame_into(&mut out, b'B', &body);
+        for m in tail {
+            out.extend_from_slice(&m.raw);
+        }
+        out.extend_from_slice(&sync.raw);
+        Some(out)
     }
 
     /// A batch the cache may answer: `[Parse] Bind [Describe portal] Execute`
@@ -505,7 +656,7 @@ impl Client {
             _ => return None,
         };
         let bind = parse_bind(bind)?;
-        if !bind.portal.is_empty() || bind.binary_params {
+        if !bind.portal.is_empty() || bind.param_formats.len() != bind.params.len() {
             return None;
         }
         if let Some(d) = describe
@@ -516,21 +667,32 @@ impl Client {
         if execute.body() != b"\0\0\0\0\0" {
             return None;
         }
-        let parsed_unnamed = match parse.and_then(parse_message) {
+        let parse = match parse.and_then(parse_message) {
             Some((name, _)) if name != bind.statement => return None,
-            Some((name, _)) if name.is_empty() => parse.cloned(),
-            _ => None,
+            Some(_) => parse.cloned(),
+            None => None,
         };
         let prepared = self.statements.get(&bind.statement)?.clone();
         if !prepared.shape.is_cacheable() {
             return None;
         }
         let mut params: Vec<Option<Vec<u8>>> = bind.params;
+        if bind.param_formats.iter().any(|f| *f != 0) {
+            // binary parameters: as text, when their type is known and simple
+            let types = self.param_types.get(&bind.statement)?;
+            for (i, p) in params.iter_mut().enumerate() {
+                if bind.param_formats[i] != 0
+                    && let Some(v) = p.as_mut()
+                {
+                    *v = binary_param_as_text(*types.get(i)?, v)?;
+                }
+            }
+        }
         // what else changes the bytes of the answer: Describe, result formats
         let mut shape_of_answer = vec![u8::from(describe.is_some())];
         shape_of_answer.extend_from_slice(&bind.result_formats);
         params.push(Some(shape_of_answer));
-        Some(CacheableExec { prepared, params, parsed_unnamed })
+        Some(CacheableExec { prepared, params, parse, statement: bind.statement })
     }
 
     /// Gives the node one query (`ask`), the upstream transaction status first
@@ -608,10 +770,24 @@ impl Client {
                 self.wr.write_all(&self.out).await?;
             }
             Some(NodeOutput::Upstream(u)) => {
-                self.up.send(&m.raw).await?;
                 let keep = u.cache_key.map(|_| self.proxy.config.cache.entry_bytes_max);
-                let (kept, error) = self.relay_until_ready(keep).await?;
+                let on_replica = match u.route {
+                    Route::Read { floor } if keep.is_some() => self.read_on_replica(&m.raw, keep, floor, false).await?,
+                    _ => None,
+                };
+                let was_idle = self.status == b'I';
+                let (kept, error, snapshot, served) = match on_replica {
+                    Some((kept, error, replayed)) => (kept, error, replayed, Served::Replica),
+                    None => {
+                        self.up.send(&m.raw).await?;
+                        let (kept, error) = self.relay_until_ready(keep).await?;
+                        (kept, error, snapshot, Served::Primary)
+                    }
+                };
                 let shape = u.shape.clone();
+                if shape.kind == StatementKind::Session && error.is_none() {
+                    self.replicas.setting(m, was_idle && self.status == b'I');
+                }
                 let wrote = !shape.writes.is_empty() || shape.writes_unknown || shape.txn == Some(TxnControl::Commit);
                 let commit_lsn =
                     if error.is_none() && wrote && self.status == b'I' { self.current_lsn().await? } else { None };
@@ -619,7 +795,9 @@ impl Client {
                     Some(e) => Err(e),
                     None => {
                         let value: Value = kept.map(|b| Arc::from(&b[..])).unwrap_or_else(|| Arc::from(&[][..]));
-                        Ok(primary_reply(value, snapshot, commit_lsn))
+                        let mut reply = primary_reply(value, snapshot, commit_lsn);
+                        reply.served = served;
+                        Ok(reply)
                     }
                 };
                 self.finish(u.req, result);
@@ -633,6 +811,99 @@ impl Client {
         Ok(())
     }
 
+    /// Learns statements' parameter types from ParameterDescriptions.
+    fn snoop(&mut self, m: &Message) {
+        match m.tag {
+            b't' => {
+                if let Some(name) = self.described.pop_front()
+                    && let Some(types) = parameter_description(m)
+                    && self.statements.contains_key(&name)
+                {
+                    self.param_types.insert(name, types);
+                }
+            }
+            // an error skips the rest of the batch; ReadyForQuery ends it
+            b'E' | b'Z' => self.described.clear(),
+            _ => {}
+        }
+    }
+
+    /// Runs a cacheable read (`request`, ending in Sync) on a replica that has
+    /// replayed past `floor`, relaying its answer to the client. `None` when
+    /// no replica is fresh enough or the replica failed before the client saw
+    /// anything: the caller asks the primary. Otherwise the kept copy, the
+    /// first error and the snapshot (the replica's replay LSN before the read).
+    async fn read_on_replica(
+        &mut self,
+        request: &[u8],
+        keep: Option<usize>,
+        floor: Option<Lsn>,
+        swallow_parse: bool,
+    ) -> anyhow::Result<Option<(Option<BytesMut>, Option<String>, Lsn)>> {
+        if self.status != b'I' || self.replicas.pinned || self.proxy.config.replicas.is_empty() {
+            return Ok(None);
+        }
+        let started = self.proxy.now();
+        let Some(route) = self.proxy.topology().route_read(started, floor) else { return Ok(None) };
+        let conn = match self.replicas.conns.iter().position(|(id, _)| *id == route.id) {
+            Some(i) => Ok(self.replicas.conns.swap_remove(i).1),
+            None => self.open_replica(&route.addr).await,
+        };
+        let mut conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("postai-edge: replica {}: {e}", route.addr);
+                self.proxy.topology().read_done(self.proxy.now(), route.id, Err(()));
+                return Ok(None);
+            }
+        };
+        // the relay below works on `self.up`: lend it the replica connection
+        std::mem::swap(&mut self.up, &mut conn);
+        let saved_swallow = std::mem::replace(&mut self.swallow_parse_complete, u32::from(swallow_parse));
+        let result = match self.up.send(request).await {
+            Ok(()) => self.relay_until_ready(keep).await,
+            Err(e) => Err(e.into()),
+        };
+        self.swallow_parse_complete = saved_swallow;
+        std::mem::swap(&mut self.up, &mut conn);
+        let now = self.proxy.now();
+        match result {
+            Ok((kept, error)) => {
+                self.replicas.conns.push((route.id, conn));
+                self.proxy.topology().read_done(now, route.id, Ok(now.saturating_since(started)));
+                Ok(Some((kept, error, route.replayed)))
+            }
+            Err(e) => {
+                self.proxy.topology().read_done(now, route.id, Err(()));
+                if self.flushed_mid {
+                    // the client has part of the answer: nothing to retry
+                    return Err(e);
+                }
+                self.out.clear();
+                Ok(None)
+            }
+        }
+    }
+
+    /// Logs in to a replica as the client did and replays the session's settings.
+    async fn open_replica(&mut self, addr: &str) -> anyhow::Result<Conn> {
+        let max = self.proxy.config.max_message_bytes;
+        let mut c = upstream::login(addr, &self.replicas.login, self.replicas.password.as_deref(), max).await?.conn;
+        for set in &self.replicas.settings {
+            c.send(set).await?;
+            loop {
+                let m = c.recv().await?;
+                if m.tag == b'E' {
+                    anyhow::bail!("replaying a setting: {}", error_message(&m));
+                }
+                if m.tag == b'Z' {
+                    break;
+                }
+            }
+        }
+        Ok(c)
+    }
+
     /// Relays upstream messages to the client until ReadyForQuery (relaying
     /// COPY data from the client in between). Keeps a copy of the messages,
     /// ReadyForQuery excluded, while they fit in `keep` bytes. Returns the
@@ -641,12 +912,14 @@ impl Client {
         let mut kept = keep.map(|_| BytesMut::new());
         let mut error = None;
         self.out.clear();
+        self.flushed_mid = false;
         loop {
             let m = self.up.recv().await?;
             if m.tag == b'1' && self.swallow_parse_complete > 0 {
                 self.swallow_parse_complete -= 1;
                 continue;
             }
+            self.snoop(&m);
             self.out.extend_from_slice(&m.raw);
             match m.tag {
                 b'Z' => {
@@ -661,6 +934,7 @@ impl Client {
                 }
                 b'G' => {
                     // COPY FROM STDIN: the client's data goes to the primary
+                    self.flushed_mid = true;
                     self.wr.write_all(&self.out).await?;
                     self.out.clear();
                     kept = None;
@@ -683,6 +957,7 @@ impl Client {
                 }
             }
             if self.out.len() > 64 << 10 {
+                self.flushed_mid = true;
                 self.wr.write_all(&self.out).await?;
                 self.out.clear();
             }
@@ -701,10 +976,89 @@ impl Client {
     }
 }
 
+impl ReplicaConns {
+    /// Settings replayed on a replica connection at most: more pins the session.
+    const SETTINGS_MAX: usize = 64;
+
+    /// The session ran a SET/RESET/DISCARD: future replica connections must
+    /// replay it, the open ones do not have it.
+    fn setting(&mut self, query: &Message, outside_transaction: bool) {
+        if !outside_transaction || self.settings.len() >= Self::SETTINGS_MAX {
+            self.pinned = true;
+            return;
+        }
+        self.settings.push(query.raw.clone());
+        self.conns.clear();
+    }
+}
+
 /// What the primary answered, for the node: the encoded messages it sent.
 fn primary_reply(value: Value, snapshot: Lsn, commit_lsn: Option<Lsn>) -> UpstreamReply<Value> {
     let size_bytes = u32::try_from(value.len()).unwrap_or(u32::MAX);
     UpstreamReply { value, size_bytes, served: Served::Primary, snapshot_lsn: snapshot, commit_lsn, ttl: None }
+}
+
+/// The statement a Bind message binds.
+fn bind_statement(m: &Message) -> Option<&str> {
+    let b = m.body();
+    let portal_end = b.iter().position(|c| *c == 0)?;
+    let rest = b.get(portal_end + 1..)?;
+    std::str::from_utf8(&rest[..rest.iter().position(|c| *c == 0)?]).ok()
+}
+
+/// The parameter type OIDs a Parse declares (0: unspecified).
+fn parse_param_types(m: &Message) -> Option<Vec<u32>> {
+    let b = m.body();
+    let name_end = b.iter().position(|c| *c == 0)?;
+    let q = b.get(name_end + 1..)?;
+    let at = name_end + 1 + q.iter().position(|c| *c == 0)? + 1;
+    let n = i16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?);
+    (0..n.max(0) as usize)
+        .map(|i| Some(u32::from_be_bytes(b.get(at + 2 + 4 * i..at + 6 + 4 * i)?.try_into().ok()?)))
+        .collect()
+}
+
+/// The type OIDs of a ParameterDescription.
+fn parameter_description(m: &Message) -> Option<Vec<u32>> {
+    let b = m.body();
+    let n = i16::from_be_bytes(b.get(..2)?.try_into().ok()?);
+    (0..n.max(0) as usize).map(|i| Some(u32::from_be_bytes(b.get(2 + 4 * i..6 + 4 * i)?.try_into().ok()?))).collect()
+}
+
+/// A binary-format parameter in PostgreSQL's text output form, for the types
+/// whose text form is what the CDC stream prints for keys (integers, text,
+/// uuid, bool); `None` for the others (the batch is relayed, not cached).
+fn binary_param_as_text(oid: u32, v: &[u8]) -> Option<Vec<u8>> {
+    const BOOL: u32 = 16;
+    const NAME: u32 = 19;
+    const INT8: u32 = 20;
+    const INT2: u32 = 21;
+    const INT4: u32 = 23;
+    const TEXT: u32 = 25;
+    const OID: u32 = 26;
+    const VARCHAR: u32 = 1043;
+    const UUID: u32 = 2950;
+    Some(match oid {
+        INT2 => i16::from_be_bytes(v.try_into().ok()?).to_string().into_bytes(),
+        INT4 => i32::from_be_bytes(v.try_into().ok()?).to_string().into_bytes(),
+        INT8 => i64::from_be_bytes(v.try_into().ok()?).to_string().into_bytes(),
+        OID => u32::from_be_bytes(v.try_into().ok()?).to_string().into_bytes(),
+        TEXT | VARCHAR | NAME => {
+            std::str::from_utf8(v).ok()?;
+            v.to_vec()
+        }
+        BOOL => match v {
+            [0] => b"false".to_vec(),
+            [1] => b"true".to_vec(),
+            _ => return None,
+        },
+        UUID => {
+            let b: [u8; 16] = v.try_into().ok()?;
+            let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+            format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..]).into_bytes()
+        }
+        _ => return None,
+    })
 }
 
 /// The statement name and query text of a Parse message.

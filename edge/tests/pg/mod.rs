@@ -56,9 +56,62 @@ impl Pg {
         let mut text = std::fs::read_to_string(&path).expect("postgresql.conf");
         text.push_str(&conf);
         std::fs::write(&path, text).expect("write postgresql.conf");
-        let log = pg.dir.join("log");
-        pg.run("pg_ctl", &["-D", &data.to_string_lossy(), "-l", &log.to_string_lossy(), "-w", "start"]);
+        pg.pg_ctl_start();
         pg
+    }
+
+    /// A streaming replica of this cluster (pg_basebackup), named `name` (its
+    /// `application_name`); `apply_delay_ms` makes it lag on purpose.
+    #[allow(dead_code)]
+    pub fn start_replica(&self, name: &str, apply_delay_ms: u64) -> Pg {
+        let dir = std::env::temp_dir().join(format!("postai-{name}-{}-{}", std::process::id(), free_port()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let port = free_port();
+        let replica = Pg { dir, port, bin: self.bin.clone(), as_postgres: self.as_postgres };
+        if self.as_postgres {
+            let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&replica.dir).status();
+            assert!(ok.map(|s| s.success()).unwrap_or(false), "chown the replica directory to postgres");
+        }
+        let data = replica.dir.join("data");
+        let primary_port = self.port.to_string();
+        replica.run(
+            "pg_basebackup",
+            &["-h", "127.0.0.1", "-p", &primary_port, "-U", "postgres", "-D", &data.to_string_lossy(), "-X", "stream"],
+        );
+        let conf = format!(
+            "port = {port}\nunix_socket_directories = '{}'\nprimary_conninfo = 'host=127.0.0.1 port={primary_port} user=postgres application_name={name}'\nrecovery_min_apply_delay = '{apply_delay_ms}ms'\nhot_standby_feedback = on\n",
+            replica.dir.display()
+        );
+        let path = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&path).expect("postgresql.conf");
+        text.push_str(&conf);
+        std::fs::write(&path, text).expect("write postgresql.conf");
+        std::fs::write(data.join("standby.signal"), "").expect("standby.signal");
+        if self.as_postgres {
+            let _ = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&replica.dir).status();
+        }
+        replica.pg_ctl_start();
+        replica
+    }
+
+    fn pg_ctl_start(&self) {
+        let data = self.dir.join("data");
+        let log = self.dir.join("log");
+        self.run("pg_ctl", &["-D", &data.to_string_lossy(), "-l", &log.to_string_lossy(), "-w", "start"]);
+    }
+
+    /// Kills the server (`pg_ctl stop -m immediate`: a crash).
+    #[allow(dead_code)]
+    pub fn crash(&self) {
+        let data = self.dir.join("data");
+        self.run("pg_ctl", &["-D", &data.to_string_lossy(), "-m", "immediate", "stop"]);
+    }
+
+    /// Starts the server again after [`Pg::crash`].
+    #[allow(dead_code)]
+    pub fn restart(&self) {
+        self.pg_ctl_start();
     }
 
     fn command(&self, tool: &str) -> Command {

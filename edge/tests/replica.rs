@@ -1,0 +1,265 @@
+//! The proxy with a primary and streaming replicas: cache misses read from a
+//! replica that has replayed past the session's floor (read-your-writes
+//! against a lagging replica), and failover: the primary crashes under a
+//! write load, the synchronous replica is promoted with `pg_promote()`, writes
+//! resume, no acknowledged write is lost, and the old primary is fenced when
+//! it returns.
+
+mod pg;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pg::{Pg, free_port, psql};
+use postai_edge::{Config, Proxy};
+
+fn start_proxy(primary: &Pg, replicas: &[&Pg], extra: &str) -> (u16, tokio::runtime::Runtime) {
+    let port = free_port();
+    let list: Vec<String> = replicas.iter().map(|r| format!("'{}'", r.addr())).collect();
+    let text = format!(
+        "listen = '127.0.0.1:{port}'\nupstream = '{}'\nreplicas = [{}]\n\
+         [[tables]]\nname = 'items'\nprimary_key = 'id'\ninteger_key = true\n{extra}",
+        primary.addr(),
+        list.join(", ")
+    );
+    let config = Config::parse("test.toml", &text).expect("config parses");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let proxy = Proxy::new(config).expect("proxy");
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}")).await.expect("bind");
+        proxy.spawn_tasks();
+        tokio::spawn(postai_edge::serve(proxy, listener));
+    });
+    (port, rt)
+}
+
+/// Several statements in one psql session, each sent as its own query.
+fn psql_session(port: u16, sqls: &[&str]) -> String {
+    let port = port.to_string();
+    let mut c = Command::new("psql");
+    c.args(["-X", "-q", "-At", "-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-d", "postgres"]);
+    c.args(["-v", "ON_ERROR_STOP=1"]);
+    for s in sqls {
+        c.args(["-c", s]);
+    }
+    let out = c.output().expect("psql runs");
+    let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        s.push_str("ERROR: ");
+        s.push_str(&String::from_utf8_lossy(&out.stderr));
+    }
+    s.trim_end().to_string()
+}
+
+fn stat(port: u16, name: &str) -> String {
+    let out = psql(port, "SHOW POSTAI STATS");
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}|")).map(str::to_string))
+        .unwrap_or_else(|| panic!("stat {name} in SHOW POSTAI STATS: {out}"))
+}
+
+fn stat_n(port: u16, name: &str) -> u64 {
+    stat(port, name).parse().unwrap_or_else(|_| panic!("{name} is a number"))
+}
+
+fn rt_block_on(f: impl std::future::Future<Output = ()>) {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(f)
+}
+
+/// `replica_reads`, from a thread that is inside a runtime.
+async fn stat_n_async(port: u16) -> u64 {
+    tokio::task::spawn_blocking(move || stat_n(port, "replica_reads")).await.expect("psql")
+}
+
+fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn reads_go_to_fresh_replicas_and_sessions_read_their_writes() {
+    let primary = Pg::start("rw-primary");
+    let setup = psql(
+        primary.port,
+        "CREATE TABLE items (id int PRIMARY KEY, v text); INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 100) g;",
+    );
+    assert!(!setup.contains("ERROR"), "{setup}");
+    // a replica that applies WAL 1.5 s late
+    let replica = primary.start_replica("lagging", 1500);
+    assert!(eventually(Duration::from_secs(20), || psql(replica.port, "SELECT count(*) FROM items") == "100"));
+    let (port, _rt) = start_proxy(&primary, &[&replica], "[cdc]\npoll_ms = 50\n");
+    assert!(eventually(Duration::from_secs(10), || stat_n(port, "cdc_events") > 0), "CDC connected");
+
+    // a read with no floor: a cache miss answered by the replica
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            psql(port, "SELECT v FROM items WHERE id = 1") == "v1" && stat_n(port, "replica_reads") > 0
+        }),
+        "misses go to the replica once its health is known: {}",
+        psql(port, "SHOW POSTAI STATS")
+    );
+
+    // read-your-writes: the replica is 1.5 s behind, the session's read after
+    // its write must still see the write (it goes to the primary)
+    for id in 10..15 {
+        let value = format!("new{id}");
+        let out = psql_session(
+            port,
+            &[
+                &format!("SELECT v FROM items WHERE id = {id}"),
+                &format!("UPDATE items SET v = '{value}' WHERE id = {id}"),
+                &format!("SELECT v FROM items WHERE id = {id}"),
+            ],
+        );
+        assert_eq!(out, format!("v{id}\n{value}"), "read-your-writes through the lagging replica");
+        // the replica really is behind
+        assert_eq!(psql(replica.port, &format!("SELECT v FROM items WHERE id = {id}")), format!("v{id}"));
+    }
+    // a session with no write may read the replica; once it has replayed, everyone sees the write
+    assert!(eventually(Duration::from_secs(10), || psql(port, "SELECT v FROM items WHERE id = 12") == "new12"));
+
+    // the extended protocol: a named prepared statement, misses answered by
+    // the replica (as an unnamed statement there), a write then a read in the
+    // same session sees the write
+    rt_block_on(async {
+        let (client, conn) =
+            tokio_postgres::connect(&format!("host=127.0.0.1 port={port} user=postgres"), tokio_postgres::NoTls)
+                .await
+                .expect("connect through the proxy");
+        tokio::spawn(conn);
+        let read = client.prepare("SELECT v FROM items WHERE id = $1").await.expect("prepare");
+        let before = stat_n_async(port).await;
+        for id in 20..40 {
+            let rows = client.query(&read, &[&id]).await.expect("read");
+            let v: &str = rows[0].get(0);
+            assert_eq!(v, format!("v{id}"));
+        }
+        assert!(stat_n_async(port).await >= before + 20, "prepared misses went to the replica");
+        let write = client.prepare("UPDATE items SET v = $2 WHERE id = $1").await.expect("prepare");
+        for id in 20..25 {
+            client.execute(&write, &[&id, &format!("w{id}")]).await.expect("write");
+            let rows = client.query(&read, &[&id]).await.expect("read");
+            let v: &str = rows[0].get(0);
+            assert_eq!(v, format!("w{id}"), "read-your-writes through the extended protocol");
+        }
+    });
+
+    // settings follow the session to the replica: same query, different search_path
+    let out = psql_session(
+        port,
+        &[
+            "CREATE SCHEMA IF NOT EXISTS other",
+            "CREATE TABLE IF NOT EXISTS other.items (id int PRIMARY KEY, v text)",
+            "INSERT INTO other.items VALUES (1, 'other1') ON CONFLICT DO NOTHING",
+        ],
+    );
+    assert!(!out.contains("ERROR"), "{out}");
+    assert!(eventually(Duration::from_secs(10), || psql(replica.port, "SELECT count(*) FROM other.items") == "1"));
+    let before = stat_n(port, "replica_reads");
+    let out = psql_session(port, &["SET search_path = other", "SELECT v FROM items WHERE id = 1"]);
+    assert_eq!(out, "other1", "the replica connection replays the session's SET");
+    assert_eq!(psql(port, "SELECT v FROM items WHERE id = 1"), "v1");
+    assert!(stat_n(port, "replica_reads") > before);
+}
+
+#[test]
+fn failover_promotes_the_replica_loses_no_acknowledged_write_and_fences_the_old_primary() {
+    let primary = Pg::start("fo-primary");
+    let setup = psql(
+        primary.port,
+        "CREATE TABLE acks (id int PRIMARY KEY); CREATE TABLE items (id int PRIMARY KEY, v text); \
+         INSERT INTO items VALUES (1, 'one');",
+    );
+    assert!(!setup.contains("ERROR"), "{setup}");
+    let replica = primary.start_replica("standby", 0);
+    // synchronous replication: a commit is acknowledged once the standby has it
+    let sync = psql_session(
+        primary.port,
+        &["ALTER SYSTEM SET synchronous_standby_names = 'standby'", "SELECT pg_reload_conf()"],
+    );
+    assert!(!sync.contains("ERROR"), "{sync}");
+    assert!(eventually(Duration::from_secs(20), || {
+        psql(primary.port, "SELECT sync_state FROM pg_stat_replication") == "sync"
+    }));
+    let (port, _rt) = start_proxy(
+        &primary,
+        &[&replica],
+        "[cdc]\npoll_ms = 50\n[failover]\nhealth_interval_ms = 200\ntimeout_ms = 1500\n",
+    );
+    assert!(eventually(Duration::from_secs(10), || stat_n(port, "cdc_events") > 0), "CDC connected");
+    assert_eq!(psql(port, "SELECT v FROM items WHERE id = 1"), "one");
+
+    // a writer through the proxy: one connection per write, retrying on error
+    let acked = Arc::new(Mutex::new(Vec::<i32>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (acked, stop) = (acked.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut failed = 0u32;
+            for id in 1.. {
+                if stop.load(Ordering::Relaxed) {
+                    return failed;
+                }
+                let out = psql(port, &format!("INSERT INTO acks VALUES ({id})"));
+                if out.is_empty() {
+                    acked.lock().expect("lock").push(id);
+                } else {
+                    failed += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            failed
+        })
+    };
+    assert!(eventually(Duration::from_secs(10), || acked.lock().expect("lock").len() >= 20), "writes flow");
+    let crashed_at = Instant::now();
+    primary.crash();
+    let before = acked.lock().expect("lock").len();
+    assert!(
+        eventually(Duration::from_secs(40), || acked.lock().expect("lock").len() >= before + 20),
+        "writes resume after the failover: {}",
+        psql(port, "SHOW POSTAI STATS")
+    );
+    let recovered_in = crashed_at.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let failed = writer.join().expect("writer");
+    eprintln!("failover: writes resumed {recovered_in:?} after the crash; {failed} writes failed meanwhile");
+
+    assert_eq!(stat_n(port, "failovers"), 1);
+    assert_eq!(stat(port, "primary"), replica.addr());
+    assert_eq!(stat_n(port, "epoch"), 2);
+    assert_eq!(psql(replica.port, "SELECT pg_is_in_recovery()"), "f", "the replica was promoted");
+
+    // RPO 0: every acknowledged write is on the new primary
+    let acked = acked.lock().expect("lock").clone();
+    let present: std::collections::HashSet<i32> =
+        psql(replica.port, "SELECT id FROM acks").lines().filter_map(|l| l.parse().ok()).collect();
+    let lost: Vec<&i32> = acked.iter().filter(|id| !present.contains(id)).collect();
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+
+    // reads through the proxy still work (from the new primary, cache restarted)
+    assert!(eventually(Duration::from_secs(10), || psql(port, "SELECT v FROM items WHERE id = 1") == "one"));
+    assert_eq!(psql(port, "UPDATE items SET v = 'uno' WHERE id = 1"), "");
+    assert_eq!(psql(port, "SELECT v FROM items WHERE id = 1"), "uno");
+
+    // the old primary comes back as a primary of an old epoch: fenced
+    primary.restart();
+    assert!(
+        eventually(Duration::from_secs(20), || stat_n(port, "fenced_returns") == 1),
+        "the returning primary is made read-only: {}",
+        psql(port, "SHOW POSTAI STATS")
+    );
+    assert!(eventually(Duration::from_secs(10), || psql(primary.port, "SHOW default_transaction_read_only") == "on"));
+    assert_eq!(psql(port, "INSERT INTO acks VALUES (-1)"), "");
+    assert_eq!(psql(replica.port, "SELECT count(*) FROM acks WHERE id = -1"), "1");
+    assert_eq!(psql(primary.port, "SELECT count(*) FROM acks WHERE id = -1"), "0", "no write reaches the old primary");
+    assert!(psql(primary.port, "INSERT INTO acks VALUES (-2)").contains("read-only"), "the old primary refuses writes");
+}
