@@ -237,6 +237,8 @@ pub struct NodeStats {
     pub l1_hits: u64,
     pub l2_hits: u64,
     pub upstream: u64,
+    /// Cacheable reads no tier could answer (sent upstream).
+    pub misses: u64,
     pub uncacheable: u64,
     pub writes: u64,
     pub cdc_events: u64,
@@ -493,6 +495,7 @@ impl<V: Clone> EdgeNode<V> {
                 return req;
             }
         }
+        self.stats.misses += 1;
         self.forward(
             now,
             req,

@@ -94,6 +94,7 @@ pub async fn run(proxy: Arc<Proxy>) {
 async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
     let cfg = &proxy.config.cdc;
     let mut conn = proxy.service_login(&proxy.primary_addr(), &cfg.user, &cfg.database).await?;
+    check(conn.simple("SET TimeZone = 'UTC'").await?)?;
     let exists = conn.simple(&format!("SELECT 1 FROM pg_replication_slots WHERE slot_name = '{}'", cfg.slot)).await?;
     if protocol::first_value(&exists).is_none() {
         let created = check(
@@ -120,7 +121,7 @@ async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
         let current = protocol::first_value(&lsn_msgs).and_then(|s| protocol::parse_lsn(&s));
         let rows = check(
             conn.simple(&format!(
-                "SELECT lsn::text, data FROM pg_logical_slot_get_changes('{}', NULL, NULL)",
+                "SELECT lsn::text, data FROM pg_logical_slot_get_changes('{}', NULL, NULL, 'include-timestamp', 'on')",
                 cfg.slot
             ))
             .await?,
@@ -133,6 +134,11 @@ async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
                 if data.starts_with("BEGIN") {
                     pending.clear();
                 } else if data.starts_with("COMMIT") {
+                    if let Some(at) = commit_time(&data)
+                        && let Ok(lag) = std::time::SystemTime::now().duration_since(at)
+                    {
+                        proxy.metrics.invalidation_lag.observe(lag);
+                    }
                     let lsn = protocol::parse_lsn(&lsn).map(Lsn).unwrap_or(*last);
                     let event =
                         CdcEvent { prev_lsn: *last, change: Change { lsn, targets: std::mem::take(&mut pending) } };
@@ -153,6 +159,33 @@ async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
         }
         tokio::time::sleep(std::time::Duration::from_millis(cfg.poll_ms)).await;
     }
+}
+
+/// The commit time test_decoding prints with `include-timestamp` (the CDC
+/// session's TimeZone is UTC): `COMMIT 754 (at 2026-11-27 03:10:26.123456+00)`.
+pub fn commit_time(line: &str) -> Option<std::time::SystemTime> {
+    let at = line.split_once("(at ")?.1.strip_suffix(')')?;
+    let (date, time) = at.split_once(' ')?;
+    let time = time.strip_suffix("+00")?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut t = hms.split(':').map(|p| p.parse::<u64>());
+    let (hh, mm, ss) = (t.next()?.ok()?, t.next()?.ok()?, t.next()?.ok()?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || hh > 23 || mm > 59 || ss > 60 || frac.len() > 9 {
+        return None;
+    }
+    let nanos: u32 = format!("{frac:0<9}").parse().ok()?;
+    // days from the civil date (Howard Hinnant's algorithm)
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = u64::try_from(era * 146_097 + doe - 719_468).ok()?;
+    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::new(secs, nanos))
 }
 
 fn check(msgs: Vec<Message>) -> std::io::Result<Vec<Message>> {
@@ -219,5 +252,22 @@ mod tests {
         // a column whose name ends with the key's name is not the key
         assert_eq!(parse_change("table public.items: INSERT: xid[integer]:3", &c), Some(ChangeTarget::Table(items)));
         assert_eq!(parse_change("BEGIN 123", &c), None);
+    }
+
+    #[test]
+    fn commit_timestamps() {
+        let t = commit_time("COMMIT 754 (at 2026-11-27 03:10:26.5+00)").expect("parses");
+        let since = t.duration_since(std::time::UNIX_EPOCH).expect("after 1970");
+        assert_eq!(since.as_millis(), 1_795_749_026_500);
+        let t = commit_time("COMMIT 1 (at 2000-03-01 00:00:00+00)").expect("parses");
+        assert_eq!(t.duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_secs(), 951_868_800);
+        for bad in [
+            "COMMIT 1",
+            "COMMIT 1 (at 2026-13-01 00:00:00+00)",
+            "COMMIT 1 (at 2026-11-27 03:10:26+02)",
+            "COMMIT (at x y)",
+        ] {
+            assert_eq!(commit_time(bad), None, "{bad}");
+        }
     }
 }

@@ -36,6 +36,9 @@ pub struct Config {
     /// TLS for clients, terminated at the proxy. None: SSLRequest gets 'N'.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Where `GET /metrics` (Prometheus text format) is served; off when unset.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
     /// Streaming replicas of the primary (host:port): cache misses that may
     /// read a snapshot go to one that has replayed past the session's floor.
     #[serde(default)]

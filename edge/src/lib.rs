@@ -6,6 +6,7 @@ pub mod auth;
 pub mod cdc;
 pub mod config;
 pub mod frontend;
+pub mod metrics;
 pub mod protocol;
 pub mod proxy;
 pub mod tls;

@@ -22,6 +22,9 @@ async fn main() -> anyhow::Result<()> {
         tokio::net::TcpListener::bind(&config.listen).await.with_context(|| format!("listen on {}", config.listen))?;
     let proxy = postai_edge::Proxy::new(config)?;
     proxy.spawn_tasks();
+    if let Some(addr) = proxy.start_metrics().await.context("metrics_listen")? {
+        eprintln!("postai-edge: metrics on http://{addr}/metrics");
+    }
     eprintln!("postai-edge: listening on {}, primary {}", proxy.config.listen, proxy.config.upstream);
     tokio::select! {
         r = postai_edge::serve(proxy, listener) => r.context("accept")?,

@@ -24,6 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::Config;
 use crate::frontend::{self, ClientStream, Opening};
+use crate::metrics::{Metrics, Path};
 use crate::protocol::{self, FRONTEND_TAGS, Message};
 use crate::topology::Topology;
 use crate::upstream::{self, Conn, error_message};
@@ -39,6 +40,7 @@ pub struct Proxy {
     pub lsn_seen: AtomicU64,
     /// The database nodes: primary, replicas, failover.
     pub topology: Mutex<Topology>,
+    pub metrics: Metrics,
     next_session: AtomicU64,
     start: std::time::Instant,
 }
@@ -83,6 +85,7 @@ impl Proxy {
             config,
             node: Mutex::new(node),
             topology: Mutex::new(topology),
+            metrics: Metrics::default(),
             lsn_seen: AtomicU64::new(0),
             next_session: AtomicU64::new(1),
             start: std::time::Instant::now(),
@@ -133,6 +136,33 @@ impl Proxy {
             tokio::spawn(crate::cdc::run(self.clone()));
         }
         tokio::spawn(crate::topology::run(self.clone()));
+    }
+
+    /// `SHOW POSTAI CACHES`: one row per tier.
+    pub fn cache_rows(&self) -> Vec<Vec<String>> {
+        let n = self.node();
+        [TierName::L1, TierName::L2]
+            .iter()
+            .filter_map(|t| n.tier(*t).map(|tier| (t, tier.stats())))
+            .map(|(t, s)| {
+                let mut row = vec![format!("{t:?}").to_lowercase()];
+                row.extend(
+                    [s.entries, s.bytes, s.hits, s.misses, s.inserts, s.invalidations, s.evictions, s.expirations]
+                        .iter()
+                        .map(u64::to_string),
+                );
+                row
+            })
+            .collect()
+    }
+
+    /// Serves `/metrics` on `metrics_listen`, if configured; returns its address.
+    pub async fn start_metrics(self: &Arc<Self>) -> std::io::Result<Option<std::net::SocketAddr>> {
+        let Some(addr) = self.config.metrics_listen.as_deref() else { return Ok(None) };
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        tokio::spawn(crate::metrics::serve(self.clone(), listener));
+        Ok(Some(local))
     }
 
     /// `SHOW POSTAI STATS` as (name, value) rows.
@@ -355,8 +385,15 @@ impl Client {
             c.wr.write_all(&protocol::error_response("FATAL", "53300", &e.to_string())).await?;
             return Ok(());
         }
+        c.proxy.metrics.clients.fetch_add(1, Ordering::Relaxed);
+        c.proxy.metrics.clients_total.fetch_add(1, Ordering::Relaxed);
+        c.proxy.metrics.upstream_connections.fetch_add(1, Ordering::Relaxed);
         let result = c.serve_queries().await;
         c.proxy.node().close_session(session);
+        let m = &c.proxy.metrics;
+        m.clients.fetch_sub(1, Ordering::Relaxed);
+        m.upstream_connections.fetch_sub(1, Ordering::Relaxed);
+        m.replica_connections.fetch_sub(c.replicas.conns.len() as u64, Ordering::Relaxed);
         result
     }
 
@@ -384,14 +421,18 @@ impl Client {
             match m.tag {
                 b'Q' => {
                     self.flush_batch(&mut batch).await?;
-                    self.simple_query(&m).await?
+                    let started = std::time::Instant::now();
+                    let path = self.simple_query(&m).await?;
+                    self.proxy.metrics.observe(path, started.elapsed());
                 }
                 b'X' => {
                     let _ = self.up.send(&m.raw).await;
                     return Ok(());
                 }
                 b'S' => {
-                    self.sync(std::mem::take(&mut batch), m).await?;
+                    let started = std::time::Instant::now();
+                    let path = self.sync(std::mem::take(&mut batch), m).await?;
+                    self.proxy.metrics.observe(path, started.elapsed());
                     if self.extended_write {
                         self.extended_write = false;
                         self.after_extended_write().await?;
@@ -534,16 +575,16 @@ impl Client {
 
     /// Sync: answer a cacheable [Parse] Bind [Describe] Execute batch from the
     /// cache, or send the batch and relay (filling the cache when it may).
-    async fn sync(&mut self, batch: Vec<Message>, sync: Message) -> anyhow::Result<()> {
+    async fn sync(&mut self, batch: Vec<Message>, sync: Message) -> anyhow::Result<Path> {
         let Some(exec) = self.cacheable_batch(&batch) else {
-            return self.relay_batch(&batch, &sync, None).await.map(|_| ());
+            return self.relay_batch(&batch, &sync, None).await.map(|_| Path::Primary);
         };
         let (out, snapshot) = self.ask_node(|n, now, session| {
             let params: Vec<Option<&[u8]>> = exec.params.iter().map(|p| p.as_deref()).collect();
             n.handle_execute(now, session, &exec.prepared, &params);
         });
-        match out {
-            Some(NodeOutput::Reply { value, .. }) => {
+        let path = match out {
+            Some(NodeOutput::Reply { value, served, .. }) => {
                 let mut out = BytesMut::with_capacity(value.len() + 16);
                 if exec.parse.is_some() {
                     out.extend_from_slice(&PARSE_COMPLETE);
@@ -557,6 +598,7 @@ impl Client {
                     // statement is used upstream
                     self.unsent_parses.push(p);
                 }
+                path_of(served)
             }
             Some(NodeOutput::Upstream(u)) => {
                 let keep = u.cache_key.map(|_| self.proxy.config.cache.entry_bytes_max);
@@ -597,12 +639,14 @@ impl Client {
                     }
                 };
                 self.finish(u.req, result);
+                path_of(served)
             }
             Some(NodeOutput::Failed { .. }) | None => {
                 self.relay_batch(&batch, &sync, None).await?;
+                Path::Primary
             }
-        }
-        Ok(())
+        };
+        Ok(path)
     }
 
     /// A cacheable batch as a replica runs it: the statement as an unnamed
@@ -740,34 +784,35 @@ impl Client {
         Ok(lsn)
     }
 
-    async fn simple_query(&mut self, m: &Message) -> anyhow::Result<()> {
+    async fn simple_query(&mut self, m: &Message) -> anyhow::Result<Path> {
         let sql = match protocol::query_text(m) {
             Ok(s) => s,
             Err(e) => {
                 self.wr.write_all(&protocol::error_response("ERROR", "08P01", &e.to_string())).await?;
                 self.wr.write_all(&protocol::ready_for_query(self.status)).await?;
-                return Ok(());
+                return Ok(Path::Proxy);
             }
         };
         if let Some(rows) = self.admin(&sql) {
             self.wr.write_all(&rows).await?;
             self.wr.write_all(&protocol::ready_for_query(self.status)).await?;
-            return Ok(());
+            return Ok(Path::Proxy);
         }
         if !self.proxy.config.cache.enabled {
             self.up.send(&m.raw).await?;
             self.relay_until_ready(None).await?;
-            return Ok(());
+            return Ok(Path::Primary);
         }
         let (out, snapshot) = self.ask_node(|n, now, session| {
             n.handle_simple_query(now, session, &sql);
         });
-        match out {
-            Some(NodeOutput::Reply { value, .. }) => {
+        let path = match out {
+            Some(NodeOutput::Reply { value, served, .. }) => {
                 self.out.clear();
                 self.out.extend_from_slice(&value);
                 self.out.extend_from_slice(&protocol::ready_for_query(self.status));
                 self.wr.write_all(&self.out).await?;
+                path_of(served)
             }
             Some(NodeOutput::Upstream(u)) => {
                 let keep = u.cache_key.map(|_| self.proxy.config.cache.entry_bytes_max);
@@ -786,7 +831,8 @@ impl Client {
                 };
                 let shape = u.shape.clone();
                 if shape.kind == StatementKind::Session && error.is_none() {
-                    self.replicas.setting(m, was_idle && self.status == b'I');
+                    let dropped = self.replicas.setting(m, was_idle && self.status == b'I');
+                    self.proxy.metrics.replica_connections.fetch_sub(dropped as u64, Ordering::Relaxed);
                 }
                 let wrote = !shape.writes.is_empty() || shape.writes_unknown || shape.txn == Some(TxnControl::Commit);
                 let commit_lsn =
@@ -801,14 +847,16 @@ impl Client {
                     }
                 };
                 self.finish(u.req, result);
+                path_of(served)
             }
             Some(NodeOutput::Failed { error, .. }) => {
                 self.wr.write_all(&protocol::error_response("ERROR", "53300", &error.to_string())).await?;
                 self.wr.write_all(&protocol::ready_for_query(self.status)).await?;
+                Path::Proxy
             }
-            None => {}
-        }
-        Ok(())
+            None => Path::Proxy,
+        };
+        Ok(path)
     }
 
     /// Learns statements' parameter types from ParameterDescriptions.
@@ -847,7 +895,9 @@ impl Client {
         let Some(route) = self.proxy.topology().route_read(started, floor) else { return Ok(None) };
         let conn = match self.replicas.conns.iter().position(|(id, _)| *id == route.id) {
             Some(i) => Ok(self.replicas.conns.swap_remove(i).1),
-            None => self.open_replica(&route.addr).await,
+            None => self.open_replica(&route.addr).await.inspect(|_| {
+                self.proxy.metrics.replica_connections.fetch_add(1, Ordering::Relaxed);
+            }),
         };
         let mut conn = match conn {
             Ok(c) => c,
@@ -875,6 +925,7 @@ impl Client {
             }
             Err(e) => {
                 self.proxy.topology().read_done(now, route.id, Err(()));
+                self.proxy.metrics.replica_connections.fetch_sub(1, Ordering::Relaxed);
                 if self.flushed_mid {
                     // the client has part of the answer: nothing to retry
                     return Err(e);
@@ -968,11 +1019,18 @@ impl Client {
     fn admin(&self, sql: &str) -> Option<BytesMut> {
         let norm: String =
             sql.trim().trim_end_matches(';').split_whitespace().collect::<Vec<_>>().join(" ").to_ascii_lowercase();
-        if norm != "show postai stats" {
-            return None;
+        match norm.as_str() {
+            "show postai stats" => {
+                let rows: Vec<Vec<String>> = self.proxy.stats_rows().into_iter().map(|(k, v)| vec![k, v]).collect();
+                Some(text_result(&["name", "value"], &rows, "SHOW"))
+            }
+            "show postai caches" => Some(text_result(
+                &["tier", "entries", "bytes", "hits", "misses", "inserts", "invalidations", "evictions", "expirations"],
+                &self.proxy.cache_rows(),
+                "SHOW",
+            )),
+            _ => None,
         }
-        let rows = self.proxy.stats_rows();
-        Some(text_result(&["name", "value"], &rows, "SHOW"))
     }
 }
 
@@ -982,13 +1040,25 @@ impl ReplicaConns {
 
     /// The session ran a SET/RESET/DISCARD: future replica connections must
     /// replay it, the open ones do not have it.
-    fn setting(&mut self, query: &Message, outside_transaction: bool) {
+    /// Returns how many open connections it dropped.
+    fn setting(&mut self, query: &Message, outside_transaction: bool) -> usize {
         if !outside_transaction || self.settings.len() >= Self::SETTINGS_MAX {
             self.pinned = true;
-            return;
+            return 0;
         }
         self.settings.push(query.raw.clone());
+        let dropped = self.conns.len();
         self.conns.clear();
+        dropped
+    }
+}
+
+fn path_of(served: Served) -> Path {
+    match served {
+        Served::L1 => Path::L1,
+        Served::L2 => Path::L2,
+        Served::Replica => Path::Replica,
+        _ => Path::Primary,
     }
 }
 
@@ -1072,7 +1142,7 @@ fn parse_message(m: &Message) -> Option<(String, String)> {
 }
 
 /// RowDescription + DataRows + CommandComplete for a two-column text result.
-pub fn text_result(columns: &[&str], rows: &[(String, String)], tag: &str) -> BytesMut {
+pub fn text_result(columns: &[&str], rows: &[Vec<String>], tag: &str) -> BytesMut {
     let mut out = BytesMut::new();
     let mut body = BytesMut::new();
     body.put_i16(columns.len() as i16);
@@ -1087,10 +1157,10 @@ pub fn text_result(columns: &[&str], rows: &[(String, String)], tag: &str) -> By
         body.put_i16(0); // text format
     }
     frame_into(&mut out, b'T', &body);
-    for (a, b) in rows {
+    for row in rows {
         let mut body = BytesMut::new();
-        body.put_i16(2);
-        for v in [a, b] {
+        body.put_i16(row.len() as i16);
+        for v in row {
             body.put_i32(v.len() as i32);
             body.put_slice(v.as_bytes());
         }

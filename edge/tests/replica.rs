@@ -15,11 +15,12 @@ use std::time::{Duration, Instant};
 use pg::{Pg, free_port, psql};
 use postai_edge::{Config, Proxy};
 
-fn start_proxy(primary: &Pg, replicas: &[&Pg], extra: &str) -> (u16, tokio::runtime::Runtime) {
+/// Starts a proxy; returns its port, the `/metrics` address and its runtime.
+fn start_proxy(primary: &Pg, replicas: &[&Pg], extra: &str) -> (u16, std::net::SocketAddr, tokio::runtime::Runtime) {
     let port = free_port();
     let list: Vec<String> = replicas.iter().map(|r| format!("'{}'", r.addr())).collect();
     let text = format!(
-        "listen = '127.0.0.1:{port}'\nupstream = '{}'\nreplicas = [{}]\n\
+        "listen = '127.0.0.1:{port}'\nupstream = '{}'\nreplicas = [{}]\nmetrics_listen = '127.0.0.1:0'\n\
          [[tables]]\nname = 'items'\nprimary_key = 'id'\ninteger_key = true\n{extra}",
         primary.addr(),
         list.join(", ")
@@ -27,12 +28,14 @@ fn start_proxy(primary: &Pg, replicas: &[&Pg], extra: &str) -> (u16, tokio::runt
     let config = Config::parse("test.toml", &text).expect("config parses");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let proxy = Proxy::new(config).expect("proxy");
-    rt.block_on(async {
+    let metrics = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}")).await.expect("bind");
         proxy.spawn_tasks();
+        let metrics = proxy.start_metrics().await.expect("metrics listener").expect("metrics_listen is set");
         tokio::spawn(postai_edge::serve(proxy, listener));
+        metrics
     });
-    (port, rt)
+    (port, metrics, rt)
 }
 
 /// Several statements in one psql session, each sent as its own query.
@@ -95,7 +98,7 @@ fn reads_go_to_fresh_replicas_and_sessions_read_their_writes() {
     // a replica that applies WAL 1.5 s late
     let replica = primary.start_replica("lagging", 1500);
     assert!(eventually(Duration::from_secs(20), || psql(replica.port, "SELECT count(*) FROM items") == "100"));
-    let (port, _rt) = start_proxy(&primary, &[&replica], "[cdc]\npoll_ms = 50\n");
+    let (port, metrics_at, _rt) = start_proxy(&primary, &[&replica], "[cdc]\npoll_ms = 50\n");
     assert!(eventually(Duration::from_secs(10), || stat_n(port, "cdc_events") > 0), "CDC connected");
 
     // a read with no floor: a cache miss answered by the replica
@@ -168,6 +171,34 @@ fn reads_go_to_fresh_replicas_and_sessions_read_their_writes() {
     assert_eq!(out, "other1", "the replica connection replays the session's SET");
     assert_eq!(psql(port, "SELECT v FROM items WHERE id = 1"), "v1");
     assert!(stat_n(port, "replica_reads") > before);
+
+    // the same story in /metrics
+    let m = metrics(metrics_at);
+    assert!(metric(&m, "postai_replica_reads_total") >= 20.0, "{m}");
+    assert!(metric(&m, "postai_query_duration_seconds_count{served=\"replica\"}") >= 20.0, "{m}");
+    assert!(metric(&m, "postai_invalidation_lag_seconds_count") >= 5.0, "CDC commits measured: {m}");
+    assert!(metric(&m, "postai_upstream_connections{role=\"replica\"}") >= 0.0, "{m}");
+    let caches = psql(port, "SHOW POSTAI CACHES");
+    assert!(caches.starts_with("l1|"), "{caches}");
+    assert_eq!(caches.lines().count(), 2, "{caches}");
+}
+
+/// `GET /metrics` over a plain socket.
+fn metrics(at: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(at).expect("metrics listener");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("response");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+/// The value of one sample line (`name{labels} value`).
+fn metric(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{sample} in /metrics"))
 }
 
 #[test]
@@ -189,7 +220,7 @@ fn failover_promotes_the_replica_loses_no_acknowledged_write_and_fences_the_old_
     assert!(eventually(Duration::from_secs(20), || {
         psql(primary.port, "SELECT sync_state FROM pg_stat_replication") == "sync"
     }));
-    let (port, _rt) = start_proxy(
+    let (port, metrics_at, _rt) = start_proxy(
         &primary,
         &[&replica],
         "[cdc]\npoll_ms = 50\n[failover]\nhealth_interval_ms = 200\ntimeout_ms = 1500\n",
@@ -234,6 +265,9 @@ fn failover_promotes_the_replica_loses_no_acknowledged_write_and_fences_the_old_
     eprintln!("failover: writes resumed {recovered_in:?} after the crash; {failed} writes failed meanwhile");
 
     assert_eq!(stat_n(port, "failovers"), 1);
+    let m = metrics(metrics_at);
+    assert_eq!(metric(&m, "postai_failovers_total"), 1.0, "{m}");
+    assert_eq!(metric(&m, "postai_epoch"), 2.0, "{m}");
     assert_eq!(stat(port, "primary"), replica.addr());
     assert_eq!(stat_n(port, "epoch"), 2);
     assert_eq!(psql(replica.port, "SELECT pg_is_in_recovery()"), "f", "the replica was promoted");
