@@ -269,3 +269,27 @@ pub struct TlsConfig {
     #[serde(skip)]
     pub loaded: Option<crate::tls::Tls>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_parses() {
+        let text = include_str!("../edge.example.toml");
+        let c = Config::parse("edge/edge.example.toml", text).expect("the example is valid");
+        assert_eq!(c.replicas, vec!["127.0.0.1:15433".to_string()]);
+        assert!(c.failover.enabled && c.metrics_listen.is_some());
+    }
+
+    #[test]
+    fn bad_failover_settings_are_errors() {
+        let base = "listen = 'a:1'\nupstream = 'b:2'\n";
+        let e = Config::parse("x.toml", &format!("{base}[failover]\ntimeout_ms = 10\nhealth_interval_ms = 100\n"));
+        assert!(e.is_err_and(|e| e.to_string().contains("timeout_ms")));
+        let e = Config::parse("x.toml", &format!("{base}replicas = ['b:2']\n"));
+        assert!(e.is_err_and(|e| e.to_string().contains("replica")));
+        let e = Config::parse("x.toml", &format!("{base}[failover]\nbogus = 1\n"));
+        assert!(e.is_err_and(|e| e.to_string().contains("bogus")));
+    }
+}
