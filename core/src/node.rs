@@ -192,8 +192,22 @@ struct Session {
     /// Result-affecting settings, sorted: the cache context.
     settings: Vec<(String, String)>,
     context: u64,
+    /// The current role (`SET ROLE` changes it; `RESET ROLE` goes back to `login_role`).
     role: String,
+    login_role: String,
     database: String,
+    id: SessionId,
+    /// The session's state changed in a way the context cannot follow: its
+    /// entries are its own (the context includes the session id).
+    private: bool,
+    /// Times the session went private: each time is a fresh context (entries
+    /// from an earlier private period may reflect state that is gone).
+    private_epoch: u64,
+    /// Settings and role before the open transaction's first session command
+    /// (restored by ROLLBACK: a SET inside a rolled-back transaction is undone).
+    txn_saved: Option<(Vec<(String, String)>, String)>,
+    /// A ROLLBACK TO SAVEPOINT after a session command: which SETs survive is unknown.
+    txn_uncertain: bool,
 }
 
 impl Session {
@@ -205,7 +219,48 @@ impl Session {
             d.bytes(k.as_bytes());
             d.bytes(v.as_bytes());
         }
+        if self.private {
+            d.bytes(b"\0private");
+            d.bytes(&self.id.0.to_le_bytes());
+            d.bytes(&self.private_epoch.to_le_bytes());
+        }
         self.context = d.finish() as u64;
+    }
+
+    fn make_private(&mut self) {
+        if !self.private {
+            self.private = true;
+            self.private_epoch += 1;
+            self.recompute_context();
+        }
+    }
+
+    /// A session command ran (successfully) in the session's current state.
+    fn command(&mut self, cmd: SessionCommand) {
+        let changes = !matches!(cmd, SessionCommand::SetLocal | SessionCommand::NoEffect);
+        if changes && self.in_txn && self.txn_saved.is_none() {
+            self.txn_saved = Some((self.settings.clone(), self.role.clone()));
+        }
+        apply_setting(self, cmd);
+    }
+
+    /// The transaction ended: committed (`Some(true)`), rolled back
+    /// (`Some(false)`) or unknown (`None`).
+    fn end_transaction(&mut self, committed: Option<bool>) {
+        self.in_txn = false;
+        let saved = self.txn_saved.take();
+        let uncertain = std::mem::take(&mut self.txn_uncertain);
+        if let Some((settings, role)) = saved {
+            match committed {
+                Some(true) if !uncertain => {}
+                Some(false) => {
+                    self.settings = settings;
+                    self.role = role;
+                    self.recompute_context();
+                }
+                _ => self.make_private(),
+            }
+        }
     }
 }
 
@@ -343,7 +398,13 @@ impl<V: Clone> EdgeNode<V> {
             settings: Vec::new(),
             context: 0,
             role: role.to_string(),
+            login_role: role.to_string(),
             database: database.to_string(),
+            id,
+            private: false,
+            private_epoch: 0,
+            txn_saved: None,
+            txn_uncertain: false,
         };
         s.recompute_context();
         self.sessions.insert(id, s);
@@ -371,11 +432,46 @@ impl<V: Clone> EdgeNode<V> {
         }
         s.in_txn = in_txn;
         if !in_txn {
+            // committed or rolled back by a path the node did not see
+            s.end_transaction(None);
             let targets = std::mem::take(&mut s.txn_targets);
             if !targets.is_empty() {
                 s.last_write = s.last_write.max(lsn);
                 self.versions.apply(&Change { lsn, targets });
             }
+        }
+    }
+
+    /// A setting the session started with (a startup parameter, `-c name=value`
+    /// in `options`): as a `SET` outside a transaction.
+    pub fn set_session_setting(&mut self, id: SessionId, name: &str, value: &str) {
+        if let Some(s) = self.sessions.get_mut(&id) {
+            let cmd = SessionCommand::Set { name: name.to_ascii_lowercase(), value: value.to_string() };
+            apply_setting(s, cmd);
+        }
+    }
+
+    /// The session's state changed in a way the node cannot follow: from now
+    /// on its cache entries are its own.
+    pub fn make_private(&mut self, id: SessionId) {
+        if let Some(s) = self.sessions.get_mut(&id) {
+            s.make_private();
+        }
+    }
+
+    /// A statement the node did not see ran in the session (the extended
+    /// protocol, relayed as is): its effects on the session. `certain`: it ran
+    /// outside a transaction; otherwise a session command in it makes the
+    /// session private (whether it survives is unknown here).
+    pub fn note_relayed(&mut self, id: SessionId, prepared: &Prepared, certain: bool) {
+        let Some(s) = self.sessions.get_mut(&id) else { return };
+        if prepared.shape.session_private {
+            s.make_private();
+        }
+        match prepared.session_command.clone() {
+            Some(SessionCommand::SetLocal | SessionCommand::NoEffect) | None => {}
+            Some(cmd) if certain => apply_setting(s, cmd),
+            Some(_) => s.make_private(),
         }
     }
 
@@ -432,6 +528,11 @@ impl<V: Clone> EdgeNode<V> {
         let req = RequestId(self.next_req);
         self.next_req += 1;
         self.stats.queries += 1;
+        if prepared.shape.session_private
+            && let Some(s) = self.sessions.get_mut(&session)
+        {
+            s.make_private();
+        }
         let Some(sess) = self.sessions.get(&session) else {
             self.outputs.push_back(NodeOutput::Failed { req, session, error: NodeError::UnknownSession(session) });
             return req;
@@ -570,7 +671,7 @@ impl<V: Clone> EdgeNode<V> {
                     && p.shape.txn.is_some()
                 {
                     // a failed COMMIT or ROLLBACK ends the transaction either way
-                    s.in_txn = false;
+                    s.end_transaction(Some(false));
                     s.txn_targets.clear();
                 }
                 self.outputs.push_back(NodeOutput::Failed { req, session, error: NodeError::Upstream(e) });
@@ -613,9 +714,11 @@ impl<V: Clone> EdgeNode<V> {
             Some(TxnControl::Begin) => {
                 s.in_txn = true;
                 s.txn_targets.clear();
+                s.txn_saved = None;
+                s.txn_uncertain = false;
             }
             Some(TxnControl::Commit) => {
-                s.in_txn = false;
+                s.end_transaction(Some(true));
                 let targets = std::mem::take(&mut s.txn_targets);
                 if !targets.is_empty()
                     && let Some(lsn) = reply.commit_lsn
@@ -624,13 +727,14 @@ impl<V: Clone> EdgeNode<V> {
                 }
             }
             Some(TxnControl::Rollback) => {
-                s.in_txn = false;
+                s.end_transaction(Some(false));
                 s.txn_targets.clear();
             }
+            Some(TxnControl::RollbackTo) => s.txn_uncertain |= s.txn_saved.is_some(),
             _ => {}
         }
         if let Some(cmd) = p.session_command.clone() {
-            apply_setting(s, cmd);
+            s.command(cmd);
         }
         if !p.targets.is_empty() {
             if s.in_txn {
@@ -673,6 +777,29 @@ impl<V: Clone> EdgeNode<V> {
         self.refresh.refreshed
     }
 
+    /// Restores an L2 entry that an earlier process persisted (a warm start).
+    /// Stored only while the version map holds it valid; returns whether it
+    /// was. The driver restores only what means the same in this process: keys
+    /// of portable contexts ([`Self::context_is_portable`]) and deps on tables
+    /// the catalog interns to the same ids. Restored entries are invalidated
+    /// (never refreshed in place: the refresh index does not track them).
+    pub fn restore_l2(&mut self, now: Instant, key: u128, entry: Entry<V>) -> bool {
+        self.versions.is_valid(entry.lsn, &entry.deps) && self.l2.insert(now, key, entry)
+    }
+
+    /// Whether the cache keys of `session`'s entries mean the same in another
+    /// process: its context digests role, database and settings only, no
+    /// process-local state (a private session's context is its own).
+    pub fn context_is_portable(&self, session: SessionId) -> bool {
+        self.sessions.get(&session).is_some_and(|s| !s.private)
+    }
+
+    /// The cache key a pending request fills L1/L2 under, if it fills them
+    /// (a driver that copies fills elsewhere looks the entry up afterwards).
+    pub fn pending_fill_key(&self, req: RequestId) -> Option<u128> {
+        self.pending.get(&req).filter(|p| p.cache_here).and_then(|p| p.cache_key)
+    }
+
     #[must_use]
     pub fn poll_output(&mut self) -> Option<NodeOutput<V>> {
         self.outputs.pop_front()
@@ -684,21 +811,51 @@ impl<V: Clone> EdgeNode<V> {
     }
 }
 
+fn is_role_setting(name: &str) -> bool {
+    name == "role" || name == "session authorization"
+}
+
+/// SET ROLE if any, else SET SESSION AUTHORIZATION if any, else the login role.
+fn current_role(s: &Session) -> String {
+    let get = |n: &str| s.settings.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    get("role").or_else(|| get("session authorization")).unwrap_or_else(|| s.login_role.clone())
+}
+
 fn apply_setting(s: &mut Session, cmd: SessionCommand) {
     match cmd {
         SessionCommand::Set { name, value } => {
             if RESULT_NEUTRAL_SETTINGS.contains(&name.as_str()) {
                 return;
             }
-            if name == "role" || name == "session authorization" {
-                s.role = value.clone();
+            if name == "session authorization" {
+                // also resets the role
+                s.settings.retain(|(k, _)| !is_role_setting(k));
+            } else {
+                s.settings.retain(|(k, _)| *k != name);
             }
-            s.settings.retain(|(k, _)| *k != name);
-            s.settings.push((name, value));
-            s.settings.sort();
+            let back = value.eq_ignore_ascii_case("none") || value.eq_ignore_ascii_case("default");
+            if !(is_role_setting(&name) && back) {
+                s.settings.push((name, value));
+                s.settings.sort();
+            }
+            s.role = current_role(s);
         }
-        SessionCommand::Reset { name } => s.settings.retain(|(k, _)| *k != name),
-        SessionCommand::ResetAll => s.settings.clear(),
+        SessionCommand::Reset { name } => {
+            if name == "session authorization" {
+                s.settings.retain(|(k, _)| !is_role_setting(k));
+            } else {
+                s.settings.retain(|(k, _)| *k != name);
+            }
+            s.role = current_role(s);
+        }
+        // RESET ALL leaves the role (`role` is not reset by RESET ALL)
+        SessionCommand::ResetAll => s.settings.retain(|(k, _)| is_role_setting(k)),
+        // DISCARD ALL: SET SESSION AUTHORIZATION DEFAULT, RESET ALL, temporary objects dropped
+        SessionCommand::DiscardAll => {
+            s.settings.clear();
+            s.role = s.login_role.clone();
+            s.private = false;
+        }
         SessionCommand::SetLocal | SessionCommand::NoEffect => return,
     }
     s.recompute_context();
@@ -720,6 +877,7 @@ fn unlexable_shape(sql: &str, e: &LexError) -> Shape {
         write_keys: None,
         literal_count: 0,
         param_count: 0,
+        session_private: false,
     }
 }
 
@@ -882,6 +1040,107 @@ mod tests {
         read(&mut n, &p, "7", 1);
         n.handle_cdc_rows(Instant::ZERO, &event(items, "7", 0, 5), &mut |_, _, _, lsn| Some((lsn.0, 8)));
         assert_eq!(read(&mut n, &p, "7", 6), (Served::Replica, 6));
+    }
+
+    /// Runs `sql` in `session`, answering upstream with success; what served it.
+    fn run(n: &mut EdgeNode<u64>, session: u64, sql: &str) -> Served {
+        n.handle_simple_query(Instant::ZERO, SessionId(session), sql);
+        match n.poll_output() {
+            Some(NodeOutput::Reply { served, .. }) => served,
+            Some(NodeOutput::Upstream(u)) => {
+                let reply = UpstreamReply {
+                    value: 1,
+                    size_bytes: 8,
+                    served: Served::Primary,
+                    snapshot_lsn: Lsn(1),
+                    commit_lsn: Some(Lsn(1)),
+                    ttl: None,
+                };
+                n.handle_upstream(Instant::ZERO, u.req, Ok(reply));
+                while n.poll_output().is_some() {}
+                Served::Primary
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// Whether session 2 is served what session 1 cached (the same context).
+    fn shares(n: &mut EdgeNode<u64>, id: u32) -> bool {
+        let sql = format!("SELECT v FROM items WHERE id = {id}");
+        run(n, 1, &sql);
+        run(n, 2, &sql) == Served::L1
+    }
+
+    #[test]
+    fn session_state_follows_roles_transactions_and_invisible_changes() {
+        let (mut n, _) = node(InvalidationMode::Key);
+        n.open_session(SessionId(2), "app", "app", Consistency::ReadYourWrites).expect("room");
+        assert!(shares(&mut n, 1), "same login, same settings");
+        run(&mut n, 2, "SET ROLE alice");
+        assert!(!shares(&mut n, 2), "another role");
+        run(&mut n, 2, "RESET ROLE");
+        assert!(shares(&mut n, 3), "RESET ROLE goes back to the login role");
+        for back in ["SET ROLE NONE", "SET SESSION AUTHORIZATION DEFAULT", "DISCARD ALL"] {
+            run(&mut n, 2, "SET ROLE alice");
+            run(&mut n, 2, back);
+            assert!(shares(&mut n, 4), "{back}");
+        }
+        run(&mut n, 2, "SET ROLE alice");
+        run(&mut n, 2, "RESET ALL");
+        assert!(!shares(&mut n, 5), "RESET ALL keeps the role");
+        run(&mut n, 2, "DISCARD ALL");
+
+        // a SET inside a rolled-back transaction is undone
+        run(&mut n, 2, "BEGIN");
+        run(&mut n, 2, "SET search_path = other");
+        run(&mut n, 2, "ROLLBACK");
+        assert!(shares(&mut n, 6), "rolled back");
+        // ... and kept when committed
+        run(&mut n, 2, "BEGIN");
+        run(&mut n, 2, "SET search_path = other");
+        run(&mut n, 2, "COMMIT");
+        assert!(!shares(&mut n, 7), "committed");
+        run(&mut n, 2, "RESET search_path");
+        assert!(shares(&mut n, 8));
+        // a ROLLBACK TO after a SET: unknown, private
+        run(&mut n, 2, "BEGIN");
+        run(&mut n, 2, "SAVEPOINT a");
+        run(&mut n, 2, "SET search_path = other");
+        run(&mut n, 2, "ROLLBACK TO a");
+        run(&mut n, 2, "COMMIT");
+        assert!(!shares(&mut n, 9), "uncertain: private");
+        run(&mut n, 2, "DISCARD ALL");
+        assert!(shares(&mut n, 10));
+
+        // changes no SET shows: private until DISCARD ALL
+        for invisible in [
+            "SELECT set_config('search_path', 'other', false)",
+            "CREATE TEMP TABLE items (id int, v text)",
+            "CREATE GLOBAL TEMPORARY TABLE items (id int)",
+            "SELECT * INTO TEMP t FROM items",
+            "SELECT * FROM pg_temp.items",
+        ] {
+            run(&mut n, 2, "DISCARD ALL");
+            run(&mut n, 2, invisible);
+            assert!(!shares(&mut n, 11), "{invisible}");
+        }
+        run(&mut n, 2, "DISCARD ALL");
+        assert!(shares(&mut n, 12));
+
+        // startup settings and relayed statements
+        n.set_session_setting(SessionId(2), "DateStyle", "SQL, DMY");
+        assert!(!shares(&mut n, 13), "a startup setting is in the context");
+        n.set_session_setting(SessionId(1), "datestyle", "SQL, DMY");
+        assert!(shares(&mut n, 14), "the same startup setting");
+        let set = n.prepare("SET search_path = other").expect("lexes");
+        n.note_relayed(SessionId(2), &set, true);
+        assert!(!shares(&mut n, 15), "an extended-protocol SET");
+        n.note_relayed(SessionId(1), &set, true);
+        assert!(shares(&mut n, 16));
+        n.note_relayed(SessionId(2), &set, false);
+        assert!(!shares(&mut n, 17), "a SET of uncertain fate: private");
+        let column = n.prepare("SELECT temp FROM weather WHERE temp > 3").expect("lexes");
+        assert!(!column.shape.session_private, "a column named temp is not a temporary table");
     }
 
     #[test]

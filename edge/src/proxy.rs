@@ -242,7 +242,16 @@ struct Client {
     swallow_parse_complete: u32,
     /// The current relay has already written part of its answer to the client.
     flushed_mid: bool,
+    /// Statements the extended protocol ran since the last request ended
+    /// (relayed: the node did not see them), and the transaction status
+    /// before the first of them.
+    relayed: Vec<Prepared>,
+    relayed_from: Option<u8>,
+    relayed_overflow: bool,
 }
+
+/// Statements noted per request at most; beyond, the session goes private.
+const RELAYED_MAX: usize = 1024;
 
 struct CacheableExec {
     prepared: Prepared,
@@ -377,6 +386,9 @@ impl Client {
             replicas: ReplicaConns { login: params.clone(), password: upstream_password, ..ReplicaConns::default() },
             swallow_parse_complete: 0,
             flushed_mid: false,
+            relayed: Vec::new(),
+            relayed_from: None,
+            relayed_overflow: false,
         };
         // the client sees the primary's ParameterStatus and BackendKeyData (cancels go to it)
         c.wr.write_all(&frontend::greeting(&auth_ok, &login.greeting, login.status)).await?;
@@ -384,6 +396,17 @@ impl Client {
         if let Err(e) = opened {
             c.wr.write_all(&protocol::error_response("FATAL", "53300", &e.to_string())).await?;
             return Ok(());
+        }
+        {
+            // startup parameters and `options` (-c name=value) are session settings
+            let (settings, opaque) = startup_settings(&params);
+            let mut n = c.proxy.node();
+            for (name, value) in &settings {
+                n.set_session_setting(session, name, value);
+            }
+            if opaque {
+                n.make_private(session);
+            }
         }
         c.proxy.metrics.clients.fetch_add(1, Ordering::Relaxed);
         c.proxy.metrics.clients_total.fetch_add(1, Ordering::Relaxed);
@@ -424,6 +447,7 @@ impl Client {
                     let started = std::time::Instant::now();
                     let path = self.simple_query(&m).await?;
                     self.proxy.metrics.observe(path, started.elapsed());
+                    self.settle().await?;
                 }
                 b'X' => {
                     let _ = self.up.send(&m.raw).await;
@@ -433,10 +457,7 @@ impl Client {
                     let started = std::time::Instant::now();
                     let path = self.sync(std::mem::take(&mut batch), m).await?;
                     self.proxy.metrics.observe(path, started.elapsed());
-                    if self.extended_write {
-                        self.extended_write = false;
-                        self.after_extended_write().await?;
-                    }
+                    self.settle().await?;
                 }
                 b'H' => {
                     // Flush: the client waits for the responses so far
@@ -502,12 +523,21 @@ impl Client {
         self.out.clear();
         for m in batch {
             self.out.extend_from_slice(&m.raw);
-            if m.tag == b'B' && !self.extended_write {
+            if m.tag == b'B' {
+                let prepared = bind_statement(m).and_then(|n| self.statements.get(n));
                 // a statement that may write: this session's later cached
-                // reads must reflect it (the floor is raised at Sync)
-                let name = bind_statement(m);
-                self.extended_write =
-                    name.and_then(|n| self.statements.get(n)).is_none_or(|p| p.shape.kind != StatementKind::Read);
+                // reads must reflect it (the floor is raised once the
+                // transaction, if any, is over)
+                self.extended_write |= prepared.is_none_or(|p| p.shape.kind != StatementKind::Read);
+                // its effects on the session are noted once its fate is known
+                if let Some(p) = prepared {
+                    self.relayed_from.get_or_insert(self.status);
+                    if self.relayed.len() < RELAYED_MAX {
+                        self.relayed.push(p.clone());
+                    } else {
+                        self.relayed_overflow = true;
+                    }
+                }
             }
             if m.tag == b'D'
                 && let Some(name) = m.body().strip_prefix(b"S").and_then(|n| n.strip_suffix(b"\0"))
@@ -757,6 +787,32 @@ impl Client {
         let mut n = self.proxy.node();
         n.handle_upstream(now, req, result);
         while n.poll_output().is_some() {}
+    }
+
+    /// After a request: what the extended protocol ran outside the node's
+    /// view is applied to the session (settings, privacy), and a write it
+    /// made raises the session's floor once no transaction is open.
+    async fn settle(&mut self) -> anyhow::Result<()> {
+        if self.relayed_from.is_some() {
+            let certain = self.relayed_from == Some(b'I')
+                && self.status == b'I'
+                && !self.relayed_overflow
+                && self.relayed.iter().all(|p| p.shape.txn.is_none());
+            let mut n = self.proxy.node();
+            for p in self.relayed.drain(..) {
+                n.note_relayed(self.session, &p, certain);
+            }
+            if self.relayed_overflow {
+                n.make_private(self.session);
+            }
+            self.relayed_from = None;
+            self.relayed_overflow = false;
+        }
+        if self.extended_write && self.status == b'I' {
+            self.extended_write = false;
+            self.after_extended_write().await?;
+        }
+        Ok(())
     }
 
     /// After the extended protocol ran a write: raise the session's floor to
@@ -1062,6 +1118,46 @@ fn path_of(served: Served) -> Path {
     }
 }
 
+/// The settings a client's startup parameters make (names lower-case), and
+/// whether `options` held something else (the session is then private).
+fn startup_settings(params: &[(String, String)]) -> (Vec<(String, String)>, bool) {
+    let mut out = Vec::new();
+    let mut opaque = false;
+    for (k, v) in params {
+        match k.as_str() {
+            "user" | "database" | "replication" => {}
+            "options" => {
+                // space-separated arguments, `\ ` an escaped space
+                let mut words: Vec<String> = vec![String::new()];
+                let mut chars = v.chars();
+                while let Some(ch) = chars.next() {
+                    match ch {
+                        '\\' => words.last_mut().into_iter().for_each(|w| w.extend(chars.next())),
+                        c if c.is_whitespace() => words.push(String::new()),
+                        c => words.last_mut().into_iter().for_each(|w| w.push(c)),
+                    }
+                }
+                let mut it = words.into_iter().filter(|w| !w.is_empty());
+                while let Some(w) = it.next() {
+                    let setting = if w == "-c" {
+                        it.next()
+                    } else {
+                        w.strip_prefix("-c").or_else(|| w.strip_prefix("--")).map(str::to_string)
+                    };
+                    match setting.as_deref().and_then(|s| s.split_once('=')) {
+                        Some((name, value)) => {
+                            out.push((name.replace('-', "_").to_ascii_lowercase(), value.to_string()))
+                        }
+                        None => opaque = true,
+                    }
+                }
+            }
+            _ => out.push((k.to_ascii_lowercase(), v.clone())),
+        }
+    }
+    (out, opaque)
+}
+
 /// What the primary answered, for the node: the encoded messages it sent.
 fn primary_reply(value: Value, snapshot: Lsn, commit_lsn: Option<Lsn>) -> UpstreamReply<Value> {
     let size_bytes = u32::try_from(value.len()).unwrap_or(u32::MAX);
@@ -1177,4 +1273,38 @@ fn frame_into(out: &mut BytesMut, tag: u8, body: &[u8]) {
     out.put_u8(tag);
     out.put_i32(body.len() as i32 + 4);
     out.put_slice(body);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn startup_parameters_become_settings() {
+        let (s, opaque) = startup_settings(&p(&[
+            ("user", "app"),
+            ("database", "db"),
+            ("DateStyle", "ISO"),
+            ("options", "-c search_path=s2  -crole=bob --extra-float-digits=3 -c x=a\\ b"),
+        ]));
+        assert!(!opaque);
+        assert_eq!(
+            s,
+            p(&[
+                ("datestyle", "ISO"),
+                ("search_path", "s2"),
+                ("role", "bob"),
+                ("extra_float_digits", "3"),
+                ("x", "a b")
+            ])
+        );
+        let (_, opaque) = startup_settings(&p(&[("options", "-c")]));
+        assert!(opaque, "an option without a setting");
+        let (_, opaque) = startup_settings(&p(&[("options", "-f s")]));
+        assert!(opaque, "an option that is not a setting");
+    }
 }

@@ -179,6 +179,7 @@ impl Analyzer {
         }
         let next_id = ShapeId(u32::try_from(self.shapes.len()).unwrap_or(u32::MAX));
         let mut shape = analyze(lexed, sql, &mut self.catalog, &self.config);
+        shape.session_private = changes_session_invisibly(&shape.text);
         if self.shapes.len() < self.config.shapes_max {
             shape.id = next_id;
             let shape = Arc::new(shape);
@@ -216,7 +217,22 @@ fn basic(kind: StatementKind, text: String, lexed: &Lexed) -> Shape {
         write_keys: None,
         literal_count: u32::try_from(lexed.literals.len()).unwrap_or(u32::MAX),
         param_count: lexed.param_max,
+        session_private: false,
     }
+}
+
+/// Whether a statement (normalised text: lower case, literals as `$n`) may
+/// change what later queries of the session return in a way no SET shows:
+/// `set_config(...)`, a temporary table, view or sequence (it shadows a table
+/// of the same name), anything naming `pg_temp`.
+pub fn changes_session_invisibly(text: &str) -> bool {
+    if text.contains("set_config") || text.contains("pg_temp") {
+        return true;
+    }
+    let words: Vec<&str> = text.split(|c: char| c.is_whitespace() || c == '(').filter(|w| !w.is_empty()).collect();
+    words.windows(2).any(|w| {
+        matches!(w[1], "temp" | "temporary") && matches!(w[0], "create" | "global" | "local" | "replace" | "into")
+    })
 }
 
 /// Analyses one shape. Never panics on any input.

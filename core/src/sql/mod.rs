@@ -133,6 +133,10 @@ pub struct Shape {
     pub literal_count: u32,
     /// Highest `$n` in the text.
     pub param_count: u32,
+    /// Running it may change session state the cache context cannot follow
+    /// (`set_config`, temporary objects that shadow tables): the session's
+    /// cache entries become private to it.
+    pub session_private: bool,
 }
 
 impl Shape {

@@ -12,8 +12,10 @@ pub enum SessionCommand {
     SetLocal,
     /// `RESET name`.
     Reset { name: String },
-    /// `RESET ALL`, `DISCARD ALL`.
+    /// `RESET ALL` (the role stays).
     ResetAll,
+    /// `DISCARD ALL`: back to the login role, every setting reset.
+    DiscardAll,
     /// Anything else of kind session (`DISCARD PLANS`, `SET TRANSACTION ...`).
     NoEffect,
 }
@@ -33,7 +35,7 @@ pub fn parse_session_command(sql: &str) -> Option<SessionCommand> {
     match first.as_str() {
         "discard" => {
             let what = words.next().unwrap_or("").to_ascii_lowercase();
-            Some(if what == "all" { SessionCommand::ResetAll } else { SessionCommand::NoEffect })
+            Some(if what == "all" { SessionCommand::DiscardAll } else { SessionCommand::NoEffect })
         }
         "reset" => {
             let name = words.next()?.to_ascii_lowercase();
@@ -148,7 +150,7 @@ mod tests {
         assert_eq!(parse_session_command("SET SESSION AUTHORIZATION bob"), set("session authorization", "bob"));
         assert_eq!(parse_session_command("SET LOCAL statement_timeout = 5"), Some(SessionCommand::SetLocal));
         assert_eq!(parse_session_command("RESET ALL"), Some(SessionCommand::ResetAll));
-        assert_eq!(parse_session_command("DISCARD ALL;"), Some(SessionCommand::ResetAll));
+        assert_eq!(parse_session_command("DISCARD ALL;"), Some(SessionCommand::DiscardAll));
         assert_eq!(
             parse_session_command("RESET search_path"),
             Some(SessionCommand::Reset { name: "search_path".into() })
