@@ -199,6 +199,13 @@ impl<V: Clone> Tier<V> {
         self.map.contains_key(&key)
     }
 
+    /// The entry of `key`, as stored: no statistics, recency, expiry or
+    /// validity check (a driver copying what a fill stored, e.g. to a file).
+    pub fn peek(&self, key: u128) -> Option<&Entry<V>> {
+        let idx = *self.map.get(&key)?;
+        self.slots[idx as usize].as_ref().map(|s| &s.entry)
+    }
+
     /// Inserts or replaces. An entry never replaces a newer one for the same key
     /// (fills may arrive out of order). Returns whether it was stored.
     pub fn insert(&mut self, now: Instant, key: u128, mut entry: Entry<V>) -> bool {

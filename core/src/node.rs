@@ -1288,3 +1288,48 @@ mod silence_tests {
         assert!(n.stats().cdc_silent_misses >= 3);
     }
 }
+
+#[cfg(test)]
+mod restore_tests {
+    use super::*;
+    use crate::cache::Eviction;
+
+    #[test]
+    fn restored_entries_answer_until_a_change_invalidates_them() {
+        let mut catalog = Catalog::new();
+        let items = catalog.set_primary_key("items", "id");
+        let tier = |n| TierConfig {
+            bytes_max: 1 << 20,
+            entries_max: n,
+            ttl: Duration::from_secs(60),
+            eviction: Eviction::Sieve,
+        };
+        let mut n: EdgeNode<u64> =
+            EdgeNode::new(NodeConfig::new(Zone::Eu, tier(10), tier(10)), catalog, Lsn(0)).expect("valid");
+        n.open_session(SessionId(1), "app", "app", Consistency::ReadYourWrites).expect("room");
+        let p = n.prepare("SELECT v FROM items WHERE id = $1").expect("lexes");
+        let execute = |n: &mut EdgeNode<u64>| {
+            n.handle_execute(Instant::ZERO, SessionId(1), &p, &[Some(b"7")]);
+            n.poll_output().expect("an output")
+        };
+        let Some(NodeOutput::Upstream(u)) = Some(execute(&mut n)) else { panic!("a miss") };
+        let key = u.cache_key.expect("cacheable");
+        assert_eq!(n.pending_fill_key(u.req), Some(key));
+        n.handle_upstream(Instant::ZERO, u.req, Err("dropped".into()));
+        while n.poll_output().is_some() {}
+        assert!(n.context_is_portable(SessionId(1)));
+        let entry =
+            |value, lsn| Entry { value, lsn: Lsn(lsn), deps: u.deps.clone(), size_bytes: 8, expires_at: Instant::MAX };
+        assert!(n.restore_l2(Instant::ZERO, key, entry(1, 10)));
+        assert!(matches!(execute(&mut n), NodeOutput::Reply { served: Served::L2, value: 1, .. }));
+        n.clear_tier(TierName::L1);
+        // a change after the entry's snapshot, re-delivered by the stream
+        let change = Change { lsn: Lsn(20), targets: vec![ChangeTarget::Keys(items, vec![key_hash(items, b"7")])] };
+        n.handle_cdc(Instant::ZERO, &CdcEvent { prev_lsn: Lsn(0), change });
+        assert!(matches!(execute(&mut n), NodeOutput::Upstream(_)));
+        assert!(!n.restore_l2(Instant::ZERO, key, entry(1, 15)), "already invalid: refused");
+        assert!(n.restore_l2(Instant::ZERO, key, entry(2, 20)));
+        n.make_private(SessionId(1));
+        assert!(!n.context_is_portable(SessionId(1)), "a private context is this process's own");
+    }
+}

@@ -17,6 +17,8 @@ cleanup() {
   [ -n "${proxy_pid:-}" ] && kill "$proxy_pid" 2>/dev/null || true
   [ -n "${pass_pid:-}" ] && kill "$pass_pid" 2>/dev/null || true
   [ -n "${bouncer_pid:-}" ] && kill "$bouncer_pid" 2>/dev/null || true
+  # runuser's child outlives it
+  pkill -f "$dir/pgbouncer.ini" 2>/dev/null || true
   as_pg "$bin/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null 2>&1 || true
   [ -n "${KEEP:-}" ] || rm -rf "$dir"
 }

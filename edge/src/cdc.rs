@@ -2,16 +2,29 @@
 //! slot polled over an ordinary connection. Each committed transaction
 //! becomes one CDC event (key-level where the table's primary key is known),
 //! each poll also a keepalive, so writes that bypass the proxy invalidate too.
+//!
+//! The slot is peeked (`pg_logical_slot_peek_changes`), the changes applied,
+//! and only then advanced (`pg_replication_slot_advance`) to the last commit
+//! applied; with an L2 file, once the file reflects them too (`l2.rs`): the
+//! slot's position never runs ahead of what the file reflects.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use postai_core::Lsn;
+use postai_core::cache::TierName;
 use postai_core::invalidation::{CdcEvent, Change, ChangeTarget, key_hash};
 use postai_core::sql::{Catalog, canonical_number};
 
+use crate::l2::fmt_lsn;
 use crate::protocol::{self, Message};
 use crate::proxy::Proxy;
+
+/// WAL past the slot's position with nothing of this database to decode
+/// (other databases' writes): past this, a logical message gives the next
+/// peek a position to advance the slot to, so that the slot does not hold
+/// the primary's WAL forever.
+const IDLE_ADVANCE_BYTES: u64 = 16 << 20;
 use crate::upstream::error_message;
 
 /// Parses one `test_decoding` line of a table change into its target.
@@ -93,9 +106,16 @@ pub async fn run(proxy: Arc<Proxy>) {
 
 async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
     let cfg = &proxy.config.cdc;
-    let mut conn = proxy.service_login(&proxy.primary_addr(), &cfg.user, &cfg.database).await?;
+    let addr = cfg.upstream.clone().unwrap_or_else(|| proxy.primary_addr());
+    let mut conn = proxy.service_login(&addr, &cfg.user, &cfg.database).await?;
     check(conn.simple("SET TimeZone = 'UTC'").await?)?;
     let exists = conn.simple(&format!("SELECT 1 FROM pg_replication_slots WHERE slot_name = '{}'", cfg.slot)).await?;
+    // where the slot re-delivers from: a start event opens the stream there
+    let mut start_event: Option<Lsn> = None;
+    // the slot's position as this reader moved it
+    let mut advanced = Lsn(0);
+    // where WAL stood when a logical message was last emitted
+    let mut emitted = 0u64;
     if protocol::first_value(&exists).is_none() {
         let created = check(
             conn.simple(&format!(
@@ -109,11 +129,22 @@ async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
         // cached from a snapshot older than that is invalid
         let start = protocol::first_value(&created).and_then(|s| protocol::parse_lsn(&s)).map(Lsn);
         if let Some(start) = start {
+            // before the event below opens the cache: restored entries may
+            // come from another cluster's LSNs, which the event cannot order
+            adopt_l2(proxy, &mut conn, start, true).await;
+            advanced = start;
             let mut node = proxy.node.lock().unwrap_or_else(|p| p.into_inner());
             let event = CdcEvent { prev_lsn: *last, change: Change { lsn: start, targets: vec![ChangeTarget::All] } };
             node.handle_cdc(proxy.now(), &event);
             *last = (*last).max(start);
         }
+    } else {
+        let q = format!("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = '{}'", cfg.slot);
+        let confirmed = protocol::first_value(&check(conn.simple(&q).await?)?).and_then(|s| protocol::parse_lsn(&s));
+        let confirmed = Lsn(confirmed.unwrap_or(0));
+        adopt_l2(proxy, &mut conn, confirmed, false).await;
+        start_event = Some(confirmed);
+        advanced = confirmed;
     }
     let mut pending: Vec<ChangeTarget> = Vec::new();
     loop {
@@ -121,14 +152,25 @@ async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
         let current = protocol::first_value(&lsn_msgs).and_then(|s| protocol::parse_lsn(&s));
         let rows = check(
             conn.simple(&format!(
-                "SELECT lsn::text, data FROM pg_logical_slot_get_changes('{}', NULL, NULL, 'include-timestamp', 'on')",
+                "SELECT lsn::text, data FROM pg_logical_slot_peek_changes('{}', NULL, NULL, 'include-timestamp', 'on')",
                 cfg.slot
             ))
             .await?,
         )?;
         let now = proxy.now();
-        {
+        // the last commit (or non-transactional message) applied: where the slot may advance to
+        let mut through: Option<Lsn> = None;
+        let written = {
             let mut node = proxy.node.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(start) = start_event.take()
+                && start > *last
+            {
+                // the stream is complete from the slot's position on
+                let event = CdcEvent { prev_lsn: *last, change: Change { lsn: start, targets: Vec::new() } };
+                node.handle_cdc(now, &event);
+                *last = start;
+            }
+            let mut changes: Vec<Change> = Vec::new();
             for row in rows.iter().filter(|m| m.tag == b'D') {
                 let Some((lsn, data)) = two_columns(row) else { continue };
                 if data.starts_with("BEGIN") {
@@ -144,6 +186,15 @@ async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
                         CdcEvent { prev_lsn: *last, change: Change { lsn, targets: std::mem::take(&mut pending) } };
                     node.handle_cdc(now, &event);
                     *last = (*last).max(lsn);
+                    if !event.change.targets.is_empty() {
+                        changes.push(event.change);
+                    }
+                    through = Some(through.map_or(lsn, |t| t.max(lsn)));
+                } else if data.starts_with("message: transactional: 0 ") {
+                    // a record every earlier record precedes: its end is a safe position
+                    if let Some(lsn) = protocol::parse_lsn(&lsn).map(Lsn) {
+                        through = Some(through.map_or(lsn, |t| t.max(lsn)));
+                    }
                 } else if let Some(t) = parse_change(&data, node.analyzer().catalog()) {
                     pending.push(t);
                 } else if data.starts_with("table ") && !data.contains(": ") {
@@ -153,11 +204,54 @@ async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
             // keepalive: nothing committed after `last` that we have not seen
             let keepalive = CdcEvent { prev_lsn: *last, change: Change { lsn: *last, targets: Vec::new() } };
             node.handle_cdc(now, &keepalive);
+            // queued under the node's lock: after every fill validated before these changes
+            match (&proxy.l2_file, through) {
+                (Some(f), Some(t)) => Some(f.invalidate(changes, t)),
+                _ => None,
+            }
+        };
+        if let Some(t) = through.filter(|t| *t > advanced) {
+            if let Some(written) = written {
+                // a writer that is gone wrote nothing more: the slot moving past
+                // the file's position makes the next start wipe it
+                if let Ok(Err(e)) = written.await {
+                    return Err(std::io::Error::other(format!("L2 file: {e}; the slot is not advanced")));
+                }
+            }
+            let advance = format!("SELECT 1 FROM pg_replication_slot_advance('{}', '{}')", cfg.slot, fmt_lsn(t));
+            check(conn.simple(&advance).await?)?;
+            advanced = t;
+        } else if let Some(c) = current.filter(|c| c.saturating_sub(advanced.0.max(emitted)) > IDLE_ADVANCE_BYTES) {
+            let emit = conn.simple("SELECT 1 FROM pg_logical_emit_message(false, 'postai', '')").await?;
+            if let Some(e) = emit.iter().find(|m| m.tag == b'E') {
+                eprintln!("postai-edge: cdc ({}): cannot advance an idle slot: {}", cfg.slot, error_message(e));
+            }
+            // once: the next peek sees it, or the WAL moves on by as much again
+            emitted = c;
         }
         if let Some(c) = current {
             proxy.lsn_seen.fetch_max(c, Ordering::Relaxed);
         }
         tokio::time::sleep(std::time::Duration::from_millis(cfg.poll_ms)).await;
+    }
+}
+
+/// The reader connected to the slot at `slot` (`created`: just now): the L2
+/// file checks that it reflects every change up to there; if it cannot, it is
+/// wiped, and so are the in-memory tiers (they hold what was restored from it).
+async fn adopt_l2(proxy: &Proxy, conn: &mut crate::upstream::Conn, slot: Lsn, created: bool) {
+    let Some(f) = &proxy.l2_file else { return };
+    let system_id = match conn.simple("SELECT system_identifier::text FROM pg_control_system()").await {
+        Ok(m) if m.iter().all(|m| m.tag != b'E') => protocol::first_value(&m),
+        _ => None,
+    };
+    // a writer that is gone cannot vouch for what was restored
+    let wiped = f.adopt(slot, created, system_id).await.unwrap_or_else(|_| Some("the file writer stopped".into()));
+    if let Some(reason) = wiped {
+        eprintln!("postai-edge: L2 file wiped ({reason}); the in-memory tiers too");
+        let mut node = proxy.node.lock().unwrap_or_else(|p| p.into_inner());
+        node.clear_tier(TierName::L1);
+        node.clear_tier(TierName::L2);
     }
 }
 

@@ -36,6 +36,10 @@ pub struct Config {
     /// TLS for clients, terminated at the proxy. None: SSLRequest gets 'N'.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Worker threads of the runtime (default: one per core; 1: a single
+    /// thread, no cross-thread wakeups, like PgBouncer).
+    #[serde(default)]
+    pub threads: Option<usize>,
     /// Where `GET /metrics` (Prometheus text format) is served; off when unset.
     #[serde(default)]
     pub metrics_listen: Option<String>,
@@ -45,6 +49,48 @@ pub struct Config {
     pub replicas: Vec<String>,
     #[serde(default)]
     pub failover: FailoverSettings,
+    /// `edge` (default): in front of PostgreSQL or of a regional proxy.
+    /// `regional`: what edges connect to; transaction pooling by default.
+    #[serde(default)]
+    pub role: Role,
+    #[serde(default)]
+    pub pool: PoolSettings,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    #[default]
+    Edge,
+    Regional,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// One server connection per client, for its whole session.
+    Session,
+    /// Clients share `size` server connections; one is lent per transaction.
+    Transaction,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolSettings {
+    /// Default: `transaction` for the regional role, `session` otherwise.
+    pub mode: Option<PoolMode>,
+    /// Server connections per (user, database, startup parameters).
+    pub size: usize,
+    /// A client waits this long for a free server connection, then gets an error.
+    pub wait_ms: u64,
+    /// Distinct (user, database, parameters) pools at most.
+    pub keys_max: usize,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings { mode: None, size: 20, wait_ms: 5_000, keys_max: 1_000 }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -95,6 +141,9 @@ pub struct CacheConfig {
     pub entry_bytes_max: usize,
     /// `false`: a pass-through proxy (every query relayed, nothing cached).
     pub enabled: bool,
+    /// L2 also in this SQLite file, so that a restarted edge starts warm
+    /// (`l2.rs`). Unset: L2 in memory only. Needs `[cdc] enabled`.
+    pub l2_path: Option<String>,
 }
 
 impl Default for CacheConfig {
@@ -107,6 +156,7 @@ impl Default for CacheConfig {
             ttl_s: 300,
             entry_bytes_max: 1 << 20,
             enabled: true,
+            l2_path: None,
         }
     }
 }
@@ -133,6 +183,9 @@ pub struct CdcConfig {
     pub poll_ms: u64,
     /// Serve nothing from the cache when the stream has been silent this long.
     pub silence_max_ms: u64,
+    /// Where the slot is (host:port): by default the primary the proxy
+    /// routes to; an edge behind a regional proxy names the primary here.
+    pub upstream: Option<String>,
 }
 
 impl Default for CdcConfig {
@@ -144,11 +197,16 @@ impl Default for CdcConfig {
             database: "postgres".into(),
             poll_ms: 100,
             silence_max_ms: 5_000,
+            upstream: None,
         }
     }
 }
 
 impl Config {
+    pub fn pool_mode(&self) -> PoolMode {
+        self.pool.mode.unwrap_or(if self.role == Role::Regional { PoolMode::Transaction } else { PoolMode::Session })
+    }
+
     pub fn load(path: &str) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
         Config::parse(path, &text)
@@ -166,6 +224,20 @@ impl Config {
         }
         if c.replicas.iter().any(|r| r == &c.upstream) {
             return bad("a replica cannot be the upstream primary");
+        }
+        if c.cache.l2_path.is_some() && !c.cdc.enabled {
+            return bad(
+                "cache.l2_path needs [cdc] enabled: restored entries are checked against the changes the slot kept",
+            );
+        }
+        if c.cache.l2_path.as_deref().is_some_and(str::is_empty) {
+            return bad("cache.l2_path must be a file path");
+        }
+        if c.pool.size == 0 || c.pool.keys_max == 0 || c.pool.wait_ms == 0 {
+            return bad("pool: size, keys_max and wait_ms must be positive");
+        }
+        if c.threads == Some(0) {
+            return bad("threads must be at least 1");
         }
         if c.max_message_bytes < 1024 {
             return bad("max_message_bytes must be at least 1024");
@@ -280,6 +352,9 @@ mod tests {
         let c = Config::parse("edge/edge.example.toml", text).expect("the example is valid");
         assert_eq!(c.replicas, vec!["127.0.0.1:15433".to_string()]);
         assert!(c.failover.enabled && c.metrics_listen.is_some());
+        let with_file = text.replace("# l2_path", "l2_path");
+        let c = Config::parse("edge/edge.example.toml", &with_file).expect("the example with l2_path is valid");
+        assert_eq!(c.cache.l2_path.as_deref(), Some("/var/lib/postai/l2.sqlite"));
     }
 
     #[test]
@@ -291,5 +366,7 @@ mod tests {
         assert!(e.is_err_and(|e| e.to_string().contains("replica")));
         let e = Config::parse("x.toml", &format!("{base}[failover]\nbogus = 1\n"));
         assert!(e.is_err_and(|e| e.to_string().contains("bogus")));
+        let e = Config::parse("x.toml", &format!("{base}[cache]\nl2_path = '/tmp/l2'\n[cdc]\nenabled = false\n"));
+        assert!(e.is_err_and(|e| e.to_string().contains("l2_path")));
     }
 }

@@ -2,8 +2,7 @@
 
 use anyhow::Context;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let mut path = None;
     while let Some(a) = args.next() {
@@ -18,6 +17,17 @@ async fn main() -> anyhow::Result<()> {
     }
     let path = path.context("usage: postai-edge --config FILE")?;
     let config = postai_edge::Config::load(&path)?;
+    let threads = config.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let rt = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()
+    }
+    .context("the tokio runtime")?;
+    rt.block_on(run(config))
+}
+
+async fn run(config: postai_edge::Config) -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(&config.listen).await.with_context(|| format!("listen on {}", config.listen))?;
     let proxy = postai_edge::Proxy::new(config)?;

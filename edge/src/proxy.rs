@@ -16,7 +16,7 @@ use postai_core::node::{
     EdgeNode, InvalidationMode, NodeConfig, NodeOutput, Prepared, Route, Served, SessionId, UpstreamReply,
 };
 use postai_core::router::{EndpointId, Zone};
-use postai_core::sql::{AnalyzerConfig, Catalog, StatementKind, TxnControl};
+use postai_core::sql::{AnalyzerConfig, Catalog, Shape, StatementKind, TxnControl};
 use postai_core::{Duration, Instant, Lsn};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::io::{ReadHalf, WriteHalf};
@@ -25,6 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::config::Config;
 use crate::frontend::{self, ClientStream, Opening};
 use crate::metrics::{Metrics, Path};
+use crate::pool::{Lease, Pool, PoolError, PoolKey, ServerConn};
 use crate::protocol::{self, FRONTEND_TAGS, Message};
 use crate::topology::Topology;
 use crate::upstream::{self, Conn, error_message};
@@ -41,6 +42,12 @@ pub struct Proxy {
     /// The database nodes: primary, replicas, failover.
     pub topology: Mutex<Topology>,
     pub metrics: Metrics,
+    /// Server connections shared by clients (transaction pooling), if on.
+    pub pool: Option<Pool>,
+    /// Pooled clients' cancel keys (ours) -> the server they run on.
+    pub cancels: Mutex<std::collections::HashMap<(i32, i32), Arc<CancelTarget>>>,
+    /// L2 persisted in `[cache] l2_path` (`l2.rs`), if set.
+    pub l2_file: Option<crate::l2::L2File>,
     next_session: AtomicU64,
     start: std::time::Instant,
 }
@@ -73,7 +80,10 @@ impl Proxy {
             invalidation: InvalidationMode::Key,
             cdc_silence_max: config.cdc.enabled.then(|| Duration::from_millis(config.cdc.silence_max_ms)),
         };
-        let node = EdgeNode::new(node_config, catalog, Lsn(0))?;
+        let mut node = EdgeNode::new(node_config, catalog, Lsn(0))?;
+        // restored entries are served once the CDC reader has vouched for them
+        let start = std::time::Instant::now();
+        let l2_file = crate::l2::open_for(&config, &mut node, Instant::ZERO);
         let f = &config.failover;
         let failover = f.enabled.then(|| FailoverConfig {
             heartbeat_timeout: Duration::from_millis(f.timeout_ms),
@@ -81,14 +91,19 @@ impl Proxy {
             nodes_max: config.replicas.len() + 2,
         });
         let topology = Topology::new(&config.upstream, &config.replicas, failover, Instant::ZERO);
+        let pool = (config.pool_mode() == crate::config::PoolMode::Transaction)
+            .then(|| Pool::new(config.pool.size, config.pool.keys_max));
         Ok(Arc::new(Proxy {
             config,
             node: Mutex::new(node),
             topology: Mutex::new(topology),
             metrics: Metrics::default(),
+            pool,
+            cancels: Mutex::new(std::collections::HashMap::new()),
             lsn_seen: AtomicU64::new(0),
+            l2_file,
             next_session: AtomicU64::new(1),
-            start: std::time::Instant::now(),
+            start,
         }))
     }
 
@@ -128,6 +143,9 @@ impl Proxy {
         let mut n = self.node();
         n.clear_tier(TierName::L1);
         n.clear_tier(TierName::L2);
+        if let Some(f) = &self.l2_file {
+            f.clear("the in-memory tiers were cleared");
+        }
     }
 
     /// Starts the background tasks: the CDC reader and the health checks.
@@ -193,6 +211,15 @@ impl Proxy {
         rows.push(("epoch".into(), t.epoch().0.to_string()));
         rows.push(("primary".into(), t.primary_addr()));
         rows.push(("fenced_returns".into(), t.fenced_returns.to_string()));
+        if let Some(pool) = &self.pool {
+            let (idle, lent) = pool.counts();
+            rows.push(("pool_idle".into(), idle.to_string()));
+            rows.push(("pool_lent".into(), lent.to_string()));
+        }
+        drop(t);
+        if let Some(f) = &self.l2_file {
+            rows.extend(f.stats_rows());
+        }
         rows
     }
 }
@@ -218,7 +245,7 @@ struct Client {
     wr: WriteHalf<ClientStream>,
     buf: BytesMut,
     out: BytesMut,
-    up: Conn,
+    upstream: Upstream,
     session: SessionId,
     /// Transaction status of the last ReadyForQuery from upstream.
     status: u8,
@@ -240,6 +267,13 @@ struct Client {
     replicas: ReplicaConns,
     /// ParseComplete messages the client must not see (for re-sent Parses).
     swallow_parse_complete: u32,
+    /// CloseComplete messages the client must not see (injected Closes).
+    swallow_close_complete: u32,
+    /// Server-side statements prepared by the batch in flight (pooling):
+    /// uncertain if it fails.
+    batch_server_parses: Vec<String>,
+    /// The batch in flight got an ErrorResponse.
+    batch_failed: bool,
     /// The current relay has already written part of its answer to the client.
     flushed_mid: bool,
     /// Statements the extended protocol ran since the last request ended
@@ -249,6 +283,24 @@ struct Client {
     relayed_from: Option<u8>,
     relayed_overflow: bool,
 }
+
+/// The client's connection to the primary: its own for the whole session, or
+/// (transaction pooling) a pooled one, lent while it needs one.
+enum Upstream {
+    Dedicated(Conn),
+    Pooled {
+        lease: Option<Box<Lease>>,
+        key: PoolKey,
+        password: Option<String>,
+        /// Session state lives on the server connection: keep it.
+        pinned: bool,
+        /// Where a cancel request for this client goes while it holds a lease.
+        cancel: Arc<CancelTarget>,
+    },
+}
+
+/// The server a pooled client's cancel request must reach: (addr, pid, key).
+pub type CancelTarget = Mutex<Option<(String, i32, i32)>>;
 
 /// Statements noted per request at most; beyond, the session goes private.
 const RELAYED_MAX: usize = 1024;
@@ -341,7 +393,16 @@ impl Client {
         let accepted = match frontend::open(&proxy.config, socket).await? {
             Opening::Login(a) => a,
             Opening::Cancel { pid, key } => {
-                let mut c = Conn::connect(&proxy.primary_addr(), max).await?;
+                // a pooled client's key is ours: the server it runs on now
+                let pooled = proxy.cancels.lock().unwrap_or_else(|p| p.into_inner()).get(&(pid, key)).cloned();
+                let (addr, pid, key) = match pooled {
+                    Some(t) => match t.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                        Some(target) => target,
+                        None => return Ok(()),
+                    },
+                    None => (proxy.primary_addr(), pid, key),
+                };
+                let mut c = Conn::connect(&addr, max).await?;
                 let mut m = BytesMut::with_capacity(16);
                 m.put_i32(16);
                 m.put_i32(protocol::CANCEL_REQUEST);
@@ -355,10 +416,32 @@ impl Client {
         // the proxy logs in upstream on the client's behalf, with its own password
         let params = accepted.upstream_params();
         let frontend::Accepted { rd, mut wr, buf, user, database, upstream_password, auth_ok, .. } = *accepted;
-        let login = match upstream::login(&proxy.primary_addr(), &params, upstream_password.as_deref(), max).await {
-            Ok(l) => l,
+        let session = SessionId(proxy.next_session.fetch_add(1, Ordering::Relaxed));
+        let opened = match &proxy.pool {
+            // transaction pooling: a pooled connection's greeting, our own cancel key
+            Some(pool) => {
+                let key = PoolKey::new(&proxy.primary_addr(), &params);
+                let wait = proxy.config.pool.wait_ms;
+                pool.acquire(&key, upstream_password.as_deref(), max, wait).await.map(|lease| {
+                    let secret: i32 = rand::random();
+                    let pid = i32::try_from(session.0 & 0x7fff_ffff).unwrap_or(i32::MAX);
+                    let cancel = Arc::new(Mutex::new(None));
+                    proxy.cancels.lock().unwrap_or_else(|p| p.into_inner()).insert((pid, secret), cancel.clone());
+                    let greeting = with_backend_key(&lease.server.greeting, pid, secret);
+                    lease.release();
+                    let password = upstream_password.clone();
+                    (Upstream::Pooled { lease: None, key, password, pinned: false, cancel }, greeting, b'I')
+                })
+            }
+            None => upstream::login(&proxy.primary_addr(), &params, upstream_password.as_deref(), max)
+                .await
+                .map(|l| (Upstream::Dedicated(l.conn), l.greeting, l.status))
+                .map_err(PoolError::Login),
+        };
+        let (upstream, greeting, status) = match opened {
+            Ok(o) => o,
             Err(e) => {
-                if !matches!(e, upstream::LoginError::Refused(_)) {
+                if !matches!(e, PoolError::Login(upstream::LoginError::Refused(_))) {
                     eprintln!("postai-edge: upstream login as {user:?}: {e}");
                 }
                 wr.write_all(&e.client_error()).await?;
@@ -366,15 +449,13 @@ impl Client {
                 return Ok(());
             }
         };
-        let up = login.conn;
-        let session = SessionId(proxy.next_session.fetch_add(1, Ordering::Relaxed));
         let mut c = Client {
             proxy,
             rd,
             wr,
             buf,
             out: BytesMut::with_capacity(16 << 10),
-            up,
+            upstream,
             session,
             status: b'I',
             extended_write: false,
@@ -385,13 +466,16 @@ impl Client {
             unsent_parses: Vec::new(),
             replicas: ReplicaConns { login: params.clone(), password: upstream_password, ..ReplicaConns::default() },
             swallow_parse_complete: 0,
+            swallow_close_complete: 0,
+            batch_server_parses: Vec::new(),
+            batch_failed: false,
             flushed_mid: false,
             relayed: Vec::new(),
             relayed_from: None,
             relayed_overflow: false,
         };
         // the client sees the primary's ParameterStatus and BackendKeyData (cancels go to it)
-        c.wr.write_all(&frontend::greeting(&auth_ok, &login.greeting, login.status)).await?;
+        c.wr.write_all(&frontend::greeting(&auth_ok, &greeting, status)).await?;
         let opened = c.proxy.node().open_session(session, &user, &database, Consistency::ReadYourWrites);
         if let Err(e) = opened {
             c.wr.write_all(&protocol::error_response("FATAL", "53300", &e.to_string())).await?;
@@ -412,7 +496,14 @@ impl Client {
         c.proxy.metrics.clients_total.fetch_add(1, Ordering::Relaxed);
         c.proxy.metrics.upstream_connections.fetch_add(1, Ordering::Relaxed);
         let result = c.serve_queries().await;
+        if let Err(e) = &result {
+            // a dead upstream, a full pool: the client hears why before the end
+            let _ = c.wr.write_all(&protocol::error_response("FATAL", "08006", &format!("postai-edge: {e}"))).await;
+        }
         c.proxy.node().close_session(session);
+        if let Upstream::Pooled { cancel, .. } = &c.upstream {
+            c.proxy.cancels.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, t| !Arc::ptr_eq(t, cancel));
+        }
         let m = &c.proxy.metrics;
         m.clients.fetch_sub(1, Ordering::Relaxed);
         m.upstream_connections.fetch_sub(1, Ordering::Relaxed);
@@ -450,7 +541,13 @@ impl Client {
                     self.settle().await?;
                 }
                 b'X' => {
-                    let _ = self.up.send(&m.raw).await;
+                    match &mut self.upstream {
+                        Upstream::Dedicated(up) => {
+                            let _ = up.send(&m.raw).await;
+                        }
+                        // pooled: the server connection stays (given back if clean)
+                        Upstream::Pooled { .. } => self.release_idle(),
+                    }
                     return Ok(());
                 }
                 b'S' => {
@@ -462,8 +559,7 @@ impl Client {
                 b'H' => {
                     // Flush: the client waits for the responses so far
                     let sent = std::mem::take(&mut batch);
-                    self.send_batch(&sent).await?;
-                    self.up.send(&m.raw).await?;
+                    self.send_batch(&sent, Some(&m)).await?;
                     self.relay_responses(&sent).await?;
                 }
                 b'P' => {
@@ -500,7 +596,7 @@ impl Client {
                 }
                 b'd' | b'c' | b'f' => {
                     self.flush_batch(&mut batch).await?;
-                    self.up.send(&m.raw).await?
+                    self.up().await?.send(&m.raw).await?
                 }
                 _ => batch.push(m),
             }
@@ -508,21 +604,35 @@ impl Client {
         Ok(())
     }
 
-    /// Sends a batch upstream, first re-sending an unnamed statement that a
-    /// cache hit answered without the primary (its ParseComplete is swallowed).
-    async fn send_batch(&mut self, batch: &[Message]) -> anyhow::Result<()> {
+    /// Sends a batch (and `tail`, a Sync or Flush) upstream in one write,
+    /// first re-sending statements that were answered without the primary
+    /// (their ParseComplete is swallowed).
+    async fn send_batch(&mut self, batch: &[Message], tail: Option<&Message>) -> anyhow::Result<()> {
+        // pooled: lease first, the batch is written for that server connection
+        self.up().await?;
         let own_unnamed =
             batch.first().is_some_and(|m| m.tag == b'P' && parse_message(m).is_some_and(|(n, _)| n.is_empty()));
+        self.out.clear();
         for parse in std::mem::take(&mut self.unsent_parses) {
             if own_unnamed && parse_message(&parse).is_some_and(|(n, _)| n.is_empty()) {
                 continue;
             }
-            self.up.send(&parse.raw).await?;
+            self.out.extend_from_slice(&parse.raw);
             self.swallow_parse_complete += 1;
         }
-        self.out.clear();
         for m in batch {
-            self.out.extend_from_slice(&m.raw);
+            match &mut self.upstream {
+                Upstream::Pooled { lease: Some(lease), .. } => pooled_message(
+                    &mut self.out,
+                    m,
+                    &mut lease.server,
+                    &self.parses,
+                    &mut self.swallow_parse_complete,
+                    &mut self.swallow_close_complete,
+                    &mut self.batch_server_parses,
+                ),
+                _ => self.out.extend_from_slice(&m.raw),
+            }
             if m.tag == b'B' {
                 let prepared = bind_statement(m).and_then(|n| self.statements.get(n));
                 // a statement that may write: this session's later cached
@@ -545,8 +655,11 @@ impl Client {
                 self.described.push_back(String::from_utf8_lossy(name).into_owned());
             }
         }
+        if let Some(t) = tail {
+            self.out.extend_from_slice(&t.raw);
+        }
         let out = std::mem::take(&mut self.out);
-        self.up.send(&out).await?;
+        self.up().await?.send(&out).await?;
         self.out = out;
         Ok(())
     }
@@ -558,15 +671,14 @@ impl Client {
         sync: &Message,
         keep: Option<usize>,
     ) -> anyhow::Result<(Option<BytesMut>, Option<String>)> {
-        self.send_batch(batch).await?;
-        self.up.send(&sync.raw).await?;
+        self.send_batch(batch, Some(sync)).await?;
         self.relay_until_ready(keep).await
     }
 
     async fn flush_batch(&mut self, batch: &mut Vec<Message>) -> anyhow::Result<()> {
         if !batch.is_empty() {
             let b = std::mem::take(batch);
-            self.send_batch(&b).await?;
+            self.send_batch(&b, None).await?;
         }
         Ok(())
     }
@@ -585,12 +697,10 @@ impl Client {
                 _ => continue,
             };
             loop {
-                let m = self.up.recv().await?;
-                if m.tag == b'1' && self.swallow_parse_complete > 0 {
-                    self.swallow_parse_complete -= 1;
+                let m = self.up().await?.recv().await?;
+                if self.swallowed(&m) {
                     continue;
                 }
-                self.snoop(&m);
                 self.wr.write_all(&m.raw).await?;
                 if m.tag == b'E' {
                     return Ok(());
@@ -606,6 +716,9 @@ impl Client {
     /// Sync: answer a cacheable [Parse] Bind [Describe] Execute batch from the
     /// cache, or send the batch and relay (filling the cache when it may).
     async fn sync(&mut self, batch: Vec<Message>, sync: Message) -> anyhow::Result<Path> {
+        if self.answer_known_parses(&batch).await? {
+            return Ok(Path::Proxy);
+        }
         let Some(exec) = self.cacheable_batch(&batch) else {
             return self.relay_batch(&batch, &sync, None).await.map(|_| Path::Primary);
         };
@@ -623,9 +736,9 @@ impl Client {
                 out.extend_from_slice(&value);
                 out.extend_from_slice(&protocol::ready_for_query(self.status));
                 self.wr.write_all(&out).await?;
-                if let Some(p) = exec.parse {
+                if let Some(p) = exec.parse.filter(|_| !self.pooled()) {
                     // the primary never saw this Parse: re-send it before the
-                    // statement is used upstream
+                    // statement is used upstream (pooled: prepared when bound)
                     self.unsent_parses.push(p);
                 }
                 path_of(served)
@@ -640,7 +753,7 @@ impl Client {
                 };
                 let (kept, error, snapshot, served) = match on_replica {
                     Some((kept, error, replayed)) => {
-                        if let Some(p) = exec.parse {
+                        if let Some(p) = exec.parse.filter(|_| !self.pooled()) {
                             self.unsent_parses.push(p);
                         }
                         (kept, error, replayed, Served::Replica)
@@ -785,8 +898,139 @@ impl Client {
     fn finish(&self, req: postai_core::node::RequestId, result: Result<UpstreamReply<Value>, String>) {
         let now = self.proxy.now();
         let mut n = self.proxy.node();
+        let l2_file = self.proxy.l2_file.as_ref().map(|f| (f, f.before_upstream(&n, req)));
         n.handle_upstream(now, req, result);
         while n.poll_output().is_some() {}
+        if let Some((f, before)) = l2_file {
+            // queued under the node's lock, ordered with CDC invalidations
+            f.after_upstream(&n, self.session, now, before);
+        }
+    }
+
+    /// Pooling, between transactions: a batch of Parses of statements some
+    /// server connection already prepared without error is answered here
+    /// (each is prepared where it is bound). A client blocked on a Parse then
+    /// needs no server connection: a synchronous prepare (pgbench -M
+    /// prepared) cannot wait behind clients that wait for it.
+    async fn answer_known_parses(&mut self, batch: &[Message]) -> anyhow::Result<bool> {
+        let (Some(pool), Upstream::Pooled { lease: None, .. }) = (&self.proxy.pool, &self.upstream) else {
+            return Ok(false);
+        };
+        if batch.is_empty() || self.status != b'I' || !self.unsent_parses.is_empty() {
+            return Ok(false);
+        }
+        let known = batch.iter().all(|m| {
+            m.tag == b'P'
+                && m.body()
+                    .iter()
+                    .position(|c| *c == 0)
+                    .is_some_and(|end| end > 0 && pool.knows(&crate::pool::server_name(&m.body()[end + 1..])))
+        });
+        if !known {
+            return Ok(false);
+        }
+        self.out.clear();
+        for _ in batch {
+            self.out.extend_from_slice(&PARSE_COMPLETE);
+        }
+        self.out.extend_from_slice(&protocol::ready_for_query(self.status));
+        self.wr.write_all(&self.out).await?;
+        Ok(true)
+    }
+
+    fn pooled(&self) -> bool {
+        matches!(self.upstream, Upstream::Pooled { .. })
+    }
+
+    /// The server connection, leased from the pool first when pooling.
+    async fn up(&mut self) -> anyhow::Result<&mut Conn> {
+        if let Upstream::Pooled { lease, key, password, cancel, .. } = &mut self.upstream
+            && lease.is_none()
+        {
+            let pool = self.proxy.pool.as_ref().ok_or_else(|| anyhow::anyhow!("transaction pooling without a pool"))?;
+            // after a failover the primary is elsewhere
+            key.addr = self.proxy.primary_addr();
+            let (max, wait) = (self.proxy.config.max_message_bytes, self.proxy.config.pool.wait_ms);
+            let l = Box::new(pool.acquire(key, password.as_deref(), max, wait).await?);
+            if let Some((pid, secret)) = l.server.backend_key {
+                *cancel.lock().unwrap_or_else(|p| p.into_inner()) = Some((key.addr.clone(), pid, secret));
+            }
+            *lease = Some(l);
+        }
+        match &mut self.upstream {
+            Upstream::Dedicated(c) => Ok(c),
+            Upstream::Pooled { lease: Some(l), .. } => Ok(&mut l.server.conn),
+            Upstream::Pooled { lease: None, .. } => anyhow::bail!("no server connection"),
+        }
+    }
+
+    /// A message from upstream: whether the client must not see it (the
+    /// answer to a Parse or Close the proxy injected). Learns parameter types;
+    /// a failed batch leaves the statements it prepared uncertain (pooling).
+    fn swallowed(&mut self, m: &Message) -> bool {
+        match m.tag {
+            b'1' if self.swallow_parse_complete > 0 => {
+                self.swallow_parse_complete -= 1;
+                return true;
+            }
+            b'3' if self.swallow_close_complete > 0 => {
+                self.swallow_close_complete -= 1;
+                return true;
+            }
+            b'E' => {
+                if let Upstream::Pooled { lease: Some(l), .. } = &mut self.upstream {
+                    self.batch_failed = true;
+                    for name in self.batch_server_parses.drain(..) {
+                        l.server.statements.remove(&name);
+                        l.server.uncertain.insert(name);
+                    }
+                    l.server.unnamed = None;
+                }
+            }
+            b'Z' => {
+                // whatever an error skipped never comes
+                self.swallow_parse_complete = 0;
+                self.swallow_close_complete = 0;
+                let parsed = std::mem::take(&mut self.batch_server_parses);
+                if !std::mem::take(&mut self.batch_failed)
+                    && let Some(pool) = &self.proxy.pool
+                {
+                    pool.learn(parsed);
+                }
+            }
+            _ => {}
+        }
+        self.snoop(m);
+        false
+    }
+
+    /// Pooling: session state the statement leaves on the server connection
+    /// keeps it with this client.
+    fn note_session_state(&mut self, shape: &Shape) {
+        if let Upstream::Pooled { lease, pinned, .. } = &mut self.upstream {
+            let first = shape.text.split([' ', '(']).next().unwrap_or("");
+            if matches!(first, "deallocate" | "discard")
+                && let Some(l) = lease.as_mut()
+            {
+                // the server's prepared statements are gone
+                l.server.statements.clear();
+                l.server.unnamed = None;
+            }
+            *pinned |= pins_session(shape);
+        }
+    }
+
+    /// Pooling: gives the server connection back between transactions.
+    fn release_idle(&mut self) {
+        if self.status != b'I' {
+            return;
+        }
+        if let Upstream::Pooled { lease, pinned: false, cancel, .. } = &mut self.upstream
+            && let Some(l) = lease.take()
+        {
+            l.release();
+            *cancel.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
     }
 
     /// After a request: what the extended protocol ran outside the node's
@@ -798,8 +1042,12 @@ impl Client {
                 && self.status == b'I'
                 && !self.relayed_overflow
                 && self.relayed.iter().all(|p| p.shape.txn.is_none());
+            let relayed = std::mem::take(&mut self.relayed);
+            for p in &relayed {
+                self.note_session_state(&p.shape);
+            }
             let mut n = self.proxy.node();
-            for p in self.relayed.drain(..) {
+            for p in relayed {
                 n.note_relayed(self.session, &p, certain);
             }
             if self.relayed_overflow {
@@ -812,6 +1060,7 @@ impl Client {
             self.extended_write = false;
             self.after_extended_write().await?;
         }
+        self.release_idle();
         Ok(())
     }
 
@@ -832,7 +1081,7 @@ impl Client {
     }
 
     async fn current_lsn(&mut self) -> anyhow::Result<Option<Lsn>> {
-        let msgs = self.up.simple("SELECT pg_current_wal_lsn()::text").await?;
+        let msgs = self.up().await?.simple("SELECT pg_current_wal_lsn()::text").await?;
         let lsn = protocol::first_value(&msgs).and_then(|s| protocol::parse_lsn(&s)).map(Lsn);
         if let Some(l) = lsn {
             self.proxy.lsn_seen.fetch_max(l.0, Ordering::Relaxed);
@@ -855,7 +1104,14 @@ impl Client {
             return Ok(Path::Proxy);
         }
         if !self.proxy.config.cache.enabled {
-            self.up.send(&m.raw).await?;
+            if self.pooled() {
+                // nothing is cached, but pooling must see session state
+                let prepared = self.proxy.node().prepare(&sql).ok();
+                if let Some(p) = prepared {
+                    self.note_session_state(&p.shape);
+                }
+            }
+            self.up().await?.send(&m.raw).await?;
             self.relay_until_ready(None).await?;
             return Ok(Path::Primary);
         }
@@ -880,7 +1136,12 @@ impl Client {
                 let (kept, error, snapshot, served) = match on_replica {
                     Some((kept, error, replayed)) => (kept, error, replayed, Served::Replica),
                     None => {
-                        self.up.send(&m.raw).await?;
+                        self.note_session_state(&u.shape);
+                        if let Upstream::Pooled { lease: Some(l), .. } = &mut self.upstream {
+                            // a simple query ends the unnamed statement
+                            l.server.unnamed = None;
+                        }
+                        self.up().await?.send(&m.raw).await?;
                         let (kept, error) = self.relay_until_ready(keep).await?;
                         (kept, error, snapshot, Served::Primary)
                     }
@@ -955,7 +1216,7 @@ impl Client {
                 self.proxy.metrics.replica_connections.fetch_add(1, Ordering::Relaxed);
             }),
         };
-        let mut conn = match conn {
+        let conn = match conn {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("postai-edge: replica {}: {e}", route.addr);
@@ -963,15 +1224,17 @@ impl Client {
                 return Ok(None);
             }
         };
-        // the relay below works on `self.up`: lend it the replica connection
-        std::mem::swap(&mut self.up, &mut conn);
+        // the relay below works on `self.up()`: lend it the replica connection
+        let saved = std::mem::replace(&mut self.upstream, Upstream::Dedicated(conn));
         let saved_swallow = std::mem::replace(&mut self.swallow_parse_complete, u32::from(swallow_parse));
-        let result = match self.up.send(request).await {
+        let result = match self.up().await?.send(request).await {
             Ok(()) => self.relay_until_ready(keep).await,
             Err(e) => Err(e.into()),
         };
         self.swallow_parse_complete = saved_swallow;
-        std::mem::swap(&mut self.up, &mut conn);
+        let Upstream::Dedicated(conn) = std::mem::replace(&mut self.upstream, saved) else {
+            anyhow::bail!("the replica connection was not given back");
+        };
         let now = self.proxy.now();
         match result {
             Ok((kept, error)) => {
@@ -1021,12 +1284,10 @@ impl Client {
         self.out.clear();
         self.flushed_mid = false;
         loop {
-            let m = self.up.recv().await?;
-            if m.tag == b'1' && self.swallow_parse_complete > 0 {
-                self.swallow_parse_complete -= 1;
+            let m = self.up().await?.recv().await?;
+            if self.swallowed(&m) {
                 continue;
             }
-            self.snoop(&m);
             self.out.extend_from_slice(&m.raw);
             match m.tag {
                 b'Z' => {
@@ -1046,7 +1307,7 @@ impl Client {
                     self.out.clear();
                     kept = None;
                     while let Some(c) = self.client_message().await? {
-                        self.up.send(&c.raw).await?;
+                        self.up().await?.send(&c.raw).await?;
                         if matches!(c.tag, b'c' | b'f') {
                             break;
                         }
@@ -1116,6 +1377,129 @@ fn path_of(served: Served) -> Path {
         Served::Replica => Path::Replica,
         _ => Path::Primary,
     }
+}
+
+/// Whether a statement leaves session state on its server connection that
+/// another client must not inherit, or this one must find again.
+fn pins_session(shape: &Shape) -> bool {
+    let text = shape.text.as_str();
+    let mut words = text.split([' ', '(']).filter(|w| !w.is_empty());
+    let (first, second) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let session_command = match first {
+        "set" => !matches!(second, "local" | "transaction" | "constraints"),
+        "reset" | "discard" | "deallocate" | "listen" | "prepare" | "declare" | "load" => true,
+        _ => false,
+    };
+    session_command
+        || shape.session_private
+        || ((text.contains("pg_advisory_lock") || text.contains("pg_try_advisory_lock")) && !text.contains("xact"))
+}
+
+/// Appends `m` as a pooled server connection must see it: named statements
+/// under their server-side names, prepared first where missing; a client's
+/// Close of a named statement leaves the shared one alone.
+fn pooled_message(
+    out: &mut BytesMut,
+    m: &Message,
+    server: &mut ServerConn,
+    parses: &std::collections::HashMap<String, Message>,
+    swallow_parse: &mut u32,
+    swallow_close: &mut u32,
+    parsed: &mut Vec<String>,
+) {
+    let body = m.body();
+    let cstr_end = |from: usize| body.get(from..).and_then(|b| b.iter().position(|c| *c == 0)).map(|e| from + e);
+    // the server-side name of a client's statement, prepared there if missing
+    let mut ensure = |out: &mut BytesMut, server: &mut ServerConn, name: &[u8]| -> Option<String> {
+        let client_name = std::str::from_utf8(name).ok()?;
+        let parse = parses.get(client_name)?;
+        let p = parse.body();
+        let rest = &p[p.iter().position(|c| *c == 0)? + 1..];
+        if name.is_empty() {
+            if server.unnamed.as_ref() != Some(&parse.raw) {
+                out.extend_from_slice(&parse.raw);
+                *swallow_parse += 1;
+                server.unnamed = Some(parse.raw.clone());
+            }
+            return Some(String::new());
+        }
+        let sname = crate::pool::server_name(rest);
+        if !server.statements.contains(&sname) || server.uncertain.contains(&sname) {
+            if server.uncertain.remove(&sname) {
+                frame_into(out, b'C', &[b"S", sname.as_bytes(), b"\0"].concat());
+                *swallow_close += 1;
+            }
+            frame_into(out, b'P', &[sname.as_bytes(), b"\0", rest].concat());
+            *swallow_parse += 1;
+            server.statements.insert(sname.clone());
+            parsed.push(sname.clone());
+        }
+        Some(sname)
+    };
+    match m.tag {
+        b'P' => {
+            let Some(name_end) = cstr_end(0) else { return out.extend_from_slice(&m.raw) };
+            let rest = &body[name_end + 1..];
+            if name_end == 0 {
+                out.extend_from_slice(&m.raw);
+                server.unnamed = Some(m.raw.clone());
+                return;
+            }
+            let sname = crate::pool::server_name(rest);
+            if server.statements.contains(&sname) && !server.uncertain.contains(&sname) {
+                // prepared already: the same text as the unnamed statement
+                // gives the client its ParseComplete
+                frame_into(out, b'P', &[b"\0", rest].concat());
+                server.unnamed = None;
+            } else {
+                if server.uncertain.remove(&sname) {
+                    frame_into(out, b'C', &[b"S", sname.as_bytes(), b"\0"].concat());
+                    *swallow_close += 1;
+                }
+                frame_into(out, b'P', &[sname.as_bytes(), b"\0", rest].concat());
+                server.statements.insert(sname.clone());
+                parsed.push(sname);
+            }
+        }
+        b'B' => {
+            let (Some(portal_end), Some(stmt_end)) = (cstr_end(0), cstr_end(cstr_end(0).unwrap_or(0) + 1)) else {
+                return out.extend_from_slice(&m.raw);
+            };
+            match ensure(out, server, &body[portal_end + 1..stmt_end]) {
+                Some(sname) => frame_into(
+                    out,
+                    b'B',
+                    &[&body[..=portal_end], sname.as_bytes(), b"\0", &body[stmt_end + 1..]].concat(),
+                ),
+                None => out.extend_from_slice(&m.raw),
+            }
+        }
+        b'D' if body.first() == Some(&b'S') => match cstr_end(1).and_then(|e| ensure(out, server, &body[1..e])) {
+            Some(sname) => frame_into(out, b'D', &[b"S", sname.as_bytes(), b"\0"].concat()),
+            None => out.extend_from_slice(&m.raw),
+        },
+        // the shared statement stays: a Close of a name nobody uses answers the same
+        b'C' if body.first() == Some(&b'S') && body.get(1) != Some(&0) => {
+            frame_into(out, b'C', b"Spostai_closed\0");
+        }
+        _ => out.extend_from_slice(&m.raw),
+    }
+}
+
+/// A login greeting with its BackendKeyData replaced by `(pid, secret)`.
+fn with_backend_key(greeting: &[u8], pid: i32, secret: i32) -> BytesMut {
+    let mut out = BytesMut::with_capacity(greeting.len() + 13);
+    let mut rest = BytesMut::from(greeting);
+    while let Ok(Some(m)) = protocol::decode(&mut rest, usize::MAX, protocol::BACKEND_TAGS) {
+        if m.tag != b'K' {
+            out.extend_from_slice(&m.raw);
+        }
+    }
+    let mut k = BytesMut::with_capacity(8);
+    k.put_i32(pid);
+    k.put_i32(secret);
+    frame_into(&mut out, b'K', &k);
+    out
 }
 
 /// The settings a client's startup parameters make (names lower-case), and

@@ -164,3 +164,73 @@ pub fn psql(port: u16, sql: &str) -> String {
     }
     s.trim_end().to_string()
 }
+
+/// A proxy started in this process from a configuration text (without
+/// `listen`): its port, and the runtime that keeps it alive.
+#[allow(dead_code)]
+pub struct Proxy {
+    pub port: u16,
+    pub proxy: std::sync::Arc<postai_edge::Proxy>,
+    _rt: tokio::runtime::Runtime,
+}
+
+#[allow(dead_code)]
+pub fn start_proxy(config: &str) -> Proxy {
+    let port = free_port();
+    let text = format!("listen = '127.0.0.1:{port}'\n{config}");
+    let config = postai_edge::Config::parse("test.toml", &text).expect("config parses");
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let proxy = postai_edge::Proxy::new(config).expect("proxy");
+    let p = proxy.clone();
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}")).await.expect("bind");
+        p.spawn_tasks();
+        tokio::spawn(postai_edge::serve(p, listener));
+    });
+    Proxy { port, proxy, _rt: rt }
+}
+
+/// One value of `SHOW POSTAI STATS` through the proxy at `port`.
+#[allow(dead_code)]
+pub fn stat(port: u16, name: &str) -> String {
+    let out = psql(port, "SHOW POSTAI STATS");
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}|")).map(str::to_string))
+        .unwrap_or_else(|| panic!("stat {name} in SHOW POSTAI STATS: {out}"))
+}
+
+#[allow(dead_code)]
+pub fn stat_n(port: u16, name: &str) -> u64 {
+    stat(port, name).parse().unwrap_or_else(|_| panic!("{name} is a number"))
+}
+
+/// Waits until `f` holds, at most `limit`.
+#[allow(dead_code)]
+pub fn eventually(limit: std::time::Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    false
+}
+
+/// Runs pgbench against `port` with `args`; returns (tps, failed transactions).
+#[allow(dead_code)]
+pub fn pgbench(port: u16, args: &[&str]) -> (f64, String) {
+    let out = Command::new("pgbench")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .args(args)
+        .arg("postgres")
+        .output()
+        .expect("pgbench runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "pgbench {args:?} failed: {text}");
+    let tps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("tps = ").and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()))
+        .unwrap_or(0.0);
+    (tps, text)
+}

@@ -1,0 +1,236 @@
+//! Transaction pooling (the regional role): clients share a few server
+//! connections; a client holds one only for a transaction (or a request
+//! outside one) and gives it back at ReadyForQuery 'I'. A client whose
+//! session state a shared connection cannot carry (a SET, a temporary table,
+//! LISTEN, an advisory lock) keeps its connection until it leaves.
+//!
+//! Prepared statements survive it, as in PgBouncer 1.21: a client's named
+//! statement is prepared on the server under a name derived from its text and
+//! parameter types (`postai_<digest>`), so every client using the same
+//! statement shares it, and a statement is prepared on a server connection
+//! the first time a client binds it there.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::upstream::{self, Conn, LoginError};
+
+/// Which clients may share a server connection: same server, same startup
+/// parameters (user, database, and every setting they carry).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub addr: String,
+    pub params: Vec<(String, String)>,
+}
+
+impl PoolKey {
+    /// The key for a client logging in with `params` to `addr`. The
+    /// application name does not change results and is left out.
+    pub fn new(addr: &str, params: &[(String, String)]) -> PoolKey {
+        let mut params: Vec<(String, String)> =
+            params.iter().filter(|(k, _)| k != "application_name").cloned().collect();
+        params.sort();
+        PoolKey { addr: addr.to_string(), params }
+    }
+}
+
+/// A server connection and what is prepared on it.
+pub struct ServerConn {
+    pub conn: Conn,
+    /// Server-side names of the statements prepared on this connection.
+    pub statements: HashSet<String>,
+    /// Names whose Parse was sent in a batch that failed: whether they exist
+    /// is unknown (closed and prepared again before use).
+    pub uncertain: HashSet<String>,
+    /// The client Parse (as sent) of the unnamed statement prepared here.
+    pub unnamed: Option<Bytes>,
+    /// ParameterStatus and BackendKeyData of its login.
+    pub greeting: BytesMut,
+    pub backend_key: Option<(i32, i32)>,
+}
+
+struct Slot {
+    idle: Mutex<Vec<ServerConn>>,
+    permits: Arc<Semaphore>,
+}
+
+/// Server connections by [`PoolKey`], at most `size` per key.
+pub struct Pool {
+    slots: Mutex<HashMap<PoolKey, Arc<Slot>>>,
+    size: usize,
+    keys_max: usize,
+    /// Server-side statement names some server connection prepared without error.
+    known: Mutex<HashSet<String>>,
+}
+
+/// Statement names remembered as known at most (then forgotten, and learnt again).
+const KNOWN_MAX: usize = 100_000;
+
+/// A server connection lent to one client.
+pub struct Lease {
+    pub server: ServerConn,
+    slot: Arc<Slot>,
+    _permit: OwnedSemaphorePermit,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("no server connection free within {0} ms (pool size {1})")]
+    Timeout(u64, usize),
+    #[error("too many distinct pools (max {0}): user, database and startup parameters")]
+    TooManyKeys(usize),
+    #[error(transparent)]
+    Login(#[from] LoginError),
+}
+
+impl PoolError {
+    /// The ErrorResponse a client gets.
+    pub fn client_error(&self) -> Bytes {
+        match self {
+            PoolError::Login(e) => e.client_error(),
+            e => crate::protocol::error_response("ERROR", "53300", &format!("postai-edge: {e}")),
+        }
+    }
+}
+
+impl Pool {
+    pub fn new(size: usize, keys_max: usize) -> Pool {
+        Pool {
+            slots: Mutex::new(HashMap::new()),
+            size: size.max(1),
+            keys_max: keys_max.max(1),
+            known: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// These statements were prepared without error.
+    pub fn learn(&self, names: Vec<String>) {
+        if names.is_empty() {
+            return;
+        }
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        if known.len() + names.len() > KNOWN_MAX {
+            known.clear();
+        }
+        known.extend(names);
+    }
+
+    /// Whether a statement was prepared without error somewhere.
+    pub fn knows(&self, name: &str) -> bool {
+        self.known.lock().unwrap_or_else(|p| p.into_inner()).contains(name)
+    }
+
+    fn slot(&self, key: &PoolKey) -> Result<Arc<Slot>, PoolError> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = slots.get(key) {
+            return Ok(s.clone());
+        }
+        if slots.len() >= self.keys_max {
+            // forget pools that hold nothing (no idle connection, none lent)
+            slots.retain(|_, s| {
+                s.permits.available_permits() < self.size || !s.idle.lock().map(|i| i.is_empty()).unwrap_or(true)
+            });
+            if slots.len() >= self.keys_max {
+                return Err(PoolError::TooManyKeys(self.keys_max));
+            }
+        }
+        let s = Arc::new(Slot { idle: Mutex::new(Vec::new()), permits: Arc::new(Semaphore::new(self.size)) });
+        slots.insert(key.clone(), s.clone());
+        Ok(s)
+    }
+
+    /// A server connection for `key`: an idle one, or a new login; waits up
+    /// to `wait_ms` while `size` are lent.
+    pub async fn acquire(
+        &self,
+        key: &PoolKey,
+        password: Option<&str>,
+        max_message: usize,
+        wait_ms: u64,
+    ) -> Result<Lease, PoolError> {
+        let slot = self.slot(key)?;
+        let permit =
+            tokio::time::timeout(std::time::Duration::from_millis(wait_ms), slot.permits.clone().acquire_owned())
+                .await
+                .map_err(|_| PoolError::Timeout(wait_ms, self.size))?
+                .map_err(|_| PoolError::Timeout(wait_ms, self.size))?;
+        let idle = slot.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let server = match idle {
+            Some(s) => s,
+            None => {
+                let login = upstream::login(&key.addr, &key.params, password, max_message).await?;
+                ServerConn {
+                    conn: login.conn,
+                    statements: HashSet::new(),
+                    uncertain: HashSet::new(),
+                    unnamed: None,
+                    greeting: login.greeting,
+                    backend_key: login.backend_key,
+                }
+            }
+        };
+        Ok(Lease { server, slot, _permit: permit })
+    }
+
+    /// Server connections idle and lent, over every key.
+    pub fn counts(&self) -> (usize, usize) {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let idle = slots.values().map(|s| s.idle.lock().map(|i| i.len()).unwrap_or(0)).sum();
+        let lent = slots.values().map(|s| self.size - s.permits.available_permits()).sum();
+        (idle, lent)
+    }
+}
+
+impl Lease {
+    /// Gives the connection back, idle and ready for another client.
+    pub fn release(self) {
+        let Lease { server, slot, _permit } = self;
+        slot.idle.lock().unwrap_or_else(|p| p.into_inner()).push(server);
+    }
+}
+
+/// The server-side name of a named statement: a digest of its Parse body
+/// after the name (query text and parameter types).
+pub fn server_name(parse_rest: &[u8]) -> String {
+    let mut d = postai_core::hash::Digest128::new();
+    d.bytes(parse_rest);
+    format!("postai_{:032x}", d.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_ignore_the_application_name_and_order() {
+        let p = |v: &[(&str, &str)]| v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect::<Vec<_>>();
+        let a = PoolKey::new("h:1", &p(&[("user", "u"), ("database", "d"), ("application_name", "x")]));
+        let b = PoolKey::new("h:1", &p(&[("database", "d"), ("user", "u"), ("application_name", "y")]));
+        assert_eq!(a, b);
+        let c = PoolKey::new("h:1", &p(&[("database", "d"), ("user", "u"), ("DateStyle", "SQL")]));
+        assert_ne!(a, c, "a startup setting changes results");
+        assert_ne!(a, PoolKey::new("h:2", &p(&[("user", "u"), ("database", "d")])));
+    }
+
+    #[test]
+    fn server_names_follow_text_and_types() {
+        let a = server_name(b"SELECT 1\0\0\0");
+        assert_eq!(a, server_name(b"SELECT 1\0\0\0"));
+        assert_ne!(a, server_name(b"SELECT 2\0\0\0"));
+        assert_ne!(a, server_name(b"SELECT 1\0\0\x01\0\0\0\x17"));
+        assert!(a.starts_with("postai_") && a.len() < 64, "fits NAMEDATALEN");
+    }
+
+    #[tokio::test]
+    async fn a_full_pool_times_out_with_a_clear_error() {
+        let pool = Pool::new(1, 4);
+        let key = PoolKey::new("127.0.0.1:1", &[]);
+        // port 1: the login fails, and the permit comes back
+        let e = pool.acquire(&key, None, 1 << 20, 100).await.err().map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.contains("127.0.0.1:1")), "a dead server is named");
+        assert_eq!(pool.counts(), (0, 0));
+    }
+}

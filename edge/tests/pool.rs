@@ -1,0 +1,162 @@
+//! Transaction pooling and the regional role: many clients over a few
+//! server connections, prepared statements that survive it, session state
+//! that pins a client to its connection, cancel requests routed to the server
+//! a client runs on, and an edge in front of a regional proxy (L3).
+
+mod pg;
+
+use std::time::Duration;
+
+use pg::{Pg, eventually, pgbench, psql, start_proxy, stat, stat_n};
+
+const POOLED: &str =
+    "[pool]\nmode = 'transaction'\nsize = 3\nwait_ms = 20000\n[cache]\nenabled = false\n[cdc]\nenabled = false\n";
+
+fn server_connections(pg: &Pg) -> u64 {
+    // every client backend but this psql and the proxy's health checks
+    let sql = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' \
+               AND pid <> pg_backend_pid() AND query NOT LIKE '%pg_is_in_recovery%'";
+    psql(pg.port, sql).parse().unwrap_or(u64::MAX)
+}
+
+#[test]
+fn many_clients_share_three_server_connections() {
+    let pg = Pg::start("pool");
+    pgbench(pg.port, &["-i", "-s", "1", "-q"]);
+    let proxy = start_proxy(&format!("upstream = '{}'\n{POOLED}", pg.addr()));
+    let port = proxy.port;
+    for mode in ["simple", "extended", "prepared"] {
+        // 12 clients, 3 server connections; select-only and tpcb-like (transactions)
+        for script in [&["-S"][..], &["-b", "tpcb-like"][..]] {
+            let mut args = vec!["-n", "-c", "12", "-j", "2", "-t", "60", "-M", mode];
+            args.extend_from_slice(script);
+            let (tps, text) = pgbench(port, &args);
+            assert!(tps > 0.0, "{text}");
+            assert!(text.contains("number of failed transactions: 0"), "{mode} {script:?}: {text}");
+        }
+    }
+    assert!(server_connections(&pg) <= 3, "at most the pool size: {}", server_connections(&pg));
+    assert!(stat_n(port, "pool_idle") + stat_n(port, "pool_lent") <= 3);
+    // the balance check of tpcb-like: every transaction applied once
+    let sums =
+        psql(pg.port, "SELECT (SELECT sum(abalance) FROM pgbench_accounts) = (SELECT sum(delta) FROM pgbench_history)");
+    assert_eq!(sums, "t");
+}
+
+#[test]
+fn session_state_pins_a_client_to_its_connection() {
+    let pg = Pg::start("poolpin");
+    let setup = psql(pg.port, "CREATE SCHEMA s; CREATE TABLE s.t (v text); INSERT INTO s.t VALUES ('in s');");
+    assert!(!setup.contains("ERROR"), "{setup}");
+    let proxy = start_proxy(&format!("upstream = '{}'\n{POOLED}", pg.addr()));
+    let port = proxy.port.to_string();
+    // a SET, then other clients come and go, then the query that needs it
+    let mut c = std::process::Command::new("psql");
+    c.args(["-X", "-q", "-At", "-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-d", "postgres"]);
+    c.args(["-c", "SET search_path = s", "-c", "SELECT pg_sleep(0.3)", "-c", "SELECT v FROM t"]);
+    let child = c.output().expect("psql");
+    for _ in 0..5 {
+        assert_eq!(psql(proxy.port, "SELECT 1"), "1");
+    }
+    assert_eq!(String::from_utf8_lossy(&child.stdout).trim(), "in s", "{}", String::from_utf8_lossy(&child.stderr));
+    // a client without state does not inherit it
+    assert!(psql(proxy.port, "SELECT v FROM t").contains("does not exist"));
+}
+
+#[test]
+fn prepared_statements_survive_pooling_and_cancels_reach_the_server() {
+    let pg = Pg::start("poolprep");
+    let proxy = start_proxy(&format!("upstream = '{}'\n{POOLED}", pg.addr()));
+    let port = proxy.port;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let connect = || async {
+            let (client, conn) = tokio_postgres::connect(
+                &format!("host=127.0.0.1 port={port} user=postgres dbname=postgres"),
+                tokio_postgres::NoTls,
+            )
+            .await
+            .expect("connect through the pooled proxy");
+            tokio::spawn(conn);
+            client
+        };
+        // 8 clients, 3 server connections: each prepares the same statement
+        // and one of its own, and uses them across many transactions
+        let mut tasks = Vec::new();
+        for i in 0..8i32 {
+            let client = connect().await;
+            tasks.push(tokio::spawn(async move {
+                let shared = client.prepare("SELECT $1::int + 1").await.expect("prepare");
+                let own = client.prepare(&format!("SELECT $1::int * {i}")).await.expect("prepare");
+                for n in 0..40i32 {
+                    let a: i32 = client.query_one(&shared, &[&n]).await.expect("shared").get(0);
+                    let b: i32 = client.query_one(&own, &[&n]).await.expect("own").get(0);
+                    assert_eq!((a, b), (n + 1, n * i));
+                }
+                // closing a statement does not close it for the others
+                drop(own);
+                let a: i32 = client.query_one(&shared, &[&1]).await.expect("shared after close").get(0);
+                assert_eq!(a, 2);
+            }));
+        }
+        for t in tasks {
+            t.await.expect("client task");
+        }
+        // a cancel request reaches the server the client's query runs on
+        let client = connect().await;
+        let token = client.cancel_token();
+        let sleeper = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        token.cancel_query(tokio_postgres::NoTls).await.expect("cancel sent");
+        let r = tokio::time::timeout(Duration::from_secs(10), sleeper).await.expect("cancelled in time").expect("task");
+        let e = r.expect_err("the query was cancelled");
+        assert_eq!(e.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED), "{e}");
+    });
+    assert!(server_connections(&pg) <= 3);
+}
+
+#[test]
+fn an_edge_in_front_of_a_regional_proxy() {
+    let pg = Pg::start("regional");
+    let setup = psql(
+        pg.port,
+        "CREATE TABLE items (id int PRIMARY KEY, v text); INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 50) g;",
+    );
+    assert!(!setup.contains("ERROR"), "{setup}");
+    let tables = "[[tables]]\nname = 'items'\nprimary_key = 'id'\ninteger_key = true\n";
+    let regional = start_proxy(&format!(
+        "upstream = '{}'\nrole = 'regional'\n[pool]\nsize = 4\n[cdc]\nslot = 'regional'\npoll_ms = 50\n{tables}",
+        pg.addr()
+    ));
+    let edge_config = |slot: &str| {
+        format!(
+            "upstream = '127.0.0.1:{}'\n[cdc]\nslot = '{slot}'\npoll_ms = 50\nupstream = '{}'\n[failover]\nenabled = false\n{tables}",
+            regional.port,
+            pg.addr()
+        )
+    };
+    let edge1 = start_proxy(&edge_config("edge1"));
+    let edge2 = start_proxy(&edge_config("edge2"));
+    for p in [regional.port, edge1.port, edge2.port] {
+        assert!(eventually(Duration::from_secs(10), || stat_n(p, "cdc_events") > 0), "CDC of {p}");
+    }
+    // edge 1 misses, the regional misses and fills its cache (L3)
+    assert_eq!(psql(edge1.port, "SELECT v FROM items WHERE id = 7"), "v7");
+    assert_eq!(psql(edge1.port, "SELECT v FROM items WHERE id = 7"), "v7");
+    assert!(stat_n(edge1.port, "l1_hits") >= 1, "a hit at the edge");
+    let regional_hits = stat_n(regional.port, "l1_hits");
+    // edge 2 misses, the regional answers from its cache
+    assert_eq!(psql(edge2.port, "SELECT v FROM items WHERE id = 7"), "v7");
+    assert_eq!(stat_n(regional.port, "l1_hits"), regional_hits + 1, "L3 hit at the regional");
+    // a write through edge 1 is read back through edge 1 at once
+    assert_eq!(psql(edge1.port, "UPDATE items SET v = 'seven' WHERE id = 7"), "");
+    assert_eq!(psql(edge1.port, "SELECT v FROM items WHERE id = 7"), "seven");
+    // edge 2 and the regional learn it from CDC
+    assert!(eventually(Duration::from_secs(10), || psql(edge2.port, "SELECT v FROM items WHERE id = 7") == "seven"));
+    // a write straight on the primary reaches everyone
+    psql(pg.port, "UPDATE items SET v = 'SEVEN' WHERE id = 7");
+    for p in [edge1.port, edge2.port, regional.port] {
+        assert!(eventually(Duration::from_secs(10), || psql(p, "SELECT v FROM items WHERE id = 7") == "SEVEN"), "{p}");
+    }
+    assert!(stat(regional.port, "pool_idle").parse::<u64>().is_ok());
+}
