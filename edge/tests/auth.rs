@@ -13,24 +13,15 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
-use pg::{Pg, free_port, psql};
+use pg::{Pg, psql};
+use postai_edge::Config;
 use postai_edge::protocol::{self, BACKEND_TAGS, Message};
-use postai_edge::{Config, Proxy};
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
 use postgres_protocol::message::frontend;
 
 /// Starts a proxy in front of `pg` with `extra` configuration (no CDC); returns its port.
-fn start_proxy_with(pg: &Pg, extra: &str) -> (u16, tokio::runtime::Runtime) {
-    let port = free_port();
-    let text = format!("listen = '127.0.0.1:{port}'\nupstream = '{}'\n[cdc]\nenabled = false\n{extra}", pg.addr());
-    let config = Config::parse("test.toml", &text).expect("config parses");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let proxy = Proxy::new(config).expect("proxy");
-    rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}")).await.expect("bind");
-        tokio::spawn(postai_edge::serve(proxy, listener));
-    });
-    (port, rt)
+fn start_proxy_with(pg: &Pg, extra: &str) -> (u16, pg::Proxy) {
+    pg::start_proxy_with(pg, &format!("[cdc]\nenabled = false\n{extra}"))
 }
 
 /// psql with a connection string and a password: (success, stdout + stderr).

@@ -17,36 +17,18 @@ use std::process::Command;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use pg::{Pg, free_port, psql};
-use postai_edge::{Config, Proxy};
+use pg::{Pg, eventually, psql, start_proxy_with, stat_n as stat};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{Format, FromSql, IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, GenericClient, NoTls, SimpleQueryMessage};
 
 // ---------------------------------------------------------------- harness
 
-/// Starts a proxy in front of `pg` with `extra` configuration; returns its port.
-fn start_proxy_with(pg: &Pg, extra: &str) -> (u16, tokio::runtime::Runtime) {
-    let port = free_port();
-    let text = format!("listen = '127.0.0.1:{port}'\nupstream = '{}'\n{extra}", pg.addr());
-    let config = Config::parse("test.toml", &text).expect("config parses");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let proxy = Proxy::new(config).expect("proxy");
-    rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}")).await.expect("bind");
-        if proxy.config.cdc.enabled {
-            tokio::spawn(postai_edge::cdc::run(proxy.clone()));
-        }
-        tokio::spawn(postai_edge::serve(proxy, listener));
-    });
-    (port, rt)
-}
-
 /// A proxy with key-level invalidation for `items` and `docs`, CDC on; waits
 /// until the CDC stream is heard (nothing is served from the cache before).
 /// CDC polls every second: slow enough that it cannot hide a read-your-writes
 /// bug (the session's own write must invalidate, not the CDC stream later).
-fn start_proxy(pg: &Pg) -> (u16, tokio::runtime::Runtime) {
+fn start_proxy(pg: &Pg) -> (u16, pg::Proxy) {
     let (port, rt) = start_proxy_with(
         pg,
         "[[tables]]\nname = 'items'\nprimary_key = 'id'\ninteger_key = true\n\
@@ -61,24 +43,6 @@ fn start_proxy(pg: &Pg) -> (u16, tokio::runtime::Runtime) {
 fn setup(pg: &Pg, sql: &str) {
     let out = psql(pg.port, sql);
     assert!(!out.contains("ERROR"), "setup failed: {out}");
-}
-
-fn stat(port: u16, name: &str) -> u64 {
-    let out = psql(port, "SHOW POSTAI STATS");
-    out.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}|")).and_then(|v| v.parse().ok()))
-        .unwrap_or_else(|| panic!("stat {name} in SHOW POSTAI STATS: {out}"))
-}
-
-/// Waits until `f` holds (CDC is asynchronous), at most 10 s.
-fn eventually(mut f: impl FnMut() -> bool) -> bool {
-    for _ in 0..100 {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
 }
 
 const ITEMS: &str = "CREATE TABLE items (id int PRIMARY KEY, v text); INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 100) g;";
@@ -887,7 +851,7 @@ fn own_docs(who: &str) -> Vec<String> {
     }
 }
 
-fn rls_setup() -> (Pg, u16, tokio::runtime::Runtime) {
+fn rls_setup() -> (Pg, u16, pg::Proxy) {
     let pg = Pg::start("rls");
     setup(&pg, DOCS);
     let (port, rt) = start_proxy(&pg);

@@ -6,56 +6,16 @@
 mod pg;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use pg::{Pg, free_port, psql};
-use postai_edge::{Config, Proxy};
+use pg::{Pg, eventually, free_port, psql, start_proxy_with, stat as stat_text, stat_n as stat};
 
 const ITEMS: &str = "[[tables]]\nname = 'items'\nprimary_key = 'id'\ninteger_key = true\n";
 
 /// Starts a proxy in front of `pg` with its L2 file at `l2` and `tables`;
-/// returns its port and its runtime (dropping the runtime stops the proxy).
-fn start_proxy(pg: &Pg, l2: &Path, tables: &str) -> (u16, tokio::runtime::Runtime) {
-    let port = free_port();
-    let text = format!(
-        "listen = '127.0.0.1:{port}'\nupstream = '{}'\n[cache]\nl2_path = '{}'\n{tables}[cdc]\npoll_ms = 50\nsilence_max_ms = 5000\n",
-        pg.addr(),
-        l2.display()
-    );
-    let config = Config::parse("test.toml", &text).expect("config parses");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let proxy = Proxy::new(config).expect("proxy");
-    rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}")).await.expect("bind");
-        if proxy.config.cdc.enabled {
-            tokio::spawn(postai_edge::cdc::run(proxy.clone()));
-        }
-        tokio::spawn(postai_edge::serve(proxy, listener));
-    });
-    (port, rt)
-}
-
-fn stat_text(port: u16, name: &str) -> String {
-    let out = psql(port, "SHOW POSTAI STATS");
-    out.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}|")).map(str::to_string))
-        .unwrap_or_else(|| panic!("stat {name} in SHOW POSTAI STATS: {out}"))
-}
-
-fn stat(port: u16, name: &str) -> u64 {
-    let v = stat_text(port, name);
-    v.parse().unwrap_or_else(|_| panic!("stat {name} is a number: {v}"))
-}
-
-/// Waits until `f` holds (CDC and the file writer are asynchronous), at most 10 s.
-fn eventually(mut f: impl FnMut() -> bool) -> bool {
-    for _ in 0..100 {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
+/// returns its port and its guard (dropping it stops the proxy).
+fn start_proxy(pg: &Pg, l2: &Path, tables: &str) -> (u16, pg::Proxy) {
+    let extra = format!("[cache]\nl2_path = '{}'\n{tables}[cdc]\npoll_ms = 50\nsilence_max_ms = 5000\n", l2.display());
+    start_proxy_with(pg, &extra)
 }
 
 fn read(port: u16, id: u32) -> String {

@@ -7,7 +7,7 @@ mod pg;
 
 use std::time::Duration;
 
-use pg::{Pg, eventually, pgbench, psql, start_proxy, stat, stat_n};
+use pg::{Pg, eventually_within as eventually, pgbench, psql, start_proxy, stat, stat_n};
 
 const POOLED: &str =
     "[pool]\nmode = 'transaction'\nsize = 3\nwait_ms = 20000\n[cache]\nenabled = false\n[cdc]\nenabled = false\n";

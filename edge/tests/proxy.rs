@@ -6,49 +6,13 @@ mod pg;
 
 use std::time::Duration;
 
-use pg::{Pg, free_port, psql};
-use postai_edge::{Config, Proxy};
+use pg::{Pg, eventually, psql, start_proxy_with, stat_n as stat};
 
-fn start_proxy(pg: &Pg) -> (u16, tokio::runtime::Runtime) {
+fn start_proxy(pg: &Pg) -> (u16, pg::Proxy) {
     start_proxy_with(
         pg,
         "[[tables]]\nname = 'items'\nprimary_key = 'id'\ninteger_key = true\n[cdc]\npoll_ms = 50\nsilence_max_ms = 5000\n",
     )
-}
-
-/// Starts a proxy in front of `pg` with `extra` configuration; returns its port.
-fn start_proxy_with(pg: &Pg, extra: &str) -> (u16, tokio::runtime::Runtime) {
-    let port = free_port();
-    let text = format!("listen = '127.0.0.1:{port}'\nupstream = '{}'\n{extra}", pg.addr());
-    let config = Config::parse("test.toml", &text).expect("config parses");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let proxy = Proxy::new(config).expect("proxy");
-    rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}")).await.expect("bind");
-        if proxy.config.cdc.enabled {
-            tokio::spawn(postai_edge::cdc::run(proxy.clone()));
-        }
-        tokio::spawn(postai_edge::serve(proxy, listener));
-    });
-    (port, rt)
-}
-
-fn stat(port: u16, name: &str) -> u64 {
-    let out = psql(port, "SHOW POSTAI STATS");
-    out.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}|")).and_then(|v| v.parse().ok()))
-        .unwrap_or_else(|| panic!("stat {name} in SHOW POSTAI STATS: {out}"))
-}
-
-/// Waits until `f` holds (CDC is asynchronous), at most 10 s.
-fn eventually(mut f: impl FnMut() -> bool) -> bool {
-    for _ in 0..100 {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
 }
 
 #[test]
@@ -174,18 +138,7 @@ fn extended_protocol_hits_the_cache() {
 #[test]
 fn pass_through_mode_caches_nothing() {
     let pg = Pg::start("pass");
-    let port = free_port();
-    let text = format!(
-        "listen = '127.0.0.1:{port}'\nupstream = '{}'\n[cache]\nenabled = false\n[cdc]\nenabled = false\n",
-        pg.addr()
-    );
-    let config = Config::parse("test.toml", &text).expect("config parses");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let proxy = Proxy::new(config).expect("proxy");
-    rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}")).await.expect("bind");
-        tokio::spawn(postai_edge::serve(proxy, listener));
-    });
+    let (port, _proxy) = start_proxy_with(&pg, "[cache]\nenabled = false\n[cdc]\nenabled = false\n");
     for _ in 0..3 {
         assert_eq!(psql(port, "SELECT 41 + 1"), "42");
     }

@@ -12,30 +12,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pg::{Pg, free_port, psql};
-use postai_edge::{Config, Proxy};
+use pg::{Pg, eventually_within as eventually, psql, stat, stat_n};
 
-/// Starts a proxy; returns its port, the `/metrics` address and its runtime.
-fn start_proxy(primary: &Pg, replicas: &[&Pg], extra: &str) -> (u16, std::net::SocketAddr, tokio::runtime::Runtime) {
-    let port = free_port();
+/// Starts a proxy; returns its port, the `/metrics` address and its guard.
+fn start_proxy(primary: &Pg, replicas: &[&Pg], extra: &str) -> (u16, std::net::SocketAddr, pg::Proxy) {
     let list: Vec<String> = replicas.iter().map(|r| format!("'{}'", r.addr())).collect();
     let text = format!(
-        "listen = '127.0.0.1:{port}'\nupstream = '{}'\nreplicas = [{}]\nmetrics_listen = '127.0.0.1:0'\n\
+        "upstream = '{}'\nreplicas = [{}]\nmetrics_listen = '127.0.0.1:0'\n\
          [[tables]]\nname = 'items'\nprimary_key = 'id'\ninteger_key = true\n{extra}",
         primary.addr(),
         list.join(", ")
     );
-    let config = Config::parse("test.toml", &text).expect("config parses");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let proxy = Proxy::new(config).expect("proxy");
-    let metrics = rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}")).await.expect("bind");
-        proxy.spawn_tasks();
-        let metrics = proxy.start_metrics().await.expect("metrics listener").expect("metrics_listen is set");
-        tokio::spawn(postai_edge::serve(proxy, listener));
-        metrics
-    });
-    (port, metrics, rt)
+    let p = pg::start_proxy(&text);
+    let metrics = p.block_on(p.proxy.start_metrics()).expect("metrics listener").expect("metrics_listen is set");
+    (p.port, metrics, p)
 }
 
 /// Several statements in one psql session, each sent as its own query.
@@ -56,17 +46,6 @@ fn psql_session(port: u16, sqls: &[&str]) -> String {
     s.trim_end().to_string()
 }
 
-fn stat(port: u16, name: &str) -> String {
-    let out = psql(port, "SHOW POSTAI STATS");
-    out.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}|")).map(str::to_string))
-        .unwrap_or_else(|| panic!("stat {name} in SHOW POSTAI STATS: {out}"))
-}
-
-fn stat_n(port: u16, name: &str) -> u64 {
-    stat(port, name).parse().unwrap_or_else(|_| panic!("{name} is a number"))
-}
-
 fn rt_block_on(f: impl std::future::Future<Output = ()>) {
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(f)
 }
@@ -74,17 +53,6 @@ fn rt_block_on(f: impl std::future::Future<Output = ()>) {
 /// `replica_reads`, from a thread that is inside a runtime.
 async fn stat_n_async(port: u16) -> u64 {
     tokio::task::spawn_blocking(move || stat_n(port, "replica_reads")).await.expect("psql")
-}
-
-fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
 }
 
 #[test]

@@ -190,6 +190,22 @@ pub fn start_proxy(config: &str) -> Proxy {
     Proxy { port, proxy, _rt: rt }
 }
 
+impl Proxy {
+    /// Runs `f` on the proxy's runtime.
+    #[allow(dead_code)]
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self._rt.block_on(f)
+    }
+}
+
+/// A proxy in front of `pg` with `extra` configuration: its port, and the
+/// guard that keeps it running (dropping it stops the proxy).
+#[allow(dead_code)]
+pub fn start_proxy_with(pg: &Pg, extra: &str) -> (u16, Proxy) {
+    let p = start_proxy(&format!("upstream = '{}'\n{extra}", pg.addr()));
+    (p.port, p)
+}
+
 /// One value of `SHOW POSTAI STATS` through the proxy at `port`.
 #[allow(dead_code)]
 pub fn stat(port: u16, name: &str) -> String {
@@ -204,9 +220,15 @@ pub fn stat_n(port: u16, name: &str) -> u64 {
     stat(port, name).parse().unwrap_or_else(|_| panic!("{name} is a number"))
 }
 
+/// Waits until `f` holds (CDC and the file writer are asynchronous), at most 10 s.
+#[allow(dead_code)]
+pub fn eventually(f: impl FnMut() -> bool) -> bool {
+    eventually_within(std::time::Duration::from_secs(10), f)
+}
+
 /// Waits until `f` holds, at most `limit`.
 #[allow(dead_code)]
-pub fn eventually(limit: std::time::Duration, mut f: impl FnMut() -> bool) -> bool {
+pub fn eventually_within(limit: std::time::Duration, mut f: impl FnMut() -> bool) -> bool {
     let start = std::time::Instant::now();
     while start.elapsed() < limit {
         if f() {
