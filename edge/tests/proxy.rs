@@ -149,3 +149,40 @@ fn pass_through_mode_caches_nothing() {
     assert_eq!(stat(port, "l1_hits"), 0);
     assert_eq!(stat(port, "queries"), 0, "the core never saw a query");
 }
+
+/// A dead upstream: at login, the client hears which server is unreachable;
+/// mid-session, the next query gets a FATAL error naming the cause; the
+/// proxy keeps serving and works again once PostgreSQL is back.
+#[test]
+fn a_dead_upstream_is_a_clear_error() {
+    let pg = Pg::start("dead");
+    let (port, _proxy) = start_proxy_with(&pg, "[cdc]\nenabled = false\n[failover]\nenabled = false\n");
+    assert_eq!(psql(port, "SELECT 1"), "1");
+    // a session open when the primary dies
+    let mut session = std::process::Command::new("psql")
+        .args(["-X", "-q", "-At", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-d", "postgres"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("psql");
+    {
+        use std::io::Write;
+        let stdin = session.stdin.as_mut().expect("stdin");
+        stdin.write_all(b"SELECT 'before';\n").expect("write");
+        stdin.flush().expect("flush");
+        std::thread::sleep(Duration::from_millis(500));
+        pg.crash();
+        stdin.write_all(b"SELECT 'after';\n").expect("write");
+    }
+    let out = session.wait_with_output().expect("psql ends");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("before"), "{text}");
+    assert!(text.contains("postai-edge") && !text.contains("after\n"), "the session hears why: {text}");
+    // a new client: the upstream is named
+    let out = psql(port, "SELECT 1");
+    assert!(out.contains("127.0.0.1") && out.contains("postai-edge"), "login error names the upstream: {out}");
+    // back again
+    pg.restart();
+    assert!(eventually(|| psql(port, "SELECT 2") == "2"), "serving again");
+}
