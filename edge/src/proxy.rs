@@ -1208,13 +1208,34 @@ impl Client {
         if self.status != b'I' || self.replicas.pinned || self.proxy.config.replicas.is_empty() {
             return Ok(None);
         }
+        if self.pooled() && !self.replicas.settings.is_empty() {
+            // a shared replica connection cannot carry the session's settings
+            return Ok(None);
+        }
         let started = self.proxy.now();
         let Some(route) = self.proxy.topology().route_read(started, floor) else { return Ok(None) };
-        let conn = match self.replicas.conns.iter().position(|(id, _)| *id == route.id) {
-            Some(i) => Ok(self.replicas.conns.swap_remove(i).1),
-            None => self.open_replica(&route.addr).await.inspect(|_| {
-                self.proxy.metrics.replica_connections.fetch_add(1, Ordering::Relaxed);
-            }),
+        let conn = if let Some(pool) = &self.proxy.pool {
+            // pooling: replica connections are shared too
+            let key = PoolKey::new(&route.addr, &self.replicas.login);
+            let (max, wait) = (self.proxy.config.max_message_bytes, self.proxy.config.pool.wait_ms);
+            pool.acquire(&key, self.replicas.password.as_deref(), max, wait)
+                .await
+                .map(|l| Upstream::Pooled {
+                    lease: Some(Box::new(l)),
+                    key,
+                    password: None,
+                    pinned: true,
+                    cancel: Arc::new(Mutex::new(None)),
+                })
+                .map_err(anyhow::Error::from)
+        } else {
+            match self.replicas.conns.iter().position(|(id, _)| *id == route.id) {
+                Some(i) => Ok(Upstream::Dedicated(self.replicas.conns.swap_remove(i).1)),
+                None => self.open_replica(&route.addr).await.map(|c| {
+                    self.proxy.metrics.replica_connections.fetch_add(1, Ordering::Relaxed);
+                    Upstream::Dedicated(c)
+                }),
+            }
         };
         let conn = match conn {
             Ok(c) => c,
@@ -1225,26 +1246,30 @@ impl Client {
             }
         };
         // the relay below works on `self.up()`: lend it the replica connection
-        let saved = std::mem::replace(&mut self.upstream, Upstream::Dedicated(conn));
+        let saved = std::mem::replace(&mut self.upstream, conn);
         let saved_swallow = std::mem::replace(&mut self.swallow_parse_complete, u32::from(swallow_parse));
         let result = match self.up().await?.send(request).await {
             Ok(()) => self.relay_until_ready(keep).await,
             Err(e) => Err(e.into()),
         };
         self.swallow_parse_complete = saved_swallow;
-        let Upstream::Dedicated(conn) = std::mem::replace(&mut self.upstream, saved) else {
-            anyhow::bail!("the replica connection was not given back");
-        };
+        let conn = std::mem::replace(&mut self.upstream, saved);
         let now = self.proxy.now();
         match result {
             Ok((kept, error)) => {
-                self.replicas.conns.push((route.id, conn));
+                match conn {
+                    Upstream::Dedicated(c) => self.replicas.conns.push((route.id, c)),
+                    Upstream::Pooled { lease: Some(l), .. } => l.release(),
+                    Upstream::Pooled { lease: None, .. } => {}
+                }
                 self.proxy.topology().read_done(now, route.id, Ok(now.saturating_since(started)));
                 Ok(Some((kept, error, route.replayed)))
             }
             Err(e) => {
                 self.proxy.topology().read_done(now, route.id, Err(()));
-                self.proxy.metrics.replica_connections.fetch_sub(1, Ordering::Relaxed);
+                if matches!(conn, Upstream::Dedicated(_)) {
+                    self.proxy.metrics.replica_connections.fetch_sub(1, Ordering::Relaxed);
+                }
                 if self.flushed_mid {
                     // the client has part of the answer: nothing to retry
                     return Err(e);

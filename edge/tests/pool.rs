@@ -160,3 +160,50 @@ fn an_edge_in_front_of_a_regional_proxy() {
     }
     assert!(stat(regional.port, "pool_idle").parse::<u64>().is_ok());
 }
+
+#[test]
+fn a_regional_proxy_pools_its_replica_reads_too() {
+    let primary = Pg::start("poolrep");
+    let setup = psql(
+        primary.port,
+        "CREATE TABLE items (id int PRIMARY KEY, v text); INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 200) g;",
+    );
+    assert!(!setup.contains("ERROR"), "{setup}");
+    let replica = primary.start_replica("poolreplica", 0);
+    assert!(eventually(Duration::from_secs(20), || psql(replica.port, "SELECT count(*) FROM items") == "200"));
+    let regional = start_proxy(&format!(
+        "upstream = '{}'\nreplicas = ['{}']\nrole = 'regional'\n[pool]\nsize = 2\n[cdc]\npoll_ms = 50\n\
+         [[tables]]\nname = 'items'\nprimary_key = 'id'\ninteger_key = true\n",
+        primary.addr(),
+        replica.addr()
+    ));
+    let port = regional.port;
+    assert!(eventually(Duration::from_secs(10), || stat_n(port, "cdc_events") > 0));
+    // replica health known: misses go to it
+    assert!(eventually(Duration::from_secs(10), || {
+        psql(port, "SELECT v FROM items WHERE id = 1") == "v1" && stat_n(port, "replica_reads") > 0
+    }));
+    // 6 clients, misses of distinct rows: the replica sees at most the pool size
+    let readers: Vec<_> = (0..6)
+        .map(|c| {
+            std::thread::spawn(move || {
+                for i in 0..10 {
+                    let id = 10 + c * 20 + i;
+                    assert_eq!(psql(port, &format!("SELECT v FROM items WHERE id = {id}")), format!("v{id}"));
+                }
+            })
+        })
+        .collect();
+    for r in readers {
+        r.join().expect("reader");
+    }
+    assert!(stat_n(port, "replica_reads") >= 50, "{}", psql(port, "SHOW POSTAI STATS"));
+    assert!(server_connections(&replica) <= 2, "replica connections: {}", server_connections(&replica));
+    // a session still reads its writes
+    let out = std::process::Command::new("psql")
+        .args(["-X", "-q", "-At", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-d", "postgres"])
+        .args(["-c", "UPDATE items SET v = 'new' WHERE id = 11", "-c", "SELECT v FROM items WHERE id = 11"])
+        .output()
+        .expect("psql");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "new");
+}
