@@ -16,6 +16,7 @@ use postai_core::cache::TierName;
 use postai_core::invalidation::{CdcEvent, Change, ChangeTarget, key_hash};
 use postai_core::sql::{Catalog, canonical_number};
 
+use crate::config::CdcSource;
 use crate::l2::fmt_lsn;
 use crate::protocol::{self, Message};
 use crate::proxy::Proxy;
@@ -90,11 +91,23 @@ fn parse_value(s: &str) -> Option<(String, usize)> {
 }
 
 /// Polls the slot forever; reconnects after errors.
+/// One poll's rows as the slot gave them, and the primary's current LSN:
+/// what a regional proxy relays to the edges subscribed to it.
+#[derive(Debug)]
+pub struct Feed {
+    pub rows: Vec<(String, String)>,
+    pub current: Option<u64>,
+}
+
 pub async fn run(proxy: Arc<Proxy>) {
     let cfg = proxy.config.cdc.clone();
     let mut last = Lsn(0);
     loop {
-        match poll_loop(&proxy, &mut last).await {
+        let result = match cfg.source {
+            CdcSource::Slot => poll_loop(&proxy, &mut last).await,
+            CdcSource::Regional => subscribe_loop(&proxy, &mut last).await,
+        };
+        match result {
             Ok(()) => return,
             Err(e) => {
                 eprintln!("postai-edge: cdc ({}): {e}; retrying", cfg.slot);
@@ -171,8 +184,12 @@ async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
                 *last = start;
             }
             let mut changes: Vec<Change> = Vec::new();
+            let mut feed: Vec<(String, String)> = Vec::new();
             for row in rows.iter().filter(|m| m.tag == b'D') {
                 let Some((lsn, data)) = two_columns(row) else { continue };
+                if proxy.cdc_feed.receiver_count() > 0 {
+                    feed.push((lsn.clone(), data.clone()));
+                }
                 if data.starts_with("BEGIN") {
                     pending.clear();
                 } else if data.starts_with("COMMIT") {
@@ -204,6 +221,11 @@ async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
             // keepalive: nothing committed after `last` that we have not seen
             let keepalive = CdcEvent { prev_lsn: *last, change: Change { lsn: *last, targets: Vec::new() } };
             node.handle_cdc(now, &keepalive);
+            // subscribers (edges behind this regional proxy) get the same rows
+            proxy.cdc_last.store(last.0, Ordering::Relaxed);
+            if proxy.cdc_feed.receiver_count() > 0 {
+                let _ = proxy.cdc_feed.send(Arc::new(Feed { rows: feed, current }));
+            }
             // queued under the node's lock: after every fill validated before these changes
             match (&proxy.l2_file, through) {
                 (Some(f), Some(t)) => Some(f.invalidate(changes, t)),
@@ -233,6 +255,72 @@ async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
             proxy.lsn_seen.fetch_max(c, Ordering::Relaxed);
         }
         tokio::time::sleep(std::time::Duration::from_millis(cfg.poll_ms)).await;
+    }
+}
+
+/// An edge behind a regional proxy: `POSTAI SUBSCRIBE` on it streams the rows
+/// its slot reader applies (CopyData: `R <lsn>\t<row>`, `K <current lsn>`
+/// after each poll). What happened before the subscription is unknown here:
+/// the first keepalive's LSN opens the stream with an event that invalidates
+/// everything older.
+async fn subscribe_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
+    let cfg = &proxy.config.cdc;
+    let addr = proxy.primary_addr();
+    let mut conn = proxy.service_login(&addr, &cfg.user, &cfg.database).await?;
+    conn.send(&protocol::query("POSTAI SUBSCRIBE")).await?;
+    let mut opened = false;
+    let mut pending: Vec<ChangeTarget> = Vec::new();
+    loop {
+        let m = conn.recv().await?;
+        match m.tag {
+            b'H' => {}
+            b'E' => return Err(std::io::Error::other(error_message(&m))),
+            b'Z' | b'c' => return Err(std::io::Error::other("the regional proxy ended the subscription")),
+            b'd' => {
+                let line = String::from_utf8_lossy(m.body());
+                let now = proxy.now();
+                let mut node = proxy.node.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(rest) = line.strip_prefix("K ") {
+                    let Some(current) = protocol::parse_lsn(rest) else { continue };
+                    if !opened {
+                        // everything cached before is of unknown freshness
+                        let start = Lsn(current).max(*last);
+                        let all = vec![ChangeTarget::All];
+                        node.handle_cdc(
+                            now,
+                            &CdcEvent { prev_lsn: *last, change: Change { lsn: start, targets: all } },
+                        );
+                        *last = start;
+                        opened = true;
+                    }
+                    let keepalive = CdcEvent { prev_lsn: *last, change: Change { lsn: *last, targets: Vec::new() } };
+                    node.handle_cdc(now, &keepalive);
+                    proxy.lsn_seen.fetch_max(current, Ordering::Relaxed);
+                } else if let Some((lsn, data)) = line.strip_prefix("R ").and_then(|r| r.split_once('\t')) {
+                    if !opened {
+                        continue;
+                    }
+                    if data.starts_with("BEGIN") {
+                        pending.clear();
+                    } else if data.starts_with("COMMIT") {
+                        if let Some(at) = commit_time(data)
+                            && let Ok(lag) = std::time::SystemTime::now().duration_since(at)
+                        {
+                            proxy.metrics.invalidation_lag.observe(lag);
+                        }
+                        let lsn = protocol::parse_lsn(lsn).map(Lsn).unwrap_or(*last);
+                        let change = Change { lsn, targets: std::mem::take(&mut pending) };
+                        node.handle_cdc(now, &CdcEvent { prev_lsn: *last, change });
+                        *last = (*last).max(lsn);
+                    } else if let Some(t) = parse_change(data, node.analyzer().catalog()) {
+                        pending.push(t);
+                    } else if data.starts_with("table ") && !data.contains(": ") {
+                        pending.push(ChangeTarget::All);
+                    }
+                }
+            }
+            _ => {}
+        }
     }
 }
 

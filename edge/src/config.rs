@@ -186,6 +186,19 @@ pub struct CdcConfig {
     /// Where the slot is (host:port): by default the primary the proxy
     /// routes to; an edge behind a regional proxy names the primary here.
     pub upstream: Option<String>,
+    /// `slot` (default): read a logical decoding slot of this proxy's own.
+    /// `regional`: subscribe to the stream the regional proxy named by
+    /// `upstream` reads from its slot (`POSTAI SUBSCRIBE`): one slot per
+    /// region instead of one per edge.
+    pub source: CdcSource,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CdcSource {
+    #[default]
+    Slot,
+    Regional,
 }
 
 impl Default for CdcConfig {
@@ -198,6 +211,7 @@ impl Default for CdcConfig {
             poll_ms: 100,
             silence_max_ms: 5_000,
             upstream: None,
+            source: CdcSource::Slot,
         }
     }
 }
@@ -228,6 +242,11 @@ impl Config {
         if c.cache.l2_path.is_some() && !c.cdc.enabled {
             return bad(
                 "cache.l2_path needs [cdc] enabled: restored entries are checked against the changes the slot kept",
+            );
+        }
+        if c.cache.l2_path.is_some() && c.cdc.source == CdcSource::Regional {
+            return bad(
+                "cache.l2_path needs a slot of its own ([cdc] source = \"slot\"): a subscription cannot resume",
             );
         }
         if c.cache.l2_path.as_deref().is_some_and(str::is_empty) {

@@ -24,6 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::Config;
 use crate::frontend::{self, ClientStream, Opening};
+use crate::l2::fmt_lsn;
 use crate::metrics::{Metrics, Path};
 use crate::pool::{Lease, Pool, PoolError, PoolKey, ServerConn};
 use crate::protocol::{self, FRONTEND_TAGS, Message};
@@ -44,6 +45,10 @@ pub struct Proxy {
     pub metrics: Metrics,
     /// Server connections shared by clients (transaction pooling), if on.
     pub pool: Option<Pool>,
+    /// What this proxy's slot reader applied, for subscribed edges.
+    pub cdc_feed: tokio::sync::broadcast::Sender<Arc<crate::cdc::Feed>>,
+    /// The last commit the slot reader applied.
+    pub cdc_last: AtomicU64,
     /// Pooled clients' cancel keys (ours) -> the server they run on.
     pub cancels: Mutex<std::collections::HashMap<(i32, i32), Arc<CancelTarget>>>,
     /// L2 persisted in `[cache] l2_path` (`l2.rs`), if set.
@@ -100,6 +105,8 @@ impl Proxy {
             metrics: Metrics::default(),
             pool,
             cancels: Mutex::new(std::collections::HashMap::new()),
+            cdc_feed: tokio::sync::broadcast::channel(CDC_FEED_DEPTH).0,
+            cdc_last: AtomicU64::new(0),
             lsn_seen: AtomicU64::new(0),
             l2_file,
             next_session: AtomicU64::new(1),
@@ -301,6 +308,10 @@ enum Upstream {
 
 /// The server a pooled client's cancel request must reach: (addr, pid, key).
 pub type CancelTarget = Mutex<Option<(String, i32, i32)>>;
+
+/// Polls of CDC rows a subscriber may fall behind by before it is cut off
+/// (it then subscribes again, and invalidates what it held).
+const CDC_FEED_DEPTH: usize = 1024;
 
 /// Statements noted per request at most; beyond, the session goes private.
 const RELAYED_MAX: usize = 1024;
@@ -1098,6 +1109,10 @@ impl Client {
                 return Ok(Path::Proxy);
             }
         };
+        if is_command(&sql, "postai subscribe") {
+            self.stream_cdc().await?;
+            return Ok(Path::Proxy);
+        }
         if let Some(rows) = self.admin(&sql) {
             self.wr.write_all(&rows).await?;
             self.wr.write_all(&protocol::ready_for_query(self.status)).await?;
@@ -1357,6 +1372,52 @@ impl Client {
         }
     }
 
+    /// `POSTAI SUBSCRIBE` (an edge behind this regional proxy): CopyOut of
+    /// every CDC row this proxy's slot reader applies, `R <lsn>\t<row>`, and
+    /// `K <lsn>` after each poll (the first: where the stream starts). Ends
+    /// with an error when the subscriber falls behind, or when it leaves.
+    async fn stream_cdc(&mut self) -> anyhow::Result<()> {
+        if self.proxy.config.cdc.source != crate::config::CdcSource::Slot || !self.proxy.config.cdc.enabled {
+            let e = "postai-edge: POSTAI SUBSCRIBE needs a proxy reading a slot of its own ([cdc] source = \"slot\")";
+            self.wr.write_all(&protocol::error_response("ERROR", "55000", e)).await?;
+            self.wr.write_all(&protocol::ready_for_query(self.status)).await?;
+            return Ok(());
+        }
+        let mut rx = self.proxy.cdc_feed.subscribe();
+        let mut out = BytesMut::with_capacity(4096);
+        frame_into(&mut out, b'H', &[0, 0, 1, 0, 0]);
+        let start = self.proxy.cdc_last.load(Ordering::Relaxed).max(self.proxy.lsn_seen.load(Ordering::Relaxed));
+        frame_into(&mut out, b'd', format!("K {}", fmt_lsn(Lsn(start))).as_bytes());
+        self.wr.write_all(&out).await?;
+        let mut probe = [0u8; 1];
+        loop {
+            let feed = tokio::select! {
+                f = rx.recv() => f,
+                // the subscriber sends nothing: a read returns when it leaves
+                r = self.rd.read(&mut probe) => {
+                    let _ = r;
+                    return Ok(());
+                }
+            };
+            let feed = match feed {
+                Ok(f) => f,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    let e = format!("postai-edge: the subscriber fell {n} polls behind; subscribe again");
+                    self.wr.write_all(&protocol::error_response("ERROR", "53400", &e)).await?;
+                    return Ok(());
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+            };
+            out.clear();
+            for (lsn, row) in &feed.rows {
+                frame_into(&mut out, b'd', format!("R {lsn}\t{row}").as_bytes());
+            }
+            let current = feed.current.unwrap_or(0).max(self.proxy.cdc_last.load(Ordering::Relaxed));
+            frame_into(&mut out, b'd', format!("K {}", fmt_lsn(Lsn(current))).as_bytes());
+            self.wr.write_all(&out).await?;
+        }
+    }
+
     /// `SHOW POSTAI STATS`: answered by the proxy.
     fn admin(&self, sql: &str) -> Option<BytesMut> {
         let norm: String =
@@ -1402,6 +1463,13 @@ fn path_of(served: Served) -> Path {
         Served::Replica => Path::Replica,
         _ => Path::Primary,
     }
+}
+
+/// Whether `sql` is the admin command `command` (lower case, single spaces).
+fn is_command(sql: &str, command: &str) -> bool {
+    let norm: String =
+        sql.trim().trim_end_matches(';').split_whitespace().collect::<Vec<_>>().join(" ").to_ascii_lowercase();
+    norm == command
 }
 
 /// Whether a statement leaves session state on its server connection that

@@ -207,3 +207,48 @@ fn a_regional_proxy_pools_its_replica_reads_too() {
         .expect("psql");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "new");
 }
+
+#[test]
+fn edges_subscribe_to_the_regional_cdc_stream() {
+    let pg = Pg::start("fanout");
+    let setup = psql(
+        pg.port,
+        "CREATE TABLE items (id int PRIMARY KEY, v text); INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 50) g;",
+    );
+    assert!(!setup.contains("ERROR"), "{setup}");
+    let tables = "[[tables]]\nname = 'items'\nprimary_key = 'id'\ninteger_key = true\n";
+    let regional = start_proxy(&format!(
+        "upstream = '{}'\nrole = 'regional'\n[cdc]\nslot = 'region'\npoll_ms = 50\n{tables}",
+        pg.addr()
+    ));
+    let edges: Vec<_> = (0..3)
+        .map(|_| {
+            start_proxy(&format!(
+                "upstream = '127.0.0.1:{}'\n[cdc]\nsource = 'regional'\n[failover]\nenabled = false\n{tables}",
+                regional.port
+            ))
+        })
+        .collect();
+    for e in &edges {
+        assert!(eventually(Duration::from_secs(10), || stat_n(e.port, "cdc_events") > 0), "edge {} subscribed", e.port);
+    }
+    // one slot for the region, none per edge
+    assert_eq!(psql(pg.port, "SELECT string_agg(slot_name, ',') FROM pg_replication_slots"), "region");
+    for e in &edges {
+        assert_eq!(psql(e.port, "SELECT v FROM items WHERE id = 3"), "v3");
+        assert_eq!(psql(e.port, "SELECT v FROM items WHERE id = 3"), "v3");
+    }
+    // a write straight on the primary: the regional's slot reader relays it to every edge
+    psql(pg.port, "UPDATE items SET v = 'three' WHERE id = 3");
+    for e in &edges {
+        assert!(
+            eventually(Duration::from_secs(10), || psql(e.port, "SELECT v FROM items WHERE id = 3") == "three"),
+            "edge {} invalidated through the regional stream",
+            e.port
+        );
+    }
+    assert!(stat_n(edges[0].port, "l1_hits") >= 1);
+    // an edge asked to subscribe to a proxy without a slot of its own refuses clearly
+    let out = psql(edges[0].port, "POSTAI SUBSCRIBE");
+    assert!(out.contains("needs a proxy reading a slot of its own"), "{out}");
+}
