@@ -55,6 +55,9 @@ pub struct ServerConn {
 struct Slot {
     idle: Mutex<Vec<ServerConn>>,
     permits: Arc<Semaphore>,
+    /// Server-side statement names a connection of this slot prepared
+    /// without error (the same text may not parse for another user or database).
+    known: Mutex<HashSet<String>>,
 }
 
 /// Server connections by [`PoolKey`], at most `size` per key.
@@ -62,8 +65,6 @@ pub struct Pool {
     slots: Mutex<HashMap<PoolKey, Arc<Slot>>>,
     size: usize,
     keys_max: usize,
-    /// Server-side statement names some server connection prepared without error.
-    known: Mutex<HashSet<String>>,
 }
 
 /// Statement names remembered as known at most (then forgotten, and learnt again).
@@ -98,29 +99,26 @@ impl PoolError {
 
 impl Pool {
     pub fn new(size: usize, keys_max: usize) -> Pool {
-        Pool {
-            slots: Mutex::new(HashMap::new()),
-            size: size.max(1),
-            keys_max: keys_max.max(1),
-            known: Mutex::new(HashSet::new()),
-        }
+        Pool { slots: Mutex::new(HashMap::new()), size: size.max(1), keys_max: keys_max.max(1) }
     }
 
-    /// These statements were prepared without error.
-    pub fn learn(&self, names: Vec<String>) {
+    /// These statements were prepared without error for `key`.
+    pub fn learn(&self, key: &PoolKey, names: Vec<String>) {
         if names.is_empty() {
             return;
         }
-        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(slot) = self.slots.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned() else { return };
+        let mut known = slot.known.lock().unwrap_or_else(|p| p.into_inner());
         if known.len() + names.len() > KNOWN_MAX {
             known.clear();
         }
         known.extend(names);
     }
 
-    /// Whether a statement was prepared without error somewhere.
-    pub fn knows(&self, name: &str) -> bool {
-        self.known.lock().unwrap_or_else(|p| p.into_inner()).contains(name)
+    /// Whether a statement was prepared without error for `key`.
+    pub fn knows(&self, key: &PoolKey, name: &str) -> bool {
+        let slot = self.slots.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned();
+        slot.is_some_and(|s| s.known.lock().unwrap_or_else(|p| p.into_inner()).contains(name))
     }
 
     fn slot(&self, key: &PoolKey) -> Result<Arc<Slot>, PoolError> {
@@ -137,7 +135,11 @@ impl Pool {
                 return Err(PoolError::TooManyKeys(self.keys_max));
             }
         }
-        let s = Arc::new(Slot { idle: Mutex::new(Vec::new()), permits: Arc::new(Semaphore::new(self.size)) });
+        let s = Arc::new(Slot {
+            idle: Mutex::new(Vec::new()),
+            permits: Arc::new(Semaphore::new(self.size)),
+            known: Mutex::new(HashSet::new()),
+        });
         slots.insert(key.clone(), s.clone());
         Ok(s)
     }

@@ -924,7 +924,7 @@ impl Client {
     /// needs no server connection: a synchronous prepare (pgbench -M
     /// prepared) cannot wait behind clients that wait for it.
     async fn answer_known_parses(&mut self, batch: &[Message]) -> anyhow::Result<bool> {
-        let (Some(pool), Upstream::Pooled { lease: None, .. }) = (&self.proxy.pool, &self.upstream) else {
+        let (Some(pool), Upstream::Pooled { lease: None, key, .. }) = (&self.proxy.pool, &self.upstream) else {
             return Ok(false);
         };
         if batch.is_empty() || self.status != b'I' || !self.unsent_parses.is_empty() {
@@ -935,7 +935,7 @@ impl Client {
                 && m.body()
                     .iter()
                     .position(|c| *c == 0)
-                    .is_some_and(|end| end > 0 && pool.knows(&crate::pool::server_name(&m.body()[end + 1..])))
+                    .is_some_and(|end| end > 0 && pool.knows(key, &crate::pool::server_name(&m.body()[end + 1..])))
         });
         if !known {
             return Ok(false);
@@ -1004,9 +1004,9 @@ impl Client {
                 self.swallow_close_complete = 0;
                 let parsed = std::mem::take(&mut self.batch_server_parses);
                 if !std::mem::take(&mut self.batch_failed)
-                    && let Some(pool) = &self.proxy.pool
+                    && let (Some(pool), Upstream::Pooled { key, .. }) = (&self.proxy.pool, &self.upstream)
                 {
-                    pool.learn(parsed);
+                    pool.learn(key, parsed);
                 }
             }
             _ => {}
