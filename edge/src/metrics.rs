@@ -209,6 +209,16 @@ pub fn render(proxy: &Proxy) -> String {
             ("role=\"replica\"".into(), m.replica_connections.load(Ordering::Relaxed)),
         ],
     );
+    if let Some(pool) = &proxy.pool {
+        let (idle, lent) = pool.counts();
+        counter(
+            &mut out,
+            "postai_pool_server_connections",
+            "Pooled server connections, by state.",
+            "gauge",
+            &[("state=\"idle\"".into(), idle as u64), ("state=\"lent\"".into(), lent as u64)],
+        );
+    }
     out.push_str(
         "# HELP postai_query_duration_seconds Time from a query's arrival to its answer, by where it was answered.\n",
     );

@@ -177,6 +177,34 @@ impl Pool {
         Ok(Lease { server, slot, _permit: permit })
     }
 
+    /// One row per pool: server, user, database, idle, lent, size, statements
+    /// known good (`SHOW POSTAI POOLS`), sorted.
+    pub fn rows(&self) -> Vec<Vec<String>> {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let param = |k: &PoolKey, name: &str| {
+            k.params.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone()).unwrap_or_default()
+        };
+        let mut rows: Vec<Vec<String>> = slots
+            .iter()
+            .map(|(k, s)| {
+                let idle = s.idle.lock().map(|i| i.len()).unwrap_or(0);
+                let lent = self.size - s.permits.available_permits();
+                let known = s.known.lock().map(|k| k.len()).unwrap_or(0);
+                vec![
+                    k.addr.clone(),
+                    param(k, "user"),
+                    param(k, "database"),
+                    idle.to_string(),
+                    lent.to_string(),
+                    self.size.to_string(),
+                    known.to_string(),
+                ]
+            })
+            .collect();
+        rows.sort();
+        rows
+    }
+
     /// Server connections idle and lent, over every key.
     pub fn counts(&self) -> (usize, usize) {
         let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());

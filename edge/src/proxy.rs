@@ -1432,6 +1432,12 @@ impl Client {
                 &self.proxy.cache_rows(),
                 "SHOW",
             )),
+            // like PgBouncer's SHOW POOLS: empty without transaction pooling
+            "show postai pools" => Some(text_result(
+                &["server", "user", "database", "idle", "lent", "size", "statements"],
+                &self.proxy.pool.as_ref().map(Pool::rows).unwrap_or_default(),
+                "SHOW",
+            )),
             _ => None,
         }
     }

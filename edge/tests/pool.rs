@@ -36,6 +36,11 @@ fn many_clients_share_three_server_connections() {
         }
     }
     assert!(server_connections(&pg) <= 3, "at most the pool size: {}", server_connections(&pg));
+    let pools = psql(port, "SHOW POSTAI POOLS");
+    let row: Vec<&str> = pools.split('|').collect();
+    assert_eq!(row.len(), 7, "one pool: {pools}");
+    assert_eq!((row[0], row[1], row[2], row[5]), (pg.addr().as_str(), "postgres", "postgres", "3"), "{pools}");
+    assert!(row[6].parse::<u64>().is_ok_and(|n| n >= 1), "statements known: {pools}");
     assert!(stat_n(port, "pool_idle") + stat_n(port, "pool_lent") <= 3);
     // the balance check of tpcb-like: every transaction applied once
     let sums =
