@@ -7,9 +7,11 @@ mod pg;
 
 use std::path::{Path, PathBuf};
 
-use pg::{Pg, eventually, free_port, psql, start_proxy_with, stat as stat_text, stat_n as stat};
+use pg::{
+    ITEMS_TABLE, Pg, create_items, eventually, free_port, psql, start_proxy_with, stat as stat_text, stat_n as stat,
+};
 
-const ITEMS: &str = "[[tables]]\nname = 'items'\nprimary_key = 'id'\ninteger_key = true\n";
+const ITEMS: &str = ITEMS_TABLE;
 
 /// Starts a proxy in front of `pg` with its L2 file at `l2` and `tables`;
 /// returns its port and its guard (dropping it stops the proxy).
@@ -53,11 +55,7 @@ fn fill_and_stop(pg: &Pg, file: &Path) {
 #[test]
 fn a_restarted_proxy_starts_warm_and_never_serves_stale() {
     let pg = Pg::start("l2");
-    let setup = psql(
-        pg.port,
-        "CREATE TABLE items (id int PRIMARY KEY, v text); INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 20) g;",
-    );
-    assert!(!setup.contains("ERROR"), "{setup}");
+    create_items(&pg, 20);
     let dir = TempDir::new("restart");
     let file = dir.0.join("l2.sqlite");
 
@@ -132,11 +130,7 @@ fn a_restarted_proxy_starts_warm_and_never_serves_stale() {
 #[test]
 fn bad_files_are_reported_and_foreign_ones_wiped() {
     let pg = Pg::start("l2-bad");
-    let setup = psql(
-        pg.port,
-        "CREATE TABLE items (id int PRIMARY KEY, v text); INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 20) g;",
-    );
-    assert!(!setup.contains("ERROR"), "{setup}");
+    create_items(&pg, 20);
     let dir = TempDir::new("bad");
 
     // a corrupt file: moved aside, the proxy starts with an empty L2 and a fresh file

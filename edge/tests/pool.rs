@@ -7,7 +7,7 @@ mod pg;
 
 use std::time::Duration;
 
-use pg::{Pg, eventually_within as eventually, pgbench, psql, start_proxy, stat, stat_n};
+use pg::{ITEMS_TABLE, Pg, create_items, eventually_within as eventually, pgbench, psql, start_proxy, stat, stat_n};
 
 const POOLED: &str =
     "[pool]\nmode = 'transaction'\nsize = 3\nwait_ms = 20000\n[cache]\nenabled = false\n[cdc]\nenabled = false\n";
@@ -123,12 +123,8 @@ fn prepared_statements_survive_pooling_and_cancels_reach_the_server() {
 #[test]
 fn an_edge_in_front_of_a_regional_proxy() {
     let pg = Pg::start("regional");
-    let setup = psql(
-        pg.port,
-        "CREATE TABLE items (id int PRIMARY KEY, v text); INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 50) g;",
-    );
-    assert!(!setup.contains("ERROR"), "{setup}");
-    let tables = "[[tables]]\nname = 'items'\nprimary_key = 'id'\ninteger_key = true\n";
+    create_items(&pg, 50);
+    let tables = ITEMS_TABLE;
     let regional = start_proxy(&format!(
         "upstream = '{}'\nrole = 'regional'\n[pool]\nsize = 4\n[cdc]\nslot = 'regional'\npoll_ms = 50\n{tables}",
         pg.addr()
@@ -169,11 +165,7 @@ fn an_edge_in_front_of_a_regional_proxy() {
 #[test]
 fn a_regional_proxy_pools_its_replica_reads_too() {
     let primary = Pg::start("poolrep");
-    let setup = psql(
-        primary.port,
-        "CREATE TABLE items (id int PRIMARY KEY, v text); INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 200) g;",
-    );
-    assert!(!setup.contains("ERROR"), "{setup}");
+    create_items(&primary, 200);
     let replica = primary.start_replica("poolreplica", 0);
     assert!(eventually(Duration::from_secs(20), || psql(replica.port, "SELECT count(*) FROM items") == "200"));
     let regional = start_proxy(&format!(
@@ -216,12 +208,8 @@ fn a_regional_proxy_pools_its_replica_reads_too() {
 #[test]
 fn edges_subscribe_to_the_regional_cdc_stream() {
     let pg = Pg::start("fanout");
-    let setup = psql(
-        pg.port,
-        "CREATE TABLE items (id int PRIMARY KEY, v text); INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 50) g;",
-    );
-    assert!(!setup.contains("ERROR"), "{setup}");
-    let tables = "[[tables]]\nname = 'items'\nprimary_key = 'id'\ninteger_key = true\n";
+    create_items(&pg, 50);
+    let tables = ITEMS_TABLE;
     let regional = start_proxy(&format!(
         "upstream = '{}'\nrole = 'regional'\n[cdc]\nslot = 'region'\npoll_ms = 50\n{tables}",
         pg.addr()

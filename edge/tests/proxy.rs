@@ -6,23 +6,16 @@ mod pg;
 
 use std::time::Duration;
 
-use pg::{Pg, eventually, psql, start_proxy_with, stat_n as stat};
+use pg::{ITEMS_TABLE, Pg, create_items, eventually, psql, start_proxy_with, stat_n as stat};
 
 fn start_proxy(pg: &Pg) -> (u16, pg::Proxy) {
-    start_proxy_with(
-        pg,
-        "[[tables]]\nname = 'items'\nprimary_key = 'id'\ninteger_key = true\n[cdc]\npoll_ms = 50\nsilence_max_ms = 5000\n",
-    )
+    start_proxy_with(pg, &format!("{ITEMS_TABLE}[cdc]\npoll_ms = 50\nsilence_max_ms = 5000\n"))
 }
 
 #[test]
 fn caches_invalidates_and_survives_bad_input() {
     let pg = Pg::start("proxy");
-    let setup = psql(
-        pg.port,
-        "CREATE TABLE items (id int PRIMARY KEY, v text); INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 100) g;",
-    );
-    assert!(!setup.contains("ERROR"), "{setup}");
+    create_items(&pg, 100);
     let (port, _rt) = start_proxy(&pg);
     // the CDC stream must be heard before anything is served from the cache
     assert!(eventually(|| stat(port, "cdc_events") > 0), "CDC connected");

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pg::{Pg, eventually_within as eventually, psql, stat, stat_n};
+use pg::{Pg, create_items, eventually_within as eventually, psql, stat, stat_n};
 
 /// Starts a proxy; returns its port, the `/metrics` address and its guard.
 fn start_proxy(primary: &Pg, replicas: &[&Pg], extra: &str) -> (u16, std::net::SocketAddr, pg::Proxy) {
@@ -58,11 +58,7 @@ async fn stat_n_async(port: u16) -> u64 {
 #[test]
 fn reads_go_to_fresh_replicas_and_sessions_read_their_writes() {
     let primary = Pg::start("rw-primary");
-    let setup = psql(
-        primary.port,
-        "CREATE TABLE items (id int PRIMARY KEY, v text); INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, 100) g;",
-    );
-    assert!(!setup.contains("ERROR"), "{setup}");
+    create_items(&primary, 100);
     // a replica that applies WAL 1.5 s late
     let replica = primary.start_replica("lagging", 1500);
     assert!(eventually(Duration::from_secs(20), || psql(replica.port, "SELECT count(*) FROM items") == "100"));

@@ -256,3 +256,17 @@ pub fn pgbench(port: u16, args: &[&str]) -> (f64, String) {
         .unwrap_or(0.0);
     (tps, text)
 }
+
+/// The proxy configuration of the `items` table that [`create_items`] makes.
+#[allow(dead_code)]
+pub const ITEMS_TABLE: &str = "[[tables]]\nname = 'items'\nprimary_key = 'id'\ninteger_key = true\n";
+
+/// `items (id int PRIMARY KEY, v text)` with rows `(g, 'v' || g)` for g in 1..=n.
+#[allow(dead_code)]
+pub fn create_items(pg: &Pg, n: u32) {
+    let sql = format!(
+        "CREATE TABLE items (id int PRIMARY KEY, v text); INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, {n}) g;"
+    );
+    let out = psql(pg.port, &sql);
+    assert!(!out.contains("ERROR"), "creating items: {out}");
+}
