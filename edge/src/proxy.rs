@@ -1082,11 +1082,9 @@ impl Client {
             return Ok(());
         }
         if let Some(lsn) = self.current_lsn().await? {
-            let now = self.proxy.now();
             let mut n = self.proxy.node();
             n.raise_floor(self.session, lsn);
             n.sync_transaction(self.session, false, lsn);
-            let _ = now;
         }
         Ok(())
     }
