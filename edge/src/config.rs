@@ -36,6 +36,10 @@ pub struct Config {
     /// TLS for clients, terminated at the proxy. None: SSLRequest gets 'N'.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// TLS to the upstream (the primary, replicas, a regional proxy), like
+    /// libpq's `sslmode`. Default: `prefer`.
+    #[serde(default)]
+    pub upstream_tls: UpstreamTlsConfig,
     /// Worker threads of the runtime (default: one per core; 1: a single
     /// thread, no cross-thread wakeups, like PgBouncer).
     #[serde(default)]
@@ -314,6 +318,7 @@ impl Config {
             }
             u.secret = Some(secret);
         }
+        self.upstream_tls.load().map_err(|e| format!("upstream_tls: {e}"))?;
         if let Some(t) = &mut self.tls {
             if t.cert.is_empty() || t.key.is_empty() {
                 return Err("tls: cert and key must be PEM file paths".into());
@@ -359,6 +364,49 @@ pub struct TlsConfig {
     /// Loaded by `Config::parse`.
     #[serde(skip)]
     pub loaded: Option<crate::tls::Tls>,
+}
+
+/// How the proxy's connections upstream use TLS: libpq's `sslmode` values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// Never: plaintext.
+    Disable,
+    /// TLS when the server offers it, plaintext otherwise; the certificate is
+    /// not checked.
+    #[default]
+    Prefer,
+    /// TLS or no connection; the certificate is checked against `root_cert`
+    /// when one is given (as libpq does with a root certificate file).
+    Require,
+    /// TLS with a certificate that chains to `root_cert`.
+    VerifyCa,
+    /// As `verify-ca`, and the certificate names the server (`server_name`,
+    /// by default the host of the address).
+    VerifyFull,
+}
+
+/// `[upstream_tls]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamTlsConfig {
+    pub mode: SslMode,
+    /// PEM file of the certificate authorities the upstream's certificate
+    /// must chain to (needed by `verify-ca` and `verify-full`).
+    pub root_cert: Option<String>,
+    /// The name the certificate must carry (`verify-full`); default: the host
+    /// part of each upstream address.
+    pub server_name: Option<String>,
+    /// Loaded by `Config::parse`.
+    #[serde(skip)]
+    pub loaded: crate::tls::UpstreamTls,
+}
+
+impl UpstreamTlsConfig {
+    fn load(&mut self) -> Result<(), crate::tls::TlsError> {
+        self.loaded = crate::tls::UpstreamTls::load(self.mode, self.root_cert.as_deref(), self.server_name.as_deref())?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -65,6 +65,7 @@ pub struct Pool {
     slots: Mutex<HashMap<PoolKey, Arc<Slot>>>,
     size: usize,
     keys_max: usize,
+    dialer: upstream::Dialer,
 }
 
 /// Statement names remembered as known at most (then forgotten, and learnt again).
@@ -98,8 +99,8 @@ impl PoolError {
 }
 
 impl Pool {
-    pub fn new(size: usize, keys_max: usize) -> Pool {
-        Pool { slots: Mutex::new(HashMap::new()), size: size.max(1), keys_max: keys_max.max(1) }
+    pub fn new(size: usize, keys_max: usize, dialer: upstream::Dialer) -> Pool {
+        Pool { slots: Mutex::new(HashMap::new()), size: size.max(1), keys_max: keys_max.max(1), dialer }
     }
 
     /// These statements were prepared without error for `key`.
@@ -146,13 +147,7 @@ impl Pool {
 
     /// A server connection for `key`: an idle one, or a new login; waits up
     /// to `wait_ms` while `size` are lent.
-    pub async fn acquire(
-        &self,
-        key: &PoolKey,
-        password: Option<&str>,
-        max_message: usize,
-        wait_ms: u64,
-    ) -> Result<Lease, PoolError> {
+    pub async fn acquire(&self, key: &PoolKey, password: Option<&str>, wait_ms: u64) -> Result<Lease, PoolError> {
         let slot = self.slot(key)?;
         let permit =
             tokio::time::timeout(std::time::Duration::from_millis(wait_ms), slot.permits.clone().acquire_owned())
@@ -163,7 +158,7 @@ impl Pool {
         let server = match idle {
             Some(s) => s,
             None => {
-                let login = upstream::login(&key.addr, &key.params, password, max_message).await?;
+                let login = upstream::login(&self.dialer, &key.addr, &key.params, password).await?;
                 ServerConn {
                     conn: login.conn,
                     statements: HashSet::new(),
@@ -256,10 +251,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_pool_times_out_with_a_clear_error() {
-        let pool = Pool::new(1, 4);
+        let pool = Pool::new(1, 4, upstream::Dialer { max: 1 << 20, ..Default::default() });
         let key = PoolKey::new("127.0.0.1:1", &[]);
         // port 1: the login fails, and the permit comes back
-        let e = pool.acquire(&key, None, 1 << 20, 100).await.err().map(|e| e.to_string());
+        let e = pool.acquire(&key, None, 100).await.err().map(|e| e.to_string());
         assert!(e.is_some_and(|e| e.contains("127.0.0.1:1")), "a dead server is named");
         assert_eq!(pool.counts(), (0, 0));
     }

@@ -45,6 +45,8 @@ pub struct Proxy {
     pub metrics: Metrics,
     /// Server connections shared by clients (transaction pooling), if on.
     pub pool: Option<Pool>,
+    /// How upstream connections are made (TLS, message limit).
+    pub dialer: upstream::Dialer,
     /// What this proxy's slot reader applied, for subscribed edges.
     pub cdc_feed: tokio::sync::broadcast::Sender<Arc<crate::cdc::Feed>>,
     /// The last commit the slot reader applied.
@@ -96,14 +98,17 @@ impl Proxy {
             nodes_max: config.replicas.len() + 2,
         });
         let topology = Topology::new(&config.upstream, &config.replicas, failover, Instant::ZERO);
+        let dialer =
+            upstream::Dialer { max: config.max_message_bytes, tls: Arc::new(config.upstream_tls.loaded.clone()) };
         let pool = (config.pool_mode() == crate::config::PoolMode::Transaction)
-            .then(|| Pool::new(config.pool.size, config.pool.keys_max));
+            .then(|| Pool::new(config.pool.size, config.pool.keys_max, dialer.clone()));
         Ok(Arc::new(Proxy {
             config,
             node: Mutex::new(node),
             topology: Mutex::new(topology),
             metrics: Metrics::default(),
             pool,
+            dialer,
             cancels: Mutex::new(std::collections::HashMap::new()),
             cdc_feed: tokio::sync::broadcast::channel(CDC_FEED_DEPTH).0,
             cdc_last: AtomicU64::new(0),
@@ -138,9 +143,12 @@ impl Proxy {
     pub async fn service_login(&self, addr: &str, user: &str, database: &str) -> std::io::Result<Conn> {
         let params = vec![("user".to_string(), user.to_string()), ("database".to_string(), database.to_string())];
         let password = self.config.upstream_password(user);
-        match upstream::login(addr, &params, password, self.config.max_message_bytes).await {
+        match upstream::login(&self.dialer, addr, &params, password).await {
             Ok(l) => Ok(l.conn),
             Err(upstream::LoginError::Io(e) | upstream::LoginError::Unreachable(_, e)) => Err(e),
+            Err(e @ upstream::LoginError::Tls(..)) => {
+                Err(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, e.to_string()))
+            }
             Err(e) => Err(std::io::Error::other(e.to_string())),
         }
     }
@@ -399,7 +407,6 @@ fn parse_bind(m: &Message) -> Option<Bind> {
 
 impl Client {
     async fn run(proxy: Arc<Proxy>, socket: TcpStream) -> anyhow::Result<()> {
-        let max = proxy.config.max_message_bytes;
         // TLS, the StartupMessage and client authentication end at the proxy
         let accepted = match frontend::open(&proxy.config, socket).await? {
             Opening::Login(a) => a,
@@ -413,7 +420,7 @@ impl Client {
                     },
                     None => (proxy.primary_addr(), pid, key),
                 };
-                let mut c = Conn::connect(&addr, max).await?;
+                let mut c = Conn::connect(&addr, &proxy.dialer).await?;
                 let mut m = BytesMut::with_capacity(16);
                 m.put_i32(16);
                 m.put_i32(protocol::CANCEL_REQUEST);
@@ -433,7 +440,7 @@ impl Client {
             Some(pool) => {
                 let key = PoolKey::new(&proxy.primary_addr(), &params);
                 let wait = proxy.config.pool.wait_ms;
-                pool.acquire(&key, upstream_password.as_deref(), max, wait).await.map(|lease| {
+                pool.acquire(&key, upstream_password.as_deref(), wait).await.map(|lease| {
                     let secret: i32 = rand::random();
                     let pid = i32::try_from(session.0 & 0x7fff_ffff).unwrap_or(i32::MAX);
                     let cancel = Arc::new(Mutex::new(None));
@@ -444,7 +451,7 @@ impl Client {
                     (Upstream::Pooled { lease: None, key, password, pinned: false, cancel }, greeting, b'I')
                 })
             }
-            None => upstream::login(&proxy.primary_addr(), &params, upstream_password.as_deref(), max)
+            None => upstream::login(&proxy.dialer, &proxy.primary_addr(), &params, upstream_password.as_deref())
                 .await
                 .map(|l| (Upstream::Dedicated(l.conn), l.greeting, l.status))
                 .map_err(PoolError::Login),
@@ -961,8 +968,8 @@ impl Client {
             let pool = self.proxy.pool.as_ref().ok_or_else(|| anyhow::anyhow!("transaction pooling without a pool"))?;
             // after a failover the primary is elsewhere
             key.addr = self.proxy.primary_addr();
-            let (max, wait) = (self.proxy.config.max_message_bytes, self.proxy.config.pool.wait_ms);
-            let l = Box::new(pool.acquire(key, password.as_deref(), max, wait).await?);
+            let wait = self.proxy.config.pool.wait_ms;
+            let l = Box::new(pool.acquire(key, password.as_deref(), wait).await?);
             if let Some((pid, secret)) = l.server.backend_key {
                 *cancel.lock().unwrap_or_else(|p| p.into_inner()) = Some((key.addr.clone(), pid, secret));
             }
@@ -1230,8 +1237,8 @@ impl Client {
         let conn = if let Some(pool) = &self.proxy.pool {
             // pooling: replica connections are shared too
             let key = PoolKey::new(&route.addr, &self.replicas.login);
-            let (max, wait) = (self.proxy.config.max_message_bytes, self.proxy.config.pool.wait_ms);
-            pool.acquire(&key, self.replicas.password.as_deref(), max, wait)
+            let wait = self.proxy.config.pool.wait_ms;
+            pool.acquire(&key, self.replicas.password.as_deref(), wait)
                 .await
                 .map(|l| Upstream::Pooled {
                     lease: Some(Box::new(l)),
@@ -1295,8 +1302,8 @@ impl Client {
 
     /// Logs in to a replica as the client did and replays the session's settings.
     async fn open_replica(&mut self, addr: &str) -> anyhow::Result<Conn> {
-        let max = self.proxy.config.max_message_bytes;
-        let mut c = upstream::login(addr, &self.replicas.login, self.replicas.password.as_deref(), max).await?.conn;
+        let login = upstream::login(&self.proxy.dialer, addr, &self.replicas.login, self.replicas.password.as_deref());
+        let mut c = login.await?.conn;
         for set in &self.replicas.settings {
             c.send(set).await?;
             loop {

@@ -1,15 +1,23 @@
 //! TLS for clients, terminated at the proxy (rustls with the ring provider),
 //! and the `tls-server-end-point` channel-binding data of its certificate
-//! (RFC 5929) for SCRAM-SHA-256-PLUS.
+//! (RFC 5929) for SCRAM-SHA-256-PLUS; TLS from the proxy to its upstreams
+//! with libpq's `sslmode` choices ([`UpstreamTls`]).
 
 use std::fmt;
 use std::sync::Arc;
 
 use sha2::{Digest, Sha224, Sha256, Sha384, Sha512};
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::rustls::client::WebPkiServerVerifier;
+use tokio_rustls::rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use tokio_rustls::rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use tokio_rustls::rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme,
+};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::config::SslMode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -21,6 +29,12 @@ pub enum TlsError {
     Key(String, tokio_rustls::rustls::pki_types::pem::Error),
     #[error("the certificate and key do not make a TLS configuration: {0}")]
     Config(#[from] tokio_rustls::rustls::Error),
+    #[error("mode = \"{0}\" needs root_cert: the certificate authorities the server's certificate must chain to")]
+    NoRoot(&'static str),
+    #[error("root_cert {0}: {1}")]
+    Root(String, String),
+    #[error("server_name {0:?} is neither a DNS name nor an IP address")]
+    ServerName(String),
 }
 
 /// The proxy's TLS server: the acceptor and the channel-binding data.
@@ -51,12 +65,157 @@ impl Tls {
         };
         let end_point = certificate_hash(leaf).map(Arc::from);
         let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Key(key_path.into(), e))?;
-        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-        let config = ServerConfig::builder_with_provider(provider)
+        let config = ServerConfig::builder_with_provider(ring())
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
             .with_single_cert(certs, key)?;
         Ok(Tls { acceptor: TlsAcceptor::from(Arc::new(config)), end_point })
+    }
+}
+
+fn ring() -> Arc<CryptoProvider> {
+    Arc::new(tokio_rustls::rustls::crypto::ring::default_provider())
+}
+
+/// TLS to the upstream: the `sslmode` and, unless it is `disable`, the
+/// rustls client that checks what the mode says. The default is plaintext
+/// (the configuration's default, `prefer`, is made by `Config::parse`).
+#[derive(Clone)]
+pub struct UpstreamTls {
+    pub mode: SslMode,
+    connector: Option<TlsConnector>,
+    server_name: Option<ServerName<'static>>,
+}
+
+impl Default for UpstreamTls {
+    fn default() -> Self {
+        UpstreamTls { mode: SslMode::Disable, connector: None, server_name: None }
+    }
+}
+
+impl fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamTls").field("mode", &self.mode).field("server_name", &self.server_name).finish()
+    }
+}
+
+impl UpstreamTls {
+    /// The client for `mode`, trusting the certificate authorities of the
+    /// PEM file `root_cert`.
+    pub fn load(mode: SslMode, root_cert: Option<&str>, server_name: Option<&str>) -> Result<UpstreamTls, TlsError> {
+        let server_name = server_name
+            .map(|n| ServerName::try_from(n.to_string()).map_err(|_| TlsError::ServerName(n.to_string())))
+            .transpose()?;
+        if mode == SslMode::Disable {
+            return Ok(UpstreamTls { mode, connector: None, server_name });
+        }
+        let provider = ring();
+        let roots = match root_cert {
+            None => None,
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| TlsError::Read(path.into(), e))?;
+                let mut roots = RootCertStore::empty();
+                for cert in CertificateDer::pem_slice_iter(&pem) {
+                    let cert = cert.map_err(|e| TlsError::Root(path.into(), format!("{e:?}")))?;
+                    roots.add(cert).map_err(|e| TlsError::Root(path.into(), e.to_string()))?;
+                }
+                if roots.is_empty() {
+                    return Err(TlsError::Root(path.into(), "no PEM certificate in it".into()));
+                }
+                Some(Arc::new(roots))
+            }
+        };
+        let webpki = |roots: Arc<RootCertStore>| {
+            WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+                .build()
+                .map_err(|e| TlsError::Root(root_cert.unwrap_or_default().into(), e.to_string()))
+        };
+        let algorithms = provider.signature_verification_algorithms;
+        let verifier: Arc<dyn ServerCertVerifier> = match (mode, roots) {
+            (SslMode::VerifyFull, Some(roots)) => webpki(roots)?,
+            (SslMode::VerifyCa | SslMode::Require, Some(roots)) => {
+                Arc::new(NameUnchecked { chain: Some(webpki(roots)?), algorithms })
+            }
+            (SslMode::VerifyFull, None) => return Err(TlsError::NoRoot("verify-full")),
+            (SslMode::VerifyCa, None) => return Err(TlsError::NoRoot("verify-ca")),
+            // prefer, and require without root_cert: encrypted, not authenticated (libpq's)
+            _ => Arc::new(NameUnchecked { chain: None, algorithms }),
+        };
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+        Ok(UpstreamTls { mode, connector: Some(TlsConnector::from(Arc::new(config))), server_name })
+    }
+
+    /// The client, unless the mode is `disable`.
+    pub fn connector(&self) -> Option<&TlsConnector> {
+        self.connector.as_ref()
+    }
+
+    /// The name the certificate of the server at `addr` (host:port) must
+    /// carry: `server_name`, or the host.
+    pub fn server_name(&self, addr: &str) -> Option<ServerName<'static>> {
+        if let Some(n) = &self.server_name {
+            return Some(n.clone());
+        }
+        let host = match addr.rsplit_once(':') {
+            Some((host, port)) if port.parse::<u16>().is_ok() => host,
+            _ => addr,
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        ServerName::try_from(host.to_string()).ok()
+    }
+}
+
+/// `verify-ca` (a chain to check) and `prefer` / `require` without a root
+/// certificate (none): the server's name is never checked; the handshake
+/// signatures always are (they bind the session to the certificate).
+#[derive(Debug)]
+struct NameUnchecked {
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for NameUnchecked {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, tokio_rustls::rustls::Error> {
+        let Some(chain) = &self.chain else { return Ok(ServerCertVerified::assertion()) };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+            Err(tokio_rustls::rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, tokio_rustls::rustls::Error> {
+        tokio_rustls::rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, tokio_rustls::rustls::Error> {
+        tokio_rustls::rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
     }
 }
 

@@ -1,26 +1,79 @@
 //! A message-level connection to PostgreSQL: raw frames in, raw frames out.
 
+use std::sync::Arc;
+
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
+use crate::config::SslMode;
 use crate::protocol::{self, BACKEND_TAGS, Message};
+use crate::tls::UpstreamTls;
+
+/// How the proxy reaches its upstreams: the message size limit and TLS.
+#[derive(Clone, Debug, Default)]
+pub struct Dialer {
+    pub max: usize,
+    pub tls: Arc<UpstreamTls>,
+}
+
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
 
 pub struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     buf: BytesMut,
     max: usize,
 }
 
+/// The `SSLRequest` code (PostgreSQL's `NEGOTIATE_SSL_CODE`).
+const SSL_REQUEST: i32 = 80877103;
+
 impl Conn {
-    pub async fn connect(addr: &str, max: usize) -> std::io::Result<Conn> {
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        Ok(Conn { stream, buf: BytesMut::with_capacity(16 << 10), max })
+    /// Connects to `addr` and negotiates TLS as the dialer's mode says.
+    pub async fn connect(addr: &str, dialer: &Dialer) -> Result<Conn, LoginError> {
+        let unreachable = |e| LoginError::Unreachable(addr.to_string(), e);
+        let mut tcp = TcpStream::connect(addr).await.map_err(unreachable)?;
+        tcp.set_nodelay(true).map_err(unreachable)?;
+        let tls = &dialer.tls;
+        let stream = match tls.connector() {
+            None => Stream::Plain(tcp),
+            Some(connector) => {
+                let tls_error = |m: String| LoginError::Tls(addr.to_string(), m);
+                let mut request = [0u8; 8];
+                request[..4].copy_from_slice(&8i32.to_be_bytes());
+                request[4..].copy_from_slice(&SSL_REQUEST.to_be_bytes());
+                tcp.write_all(&request).await.map_err(unreachable)?;
+                // exactly one byte: nothing sent before the handshake may be read as part of it
+                let answer = tcp.read_u8().await.map_err(unreachable)?;
+                match answer {
+                    b'S' => {
+                        let name = tls
+                            .server_name(addr)
+                            .ok_or_else(|| tls_error("no server name to check the certificate against".into()))?;
+                        let s = connector.connect(name, tcp).await.map_err(|e| tls_error(e.to_string()))?;
+                        Stream::Tls(Box::new(s))
+                    }
+                    b'N' if tls.mode == SslMode::Prefer => Stream::Plain(tcp),
+                    b'N' => return Err(tls_error("the server does not accept TLS connections".into())),
+                    other => return Err(tls_error(format!("unexpected answer {:?} to SSLRequest", other as char))),
+                }
+            }
+        };
+        Ok(Conn { stream, buf: BytesMut::with_capacity(16 << 10), max: dialer.max })
     }
 
     pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.stream.write_all(bytes).await
+        match &mut self.stream {
+            Stream::Plain(s) => s.write_all(bytes).await,
+            Stream::Tls(s) => {
+                s.write_all(bytes).await?;
+                s.flush().await
+            }
+        }
     }
 
     /// The next backend message; an error on EOF or a protocol violation.
@@ -31,7 +84,11 @@ impl Conn {
                 Ok(None) => {}
                 Err(e) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())),
             }
-            if self.stream.read_buf(&mut self.buf).await? == 0 {
+            let n = match &mut self.stream {
+                Stream::Plain(s) => s.read_buf(&mut self.buf).await?,
+                Stream::Tls(s) => s.read_buf(&mut self.buf).await?,
+            };
+            if n == 0 {
                 return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "upstream closed the connection"));
             }
         }
@@ -51,19 +108,18 @@ impl Conn {
         }
     }
 
-    /// Logs in with trust authentication (the CDC connection).
-    pub async fn login(addr: &str, user: &str, database: &str, max: usize) -> std::io::Result<Conn> {
-        let params = vec![("user".to_string(), user.to_string()), ("database".to_string(), database.to_string())];
-        Conn::login_with(addr, &params, max).await
+    /// Whether the connection is encrypted.
+    pub fn is_tls(&self) -> bool {
+        matches!(self.stream, Stream::Tls(_))
     }
 
-    /// Logs in with these startup parameters (trust authentication; see
-    /// [`login`] for a password).
-    pub async fn login_with(addr: &str, params: &[(String, String)], max: usize) -> std::io::Result<Conn> {
-        login(addr, params, None, max).await.map(|l| l.conn).map_err(|e| match e {
-            LoginError::Io(e) | LoginError::Unreachable(_, e) => e,
-            e => std::io::Error::other(e.to_string()),
-        })
+    /// The `tls-server-end-point` data of the server's certificate, for
+    /// SCRAM-SHA-256-PLUS: `None` without TLS or for a certificate whose
+    /// signature algorithm names no hash.
+    fn end_point(&self) -> Option<Vec<u8>> {
+        let Stream::Tls(s) = &self.stream else { return None };
+        let leaf = s.get_ref().1.peer_certificates()?.first()?;
+        crate::tls::certificate_hash(leaf)
     }
 }
 
@@ -84,6 +140,8 @@ pub struct Login {
 pub enum LoginError {
     #[error("upstream {0} unreachable: {1}")]
     Unreachable(String, std::io::Error),
+    #[error("TLS to upstream {0}: {1}")]
+    Tls(String, String),
     #[error("upstream: {0}")]
     Io(#[from] std::io::Error),
     /// The server's ErrorResponse, as it sent it.
@@ -118,17 +176,17 @@ impl LoginError {
 /// them), answering cleartext, MD5 and SCRAM-SHA-256 password requests with
 /// `password`. Returns when the server is ready for queries.
 pub async fn login(
+    dialer: &Dialer,
     addr: &str,
     params: &[(String, String)],
     password: Option<&str>,
-    max: usize,
 ) -> Result<Login, LoginError> {
     use postgres_protocol::authentication::md5_hash;
-    use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+    use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramSha256};
     use postgres_protocol::message::frontend;
 
     let user = params.iter().find(|(k, _)| k == "user").map(|(_, v)| v.as_str()).unwrap_or_default();
-    let mut conn = Conn::connect(addr, max).await.map_err(|e| LoginError::Unreachable(addr.to_string(), e))?;
+    let mut conn = Conn::connect(addr, dialer).await?;
     conn.send(&protocol::startup(params)).await?;
     let mut greeting = BytesMut::new();
     let mut backend_key = None;
@@ -155,14 +213,20 @@ pub async fn login(
                         )?;
                     }
                     10 => {
-                        let offered = data.split(|b| *b == 0).any(|m| m == SCRAM_SHA_256.as_bytes());
-                        if !offered {
-                            return Err(LoginError::Unsupported(code));
-                        }
+                        let offers = |name: &str| data.split(|b| *b == 0).any(|m| m == name.as_bytes());
                         let pw = password.ok_or_else(no_password)?;
-                        // a plaintext upstream connection: no channel binding ('n')
-                        let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
-                        frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)?;
+                        // bound to the server's certificate when both can ('p'); over TLS
+                        // without -PLUS, 'y'; plaintext, 'n'
+                        let (mechanism, binding) = match conn.end_point() {
+                            Some(hash) if offers(SCRAM_SHA_256_PLUS) => {
+                                (SCRAM_SHA_256_PLUS, ChannelBinding::tls_server_end_point(hash))
+                            }
+                            _ if !offers(SCRAM_SHA_256) => return Err(LoginError::Unsupported(code)),
+                            _ if conn.is_tls() => (SCRAM_SHA_256, ChannelBinding::unrequested()),
+                            _ => (SCRAM_SHA_256, ChannelBinding::unsupported()),
+                        };
+                        let s = ScramSha256::new(pw.as_bytes(), binding);
+                        frontend::sasl_initial_response(mechanism, s.message(), &mut out)?;
                         scram = Some(s);
                     }
                     11 => {
@@ -216,3 +280,50 @@ pub fn error_message(m: &Message) -> String {
 }
 
 pub type Raw = Bytes;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server that answers an SSLRequest with `answer` and hangs up.
+    async fn answering(answer: u8) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut request = [0u8; 8];
+                if s.read_exact(&mut request).await.is_ok() && request[4..] == SSL_REQUEST.to_be_bytes() {
+                    let _ = s.write_all(&[answer]).await;
+                }
+            }
+        });
+        addr
+    }
+
+    fn dialer(mode: SslMode) -> Dialer {
+        let tls = UpstreamTls::load(mode, None, None).expect("loads");
+        Dialer { max: 1 << 20, tls: Arc::new(tls) }
+    }
+
+    #[tokio::test]
+    async fn ssl_modes_against_a_server_without_tls() {
+        let addr = answering(b'N').await;
+        let c = Conn::connect(&addr, &dialer(SslMode::Prefer)).await.expect("prefer falls back to plaintext");
+        assert!(!c.is_tls());
+        let e = Conn::connect(&addr, &dialer(SslMode::Require)).await.err().map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.contains("does not accept TLS") && e.contains(&addr)));
+        let garbled = answering(b'X').await;
+        let e = Conn::connect(&garbled, &dialer(SslMode::Prefer)).await.err().map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.contains("unexpected answer")));
+    }
+
+    #[test]
+    fn server_names_come_from_the_address() {
+        let tls = UpstreamTls::load(SslMode::Require, None, None).expect("loads");
+        assert_eq!(tls.server_name("db.internal:5432").map(|n| n.to_str().into_owned()), Some("db.internal".into()));
+        assert_eq!(tls.server_name("127.0.0.1:5432").map(|n| n.to_str().into_owned()), Some("127.0.0.1".into()));
+        assert_eq!(tls.server_name("[::1]:5432").map(|n| n.to_str().into_owned()), Some("::1".into()));
+        let named = UpstreamTls::load(SslMode::VerifyFull, None, Some("db.example"));
+        assert!(named.is_err(), "verify-full without root_cert");
+    }
+}

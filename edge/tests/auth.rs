@@ -2,7 +2,7 @@
 //! and plaintext, wrong passwords and unknown users refused alike, garbage in
 //! the SASL exchange survived; the proxy logs in upstream with SCRAM (a role
 //! whose pg_hba.conf line says scram-sha-256) or trust; cancel requests reach
-//! the primary.
+//! the primary; TLS to the primary with every checking mode.
 
 mod pg;
 
@@ -358,10 +358,102 @@ fn bad_auth_configuration_is_refused_clearly() {
     assert!(e.contains("unknown field"), "{e}");
     let e = err("[tls]\ncert = '/no/such/cert.pem'\nkey = '/no/such/key.pem'\n");
     assert!(e.contains("tls") && e.contains("/no/such/cert.pem"), "{e}");
+    let e = err("[upstream_tls]\nmode = 'verify-full'\n");
+    assert!(e.contains("upstream_tls") && e.contains("root_cert"), "{e}");
+    let e = err("[upstream_tls]\nmode = 'verify-ca'\nroot_cert = '/no/such/ca.pem'\n");
+    assert!(e.contains("/no/such/ca.pem"), "{e}");
+    let e = err("[upstream_tls]\nmode = 'allow'\n");
+    assert!(e.contains("unknown variant"), "{e}");
+    let e = err("[upstream_tls]\nserver_name = 'not a name'\n");
+    assert!(e.contains("server_name"), "{e}");
     let ok = Config::parse("t.toml", &format!("{base}[[users]]\nname = 'a'\npassword = 'plain'\n")).expect("parses");
     assert_eq!(ok.upstream_password("a"), Some("plain"));
     let v = postgres_protocol::password::scram_sha_256(b"p");
     let ok = Config::parse("t.toml", &format!("{base}[[users]]\nname = 'a'\npassword = '{v}'\n")).expect("parses");
     assert_eq!(ok.upstream_password("a"), None);
     assert!(!format!("{ok:?}").contains(&v), "Debug never shows passwords");
+}
+
+/// A certificate authority and a server certificate it signed for
+/// `localhost` and `127.0.0.1`: (CA PEM, server certificate PEM, server key PEM).
+fn authority_and_server() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("CA key")).expect("CA");
+    let key = KeyPair::generate().expect("server key");
+    let server = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .expect("server params")
+        .signed_by(&key, &*ca)
+        .expect("server certificate");
+    (ca.pem(), server.pem(), key.serialize_pem())
+}
+
+#[test]
+fn tls_to_the_primary_in_every_checking_mode() {
+    let pg = Pg::start("upstream-tls");
+    let (ca, cert, key) = authority_and_server();
+    pg.write_private("server.crt", cert.as_bytes());
+    pg.write_private("server.key", key.as_bytes());
+    let out = psql(
+        pg.port,
+        "SET password_encryption = 'scram-sha-256'; CREATE ROLE app LOGIN PASSWORD 'app-secret'; \
+         ALTER ROLE app SET search_path = public;",
+    );
+    assert!(!out.contains("ERROR"), "{out}");
+    let out = psql(pg.port, "ALTER SYSTEM SET ssl = on");
+    assert!(!out.contains("ERROR"), "{out}");
+    // app: SCRAM over TLS or nothing (PostgreSQL offers SCRAM-SHA-256-PLUS over TLS)
+    let hba = pg.dir.join("data").join("pg_hba.conf");
+    let text = std::fs::read_to_string(&hba).expect("pg_hba.conf");
+    let lines = "hostssl all app 127.0.0.1/32 scram-sha-256\nhostnossl all app 127.0.0.1/32 reject\n";
+    std::fs::write(&hba, format!("{lines}{text}")).expect("write pg_hba.conf");
+    assert_eq!(psql(pg.port, "SELECT pg_reload_conf()"), "t");
+    let (ok, out) = psql_as(&conninfo(pg.port, "app", "sslmode=disable"), Some("app-secret"), "SELECT 1");
+    assert!(!ok && out.contains("no encryption"), "the primary refuses app in plaintext: {out}");
+
+    let dir = pg.dir.join("client");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let ca_path = dir.join("ca.pem");
+    std::fs::write(&ca_path, &ca).expect("write ca.pem");
+    let other_ca = dir.join("other-ca.pem");
+    std::fs::write(&other_ca, authority_and_server().0).expect("write other-ca.pem");
+    let user = "[[users]]\nname = 'app'\npassword = 'app-secret'\n";
+    let through = |tls: &str| {
+        let (port, proxy) = start_proxy_with(&pg, &format!("{user}[upstream_tls]\n{tls}\n"));
+        let sql = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+        let r = psql_as(&conninfo(port, "app", "sslmode=disable"), Some("app-secret"), sql);
+        drop(proxy);
+        r
+    };
+    let ca_path = ca_path.display();
+    for good in [
+        format!("mode = 'verify-full'\nroot_cert = '{ca_path}'"),
+        format!("mode = 'verify-ca'\nroot_cert = '{ca_path}'\nserver_name = 'db.example'"),
+        format!("mode = 'require'\nroot_cert = '{ca_path}'"),
+        "mode = 'require'".to_string(),
+        String::new(), // prefer
+    ] {
+        let (ok, out) = through(&good);
+        assert!(ok && out == "t", "[upstream_tls] {good}: {out}");
+    }
+    for (bad, why) in [
+        (
+            format!("mode = 'verify-full'\nroot_cert = '{ca_path}'\nserver_name = 'db.example'"),
+            "not valid for name \"db.example\"",
+        ),
+        (format!("mode = 'verify-full'\nroot_cert = '{}'", other_ca.display()), "invalid peer certificate"),
+        (format!("mode = 'verify-ca'\nroot_cert = '{}'", other_ca.display()), "invalid peer certificate"),
+        ("mode = 'disable'".to_string(), "no encryption"),
+    ] {
+        let (ok, out) = through(&bad);
+        assert!(!ok && out.contains(why), "[upstream_tls] {bad}: wanted {why:?} in {out}");
+    }
+    // a dead TLS upstream did not stop the proxy: the next login works
+    let (port, _proxy) =
+        start_proxy_with(&pg, &format!("{user}[upstream_tls]\nmode = 'verify-full'\nroot_cert = '{ca_path}'\n"));
+    for _ in 0..2 {
+        let (ok, out) = psql_as(&conninfo(port, "app", ""), Some("app-secret"), "SELECT current_user");
+        assert!(ok && out == "app", "{out}");
+    }
 }

@@ -138,6 +138,20 @@ impl Pg {
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
+
+    /// Writes `name` into the data directory, readable by the server only
+    /// (what PostgreSQL demands of a private key).
+    #[allow(dead_code)]
+    pub fn write_private(&self, name: &str, contents: &[u8]) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.dir.join("data").join(name);
+        std::fs::write(&path, contents).expect("write into the data directory");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
+        if self.as_postgres {
+            let ok = Command::new("chown").arg("postgres:postgres").arg(&path).status().is_ok_and(|s| s.success());
+            assert!(ok, "chown {name} to postgres");
+        }
+    }
 }
 
 impl Drop for Pg {
