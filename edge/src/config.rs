@@ -40,7 +40,7 @@ pub struct Config {
     /// libpq's `sslmode`. Default: `prefer`.
     #[serde(default)]
     pub upstream_tls: UpstreamTlsConfig,
-    /// Worker threads of the runtime (default: one per core; 1: a single
+    /// Event loops, a thread each (default: one per core; 1: a single
     /// thread, no cross-thread wakeups, like PgBouncer).
     #[serde(default)]
     pub threads: Option<usize>,

@@ -16,4 +16,4 @@ pub mod topology;
 pub mod upstream;
 
 pub use config::Config;
-pub use proxy::{Proxy, serve};
+pub use proxy::{EventLoops, Proxy, serve, serve_on};

@@ -18,26 +18,24 @@ fn main() -> anyhow::Result<()> {
     let path = path.context("usage: postai-edge --config FILE")?;
     let config = postai_edge::Config::load(&path)?;
     let threads = config.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let rt = if threads == 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()
-    }
-    .context("the tokio runtime")?;
-    rt.block_on(run(config))
+    // one event loop per thread: this one (accepts, CDC, health checks,
+    // metrics, and its share of clients) and threads - 1 more
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("the tokio runtime")?;
+    rt.block_on(run(config, threads))
 }
 
-async fn run(config: postai_edge::Config) -> anyhow::Result<()> {
+async fn run(config: postai_edge::Config, threads: usize) -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(&config.listen).await.with_context(|| format!("listen on {}", config.listen))?;
     let proxy = postai_edge::Proxy::new(config)?;
+    let loops = postai_edge::EventLoops::start(&proxy, threads.saturating_sub(1)).context("event loop threads")?;
     proxy.spawn_tasks();
     if let Some(addr) = proxy.start_metrics().await.context("metrics_listen")? {
         eprintln!("postai-edge: metrics on http://{addr}/metrics");
     }
     eprintln!("postai-edge: listening on {}, primary {}", proxy.config.listen, proxy.config.upstream);
     tokio::select! {
-        r = postai_edge::serve(proxy, listener) => r.context("accept")?,
+        r = postai_edge::serve_on(proxy, listener, Some(&loops)) => r.context("accept")?,
         _ = tokio::signal::ctrl_c() => eprintln!("postai-edge: shutting down"),
     }
     Ok(())

@@ -76,21 +76,22 @@ fn pgbench(port: u16, args: &[&str]) -> (bool, String) {
 }
 
 /// pgbench through the proxy: initialisation (COPY, multi-statement DDL),
-/// then the select-only script in every query mode.
+/// then the select-only script in every query mode; the clients are dealt
+/// out to three event loops (`threads = 3`).
 #[test]
 fn pgbench_runs_through_the_proxy_in_every_mode() {
     let pg = Pg::start("pgbench");
-    let (port, _rt) = start_proxy(&pg);
+    let (port, _rt) = start_proxy_with(&pg, &format!("threads = 3\n{ITEMS_TABLE}[cdc]\npoll_ms = 50\n"));
     let (ok, out) = pgbench(port, &["-i", "-s", "1", "-q"]);
     assert!(ok, "pgbench -i: {out}");
     for mode in ["simple", "extended", "prepared"] {
-        let (ok, out) = pgbench(port, &["-S", "-M", mode, "-c", "2", "-j", "1", "-t", "200", "-n"]);
+        let (ok, out) = pgbench(port, &["-S", "-M", mode, "-c", "4", "-j", "2", "-t", "200", "-n"]);
         assert!(ok, "pgbench -M {mode}: {out}");
-        assert!(out.contains("number of transactions actually processed: 400/400"), "pgbench -M {mode}: {out}");
+        assert!(out.contains("number of transactions actually processed: 800/800"), "pgbench -M {mode}: {out}");
     }
     // the tpcb-like script writes through the proxy, in transactions
-    let (ok, out) = pgbench(port, &["-M", "simple", "-c", "2", "-j", "1", "-t", "50", "-n"]);
-    assert!(ok && out.contains("100/100"), "pgbench tpcb-like: {out}");
+    let (ok, out) = pgbench(port, &["-M", "simple", "-c", "4", "-j", "2", "-t", "50", "-n"]);
+    assert!(ok && out.contains("200/200"), "pgbench tpcb-like: {out}");
     let total = psql(pg.port, "SELECT sum(abalance) = (SELECT sum(delta) FROM pgbench_history) FROM pgbench_accounts");
     assert_eq!(total, "t", "every write reached the primary");
 }

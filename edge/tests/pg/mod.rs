@@ -194,12 +194,20 @@ pub fn start_proxy(config: &str) -> Proxy {
     let text = format!("listen = '127.0.0.1:{port}'\n{config}");
     let config = postai_edge::Config::parse("test.toml", &text).expect("config parses");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    // `threads = N`: N - 1 event loops besides this runtime, as postai-edge runs
+    let loops = config.threads.filter(|n| *n > 1);
     let proxy = postai_edge::Proxy::new(config).expect("proxy");
     let p = proxy.clone();
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}")).await.expect("bind");
         p.spawn_tasks();
-        tokio::spawn(postai_edge::serve(p, listener));
+        match loops {
+            Some(n) => {
+                let loops = postai_edge::EventLoops::start(&p, n - 1).expect("event loops");
+                tokio::spawn(async move { postai_edge::serve_on(p, listener, Some(&loops)).await });
+            }
+            None => drop(tokio::spawn(postai_edge::serve(p, listener))),
+        }
     });
     Proxy { port, proxy, _rt: rt }
 }
