@@ -28,6 +28,61 @@ use crate::proxy::Proxy;
 const IDLE_ADVANCE_BYTES: u64 = 16 << 20;
 use crate::upstream::error_message;
 
+/// The prefix of the logical messages the DDL event triggers emit.
+const DDL_PREFIX: &str = "postai_ddl";
+
+/// Event triggers that emit a transactional logical message for every DDL
+/// command (and drop) outside temporary schemas: the message commits with
+/// the DDL, so the stream orders it like any write. SECURITY DEFINER: any
+/// role's DDL may emit it. The triggers are created last: installing emits
+/// nothing (and is skipped when they exist, so a restart does not
+/// invalidate a warm L2).
+const DDL_TRIGGERS: &str = r#"
+CREATE SCHEMA IF NOT EXISTS postai;
+CREATE OR REPLACE FUNCTION postai.note_ddl() RETURNS event_trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
+BEGIN
+  IF EXISTS (SELECT 1 FROM pg_event_trigger_ddl_commands() c
+             WHERE c.schema_name IS NULL OR c.schema_name NOT LIKE 'pg\_temp%') THEN
+    PERFORM pg_logical_emit_message(true, 'postai_ddl', tg_tag);
+  END IF;
+END $f$;
+CREATE OR REPLACE FUNCTION postai.note_drop() RETURNS event_trigger LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
+BEGIN
+  IF EXISTS (SELECT 1 FROM pg_event_trigger_dropped_objects() d WHERE NOT d.is_temporary) THEN
+    PERFORM pg_logical_emit_message(true, 'postai_ddl', tg_tag);
+  END IF;
+END $f$;
+REVOKE ALL ON FUNCTION postai.note_ddl(), postai.note_drop() FROM PUBLIC;
+DO $d$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'postai_ddl') THEN
+    CREATE EVENT TRIGGER postai_ddl ON ddl_command_end EXECUTE FUNCTION postai.note_ddl();
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'postai_drop') THEN
+    CREATE EVENT TRIGGER postai_drop ON sql_drop EXECUTE FUNCTION postai.note_drop();
+  END IF;
+END $d$;
+"#;
+
+/// Whether a `test_decoding` line is the message of a DDL event trigger.
+fn is_ddl_message(line: &str) -> bool {
+    line.strip_prefix("message: transactional: 1 prefix: ")
+        .and_then(|rest| rest.split_once(','))
+        .is_some_and(|(prefix, _)| prefix == DDL_PREFIX)
+}
+
+/// What a `test_decoding` line inside a transaction changed: a table's rows,
+/// or everything (DDL; a table line this parser cannot read).
+fn change_target(line: &str, catalog: &Catalog) -> Option<ChangeTarget> {
+    if is_ddl_message(line) {
+        // what any cached result means may have changed
+        return Some(ChangeTarget::All);
+    }
+    parse_change(line, catalog)
+        .or_else(|| (line.starts_with("table ") && !line.contains(": ")).then_some(ChangeTarget::All))
+}
+
 /// Parses one `test_decoding` line of a table change into its target.
 /// `None` for BEGIN/COMMIT and for tables nothing cached depends on.
 pub fn parse_change(line: &str, catalog: &Catalog) -> Option<ChangeTarget> {
@@ -122,6 +177,17 @@ async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
     let addr = cfg.upstream.clone().unwrap_or_else(|| proxy.primary_addr());
     let mut conn = proxy.service_login(&addr, &cfg.user, &cfg.database).await?;
     check(conn.simple("SET TimeZone = 'UTC'").await?)?;
+    let installed = "SELECT count(*) FROM pg_event_trigger WHERE evtname IN ('postai_ddl', 'postai_drop')";
+    if cfg.ddl && protocol::first_value(&check(conn.simple(installed).await?)?).as_deref() != Some("2") {
+        // (another edge installing them at the same moment may make this fail: they exist then)
+        if let Err(e) = check(conn.simple(DDL_TRIGGERS).await?) {
+            eprintln!(
+                "postai-edge: cdc ({}): cannot install the DDL event triggers ({e}): DDL made directly on \
+                 the primary will not invalidate; give [cdc] user superuser, or set [cdc] ddl = false",
+                cfg.slot
+            );
+        }
+    }
     let exists = conn.simple(&format!("SELECT 1 FROM pg_replication_slots WHERE slot_name = '{}'", cfg.slot)).await?;
     // where the slot re-delivers from: a start event opens the stream there
     let mut start_event: Option<Lsn> = None;
@@ -212,10 +278,8 @@ async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
                     if let Some(lsn) = protocol::parse_lsn(&lsn).map(Lsn) {
                         through = Some(through.map_or(lsn, |t| t.max(lsn)));
                     }
-                } else if let Some(t) = parse_change(&data, node.analyzer().catalog()) {
+                } else if let Some(t) = change_target(&data, node.analyzer().catalog()) {
                     pending.push(t);
-                } else if data.starts_with("table ") && !data.contains(": ") {
-                    pending.push(ChangeTarget::All);
                 }
             }
             // keepalive: nothing committed after `last` that we have not seen
@@ -312,10 +376,8 @@ async fn subscribe_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
                         let change = Change { lsn, targets: std::mem::take(&mut pending) };
                         node.handle_cdc(now, &CdcEvent { prev_lsn: *last, change });
                         *last = (*last).max(lsn);
-                    } else if let Some(t) = parse_change(data, node.analyzer().catalog()) {
+                    } else if let Some(t) = change_target(data, node.analyzer().catalog()) {
                         pending.push(t);
-                    } else if data.starts_with("table ") && !data.contains(": ") {
-                        pending.push(ChangeTarget::All);
                     }
                 }
             }
@@ -434,6 +496,10 @@ mod tests {
         // a column whose name ends with the key's name is not the key
         assert_eq!(parse_change("table public.items: INSERT: xid[integer]:3", &c), Some(ChangeTarget::Table(items)));
         assert_eq!(parse_change("BEGIN 123", &c), None);
+        assert!(is_ddl_message("message: transactional: 1 prefix: postai_ddl, sz: 11 content:ALTER TABLE"));
+        assert!(!is_ddl_message("message: transactional: 0 prefix: postai_ddl, sz: 0 content:"));
+        assert!(!is_ddl_message("message: transactional: 1 prefix: postai_ddl_x, sz: 0 content:"));
+        assert!(!is_ddl_message("message: transactional: 1 prefix: postai, sz: 0 content:"));
     }
 
     #[test]

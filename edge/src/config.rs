@@ -187,6 +187,10 @@ pub struct CdcConfig {
     pub poll_ms: u64,
     /// Serve nothing from the cache when the stream has been silent this long.
     pub silence_max_ms: u64,
+    /// Install event triggers on the primary (schema `postai`, needs a
+    /// superuser) that put DDL in the stream, so that DDL made directly on
+    /// the primary invalidates too (temporary objects excepted).
+    pub ddl: bool,
     /// Where the slot is (host:port): by default the primary the proxy
     /// routes to; an edge behind a regional proxy names the primary here.
     pub upstream: Option<String>,
@@ -214,6 +218,7 @@ impl Default for CdcConfig {
             database: "postgres".into(),
             poll_ms: 100,
             silence_max_ms: 5_000,
+            ddl: true,
             upstream: None,
             source: CdcSource::Slot,
         }

@@ -64,6 +64,45 @@ fn caches_invalidates_and_survives_bad_input() {
     assert_eq!(psql(port, "SELECT v FROM items WHERE id = 1"), "v1");
 }
 
+/// DDL made directly on the primary reaches the proxy through the event
+/// triggers it installs (a logical message in the DDL's transaction) and
+/// invalidates; DDL on temporary objects does not; any role's DDL works.
+#[test]
+fn ddl_made_directly_on_the_primary_invalidates() {
+    let pg = Pg::start("ddl");
+    create_items(&pg, 10);
+    let (port, _rt) = start_proxy(&pg);
+    assert!(eventually(|| stat(port, "cdc_events") > 0), "CDC connected");
+    assert!(eventually(|| psql(pg.port, "SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'postai%'") == "2"));
+    let hit = |sql: &str| {
+        let before = stat(port, "l1_hits");
+        let out = psql(port, sql);
+        (stat(port, "l1_hits") > before, out)
+    };
+    assert_eq!(hit("SELECT * FROM items WHERE id = 3"), (false, "3|v3".into()));
+    assert_eq!(hit("SELECT * FROM items WHERE id = 3"), (true, "3|v3".into()));
+    let out = psql(pg.port, "ALTER TABLE items ADD COLUMN extra int DEFAULT 7");
+    assert!(!out.contains("ERROR"), "{out}");
+    assert!(eventually(|| psql(port, "SELECT * FROM items WHERE id = 3") == "3|v3|7"), "the new column is seen");
+
+    // temporary objects: nothing cached can depend on them
+    assert_eq!(hit("SELECT v FROM items WHERE id = 4"), (false, "v4".into()));
+    let out = psql(
+        pg.port,
+        "CREATE TEMP TABLE scratch (x int); DROP TABLE scratch; UPDATE items SET v = 'five' WHERE id = 5",
+    );
+    assert!(!out.contains("ERROR"), "{out}");
+    assert!(eventually(|| psql(port, "SELECT v FROM items WHERE id = 5") == "five"), "CDC past the temporary DDL");
+    assert_eq!(hit("SELECT v FROM items WHERE id = 4"), (true, "v4".into()), "temporary DDL invalidated nothing");
+
+    // a role that is not a superuser: its DDL works (the trigger's function is SECURITY DEFINER) and invalidates
+    let out = psql(pg.port, "CREATE ROLE bob LOGIN; GRANT CREATE ON SCHEMA public TO bob");
+    assert!(!out.contains("ERROR"), "{out}");
+    let out = psql(pg.port, "SET ROLE bob; CREATE TABLE bobs (x int); DROP TABLE bobs");
+    assert!(!out.contains("ERROR"), "{out}");
+    assert!(eventually(|| !hit("SELECT v FROM items WHERE id = 4").0), "bob's DROP TABLE invalidated the cache");
+}
+
 fn pgbench(port: u16, args: &[&str]) -> (bool, String) {
     let port = port.to_string();
     let out = std::process::Command::new("pgbench")
