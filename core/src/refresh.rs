@@ -73,3 +73,69 @@ impl RefreshIndex {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::{Entry, Eviction, TierConfig};
+    use crate::invalidation::{Change, Dep};
+    use crate::{Duration, Instant, Lsn};
+
+    const T: TableId = TableId(1);
+
+    fn tier(rows: &[u64]) -> Tier<u64> {
+        let config =
+            TierConfig { bytes_max: 1 << 20, entries_max: 64, ttl: Duration::from_secs(60), eviction: Eviction::Sieve };
+        let mut t = Tier::new(config).expect("tier");
+        for &r in rows {
+            let entry = Entry {
+                value: 0,
+                lsn: Lsn(1),
+                deps: vec![Dep::Key(T, r)],
+                size_bytes: 8,
+                expires_at: Instant::ZERO + Duration::from_secs(60),
+            };
+            t.insert(Instant::ZERO, u128::from(r), entry);
+        }
+        t
+    }
+
+    fn change(lsn: u64, rows: &[u64]) -> CdcEvent {
+        CdcEvent {
+            prev_lsn: Lsn(lsn - 1),
+            change: Change { lsn: Lsn(lsn), targets: vec![ChangeTarget::Keys(T, rows.to_vec())] },
+        }
+    }
+
+    #[test]
+    fn refreshes_tracked_rows_only_and_forgets_when_full() {
+        let mut t = tier(&[1, 2, 3]);
+        let mut index = RefreshIndex::new(4);
+        for r in [1, 2, 3] {
+            index.track(T, r, u128::from(r));
+        }
+        let mut calls = Vec::new();
+        let mut refresh = |_: TableId, k: u64, _: &u64, lsn: Lsn| {
+            calls.push(k);
+            Some((lsn.0, 8))
+        };
+        // rows 1 and 3 tracked, 7 and 1000 not: only the tracked are rendered
+        index.apply(Instant::ZERO, &change(5, &[1, 7, 3, 1000]), &mut [&mut t], &mut refresh);
+        assert_eq!(calls, vec![1, 3]);
+        assert_eq!(index.refreshed, 2);
+        let v = |t: &mut Tier<u64>, k: u128| t.peek(k).map(|e| (e.value, e.lsn));
+        assert_eq!(v(&mut t, 1), Some((5, Lsn(5))));
+        assert_eq!(v(&mut t, 2), Some((0, Lsn(1))));
+        // the fifth row starts the index over: rows 1-3 fall back to invalidation
+        index.track(T, 4, 4);
+        index.track(T, 5, 5);
+        calls.clear();
+        let mut refresh = |_: TableId, k: u64, _: &u64, lsn: Lsn| {
+            calls.push(k);
+            Some((lsn.0, 8))
+        };
+        index.apply(Instant::ZERO, &change(6, &[1, 2, 3, 5]), &mut [&mut t], &mut refresh);
+        assert_eq!(calls, Vec::<u64>::new(), "row 5 has no entry in the tier; 1-3 were forgotten");
+        assert_eq!(v(&mut t, 2), Some((0, Lsn(1))));
+    }
+}

@@ -56,6 +56,17 @@ BEGIN
 END $f$;
 REVOKE ALL ON FUNCTION postai.note_ddl(), postai.note_drop() FROM PUBLIC;
 DO $d$ BEGIN
+  -- the triggers run these functions for every role's DDL, superusers' too:
+  -- a schema or function someone else owns (made before, kept by IF NOT
+  -- EXISTS / OR REPLACE) could be changed to run anything
+  IF EXISTS (SELECT 1 FROM pg_namespace n JOIN pg_roles r ON r.oid = n.nspowner
+             WHERE n.nspname = 'postai' AND NOT r.rolsuper)
+     OR EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                JOIN pg_roles r ON r.oid = p.proowner WHERE n.nspname = 'postai' AND NOT r.rolsuper) THEN
+    RAISE EXCEPTION 'schema postai, or a function in it, is owned by a role that is not a superuser';
+  END IF;
+END $d$;
+DO $d$ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'postai_ddl') THEN
     CREATE EVENT TRIGGER postai_ddl ON ddl_command_end EXECUTE FUNCTION postai.note_ddl();
   END IF;
@@ -177,7 +188,11 @@ async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
     let addr = cfg.upstream.clone().unwrap_or_else(|| proxy.primary_addr());
     let mut conn = proxy.service_login(&addr, &cfg.user, &cfg.database).await?;
     check(conn.simple("SET TimeZone = 'UTC'").await?)?;
-    let installed = "SELECT count(*) FROM pg_event_trigger WHERE evtname IN ('postai_ddl', 'postai_drop')";
+    // both triggers, on SECURITY DEFINER functions that superusers own, in a schema a superuser owns
+    let installed = "SELECT count(*) FROM pg_event_trigger t JOIN pg_proc p ON p.oid = t.evtfoid \
+        JOIN pg_namespace n ON n.oid = p.pronamespace JOIN pg_roles pr ON pr.oid = p.proowner \
+        JOIN pg_roles nr ON nr.oid = n.nspowner WHERE t.evtname IN ('postai_ddl', 'postai_drop') \
+        AND n.nspname = 'postai' AND p.prosecdef AND pr.rolsuper AND nr.rolsuper AND t.evtenabled <> 'D'";
     if cfg.ddl && protocol::first_value(&check(conn.simple(installed).await?)?).as_deref() != Some("2") {
         // (another edge installing them at the same moment may make this fail: they exist then)
         if let Err(e) = check(conn.simple(DDL_TRIGGERS).await?) {

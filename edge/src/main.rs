@@ -18,17 +18,26 @@ fn main() -> anyhow::Result<()> {
     let path = path.context("usage: postai-edge --config FILE")?;
     let config = postai_edge::Config::load(&path)?;
     let threads = config.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    // one event loop per thread: this one (accepts, CDC, health checks,
-    // metrics, and its share of clients) and threads - 1 more
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("the tokio runtime")?;
-    rt.block_on(run(config, threads))
+    // session mode: one event loop per thread, this one (accepts, CDC, health
+    // checks, metrics, and its share of clients) and threads - 1 more;
+    // transaction pooling lends server connections to any client: one
+    // work-stealing runtime whose threads share the I/O driver
+    let pooled = config.pool_mode() == postai_edge::config::PoolMode::Transaction;
+    let rt = if threads == 1 || !pooled {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()
+    }
+    .context("the tokio runtime")?;
+    let loops = if pooled { 0 } else { threads - 1 };
+    rt.block_on(run(config, loops))
 }
 
-async fn run(config: postai_edge::Config, threads: usize) -> anyhow::Result<()> {
+async fn run(config: postai_edge::Config, loops: usize) -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(&config.listen).await.with_context(|| format!("listen on {}", config.listen))?;
     let proxy = postai_edge::Proxy::new(config)?;
-    let loops = postai_edge::EventLoops::start(&proxy, threads.saturating_sub(1)).context("event loop threads")?;
+    let loops = postai_edge::EventLoops::start(&proxy, loops).context("event loop threads")?;
     proxy.spawn_tasks();
     if let Some(addr) = proxy.start_metrics().await.context("metrics_listen")? {
         eprintln!("postai-edge: metrics on http://{addr}/metrics");

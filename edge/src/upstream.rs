@@ -174,8 +174,27 @@ impl LoginError {
 
 /// Connects to `addr` and logs in with the startup `params` (`user` among
 /// them), answering cleartext, MD5 and SCRAM-SHA-256 password requests with
-/// `password`. Returns when the server is ready for queries.
+/// `password`. Returns when the server is ready for queries. In `prefer`
+/// mode a failed TLS handshake or a login refused over TLS is tried once
+/// more in plaintext, as libpq does.
 pub async fn login(
+    dialer: &Dialer,
+    addr: &str,
+    params: &[(String, String)],
+    password: Option<&str>,
+) -> Result<Login, LoginError> {
+    match login_once(dialer, addr, params, password).await {
+        Err(LoginError::Tls(..) | LoginError::Refused(_))
+            if dialer.tls.mode == SslMode::Prefer && dialer.tls.connector().is_some() =>
+        {
+            let plain = Dialer { max: dialer.max, tls: Arc::new(UpstreamTls::default()) };
+            login_once(&plain, addr, params, password).await
+        }
+        other => other,
+    }
+}
+
+async fn login_once(
     dialer: &Dialer,
     addr: &str,
     params: &[(String, String)],
@@ -216,13 +235,17 @@ pub async fn login(
                         let offers = |name: &str| data.split(|b| *b == 0).any(|m| m == name.as_bytes());
                         let pw = password.ok_or_else(no_password)?;
                         // bound to the server's certificate when both can ('p'); over TLS
-                        // without -PLUS, 'y'; plaintext, 'n'
+                        // to a server without -PLUS, 'y'; otherwise 'n' (a 'y' to a server
+                        // offering -PLUS reads as a downgrade: a certificate whose
+                        // signature names no hash cannot be bound to, by libpq either)
                         let (mechanism, binding) = match conn.end_point() {
                             Some(hash) if offers(SCRAM_SHA_256_PLUS) => {
                                 (SCRAM_SHA_256_PLUS, ChannelBinding::tls_server_end_point(hash))
                             }
                             _ if !offers(SCRAM_SHA_256) => return Err(LoginError::Unsupported(code)),
-                            _ if conn.is_tls() => (SCRAM_SHA_256, ChannelBinding::unrequested()),
+                            _ if conn.is_tls() && !offers(SCRAM_SHA_256_PLUS) => {
+                                (SCRAM_SHA_256, ChannelBinding::unrequested())
+                            }
                             _ => (SCRAM_SHA_256, ChannelBinding::unsupported()),
                         };
                         let s = ScramSha256::new(pw.as_bytes(), binding);

@@ -398,15 +398,17 @@ fn tls_to_the_primary_in_every_checking_mode() {
     let out = psql(
         pg.port,
         "SET password_encryption = 'scram-sha-256'; CREATE ROLE app LOGIN PASSWORD 'app-secret'; \
-         ALTER ROLE app SET search_path = public;",
+         ALTER ROLE app SET search_path = public; CREATE ROLE plain LOGIN;",
     );
     assert!(!out.contains("ERROR"), "{out}");
     let out = psql(pg.port, "ALTER SYSTEM SET ssl = on");
     assert!(!out.contains("ERROR"), "{out}");
-    // app: SCRAM over TLS or nothing (PostgreSQL offers SCRAM-SHA-256-PLUS over TLS)
+    // app: SCRAM over TLS or nothing (PostgreSQL offers SCRAM-SHA-256-PLUS over TLS);
+    // plain: no TLS (a server whose pg_hba.conf refuses it over TLS)
     let hba = pg.dir.join("data").join("pg_hba.conf");
     let text = std::fs::read_to_string(&hba).expect("pg_hba.conf");
-    let lines = "hostssl all app 127.0.0.1/32 scram-sha-256\nhostnossl all app 127.0.0.1/32 reject\n";
+    let lines = "hostssl all app 127.0.0.1/32 scram-sha-256\nhostnossl all app 127.0.0.1/32 reject\n\
+                 hostssl all plain 127.0.0.1/32 reject\n";
     std::fs::write(&hba, format!("{lines}{text}")).expect("write pg_hba.conf");
     assert_eq!(psql(pg.port, "SELECT pg_reload_conf()"), "t");
     let (ok, out) = psql_as(&conninfo(pg.port, "app", "sslmode=disable"), Some("app-secret"), "SELECT 1");
@@ -449,6 +451,17 @@ fn tls_to_the_primary_in_every_checking_mode() {
         let (ok, out) = through(&bad);
         assert!(!ok && out.contains(why), "[upstream_tls] {bad}: wanted {why:?} in {out}");
     }
+    // prefer, as libpq: a login refused over TLS is tried again in plaintext; require: refused
+    let plain = |tls: &str| {
+        let (port, proxy) = start_proxy_with(&pg, &format!("[upstream_tls]\n{tls}\n"));
+        let sql = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+        let r = psql_as(&conninfo(port, "plain", "sslmode=disable"), None, sql);
+        drop(proxy);
+        r
+    };
+    assert_eq!(plain("mode = 'prefer'"), (true, "f".to_string()));
+    let (ok, out) = plain("mode = 'require'");
+    assert!(!ok && out.contains("pg_hba.conf rejects"), "{out}");
     // a dead TLS upstream did not stop the proxy: the next login works
     let (port, _proxy) =
         start_proxy_with(&pg, &format!("{user}[upstream_tls]\nmode = 'verify-full'\nroot_cert = '{ca_path}'\n"));

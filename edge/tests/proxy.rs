@@ -101,6 +101,23 @@ fn ddl_made_directly_on_the_primary_invalidates() {
     let out = psql(pg.port, "SET ROLE bob; CREATE TABLE bobs (x int); DROP TABLE bobs");
     assert!(!out.contains("ERROR"), "{out}");
     assert!(eventually(|| !hit("SELECT v FROM items WHERE id = 4").0), "bob's DROP TABLE invalidated the cache");
+    drop(_rt);
+
+    // a schema postai that a role which is not a superuser made first: the
+    // triggers would run its functions for a superuser's DDL; not installed
+    let out = psql(
+        pg.port,
+        "DROP EVENT TRIGGER postai_ddl; DROP EVENT TRIGGER postai_drop; DROP SCHEMA postai CASCADE; \
+         CREATE ROLE mallory LOGIN; GRANT CREATE ON DATABASE postgres TO mallory; SET ROLE mallory; \
+         CREATE SCHEMA postai; CREATE FUNCTION postai.note_ddl() RETURNS event_trigger LANGUAGE plpgsql \
+         AS $$ BEGIN END $$;",
+    );
+    assert!(!out.contains("ERROR"), "{out}");
+    let (port, _rt) = start_proxy(&pg);
+    assert!(eventually(|| stat(port, "cdc_events") > 0), "CDC connected");
+    assert_eq!(psql(pg.port, "SELECT count(*) FROM pg_event_trigger"), "0", "no trigger runs mallory's code");
+    let owner = "SELECT proowner::regrole FROM pg_proc WHERE proname = 'note_ddl'";
+    assert_eq!(psql(pg.port, owner), "mallory");
 }
 
 fn pgbench(port: u16, args: &[&str]) -> (bool, String) {

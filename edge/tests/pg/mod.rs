@@ -194,8 +194,9 @@ pub fn start_proxy(config: &str) -> Proxy {
     let text = format!("listen = '127.0.0.1:{port}'\n{config}");
     let config = postai_edge::Config::parse("test.toml", &text).expect("config parses");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    // `threads = N`: N - 1 event loops besides this runtime, as postai-edge runs
-    let loops = config.threads.filter(|n| *n > 1);
+    // `threads = N`: N - 1 event loops besides this runtime, as postai-edge runs (session mode)
+    let session_mode = config.pool_mode() == postai_edge::config::PoolMode::Session;
+    let loops = config.threads.filter(|n| *n > 1 && session_mode);
     let proxy = postai_edge::Proxy::new(config).expect("proxy");
     let p = proxy.clone();
     rt.block_on(async {
