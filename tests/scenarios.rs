@@ -174,3 +174,15 @@ fn corrupt_scenarios_are_clear_errors() {
         assert!(err.to_string().starts_with("test.toml"), "{what}: error names the file: {err}");
     }
 }
+
+/// The one-hour day-slice (scenarios/long, outside the default suite: it
+/// runs for about half an hour): the file is valid and its short form runs.
+#[test]
+fn the_day_slice_is_an_hour_of_the_baseline() {
+    let path = scenarios_dir().join("long").join("day-slice.toml");
+    let sc = Scenario::load(&path.to_string_lossy()).expect("day-slice.toml loads");
+    let base = load("global-read-heavy");
+    assert_eq!((sc.name.as_str(), sc.duration_s), ("day-slice", 3600));
+    assert_eq!(sc.workload.rate_qps, base.workload.rate_qps, "the baseline's workload");
+    check_safety("long/day-slice", 1, &run_scenario(&sc.short(1)));
+}
