@@ -158,20 +158,84 @@ fn parse_value(s: &str) -> Option<(String, usize)> {
 
 /// Polls the slot forever; reconnects after errors.
 /// One poll's rows as the slot gave them, and the primary's current LSN:
-/// what a regional proxy relays to the edges subscribed to it.
-#[derive(Debug)]
+/// what a regional proxy relays to the edges subscribed to it. Or a reset:
+/// the reader started a new slot at this LSN (after a failover), and what was
+/// committed before it may never be streamed.
+#[derive(Debug, Default)]
 pub struct Feed {
     pub rows: Vec<(String, String)>,
     pub current: Option<u64>,
+    pub reset: Option<Lsn>,
+    /// The newest commit among the rows.
+    pub max_commit: Option<Lsn>,
+}
+
+/// Rows a regional proxy keeps for edges that subscribe again (`POSTAI
+/// SUBSCRIBE FROM`): a reconnecting edge misses nothing and keeps its cache.
+pub const HISTORY_ROWS: usize = 100_000;
+
+/// The feeds a regional proxy published lately: every commit after `floor`
+/// is in them (or still to come).
+#[derive(Debug, Default)]
+pub struct History {
+    feeds: std::collections::VecDeque<Arc<Feed>>,
+    rows: usize,
+    floor: Option<Lsn>,
+}
+
+impl History {
+    /// The feeds with a commit after `from`, when every commit after `from`
+    /// is in them or still to come; `None` when some may be gone.
+    pub fn since(&self, from: Lsn) -> Option<Vec<Arc<Feed>>> {
+        let floor = self.floor?;
+        (from >= floor).then(|| self.feeds.iter().filter(|f| f.max_commit.is_some_and(|c| c > from)).cloned().collect())
+    }
+
+    /// The reader starts at `position` (the slot's): history is complete from there.
+    fn start_at(&mut self, position: Lsn) {
+        if self.floor.is_none() {
+            self.floor = Some(position);
+        }
+    }
+
+    fn push(&mut self, feed: Arc<Feed>, keep_rows: usize) {
+        if let Some(start) = feed.reset {
+            self.feeds.clear();
+            self.rows = 0;
+            self.floor = Some(start);
+            return;
+        }
+        self.rows += feed.rows.len();
+        self.feeds.push_back(feed);
+        while self.rows > keep_rows {
+            let Some(old) = self.feeds.pop_front() else { break };
+            self.rows -= old.rows.len();
+            self.floor = self.floor.max(old.max_commit);
+        }
+    }
+}
+
+/// Sends `feed` to the subscribers; a regional proxy also keeps it for
+/// those that subscribe again. Under the history's lock, so that a
+/// subscriber that snapshots the history and then listens misses nothing.
+pub fn publish(proxy: &Proxy, feed: Feed) {
+    let feed = Arc::new(feed);
+    let mut history = proxy.cdc_history.lock().unwrap_or_else(|p| p.into_inner());
+    if proxy.config.role == crate::config::Role::Regional {
+        history.push(feed.clone(), HISTORY_ROWS);
+    }
+    let _ = proxy.cdc_feed.send(feed);
 }
 
 pub async fn run(proxy: Arc<Proxy>) {
     let cfg = proxy.config.cdc.clone();
     let mut last = Lsn(0);
+    // a subscription that was open: the next one asks to continue after `last`
+    let mut subscribed = false;
     loop {
         let result = match cfg.source {
             CdcSource::Slot => poll_loop(&proxy, &mut last).await,
-            CdcSource::Regional => subscribe_loop(&proxy, &mut last).await,
+            CdcSource::Regional => subscribe_loop(&proxy, &mut last, &mut subscribed).await,
         };
         match result {
             Ok(()) => return,
@@ -223,6 +287,8 @@ async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
         // cached from a snapshot older than that is invalid
         let start = protocol::first_value(&created).and_then(|s| protocol::parse_lsn(&s)).map(Lsn);
         if let Some(start) = start {
+            // subscribers must drop what they hold too
+            publish(proxy, Feed { reset: Some(start), ..Feed::default() });
             // before the event below opens the cache: restored entries may
             // come from another cluster's LSNs, which the event cannot order
             adopt_l2(proxy, &mut conn, start, true).await;
@@ -237,6 +303,7 @@ async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
         let confirmed = protocol::first_value(&check(conn.simple(&q).await?)?).and_then(|s| protocol::parse_lsn(&s));
         let confirmed = Lsn(confirmed.unwrap_or(0));
         adopt_l2(proxy, &mut conn, confirmed, false).await;
+        proxy.cdc_history.lock().unwrap_or_else(|p| p.into_inner()).start_at(confirmed);
         start_event = Some(confirmed);
         advanced = confirmed;
     }
@@ -266,9 +333,11 @@ async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
             }
             let mut changes: Vec<Change> = Vec::new();
             let mut feed: Vec<(String, String)> = Vec::new();
+            let relay = proxy.cdc_feed.receiver_count() > 0 || proxy.config.role == crate::config::Role::Regional;
+            let mut max_commit = None;
             for row in rows.iter().filter(|m| m.tag == b'D') {
                 let Some((lsn, data)) = two_columns(row) else { continue };
-                if proxy.cdc_feed.receiver_count() > 0 {
+                if relay {
                     feed.push((lsn.clone(), data.clone()));
                 }
                 if data.starts_with("BEGIN") {
@@ -284,6 +353,7 @@ async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
                         CdcEvent { prev_lsn: *last, change: Change { lsn, targets: std::mem::take(&mut pending) } };
                     node.handle_cdc(now, &event);
                     *last = (*last).max(lsn);
+                    max_commit = max_commit.max(Some(lsn));
                     if !event.change.targets.is_empty() {
                         changes.push(event.change);
                     }
@@ -302,8 +372,8 @@ async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
             node.handle_cdc(now, &keepalive);
             // subscribers (edges behind this regional proxy) get the same rows
             proxy.cdc_last.store(last.0, Ordering::Relaxed);
-            if proxy.cdc_feed.receiver_count() > 0 {
-                let _ = proxy.cdc_feed.send(Arc::new(Feed { rows: feed, current }));
+            if relay {
+                publish(proxy, Feed { rows: feed, current, reset: None, max_commit });
             }
             // queued under the node's lock: after every fill validated before these changes
             match (&proxy.l2_file, through) {
@@ -339,14 +409,18 @@ async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
 
 /// An edge behind a regional proxy: `POSTAI SUBSCRIBE` on it streams the rows
 /// its slot reader applies (CopyData: `R <lsn>\t<row>`, `K <current lsn>`
-/// after each poll). What happened before the subscription is unknown here:
-/// the first keepalive's LSN opens the stream with an event that invalidates
-/// everything older.
-async fn subscribe_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
+/// after each poll, `X <lsn>` when it starts a new slot). What happened
+/// before the subscription is unknown here: the first keepalive's LSN opens
+/// the stream with an event that invalidates everything older. Subscribing
+/// again (`FROM` the last commit applied), the regional proxy answers `C`
+/// when it kept every row since: nothing is invalidated.
+async fn subscribe_loop(proxy: &Proxy, last: &mut Lsn, subscribed: &mut bool) -> std::io::Result<()> {
     let cfg = &proxy.config.cdc;
     let addr = proxy.primary_addr();
     let mut conn = proxy.service_login(&addr, &cfg.user, &cfg.database).await?;
-    conn.send(&protocol::query("POSTAI SUBSCRIBE")).await?;
+    let command =
+        if *subscribed { format!("POSTAI SUBSCRIBE FROM '{}'", fmt_lsn(*last)) } else { "POSTAI SUBSCRIBE".into() };
+    conn.send(&protocol::query(&command)).await?;
     let mut opened = false;
     let mut pending: Vec<ChangeTarget> = Vec::new();
     loop {
@@ -359,7 +433,20 @@ async fn subscribe_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
                 let line = String::from_utf8_lossy(m.body());
                 let now = proxy.now();
                 let mut node = proxy.node.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(rest) = line.strip_prefix("K ") {
+                if let Some(rest) = line.strip_prefix("C ") {
+                    // the stream continues after our position: what we hold stays
+                    opened = protocol::parse_lsn(rest).is_some_and(|from| from <= last.0);
+                    if opened {
+                        proxy.metrics.cdc_resumed.fetch_add(1, Ordering::Relaxed);
+                    }
+                } else if let Some(rest) = line.strip_prefix("X ") {
+                    // a new slot on the regional proxy: commits before it may never come
+                    let Some(start) = protocol::parse_lsn(rest).map(Lsn) else { continue };
+                    let start = start.max(*last);
+                    let all = Change { lsn: start, targets: vec![ChangeTarget::All] };
+                    node.handle_cdc(now, &CdcEvent { prev_lsn: *last, change: all });
+                    *last = start;
+                } else if let Some(rest) = line.strip_prefix("K ") {
                     let Some(current) = protocol::parse_lsn(rest) else { continue };
                     if !opened {
                         // everything cached before is of unknown freshness
@@ -371,6 +458,7 @@ async fn subscribe_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
                         );
                         *last = start;
                         opened = true;
+                        *subscribed = true;
                     }
                     let keepalive = CdcEvent { prev_lsn: *last, change: Change { lsn: *last, targets: Vec::new() } };
                     node.handle_cdc(now, &keepalive);
@@ -515,6 +603,34 @@ mod tests {
         assert!(!is_ddl_message("message: transactional: 0 prefix: postai_ddl, sz: 0 content:"));
         assert!(!is_ddl_message("message: transactional: 1 prefix: postai_ddl_x, sz: 0 content:"));
         assert!(!is_ddl_message("message: transactional: 1 prefix: postai, sz: 0 content:"));
+    }
+
+    #[test]
+    fn history_answers_resumes_it_can_vouch_for() {
+        let feed = |commit: u64, rows: usize| {
+            Arc::new(Feed {
+                rows: vec![(String::new(), String::new()); rows],
+                max_commit: Some(Lsn(commit)),
+                ..Feed::default()
+            })
+        };
+        let mut h = History::default();
+        assert!(h.since(Lsn(0)).is_none(), "nothing known before the reader starts");
+        h.start_at(Lsn(100));
+        h.push(feed(110, 2), 4);
+        h.push(feed(120, 2), 4);
+        assert_eq!(h.since(Lsn(100)).map(|f| f.len()), Some(2));
+        assert_eq!(h.since(Lsn(110)).map(|f| f.len()), Some(1));
+        assert_eq!(h.since(Lsn(500)).map(|f| f.len()), Some(0), "ahead: nothing to replay, nothing missed");
+        assert!(h.since(Lsn(99)).is_none(), "commits before the reader's start are not kept");
+        // past 4 rows the oldest feed goes, and with it positions before its commits
+        h.push(feed(130, 2), 4);
+        assert!(h.since(Lsn(100)).is_none());
+        assert_eq!(h.since(Lsn(110)).map(|f| f.len()), Some(2));
+        // a new slot: nothing before its start can be vouched for
+        h.push(Arc::new(Feed { reset: Some(Lsn(200)), ..Feed::default() }), 4);
+        assert!(h.since(Lsn(130)).is_none());
+        assert_eq!(h.since(Lsn(200)).map(|f| f.len()), Some(0));
     }
 
     #[test]

@@ -82,6 +82,8 @@ pub struct Metrics {
     pub clients_total: AtomicU64,
     pub upstream_connections: AtomicU64,
     pub replica_connections: AtomicU64,
+    /// Subscriptions to a regional proxy continued where the last one ended.
+    pub cdc_resumed: AtomicU64,
 }
 
 impl Metrics {
@@ -208,6 +210,13 @@ pub fn render(proxy: &Proxy) -> String {
             ("role=\"primary\"".into(), m.upstream_connections.load(Ordering::Relaxed)),
             ("role=\"replica\"".into(), m.replica_connections.load(Ordering::Relaxed)),
         ],
+    );
+    counter(
+        &mut out,
+        "postai_cdc_subscriptions_resumed_total",
+        "Subscriptions to the regional proxy's stream continued where the last ended (nothing invalidated).",
+        "counter",
+        &one(m.cdc_resumed.load(Ordering::Relaxed)),
     );
     if let Some(pool) = &proxy.pool {
         let (idle, lent) = pool.counts();

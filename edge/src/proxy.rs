@@ -49,6 +49,10 @@ pub struct Proxy {
     pub dialer: upstream::Dialer,
     /// What this proxy's slot reader applied, for subscribed edges.
     pub cdc_feed: tokio::sync::broadcast::Sender<Arc<crate::cdc::Feed>>,
+    /// What a regional proxy published lately, for edges that subscribe again.
+    pub cdc_history: Mutex<crate::cdc::History>,
+    /// Bumped to end every open subscription ([`Proxy::end_subscriptions`]).
+    subscriptions: tokio::sync::watch::Sender<u64>,
     /// The last commit the slot reader applied.
     pub cdc_last: AtomicU64,
     /// Pooled clients' cancel keys (ours) -> the server they run on.
@@ -111,6 +115,8 @@ impl Proxy {
             dialer,
             cancels: Mutex::new(std::collections::HashMap::new()),
             cdc_feed: tokio::sync::broadcast::channel(CDC_FEED_DEPTH).0,
+            cdc_history: Mutex::new(crate::cdc::History::default()),
+            subscriptions: tokio::sync::watch::channel(0).0,
             cdc_last: AtomicU64::new(0),
             lsn_seen: AtomicU64::new(0),
             l2_file,
@@ -127,6 +133,12 @@ impl Proxy {
     fn node(&self) -> std::sync::MutexGuard<'_, EdgeNode<Value>> {
         // a panic while holding the lock is a bug; keep serving with the state as is
         self.node.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ends every open `POSTAI SUBSCRIBE` stream with an error (subscribers
+    /// subscribe again, from where they were).
+    pub fn end_subscriptions(&self) {
+        self.subscriptions.send_modify(|n| *n += 1);
     }
 
     pub fn topology(&self) -> std::sync::MutexGuard<'_, Topology> {
@@ -211,6 +223,7 @@ impl Proxy {
             ("writes".into(), s.writes.to_string()),
             ("cdc_events".into(), s.cdc_events.to_string()),
             ("cdc_silent_misses".into(), s.cdc_silent_misses.to_string()),
+            ("cdc_resumed".into(), self.metrics.cdc_resumed.load(Ordering::Relaxed).to_string()),
         ];
         for t in [TierName::L1, TierName::L2] {
             if let Some(tier) = n.tier(t) {
@@ -1199,8 +1212,14 @@ impl Client {
                 return Ok(Path::Proxy);
             }
         };
-        if is_command(&sql, "postai subscribe") {
-            self.stream_cdc().await?;
+        if let Some(from) = subscribe_command(&sql) {
+            match from {
+                Ok(from) => self.stream_cdc(from).await?,
+                Err(e) => {
+                    self.wr.write_all(&protocol::error_response("ERROR", "42601", &e)).await?;
+                    self.wr.write_all(&protocol::ready_for_query(self.status)).await?;
+                }
+            }
             return Ok(Path::Proxy);
         }
         if let Some(rows) = self.admin(&sql) {
@@ -1462,27 +1481,53 @@ impl Client {
         }
     }
 
-    /// `POSTAI SUBSCRIBE` (an edge behind this regional proxy): CopyOut of
-    /// every CDC row this proxy's slot reader applies, `R <lsn>\t<row>`, and
-    /// `K <lsn>` after each poll (the first: where the stream starts). Ends
-    /// with an error when the subscriber falls behind, or when it leaves.
-    async fn stream_cdc(&mut self) -> anyhow::Result<()> {
+    /// `POSTAI SUBSCRIBE [FROM 'lsn']` (an edge behind this regional proxy):
+    /// CopyOut of every CDC row this proxy's slot reader applies,
+    /// `R <lsn>\t<row>`, and `K <lsn>` after each poll; `X <lsn>` when the
+    /// reader starts a new slot there (what came before may never be
+    /// streamed). The stream opens with `C <lsn>` when it continues after
+    /// FROM's position with nothing missing (the rows kept since are sent
+    /// first), else with a `K` (where it starts; the subscriber knows nothing
+    /// of before). Ends with an error when the subscriber falls behind, or
+    /// when it leaves.
+    async fn stream_cdc(&mut self, from: Option<Lsn>) -> anyhow::Result<()> {
         if self.proxy.config.cdc.source != crate::config::CdcSource::Slot || !self.proxy.config.cdc.enabled {
             let e = "postai-edge: POSTAI SUBSCRIBE needs a proxy reading a slot of its own ([cdc] source = \"slot\")";
             self.wr.write_all(&protocol::error_response("ERROR", "55000", e)).await?;
             self.wr.write_all(&protocol::ready_for_query(self.status)).await?;
             return Ok(());
         }
-        let mut rx = self.proxy.cdc_feed.subscribe();
+        // listening and the snapshot under the history's lock: no feed missed or sent twice
+        let (mut rx, kept) = {
+            let history = self.proxy.cdc_history.lock().unwrap_or_else(|p| p.into_inner());
+            (self.proxy.cdc_feed.subscribe(), from.and_then(|f| history.since(f)))
+        };
         let mut out = BytesMut::with_capacity(4096);
         frame_into(&mut out, b'H', &[0, 0, 1, 0, 0]);
-        let start = self.proxy.cdc_last.load(Ordering::Relaxed).max(self.proxy.lsn_seen.load(Ordering::Relaxed));
-        frame_into(&mut out, b'd', format!("K {}", fmt_lsn(Lsn(start))).as_bytes());
+        match (from, kept) {
+            (Some(from), Some(kept)) => {
+                frame_into(&mut out, b'd', format!("C {}", fmt_lsn(from)).as_bytes());
+                for feed in &kept {
+                    feed_lines(&mut out, feed, self.proxy.cdc_last.load(Ordering::Relaxed));
+                }
+            }
+            _ => {
+                let start =
+                    self.proxy.cdc_last.load(Ordering::Relaxed).max(self.proxy.lsn_seen.load(Ordering::Relaxed));
+                frame_into(&mut out, b'd', format!("K {}", fmt_lsn(Lsn(start))).as_bytes());
+            }
+        }
         self.wr.write_all(&out).await?;
         let mut probe = [0u8; 1];
+        let mut ended = self.proxy.subscriptions.subscribe();
         loop {
             let feed = tokio::select! {
                 f = rx.recv() => f,
+                _ = ended.changed() => {
+                    let e = "postai-edge: the regional proxy ended this subscription; subscribe again";
+                    self.wr.write_all(&protocol::error_response("ERROR", "57P01", e)).await?;
+                    return Ok(());
+                }
                 // the subscriber sends nothing: a read returns when it leaves
                 r = self.rd.read(&mut probe) => {
                     let _ = r;
@@ -1499,11 +1544,7 @@ impl Client {
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
             };
             out.clear();
-            for (lsn, row) in &feed.rows {
-                frame_into(&mut out, b'd', format!("R {lsn}\t{row}").as_bytes());
-            }
-            let current = feed.current.unwrap_or(0).max(self.proxy.cdc_last.load(Ordering::Relaxed));
-            frame_into(&mut out, b'd', format!("K {}", fmt_lsn(Lsn(current))).as_bytes());
+            feed_lines(&mut out, &feed, self.proxy.cdc_last.load(Ordering::Relaxed));
             self.wr.write_all(&out).await?;
         }
     }
@@ -1562,10 +1603,36 @@ fn path_of(served: Served) -> Path {
 }
 
 /// Whether `sql` is the admin command `command` (lower case, single spaces).
-fn is_command(sql: &str, command: &str) -> bool {
-    let norm: String =
-        sql.trim().trim_end_matches(';').split_whitespace().collect::<Vec<_>>().join(" ").to_ascii_lowercase();
-    norm == command
+/// One feed as subscription lines (CopyData).
+fn feed_lines(out: &mut BytesMut, feed: &crate::cdc::Feed, last_applied: u64) {
+    if let Some(start) = feed.reset {
+        frame_into(out, b'd', format!("X {}", fmt_lsn(start)).as_bytes());
+        return;
+    }
+    for (lsn, row) in &feed.rows {
+        frame_into(out, b'd', format!("R {lsn}\t{row}").as_bytes());
+    }
+    let current = feed.current.unwrap_or(0).max(last_applied);
+    frame_into(out, b'd', format!("K {}", fmt_lsn(Lsn(current))).as_bytes());
+}
+
+/// `POSTAI SUBSCRIBE [FROM 'lsn']`: `None` for another statement; the FROM
+/// position, or why the statement is malformed.
+fn subscribe_command(sql: &str) -> Option<Result<Option<Lsn>, String>> {
+    let words: Vec<&str> = sql.trim().trim_end_matches(';').split_whitespace().collect();
+    if words.len() < 2 || !words[0].eq_ignore_ascii_case("postai") || !words[1].eq_ignore_ascii_case("subscribe") {
+        return None;
+    }
+    Some(match words[2..] {
+        [] => Ok(None),
+        [from, at] if from.eq_ignore_ascii_case("from") => at
+            .strip_prefix('\'')
+            .and_then(|a| a.strip_suffix('\''))
+            .and_then(protocol::parse_lsn)
+            .map(|l| Some(Lsn(l)))
+            .ok_or_else(|| format!("postai-edge: POSTAI SUBSCRIBE FROM needs an LSN such as '0/16B3748', not {at}")),
+        _ => Err("postai-edge: usage: POSTAI SUBSCRIBE [FROM 'lsn']".to_string()),
+    })
 }
 
 /// Whether a statement leaves session state on its server connection that
@@ -1854,6 +1921,18 @@ mod tests {
 
     fn p(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn subscribe_commands() {
+        assert_eq!(subscribe_command("POSTAI SUBSCRIBE"), Some(Ok(None)));
+        assert_eq!(subscribe_command(" postai  subscribe ;"), Some(Ok(None)));
+        assert_eq!(subscribe_command("POSTAI SUBSCRIBE FROM '0/16B3748'"), Some(Ok(Some(Lsn(0x16B3748)))));
+        assert!(matches!(subscribe_command("POSTAI SUBSCRIBE FROM 0/1"), Some(Err(_))));
+        assert!(matches!(subscribe_command("POSTAI SUBSCRIBE FROM 'x'"), Some(Err(_))));
+        assert!(matches!(subscribe_command("POSTAI SUBSCRIBE ME"), Some(Err(_))));
+        assert_eq!(subscribe_command("SELECT 1"), None);
+        assert_eq!(subscribe_command("POSTAI"), None);
     }
 
     #[test]

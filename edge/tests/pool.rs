@@ -244,4 +244,41 @@ fn edges_subscribe_to_the_regional_cdc_stream() {
     // an edge asked to subscribe to a proxy without a slot of its own refuses clearly
     let out = psql(edges[0].port, "POSTAI SUBSCRIBE");
     assert!(out.contains("needs a proxy reading a slot of its own"), "{out}");
+    let out = psql(regional.port, "POSTAI SUBSCRIBE FROM 'yesterday'");
+    assert!(out.contains("needs an LSN"), "{out}");
+
+    // the regional proxy ends every subscription; a write lands while the edges
+    // are away: they subscribe again from where they were, the regional replays
+    // what it kept, and what the edges hold stays cached
+    for e in &edges {
+        for id in [4, 5] {
+            psql(e.port, &format!("SELECT v FROM items WHERE id = {id}"));
+        }
+    }
+    regional.proxy.end_subscriptions();
+    psql(pg.port, "UPDATE items SET v = 'five' WHERE id = 5");
+    for e in &edges {
+        assert!(eventually(Duration::from_secs(10), || stat_n(e.port, "cdc_resumed") == 1), "edge {} resumed", e.port);
+        assert!(
+            eventually(Duration::from_secs(10), || psql(e.port, "SELECT v FROM items WHERE id = 5") == "five"),
+            "edge {}: the write made while it was away invalidated",
+            e.port
+        );
+        let hits = stat_n(e.port, "l1_hits");
+        assert_eq!(psql(e.port, "SELECT v FROM items WHERE id = 4"), "v4");
+        assert_eq!(stat_n(e.port, "l1_hits"), hits + 1, "edge {}: id 4 still cached after the resume", e.port);
+    }
+
+    // the regional's slot is dropped: it starts a new one, whose stream
+    // cannot vouch for what came before, and its edges drop what they hold
+    let drop_slot = "SELECT pg_drop_replication_slot('region')";
+    assert!(eventually(Duration::from_secs(10), || psql(pg.port, drop_slot).is_empty()), "slot dropped");
+    for e in &edges {
+        let missed = || {
+            let hits = stat_n(e.port, "l1_hits");
+            psql(e.port, "SELECT v FROM items WHERE id = 4");
+            stat_n(e.port, "l1_hits") == hits
+        };
+        assert!(eventually(Duration::from_secs(15), missed), "edge {} dropped its entries", e.port);
+    }
 }
