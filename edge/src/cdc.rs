@@ -412,17 +412,31 @@ async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
 /// after each poll, `X <lsn>` when it starts a new slot). What happened
 /// before the subscription is unknown here: the first keepalive's LSN opens
 /// the stream with an event that invalidates everything older. Subscribing
-/// again (`FROM` the last commit applied), the regional proxy answers `C`
-/// when it kept every row since: nothing is invalidated.
+/// again (`FROM` the last commit applied, or the L2 file's position at
+/// start), the regional proxy answers `C` when it kept every row since, and
+/// sends them up to a keepalive: they are applied in one hold of the node's
+/// lock (a restored entry is never served between two of them), and nothing
+/// else is invalidated.
 async fn subscribe_loop(proxy: &Proxy, last: &mut Lsn, subscribed: &mut bool) -> std::io::Result<()> {
     let cfg = &proxy.config.cdc;
     let addr = proxy.primary_addr();
     let mut conn = proxy.service_login(&addr, &cfg.user, &cfg.database).await?;
-    let command =
-        if *subscribed { format!("POSTAI SUBSCRIBE FROM '{}'", fmt_lsn(*last)) } else { "POSTAI SUBSCRIBE".into() };
+    // the file is adopted by the first subscription of this process
+    let adopting = proxy.l2_file.as_ref().filter(|_| !*subscribed);
+    let system_id = match adopting {
+        Some(_) => system_identifier(&mut conn).await,
+        None => None,
+    };
+    let from = if *subscribed { Some(*last) } else { adopting.and_then(|f| f.opened_at) };
+    let command = match from {
+        Some(p) => format!("POSTAI SUBSCRIBE FROM '{}'", fmt_lsn(p)),
+        None => "POSTAI SUBSCRIBE".into(),
+    };
     conn.send(&protocol::query(&command)).await?;
     let mut opened = false;
     let mut pending: Vec<ChangeTarget> = Vec::new();
+    // the rows a resumed stream replays, up to its first keepalive
+    let mut replay: Option<Vec<(String, String)>> = None;
     loop {
         let m = conn.recv().await?;
         match m.tag {
@@ -430,24 +444,41 @@ async fn subscribe_loop(proxy: &Proxy, last: &mut Lsn, subscribed: &mut bool) ->
             b'E' => return Err(std::io::Error::other(error_message(&m))),
             b'Z' | b'c' => return Err(std::io::Error::other("the regional proxy ended the subscription")),
             b'd' => {
-                let line = String::from_utf8_lossy(m.body());
+                let line = String::from_utf8_lossy(m.body()).into_owned();
+                if !opened {
+                    // the file: kept when the stream continues after its position, else wiped
+                    let start =
+                        line.strip_prefix("C ").map(|r| (r, false)).or(line.strip_prefix("K ").map(|r| (r, true)));
+                    if let (Some(f), Some((at, created))) = (adopting, start)
+                        && let Some(at) = protocol::parse_lsn(at)
+                    {
+                        adopt_file(proxy, f, Lsn(at), created, system_id.clone()).await;
+                    }
+                }
                 let now = proxy.now();
                 let mut node = proxy.node.lock().unwrap_or_else(|p| p.into_inner());
+                let mut changes: Vec<Change> = Vec::new();
                 if let Some(rest) = line.strip_prefix("C ") {
-                    // the stream continues after our position: what we hold stays
-                    opened = protocol::parse_lsn(rest).is_some_and(|from| from <= last.0);
-                    if opened {
-                        proxy.metrics.cdc_resumed.fetch_add(1, Ordering::Relaxed);
-                    }
+                    // the stream continues after this position: what we hold stays
+                    let Some(from) = protocol::parse_lsn(rest) else { continue };
+                    *last = (*last).max(Lsn(from));
+                    opened = true;
+                    *subscribed = true;
+                    replay = Some(Vec::new());
+                    proxy.metrics.cdc_resumed.fetch_add(1, Ordering::Relaxed);
                 } else if let Some(rest) = line.strip_prefix("X ") {
                     // a new slot on the regional proxy: commits before it may never come
                     let Some(start) = protocol::parse_lsn(rest).map(Lsn) else { continue };
                     let start = start.max(*last);
                     let all = Change { lsn: start, targets: vec![ChangeTarget::All] };
-                    node.handle_cdc(now, &CdcEvent { prev_lsn: *last, change: all });
+                    node.handle_cdc(now, &CdcEvent { prev_lsn: *last, change: all.clone() });
                     *last = start;
+                    changes.push(all);
                 } else if let Some(rest) = line.strip_prefix("K ") {
                     let Some(current) = protocol::parse_lsn(rest) else { continue };
+                    for (lsn, data) in replay.take().unwrap_or_default() {
+                        changes.extend(apply_row(proxy, &mut node, now, &lsn, &data, &mut pending, last));
+                    }
                     if !opened {
                         // everything cached before is of unknown freshness
                         let start = Lsn(current).max(*last);
@@ -467,21 +498,17 @@ async fn subscribe_loop(proxy: &Proxy, last: &mut Lsn, subscribed: &mut bool) ->
                     if !opened {
                         continue;
                     }
-                    if data.starts_with("BEGIN") {
-                        pending.clear();
-                    } else if data.starts_with("COMMIT") {
-                        if let Some(at) = commit_time(data)
-                            && let Ok(lag) = std::time::SystemTime::now().duration_since(at)
-                        {
-                            proxy.metrics.invalidation_lag.observe(lag);
-                        }
-                        let lsn = protocol::parse_lsn(lsn).map(Lsn).unwrap_or(*last);
-                        let change = Change { lsn, targets: std::mem::take(&mut pending) };
-                        node.handle_cdc(now, &CdcEvent { prev_lsn: *last, change });
-                        *last = (*last).max(lsn);
-                    } else if let Some(t) = change_target(data, node.analyzer().catalog()) {
-                        pending.push(t);
+                    match replay.as_mut() {
+                        Some(rows) => rows.push((lsn.to_string(), data.to_string())),
+                        None => changes.extend(apply_row(proxy, &mut node, now, lsn, data, &mut pending, last)),
                     }
+                }
+                // queued under the node's lock, as the slot reader does; the file's
+                // position is where the next start asks the stream to continue from
+                if let Some(f) = &proxy.l2_file
+                    && !changes.is_empty()
+                {
+                    drop(f.invalidate(changes, *last));
                 }
             }
             _ => {}
@@ -489,17 +516,58 @@ async fn subscribe_loop(proxy: &Proxy, last: &mut Lsn, subscribed: &mut bool) ->
     }
 }
 
+/// One streamed row applied: the commit's change (at its COMMIT), if any.
+fn apply_row(
+    proxy: &Proxy,
+    node: &mut postai_core::node::EdgeNode<crate::proxy::Value>,
+    now: postai_core::Instant,
+    lsn: &str,
+    data: &str,
+    pending: &mut Vec<ChangeTarget>,
+    last: &mut Lsn,
+) -> Option<Change> {
+    if data.starts_with("BEGIN") {
+        pending.clear();
+    } else if data.starts_with("COMMIT") {
+        if let Some(at) = commit_time(data)
+            && let Ok(lag) = std::time::SystemTime::now().duration_since(at)
+        {
+            proxy.metrics.invalidation_lag.observe(lag);
+        }
+        let lsn = protocol::parse_lsn(lsn).map(Lsn).unwrap_or(*last);
+        let change = Change { lsn, targets: std::mem::take(pending) };
+        node.handle_cdc(now, &CdcEvent { prev_lsn: *last, change: change.clone() });
+        *last = (*last).max(lsn);
+        return (!change.targets.is_empty()).then_some(change);
+    } else if let Some(t) = change_target(data, node.analyzer().catalog()) {
+        pending.push(t);
+    }
+    None
+}
+
 /// The reader connected to the slot at `slot` (`created`: just now): the L2
 /// file checks that it reflects every change up to there; if it cannot, it is
 /// wiped, and so are the in-memory tiers (they hold what was restored from it).
 async fn adopt_l2(proxy: &Proxy, conn: &mut crate::upstream::Conn, slot: Lsn, created: bool) {
     let Some(f) = &proxy.l2_file else { return };
-    let system_id = match conn.simple("SELECT system_identifier::text FROM pg_control_system()").await {
+    let system_id = system_identifier(conn).await;
+    adopt_file(proxy, f, slot, created, system_id).await;
+}
+
+/// The cluster's `system_identifier`, if the server answers it.
+async fn system_identifier(conn: &mut crate::upstream::Conn) -> Option<String> {
+    match conn.simple("SELECT system_identifier::text FROM pg_control_system()").await {
         Ok(m) if m.iter().all(|m| m.tag != b'E') => protocol::first_value(&m),
         _ => None,
-    };
+    }
+}
+
+/// The file checked against where the stream continues (`created`: it
+/// cannot vouch for what came before); wiped, with the in-memory tiers,
+/// when it cannot be kept.
+async fn adopt_file(proxy: &Proxy, f: &crate::l2::L2File, at: Lsn, created: bool, system_id: Option<String>) {
     // a writer that is gone cannot vouch for what was restored
-    let wiped = f.adopt(slot, created, system_id).await.unwrap_or_else(|_| Some("the file writer stopped".into()));
+    let wiped = f.adopt(at, created, system_id).await.unwrap_or_else(|_| Some("the file writer stopped".into()));
     if let Some(reason) = wiped {
         eprintln!("postai-edge: L2 file wiped ({reason}); the in-memory tiers too");
         let mut node = proxy.node.lock().unwrap_or_else(|p| p.into_inner());

@@ -253,11 +253,6 @@ impl Config {
                 "cache.l2_path needs [cdc] enabled: restored entries are checked against the changes the slot kept",
             );
         }
-        if c.cache.l2_path.is_some() && c.cdc.source == CdcSource::Regional {
-            return bad(
-                "cache.l2_path needs a slot of its own ([cdc] source = \"slot\"): a subscription cannot resume",
-            );
-        }
         if c.cache.l2_path.as_deref().is_some_and(str::is_empty) {
             return bad("cache.l2_path must be a file path");
         }

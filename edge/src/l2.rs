@@ -55,6 +55,13 @@
 //! `system_identifier` differs from the file's, or the file has rows but no
 //! position. Fills are written only after adoption.
 //!
+//! Behind a regional proxy (`[cdc] source = "regional"`) there is no slot:
+//! the subscription asks to continue from `P_file` (`POSTAI SUBSCRIBE FROM`)
+//! and the file is adopted on the answer, kept when the regional proxy
+//! replays every change after `P_file` (applied in one hold of the node's
+//! lock before the cache opens), wiped otherwise. Every applied commit moves
+//! `P_file` (nothing upstream waits for it).
+//!
 //! Writes through the proxy are in the slot too. A write of unknown effect
 //! (DDL: not in the slot) through the proxy clears the file; a crash between
 //! that statement and the clear being written, and DDL run directly on the
@@ -184,6 +191,9 @@ pub struct L2File {
     path: PathBuf,
     /// Tables with ids below this are the configured ones (stable ids).
     configured_tables: u32,
+    /// The file's position when it was opened: where an edge behind a
+    /// regional proxy asks its subscription to continue from.
+    pub opened_at: Option<Lsn>,
 }
 
 /// What [`L2File::open`] found.
@@ -244,6 +254,7 @@ impl L2File {
             shared.stats.entries.store(s.entries, Ordering::Relaxed);
             shared.stats.bytes.store(s.bytes, Ordering::Relaxed);
         }
+        let opened_at = store.as_ref().and_then(|s| s.through);
         let thread = {
             let shared = shared.clone();
             let path = path.to_path_buf();
@@ -252,7 +263,7 @@ impl L2File {
                 .spawn(move || Writer { shared, unvouched: store.is_some(), store, path }.run())
                 .expect("spawn the L2 file writer thread")
         };
-        let file = L2File { shared, thread: Some(thread), path: path.to_path_buf(), configured_tables };
+        let file = L2File { shared, thread: Some(thread), path: path.to_path_buf(), configured_tables, opened_at };
         Opened { file, restored, notices }
     }
 

@@ -1486,9 +1486,9 @@ impl Client {
     /// `R <lsn>\t<row>`, and `K <lsn>` after each poll; `X <lsn>` when the
     /// reader starts a new slot there (what came before may never be
     /// streamed). The stream opens with `C <lsn>` when it continues after
-    /// FROM's position with nothing missing (the rows kept since are sent
-    /// first), else with a `K` (where it starts; the subscriber knows nothing
-    /// of before). Ends with an error when the subscriber falls behind, or
+    /// FROM's position with nothing missing (the rows kept since follow, then
+    /// one `K`), else with a `K` (where it starts; the subscriber knows
+    /// nothing of before). Ends with an error when the subscriber falls behind, or
     /// when it leaves.
     async fn stream_cdc(&mut self, from: Option<Lsn>) -> anyhow::Result<()> {
         if self.proxy.config.cdc.source != crate::config::CdcSource::Slot || !self.proxy.config.cdc.enabled {
@@ -1506,10 +1506,14 @@ impl Client {
         frame_into(&mut out, b'H', &[0, 0, 1, 0, 0]);
         match (from, kept) {
             (Some(from), Some(kept)) => {
+                // the rows kept since, then one keepalive: the subscriber applies them at once
                 frame_into(&mut out, b'd', format!("C {}", fmt_lsn(from)).as_bytes());
-                for feed in &kept {
-                    feed_lines(&mut out, feed, self.proxy.cdc_last.load(Ordering::Relaxed));
+                for (lsn, row) in kept.iter().flat_map(|f| &f.rows) {
+                    frame_into(&mut out, b'd', format!("R {lsn}\t{row}").as_bytes());
                 }
+                let current = kept.iter().filter_map(|f| f.current).max().unwrap_or(0);
+                let current = current.max(self.proxy.cdc_last.load(Ordering::Relaxed));
+                frame_into(&mut out, b'd', format!("K {}", fmt_lsn(Lsn(current))).as_bytes());
             }
             _ => {
                 let start =

@@ -127,6 +127,64 @@ fn a_restarted_proxy_starts_warm_and_never_serves_stale() {
     drop(rt);
 }
 
+/// An edge behind a regional proxy ([cdc] source = "regional") with a file:
+/// restarted, it asks its subscription to continue from the file's position;
+/// the regional replays what it kept, so the file stays warm and the rows
+/// changed meanwhile are not served stale. When the regional cannot vouch
+/// (its slot was made anew), the file is wiped.
+#[test]
+fn an_edge_behind_a_regional_proxy_resumes_from_its_file() {
+    let pg = Pg::start("l2-regional");
+    create_items(&pg, 20);
+    let dir = TempDir::new("regional");
+    let file = dir.0.join("edge.sqlite");
+    let regional = pg::start_proxy(&format!(
+        "upstream = '{}'\nrole = 'regional'\n[cdc]\nslot = 'region'\npoll_ms = 50\n{ITEMS}",
+        pg.addr()
+    ));
+    let edge = || {
+        let p = pg::start_proxy(&format!(
+            "upstream = '127.0.0.1:{}'\n[cache]\nl2_path = '{}'\n[cdc]\nsource = 'regional'\npoll_ms = 50\n\
+             [failover]\nenabled = false\n{ITEMS}",
+            regional.port,
+            file.display()
+        ));
+        assert!(eventually(|| stat(p.port, "cdc_events") > 0), "subscribed");
+        p
+    };
+    let e = edge();
+    for id in 1..=6 {
+        assert_eq!(read(e.port, id), format!("v{id}"));
+    }
+    assert!(eventually(|| stat(e.port, "l2_file_entries") >= 6), "the file has the six entries");
+    drop(e);
+
+    // changed while the edge is down: the regional streams it to nobody, and keeps it
+    let up = psql(pg.port, "UPDATE items SET v = 'new' || id WHERE id IN (2, 4)");
+    assert!(!up.contains("ERROR"), "{up}");
+    let e = edge();
+    assert_eq!(stat(e.port, "l2_file_restored"), 6);
+    assert_eq!(stat(e.port, "cdc_resumed"), 1, "continued from the file's position");
+    for id in 1..=6 {
+        let want = if id == 2 || id == 4 { format!("new{id}") } else { format!("v{id}") };
+        assert_eq!(read(e.port, id), want, "id {id}");
+    }
+    assert_eq!(stat(e.port, "l2_hits"), 4, "the untouched rows are hits");
+    drop(e);
+
+    // the regional's slot made anew while the edge is down: nothing to resume from
+    let drop_slot = "SELECT pg_drop_replication_slot('region')";
+    assert!(eventually(|| psql(pg.port, drop_slot).is_empty()), "slot dropped");
+    let recreated = "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'region'";
+    assert!(eventually(|| psql(pg.port, recreated) == "1"), "the regional made a new slot");
+    let e = edge();
+    assert_eq!(stat(e.port, "cdc_resumed"), 0);
+    for id in [1, 3, 5] {
+        assert_eq!(read(e.port, id), format!("v{id}"));
+    }
+    assert_eq!(stat(e.port, "l2_hits"), 0, "nothing served from a wiped file");
+}
+
 #[test]
 fn bad_files_are_reported_and_foreign_ones_wiped() {
     let pg = Pg::start("l2-bad");
