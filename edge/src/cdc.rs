@@ -181,6 +181,8 @@ pub struct History {
     feeds: std::collections::VecDeque<Arc<Feed>>,
     rows: usize,
     floor: Option<Lsn>,
+    /// The newest commit published.
+    newest: Option<Lsn>,
 }
 
 impl History {
@@ -199,10 +201,18 @@ impl History {
     }
 
     fn push(&mut self, feed: Arc<Feed>, keep_rows: usize) {
+        self.newest = self.newest.max(feed.max_commit);
         if let Some(start) = feed.reset {
+            // a new slot, perhaps on a promoted replica: a position published
+            // before (a subscriber's) may be past commits the old primary lost
+            // and the new one made anew; none of them is continued
             self.feeds.clear();
             self.rows = 0;
-            self.floor = Some(start);
+            self.floor = Some(self.newest.map_or(start, |n| start.max(Lsn(n.0 + 1))));
+            return;
+        }
+        if feed.max_commit.is_none() {
+            // keepalives only: nothing to replay
             return;
         }
         self.rows += feed.rows.len();
@@ -303,7 +313,10 @@ async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
         let confirmed = protocol::first_value(&check(conn.simple(&q).await?)?).and_then(|s| protocol::parse_lsn(&s));
         let confirmed = Lsn(confirmed.unwrap_or(0));
         adopt_l2(proxy, &mut conn, confirmed, false).await;
-        proxy.cdc_history.lock().unwrap_or_else(|p| p.into_inner()).start_at(confirmed);
+        if proxy.config.role == crate::config::Role::Regional {
+            // only a regional proxy keeps what it publishes
+            proxy.cdc_history.lock().unwrap_or_else(|p| p.into_inner()).start_at(confirmed);
+        }
         start_event = Some(confirmed);
         advanced = confirmed;
     }
@@ -480,13 +493,11 @@ async fn subscribe_loop(proxy: &Proxy, last: &mut Lsn, subscribed: &mut bool) ->
                         changes.extend(apply_row(proxy, &mut node, now, &lsn, &data, &mut pending, last));
                     }
                     if !opened {
-                        // everything cached before is of unknown freshness
+                        // everything cached before is of unknown freshness (the file's too)
                         let start = Lsn(current).max(*last);
-                        let all = vec![ChangeTarget::All];
-                        node.handle_cdc(
-                            now,
-                            &CdcEvent { prev_lsn: *last, change: Change { lsn: start, targets: all } },
-                        );
+                        let all = Change { lsn: start, targets: vec![ChangeTarget::All] };
+                        node.handle_cdc(now, &CdcEvent { prev_lsn: *last, change: all.clone() });
+                        changes.push(all);
                         *last = start;
                         opened = true;
                         *subscribed = true;
@@ -686,6 +697,7 @@ mod tests {
         assert!(h.since(Lsn(0)).is_none(), "nothing known before the reader starts");
         h.start_at(Lsn(100));
         h.push(feed(110, 2), 4);
+        h.push(Arc::new(Feed { current: Some(115), ..Feed::default() }), 4);
         h.push(feed(120, 2), 4);
         assert_eq!(h.since(Lsn(100)).map(|f| f.len()), Some(2));
         assert_eq!(h.since(Lsn(110)).map(|f| f.len()), Some(1));
@@ -694,11 +706,16 @@ mod tests {
         // past 4 rows the oldest feed goes, and with it positions before its commits
         h.push(feed(130, 2), 4);
         assert!(h.since(Lsn(100)).is_none());
-        assert_eq!(h.since(Lsn(110)).map(|f| f.len()), Some(2));
-        // a new slot: nothing before its start can be vouched for
-        h.push(Arc::new(Feed { reset: Some(Lsn(200)), ..Feed::default() }), 4);
-        assert!(h.since(Lsn(130)).is_none());
-        assert_eq!(h.since(Lsn(200)).map(|f| f.len()), Some(0));
+        assert_eq!(h.since(Lsn(110)).map(|f| f.len()), Some(2), "the keepalive-only poll was not kept");
+        // a new slot (start 125): no position published before it is continued
+        h.push(Arc::new(Feed { reset: Some(Lsn(125)), ..Feed::default() }), 4);
+        assert!(h.since(Lsn(125)).is_none());
+        assert!(h.since(Lsn(130)).is_none(), "published before the reset: maybe a lost timeline");
+        assert_eq!(h.since(Lsn(131)).map(|f| f.len()), Some(0));
+        // a fresh process's first slot: continued from its start
+        let mut fresh = History::default();
+        fresh.push(Arc::new(Feed { reset: Some(Lsn(50)), ..Feed::default() }), 4);
+        assert_eq!(fresh.since(Lsn(50)).map(|f| f.len()), Some(0));
     }
 
     #[test]

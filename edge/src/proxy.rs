@@ -1500,7 +1500,8 @@ impl Client {
         // listening and the snapshot under the history's lock: no feed missed or sent twice
         let (mut rx, kept) = {
             let history = self.proxy.cdc_history.lock().unwrap_or_else(|p| p.into_inner());
-            (self.proxy.cdc_feed.subscribe(), from.and_then(|f| history.since(f)))
+            let regional = self.proxy.config.role == crate::config::Role::Regional;
+            (self.proxy.cdc_feed.subscribe(), from.filter(|_| regional).and_then(|f| history.since(f)))
         };
         let mut out = BytesMut::with_capacity(4096);
         frame_into(&mut out, b'H', &[0, 0, 1, 0, 0]);
@@ -1516,8 +1517,15 @@ impl Client {
                 frame_into(&mut out, b'd', format!("K {}", fmt_lsn(Lsn(current))).as_bytes());
             }
             _ => {
-                let start =
-                    self.proxy.cdc_last.load(Ordering::Relaxed).max(self.proxy.lsn_seen.load(Ordering::Relaxed));
+                // where this proxy's stream stands: every commit up to it was
+                // published (a position on the slot's timeline, safe to continue from)
+                let start = self.proxy.cdc_last.load(Ordering::Relaxed);
+                if start == 0 {
+                    let e = "postai-edge: the CDC stream of this proxy is not open yet; subscribe again";
+                    self.wr.write_all(&protocol::error_response("ERROR", "55000", e)).await?;
+                    self.wr.write_all(&protocol::ready_for_query(self.status)).await?;
+                    return Ok(());
+                }
                 frame_into(&mut out, b'd', format!("K {}", fmt_lsn(Lsn(start))).as_bytes());
             }
         }

@@ -205,6 +205,36 @@ fn a_regional_proxy_pools_its_replica_reads_too() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "new");
 }
 
+/// The first CopyData line of a streaming statement (`POSTAI SUBSCRIBE`), over
+/// a raw connection (psql would wait for the stream's end).
+fn first_copy_line(port: u16, sql: &str) -> String {
+    use postai_edge::protocol::{self, BACKEND_TAGS};
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let params = [("user".to_string(), "postgres".to_string()), ("database".to_string(), "postgres".to_string())];
+    s.write_all(&protocol::startup(&params)).expect("startup");
+    let mut buf = bytes::BytesMut::new();
+    let mut sent = false;
+    loop {
+        while let Some(m) = protocol::decode(&mut buf, 1 << 20, BACKEND_TAGS).expect("a backend message") {
+            match m.tag {
+                b'Z' if !sent => {
+                    s.write_all(&protocol::query(sql)).expect("query");
+                    sent = true;
+                }
+                b'd' => return String::from_utf8_lossy(m.body()).into_owned(),
+                b'E' => panic!("{sql}: an error"),
+                _ => {}
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).expect("read");
+        assert!(n > 0, "the proxy closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
 #[test]
 fn edges_subscribe_to_the_regional_cdc_stream() {
     let pg = Pg::start("fanout");
@@ -246,6 +276,14 @@ fn edges_subscribe_to_the_regional_cdc_stream() {
     assert!(out.contains("needs a proxy reading a slot of its own"), "{out}");
     let out = psql(regional.port, "POSTAI SUBSCRIBE FROM 'yesterday'");
     assert!(out.contains("needs an LSN"), "{out}");
+    // only a regional proxy keeps what it streamed: another continues nothing
+    let line = first_copy_line(regional.port, "POSTAI SUBSCRIBE FROM 'FFFFFFFF/0'");
+    assert!(line.starts_with("C "), "{line:?}");
+    let solo = start_proxy(&format!("upstream = '{}'\n[cdc]\nslot = 'solo'\npoll_ms = 50\n{tables}", pg.addr()));
+    assert!(eventually(Duration::from_secs(10), || stat_n(solo.port, "cdc_events") > 0));
+    assert!(first_copy_line(solo.port, "POSTAI SUBSCRIBE FROM 'FFFFFFFF/0'").starts_with("K "));
+    drop(solo);
+    psql(pg.port, "SELECT pg_drop_replication_slot('solo')");
 
     // the regional proxy ends every subscription; a write lands while the edges
     // are away: they subscribe again from where they were, the regional replays
