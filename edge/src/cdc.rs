@@ -156,7 +156,6 @@ fn parse_value(s: &str) -> Option<(String, usize)> {
     }
 }
 
-/// Polls the slot forever; reconnects after errors.
 /// One poll's rows as the slot gave them, and the primary's current LSN:
 /// what a regional proxy relays to the edges subscribed to it. Or a reset:
 /// the reader started a new slot at this LSN (after a failover), and what was
@@ -237,6 +236,7 @@ pub fn publish(proxy: &Proxy, feed: Feed) {
     let _ = proxy.cdc_feed.send(feed);
 }
 
+/// Reads the slot (or subscribes to the regional proxy) forever; reconnects after errors.
 pub async fn run(proxy: Arc<Proxy>) {
     let cfg = proxy.config.cdc.clone();
     let mut last = Lsn(0);
@@ -353,31 +353,17 @@ async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
                 if relay {
                     feed.push((lsn.clone(), data.clone()));
                 }
-                if data.starts_with("BEGIN") {
-                    pending.clear();
-                } else if data.starts_with("COMMIT") {
-                    if let Some(at) = commit_time(&data)
-                        && let Ok(lag) = std::time::SystemTime::now().duration_since(at)
-                    {
-                        proxy.metrics.invalidation_lag.observe(lag);
-                    }
-                    let lsn = protocol::parse_lsn(&lsn).map(Lsn).unwrap_or(*last);
-                    let event =
-                        CdcEvent { prev_lsn: *last, change: Change { lsn, targets: std::mem::take(&mut pending) } };
-                    node.handle_cdc(now, &event);
-                    *last = (*last).max(lsn);
-                    max_commit = max_commit.max(Some(lsn));
-                    if !event.change.targets.is_empty() {
-                        changes.push(event.change);
-                    }
-                    through = Some(through.map_or(lsn, |t| t.max(lsn)));
-                } else if data.starts_with("message: transactional: 0 ") {
+                if data.starts_with("message: transactional: 0 ") {
                     // a record every earlier record precedes: its end is a safe position
                     if let Some(lsn) = protocol::parse_lsn(&lsn).map(Lsn) {
                         through = Some(through.map_or(lsn, |t| t.max(lsn)));
                     }
-                } else if let Some(t) = change_target(&data, node.analyzer().catalog()) {
-                    pending.push(t);
+                } else if let Some(commit) = apply_row(proxy, &mut node, now, &lsn, &data, &mut pending, last) {
+                    max_commit = max_commit.max(Some(commit.lsn));
+                    through = Some(through.map_or(commit.lsn, |t| t.max(commit.lsn)));
+                    if !commit.targets.is_empty() {
+                        changes.push(commit);
+                    }
                 }
             }
             // keepalive: nothing committed after `last` that we have not seen
@@ -490,7 +476,8 @@ async fn subscribe_loop(proxy: &Proxy, last: &mut Lsn, subscribed: &mut bool) ->
                 } else if let Some(rest) = line.strip_prefix("K ") {
                     let Some(current) = protocol::parse_lsn(rest) else { continue };
                     for (lsn, data) in replay.take().unwrap_or_default() {
-                        changes.extend(apply_row(proxy, &mut node, now, &lsn, &data, &mut pending, last));
+                        let commit = apply_row(proxy, &mut node, now, &lsn, &data, &mut pending, last);
+                        changes.extend(commit.filter(|c| !c.targets.is_empty()));
                     }
                     if !opened {
                         // everything cached before is of unknown freshness (the file's too)
@@ -511,7 +498,10 @@ async fn subscribe_loop(proxy: &Proxy, last: &mut Lsn, subscribed: &mut bool) ->
                     }
                     match replay.as_mut() {
                         Some(rows) => rows.push((lsn.to_string(), data.to_string())),
-                        None => changes.extend(apply_row(proxy, &mut node, now, lsn, data, &mut pending, last)),
+                        None => {
+                            let commit = apply_row(proxy, &mut node, now, lsn, data, &mut pending, last);
+                            changes.extend(commit.filter(|c| !c.targets.is_empty()));
+                        }
                     }
                 }
                 // queued under the node's lock, as the slot reader does; the file's
@@ -527,7 +517,8 @@ async fn subscribe_loop(proxy: &Proxy, last: &mut Lsn, subscribed: &mut bool) ->
     }
 }
 
-/// One streamed row applied: the commit's change (at its COMMIT), if any.
+/// One `test_decoding` row applied (the slot reader's and a subscriber's):
+/// at a COMMIT, the commit's change (its targets may be empty).
 fn apply_row(
     proxy: &Proxy,
     node: &mut postai_core::node::EdgeNode<crate::proxy::Value>,
@@ -549,7 +540,7 @@ fn apply_row(
         let change = Change { lsn, targets: std::mem::take(pending) };
         node.handle_cdc(now, &CdcEvent { prev_lsn: *last, change: change.clone() });
         *last = (*last).max(lsn);
-        return (!change.targets.is_empty()).then_some(change);
+        return Some(change);
     } else if let Some(t) = change_target(data, node.analyzer().catalog()) {
         pending.push(t);
     }

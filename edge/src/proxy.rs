@@ -1207,8 +1207,7 @@ impl Client {
         let sql = match protocol::query_text(m) {
             Ok(s) => s,
             Err(e) => {
-                self.wr.write_all(&protocol::error_response("ERROR", "08P01", &e.to_string())).await?;
-                self.wr.write_all(&protocol::ready_for_query(self.status)).await?;
+                self.refuse("08P01", &e.to_string()).await?;
                 return Ok(Path::Proxy);
             }
         };
@@ -1216,8 +1215,7 @@ impl Client {
             match from {
                 Ok(from) => self.stream_cdc(from).await?,
                 Err(e) => {
-                    self.wr.write_all(&protocol::error_response("ERROR", "42601", &e)).await?;
-                    self.wr.write_all(&protocol::ready_for_query(self.status)).await?;
+                    self.refuse("42601", &e).await?;
                 }
             }
             return Ok(Path::Proxy);
@@ -1291,8 +1289,7 @@ impl Client {
                 path_of(served)
             }
             Some(NodeOutput::Failed { error, .. }) => {
-                self.wr.write_all(&protocol::error_response("ERROR", "53300", &error.to_string())).await?;
-                self.wr.write_all(&protocol::ready_for_query(self.status)).await?;
+                self.refuse("53300", &error.to_string()).await?;
                 Path::Proxy
             }
             None => Path::Proxy,
@@ -1481,6 +1478,12 @@ impl Client {
         }
     }
 
+    /// An ErrorResponse and ReadyForQuery: the statement failed, the session goes on.
+    async fn refuse(&mut self, code: &str, message: &str) -> std::io::Result<()> {
+        self.wr.write_all(&protocol::error_response("ERROR", code, message)).await?;
+        self.wr.write_all(&protocol::ready_for_query(self.status)).await
+    }
+
     /// `POSTAI SUBSCRIBE [FROM 'lsn']` (an edge behind this regional proxy):
     /// CopyOut of every CDC row this proxy's slot reader applies,
     /// `R <lsn>\t<row>`, and `K <lsn>` after each poll; `X <lsn>` when the
@@ -1493,8 +1496,7 @@ impl Client {
     async fn stream_cdc(&mut self, from: Option<Lsn>) -> anyhow::Result<()> {
         if self.proxy.config.cdc.source != crate::config::CdcSource::Slot || !self.proxy.config.cdc.enabled {
             let e = "postai-edge: POSTAI SUBSCRIBE needs a proxy reading a slot of its own ([cdc] source = \"slot\")";
-            self.wr.write_all(&protocol::error_response("ERROR", "55000", e)).await?;
-            self.wr.write_all(&protocol::ready_for_query(self.status)).await?;
+            self.refuse("55000", e).await?;
             return Ok(());
         }
         // listening and the snapshot under the history's lock: no feed missed or sent twice
@@ -1509,9 +1511,7 @@ impl Client {
             (Some(from), Some(kept)) => {
                 // the rows kept since, then one keepalive: the subscriber applies them at once
                 frame_into(&mut out, b'd', format!("C {}", fmt_lsn(from)).as_bytes());
-                for (lsn, row) in kept.iter().flat_map(|f| &f.rows) {
-                    frame_into(&mut out, b'd', format!("R {lsn}\t{row}").as_bytes());
-                }
+                row_lines(&mut out, kept.iter().flat_map(|f| &f.rows));
                 let current = kept.iter().filter_map(|f| f.current).max().unwrap_or(0);
                 let current = current.max(self.proxy.cdc_last.load(Ordering::Relaxed));
                 frame_into(&mut out, b'd', format!("K {}", fmt_lsn(Lsn(current))).as_bytes());
@@ -1522,8 +1522,7 @@ impl Client {
                 let start = self.proxy.cdc_last.load(Ordering::Relaxed);
                 if start == 0 {
                     let e = "postai-edge: the CDC stream of this proxy is not open yet; subscribe again";
-                    self.wr.write_all(&protocol::error_response("ERROR", "55000", e)).await?;
-                    self.wr.write_all(&protocol::ready_for_query(self.status)).await?;
+                    self.refuse("55000", e).await?;
                     return Ok(());
                 }
                 frame_into(&mut out, b'd', format!("K {}", fmt_lsn(Lsn(start))).as_bytes());
@@ -1614,16 +1613,20 @@ fn path_of(served: Served) -> Path {
     }
 }
 
-/// Whether `sql` is the admin command `command` (lower case, single spaces).
-/// One feed as subscription lines (CopyData).
+/// Streamed rows as subscription lines (CopyData).
+fn row_lines<'a>(out: &mut BytesMut, rows: impl IntoIterator<Item = &'a (String, String)>) {
+    for (lsn, row) in rows {
+        frame_into(out, b'd', format!("R {lsn}\t{row}").as_bytes());
+    }
+}
+
+/// One feed as subscription lines.
 fn feed_lines(out: &mut BytesMut, feed: &crate::cdc::Feed, last_applied: u64) {
     if let Some(start) = feed.reset {
         frame_into(out, b'd', format!("X {}", fmt_lsn(start)).as_bytes());
         return;
     }
-    for (lsn, row) in &feed.rows {
-        frame_into(out, b'd', format!("R {lsn}\t{row}").as_bytes());
-    }
+    row_lines(out, &feed.rows);
     let current = feed.current.unwrap_or(0).max(last_applied);
     frame_into(out, b'd', format!("K {}", fmt_lsn(Lsn(current))).as_bytes());
 }
