@@ -4,8 +4,8 @@
 //! better than LRU at lower cost per hit (a flag flip instead of a list move);
 //! `benches/core.rs` measures both.
 
-use crate::hash::FixedMap;
 use crate::invalidation::Dep;
+use crate::open_map::OpenMap;
 use crate::{Duration, Instant, Lsn};
 
 /// Which tier, for statistics and replies.
@@ -84,6 +84,9 @@ pub struct TierStats {
 
 const NIL: u32 = u32::MAX;
 
+/// A slot hint that points nowhere (see [`Tier::refresh_hinted`]).
+pub const NO_SLOT: u32 = NIL;
+
 #[derive(Debug)]
 struct Slot<V> {
     key: u128,
@@ -106,7 +109,7 @@ pub enum Lookup<'a, V> {
 #[derive(Debug)]
 pub struct Tier<V> {
     config: TierConfig,
-    map: FixedMap<u128, u32>,
+    map: OpenMap<u128, u32>,
     slots: Vec<Option<Slot<V>>>,
     free: Vec<u32>,
     head: u32,
@@ -119,7 +122,7 @@ impl<V: Clone> Tier<V> {
     pub fn new(config: TierConfig) -> Result<Self, TierConfigError> {
         config.validate()?;
         Ok(Tier {
-            map: FixedMap::default(),
+            map: OpenMap::new(),
             slots: Vec::new(),
             free: Vec::new(),
             head: NIL,
@@ -251,14 +254,44 @@ impl<V: Clone> Tier<V> {
     /// Replaces the value of `key` with one reflecting `lsn`, when the entry
     /// is older than `lsn` and `compute` yields `(value, size)`. Returns whether
     /// it did. The entry keeps its place and its expiry.
-    pub fn refresh(
+    pub fn refresh(&mut self, now: Instant, key: u128, lsn: Lsn, compute: impl FnOnce(&V) -> Option<(V, u32)>) -> bool {
+        let mut hint = NO_SLOT;
+        self.refresh_hinted(now, key, &mut hint, lsn, compute)
+    }
+
+    /// Reads what [`Self::refresh_hinted`] will read first for `key`: slot
+    /// `hint`, or where the map's lookup starts when there is no hint. A
+    /// batch touches its entries before refreshing them, so that their cache
+    /// misses overlap. Returns whether `key` was found there.
+    pub fn touch(&self, key: u128, hint: u32) -> bool {
+        match self.slots.get(hint as usize) {
+            Some(Some(s)) => s.key == key,
+            _ => self.map.touch(&key),
+        }
+    }
+
+    /// [`Self::refresh`] starting from `hint`, the slot where `key` was last
+    /// found: read directly when it still holds `key` (no map lookup), else
+    /// looked up and `hint` updated (`NO_SLOT` when absent).
+    pub fn refresh_hinted(
         &mut self,
         _now: Instant,
         key: u128,
+        hint: &mut u32,
         lsn: Lsn,
         compute: impl FnOnce(&V) -> Option<(V, u32)>,
     ) -> bool {
-        let Some(&idx) = self.map.get(&key) else { return false };
+        let hinted = matches!(self.slots.get(*hint as usize), Some(Some(s)) if s.key == key);
+        if !hinted {
+            match self.map.get(&key) {
+                Some(&idx) => *hint = idx,
+                None => {
+                    *hint = NO_SLOT;
+                    return false;
+                }
+            }
+        }
+        let idx = *hint;
         let slot = self.slots[idx as usize].as_mut().expect("mapped slot is occupied");
         if slot.entry.lsn >= lsn {
             return false;

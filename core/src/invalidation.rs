@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use crate::hash::{FixedHasher, FixedMap};
+use crate::open_map::OpenMap;
 use crate::sql::TableId;
 use std::hash::Hasher;
 
@@ -87,7 +88,7 @@ pub struct VersionMap {
     global: Lsn,
     table_any: FixedMap<TableId, Lsn>,
     table_whole: FixedMap<TableId, Lsn>,
-    keys: FixedMap<(TableId, u64), Lsn>,
+    keys: OpenMap<(TableId, u64), Lsn>,
     key_watermark: FixedMap<TableId, Lsn>,
     /// Every commit up to here has been applied (contiguous CDC prefix).
     complete_through: Lsn,
@@ -105,7 +106,7 @@ impl VersionMap {
             global: Lsn(0),
             table_any: FixedMap::default(),
             table_whole: FixedMap::default(),
-            keys: FixedMap::default(),
+            keys: OpenMap::new(),
             key_watermark: FixedMap::default(),
             complete_through: start,
             pending: BTreeMap::new(),
@@ -136,7 +137,7 @@ impl VersionMap {
                 ChangeTarget::Keys(t, ks) => {
                     bump(&mut self.table_any, *t, lsn);
                     for k in ks {
-                        let v = self.keys.entry((*t, *k)).or_insert(Lsn(0));
+                        let v = self.keys.get_or_default((*t, *k));
                         *v = (*v).max(lsn);
                     }
                 }
@@ -172,6 +173,13 @@ impl VersionMap {
             let e = self.pending.entry(event.prev_lsn).or_insert(lsn);
             *e = (*e).max(lsn);
         }
+    }
+
+    /// Reads where the key's lookup starts (see [`OpenMap::touch`]): a batch
+    /// touches its keys before applying them, so that their cache misses
+    /// overlap. Returns whether the key is there.
+    pub fn touch(&self, table: TableId, key: u64) -> bool {
+        self.keys.touch(&(table, key))
     }
 
     /// Whether an entry reflecting commits up to `lsn`, with `deps`, is current

@@ -8,6 +8,7 @@ pub mod failover;
 pub mod hash;
 pub mod invalidation;
 pub mod node;
+pub mod open_map;
 pub mod refresh;
 pub mod rng;
 pub mod router;

@@ -7,10 +7,18 @@
 //! clause exactly `pk = arg`, plain columns, no LIMIT, aggregates or DISTINCT.
 //! Their result is a function of that one row, so the row image at LSN L gives
 //! the result at L whatever else was committed.
+//!
+//! Cost: applying a change is memory-bound (a row lookup, then the entry in
+//! each tier, each a likely cache miss on a node holding many entries). Each
+//! tracked entry keeps a hint per tier (the slot it was last found in), so a
+//! refresh reads the slot directly instead of the tier's map, and a batch of
+//! events is applied in phases (all row lookups, then each tier's slots), so
+//! that the lookups of different rows overlap in the memory system instead of
+//! waiting for each other.
 
-use crate::cache::Tier;
-use crate::hash::FixedMap;
+use crate::cache::{NO_SLOT, Tier};
 use crate::invalidation::{CdcEvent, ChangeTarget};
+use crate::open_map::OpenMap;
 use crate::sql::TableId;
 use crate::{Instant, Lsn};
 
@@ -18,20 +26,93 @@ use crate::{Instant, Lsn};
 /// value, lsn) -> (new value, size)`; `None` leaves the entry to invalidation.
 pub type RefreshFn<'a, V> = dyn FnMut(TableId, u64, &V, Lsn) -> Option<(V, u32)> + 'a;
 
+/// Tiers whose slots a tracked entry remembers (a node's L1 and L2); tiers
+/// past these are looked up by key.
+const HINTED: usize = 2;
+
+/// A refreshable cache entry of a row, and where it was last found per tier.
+#[derive(Clone, Copy, Debug)]
+struct Tracked {
+    /// The cache key's halves (8-byte aligned, so that a row's slot in the
+    /// index stays within a cache line more often).
+    cache_key: [u64; 2],
+    hints: [u32; HINTED],
+}
+
+impl Tracked {
+    fn new(cache_key: u128) -> Self {
+        Tracked { cache_key: [cache_key as u64, (cache_key >> 64) as u64], hints: [NO_SLOT; HINTED] }
+    }
+    fn cache_key(&self) -> u128 {
+        u128::from(self.cache_key[0]) | (u128::from(self.cache_key[1]) << 64)
+    }
+}
+
+/// The entries of one row: nearly always one (one session context), so it is
+/// kept inline.
+#[derive(Debug)]
+enum Entries {
+    One(Tracked),
+    Many(Vec<Tracked>),
+}
+
+/// No entries: what a row holds for the moment between its insertion in the
+/// index and its first entry.
+impl Default for Entries {
+    fn default() -> Self {
+        Entries::Many(Vec::new())
+    }
+}
+
+impl Entries {
+    fn as_slice(&self) -> &[Tracked] {
+        match self {
+            Entries::One(t) => std::slice::from_ref(t),
+            Entries::Many(v) => v,
+        }
+    }
+    fn as_mut_slice(&mut self) -> &mut [Tracked] {
+        match self {
+            Entries::One(t) => std::slice::from_mut(t),
+            Entries::Many(v) => v,
+        }
+    }
+}
+
+/// One entry to refresh in a batch: the row, the change's LSN, the entry.
+#[derive(Clone, Copy, Debug)]
+struct Due {
+    table: TableId,
+    key: u64,
+    lsn: Lsn,
+    /// Index of the entry among its row's entries.
+    nth: u32,
+    tracked: Tracked,
+    hints_before: [u32; HINTED],
+}
+
 /// Row key -> cache keys of refreshable entries for that row. Bounded: past
 /// `entries_max` it starts over (entries then fall back to invalidation).
 #[derive(Debug)]
 pub struct RefreshIndex {
-    by_row: FixedMap<(TableId, u64), Vec<u128>>,
+    by_row: OpenMap<(TableId, u64), Entries>,
     entries: usize,
     entries_max: usize,
+    /// Scratch space of a batch (kept to avoid an allocation per batch).
+    due: Vec<Due>,
     /// Entries refreshed in place.
     pub refreshed: u64,
 }
 
 impl RefreshIndex {
     pub fn new(entries_max: usize) -> Self {
-        RefreshIndex { by_row: FixedMap::default(), entries: 0, entries_max: entries_max.max(1), refreshed: 0 }
+        RefreshIndex {
+            by_row: OpenMap::new(),
+            entries: 0,
+            entries_max: entries_max.max(1),
+            due: Vec::new(),
+            refreshed: 0,
+        }
     }
 
     /// A refreshable entry for row `(table, key)` was filled under `cache_key`.
@@ -40,11 +121,22 @@ impl RefreshIndex {
             self.by_row.clear();
             self.entries = 0;
         }
-        let keys = self.by_row.entry((table, key)).or_default();
-        if !keys.contains(&cache_key) {
-            keys.push(cache_key);
-            self.entries += 1;
+        let entries = self.by_row.get_or_default((table, key));
+        if entries.as_slice().iter().any(|t| t.cache_key() == cache_key) {
+            return;
         }
+        match entries {
+            Entries::Many(v) if v.is_empty() => *entries = Entries::One(Tracked::new(cache_key)),
+            Entries::One(t) => *entries = Entries::Many(vec![*t, Tracked::new(cache_key)]),
+            Entries::Many(v) => v.push(Tracked::new(cache_key)),
+        }
+        self.entries += 1;
+    }
+
+    /// Reads where the row's lookup starts (see [`OpenMap::touch`]); returns
+    /// whether the row is tracked there.
+    pub fn touch(&self, table: TableId, key: u64) -> bool {
+        self.by_row.touch(&(table, key))
     }
 
     /// Applies the row images of `event` to every tracked entry in `tiers`.
@@ -57,20 +149,70 @@ impl RefreshIndex {
         tiers: &mut [&mut Tier<V>],
         refresh: &mut RefreshFn<'_, V>,
     ) {
-        let lsn = event.change.lsn;
-        for target in &event.change.targets {
-            let ChangeTarget::Keys(t, ks) = target else { continue };
-            for k in ks {
-                let Some(cache_keys) = self.by_row.get(&(*t, *k)) else { continue };
-                for ck in cache_keys {
-                    for tier in tiers.iter_mut() {
-                        if tier.refresh(now, *ck, lsn, |old| refresh(*t, *k, old, lsn)) {
-                            self.refreshed += 1;
-                        }
+        self.apply_batch(now, std::iter::once(event), tiers, refresh);
+    }
+
+    /// Applies a batch of events, in order: the same result as [`Self::apply`]
+    /// on each, with the memory accesses of different rows overlapped.
+    pub fn apply_batch<'e, V: Clone>(
+        &mut self,
+        now: Instant,
+        events: impl IntoIterator<Item = &'e CdcEvent>,
+        tiers: &mut [&mut Tier<V>],
+        refresh: &mut RefreshFn<'_, V>,
+    ) {
+        let mut due = std::mem::take(&mut self.due);
+        due.clear();
+        // phase 1: the rows' entries (independent lookups)
+        for event in events {
+            let lsn = event.change.lsn;
+            for target in &event.change.targets {
+                let ChangeTarget::Keys(t, ks) = target else { continue };
+                for k in ks {
+                    let Some(entries) = self.by_row.get(&(*t, *k)) else { continue };
+                    for (nth, tracked) in entries.as_slice().iter().enumerate() {
+                        due.push(Due {
+                            table: *t,
+                            key: *k,
+                            lsn,
+                            nth: nth as u32,
+                            tracked: *tracked,
+                            hints_before: tracked.hints,
+                        });
                     }
                 }
             }
         }
+        // phase 2: each tier's slots, in event order (touched first, so that
+        // the misses overlap)
+        for (i, tier) in tiers.iter_mut().enumerate() {
+            let touched = due
+                .iter()
+                .filter(|d| tier.touch(d.tracked.cache_key(), d.tracked.hints.get(i).copied().unwrap_or(NO_SLOT)))
+                .count();
+            std::hint::black_box(touched);
+            for d in due.iter_mut() {
+                let (table, key, lsn, cache_key) = (d.table, d.key, d.lsn, d.tracked.cache_key());
+                let compute = |old: &V| refresh(table, key, old, lsn);
+                let done = match d.tracked.hints.get_mut(i) {
+                    Some(hint) => tier.refresh_hinted(now, cache_key, hint, lsn, compute),
+                    None => tier.refresh(now, cache_key, lsn, compute),
+                };
+                if done {
+                    self.refreshed += 1;
+                }
+            }
+        }
+        // phase 3: remember where the entries were found (rarely changes)
+        for d in due.iter().filter(|d| d.tracked.hints != d.hints_before) {
+            if let Some(entries) = self.by_row.get_mut(&(d.table, d.key))
+                && let Some(t) = entries.as_mut_slice().get_mut(d.nth as usize)
+                && t.cache_key == d.tracked.cache_key
+            {
+                t.hints = d.tracked.hints;
+            }
+        }
+        self.due = due;
     }
 }
 
@@ -137,5 +279,47 @@ mod tests {
         index.apply(Instant::ZERO, &change(6, &[1, 2, 3, 5]), &mut [&mut t], &mut refresh);
         assert_eq!(calls, Vec::<u64>::new(), "row 5 has no entry in the tier; 1-3 were forgotten");
         assert_eq!(v(&mut t, 2), Some((0, Lsn(1))));
+    }
+
+    #[test]
+    fn a_batch_equals_its_events_one_by_one_even_with_stale_hints() {
+        let rows: Vec<u64> = (0..20).collect();
+        let events: Vec<CdcEvent> =
+            (0..30u64).map(|i| change(10 + i, &[i % 7, (i * 3) % 20, 100 + i, i % 7])).collect();
+        let run = |batched: bool| {
+            let (mut l1, mut l2) = (tier(&rows[..8]), tier(&rows));
+            let mut index = RefreshIndex::new(1000);
+            for &r in &rows {
+                index.track(T, r, u128::from(r));
+            }
+            // hints learnt, then made stale: entries removed and filled again
+            // into other slots, one removed for good
+            let mut refresh = |_: TableId, _: u64, _: &u64, lsn: Lsn| Some((lsn.0, 8));
+            index.apply(Instant::ZERO, &change(2, &rows), &mut [&mut l1, &mut l2], &mut refresh);
+            for r in [1u128, 3, 5] {
+                l2.remove(r);
+            }
+            for r in [3u64, 1] {
+                let e = Entry { value: 0, lsn: Lsn(1), deps: vec![], size_bytes: 8, expires_at: Instant::MAX };
+                l2.insert(Instant::ZERO, u128::from(r), e);
+            }
+            if batched {
+                index.apply_batch(Instant::ZERO, &events, &mut [&mut l1, &mut l2], &mut refresh);
+            } else {
+                for e in &events {
+                    index.apply(Instant::ZERO, e, &mut [&mut l1, &mut l2], &mut refresh);
+                }
+            }
+            let dump = |t: &Tier<u64>| (0..200u128).map(|k| t.peek(k).map(|e| (e.value, e.lsn))).collect::<Vec<_>>();
+            (dump(&l1), dump(&l2), index.refreshed)
+        };
+        let (one_by_one, batched) = (run(false), run(true));
+        assert_eq!(one_by_one, batched);
+        assert_eq!(batched.1[5], None, "removed for good");
+        assert_eq!(
+            batched.1[3],
+            Some((34, Lsn(34))),
+            "refilled into another slot, still refreshed (last change of row 3: event 24)"
+        );
     }
 }

@@ -647,14 +647,16 @@ impl World {
                 }
                 let delay = Duration::from_secs_f64(self.sites[s].region_oneway_ms[r] / 1e3);
                 let site = &mut self.sites[s];
-                while site.cdc_cursor < applied {
-                    let (arr, ev) = &self.regions[r].cdc_log[site.cdc_cursor - base];
-                    if *arr + delay > now || self.regions[r].edge_partitioned {
-                        break;
+                let log = &self.regions[r].cdc_log;
+                let from = site.cdc_cursor;
+                if !self.regions[r].edge_partitioned {
+                    // arrivals are non-decreasing: the due events are a prefix
+                    while site.cdc_cursor < applied && log[site.cdc_cursor - base].0 + delay <= now {
+                        site.cdc_cursor += 1;
                     }
-                    site.node.handle_cdc_rows(now, ev, &mut |_, _, _, lsn| Some((Val { lsn }, entry_bytes)));
-                    site.cdc_cursor += 1;
                 }
+                let due = log[from - base..site.cdc_cursor - base].iter().map(|(_, ev)| ev);
+                site.node.handle_cdc_batch(now, due, &mut |_, _, _, lsn| Some((Val { lsn }, entry_bytes)));
                 min_cursor = min_cursor.min(site.cdc_cursor);
             }
             let reg = &mut self.regions[r];

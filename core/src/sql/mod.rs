@@ -82,7 +82,7 @@ pub enum NotCacheable {
 }
 
 /// A table, interned by the [`Catalog`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TableId(pub u32);
 
 /// Identifies a shape registered with an [`Analyzer`].
