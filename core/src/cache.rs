@@ -259,14 +259,13 @@ impl<V: Clone> Tier<V> {
         self.refresh_hinted(now, key, &mut hint, lsn, compute)
     }
 
-    /// Reads what [`Self::refresh_hinted`] will read first for `key`: slot
-    /// `hint`, or where the map's lookup starts when there is no hint. A
-    /// batch touches its entries before refreshing them, so that their cache
-    /// misses overlap. Returns whether `key` was found there.
-    pub fn touch(&self, key: u128, hint: u32) -> bool {
+    /// Prefetches what [`Self::refresh_hinted`] will read first for `key`:
+    /// slot `hint`, or where the map's lookup starts when there is no hint
+    /// (see [`OpenMap::prefetch`]).
+    pub fn prefetch(&self, key: u128, hint: u32) {
         match self.slots.get(hint as usize) {
-            Some(Some(s)) => s.key == key,
-            _ => self.map.touch(&key),
+            Some(slot) => crate::open_map::prefetch(slot),
+            None => self.map.prefetch(&key),
         }
     }
 

@@ -175,11 +175,11 @@ impl VersionMap {
         }
     }
 
-    /// Reads where the key's lookup starts (see [`OpenMap::touch`]): a batch
-    /// touches its keys before applying them, so that their cache misses
-    /// overlap. Returns whether the key is there.
-    pub fn touch(&self, table: TableId, key: u64) -> bool {
-        self.keys.touch(&(table, key))
+    /// Prefetches the key's version (see [`OpenMap::prefetch`]): a batch
+    /// prefetches its keys before applying them, so that their cache misses
+    /// overlap.
+    pub fn prefetch(&self, table: TableId, key: u64) {
+        self.keys.prefetch(&(table, key));
     }
 
     /// Whether an entry reflecting commits up to `lsn`, with `deps`, is current

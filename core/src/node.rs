@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use crate::cache::{Entry, Lookup, Tier, TierConfig, TierConfigError, TierName};
+use crate::cache::{Entry, Lookup, NO_SLOT, Tier, TierConfig, TierConfigError, TierName};
 use crate::consistency::{Consistency, entry_meets_floor, read_floor};
 use crate::hash::{Digest128, FixedMap, hash_bytes};
 use crate::invalidation::{CdcEvent, Change, ChangeTarget, Dep, VersionMap, VersionMapConfig, key_hash};
@@ -574,6 +574,14 @@ impl<V: Clone> EdgeNode<V> {
             self.stats.cdc_silent_misses += 1;
         }
         if !foreign && cdc_heard {
+            // the lookups below read the L1 slot, then the rows' versions:
+            // started together, their cache misses overlap
+            self.l1.prefetch(key, NO_SLOT);
+            for d in &deps {
+                if let Dep::Key(t, k) = d {
+                    self.versions.prefetch(*t, *k);
+                }
+            }
             let versions = &self.versions;
             let complete = versions.complete_through();
             let local = sess.writes_local;
@@ -788,21 +796,21 @@ impl<V: Clone> EdgeNode<V> {
         if self.config.invalidation == InvalidationMode::TtlOnly {
             return;
         }
-        // every changed row's lookups first, in both indexes: independent
-        // reads whose cache misses overlap; the updates then find them cached
+        // every changed row's lookups first, in both indexes: their cache
+        // misses overlap; the updates then find the rows cached
         let refreshing = self.config.invalidation == InvalidationMode::Refresh;
-        let mut found = 0usize;
         for event in events.clone() {
             for target in &event.change.targets {
                 if let ChangeTarget::Keys(t, ks) = target {
                     for k in ks {
-                        found += usize::from(self.versions.touch(*t, *k));
-                        found += usize::from(refreshing && self.refresh.touch(*t, *k));
+                        self.versions.prefetch(*t, *k);
+                        if refreshing {
+                            self.refresh.prefetch(*t, *k);
+                        }
                     }
                 }
             }
         }
-        std::hint::black_box(found);
         for event in events.clone() {
             self.versions.apply_cdc(event);
         }

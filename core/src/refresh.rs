@@ -133,10 +133,9 @@ impl RefreshIndex {
         self.entries += 1;
     }
 
-    /// Reads where the row's lookup starts (see [`OpenMap::touch`]); returns
-    /// whether the row is tracked there.
-    pub fn touch(&self, table: TableId, key: u64) -> bool {
-        self.by_row.touch(&(table, key))
+    /// Prefetches the row's entry list (see [`OpenMap::prefetch`]).
+    pub fn prefetch(&self, table: TableId, key: u64) {
+        self.by_row.prefetch(&(table, key));
     }
 
     /// Applies the row images of `event` to every tracked entry in `tiers`.
@@ -183,14 +182,12 @@ impl RefreshIndex {
                 }
             }
         }
-        // phase 2: each tier's slots, in event order (touched first, so that
-        // the misses overlap)
+        // phase 2: each tier's slots, in event order (prefetched first, so
+        // that the misses overlap)
         for (i, tier) in tiers.iter_mut().enumerate() {
-            let touched = due
-                .iter()
-                .filter(|d| tier.touch(d.tracked.cache_key(), d.tracked.hints.get(i).copied().unwrap_or(NO_SLOT)))
-                .count();
-            std::hint::black_box(touched);
+            for d in &due {
+                tier.prefetch(d.tracked.cache_key(), d.tracked.hints.get(i).copied().unwrap_or(NO_SLOT));
+            }
             for d in due.iter_mut() {
                 let (table, key, lsn, cache_key) = (d.table, d.key, d.lsn, d.tracked.cache_key());
                 let compute = |old: &V| refresh(table, key, old, lsn);
