@@ -1081,6 +1081,48 @@ mod tests {
     }
 
     #[test]
+    fn a_cdc_batch_leaves_the_node_as_its_events_one_by_one() {
+        for mode in
+            [InvalidationMode::Refresh, InvalidationMode::Key, InvalidationMode::Table, InvalidationMode::TtlOnly]
+        {
+            // 30 rows filled (L1 holds 10 of them), then 40 changes to rows
+            // cached and not, a row changed twice, a gap in the stream
+            let keys: Vec<String> = (0..30).map(|k| k.to_string()).collect();
+            let events: Vec<CdcEvent> = (0..40u64)
+                .map(|i| event(TableId(0), &((i * 7) % 45).to_string(), 100 + i - u64::from(i != 20), 101 + i))
+                .collect();
+            let run = |batched: bool| {
+                let (mut n, items) = node(mode);
+                assert_eq!(items, TableId(0));
+                let p = n.prepare("SELECT id, v FROM items WHERE id = $1").expect("lexes");
+                for k in &keys {
+                    read(&mut n, &p, k, 1);
+                }
+                let mut refresh = |_: TableId, _: u64, _: &u64, lsn: Lsn| Some((lsn.0 * 10, 8));
+                let now = Instant::from_millis(5);
+                if batched {
+                    n.handle_cdc_batch(now, &events, &mut refresh);
+                } else {
+                    // what a CDC event with rows means, one at a time
+                    for e in &events {
+                        n.handle_cdc(now, e);
+                        if mode == InvalidationMode::Refresh {
+                            n.refresh.apply(now, e, &mut [&mut n.l1, &mut n.l2], &mut refresh);
+                        }
+                    }
+                }
+                let served: Vec<(Served, u64)> = keys.iter().map(|k| read(&mut n, &p, k, 200)).collect();
+                (served, n.refreshed(), n.versions.complete_through(), n.stats().cdc_events)
+            };
+            let (one_by_one, batched) = (run(false), run(true));
+            assert_eq!(one_by_one, batched, "{mode:?}");
+            if mode == InvalidationMode::Refresh {
+                assert!(batched.1 > 0, "some entries refreshed in place");
+            }
+        }
+    }
+
+    #[test]
     fn key_mode_invalidates_instead() {
         let (mut n, items) = node(InvalidationMode::Key);
         let p = n.prepare("SELECT id, v FROM items WHERE id = $1").expect("lexes");
