@@ -331,8 +331,9 @@ async fn simulate(sc: Scenario, places: Vec<crate::geo::Place>, mode: Invalidati
     }
     // run, then let in-flight requests drain
     madsim::time::sleep(duration + std::time::Duration::from_secs(60)).await;
-    let wb = world.borrow();
-    build_report(&wb)
+    let report = build_report(&world.borrow());
+    world.borrow_mut().release();
+    report
 }
 
 fn tier_stats(w: &World) -> Vec<(String, postai_core::cache::TierStats)> {

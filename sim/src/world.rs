@@ -360,6 +360,22 @@ impl World {
         }
     }
 
+    /// Drops the fleet's state (sites, regions, histories) once the report
+    /// is built. madsim leaks the tasks still pending when its runtime ends
+    /// (a task's record holds the task's own waker: a cycle), and with them
+    /// their handle on the world: without this, every scenario run in one
+    /// process kept its world (1-2 GB at 300 sites) until the process ended.
+    pub fn release(&mut self) {
+        self.sites = Vec::new();
+        self.regions = Vec::new();
+        self.inflight = Vec::new();
+        self.zipf_cdf = Vec::new();
+        self.write_cdf = Vec::new();
+        self.db.log = Vec::new();
+        self.db.accepted = Vec::new();
+        self.checker = Checker::new(0, 0, Instant::ZERO);
+    }
+
     fn jitter(&mut self) -> f64 {
         self.rng.unit_f64() * self.sc.network.jitter_ms
     }
