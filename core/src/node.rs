@@ -778,9 +778,10 @@ impl<V: Clone> EdgeNode<V> {
     }
 
     /// Consecutive CDC events with row images, in stream order: the same
-    /// result as [`Self::handle_cdc_rows`] on each (versions and refreshes do
-    /// not read each other), applied in phases so that the memory accesses of
-    /// different rows overlap (see [`RefreshIndex::apply_batch`]).
+    /// state as [`Self::handle_cdc`] and then the refresh in place of each
+    /// event, one at a time (versions and refreshes do not read each other),
+    /// applied in phases so that the memory accesses of different rows
+    /// overlap (see [`RefreshIndex::apply_batch`]).
     pub fn handle_cdc_batch<'e>(
         &mut self,
         now: Instant,
