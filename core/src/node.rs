@@ -761,12 +761,17 @@ impl<V: Clone> EdgeNode<V> {
 
     /// A CDC event from the primary's logical decoding stream.
     pub fn handle_cdc(&mut self, now: Instant, event: &CdcEvent) {
-        self.stats.cdc_events += 1;
-        self.last_cdc = Some(self.last_cdc.map_or(now, |t| t.max(now)));
-        if self.config.invalidation == InvalidationMode::TtlOnly {
-            return;
+        if self.note_cdc(now, 1) {
+            self.versions.apply_cdc(event);
         }
-        self.versions.apply_cdc(event);
+    }
+
+    /// Counts `events` CDC events received at `now`; returns whether the
+    /// invalidation mode applies them (every mode but `TtlOnly`).
+    fn note_cdc(&mut self, now: Instant, events: usize) -> bool {
+        self.stats.cdc_events += events as u64;
+        self.last_cdc = Some(self.last_cdc.map_or(now, |t| t.max(now)));
+        self.config.invalidation != InvalidationMode::TtlOnly
     }
 
     /// A CDC event with row images: applied as [`Self::handle_cdc`], then, in
@@ -789,12 +794,7 @@ impl<V: Clone> EdgeNode<V> {
         refresh: &mut RefreshFn<'_, V>,
     ) {
         let n = events.clone().into_iter().count();
-        if n == 0 {
-            return;
-        }
-        self.stats.cdc_events += n as u64;
-        self.last_cdc = Some(self.last_cdc.map_or(now, |t| t.max(now)));
-        if self.config.invalidation == InvalidationMode::TtlOnly {
+        if n == 0 || !self.note_cdc(now, n) {
             return;
         }
         // every changed row's lookups first, in both indexes: their cache
