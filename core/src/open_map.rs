@@ -40,15 +40,26 @@ impl OpenKey for u128 {
 /// targets (wasm32) a no-op.
 #[inline(always)]
 pub fn prefetch<T>(value: &T) {
+    let first = (value as *const T).cast::<u8>();
+    prefetch_line(first);
+    // a value may straddle two cache lines (a 56-byte slot does 3 times in 8)
+    let last = first.wrapping_add(size_of::<T>().max(1) - 1);
+    if (last as usize) / 64 != (first as usize) / 64 {
+        prefetch_line(last);
+    }
+}
+
+#[inline(always)]
+fn prefetch_line(at: *const u8) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch does not dereference: it cannot fault, and it
     // neither reads nor writes memory as far as the program can tell. The
-    // pointer comes from a reference, so it is valid anyway.
+    // pointers come from a reference and point into its value anyway.
     unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>((value as *const T).cast::<i8>());
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at.cast::<i8>());
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = value;
+    let _ = at;
 }
 
 #[derive(Clone, Debug, Default)]

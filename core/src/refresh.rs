@@ -18,7 +18,7 @@
 
 use crate::cache::{NO_SLOT, Tier};
 use crate::invalidation::{CdcEvent, ChangeTarget};
-use crate::open_map::OpenMap;
+use crate::open_map::{OpenKey, OpenMap};
 use crate::sql::TableId;
 use crate::{Instant, Lsn};
 
@@ -91,11 +91,53 @@ struct Due {
     hints_before: [u32; HINTED],
 }
 
+/// A set of rows that may have false positives and no false negatives: one
+/// bit per hash bucket, about 8 bits per entry the index can hold. Most
+/// changed rows have no entry at a given node, and for them a lookup in the
+/// index is the longest probe (to the first empty slot) and a cache miss;
+/// the filter, a few kilobytes, answers most of them from the cache.
+#[derive(Debug)]
+struct RowFilter {
+    words: Vec<u64>,
+    /// log2 of the number of bits.
+    bits: u32,
+}
+
+impl RowFilter {
+    fn new(entries_max: usize) -> Self {
+        let bits = (entries_max.saturating_mul(8)).next_power_of_two().clamp(1 << 9, 1 << 24).trailing_zeros();
+        RowFilter { words: vec![0; 1 << (bits - 6)], bits }
+    }
+
+    #[inline]
+    fn bit(&self, row: &(TableId, u64)) -> (usize, u64) {
+        let b = (row.hash64() >> (64 - self.bits)) as usize;
+        (b >> 6, 1u64 << (b & 63))
+    }
+
+    fn insert(&mut self, row: &(TableId, u64)) {
+        let (w, m) = self.bit(row);
+        self.words[w] |= m;
+    }
+
+    #[inline]
+    fn may_contain(&self, row: &(TableId, u64)) -> bool {
+        let (w, m) = self.bit(row);
+        self.words[w] & m != 0
+    }
+
+    fn clear(&mut self) {
+        self.words.fill(0);
+    }
+}
+
 /// Row key -> cache keys of refreshable entries for that row. Bounded: past
 /// `entries_max` it starts over (entries then fall back to invalidation).
 #[derive(Debug)]
 pub struct RefreshIndex {
     by_row: OpenMap<(TableId, u64), Entries>,
+    /// Every row of `by_row`, and a few more.
+    filter: RowFilter,
     entries: usize,
     entries_max: usize,
     /// Scratch space of a batch (kept to avoid an allocation per batch).
@@ -108,6 +150,7 @@ impl RefreshIndex {
     pub fn new(entries_max: usize) -> Self {
         RefreshIndex {
             by_row: OpenMap::new(),
+            filter: RowFilter::new(entries_max),
             entries: 0,
             entries_max: entries_max.max(1),
             due: Vec::new(),
@@ -119,8 +162,10 @@ impl RefreshIndex {
     pub fn track(&mut self, table: TableId, key: u64, cache_key: u128) {
         if self.entries >= self.entries_max {
             self.by_row.clear();
+            self.filter.clear();
             self.entries = 0;
         }
+        self.filter.insert(&(table, key));
         let entries = self.by_row.get_or_default((table, key));
         if entries.as_slice().iter().any(|t| t.cache_key() == cache_key) {
             return;
@@ -133,9 +178,12 @@ impl RefreshIndex {
         self.entries += 1;
     }
 
-    /// Prefetches the row's entry list (see [`OpenMap::prefetch`]).
+    /// Prefetches the row's entry list (see [`OpenMap::prefetch`]), if the
+    /// row may have one.
     pub fn prefetch(&self, table: TableId, key: u64) {
-        self.by_row.prefetch(&(table, key));
+        if self.filter.may_contain(&(table, key)) {
+            self.by_row.prefetch(&(table, key));
+        }
     }
 
     /// Applies the row images of `event` to every tracked entry in `tiers`.
@@ -168,7 +216,11 @@ impl RefreshIndex {
             for target in &event.change.targets {
                 let ChangeTarget::Keys(t, ks) = target else { continue };
                 for k in ks {
-                    let Some(entries) = self.by_row.get(&(*t, *k)) else { continue };
+                    let row = (*t, *k);
+                    if !self.filter.may_contain(&row) {
+                        continue;
+                    }
+                    let Some(entries) = self.by_row.get(&row) else { continue };
                     for (nth, tracked) in entries.as_slice().iter().enumerate() {
                         due.push(Due {
                             table: *t,
@@ -244,6 +296,22 @@ mod tests {
             prev_lsn: Lsn(lsn - 1),
             change: Change { lsn: Lsn(lsn), targets: vec![ChangeTarget::Keys(T, rows.to_vec())] },
         }
+    }
+
+    #[test]
+    fn the_row_filter_has_no_false_negatives_and_few_false_positives() {
+        let entries_max = 10_000;
+        let mut f = RowFilter::new(entries_max);
+        let rows: Vec<(TableId, u64)> = (0..entries_max as u64).map(|k| (T, k * 7919)).collect();
+        for r in &rows {
+            f.insert(r);
+        }
+        assert!(rows.iter().all(|r| f.may_contain(r)));
+        let others = (0..100_000u64).filter(|k| f.may_contain(&(TableId(2), *k))).count();
+        // one bit per row in 8 * entries_max (rounded up): about 1 - e^(-1/8)
+        assert!(others < 15_000, "{others} false positives in 100000");
+        f.clear();
+        assert!(!rows.iter().any(|r| f.may_contain(r)));
     }
 
     #[test]
