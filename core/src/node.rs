@@ -797,23 +797,33 @@ impl<V: Clone> EdgeNode<V> {
         if n == 0 || !self.note_cdc(now, n) {
             return;
         }
-        // every changed row's lookups first, in both indexes: their cache
-        // misses overlap; the updates then find the rows cached
+        // every changed row's lookups first: their cache misses overlap, and
+        // the updates then find the rows cached. The refresh index is
+        // prefetched after its filter (itself prefetched with the versions)
+        // has arrived, so only rows that may have entries cost a miss there.
         let refreshing = self.config.invalidation == InvalidationMode::Refresh;
-        for event in events.clone() {
-            for target in &event.change.targets {
-                if let ChangeTarget::Keys(t, ks) = target {
-                    for k in ks {
-                        self.versions.prefetch(*t, *k);
-                        if refreshing {
-                            self.refresh.prefetch(*t, *k);
-                        }
-                    }
-                }
+        let rows = || {
+            events.clone().into_iter().flat_map(|e| &e.change.targets).flat_map(|target| {
+                let (t, ks): (TableId, &[u64]) = match target {
+                    ChangeTarget::Keys(t, ks) => (*t, ks),
+                    _ => (TableId(0), &[]),
+                };
+                ks.iter().map(move |k| (t, *k))
+            })
+        };
+        for (t, k) in rows() {
+            self.versions.prefetch(t, k);
+            if refreshing {
+                self.refresh.prefetch_filter(t, k);
             }
         }
         for event in events.clone() {
             self.versions.apply_cdc(event);
+        }
+        if refreshing {
+            for (t, k) in rows() {
+                self.refresh.prefetch(t, k);
+            }
         }
         if self.config.invalidation == InvalidationMode::Refresh {
             self.refresh.apply_batch(now, events, &mut [&mut self.l1, &mut self.l2], refresh);

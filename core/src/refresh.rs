@@ -178,6 +178,12 @@ impl RefreshIndex {
         self.entries += 1;
     }
 
+    /// Prefetches the filter's word for the row: [`Self::prefetch`] reads it.
+    pub fn prefetch_filter(&self, table: TableId, key: u64) {
+        let (w, _) = self.filter.bit(&(table, key));
+        crate::open_map::prefetch(&self.filter.words[w]);
+    }
+
     /// Prefetches the row's entry list (see [`OpenMap::prefetch`]), if the
     /// row may have one.
     pub fn prefetch(&self, table: TableId, key: u64) {
