@@ -916,12 +916,19 @@ fn warm_start(sc: &Scenario, sites: &mut [Site], cdf: &[f64], rng: &mut Rng) {
         prob.push(c - prev);
         prev = *c;
     }
-    for site in sites.iter_mut() {
-        for (op, share) in [(Op::Range, w.range), (Op::Join, w.join), (Op::Point, w.point)] {
+    // the same for every site: computed once
+    let ops = [(Op::Range, w.range), (Op::Join, w.join), (Op::Point, w.point)];
+    let touched: Vec<Vec<f64>> = ops
+        .iter()
+        .map(|(_, share)| {
             let n = reads_per_site * share / total;
+            prob.iter().map(|p| 1.0 - (1.0 - p).powf(n)).collect()
+        })
+        .collect();
+    for site in sites.iter_mut() {
+        for ((op, _), p_touched) in ops.iter().zip(&touched) {
             for key in (0..prob.len() as u64).rev() {
-                let p_touched = 1.0 - (1.0 - prob[key as usize]).powf(n);
-                if rng.unit_f64() >= p_touched {
+                if rng.unit_f64() >= p_touched[key as usize] {
                     continue;
                 }
                 let key_s = key.to_string();
