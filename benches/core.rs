@@ -170,7 +170,7 @@ fn replay(trace: &[u64], ev: Eviction) -> (f64, u64) {
                 t.insert(
                     Instant::ZERO,
                     k as u128,
-                    Entry { value: k, lsn: Lsn(0), deps: Vec::new(), size_bytes: 64, expires_at: Instant::MAX },
+                    Entry { value: k, lsn: Lsn(0), deps: Default::default(), size_bytes: 64, expires_at: Instant::MAX },
                 );
             }
         }

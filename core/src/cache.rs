@@ -4,7 +4,7 @@
 //! better than LRU at lower cost per hit (a flag flip instead of a list move);
 //! `benches/core.rs` measures both.
 
-use crate::invalidation::Dep;
+use crate::invalidation::Deps;
 use crate::open_map::OpenMap;
 use crate::{Duration, Instant, Lsn};
 
@@ -63,7 +63,7 @@ pub struct Entry<V> {
     pub value: V,
     /// The result reflects every commit up to this LSN (a lower bound).
     pub lsn: Lsn,
-    pub deps: Vec<Dep>,
+    pub deps: Deps,
     pub size_bytes: u32,
     pub expires_at: Instant,
 }
@@ -406,7 +406,7 @@ mod tests {
     }
 
     fn entry(lsn: u64, size: u32) -> Entry<u32> {
-        Entry { value: lsn as u32, lsn: Lsn(lsn), deps: vec![], size_bytes: size, expires_at: Instant::MAX }
+        Entry { value: lsn as u32, lsn: Lsn(lsn), deps: Deps::default(), size_bytes: size, expires_at: Instant::MAX }
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! entries invalid, never valid).
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Deref;
 
 use crate::hash::{FixedHasher, FixedMap};
 use crate::open_map::OpenMap;
@@ -23,6 +25,69 @@ pub enum Dep {
     Table(TableId),
     /// A change to the row with this key hash (see [`key_hash`]).
     Key(TableId, u64),
+}
+
+/// The dependencies of a cached result, a slice ([`Deref`]): one is held
+/// inline (a point read's row, the common case), more on the heap. A lookup
+/// reads them to validate the entry; inline, they are in the entry's own
+/// cache line instead of a second allocation's.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Deps(DepsRepr);
+
+#[derive(Clone, Default, PartialEq, Eq)]
+enum DepsRepr {
+    #[default]
+    None,
+    One(Dep),
+    Many(Box<[Dep]>),
+}
+
+impl Deref for Deps {
+    type Target = [Dep];
+    fn deref(&self) -> &[Dep] {
+        match &self.0 {
+            DepsRepr::None => &[],
+            DepsRepr::One(d) => std::slice::from_ref(d),
+            DepsRepr::Many(ds) => ds,
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a Deps {
+    type Item = &'a Dep;
+    type IntoIter = std::slice::Iter<'a, Dep>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl From<Vec<Dep>> for Deps {
+    fn from(v: Vec<Dep>) -> Self {
+        match v.as_slice() {
+            [] => Deps(DepsRepr::None),
+            [d] => Deps(DepsRepr::One(*d)),
+            _ => Deps(DepsRepr::Many(v.into_boxed_slice())),
+        }
+    }
+}
+
+impl FromIterator<Dep> for Deps {
+    fn from_iter<I: IntoIterator<Item = Dep>>(iter: I) -> Self {
+        let mut it = iter.into_iter();
+        let Some(first) = it.next() else { return Deps(DepsRepr::None) };
+        let Some(second) = it.next() else { return Deps(DepsRepr::One(first)) };
+        let mut v = Vec::with_capacity(2 + it.size_hint().0);
+        v.push(first);
+        v.push(second);
+        v.extend(it);
+        Deps(DepsRepr::Many(v.into_boxed_slice()))
+    }
+}
+
+impl fmt::Debug for Deps {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
 }
 
 /// What one committed change touched.
@@ -248,6 +313,23 @@ mod tests {
 
     const T: TableId = TableId(1);
     const U: TableId = TableId(2);
+
+    #[test]
+    fn deps_hold_what_they_were_built_from() {
+        for n in [0usize, 1, 2, 3, 17] {
+            let v: Vec<Dep> =
+                (0..n as u64).map(|i| if i % 3 == 2 { Dep::Table(U) } else { Dep::Key(T, i * 31) }).collect();
+            let from_vec = Deps::from(v.clone());
+            let collected: Deps = v.iter().copied().collect();
+            assert_eq!(&from_vec[..], &v[..]);
+            assert_eq!(&collected[..], &v[..]);
+            assert_eq!(from_vec, collected);
+            assert_eq!(format!("{from_vec:?}"), format!("{v:?}"));
+        }
+        assert!(Deps::default().is_empty());
+        // no larger than the Vec it replaces
+        assert!(size_of::<Deps>() <= size_of::<Vec<Dep>>());
+    }
 
     fn keys(lsn: u64, t: TableId, ks: &[u64]) -> Change {
         Change { lsn: Lsn(lsn), targets: vec![ChangeTarget::Keys(t, ks.to_vec())] }

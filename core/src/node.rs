@@ -12,7 +12,7 @@ use std::sync::Arc;
 use crate::cache::{Entry, Lookup, NO_SLOT, Tier, TierConfig, TierConfigError, TierName};
 use crate::consistency::{Consistency, entry_meets_floor, read_floor};
 use crate::hash::{Digest128, FixedMap, hash_bytes};
-use crate::invalidation::{CdcEvent, Change, ChangeTarget, Dep, VersionMap, VersionMapConfig, key_hash};
+use crate::invalidation::{CdcEvent, Change, ChangeTarget, Dep, Deps, VersionMap, VersionMapConfig, key_hash};
 use crate::refresh::{RefreshFn, RefreshIndex};
 use crate::router::Zone;
 use crate::sql::{
@@ -148,7 +148,7 @@ pub struct UpstreamRequest {
     pub route: Route,
     /// Cache key, when the result may be cached upstream (L3).
     pub cache_key: Option<u128>,
-    pub deps: Vec<Dep>,
+    pub deps: Deps,
     /// Residency zone of the data, when the query touches zoned tables.
     pub residency: Option<Zone>,
 }
@@ -269,7 +269,7 @@ struct Pending {
     session: SessionId,
     shape: Arc<Shape>,
     cache_key: Option<u128>,
-    deps: Vec<Dep>,
+    deps: Deps,
     targets: Vec<ChangeTarget>,
     started: Instant,
     cache_here: bool,
@@ -560,7 +560,7 @@ impl<V: Clone> EdgeNode<V> {
             };
             let targets = write_targets(&shape, &args, self.config.invalidation);
             let cmd = prepared.session_command.clone();
-            self.forward(now, req, session, shape, route, None, Vec::new(), targets, residency, false, cmd);
+            self.forward(now, req, session, shape, route, None, Deps::default(), targets, residency, false, cmd);
             return req;
         }
         let key = cache_key(&shape, sess.context, &args);
@@ -630,7 +630,7 @@ impl<V: Clone> EdgeNode<V> {
         shape: Arc<Shape>,
         route: Route,
         cache_key: Option<u128>,
-        deps: Vec<Dep>,
+        deps: Deps,
         targets: Vec<ChangeTarget>,
         residency: Option<Zone>,
         cache_here: bool,
@@ -702,7 +702,7 @@ impl<V: Clone> EdgeNode<V> {
             };
             if self.config.invalidation == InvalidationMode::Refresh
                 && p.shape.refreshable
-                && let [Dep::Key(t, k)] = p.deps.as_slice()
+                && let [Dep::Key(t, k)] = &p.deps[..]
             {
                 self.refresh.track(*t, *k, key);
             }
@@ -970,9 +970,9 @@ fn key_hashes(access: &KeyAccess, args: &Args<'_>) -> Option<Vec<u64>> {
     access.args.iter().map(|a| arg_value(*a, args).map(|v| key_hash(access.table, v.as_bytes()))).collect()
 }
 
-fn read_deps(shape: &Shape, args: &Args<'_>, mode: InvalidationMode) -> Vec<Dep> {
+fn read_deps(shape: &Shape, args: &Args<'_>, mode: InvalidationMode) -> Deps {
     if mode == InvalidationMode::TtlOnly {
-        return Vec::new();
+        return Deps::default();
     }
     let mut deps = Vec::with_capacity(shape.reads.len());
     for t in &shape.reads {
@@ -982,7 +982,7 @@ fn read_deps(shape: &Shape, args: &Args<'_>, mode: InvalidationMode) -> Vec<Dep>
             None => deps.push(Dep::Table(*t)),
         }
     }
-    deps
+    deps.into()
 }
 
 fn write_targets(shape: &Shape, args: &Args<'_>, mode: InvalidationMode) -> Vec<ChangeTarget> {

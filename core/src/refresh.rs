@@ -288,7 +288,7 @@ mod tests {
             let entry = Entry {
                 value: 0,
                 lsn: Lsn(1),
-                deps: vec![Dep::Key(T, r)],
+                deps: vec![Dep::Key(T, r)].into(),
                 size_bytes: 8,
                 expires_at: Instant::ZERO + Duration::from_secs(60),
             };
@@ -371,7 +371,8 @@ mod tests {
                 l2.remove(r);
             }
             for r in [3u64, 1] {
-                let e = Entry { value: 0, lsn: Lsn(1), deps: vec![], size_bytes: 8, expires_at: Instant::MAX };
+                let e =
+                    Entry { value: 0, lsn: Lsn(1), deps: Default::default(), size_bytes: 8, expires_at: Instant::MAX };
                 l2.insert(Instant::ZERO, u128::from(r), e);
             }
             if batched {

@@ -369,7 +369,7 @@ impl L2File {
             key,
             value: e.value.clone(),
             lsn: e.lsn,
-            deps: e.deps.clone(),
+            deps: e.deps.to_vec(),
             expires_ms: unix_ms().saturating_add(ttl_ms),
         });
     }
@@ -437,7 +437,7 @@ pub fn open_for(config: &Config, node: &mut EdgeNode<Value>, now: Instant) -> Op
             size_bytes: u32::try_from(r.value.len()).unwrap_or(u32::MAX),
             value: r.value,
             lsn: r.lsn,
-            deps: r.deps,
+            deps: r.deps.into(),
             expires_at: now + Duration::from_millis(r.expires_ms.saturating_sub(now_ms)),
         };
         restored += u64::from(node.restore_l2(now, r.key, entry));
