@@ -429,8 +429,8 @@ impl World {
         }
         let eu = matches!(op, Op::Point | Op::Write) && eu_share > 0.0 && self.rng.unit_f64() < eu_share;
         let session = self.rng.below(self.sites[site].sessions.len() as u64) as usize;
-        let key_s = key.to_string();
-        let hi_s = (key + RANGE_SPAN).to_string();
+        let (mut key_buf, mut hi_buf) = ([0u8; 20], [0u8; 20]);
+        let (key_s, hi_s) = (decimal(key, &mut key_buf), decimal(key + RANGE_SPAN, &mut hi_buf));
         let s = &mut self.sites[site];
         let sid = s.sessions[session].id;
         let stmt = match (op, eu) {
@@ -441,7 +441,7 @@ impl World {
             (Op::Write, false) => &s.stmts.write,
             (Op::Write, true) => &s.stmts.write_eu,
         };
-        let params: [Option<&[u8]>; 2] = [Some(key_s.as_bytes()), Some(hi_s.as_bytes())];
+        let params: [Option<&[u8]>; 2] = [Some(key_s), Some(hi_s)];
         let nparams = if op == Op::Range { 2 } else { 1 };
         let req = s.node.handle_execute(now, sid, stmt, &params[..nparams]);
         let rtt = s.sessions[session].rtt_ms;
@@ -792,7 +792,7 @@ impl World {
         let epoch = self.db.nodes[p].fence.epoch;
         if let Ok(lsn) = self.db.write(p, epoch, now, Some(key)) {
             self.checker.ack_write(key, lsn, now);
-            let h = key_hash(self.items, key.to_string().as_bytes());
+            let h = key_hash(self.items, decimal(key, &mut [0; 20]));
             self.emit_cdc(lsn, ChangeTarget::Keys(self.items, vec![h]));
         }
     }
@@ -931,9 +931,9 @@ fn warm_start(sc: &Scenario, sites: &mut [Site], cdf: &[f64], rng: &mut Rng) {
                 if rng.unit_f64() >= p_touched[key as usize] {
                     continue;
                 }
-                let key_s = key.to_string();
-                let hi_s = (key + RANGE_SPAN).to_string();
-                let params: [Option<&[u8]>; 2] = [Some(key_s.as_bytes()), Some(hi_s.as_bytes())];
+                let (mut key_buf, mut hi_buf) = ([0u8; 20], [0u8; 20]);
+                let params: [Option<&[u8]>; 2] =
+                    [Some(decimal(key, &mut key_buf)), Some(decimal(key + RANGE_SPAN, &mut hi_buf))];
                 let (stmt, np) = match op {
                     Op::Range => (&site.stmts.range, 2),
                     Op::Join => (&site.stmts.join, 1),
@@ -972,6 +972,20 @@ fn zipf_cdf(keys: u64, s: f64) -> Vec<f64> {
 
 fn eu_foreign(eu: bool, zone: Zone) -> bool {
     eu && zone != Zone::Eu
+}
+
+/// `n` in decimal, written into `buf` (a query parameter's text without an
+/// allocation per query).
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
 }
 
 fn sleep_ms(ms: f64) -> madsim::time::Sleep {
@@ -1043,7 +1057,7 @@ async fn region_execute(w: &Shared, region: usize, u: &UpstreamRequest, ctx: OpC
             match wb.db.write(node, epoch, now, key) {
                 Ok(lsn) => {
                     let table = if ctx.eu { wb.items_eu } else { wb.items };
-                    let h = key_hash(table, ctx.key.to_string().as_bytes());
+                    let h = key_hash(table, decimal(ctx.key, &mut [0; 20]));
                     wb.emit_cdc(lsn, ChangeTarget::Keys(table, vec![h]));
                     let ack = wb.db.ack_delay_ms();
                     let served = Served::Primary;
@@ -1193,6 +1207,23 @@ pub async fn upstream(w: Shared, site: usize, u: UpstreamRequest) {
             node.handle_upstream(now, u.req, Err(e));
             while node.poll_output().is_some() {}
             wb.fail(ctx, now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decimal;
+
+    #[test]
+    fn decimal_is_to_string() {
+        let mut n = 1u64;
+        for x in [0, 1, 9, 10, 99, 100, 12_345, u64::MAX - 1, u64::MAX] {
+            assert_eq!(decimal(x, &mut [0; 20]), x.to_string().as_bytes());
+        }
+        while let Some(m) = n.checked_mul(7) {
+            assert_eq!(decimal(n, &mut [0; 20]), n.to_string().as_bytes());
+            n = m + 3;
         }
     }
 }
