@@ -14,7 +14,8 @@
 //! refresh reads the slot directly instead of the tier's map, and a batch of
 //! events is applied in phases (all row lookups, then each tier's slots), so
 //! that the lookups of different rows overlap in the memory system instead of
-//! waiting for each other.
+//! waiting for each other. Most changed rows have no entry at a given node: a
+//! row filter answers them without a lookup in the index.
 
 use crate::cache::{NO_SLOT, Tier};
 use crate::invalidation::{CdcEvent, ChangeTarget};
