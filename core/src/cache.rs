@@ -259,13 +259,27 @@ impl<V: Clone> Tier<V> {
         self.refresh_hinted(now, key, &mut hint, lsn, compute)
     }
 
-    /// Prefetches what [`Self::refresh_hinted`] will read first for `key`:
-    /// slot `hint`, or where the map's lookup starts when there is no hint
-    /// (see [`OpenMap::prefetch`]).
+    /// Prefetches what [`Self::rehint`] reads for `key`: slot `hint`, if any,
+    /// and where the map's lookup starts (see [`OpenMap::prefetch`]), for a
+    /// hint gone stale (the entry evicted, or moved by a re-insert).
     pub fn prefetch(&self, key: u128, hint: u32) {
-        match self.slots.get(hint as usize) {
-            Some(slot) => crate::open_map::prefetch(slot),
-            None => self.map.prefetch(&key),
+        if let Some(slot) = self.slots.get(hint as usize) {
+            crate::open_map::prefetch(slot);
+        }
+        self.map.prefetch(&key);
+    }
+
+    /// Makes `hint` the slot holding `key` (`NO_SLOT` when absent), looking
+    /// it up in the map only when the hinted slot holds another key, and
+    /// prefetches the slot found. A batch rehints all its entries before it
+    /// refreshes any, so that the misses of stale hints overlap too.
+    pub fn rehint(&self, key: u128, hint: &mut u32) {
+        if matches!(self.slots.get(*hint as usize), Some(Some(s)) if s.key == key) {
+            return;
+        }
+        *hint = self.map.get(&key).copied().unwrap_or(NO_SLOT);
+        if let Some(slot) = self.slots.get(*hint as usize) {
+            crate::open_map::prefetch(slot);
         }
     }
 
@@ -419,6 +433,35 @@ mod tests {
         assert!(matches!(t.get(now + Duration::from_secs(61), 1, |_| true), Lookup::Miss));
         let s = t.stats();
         assert_eq!((s.hits, s.misses, s.expirations, s.entries, s.bytes), (1, 2, 1, 0, 0));
+    }
+
+    #[test]
+    fn rehint_finds_the_slot_from_any_hint() {
+        let mut t = Tier::new(cfg(10, Eviction::Sieve)).expect("valid");
+        let now = Instant::from_millis(0);
+        for k in 1..=5u128 {
+            assert!(t.insert(now, k, entry(1, 10)));
+        }
+        let slot_of = |t: &Tier<u32>, k: u128| t.map.get(&k).copied().unwrap_or(NO_SLOT);
+        for k in 1..=6u128 {
+            for start in [NO_SLOT, 0, 1, 4, 1000] {
+                let mut hint = start;
+                t.rehint(k, &mut hint);
+                assert_eq!(hint, slot_of(&t, k), "key {k} from hint {start}");
+            }
+        }
+        // a re-inserted key moves: its old hint is repaired
+        let mut hint = slot_of(&t, 2);
+        t.remove(2);
+        t.rehint(2, &mut hint);
+        assert_eq!(hint, NO_SLOT);
+        t.remove(1);
+        assert!(t.insert(now, 2, entry(2, 10)));
+        let mut hint = slot_of(&t, 3);
+        t.rehint(2, &mut hint);
+        assert_eq!(hint, slot_of(&t, 2));
+        assert!(t.refresh_hinted(now, 2, &mut hint, Lsn(3), |_| Some((3, 10))));
+        assert_eq!(t.peek(2).map(|e| e.value), Some(3));
     }
 
     #[test]

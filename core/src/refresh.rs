@@ -241,11 +241,18 @@ impl RefreshIndex {
                 }
             }
         }
-        // phase 2: each tier's slots, in event order (prefetched first, so
-        // that the misses overlap)
+        // phase 2: each tier's slots, in event order: prefetched, stale hints
+        // looked up again (their slots prefetched), then refreshed, so that
+        // the misses of each step overlap
         for (i, tier) in tiers.iter_mut().enumerate() {
             for d in &due {
                 tier.prefetch(d.tracked.cache_key(), d.tracked.hints.get(i).copied().unwrap_or(NO_SLOT));
+            }
+            for d in due.iter_mut() {
+                let key = d.tracked.cache_key();
+                if let Some(hint) = d.tracked.hints.get_mut(i) {
+                    tier.rehint(key, hint);
+                }
             }
             for d in due.iter_mut() {
                 let (table, key, lsn, cache_key) = (d.table, d.key, d.lsn, d.tracked.cache_key());
