@@ -260,8 +260,9 @@ impl<V: Clone> Tier<V> {
     }
 
     /// Prefetches what [`Self::rehint`] reads for `key`: slot `hint`, if any,
-    /// and where the map's lookup starts (see [`OpenMap::prefetch`]), for a
-    /// hint gone stale (the entry evicted, or moved by a re-insert).
+    /// and always where the map's lookup starts (see [`OpenMap::prefetch`]):
+    /// whether the hint went stale (the entry evicted, or moved by a
+    /// re-insert) is only known once the slot has arrived.
     pub fn prefetch(&self, key: u128, hint: u32) {
         if let Some(slot) = self.slots.get(hint as usize) {
             crate::open_map::prefetch(slot);

@@ -42,7 +42,7 @@ impl OpenKey for u128 {
 pub fn prefetch<T>(value: &T) {
     let first = (value as *const T).cast::<u8>();
     prefetch_line(first);
-    // a value may straddle two cache lines (a 56-byte slot does 3 times in 8)
+    // a value may straddle two cache lines (a 56-byte slot does 6 times in 8)
     let last = first.wrapping_add(size_of::<T>().max(1) - 1);
     if (last as usize) / 64 != (first as usize) / 64 {
         prefetch_line(last);

@@ -96,7 +96,8 @@ struct Due {
 /// bit per hash bucket, about 8 bits per entry the index can hold. Most
 /// changed rows have no entry at a given node, and for them a lookup in the
 /// index is the longest probe (to the first empty slot) and a cache miss;
-/// the filter, a few kilobytes, answers most of them from the cache.
+/// the filter, a bit per hash bucket (64 KB for a 40 000-entry index, whose
+/// rows take megabytes), answers most of them from the cache.
 #[derive(Debug)]
 struct RowFilter {
     words: Vec<u64>,
@@ -106,7 +107,8 @@ struct RowFilter {
 
 impl RowFilter {
     fn new(entries_max: usize) -> Self {
-        let bits = (entries_max.saturating_mul(8)).next_power_of_two().clamp(1 << 9, 1 << 24).trailing_zeros();
+        // clamped before rounding up: next_power_of_two overflows near usize::MAX (wasm32)
+        let bits = entries_max.saturating_mul(8).clamp(1 << 9, 1 << 24).next_power_of_two().trailing_zeros();
         RowFilter { words: vec![0; 1 << (bits - 6)], bits }
     }
 
@@ -326,6 +328,8 @@ mod tests {
         assert!(others < 15_000, "{others} false positives in 100000");
         f.clear();
         assert!(!rows.iter().any(|r| f.may_contain(r)));
+        // sizes are clamped, also for bounds whose bit count overflows
+        assert_eq!((RowFilter::new(0).bits, RowFilter::new(usize::MAX).bits), (9, 24));
     }
 
     #[test]
