@@ -28,7 +28,7 @@ pub enum Dep {
 }
 
 /// The dependencies of a cached result, a slice ([`Deref`]): one is held
-/// inline (a point read's row, the common case), more on the heap. A lookup
+/// inline (a point read's row, the common case), more in a `Vec`. A lookup
 /// reads them to validate the entry; inline, they are in the entry's own
 /// cache line instead of a second allocation's.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -39,7 +39,17 @@ enum DepsRepr {
     #[default]
     None,
     One(Dep),
-    Many(Box<[Dep]>),
+    Many(Vec<Dep>),
+}
+
+impl Deps {
+    pub fn push(&mut self, dep: Dep) {
+        match &mut self.0 {
+            DepsRepr::None => self.0 = DepsRepr::One(dep),
+            DepsRepr::One(first) => self.0 = DepsRepr::Many(vec![*first, dep]),
+            DepsRepr::Many(v) => v.push(dep),
+        }
+    }
 }
 
 impl Deref for Deps {
@@ -66,21 +76,16 @@ impl From<Vec<Dep>> for Deps {
         match v.as_slice() {
             [] => Deps(DepsRepr::None),
             [d] => Deps(DepsRepr::One(*d)),
-            _ => Deps(DepsRepr::Many(v.into_boxed_slice())),
+            _ => Deps(DepsRepr::Many(v)),
         }
     }
 }
 
 impl FromIterator<Dep> for Deps {
     fn from_iter<I: IntoIterator<Item = Dep>>(iter: I) -> Self {
-        let mut it = iter.into_iter();
-        let Some(first) = it.next() else { return Deps(DepsRepr::None) };
-        let Some(second) = it.next() else { return Deps(DepsRepr::One(first)) };
-        let mut v = Vec::with_capacity(2 + it.size_hint().0);
-        v.push(first);
-        v.push(second);
-        v.extend(it);
-        Deps(DepsRepr::Many(v.into_boxed_slice()))
+        let mut deps = Deps::default();
+        iter.into_iter().for_each(|d| deps.push(d));
+        deps
     }
 }
 

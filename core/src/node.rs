@@ -974,15 +974,17 @@ fn read_deps(shape: &Shape, args: &Args<'_>, mode: InvalidationMode) -> Deps {
     if mode == InvalidationMode::TtlOnly {
         return Deps::default();
     }
-    let mut deps = Vec::with_capacity(shape.reads.len());
+    // pushed straight into `Deps`: a point read's one dependency needs no
+    // allocation (this runs for every read, hits included)
+    let mut deps = Deps::default();
     for t in &shape.reads {
         let keyed = if mode.key_level() { shape.read_keys.iter().find(|a| a.table == *t) } else { None };
         match keyed.and_then(|a| key_hashes(a, args)) {
-            Some(hashes) => deps.extend(hashes.into_iter().map(|h| Dep::Key(*t, h))),
+            Some(hashes) => hashes.into_iter().for_each(|h| deps.push(Dep::Key(*t, h))),
             None => deps.push(Dep::Table(*t)),
         }
     }
-    deps.into()
+    deps
 }
 
 fn write_targets(shape: &Shape, args: &Args<'_>, mode: InvalidationMode) -> Vec<ChangeTarget> {
