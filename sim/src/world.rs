@@ -429,8 +429,8 @@ impl World {
         }
         let eu = matches!(op, Op::Point | Op::Write) && eu_share > 0.0 && self.rng.unit_f64() < eu_share;
         let session = self.rng.below(self.sites[site].sessions.len() as u64) as usize;
-        let (mut key_buf, mut hi_buf) = ([0u8; 20], [0u8; 20]);
-        let (key_s, hi_s) = (decimal(key, &mut key_buf), decimal(key + RANGE_SPAN, &mut hi_buf));
+        let mut bufs = [[0u8; 20]; 2];
+        let params = query_params(key, &mut bufs);
         let s = &mut self.sites[site];
         let sid = s.sessions[session].id;
         let stmt = match (op, eu) {
@@ -441,7 +441,6 @@ impl World {
             (Op::Write, false) => &s.stmts.write,
             (Op::Write, true) => &s.stmts.write_eu,
         };
-        let params: [Option<&[u8]>; 2] = [Some(key_s), Some(hi_s)];
         let nparams = if op == Op::Range { 2 } else { 1 };
         let req = s.node.handle_execute(now, sid, stmt, &params[..nparams]);
         let rtt = s.sessions[session].rtt_ms;
@@ -931,9 +930,8 @@ fn warm_start(sc: &Scenario, sites: &mut [Site], cdf: &[f64], rng: &mut Rng) {
                 if rng.unit_f64() >= p_touched[key as usize] {
                     continue;
                 }
-                let (mut key_buf, mut hi_buf) = ([0u8; 20], [0u8; 20]);
-                let params: [Option<&[u8]>; 2] =
-                    [Some(decimal(key, &mut key_buf)), Some(decimal(key + RANGE_SPAN, &mut hi_buf))];
+                let mut bufs = [[0u8; 20]; 2];
+                let params = query_params(key, &mut bufs);
                 let (stmt, np) = match op {
                     Op::Range => (&site.stmts.range, 2),
                     Op::Join => (&site.stmts.join, 1),
@@ -972,6 +970,13 @@ fn zipf_cdf(keys: u64, s: f64) -> Vec<f64> {
 
 fn eu_foreign(eu: bool, zone: Zone) -> bool {
     eu && zone != Zone::Eu
+}
+
+/// The parameters of a query on `key`: the key and, for a range, its upper
+/// bound, as text.
+fn query_params(key: u64, bufs: &mut [[u8; 20]; 2]) -> [Option<&[u8]>; 2] {
+    let [key_buf, hi_buf] = bufs;
+    [Some(decimal(key, key_buf)), Some(decimal(key + RANGE_SPAN, hi_buf))]
 }
 
 /// `n` in decimal, written into `buf` (a query parameter's text without an
