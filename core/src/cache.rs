@@ -254,9 +254,9 @@ impl<V: Clone> Tier<V> {
     /// Replaces the value of `key` with one reflecting `lsn`, when the entry
     /// is older than `lsn` and `compute` yields `(value, size)`. Returns whether
     /// it did. The entry keeps its place and its expiry.
-    pub fn refresh(&mut self, now: Instant, key: u128, lsn: Lsn, compute: impl FnOnce(&V) -> Option<(V, u32)>) -> bool {
+    pub fn refresh(&mut self, key: u128, lsn: Lsn, compute: impl FnOnce(&V) -> Option<(V, u32)>) -> bool {
         let mut hint = NO_SLOT;
-        self.refresh_hinted(now, key, &mut hint, lsn, compute)
+        self.refresh_hinted(key, &mut hint, lsn, compute)
     }
 
     /// Prefetches what [`Self::rehint`] reads for `key`: slot `hint`, if any,
@@ -289,7 +289,6 @@ impl<V: Clone> Tier<V> {
     /// looked up and `hint` updated (`NO_SLOT` when absent).
     pub fn refresh_hinted(
         &mut self,
-        _now: Instant,
         key: u128,
         hint: &mut u32,
         lsn: Lsn,
@@ -461,7 +460,7 @@ mod tests {
         let mut hint = slot_of(&t, 3);
         t.rehint(2, &mut hint);
         assert_eq!(hint, slot_of(&t, 2));
-        assert!(t.refresh_hinted(now, 2, &mut hint, Lsn(3), |_| Some((3, 10))));
+        assert!(t.refresh_hinted(2, &mut hint, Lsn(3), |_| Some((3, 10))));
         assert_eq!(t.peek(2).map(|e| e.value), Some(3));
     }
 

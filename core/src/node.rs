@@ -826,7 +826,7 @@ impl<V: Clone> EdgeNode<V> {
             }
         }
         if self.config.invalidation == InvalidationMode::Refresh {
-            self.refresh.apply_batch(now, events, &mut [&mut self.l1, &mut self.l2], refresh);
+            self.refresh.apply_batch(events, &mut [&mut self.l1, &mut self.l2], refresh);
         }
     }
 
@@ -1120,7 +1120,7 @@ mod tests {
                     for e in &events {
                         n.handle_cdc(now, e);
                         if mode == InvalidationMode::Refresh {
-                            n.refresh.apply(now, e, &mut [&mut n.l1, &mut n.l2], &mut refresh);
+                            n.refresh.apply(e, &mut [&mut n.l1, &mut n.l2], &mut refresh);
                         }
                     }
                 }

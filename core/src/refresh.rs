@@ -17,11 +17,11 @@
 //! waiting for each other. Most changed rows have no entry at a given node: a
 //! row filter answers them without a lookup in the index.
 
+use crate::Lsn;
 use crate::cache::{NO_SLOT, Tier};
 use crate::invalidation::{CdcEvent, ChangeTarget};
 use crate::open_map::{OpenKey, OpenMap};
 use crate::sql::TableId;
-use crate::{Instant, Lsn};
 
 /// Renders a refreshed result from a CDC row image: `(table, key hash, old
 /// value, lsn) -> (new value, size)`; `None` leaves the entry to invalidation.
@@ -198,21 +198,14 @@ impl RefreshIndex {
     /// Applies the row images of `event` to every tracked entry in `tiers`.
     /// `refresh(table, key, old value, lsn)` computes the new value (and its
     /// size) from the event's row image; `None` leaves the entry to invalidation.
-    pub fn apply<V: Clone>(
-        &mut self,
-        now: Instant,
-        event: &CdcEvent,
-        tiers: &mut [&mut Tier<V>],
-        refresh: &mut RefreshFn<'_, V>,
-    ) {
-        self.apply_batch(now, std::iter::once(event), tiers, refresh);
+    pub fn apply<V: Clone>(&mut self, event: &CdcEvent, tiers: &mut [&mut Tier<V>], refresh: &mut RefreshFn<'_, V>) {
+        self.apply_batch(std::iter::once(event), tiers, refresh);
     }
 
     /// Applies a batch of events, in order: the same result as [`Self::apply`]
     /// on each, with the memory accesses of different rows overlapped.
     pub fn apply_batch<'e, V: Clone>(
         &mut self,
-        now: Instant,
         events: impl IntoIterator<Item = &'e CdcEvent>,
         tiers: &mut [&mut Tier<V>],
         refresh: &mut RefreshFn<'_, V>,
@@ -260,8 +253,8 @@ impl RefreshIndex {
                 let (table, key, lsn, cache_key) = (d.table, d.key, d.lsn, d.tracked.cache_key());
                 let compute = |old: &V| refresh(table, key, old, lsn);
                 let done = match d.tracked.hints.get_mut(i) {
-                    Some(hint) => tier.refresh_hinted(now, cache_key, hint, lsn, compute),
-                    None => tier.refresh(now, cache_key, lsn, compute),
+                    Some(hint) => tier.refresh_hinted(cache_key, hint, lsn, compute),
+                    None => tier.refresh(cache_key, lsn, compute),
                 };
                 if done {
                     self.refreshed += 1;
@@ -345,7 +338,7 @@ mod tests {
             Some((lsn.0, 8))
         };
         // rows 1 and 3 tracked, 7 and 1000 not: only the tracked are rendered
-        index.apply(Instant::ZERO, &change(5, &[1, 7, 3, 1000]), &mut [&mut t], &mut refresh);
+        index.apply(&change(5, &[1, 7, 3, 1000]), &mut [&mut t], &mut refresh);
         assert_eq!(calls, vec![1, 3]);
         assert_eq!(index.refreshed, 2);
         let v = |t: &mut Tier<u64>, k: u128| t.peek(k).map(|e| (e.value, e.lsn));
@@ -359,7 +352,7 @@ mod tests {
             calls.push(k);
             Some((lsn.0, 8))
         };
-        index.apply(Instant::ZERO, &change(6, &[1, 2, 3, 5]), &mut [&mut t], &mut refresh);
+        index.apply(&change(6, &[1, 2, 3, 5]), &mut [&mut t], &mut refresh);
         assert_eq!(calls, Vec::<u64>::new(), "row 5 has no entry in the tier; 1-3 were forgotten");
         assert_eq!(v(&mut t, 2), Some((0, Lsn(1))));
     }
@@ -378,7 +371,7 @@ mod tests {
             // hints learnt, then made stale: entries removed and filled again
             // into other slots, one removed for good
             let mut refresh = |_: TableId, _: u64, _: &u64, lsn: Lsn| Some((lsn.0, 8));
-            index.apply(Instant::ZERO, &change(2, &rows), &mut [&mut l1, &mut l2], &mut refresh);
+            index.apply(&change(2, &rows), &mut [&mut l1, &mut l2], &mut refresh);
             for r in [1u128, 3, 5] {
                 l2.remove(r);
             }
@@ -388,10 +381,10 @@ mod tests {
                 l2.insert(Instant::ZERO, u128::from(r), e);
             }
             if batched {
-                index.apply_batch(Instant::ZERO, &events, &mut [&mut l1, &mut l2], &mut refresh);
+                index.apply_batch(&events, &mut [&mut l1, &mut l2], &mut refresh);
             } else {
                 for e in &events {
-                    index.apply(Instant::ZERO, e, &mut [&mut l1, &mut l2], &mut refresh);
+                    index.apply(e, &mut [&mut l1, &mut l2], &mut refresh);
                 }
             }
             let dump = |t: &Tier<u64>| (0..200u128).map(|k| t.peek(k).map(|e| (e.value, e.lsn))).collect::<Vec<_>>();

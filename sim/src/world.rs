@@ -647,8 +647,7 @@ impl World {
                     reg.versions.apply_cdc(ev);
                     reg.last_cdc = now;
                     if mode == InvalidationMode::Refresh {
-                        reg.refresh
-                            .apply(now, ev, &mut [&mut reg.l3], &mut |_, _, _, lsn| Some((Val { lsn }, entry_bytes)));
+                        reg.refresh.apply(ev, &mut [&mut reg.l3], &mut |_, _, _, lsn| Some((Val { lsn }, entry_bytes)));
                     }
                     reg.cdc_applied += 1;
                 }
