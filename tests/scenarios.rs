@@ -186,3 +186,46 @@ fn the_day_slice_is_an_hour_of_the_baseline() {
     assert_eq!(sc.workload.rate_qps, base.workload.rate_qps, "the baseline's workload");
     check_safety("long/day-slice", 1, &run_scenario(&sc.short(1)));
 }
+
+/// The what-if variants of the baseline (scenarios/what-if, outside the
+/// default suite; README "What it would take"): each is the baseline with a
+/// change, runs safely, and the one that meets the read target in the full
+/// form keeps more reads at the site than the baseline in the short form.
+#[test]
+fn what_if_variants_change_the_baseline_and_run_safely() {
+    let base = load("global-read-heavy");
+    let comparable = |sc: &Scenario| {
+        let mut v = serde_json::to_value(sc).expect("a scenario serialises");
+        for field in ["name", "description"] {
+            v.as_object_mut().expect("an object").remove(field);
+        }
+        v
+    };
+    let mut reports = Vec::new();
+    for entry in std::fs::read_dir(scenarios_dir().join("what-if")).expect("scenarios/what-if exists") {
+        let path = entry.expect("a directory entry").path();
+        let Some(stem) = path.file_stem().and_then(|s| s.to_str()).map(str::to_string) else { continue };
+        let sc = Scenario::load(&path.to_string_lossy()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(sc.name, stem, "file name and name field differ");
+        assert_eq!(
+            (sc.seed, sc.duration_s, sc.sites),
+            (base.seed, base.duration_s, base.sites),
+            "{stem}: the baseline's run"
+        );
+        assert_ne!(comparable(&sc), comparable(&base), "{stem}: no change from the baseline");
+        let report = run_scenario(&sc.short(1));
+        check_safety(&format!("what-if/{stem}"), 1, &report);
+        reports.push((stem, report));
+    }
+    reports.sort_by(|a, b| a.0.cmp(&b.0));
+    let names: Vec<&str> = reports.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["points-only", "points-ttl-1h", "read-only", "site-tiers-x4", "ttl-1h"]);
+    let best = &reports[1].1;
+    let baseline = run_scenario(&base.short(1));
+    assert!(
+        best.site_share > baseline.site_share + 0.05,
+        "points-ttl-1h answers {} of reads at the site, the baseline {}",
+        best.site_share,
+        baseline.site_share
+    );
+}

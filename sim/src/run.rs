@@ -74,6 +74,9 @@ pub struct Report {
     pub hit_rate_l1: f64,
     pub hit_rate_l2: f64,
     pub hit_rate_l3: f64,
+    /// Share of reads answered at the site (L1 or L2): a read p95 within
+    /// the site tiers' service times needs it at 95 % or more.
+    pub site_share: f64,
     pub edge_data_share: f64,
     pub stale_reads: u64,
     pub staleness_ms_max: f64,
@@ -378,6 +381,7 @@ fn build_report(w: &World) -> Report {
     let reads_ok = c.read_ok.max(1) as f64;
     let hit_rate = (l1 + l2 + l3) as f64 / reads_ok;
     let hit_rate_l1 = l1 as f64 / reads_ok;
+    let site_share = (l1 + l2) as f64 / reads_ok;
     let l2_lookups = reads_ok - l1 as f64;
     let hit_rate_l2 = if l2_lookups > 0.0 { l2 as f64 / l2_lookups } else { 0.0 };
     let l3_lookups = (l3 + rep + pri) as f64;
@@ -519,6 +523,7 @@ fn build_report(w: &World) -> Report {
         hit_rate_l1: r3(hit_rate_l1 * 100.0) / 100.0,
         hit_rate_l2: r3(hit_rate_l2 * 100.0) / 100.0,
         hit_rate_l3: r3(hit_rate_l3 * 100.0) / 100.0,
+        site_share: r3(site_share * 100.0) / 100.0,
         edge_data_share: r3(edge_data_share * 100.0) / 100.0,
         stale_reads: c.stale_reads,
         staleness_ms_max: r3(c.staleness_ms_max),
