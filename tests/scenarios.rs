@@ -88,6 +88,28 @@ fn regional_outage() {
     }
 }
 
+/// Packet loss on the links between sites and regions (1 %, the most a
+/// swarm draws) delays the requests it hits by a retransmission timeout; it
+/// neither fails them nor hides a recovery: the regional outage still
+/// recovers within its target, and no request fails.
+#[test]
+fn regional_outage_under_packet_loss() {
+    let mut base = load("regional-outage");
+    base.network.loss = 0.01;
+    for seed in SEEDS {
+        let r = run_scenario(&base.short(seed));
+        check_safety("regional-outage (network.loss = 0.01)", seed, &r);
+        let rec = &r.recoveries[0];
+        assert!(
+            rec.rto_ms < 10_000.0,
+            "seed {seed}: RTO {} ms under 1 % loss\n{}, with [network] loss = 0.01 added",
+            rec.rto_ms,
+            reproduce("regional-outage", seed)
+        );
+        assert_eq!(r.availability, 1.0, "seed {seed}: loss failed requests");
+    }
+}
+
 #[test]
 fn cache_tier_loss() {
     run_suite_scenario("cache-tier-loss");
@@ -168,6 +190,11 @@ fn corrupt_scenarios_are_clear_errors() {
             "bad fault kind",
             "name='x'\ndescription=''\nseed=1\nduration_s=20\nwarmup_s=1\n[[faults]]\nkind='meteor'\nat_s=2.0",
         ),
+        ("every message lost", "name='x'\ndescription=''\nseed=1\nduration_s=20\n[network]\nloss=1.0"),
+        ("negative loss", "name='x'\ndescription=''\nseed=1\nduration_s=20\n[network]\nloss=-0.1"),
+        ("no speed of light", "name='x'\ndescription=''\nseed=1\nduration_s=20\n[network]\nfiber_km_per_ms=0.0"),
+        ("routes shorter than fiber", "name='x'\ndescription=''\nseed=1\nduration_s=20\n[network]\nroute_factor=0.5"),
+        ("infinite jitter", "name='x'\ndescription=''\nseed=1\nduration_s=20\n[network]\njitter_ms=inf"),
     ];
     for (what, text) in bad {
         let err = Scenario::parse("test.toml", text).err().unwrap_or_else(|| panic!("{what}: accepted"));

@@ -210,6 +210,10 @@ pub struct Network {
     pub fiber_km_per_ms: f64,
     pub route_factor: f64,
     pub jitter_ms: f64,
+    /// Probability that a message between a site and a regional pool is
+    /// lost. The connection's transport resends it after its retransmission
+    /// timeout (see `World::retransmit_ms`): loss delays a request, it does
+    /// not fail it. A region that is down or cut off does fail it.
     pub loss: f64,
     pub client_rtt_ms_min: f64,
     pub client_rtt_ms_max: f64,
@@ -413,8 +417,21 @@ impl Scenario {
         {
             return Err("tier sizes and ttl_s must be positive".into());
         }
-        if self.network.client_rtt_ms_min > self.network.client_rtt_ms_max || self.network.timeout_ms == 0 {
-            return Err("network: client_rtt_ms_min <= client_rtt_ms_max and timeout_ms > 0".into());
+        let n = &self.network;
+        let rtt_ok =
+            n.client_rtt_ms_min >= 0.0 && n.client_rtt_ms_min <= n.client_rtt_ms_max && n.client_rtt_ms_max < 1e4;
+        if !rtt_ok || n.timeout_ms == 0 || n.timeout_ms > 600_000 {
+            return Err("network: 0 <= client_rtt_ms_min <= client_rtt_ms_max < 1e4, timeout_ms in 1..=600000".into());
+        }
+        let links_ok = n.fiber_km_per_ms.is_finite()
+            && n.fiber_km_per_ms > 0.0
+            && (1.0..100.0).contains(&n.route_factor)
+            && (0.0..1e4).contains(&n.jitter_ms);
+        if !links_ok {
+            return Err("network: fiber_km_per_ms > 0, route_factor in [1, 100), jitter_ms in [0, 1e4)".into());
+        }
+        if !(0.0..=0.1).contains(&n.loss) {
+            return Err("network.loss must be in [0, 0.1]".into());
         }
         for f in &self.faults {
             if !(0.0..self.duration_s as f64).contains(&f.at_s()) {

@@ -42,6 +42,24 @@ pub enum Op {
 }
 
 pub const RANGE_SPAN: u64 = 10;
+/// The least retransmission timeout of a TCP connection (Linux's `TCP_RTO_MIN`).
+const RTO_MIN_MS: f64 = 200.0;
+
+/// What loss adds to one message on a connection whose round trip is
+/// `rtt_ms`: each time the message is lost, the transport resends it after
+/// its retransmission timeout (about a round trip plus Linux's 200 ms
+/// minimum), doubled at each consecutive loss. 0 without loss, and then
+/// nothing is drawn from `rng` (runs without loss keep their draws).
+fn retransmit_ms(rng: &mut Rng, loss: f64, rtt_ms: f64) -> f64 {
+    let mut rto = rtt_ms + RTO_MIN_MS;
+    let mut ms = 0.0;
+    // a run of losses ends: the scenario's loss is at most 0.1
+    while loss > 0.0 && rng.unit_f64() < loss {
+        ms += rto;
+        rto *= 2.0;
+    }
+    ms
+}
 
 struct Stmts {
     point: Prepared,
@@ -534,10 +552,14 @@ impl World {
         self.sites[site].regions.handle_result(now, EndpointId(region as u32), result);
     }
 
-    fn region_reachable(&mut self, region: usize) -> bool {
+    fn region_reachable(&self, region: usize) -> bool {
         let r = &self.regions[region];
-        let loss = self.sc.network.loss;
-        r.up && !r.edge_partitioned && !(loss > 0.0 && self.rng.unit_f64() < loss)
+        r.up && !r.edge_partitioned
+    }
+
+    /// See [`retransmit_ms`].
+    fn resent_ms(&mut self, rtt_ms: f64) -> f64 {
+        retransmit_ms(&mut self.rng, self.sc.network.loss, rtt_ms)
     }
 
     /// L3 lookup at the region.
@@ -1121,8 +1143,14 @@ pub async fn upstream(w: Shared, site: usize, u: UpstreamRequest) {
             waited_ms += 200.0;
             continue;
         };
-        let reachable = w.borrow_mut().region_reachable(region);
-        if !reachable {
+        let (reachable, jitter, resent_ms) = {
+            let mut wb = w.borrow_mut();
+            let jitter = wb.jitter();
+            (wb.region_reachable(region), jitter, [wb.resent_ms(2.0 * oneway), wb.resent_ms(2.0 * oneway)])
+        };
+        // a request still being resent when the site's timeout fires was not
+        // delivered: the site gives up on it and tries again
+        if !reachable || oneway + jitter + resent_ms[0] >= timeout_ms {
             sleep_ms(timeout_ms).await;
             waited_ms += timeout_ms;
             w.borrow_mut().region_result(site, region, Err(()));
@@ -1131,17 +1159,17 @@ pub async fn upstream(w: Shared, site: usize, u: UpstreamRequest) {
             }
             continue;
         }
-        let jitter = w.borrow_mut().jitter();
-        sleep_ms(oneway + jitter).await;
+        sleep_ms(oneway + jitter + resent_ms[0]).await;
         let outcome = region_execute(&w, region, &u, ctx).await;
-        sleep_ms(oneway + jitter).await;
+        sleep_ms(oneway + jitter + resent_ms[1]).await;
+        let lost_ms = resent_ms[0] + resent_ms[1];
         match outcome {
             DbOutcome::Ok { snapshot, commit, served, extra_ms } => {
-                let ms = waited_ms + 2.0 * (oneway + jitter) + extra_ms;
+                let ms = waited_ms + 2.0 * (oneway + jitter) + lost_ms + extra_ms;
                 w.borrow_mut().region_result(
                     site,
                     region,
-                    Ok(Duration::from_secs_f64((2.0 * oneway + extra_ms) / 1e3)),
+                    Ok(Duration::from_secs_f64((2.0 * oneway + lost_ms + extra_ms) / 1e3)),
                 );
                 break Ok((Val { lsn: snapshot }, served, commit, ms));
             }
@@ -1152,7 +1180,7 @@ pub async fn upstream(w: Shared, site: usize, u: UpstreamRequest) {
                     break Err("no database endpoint".into());
                 }
                 sleep_ms(250.0).await;
-                waited_ms += 250.0 + 2.0 * oneway;
+                waited_ms += 250.0 + 2.0 * oneway + lost_ms;
             }
             DbOutcome::Refused(e) => {
                 if waited_ms > hold_ms {
@@ -1160,7 +1188,7 @@ pub async fn upstream(w: Shared, site: usize, u: UpstreamRequest) {
                 }
                 // a fenced or stale primary: wait for the new routes
                 sleep_ms(250.0).await;
-                waited_ms += 250.0 + 2.0 * oneway;
+                waited_ms += 250.0 + 2.0 * oneway + lost_ms;
             }
         }
     };
@@ -1217,7 +1245,28 @@ pub async fn upstream(w: Shared, site: usize, u: UpstreamRequest) {
 
 #[cfg(test)]
 mod tests {
-    use super::decimal;
+    use super::{Rng, decimal, retransmit_ms};
+
+    #[test]
+    fn loss_costs_retransmission_timeouts_that_double() {
+        let mut rng = Rng::new(7);
+        let before = rng.clone().unit_f64();
+        assert_eq!(retransmit_ms(&mut rng, 0.0, 100.0), 0.0);
+        assert_eq!(rng.unit_f64(), before, "no loss, no draw");
+        // every delay is a sum of timeouts 300, 600, 1200, ... ms (a round
+        // trip of 100 ms plus 200), and losses are as frequent as drawn
+        let n = 100_000;
+        let (mut lost, mut twice) = (0, 0);
+        for _ in 0..n {
+            let ms = retransmit_ms(&mut rng, 0.1, 100.0);
+            let k = ((ms / 300.0) + 1.0).log2().round() as u32;
+            assert_eq!(ms, 300.0 * f64::from((1u32 << k) - 1), "{ms} is not a run of doubling timeouts");
+            lost += u32::from(k >= 1);
+            twice += u32::from(k >= 2);
+        }
+        assert!((9_000..11_000).contains(&lost), "{lost} of {n} messages lost at 10 %");
+        assert!((700..1_300).contains(&twice), "{twice} of {n} lost twice at 1 %");
+    }
 
     #[test]
     fn decimal_is_to_string() {
