@@ -60,6 +60,12 @@ fn suite_lists_every_scenario_file() {
 #[test]
 fn global_read_heavy() {
     run_suite_scenario("global-read-heavy");
+    // writes by the region they come from: the primary is in Ashburn, so
+    // APAC's writes cross the Pacific and US writes do not
+    let r = run_scenario(&load("global-read-heavy").short(1));
+    let p95 = |zone: &str| r.writes_by_region.iter().find(|(z, _)| z == zone).map(|(_, q)| q.p95_ms);
+    let (us, apac) = (p95("US").expect("US writes"), p95("APAC").expect("APAC writes"));
+    assert!(p95("EU").is_some() && us + 100.0 < apac, "write p95 US {us} ms, APAC {apac} ms");
 }
 
 #[test]

@@ -51,6 +51,7 @@ pub struct Checker {
     pub reads: Latency,
     pub writes: Latency,
     pub reads_by_zone: BTreeMap<Zone, Latency>,
+    pub writes_by_zone: BTreeMap<Zone, Latency>,
     pub reads_by_served: BTreeMap<Served, Latency>,
     pub reads_by_site: Vec<Latency>,
     pub read_ok: u64,

@@ -23,6 +23,10 @@ pub fn table(r: &Report) -> String {
     );
     let by_region: Vec<String> = r.reads_by_region.iter().map(|(z, q)| format!("{z} {:.2}", q.p95_ms)).collect();
     let _ = writeln!(s, "  read p95 by region (ms): {}", by_region.join(", "));
+    if !r.writes_by_region.is_empty() {
+        let by_region: Vec<String> = r.writes_by_region.iter().map(|(z, q)| format!("{z} {:.2}", q.p95_ms)).collect();
+        let _ = writeln!(s, "  write p95 by region (ms): {}", by_region.join(", "));
+    }
     let by_tier: Vec<String> =
         r.reads_by_tier.iter().map(|(t, q)| format!("{t} {} ({:.2} ms)", q.count, q.p95_ms)).collect();
     let _ = writeln!(s, "  reads by tier (count, p95): {}", by_tier.join(", "));

@@ -67,6 +67,8 @@ pub struct Report {
     pub reads: Quantiles,
     pub writes: Quantiles,
     pub reads_by_region: Vec<(String, Quantiles)>,
+    /// Writes by the region of the site they came from (the primary is in one).
+    pub writes_by_region: Vec<(String, Quantiles)>,
     pub reads_by_tier: Vec<(String, Quantiles)>,
     /// Read latency CDF per region: (ms, share of reads at or below).
     pub read_cdf_by_region: Vec<(String, Vec<(f64, f64)>)>,
@@ -517,6 +519,7 @@ fn build_report(w: &World) -> Report {
         reads,
         writes,
         reads_by_region: c.reads_by_zone.iter().map(|(z, l)| (zone_names(z), q(l))).collect(),
+        writes_by_region: c.writes_by_zone.iter().map(|(z, l)| (zone_names(z), q(l))).collect(),
         reads_by_tier: c.reads_by_served.iter().map(|(s, l)| (s.name().to_string(), q(l))).collect(),
         read_cdf_by_region: c.reads_by_zone.iter().map(|(z, l)| (zone_names(z), cdf(l))).collect(),
         hit_rate: r3(hit_rate * 100.0) / 100.0,

@@ -1228,6 +1228,7 @@ pub async fn upstream(w: Shared, site: usize, u: UpstreamRequest) {
                 if wb.checker.measured(ctx.started) {
                     wb.checker.write_ok += 1;
                     wb.checker.writes.record_ms(ms);
+                    wb.checker.writes_by_zone.entry(zone).or_default().record_ms(ms);
                 }
             } else {
                 wb.checker.upstream_reads += u64::from(wb.checker.measured(ctx.started));
