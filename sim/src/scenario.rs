@@ -372,6 +372,86 @@ impl Scenario {
         f
     }
 
+    /// The ranges of the numbers `validate` does not check one by one: every
+    /// duration, rate, share and size the world turns into time or memory.
+    fn validate_numbers(&self) -> Result<(), String> {
+        fn range(name: &str, v: f64, lo: f64, hi: f64) -> Result<(), String> {
+            if (lo..=hi).contains(&v) { Ok(()) } else { Err(format!("{name} must be in [{lo}, {hi}], not {v}")) }
+        }
+        fn int(name: &str, v: u64, lo: u64, hi: u64) -> Result<(), String> {
+            if (lo..=hi).contains(&v) { Ok(()) } else { Err(format!("{name} must be in {lo}..={hi}, not {v}")) }
+        }
+        const MS_MAX: f64 = 600_000.0;
+        let (w, t, d, g) = (&self.workload, &self.tiers, &self.db, &self.targets);
+        range("workload.bypass_write_qps", w.bypass_write_qps, 0.0, 100_000.0)?;
+        range("workload.write_zipf_s", w.write_zipf_s, 0.0, 5.0)?;
+        range("workload.utc_hour_start", w.utc_hour_start, 0.0, 24.0)?;
+        range("workload.sun_speed", w.sun_speed, 0.0, 1.0)?;
+        for (name, v) in [("tiers.l1_ms", t.l1_ms), ("tiers.l2_ms", t.l2_ms), ("tiers.l3_ms", t.l3_ms)] {
+            range(name, v, 0.0, 10_000.0)?;
+        }
+        for (name, v) in [("tiers.l1_entries", t.l1_entries), ("tiers.l2_entries", t.l2_entries)] {
+            int(name, v as u64, 1, 10_000_000)?;
+        }
+        int("tiers.l3_entries", t.l3_entries as u64, 1, 100_000_000)?;
+        int("tiers.ttl_s", t.ttl_s, 1, 30 * 86_400)?;
+        int("tiers.entry_bytes", u64::from(t.entry_bytes), 1, 1 << 24)?;
+        for (name, v) in [
+            ("db.point_ms", d.point_ms),
+            ("db.range_ms", d.range_ms),
+            ("db.join_ms", d.join_ms),
+            ("db.write_ms", d.write_ms),
+            ("db.replica_apply_ms", d.replica_apply_ms),
+            ("db.cdc_lag_ms", d.cdc_lag_ms),
+        ] {
+            range(name, v, 0.0, MS_MAX)?;
+        }
+        for (name, v) in [("db.cdc_duplicate", d.cdc_duplicate), ("db.cdc_reorder", d.cdc_reorder)] {
+            range(name, v, 0.0, 1.0)?;
+        }
+        for (name, v) in [
+            ("db.heartbeat_ms", d.heartbeat_ms),
+            ("db.heartbeat_timeout_ms", d.heartbeat_timeout_ms),
+            ("db.promote_ms", d.promote_ms),
+            ("db.cdc_silence_max_ms", d.cdc_silence_max_ms),
+        ] {
+            int(name, v, 1, MS_MAX as u64)?;
+        }
+        for (name, v) in [
+            ("targets.read_p95_ms", g.read_p95_ms),
+            ("targets.write_p95_ms", g.write_p95_ms),
+            ("targets.rto_primary_ms", g.rto_primary_ms),
+            ("targets.rto_regional_ms", g.rto_regional_ms),
+            ("targets.rto_cache_ms", g.rto_cache_ms),
+        ] {
+            range(name, v, 0.0, 1e9)?;
+        }
+        range("targets.hit_rate", g.hit_rate, 0.0, 1.0)?;
+        range("targets.availability", g.availability, 0.0, 1.0)?;
+        let horizon = 86_400.0;
+        for f in &self.faults {
+            let label = f.label();
+            match f {
+                Fault::PrimaryCrash { restart_after_s: Some(x), .. }
+                | Fault::ReplicaCrash { restart_after_s: Some(x), .. } => {
+                    range(&format!("fault {label}: restart_after_s"), *x, 0.0, horizon)?
+                }
+                Fault::RegionalOutage { duration_s, .. }
+                | Fault::EdgePartition { duration_s, .. }
+                | Fault::PrimaryPartition { duration_s, .. }
+                | Fault::CdcStall { duration_s, .. } => {
+                    range(&format!("fault {label}: duration_s"), *duration_s, 0.0, horizon)?
+                }
+                Fault::SlowLink { extra_ms, duration_s, .. } => {
+                    range(&format!("fault {label}: duration_s"), *duration_s, 0.0, horizon)?;
+                    range(&format!("fault {label}: extra_ms"), *extra_ms, 0.0, MS_MAX)?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         let w = &self.workload;
         if self.duration_s == 0 || self.duration_s > 86_400 {
@@ -433,6 +513,7 @@ impl Scenario {
         if !(0.0..=0.1).contains(&n.loss) {
             return Err("network.loss must be in [0, 0.1]".into());
         }
+        self.validate_numbers()?;
         for f in &self.faults {
             if !(0.0..self.duration_s as f64).contains(&f.at_s()) {
                 return Err(format!("fault {} at {}s is outside the run", f.label(), f.at_s()));
