@@ -261,4 +261,11 @@ fn what_if_variants_change_the_baseline_and_run_safely() {
         best.site_share,
         baseline.site_share
     );
+    // an hour's TTL keeps more of the dataset at each site
+    assert!(
+        best.edge_data_share > baseline.edge_data_share && baseline.edge_data_share > 0.0,
+        "rows held per site: points-ttl-1h {}, the baseline {}",
+        best.edge_data_share,
+        baseline.edge_data_share
+    );
 }

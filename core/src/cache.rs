@@ -149,6 +149,11 @@ impl<V: Clone> Tier<V> {
         self.map.is_empty()
     }
 
+    /// Every entry held, expired or not, in slot order.
+    pub fn entries(&self) -> impl Iterator<Item = &Entry<V>> {
+        self.slots.iter().flatten().map(|s| &s.entry)
+    }
+
     /// Drops everything (a lost tier). Statistics other than size are kept.
     pub fn clear(&mut self) {
         self.map.clear();
@@ -462,6 +467,23 @@ mod tests {
         assert_eq!(hint, slot_of(&t, 2));
         assert!(t.refresh_hinted(2, &mut hint, Lsn(3), |_| Some((3, 10))));
         assert_eq!(t.peek(2).map(|e| e.value), Some(3));
+    }
+
+    #[test]
+    fn entries_are_what_the_tier_holds() {
+        let mut t = Tier::new(cfg(3, Eviction::Lru)).expect("valid");
+        let now = Instant::ZERO;
+        for k in 1..=5u64 {
+            assert!(t.insert(now, u128::from(k), entry(k, 10)));
+        }
+        t.remove(4);
+        let mut held: Vec<u32> = t.entries().map(|e| e.value).collect();
+        held.sort_unstable();
+        // 1 and 2 evicted (three entries at most), 4 removed
+        assert_eq!(held, [3, 5]);
+        assert_eq!(t.entries().count(), t.len());
+        t.clear();
+        assert_eq!(t.entries().count(), 0);
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub fn table(r: &Report) -> String {
     let _ = writeln!(s, "  reads by tier (count, p95): {}", by_tier.join(", "));
     let _ = writeln!(
         s,
-        "  hit rate {:.2} % (L1 {:.2} %, L2 {:.2} % of L1 misses, L3 {:.2} % of upstream); {:.2} % of reads answered at the site; edge holds {:.2} % of the keys per site",
+        "  hit rate {:.2} % (L1 {:.2} %, L2 {:.2} % of L1 misses, L3 {:.2} % of upstream); {:.2} % of reads answered at the site; sites hold {:.2} % of the rows (mean)",
         r.hit_rate * 100.0,
         r.hit_rate_l1 * 100.0,
         r.hit_rate_l2 * 100.0,

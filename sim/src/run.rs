@@ -79,6 +79,9 @@ pub struct Report {
     /// Share of reads answered at the site (L1 or L2): a read p95 within
     /// the site tiers' service times needs it at 95 % or more.
     pub site_share: f64,
+    /// Share of the dataset (the rows of `items`) whose current data a site
+    /// holds in L1 or L2 at the end, mean over sites: the rows its unexpired,
+    /// valid entries depend on (a range's every row, a point read's one).
     pub edge_data_share: f64,
     pub stale_reads: u64,
     pub staleness_ms_max: f64,
@@ -388,9 +391,7 @@ fn build_report(w: &World) -> Report {
     let hit_rate_l2 = if l2_lookups > 0.0 { l2 as f64 / l2_lookups } else { 0.0 };
     let l3_lookups = (l3 + rep + pri) as f64;
     let hit_rate_l3 = if l3_lookups > 0.0 { l3 as f64 / l3_lookups } else { 0.0 };
-    let entries: u64 =
-        w.sites.iter().map(|s| s.node.tier(postai_core::cache::TierName::L2).map_or(0, |t| t.len() as u64)).sum();
-    let edge_data_share = entries as f64 / w.sites.len().max(1) as f64 / sc.workload.keys as f64;
+    let edge_data_share = w.rows_held_per_site() / sc.workload.keys as f64;
     let total = reads_total + c.write_ok + c.write_failed;
     let availability = (c.read_ok + c.write_ok) as f64 / total.max(1) as f64;
     let lost = c.lost_acked.len() as u64;

@@ -11,7 +11,7 @@ use std::rc::Rc;
 use postai_core::cache::{Entry, Eviction, Lookup, Tier, TierConfig, TierName};
 use postai_core::consistency::{Consistency, entry_meets_floor};
 use postai_core::failover::{Epoch, FailoverConfig, FailoverController, FailoverOutput, Fence};
-use postai_core::invalidation::{CdcEvent, Change, ChangeTarget, VersionMap, VersionMapConfig, key_hash};
+use postai_core::invalidation::{CdcEvent, Change, ChangeTarget, Dep, VersionMap, VersionMapConfig, key_hash};
 use postai_core::node::{
     EdgeNode, InvalidationMode, NodeConfig, NodeOutput, Prepared, RequestId, Served, SessionId, UpstreamReply,
     UpstreamRequest,
@@ -392,6 +392,31 @@ impl World {
         self.db.log = Vec::new();
         self.db.accepted = Vec::new();
         self.checker = Checker::new(0, 0, Instant::ZERO);
+    }
+
+    /// Distinct rows of `items` held in a site's L1 or L2 (the key deps of
+    /// its entries that it would serve now: unexpired and valid), mean over
+    /// sites.
+    pub fn rows_held_per_site(&self) -> f64 {
+        let now = self.now();
+        let mut rows = Vec::new();
+        let mut total = 0usize;
+        for s in &self.sites {
+            rows.clear();
+            for tier in [TierName::L1, TierName::L2].into_iter().filter_map(|t| s.node.tier(t)) {
+                let versions = s.node.versions();
+                for e in tier.entries().filter(|e| e.expires_at > now && versions.is_valid(e.lsn, &e.deps)) {
+                    rows.extend(e.deps.iter().filter_map(|d| match *d {
+                        Dep::Key(t, k) if t == self.items => Some(k),
+                        _ => None,
+                    }));
+                }
+            }
+            rows.sort_unstable();
+            rows.dedup();
+            total += rows.len();
+        }
+        total as f64 / self.sites.len().max(1) as f64
     }
 
     fn jitter(&mut self) -> f64 {
