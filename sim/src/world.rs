@@ -399,6 +399,10 @@ impl World {
     /// sites.
     pub fn rows_held_per_site(&self) -> f64 {
         let now = self.now();
+        // a range near the end of the key space names rows past it
+        let keys = self.sc.workload.keys;
+        let absent: Vec<u64> =
+            (keys..=keys + RANGE_SPAN).map(|k| key_hash(self.items, decimal(k, &mut [0; 20]))).collect();
         let mut rows = Vec::new();
         let mut total = 0usize;
         for s in &self.sites {
@@ -407,7 +411,7 @@ impl World {
                 let versions = s.node.versions();
                 for e in tier.entries().filter(|e| e.expires_at > now && versions.is_valid(e.lsn, &e.deps)) {
                     rows.extend(e.deps.iter().filter_map(|d| match *d {
-                        Dep::Key(t, k) if t == self.items => Some(k),
+                        Dep::Key(t, k) if t == self.items && !absent.contains(&k) => Some(k),
                         _ => None,
                     }));
                 }
@@ -1168,14 +1172,20 @@ pub async fn upstream(w: Shared, site: usize, u: UpstreamRequest) {
             waited_ms += 200.0;
             continue;
         };
-        let (reachable, jitter, resent_ms) = {
+        // the draws in the order they were made before loss was modelled
+        // (reachability, then jitter), so that runs without loss keep theirs
+        let reachable = w.borrow().region_reachable(region);
+        let (jitter, resent_ms) = if reachable {
             let mut wb = w.borrow_mut();
             let jitter = wb.jitter();
-            (wb.region_reachable(region), jitter, [wb.resent_ms(2.0 * oneway), wb.resent_ms(2.0 * oneway)])
+            (jitter, [wb.resent_ms(2.0 * oneway), wb.resent_ms(2.0 * oneway)])
+        } else {
+            (0.0, [0.0; 2])
         };
         // a request still being resent when the site's timeout fires was not
-        // delivered: the site gives up on it and tries again
-        if !reachable || oneway + jitter + resent_ms[0] >= timeout_ms {
+        // delivered: the site gives up on it and tries again (a late answer
+        // to a delivered request is waited for)
+        if !reachable || (resent_ms[0] > 0.0 && oneway + jitter + resent_ms[0] >= timeout_ms) {
             sleep_ms(timeout_ms).await;
             waited_ms += timeout_ms;
             w.borrow_mut().region_result(site, region, Err(()));

@@ -1,6 +1,7 @@
 //! A scenario file never panics the simulator: every number in it (every
 //! field of every section and of every fault kind), set out of range, is
-//! either refused with an error that names the file, or the scenario runs.
+//! either refused with an error that names the file and the field, or the
+//! scenario runs.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
@@ -128,7 +129,8 @@ fn out_of_range_numbers_are_refused_or_run() {
             let text = toml::to_string(&d).expect("the document prints");
             match Scenario::parse("fields.toml", &text) {
                 Err(e) => {
-                    assert!(e.to_string().starts_with("fields.toml"), "{name} = {value}: {e}");
+                    let (e, field) = (e.to_string(), path.last().expect("a path"));
+                    assert!(e.starts_with("fields.toml") && e.contains(field.as_str()), "{name} = {value}: {e}");
                     refused += 1;
                 }
                 Ok(sc) => {
