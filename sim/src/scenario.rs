@@ -372,8 +372,8 @@ impl Scenario {
         f
     }
 
-    /// The ranges of the numbers `validate` does not check one by one: every
-    /// duration, rate, share and size the world turns into time or memory.
+    /// The range of every number: every duration, rate, share and size the
+    /// world turns into time or memory (NaN is in no range).
     fn validate_numbers(&self) -> Result<(), String> {
         fn range(name: &str, v: f64, lo: f64, hi: f64) -> Result<(), String> {
             if (lo..=hi).contains(&v) { Ok(()) } else { Err(format!("{name} must be in [{lo}, {hi}], not {v}")) }
@@ -382,7 +382,28 @@ impl Scenario {
             if (lo..=hi).contains(&v) { Ok(()) } else { Err(format!("{name} must be in {lo}..={hi}, not {v}")) }
         }
         const MS_MAX: f64 = 600_000.0;
-        let (w, t, d, g) = (&self.workload, &self.tiers, &self.db, &self.targets);
+        let (w, t, d, g, n) = (&self.workload, &self.tiers, &self.db, &self.targets, &self.network);
+        int("duration_s", self.duration_s, 1, 86_400)?;
+        range("warmup_rate_factor", self.warmup_rate_factor, 1.0, 20.0)?;
+        int("sites", self.sites as u64, 1, 300)?;
+        range("workload.rate_qps", w.rate_qps, f64::MIN_POSITIVE, 2_000_000.0)?;
+        int("workload.keys", w.keys, 1, 10_000_000)?;
+        for (name, v) in [
+            ("workload.write_ratio", w.write_ratio),
+            ("workload.eu_resident_share", w.eu_resident_share),
+            ("workload.hot_write_share", w.hot_write_share),
+        ] {
+            range(name, v, 0.0, 1.0)?;
+        }
+        int("workload.sessions_per_site", u64::from(w.sessions_per_site), 1, 1000)?;
+        range("workload.zipf_s", w.zipf_s, 0.0, 5.0)?;
+        range("network.client_rtt_ms_min", n.client_rtt_ms_min, 0.0, 1e4)?;
+        range("network.client_rtt_ms_max", n.client_rtt_ms_max, 0.0, 1e4)?;
+        int("network.timeout_ms", n.timeout_ms, 1, MS_MAX as u64)?;
+        range("network.fiber_km_per_ms", n.fiber_km_per_ms, 1e-3, 1e6)?;
+        range("network.route_factor", n.route_factor, 1.0, 100.0)?;
+        range("network.jitter_ms", n.jitter_ms, 0.0, 1e4)?;
+        range("network.loss", n.loss, 0.0, 0.1)?;
         range("workload.bypass_write_qps", w.bypass_write_qps, 0.0, 100_000.0)?;
         for (name, v) in [("workload.point", w.point), ("workload.range", w.range), ("workload.join", w.join)] {
             range(name, v, 0.0, 1e6)?;
@@ -467,60 +488,17 @@ impl Scenario {
     }
 
     pub fn validate(&self) -> Result<(), String> {
+        self.validate_numbers()?;
         let w = &self.workload;
-        if self.duration_s == 0 || self.duration_s > 86_400 {
-            return Err("duration_s must be in 1..=86400".into());
-        }
         if self.warmup_s >= self.duration_s {
             return Err("warmup_s must be shorter than duration_s".into());
         }
-        if !(1.0..=20.0).contains(&self.warmup_rate_factor) {
-            return Err("warmup_rate_factor must be in [1, 20]".into());
+        if w.point + w.range + w.join <= 0.0 {
+            return Err("workload.point/range/join must not all be zero".into());
         }
-        if self.sites == 0 || self.sites > 300 {
-            return Err("sites must be in 1..=300".into());
+        if self.network.client_rtt_ms_min > self.network.client_rtt_ms_max {
+            return Err("network.client_rtt_ms_min must not exceed network.client_rtt_ms_max".into());
         }
-        if !(w.rate_qps > 0.0 && w.rate_qps <= 2_000_000.0) {
-            return Err("workload.rate_qps must be in (0, 2e6]".into());
-        }
-        if w.keys == 0 || w.keys > 10_000_000 {
-            return Err("workload.keys must be in 1..=1e7".into());
-        }
-        for (name, v) in [
-            ("write_ratio", w.write_ratio),
-            ("eu_resident_share", w.eu_resident_share),
-            ("hot_write_share", w.hot_write_share),
-        ] {
-            if !(0.0..=1.0).contains(&v) {
-                return Err(format!("workload.{name} must be in [0, 1]"));
-            }
-        }
-        if w.point < 0.0 || w.range < 0.0 || w.join < 0.0 || w.point + w.range + w.join <= 0.0 {
-            return Err("workload.point/range/join must be non-negative and not all zero".into());
-        }
-        if w.sessions_per_site == 0 || w.sessions_per_site > 1000 {
-            return Err("workload.sessions_per_site must be in 1..=1000".into());
-        }
-        if !(w.zipf_s >= 0.0 && w.zipf_s < 5.0) {
-            return Err("workload.zipf_s must be in [0, 5)".into());
-        }
-        let n = &self.network;
-        let rtt_ok =
-            n.client_rtt_ms_min >= 0.0 && n.client_rtt_ms_min <= n.client_rtt_ms_max && n.client_rtt_ms_max < 1e4;
-        if !rtt_ok || n.timeout_ms == 0 || n.timeout_ms > 600_000 {
-            return Err("network: 0 <= client_rtt_ms_min <= client_rtt_ms_max < 1e4, timeout_ms in 1..=600000".into());
-        }
-        let links_ok = n.fiber_km_per_ms.is_finite()
-            && n.fiber_km_per_ms > 0.0
-            && (1.0..100.0).contains(&n.route_factor)
-            && (0.0..1e4).contains(&n.jitter_ms);
-        if !links_ok {
-            return Err("network: fiber_km_per_ms > 0, route_factor in [1, 100), jitter_ms in [0, 1e4)".into());
-        }
-        if !(0.0..=0.1).contains(&n.loss) {
-            return Err("network.loss must be in [0, 0.1]".into());
-        }
-        self.validate_numbers()?;
         for f in &self.faults {
             if !(0.0..self.duration_s as f64).contains(&f.at_s()) {
                 return Err(format!("fault {}: at_s = {} is outside the run", f.label(), f.at_s()));

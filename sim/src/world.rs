@@ -407,8 +407,8 @@ impl World {
         let mut total = 0usize;
         for s in &self.sites {
             rows.clear();
+            let versions = s.node.versions();
             for tier in [TierName::L1, TierName::L2].into_iter().filter_map(|t| s.node.tier(t)) {
-                let versions = s.node.versions();
                 for e in tier.entries().filter(|e| e.expires_at > now && versions.is_valid(e.lsn, &e.deps)) {
                     rows.extend(e.deps.iter().filter_map(|d| match *d {
                         Dep::Key(t, k) if t == self.items && !absent.contains(&k) => Some(k),
