@@ -224,19 +224,23 @@ fn the_day_slice_is_an_hour_of_the_baseline() {
     check_safety("long/day-slice", 1, &run_scenario(&sc.short(1)));
 }
 
+/// Every setting of `sc` but `fields` (top-level names), to compare two
+/// scenarios.
+fn settings_but(sc: &Scenario, fields: &[&str]) -> serde_json::Value {
+    let mut v = serde_json::to_value(sc).expect("a scenario serialises");
+    for field in fields {
+        v.as_object_mut().expect("an object").remove(*field);
+    }
+    v
+}
+
 /// The steady-state runs (scenarios/long, README "Steady state"): each is
 /// its base scenario with a longer run whose measured part starts after the
 /// warm start's entries have expired (at least one TTL), and its short form
 /// runs safely.
 #[test]
 fn steady_state_runs_are_their_base_measured_after_the_warm_start() {
-    let comparable = |sc: &Scenario| {
-        let mut v = serde_json::to_value(sc).expect("a scenario serialises");
-        for field in ["name", "description", "duration_s", "warmup_s"] {
-            v.as_object_mut().expect("an object").remove(field);
-        }
-        v
-    };
+    let comparable = |sc: &Scenario| settings_but(sc, &["name", "description", "duration_s", "warmup_s"]);
     for (name, base) in
         [("steady-baseline", "global-read-heavy.toml"), ("steady-points-ttl-1h", "what-if/points-ttl-1h.toml")]
     {
@@ -258,13 +262,7 @@ fn steady_state_runs_are_their_base_measured_after_the_warm_start() {
 #[test]
 fn what_if_variants_change_the_baseline_and_run_safely() {
     let base = load("global-read-heavy");
-    let comparable = |sc: &Scenario| {
-        let mut v = serde_json::to_value(sc).expect("a scenario serialises");
-        for field in ["name", "description"] {
-            v.as_object_mut().expect("an object").remove(field);
-        }
-        v
-    };
+    let comparable = |sc: &Scenario| settings_but(sc, &["name", "description"]);
     let mut reports = Vec::new();
     for entry in std::fs::read_dir(scenarios_dir().join("what-if")).expect("scenarios/what-if exists") {
         let path = entry.expect("a directory entry").path();
