@@ -25,6 +25,8 @@ pub enum Dep {
     Table(TableId),
     /// A change to the row with this key hash (see [`key_hash`]).
     Key(TableId, u64),
+    /// Any change to any table (a result that may read anything).
+    Any,
 }
 
 /// The dependencies of a cached result, a slice ([`Deref`]): one is held
@@ -156,6 +158,8 @@ pub struct VersionStats {
 pub struct VersionMap {
     config: VersionMapConfig,
     global: Lsn,
+    /// The newest change to any table.
+    any_table: Lsn,
     table_any: FixedMap<TableId, Lsn>,
     table_whole: FixedMap<TableId, Lsn>,
     keys: OpenMap<(TableId, u64), Lsn>,
@@ -174,6 +178,7 @@ impl VersionMap {
         VersionMap {
             config,
             global: Lsn(0),
+            any_table: Lsn(0),
             table_any: FixedMap::default(),
             table_whole: FixedMap::default(),
             keys: OpenMap::new(),
@@ -197,6 +202,9 @@ impl VersionMap {
     pub fn apply(&mut self, change: &Change) {
         let lsn = change.lsn;
         self.stats.changes_applied += 1;
+        if !change.targets.is_empty() {
+            self.any_table = self.any_table.max(lsn);
+        }
         for target in &change.targets {
             match target {
                 ChangeTarget::All => self.global = self.global.max(lsn),
@@ -259,6 +267,7 @@ impl VersionMap {
             return false;
         }
         deps.iter().all(|d| match *d {
+            Dep::Any => self.any_table <= lsn,
             Dep::Table(t) => get(&self.table_any, t) <= lsn,
             Dep::Key(t, k) => {
                 get(&self.table_whole, t) <= lsn
@@ -273,6 +282,7 @@ impl VersionMap {
         let mut need = self.global;
         for d in deps {
             let v = match *d {
+                Dep::Any => self.any_table,
                 Dep::Table(t) => get(&self.table_any, t),
                 Dep::Key(t, k) => get(&self.table_whole, t)
                     .max(get(&self.key_watermark, t))

@@ -13,8 +13,8 @@ use std::sync::atomic::Ordering;
 
 use postai_core::Lsn;
 use postai_core::cache::TierName;
-use postai_core::invalidation::{CdcEvent, Change, ChangeTarget, key_hash};
-use postai_core::sql::{Catalog, canonical_number};
+use postai_core::invalidation::{CdcEvent, Change, ChangeTarget};
+use postai_core::sql::Catalog;
 
 use crate::config::CdcSource;
 use crate::l2::fmt_lsn;
@@ -83,77 +83,14 @@ fn is_ddl_message(line: &str) -> bool {
         .is_some_and(|(prefix, _)| prefix == DDL_PREFIX)
 }
 
-/// What a `test_decoding` line inside a transaction changed: a table's rows,
-/// or everything (DDL; a table line this parser cannot read).
-fn change_target(line: &str, catalog: &Catalog) -> Option<ChangeTarget> {
+/// What a `test_decoding` line inside a transaction changed: rows of
+/// tables (see [`crate::decoding`]), or everything (DDL).
+fn change_targets(line: &str, catalog: &Catalog) -> Option<Vec<ChangeTarget>> {
     if is_ddl_message(line) {
         // what any cached result means may have changed
-        return Some(ChangeTarget::All);
+        return Some(vec![ChangeTarget::All]);
     }
-    parse_change(line, catalog)
-        .or_else(|| (line.starts_with("table ") && !line.contains(": ")).then_some(ChangeTarget::All))
-}
-
-/// Parses one `test_decoding` line of a table change into its target.
-/// `None` for BEGIN/COMMIT and for tables nothing cached depends on.
-pub fn parse_change(line: &str, catalog: &Catalog) -> Option<ChangeTarget> {
-    let rest = line.strip_prefix("table ")?;
-    let (name, rest) = rest.split_once(": ")?;
-    let table_name = name.rsplit('.').next().unwrap_or(name).trim_matches('"');
-    let table = catalog.get(table_name)?;
-    let (op, cols) = rest.split_once(':').unwrap_or((rest, ""));
-    if op == "TRUNCATE" {
-        return Some(ChangeTarget::Table(table));
-    }
-    let Some(pk) = catalog.primary_key(table) else { return Some(ChangeTarget::Table(table)) };
-    // every `pk[type]:value` in the line (old-key and new-tuple of an update)
-    let mut keys = Vec::new();
-    let needle = format!("{pk}[");
-    let mut s = cols;
-    while let Some(pos) = s.find(&needle) {
-        let boundary = pos == 0 || s.as_bytes()[pos - 1] == b' ';
-        let after = &s[pos + needle.len()..];
-        let Some(colon) = after.find("]:") else { break };
-        let value_start = &after[colon + 2..];
-        let (value, consumed) = match parse_value(value_start) {
-            Some(v) => v,
-            None => return Some(ChangeTarget::Table(table)),
-        };
-        if boundary {
-            keys.push(key_hash(table, value.as_bytes()));
-        }
-        s = &value_start[consumed..];
-    }
-    if keys.is_empty() { Some(ChangeTarget::Table(table)) } else { Some(ChangeTarget::Keys(table, keys)) }
-}
-
-/// A value as test_decoding prints it: `'text with ''quotes'''` or a bare
-/// token. Returns the canonical key text and the bytes consumed.
-fn parse_value(s: &str) -> Option<(String, usize)> {
-    if let Some(rest) = s.strip_prefix('\'') {
-        let mut out = String::new();
-        let mut chars = rest.char_indices().peekable();
-        while let Some((i, c)) = chars.next() {
-            if c == '\'' {
-                if chars.peek().map(|(_, n)| *n) == Some('\'') {
-                    chars.next();
-                    out.push('\'');
-                } else {
-                    return Some((out, i + 2));
-                }
-            } else {
-                out.push(c);
-            }
-        }
-        None
-    } else {
-        let end = s.find(' ').unwrap_or(s.len());
-        let tok = &s[..end];
-        if tok == "null" {
-            return None;
-        }
-        Some((canonical_number(tok), end))
-    }
+    if line.starts_with("table ") { crate::decoding::change_targets(line, catalog) } else { None }
 }
 
 /// One poll's rows as the slot gave them, and the primary's current LSN:
@@ -541,8 +478,8 @@ fn apply_row(
         node.handle_cdc(now, &CdcEvent { prev_lsn: *last, change: change.clone() });
         *last = (*last).max(lsn);
         return Some(change);
-    } else if let Some(t) = change_target(data, node.analyzer().catalog()) {
-        pending.push(t);
+    } else if let Some(t) = change_targets(data, node.analyzer().catalog()) {
+        pending.extend(t);
     }
     None
 }
@@ -640,39 +577,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn test_decoding_lines() {
-        let mut c = Catalog::new();
-        let items = c.set_primary_key("items", "id");
-        let users = c.set_primary_key("users", "email");
-        let h = |t, v: &str| key_hash(t, v.as_bytes());
-        assert_eq!(
-            parse_change("table public.items: UPDATE: id[integer]:5 v[integer]:7", &c),
-            Some(ChangeTarget::Keys(items, vec![h(items, "5")]))
-        );
-        assert_eq!(
-            parse_change(
-                "table public.items: UPDATE: old-key: id[integer]:5 new-tuple: id[integer]:6 v[integer]:1",
-                &c
-            ),
-            Some(ChangeTarget::Keys(items, vec![h(items, "5"), h(items, "6")]))
-        );
-        assert_eq!(
-            parse_change("table public.users: INSERT: email[text]:'o''neil@x' grid[integer]:1", &c),
-            Some(ChangeTarget::Keys(users, vec![h(users, "o'neil@x")]))
-        );
-        assert_eq!(
-            parse_change("table public.items: DELETE: id[integer]:9", &c),
-            Some(ChangeTarget::Keys(items, vec![h(items, "9")]))
-        );
-        assert_eq!(parse_change("table public.items: TRUNCATE: (no-flags)", &c), Some(ChangeTarget::Table(items)));
-        assert_eq!(parse_change("table public.other: INSERT: id[integer]:1", &c), None, "nothing cached reads it");
-        // a column whose name ends with the key's name is not the key
-        assert_eq!(parse_change("table public.items: INSERT: xid[integer]:3", &c), Some(ChangeTarget::Table(items)));
-        assert_eq!(parse_change("BEGIN 123", &c), None);
+    fn ddl_messages() {
         assert!(is_ddl_message("message: transactional: 1 prefix: postai_ddl, sz: 11 content:ALTER TABLE"));
         assert!(!is_ddl_message("message: transactional: 0 prefix: postai_ddl, sz: 0 content:"));
         assert!(!is_ddl_message("message: transactional: 1 prefix: postai_ddl_x, sz: 0 content:"));
         assert!(!is_ddl_message("message: transactional: 1 prefix: postai, sz: 0 content:"));
+        let c = Catalog::new();
+        assert_eq!(change_targets("BEGIN 123", &c), None);
+        assert_eq!(
+            change_targets("message: transactional: 1 prefix: postai_ddl, sz: 6 content:CREATE", &c),
+            Some(vec![ChangeTarget::All])
+        );
     }
 
     #[test]

@@ -337,10 +337,13 @@ impl L2File {
         rx
     }
 
-    /// Whether every dep is on a configured table (ids stable across processes).
+    /// Whether every dep is on a configured table (ids stable across
+    /// processes). An entry that depends on any table is not persisted: the
+    /// file invalidates by table and key.
     pub fn stable_deps(&self, deps: &[Dep]) -> bool {
         deps.iter().all(|d| match *d {
             Dep::Table(t) | Dep::Key(t, _) => t.0 < self.configured_tables,
+            Dep::Any => false,
         })
     }
 
@@ -777,6 +780,8 @@ impl Store {
             match *d {
                 Dep::Table(t) => dep.execute(params![seq, t.0, None::<i64>])?,
                 Dep::Key(t, k) => dep.execute(params![seq, t.0, k as i64])?,
+                // never persisted (`stable_deps`)
+                Dep::Any => continue,
             };
         }
         self.entries += 1;
@@ -906,6 +911,8 @@ pub fn fmt_lsn(lsn: Lsn) -> String {
 fn dep_table(d: &Dep) -> TableId {
     match *d {
         Dep::Table(t) | Dep::Key(t, _) => t,
+        // on no table a file can vouch for
+        Dep::Any => TableId(u32::MAX),
     }
 }
 
@@ -916,6 +923,7 @@ fn encode_deps(deps: &[Dep]) -> Vec<u8> {
         let (tag, t, k) = match *d {
             Dep::Table(t) => (0u8, t, 0u64),
             Dep::Key(t, k) => (1u8, t, k),
+            Dep::Any => (2u8, TableId(0), 0),
         };
         out.push(tag);
         out.extend_from_slice(&t.0.to_le_bytes());
@@ -935,6 +943,7 @@ fn decode_deps(b: &[u8]) -> Option<Vec<Dep>> {
             match c[0] {
                 0 => Some(Dep::Table(t)),
                 1 => Some(Dep::Key(t, k)),
+                2 => Some(Dep::Any),
                 _ => None,
             }
         })

@@ -3,8 +3,10 @@
 //! byte for byte. Only this crate knows tokio.
 
 pub mod auth;
+pub mod catalog;
 pub mod cdc;
 pub mod config;
+pub mod decoding;
 pub mod frontend;
 pub mod l2;
 pub mod metrics;

@@ -5,118 +5,18 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use sqlparser::ast::{
-    self, Expr, FromTable, Insert, ObjectName, ObjectNamePart, OnConflictAction, OnInsert, Query, SetExpr, Statement,
-    TableFactor, TableObject, Value, Visit, Visitor,
+    self, Expr, FromTable, Insert, ObjectName, ObjectNamePart, Query, SetExpr, Statement, TableFactor, TableObject,
+    Visit, Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
+use super::access::{is_row_projection, read_keys, write_keys};
+use super::catalog::{Catalog, Effects, RelKind};
+use super::effects::{call_effects, relation_effects};
 use super::lexer::{LexError, Lexed, Lexer, shape_with_placeholders};
-use super::{ArgRef, KeyAccess, NotCacheable, Shape, ShapeId, StatementKind, TableId, TxnControl};
+use super::{NotCacheable, Shape, ShapeId, StatementKind, TableId, TxnControl};
 use crate::hash::FixedMap;
-
-/// Built-in functions whose result changes between calls with the same arguments.
-const VOLATILE_FUNCTIONS: &[&str] = &[
-    "now",
-    "current_timestamp",
-    "current_date",
-    "current_time",
-    "localtimestamp",
-    "localtime",
-    "clock_timestamp",
-    "statement_timestamp",
-    "transaction_timestamp",
-    "timeofday",
-    "random",
-    "random_normal",
-    "setseed",
-    "nextval",
-    "currval",
-    "lastval",
-    "setval",
-    "gen_random_uuid",
-    "uuid_generate_v1",
-    "uuid_generate_v4",
-    "pg_sleep",
-    "txid_current",
-    "pg_current_xact_id",
-    "pg_current_wal_lsn",
-    "pg_last_wal_replay_lsn",
-    "set_config",
-    "pg_notify",
-    "dblink",
-    "dblink_exec",
-    "lo_import",
-    "lo_export",
-];
-
-/// Tables by name with their primary keys. Names are lower-case and unqualified:
-/// `public.users` and `users` are one table (conservative: a write to either
-/// invalidates both; the cache key carries `search_path`).
-#[derive(Clone, Debug, Default)]
-pub struct Catalog {
-    ids: FixedMap<String, TableId>,
-    names: Vec<String>,
-    primary_keys: Vec<Option<String>>,
-    integer_keys: Vec<bool>,
-}
-
-impl Catalog {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Declares `table`'s single-column primary key.
-    pub fn set_primary_key(&mut self, table: &str, column: &str) -> TableId {
-        let id = self.intern(table);
-        self.primary_keys[id.0 as usize] = Some(column.to_ascii_lowercase());
-        id
-    }
-
-    pub fn intern(&mut self, table: &str) -> TableId {
-        let name = table.to_ascii_lowercase();
-        if let Some(id) = self.ids.get(&name) {
-            return *id;
-        }
-        let id = TableId(u32::try_from(self.names.len()).expect("fewer than 2^32 tables"));
-        self.ids.insert(name.clone(), id);
-        self.names.push(name);
-        self.primary_keys.push(None);
-        self.integer_keys.push(false);
-        id
-    }
-
-    /// Declares that `table`'s primary key is an integer: small key ranges
-    /// (`id BETWEEN 5 AND 15`) then depend on their keys, not the whole table.
-    pub fn set_integer_key(&mut self, table: &str) {
-        let id = self.intern(table);
-        self.integer_keys[id.0 as usize] = true;
-    }
-
-    pub fn integer_key(&self, id: TableId) -> bool {
-        self.integer_keys.get(id.0 as usize).copied().unwrap_or(false)
-    }
-
-    pub fn get(&self, table: &str) -> Option<TableId> {
-        self.ids.get(&table.to_ascii_lowercase()).copied()
-    }
-
-    pub fn name(&self, id: TableId) -> &str {
-        &self.names[id.0 as usize]
-    }
-
-    pub fn primary_key(&self, id: TableId) -> Option<&str> {
-        self.primary_keys.get(id.0 as usize).and_then(|p| p.as_deref())
-    }
-
-    pub fn len(&self) -> usize {
-        self.names.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.names.is_empty()
-    }
-}
 
 #[derive(Clone, Debug)]
 pub struct AnalyzerConfig {
@@ -161,6 +61,20 @@ impl Analyzer {
         &self.catalog
     }
 
+    /// Changes the catalog (a reload from the database): every shape is
+    /// analysed anew from here on; shapes analysed before carry an older
+    /// [`Shape::generation`].
+    pub fn update_catalog(&mut self, update: impl FnOnce(&mut Catalog)) {
+        update(&mut self.catalog);
+        self.catalog.bump_generation();
+        self.by_shape.clear();
+        self.shapes.clear();
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.catalog.generation()
+    }
+
     pub fn shape(&self, id: ShapeId) -> Option<&Arc<Shape>> {
         self.shapes.get(id.0 as usize)
     }
@@ -180,6 +94,7 @@ impl Analyzer {
         let next_id = ShapeId(u32::try_from(self.shapes.len()).unwrap_or(u32::MAX));
         let mut shape = analyze(lexed, sql, &mut self.catalog, &self.config);
         shape.session_private = changes_session_invisibly(&shape.text);
+        shape.generation = self.catalog.generation();
         if self.shapes.len() < self.config.shapes_max {
             shape.id = next_id;
             let shape = Arc::new(shape);
@@ -218,15 +133,28 @@ fn basic(kind: StatementKind, text: String, lexed: &Lexed) -> Shape {
         literal_count: u32::try_from(lexed.literals.len()).unwrap_or(u32::MAX),
         param_count: lexed.param_max,
         session_private: false,
+        session_opaque: false,
+        writes_opaque: false,
+        reads_any: false,
+        generation: 0,
     }
+}
+
+/// A statement whose effects cannot be known: it may change the session's
+/// state and write anything.
+fn opaque(mut s: Shape) -> Shape {
+    s.session_opaque = true;
+    s.writes_opaque = true;
+    s
 }
 
 /// Whether a statement (normalised text: lower case, literals as `$n`) may
 /// change what later queries of the session return in a way no SET shows:
-/// `set_config(...)`, a temporary table, view or sequence (it shadows a table
-/// of the same name), anything naming `pg_temp`.
+/// a temporary table, view or sequence (it shadows a table of the same
+/// name), anything naming `pg_temp` (`set_config` and functions that may
+/// call it: [`Shape::session_opaque`]).
 pub fn changes_session_invisibly(text: &str) -> bool {
-    if text.contains("set_config") || text.contains("pg_temp") {
+    if text.contains("pg_temp") {
         return true;
     }
     let words: Vec<&str> = text.split(|c: char| c.is_whitespace() || c == '(').filter(|w| !w.is_empty()).collect();
@@ -244,10 +172,7 @@ fn analyze(lexed: &Lexed, original: &str, catalog: &mut Catalog, config: &Analyz
         return s;
     }
     if lexed.statements > 1 {
-        let mut s = basic(StatementKind::Other, text, lexed);
-        s.cacheable = Err(NotCacheable::MultiStatement);
-        s.writes_unknown = true;
-        return s;
+        return multi_statement(text, lexed);
     }
     let words: Vec<&str> = text.split(' ').take(3).collect();
     let w = |i: usize| words.get(i).copied().unwrap_or("");
@@ -273,24 +198,25 @@ fn analyze(lexed: &Lexed, original: &str, catalog: &mut Catalog, config: &Analyz
             s.cacheable = Err(NotCacheable::NotAQuery);
             return s;
         }
-        "create" | "alter" | "drop" | "grant" | "revoke" | "comment" | "reindex" | "cluster" | "security" => {
+        _ if is_ddl_word(first) => {
             let mut s = basic(StatementKind::Ddl, text, lexed);
             s.writes_unknown = true;
             return s;
         }
+        // runs the statement it explains, whatever it is
         "explain"
             if matches!(w(1), "analyze" | "analyse") || (w(1) == "(" && matches!(w(2), "analyze" | "analyse")) =>
         {
-            let mut s = basic(StatementKind::Other, text, lexed);
-            s.writes_unknown = true;
-            return s;
+            return opaque(basic(StatementKind::Other, text, lexed));
         }
         "select" | "with" | "values" | "table" | "insert" | "update" | "delete" | "merge" | "copy" | "explain"
         | "truncate" | "(" => {}
+        // code the analyzer cannot see into: any effect on data and session
+        "do" | "call" | "execute" | "load" => return opaque(basic(StatementKind::Other, text, lexed)),
         _ => {
-            // LISTEN, NOTIFY, DO, CALL, VACUUM, ANALYZE, LOCK, PREPARE, EXECUTE, ...
+            // LISTEN, NOTIFY, VACUUM, ANALYZE, LOCK, PREPARE, IMPORT, REFRESH, ...
             let mut s = basic(StatementKind::Other, text, lexed);
-            s.writes_unknown = matches!(first, "do" | "call" | "execute" | "import" | "load" | "refresh");
+            s.writes_unknown = matches!(first, "import" | "refresh");
             return s;
         }
     }
@@ -311,21 +237,102 @@ fn analyze(lexed: &Lexed, original: &str, catalog: &mut Catalog, config: &Analyz
         Err(_) => match Parser::parse_sql(&dialect, original) {
             Ok(st) => (st, false),
             Err(_) if first == "copy" => return copy_by_keywords(text, lexed, catalog),
-            Err(e) => {
-                let mut s = basic(StatementKind::Other, text, lexed);
-                s.cacheable = Err(NotCacheable::Unparsable(e.to_string()));
-                s.writes_unknown = !matches!(first, "select" | "values" | "table" | "explain" | "(");
-                return s;
-            }
+            Err(e) => return unparsable(text, lexed, &e.to_string(), catalog, config),
         },
     };
     let [statement] = statements.as_slice() else {
-        let mut s = basic(StatementKind::Other, text, lexed);
-        s.cacheable = Err(NotCacheable::MultiStatement);
-        s.writes_unknown = true;
-        return s;
+        return multi_statement(text, lexed);
     };
     analyze_statement(statement, text, lexed, keys_usable, catalog, config)
+}
+
+/// Statements that change the schema: what any cached result means may
+/// have changed.
+fn is_ddl_word(word: &str) -> bool {
+    matches!(word, "create" | "alter" | "drop" | "grant" | "revoke" | "comment" | "reindex" | "cluster" | "security")
+}
+
+/// Several statements in one string: each may change the session, write,
+/// or (DDL) change what everything cached means.
+fn multi_statement(text: String, lexed: &Lexed) -> Shape {
+    let ddl = std::iter::once(text.as_str())
+        .chain(text.split(" ; ").skip(1))
+        .any(|st| is_ddl_word(st.split(' ').next().unwrap_or("")));
+    let mut s = opaque(basic(StatementKind::Other, text, lexed));
+    s.cacheable = Err(NotCacheable::MultiStatement);
+    s.writes_unknown = ddl;
+    s
+}
+
+/// A statement sqlparser cannot parse: a read whose every call (a word
+/// followed by `(`) is a function the catalog knows to be harmless keeps
+/// the session's context; anything else may do anything.
+fn unparsable(text: String, lexed: &Lexed, error: &str, catalog: &Catalog, config: &AnalyzerConfig) -> Shape {
+    let first = lexed.first_word.as_str();
+    let mut s = basic(StatementKind::Other, text, lexed);
+    s.cacheable = Err(NotCacheable::Unparsable(error.to_string()));
+    let words: Vec<&str> = s.text.split(' ').collect();
+    let calls_harmless = words.windows(2).filter(|w| w[1] == "(").all(|w| {
+        let name = w[0].trim_matches('"');
+        let keyword = matches!(
+            w[0],
+            "in" | "exists"
+                | "values"
+                | "any"
+                | "all"
+                | "some"
+                | "cast"
+                | "array"
+                | "row"
+                | "as"
+                | "from"
+                | "join"
+                | "on"
+                | "using"
+                | "where"
+                | "and"
+                | "or"
+                | "not"
+                | "select"
+                | "over"
+                | "filter"
+                | "within"
+                | "group"
+                | "by"
+                | "lateral"
+                | "then"
+                | "else"
+                | "when"
+                | "case"
+                | "is"
+                | "distinct"
+                | "="
+                | ","
+                | "("
+                | "["
+                | "+"
+                | "-"
+                | "*"
+                | "/"
+                | "<"
+                | ">"
+                | "<="
+                | ">="
+                | "<>"
+                | "!="
+                | "||"
+                | "::"
+        );
+        keyword || {
+            let e = call_effects(name, catalog, &config.volatile_functions);
+            !e.session_opaque && !e.writes_opaque
+        }
+    });
+    let read = matches!(first, "select" | "values" | "table" | "explain" | "(");
+    if !(read && calls_harmless) {
+        s = opaque(s);
+    }
+    s
 }
 
 /// COPY options sqlparser does not know (`WITH (FREEZE ON)`): the table follows
@@ -366,17 +373,35 @@ struct Facts {
     cte_names: Vec<String>,
     /// Write targets, one per DML statement (top level or inside a CTE).
     targets: Vec<String>,
-    volatile: Option<String>,
+    /// What the functions it calls mean for caching.
+    calls: Effects,
     locking: bool,
     select_into: Option<String>,
+    /// `TRUNCATE ... CASCADE`: it empties tables it does not name.
+    cascade: bool,
 }
 
 struct FactVisitor<'a> {
     facts: Facts,
+    catalog: &'a Catalog,
     extra_volatile: &'a [String],
+    /// The next relation visited is a function in FROM (`FROM f(1)`).
+    function_in_from: bool,
 }
 
-fn last_part(name: &ObjectName) -> String {
+impl FactVisitor<'_> {
+    fn call(&mut self, name: &ObjectName) {
+        let Some(last) = name.0.last() else { return };
+        let name = match last {
+            ObjectNamePart::Identifier(id) => id.value.as_str(),
+            ObjectNamePart::Function(f) => f.name.value.as_str(),
+        };
+        let e = call_effects(name, self.catalog, self.extra_volatile);
+        self.facts.calls.merge(&e);
+    }
+}
+
+pub(crate) fn last_part(name: &ObjectName) -> String {
     match name.0.last() {
         Some(ObjectNamePart::Identifier(id)) => id.value.to_ascii_lowercase(),
         Some(ObjectNamePart::Function(f)) => f.name.value.to_ascii_lowercase(),
@@ -398,7 +423,7 @@ fn is_system(name: &ObjectName) -> bool {
     schema_system || parts.last().is_some_and(|t| t.starts_with("pg_"))
 }
 
-fn table_factor_name(tf: &TableFactor) -> Option<String> {
+pub(crate) fn table_factor_name(tf: &TableFactor) -> Option<String> {
     match tf {
         TableFactor::Table { name, .. } => Some(last_part(name)),
         _ => None,
@@ -432,22 +457,27 @@ impl Visitor for FactVisitor<'_> {
         ControlFlow::Continue(())
     }
 
+    fn pre_visit_table_factor(&mut self, tf: &TableFactor) -> ControlFlow<()> {
+        match tf {
+            TableFactor::Table { args: Some(_), .. } => self.function_in_from = true,
+            TableFactor::Function { name, .. } => self.call(name),
+            _ => {}
+        }
+        ControlFlow::Continue(())
+    }
+
     fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
-        self.facts.relations.push((last_part(relation), is_system(relation)));
+        if std::mem::take(&mut self.function_in_from) {
+            self.call(relation);
+        } else {
+            self.facts.relations.push((last_part(relation), is_system(relation)));
+        }
         ControlFlow::Continue(())
     }
 
     fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
         if let Expr::Function(f) = expr {
-            let name = last_part(&f.name);
-            if self.facts.volatile.is_none()
-                && (VOLATILE_FUNCTIONS.contains(&name.as_str())
-                    || name.starts_with("pg_advisory")
-                    || name.starts_with("pg_try_advisory")
-                    || self.extra_volatile.iter().any(|v| v.eq_ignore_ascii_case(&name)))
-            {
-                self.facts.volatile = Some(name);
-            }
+            self.call(&f.name);
         }
         ControlFlow::Continue(())
     }
@@ -463,6 +493,10 @@ impl Visitor for FactVisitor<'_> {
                 from.first().and_then(|t| table_factor_name(&t.relation))
             }
             Statement::Merge(m) => table_factor_name(&m.table),
+            Statement::Truncate(t) => {
+                self.facts.cascade |= matches!(t.cascade, Some(ast::CascadeOption::Cascade));
+                None
+            }
             _ => None,
         };
         if let Some(t) = target {
@@ -480,9 +514,16 @@ fn analyze_statement(
     catalog: &mut Catalog,
     config: &AnalyzerConfig,
 ) -> Shape {
-    let mut v = FactVisitor { facts: Facts::default(), extra_volatile: &config.volatile_functions };
-    let _ = statement.visit(&mut v);
-    let mut facts = v.facts;
+    let mut facts = {
+        let mut v = FactVisitor {
+            facts: Facts::default(),
+            catalog,
+            extra_volatile: &config.volatile_functions,
+            function_in_from: false,
+        };
+        let _ = statement.visit(&mut v);
+        v.facts
+    };
 
     let mut s = basic(StatementKind::Read, text, lexed);
     // kind and explicit targets by statement type
@@ -536,33 +577,52 @@ fn analyze_statement(
             remaining.remove(pos);
         }
     }
-    let mut reads: Vec<TableId> = remaining.iter().map(|(n, _)| catalog.intern(n)).collect();
+    // what reading each relation means: a view is its definition's tables
+    let mut effects = std::mem::take(&mut facts.calls);
+    let mut unknown: Option<String> = None;
+    let mut reads: Vec<TableId> = Vec::with_capacity(remaining.len());
+    for (name, system) in &remaining {
+        if !system && !catalog.knows(name) {
+            unknown.get_or_insert_with(|| name.clone());
+        }
+        let id = catalog.intern(name);
+        match relation_effects(id, catalog, &mut |sql, c| definition_effects(sql, c, config)) {
+            Some(e) => effects.merge(&e),
+            None => reads.push(id),
+        }
+    }
+    reads.append(&mut effects.reads);
     reads.sort();
     reads.dedup();
     let mut writes: Vec<TableId> = all_targets.iter().map(|n| catalog.intern(n)).collect();
     writes.sort();
     writes.dedup();
+    // a write that reaches rows it does not name
+    let targets_opaque =
+        writes.iter().any(|t| catalog.relation(*t).is_some_and(|r| r.writes_opaque || r.kind != RelKind::Table))
+            || all_targets.iter().any(|t| !catalog.knows(t));
     s.reads = reads;
     s.writes = writes;
+    s.reads_any = effects.reads_any;
+    s.session_opaque = effects.session_opaque;
+    s.writes_opaque = effects.writes_opaque || facts.cascade || (targets_opaque && s.kind == StatementKind::Write);
 
     // cacheability
     s.cacheable = if s.kind != StatementKind::Read {
         Err(NotCacheable::NotARead(s.kind))
     } else if !plain_query {
         Err(NotCacheable::NotAQuery)
-    } else if let Some(f) = facts.volatile.clone() {
-        Err(NotCacheable::Volatile(f))
+    } else if let Some(why) = effects.uncacheable.clone() {
+        Err(why)
     } else if facts.locking {
         Err(NotCacheable::Locking)
     } else if let Some((n, _)) = facts.relations.iter().find(|(_, sys)| *sys) {
         Err(NotCacheable::SystemCatalog(n.clone()))
+    } else if let Some(n) = unknown {
+        Err(NotCacheable::UnknownRelation(n))
     } else {
         Ok(())
     };
-    if facts.volatile.is_some() && s.kind == StatementKind::Read {
-        // a volatile function may be nextval() or a user function that writes
-        s.writes_unknown |= facts.volatile.as_deref().is_some_and(|f| matches!(f, "nextval" | "setval" | "set_config"));
-    }
 
     if keys_usable && facts.cte_names.is_empty() {
         let resolve = |table: &str, catalog: &Catalog| {
@@ -576,6 +636,7 @@ fn analyze_statement(
                 s.refreshable = s.read_keys.len() == 1
                     && !s.read_keys[0].range
                     && s.read_keys[0].args.len() == 1
+                    && s.reads == [s.read_keys[0].table]
                     && is_row_projection(q, sel, catalog.primary_key(s.read_keys[0].table).unwrap_or(""));
             }
         } else if s.kind == StatementKind::Write && facts.relations.len() == 1 {
@@ -585,247 +646,22 @@ fn analyze_statement(
     s
 }
 
-/// Keyed tables of a SELECT: each table of the FROM clause (joins included)
-/// whose primary key the WHERE conjunction pins to arguments. Only when every
-/// relation of the statement is in the FROM clause (no subqueries), each once.
-fn read_keys(sel: &ast::Select, relation_count: usize, lexed: &Lexed, catalog: &Catalog) -> Vec<KeyAccess> {
-    let Some(selection) = &sel.selection else { return Vec::new() };
-    let mut factors: Vec<(String, Option<String>)> = Vec::new();
-    for twj in &sel.from {
-        for tf in std::iter::once(&twj.relation).chain(twj.joins.iter().map(|j| &j.relation)) {
-            match tf {
-                TableFactor::Table { name, alias, .. } => {
-                    factors.push((last_part(name), alias.as_ref().map(|a| a.name.value.to_ascii_lowercase())));
-                }
-                _ => return Vec::new(),
-            }
+/// The effects of a view's definition or a policy's expression (SQL the
+/// catalog holds), analysed as a statement of its own.
+fn definition_effects(sql: &str, catalog: &mut Catalog, config: &AnalyzerConfig) -> Effects {
+    let mut lexer = Lexer::new();
+    let shape = match lexer.lex(sql) {
+        Ok(lexed) => analyze(lexed, sql, catalog, config),
+        Err(e) => {
+            let why = NotCacheable::Unparsable(e.to_string());
+            return Effects { uncacheable: Some(why), session_opaque: true, writes_opaque: true, ..Effects::default() };
         }
-    }
-    if factors.len() != relation_count {
-        return Vec::new();
-    }
-    let mut names: Vec<&str> = factors.iter().map(|(n, _)| n.as_str()).collect();
-    names.sort();
-    names.dedup();
-    if names.len() != factors.len() {
-        return Vec::new();
-    }
-    let single = factors.len() == 1;
-    let mut out = Vec::new();
-    for (name, alias) in &factors {
-        let Some(id) = catalog.get(name) else { continue };
-        let Some(pk) = catalog.primary_key(id) else { continue };
-        let col = ColumnRef { pk, table: name, alias: alias.as_deref(), unqualified_ok: single };
-        if let Some(args) = point_keys(selection, &col, lexed) {
-            out.push(KeyAccess { table: id, args, range: false });
-        } else if catalog.integer_key(id)
-            && let Some((lo, hi)) = range_keys(selection, &col, lexed)
-        {
-            out.push(KeyAccess { table: id, args: vec![lo, hi], range: true });
-        }
-    }
-    out
-}
-
-/// `SELECT plain columns FROM one table WHERE pk = arg`: nothing else that
-/// could make the result depend on more than that row's columns.
-fn is_row_projection(q: &Query, sel: &ast::Select, pk: &str) -> bool {
-    use ast::SelectItem as I;
-    let plain_columns = sel.projection.iter().all(|item| match item {
-        I::UnnamedExpr(e) | I::ExprWithAlias { expr: e, .. } => {
-            matches!(e, Expr::Identifier(_) | Expr::CompoundIdentifier(_))
-        }
-        I::Wildcard(_) | I::QualifiedWildcard(..) => true,
-        _ => false,
-    });
-    let where_is_pk_only = match &sel.selection {
-        Some(Expr::BinaryOp { left, op: ast::BinaryOperator::Eq, right }) => {
-            let is_pk = |e: &Expr| match e {
-                Expr::Identifier(id) => id.value.eq_ignore_ascii_case(pk),
-                Expr::CompoundIdentifier(ids) => ids.last().is_some_and(|id| id.value.eq_ignore_ascii_case(pk)),
-                _ => false,
-            };
-            let is_arg = |e: &Expr| matches!(e, Expr::Value(v) if matches!(v.value, Value::Placeholder(_)));
-            (is_pk(left) && is_arg(right)) || (is_pk(right) && is_arg(left))
-        }
-        _ => false,
     };
-    plain_columns
-        && where_is_pk_only
-        && sel.from.len() == 1
-        && sel.from[0].joins.is_empty()
-        && sel.distinct.is_none()
-        && sel.having.is_none()
-        && matches!(&sel.group_by, ast::GroupByExpr::Expressions(e, _) if e.is_empty())
-        && q.limit_clause.is_none()
-        && q.fetch.is_none()
-        && q.with.is_none()
-}
-
-/// A primary-key column as it may be written in a WHERE clause.
-struct ColumnRef<'a> {
-    pk: &'a str,
-    table: &'a str,
-    alias: Option<&'a str>,
-    /// An unqualified name refers to this table (the only one in FROM).
-    unqualified_ok: bool,
-}
-
-impl ColumnRef<'_> {
-    fn matches(&self, expr: &Expr) -> bool {
-        match expr {
-            Expr::Identifier(id) => self.unqualified_ok && id.value.eq_ignore_ascii_case(self.pk),
-            Expr::CompoundIdentifier(ids) => {
-                let [.., q, c] = ids.as_slice() else { return false };
-                let q = q.value.to_ascii_lowercase();
-                c.value.eq_ignore_ascii_case(self.pk)
-                    && (self.alias == Some(q.as_str())
-                        || (self.alias.is_none() && q == self.table)
-                        || self.unqualified_ok && q == self.table)
-            }
-            Expr::Nested(e) => self.matches(e),
-            _ => false,
-        }
-    }
-}
-
-/// `pk BETWEEN lo AND hi`, or `pk >= lo AND pk <= hi`, in the WHERE conjunction.
-fn range_keys(expr: &Expr, col: &ColumnRef<'_>, lexed: &Lexed) -> Option<(ArgRef, ArgRef)> {
-    let mut lo = None;
-    let mut hi = None;
-    collect_bounds(expr, col, lexed, &mut lo, &mut hi);
-    Some((lo?, hi?))
-}
-
-fn collect_bounds(expr: &Expr, col: &ColumnRef<'_>, lexed: &Lexed, lo: &mut Option<ArgRef>, hi: &mut Option<ArgRef>) {
-    use ast::BinaryOperator as B;
-    match expr {
-        Expr::Nested(e) => collect_bounds(e, col, lexed, lo, hi),
-        Expr::BinaryOp { left, op: B::And, right } => {
-            collect_bounds(left, col, lexed, lo, hi);
-            collect_bounds(right, col, lexed, lo, hi);
-        }
-        Expr::Between { expr, negated: false, low, high } if col.matches(expr) => {
-            if let (Some(l), Some(h)) = (arg_ref(low, lexed), arg_ref(high, lexed)) {
-                *lo = Some(l);
-                *hi = Some(h);
-            }
-        }
-        Expr::BinaryOp { left, op: B::GtEq, right } if col.matches(left) => *lo = arg_ref(right, lexed).or(*lo),
-        Expr::BinaryOp { left, op: B::LtEq, right } if col.matches(left) => *hi = arg_ref(right, lexed).or(*hi),
-        _ => {}
-    }
-}
-
-type Resolve<'a> = dyn Fn(&str, &Catalog) -> Option<(TableId, String)> + 'a;
-
-fn write_keys(statement: &Statement, lexed: &Lexed, catalog: &Catalog, resolve: &Resolve<'_>) -> Option<KeyAccess> {
-    match statement {
-        Statement::Update(u) => {
-            if u.from.is_some() || !u.table.joins.is_empty() {
-                return None;
-            }
-            let table = table_factor_name(&u.table.relation)?;
-            let (id, pk) = resolve(&table, catalog)?;
-            let assigns_pk = u.assignments.iter().any(|a| match &a.target {
-                ast::AssignmentTarget::ColumnName(n) => last_part(n) == pk,
-                ast::AssignmentTarget::Tuple(ns) => ns.iter().any(|n| last_part(n) == pk),
-            });
-            if assigns_pk {
-                return None;
-            }
-            let col = ColumnRef { pk: &pk, table: &table, alias: None, unqualified_ok: true };
-            let args = point_keys(u.selection.as_ref()?, &col, lexed)?;
-            Some(KeyAccess { table: id, args, range: false })
-        }
-        Statement::Delete(d) => {
-            let from = match &d.from {
-                FromTable::WithFromKeyword(t) | FromTable::WithoutKeyword(t) => t,
-            };
-            let [twj] = from.as_slice() else { return None };
-            if d.using.is_some() || !twj.joins.is_empty() {
-                return None;
-            }
-            let table = table_factor_name(&twj.relation)?;
-            let (id, pk) = resolve(&table, catalog)?;
-            let col = ColumnRef { pk: &pk, table: &table, alias: None, unqualified_ok: true };
-            let args = point_keys(d.selection.as_ref()?, &col, lexed)?;
-            Some(KeyAccess { table: id, args, range: false })
-        }
-        Statement::Insert(ins) => {
-            let TableObject::TableName(name) = &ins.table else {
-                return None;
-            };
-            let (id, pk) = resolve(&last_part(name), catalog)?;
-            if let Some(OnInsert::OnConflict(oc)) = &ins.on
-                && matches!(oc.action, OnConflictAction::DoUpdate(_))
-            {
-                return None;
-            }
-            if matches!(ins.on, Some(OnInsert::DuplicateKeyUpdate(_))) {
-                return None;
-            }
-            let pos = ins.columns.iter().position(|c| last_part(c) == pk)?;
-            let source = ins.source.as_ref()?;
-            let SetExpr::Values(values) = source.body.as_ref() else {
-                return None;
-            };
-            let mut args = Vec::with_capacity(values.rows.len());
-            for row in &values.rows {
-                args.push(arg_ref(row.content.get(pos)?, lexed)?);
-            }
-            Some(KeyAccess { table: id, args, range: false })
-        }
-        _ => None,
-    }
-}
-
-/// Keys from a WHERE clause that is a conjunction containing `pk = arg` or
-/// `pk IN (args)`.
-fn point_keys(expr: &Expr, col: &ColumnRef<'_>, lexed: &Lexed) -> Option<Vec<ArgRef>> {
-    match expr {
-        Expr::Nested(e) => point_keys(e, col, lexed),
-        Expr::BinaryOp { left, op: ast::BinaryOperator::And, right } => {
-            point_keys(left, col, lexed).or_else(|| point_keys(right, col, lexed))
-        }
-        Expr::BinaryOp { left, op: ast::BinaryOperator::Eq, right } => {
-            if col.matches(left) {
-                arg_ref(right, lexed).map(|a| vec![a])
-            } else if col.matches(right) {
-                arg_ref(left, lexed).map(|a| vec![a])
-            } else {
-                None
-            }
-        }
-        Expr::In { expr, target: ast::InTarget::List(list), negated: false, .. } if col.matches(expr) => {
-            list.iter().map(|e| arg_ref(e, lexed)).collect()
-        }
-        _ => None,
-    }
-}
-
-/// A placeholder (possibly cast) as a parameter or literal reference. Literals of
-/// kind `Other` (escape strings, dollar quotes) are not keys.
-fn arg_ref(expr: &Expr, lexed: &Lexed) -> Option<ArgRef> {
-    match expr {
-        Expr::Nested(e) => arg_ref(e, lexed),
-        Expr::Cast { expr, .. } => arg_ref(expr, lexed),
-        Expr::Value(v) => {
-            let Value::Placeholder(p) = &v.value else {
-                return None;
-            };
-            let n: u32 = p.strip_prefix('$')?.parse().ok()?;
-            if n == 0 {
-                return None;
-            }
-            if n <= lexed.param_max {
-                Some(ArgRef::Param(n - 1))
-            } else {
-                let i = n - lexed.param_max - 1;
-                let lit = lexed.literals.get(i as usize)?;
-                (lit.kind != super::LiteralKind::Other).then_some(ArgRef::Literal(i))
-            }
-        }
-        _ => None,
+    Effects {
+        reads: shape.reads,
+        reads_any: shape.reads_any,
+        uncacheable: shape.cacheable.err(),
+        session_opaque: shape.session_opaque,
+        writes_opaque: shape.writes_opaque,
     }
 }

@@ -3,11 +3,18 @@
 //! point keys it touches. Full parsing happens once per shape ([`Analyzer`]);
 //! the hot path lexes, hashes and looks the shape up.
 
+mod access;
 mod analyze;
+mod builtins;
+mod catalog;
+mod effects;
+mod keys;
 mod lexer;
 mod session;
 
-pub use analyze::{Analyzer, AnalyzerConfig, Catalog};
+pub use analyze::{Analyzer, AnalyzerConfig};
+pub use catalog::{Catalog, FunctionInfo, KeyType, RelKind, RelationSpec, Volatility};
+pub use keys::{canonical_key, mentions_relative_time};
 pub use lexer::{
     LITERAL_MARK, LexError, Lexed, Lexer, Literal, LiteralKind, canonical_literal, canonical_number,
     shape_with_placeholders,
@@ -79,6 +86,14 @@ pub enum NotCacheable {
     Empty,
     #[error("cannot be parsed: {0}")]
     Unparsable(String),
+    #[error("reads {0}, which the change stream does not follow (a sequence or a foreign table)")]
+    Unfollowed(String),
+    #[error("reads {0}, which the catalog does not know")]
+    UnknownRelation(String),
+    #[error("calls {0}(), a user function whose result may change between calls (STABLE)")]
+    StableUserFunction(String),
+    #[error("a view or policy nests too deeply or in a cycle ({0})")]
+    TooDeep(String),
 }
 
 /// A table, interned by the [`Catalog`].
@@ -104,6 +119,8 @@ pub struct KeyAccess {
     pub table: TableId,
     pub args: Vec<ArgRef>,
     pub range: bool,
+    /// The key column's type: which spellings of a value are the same key.
+    pub key_type: KeyType,
 }
 
 /// Everything known about a statement shape, computed once.
@@ -134,9 +151,23 @@ pub struct Shape {
     /// Highest `$n` in the text.
     pub param_count: u32,
     /// Running it may change session state the cache context cannot follow
-    /// (`set_config`, temporary objects that shadow tables): the session's
+    /// (temporary objects that shadow tables, `pg_temp`): the session's
     /// cache entries become private to it.
     pub session_private: bool,
+    /// Its effect on the session's state cannot be known (`set_config`, a
+    /// volatile user function, `DO`, `CALL`, several statements): the
+    /// session's context becomes a new private one, and its reads run on its
+    /// own connection, until `DISCARD ALL`.
+    pub session_opaque: bool,
+    /// What it wrote may reach rows or tables it does not name (triggers,
+    /// rules, foreign-key actions, partitions, views, functions): the
+    /// session's reads wait for the change stream to pass its commit.
+    pub writes_opaque: bool,
+    /// Its result may depend on any table (a user function that claims to
+    /// be IMMUTABLE may still read one).
+    pub reads_any: bool,
+    /// The catalog generation it was analysed in (see [`Catalog::generation`]).
+    pub generation: u64,
 }
 
 impl Shape {

@@ -1,0 +1,876 @@
+//! The edge node: the composition a driver runs at one site. A client query
+//! comes in; the node answers it from L1 or L2, or asks the driver to send it
+//! upstream (to the regional pool, which holds L3, or to a database), fills the
+//! tiers back from the reply, applies its own writes' invalidations before
+//! acknowledging them (read-your-writes), and applies CDC events.
+//!
+//! Surface: `handle_*` inputs with `now`, `poll_output` outputs.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use crate::cache::{Entry, Lookup, NO_SLOT, Tier, TierConfig, TierConfigError, TierName};
+use crate::consistency::{Consistency, entry_meets_floor, read_floor};
+use crate::hash::{Digest128, FixedMap};
+use crate::invalidation::{CdcEvent, Change, ChangeTarget, Dep, Deps, VersionMap, VersionMapConfig};
+use crate::refresh::{RefreshFn, RefreshIndex};
+use crate::router::Zone;
+use crate::sql::{
+    Analyzer, AnalyzerConfig, Catalog, LexError, LiteralKind, SessionCommand, Shape, StatementKind, TableId,
+    TxnControl, mentions_relative_time, parse_session_command,
+};
+use crate::{Duration, Instant, Lsn};
+
+mod args;
+mod session;
+#[cfg(test)]
+mod tests;
+
+pub use args::RANGE_KEYS_MAX;
+use args::{Args, cache_key, read_deps, unlexable_shape, write_targets};
+use session::Session;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SessionId(pub u64);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequestId(pub u64);
+
+/// Who answered a read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum Served {
+    L1,
+    L2,
+    L3,
+    Replica,
+    Primary,
+}
+
+impl Served {
+    pub fn name(self) -> &'static str {
+        match self {
+            Served::L1 => "L1",
+            Served::L2 => "L2",
+            Served::L3 => "L3",
+            Served::Replica => "replica",
+            Served::Primary => "primary",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub zone: Zone,
+    pub l1: TierConfig,
+    pub l2: TierConfig,
+    pub versions: VersionMapConfig,
+    pub analyzer: AnalyzerConfig,
+    pub sessions_max: usize,
+    pub pending_max: usize,
+    /// Tables whose rows must stay in one residency zone.
+    pub residency: Vec<(TableId, Zone)>,
+    pub invalidation: InvalidationMode,
+    /// With a bound, the node serves nothing from L1/L2 while its CDC stream
+    /// (events or keepalives) has been silent for longer, nor before the first
+    /// event: invalidations it cannot hear about would leave it serving stale
+    /// data without limit. `None`: no bound (TTL only).
+    pub cdc_silence_max: Option<Duration>,
+}
+
+/// How precisely writes invalidate cached entries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InvalidationMode {
+    /// Entries live until their TTL; writes and CDC invalidate nothing.
+    TtlOnly,
+    /// Any change to a table invalidates every entry that reads it.
+    Table,
+    /// Point reads depend on their rows only (table-level where keys are unknown).
+    #[default]
+    Key,
+    /// Key-level, and CDC row images refresh cached point reads in place.
+    Refresh,
+}
+
+impl InvalidationMode {
+    fn key_level(self) -> bool {
+        matches!(self, InvalidationMode::Key | InvalidationMode::Refresh)
+    }
+}
+
+impl NodeConfig {
+    /// A site with these tiers, and defaults for the rest: default version map
+    /// and analyser, 10 000 sessions and requests in flight, no residency
+    /// rules, key-level invalidation, no CDC-silence bound.
+    pub fn new(zone: Zone, l1: TierConfig, l2: TierConfig) -> Self {
+        NodeConfig {
+            zone,
+            l1,
+            l2,
+            versions: VersionMapConfig::default(),
+            analyzer: AnalyzerConfig::default(),
+            sessions_max: 10_000,
+            pending_max: 10_000,
+            residency: Vec::new(),
+            invalidation: InvalidationMode::Key,
+            cdc_silence_max: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NodeConfigError {
+    #[error("L1: {0}")]
+    L1(TierConfigError),
+    #[error("L2: {0}")]
+    L2(TierConfigError),
+    #[error("sessions_max and pending_max must be positive")]
+    Limits,
+}
+
+/// Where an upstream request must go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Writes, strong reads, everything inside a transaction, everything unknown.
+    Primary,
+    /// A read any fresh-enough endpoint may answer (L3 first, if cacheable).
+    Read { floor: Option<Lsn> },
+}
+
+/// Output of the node, drained with [`EdgeNode::poll_output`].
+#[derive(Clone, Debug)]
+pub enum NodeOutput<V> {
+    /// Answer the client.
+    Reply { req: RequestId, session: SessionId, served: Served, value: V },
+    /// Send the query upstream, then call [`EdgeNode::handle_upstream`].
+    Upstream(UpstreamRequest),
+    /// Answer the client with an error.
+    Failed { req: RequestId, session: SessionId, error: NodeError },
+}
+
+#[derive(Clone, Debug)]
+pub struct UpstreamRequest {
+    pub req: RequestId,
+    pub session: SessionId,
+    pub shape: Arc<Shape>,
+    pub route: Route,
+    /// Cache key, when the result may be cached upstream (L3).
+    pub cache_key: Option<u128>,
+    pub deps: Deps,
+    /// Residency zone of the data, when the query touches zoned tables.
+    pub residency: Option<Zone>,
+}
+
+/// What came back from upstream.
+#[derive(Clone, Debug)]
+pub struct UpstreamReply<V> {
+    pub value: V,
+    pub size_bytes: u32,
+    pub served: Served,
+    /// For reads: the result reflects at least every commit up to here.
+    pub snapshot_lsn: Lsn,
+    /// For writes and COMMIT: an upper bound of the commit's LSN.
+    pub commit_lsn: Option<Lsn>,
+    /// A per-query TTL shorter than the tiers'.
+    pub ttl: Option<Duration>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NodeError {
+    #[error("unknown session {0:?}")]
+    UnknownSession(SessionId),
+    #[error("too many sessions (max {0})")]
+    TooManySessions(usize),
+    #[error("too many requests in flight (max {0})")]
+    TooManyPending(usize),
+    #[error("upstream failed: {0}")]
+    Upstream(String),
+}
+
+#[derive(Clone, Debug)]
+struct Pending {
+    session: SessionId,
+    shape: Arc<Shape>,
+    cache_key: Option<u128>,
+    deps: Deps,
+    targets: Vec<ChangeTarget>,
+    started: Instant,
+    cache_here: bool,
+    session_command: Option<SessionCommand>,
+}
+
+/// A statement prepared once (extended protocol): its shape and its literals.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    pub shape: Arc<Shape>,
+    /// The text as the client sent it, analysed anew when the catalog
+    /// changes (`None` for a simple query, executed at once).
+    sql: Option<Arc<str>>,
+    literal_keys: Vec<Option<String>>,
+    literal_digest: u128,
+    /// A string literal names the current time (`'now'`, `'today'`, ...).
+    relative_time: bool,
+    /// For SET/RESET/DISCARD: the command, parsed from the original text.
+    session_command: Option<SessionCommand>,
+}
+
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct NodeStats {
+    pub queries: u64,
+    pub l1_hits: u64,
+    pub l2_hits: u64,
+    pub upstream: u64,
+    /// Cacheable reads no tier could answer (sent upstream).
+    pub misses: u64,
+    pub uncacheable: u64,
+    pub writes: u64,
+    pub cdc_events: u64,
+    /// Cacheable reads sent upstream because the CDC stream was silent.
+    pub cdc_silent_misses: u64,
+}
+
+#[derive(Debug)]
+pub struct EdgeNode<V> {
+    config: NodeConfig,
+    analyzer: Analyzer,
+    l1: Tier<V>,
+    l2: Tier<V>,
+    versions: VersionMap,
+    sessions: FixedMap<SessionId, Session>,
+    pending: FixedMap<RequestId, Pending>,
+    outputs: VecDeque<NodeOutput<V>>,
+    next_req: u64,
+    stats: NodeStats,
+    residency: FixedMap<TableId, Zone>,
+    refresh: RefreshIndex,
+    last_cdc: Option<Instant>,
+    /// Bumped when the database's roles change: sessions opened after never
+    /// share entries with sessions opened before.
+    login_generation: u64,
+}
+
+impl<V: Clone> EdgeNode<V> {
+    pub fn new(config: NodeConfig, catalog: Catalog, cdc_start: Lsn) -> Result<Self, NodeConfigError> {
+        if config.sessions_max == 0 || config.pending_max == 0 {
+            return Err(NodeConfigError::Limits);
+        }
+        let l1 = Tier::new(config.l1.clone()).map_err(NodeConfigError::L1)?;
+        let l2 = Tier::new(config.l2.clone()).map_err(NodeConfigError::L2)?;
+        let residency = config.residency.iter().copied().collect();
+        Ok(EdgeNode {
+            analyzer: Analyzer::new(config.analyzer.clone(), catalog),
+            versions: VersionMap::new(config.versions.clone(), cdc_start),
+            l1,
+            l2,
+            sessions: FixedMap::default(),
+            pending: FixedMap::default(),
+            outputs: VecDeque::new(),
+            next_req: 0,
+            stats: NodeStats::default(),
+            residency,
+            refresh: RefreshIndex::new(config.l2.entries_max.saturating_mul(2)),
+            last_cdc: None,
+            login_generation: 0,
+            config,
+        })
+    }
+
+    pub fn stats(&self) -> NodeStats {
+        self.stats
+    }
+    pub fn tier(&self, name: TierName) -> Option<&Tier<V>> {
+        match name {
+            TierName::L1 => Some(&self.l1),
+            TierName::L2 => Some(&self.l2),
+            TierName::L3 => None,
+        }
+    }
+    pub fn versions(&self) -> &VersionMap {
+        &self.versions
+    }
+    pub fn analyzer(&self) -> &Analyzer {
+        &self.analyzer
+    }
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Loses a site tier (fault injection, or an operator flush).
+    pub fn clear_tier(&mut self, name: TierName) {
+        match name {
+            TierName::L1 => self.l1.clear(),
+            TierName::L2 => self.l2.clear(),
+            TierName::L3 => {}
+        }
+    }
+
+    pub fn open_session(
+        &mut self,
+        id: SessionId,
+        role: &str,
+        database: &str,
+        consistency: Consistency,
+    ) -> Result<(), NodeError> {
+        if self.sessions.len() >= self.config.sessions_max && !self.sessions.contains_key(&id) {
+            return Err(NodeError::TooManySessions(self.config.sessions_max));
+        }
+        let s = Session::new(id, role, database, consistency, self.login_generation);
+        self.sessions.insert(id, s);
+        Ok(())
+    }
+
+    /// The database's roles changed (memberships, attributes, per-role
+    /// settings) in a way no change event shows: what was cached under the
+    /// old privileges is dropped, and sessions that log in from now on
+    /// share nothing with sessions that logged in before (their per-role
+    /// settings may differ).
+    pub fn roles_changed(&mut self) {
+        self.login_generation += 1;
+        self.clear_tier(TierName::L1);
+        self.clear_tier(TierName::L2);
+    }
+
+    /// Changes the catalog (a reload from the database: relations,
+    /// functions, keys): shapes are analysed anew, prepared statements on
+    /// their next execution, and what is cached is dropped (it was cached by
+    /// the old catalog's rules).
+    pub fn update_catalog(&mut self, update: impl FnOnce(&mut Catalog)) {
+        self.analyzer.update_catalog(update);
+        self.clear_tier(TierName::L1);
+        self.clear_tier(TierName::L2);
+    }
+
+    /// `prepared` as the current catalog analyses it (re-prepared if the
+    /// catalog changed since).
+    pub fn current(&mut self, prepared: &mut Prepared) {
+        if prepared.shape.generation != self.analyzer.generation()
+            && let Some(sql) = prepared.sql.clone()
+            && let Ok(p) = self.prepare(&sql)
+        {
+            *prepared = p;
+        }
+    }
+
+    pub fn close_session(&mut self, id: SessionId) {
+        self.sessions.remove(&id);
+    }
+
+    pub fn set_consistency(&mut self, id: SessionId, consistency: Consistency) {
+        if let Some(s) = self.sessions.get_mut(&id) {
+            s.consistency = consistency;
+        }
+    }
+
+    /// The upstream connection's transaction status (ReadyForQuery) is the
+    /// ground truth: a transaction opened or closed by a path the node did not
+    /// analyse (the extended protocol relayed as is) is synchronised here.
+    /// Ending a transaction applies its pending changes at `lsn`.
+    pub fn sync_transaction(&mut self, id: SessionId, in_txn: bool, lsn: Lsn) {
+        let Some(s) = self.sessions.get_mut(&id) else { return };
+        if s.in_txn == in_txn {
+            return;
+        }
+        s.in_txn = in_txn;
+        if !in_txn {
+            // committed or rolled back by a path the node did not see
+            s.end_transaction(None);
+            let targets = std::mem::take(&mut s.txn_targets);
+            if !targets.is_empty() {
+                s.last_write = s.last_write.max(lsn);
+                self.versions.apply(&Change { lsn, targets });
+            }
+            if std::mem::take(&mut s.txn_opaque) {
+                self.opaque_write(id, lsn);
+            }
+        }
+    }
+
+    /// The session wrote, at `lsn`, rows or tables the statement did not
+    /// name: its reads must not rely on what this node applied, only on the
+    /// change stream having passed `lsn` (or on a replica that has). Without
+    /// a change stream, everything older is invalid.
+    fn opaque_write(&mut self, id: SessionId, lsn: Lsn) {
+        if let Some(s) = self.sessions.get_mut(&id) {
+            s.last_write = s.last_write.max(lsn);
+            s.stream_floor = s.stream_floor.max(lsn);
+        }
+        if self.config.cdc_silence_max.is_none() {
+            self.versions.apply(&Change { lsn, targets: vec![ChangeTarget::All] });
+        }
+    }
+
+    /// A setting the session started with (a startup parameter, `-c name=value`
+    /// in `options`): as a `SET` outside a transaction.
+    pub fn set_session_setting(&mut self, id: SessionId, name: &str, value: &str) {
+        if let Some(s) = self.sessions.get_mut(&id) {
+            s.startup_setting(name, value);
+        }
+    }
+
+    /// A parameter PostgreSQL reported (ParameterStatus) after a statement
+    /// of the session: what it says now, whatever set it.
+    pub fn report_parameter(&mut self, id: SessionId, name: &str, value: &str) {
+        if let Some(s) = self.sessions.get_mut(&id)
+            && !s.in_txn
+        {
+            let name = match name.to_ascii_lowercase().as_str() {
+                "session_authorization" => "session authorization".to_string(),
+                other => other.to_string(),
+            };
+            s.command(SessionCommand::Set { name, value: value.to_string() });
+        }
+    }
+
+    /// The session's state changed in a way the node cannot follow: from now
+    /// on its cache entries are its own.
+    pub fn make_private(&mut self, id: SessionId) {
+        if let Some(s) = self.sessions.get_mut(&id) {
+            s.make_private();
+        }
+    }
+
+    /// A statement the node did not see ran in the session (the extended
+    /// protocol, relayed as is): its effects on the session. `certain`: it ran
+    /// outside a transaction; otherwise a session command in it makes the
+    /// session private (whether it survives is unknown here).
+    pub fn note_relayed(&mut self, id: SessionId, prepared: &Prepared, certain: bool) {
+        let Some(s) = self.sessions.get_mut(&id) else { return };
+        if prepared.shape.session_private || prepared.shape.session_opaque {
+            s.make_private();
+        }
+        match prepared.session_command.clone() {
+            Some(SessionCommand::SetLocal | SessionCommand::NoEffect) | None => {}
+            Some(cmd) if certain => session::apply_setting(s, cmd),
+            Some(_) => s.make_private(),
+        }
+    }
+
+    pub fn in_transaction(&self, id: SessionId) -> bool {
+        self.sessions.get(&id).is_some_and(|s| s.in_txn)
+    }
+
+    /// A floor learned from outside this node (a session token): reads must
+    /// reflect at least `lsn`, and this node's map may not have seen those writes.
+    pub fn raise_floor(&mut self, id: SessionId, lsn: Lsn) {
+        if let Some(s) = self.sessions.get_mut(&id)
+            && lsn > s.last_write
+        {
+            s.last_write = lsn;
+            s.stream_floor = s.stream_floor.max(lsn);
+        }
+    }
+
+    /// Prepares a statement (extended protocol Parse): analysed once here, so
+    /// that executing it never lexes or parses.
+    pub fn prepare(&mut self, sql: &str) -> Result<Prepared, LexError> {
+        let mut p = self.prepare_once(sql)?;
+        p.sql = Some(Arc::from(sql));
+        Ok(p)
+    }
+
+    /// [`Self::prepare`] for one execution, now: the text is not kept.
+    fn prepare_once(&mut self, sql: &str) -> Result<Prepared, LexError> {
+        let (shape, lexed) = self.analyzer.lookup(sql)?;
+        let mut d = Digest128::new();
+        let mut literal_keys = Vec::with_capacity(lexed.literals.len());
+        let mut relative_time = false;
+        for lit in &lexed.literals {
+            let text = sql.get(lit.span.clone()).unwrap_or("");
+            d.bytes(text.as_bytes());
+            let value = match lit.kind {
+                LiteralKind::String => text.get(1..text.len().saturating_sub(1)).map(|v| v.replace("''", "'")),
+                LiteralKind::Number => Some(text.to_string()),
+                LiteralKind::Other => None,
+            };
+            // an escape or dollar-quoted string is checked as written
+            relative_time |= mentions_relative_time(value.as_deref().unwrap_or(text).as_bytes());
+            literal_keys.push(value);
+        }
+        let session_command = if shape.kind == StatementKind::Session { parse_session_command(sql) } else { None };
+        Ok(Prepared { shape, sql: None, literal_keys, literal_digest: d.finish(), relative_time, session_command })
+    }
+
+    /// A simple-protocol query. Unlexable text goes to the primary untouched,
+    /// which answers with PostgreSQL's own error.
+    pub fn handle_simple_query(&mut self, now: Instant, session: SessionId, sql: &str) -> RequestId {
+        match self.prepare_once(sql) {
+            Ok(p) => self.handle_execute(now, session, &p, &[]),
+            Err(e) => {
+                let shape = Arc::new(unlexable_shape(sql, &e));
+                let p = Prepared {
+                    shape,
+                    sql: None,
+                    literal_keys: Vec::new(),
+                    literal_digest: 0,
+                    relative_time: false,
+                    session_command: None,
+                };
+                self.handle_execute(now, session, &p, &[])
+            }
+        }
+    }
+
+    /// Executes a prepared statement with text-format parameters.
+    pub fn handle_execute(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        prepared: &Prepared,
+        params: &[Option<&[u8]>],
+    ) -> RequestId {
+        if prepared.shape.generation != self.analyzer.generation() {
+            // analysed by an older catalog: as the current one sees it
+            let mut current = prepared.clone();
+            self.current(&mut current);
+            if current.shape.generation == self.analyzer.generation() {
+                return self.handle_execute(now, session, &current, params);
+            }
+        }
+        let req = RequestId(self.next_req);
+        self.next_req += 1;
+        self.stats.queries += 1;
+        if (prepared.shape.session_private || prepared.shape.session_opaque)
+            && let Some(s) = self.sessions.get_mut(&session)
+        {
+            // a fresh private context from here on (this statement is never cached)
+            s.make_private();
+        }
+        let Some(sess) = self.sessions.get(&session) else {
+            self.outputs.push_back(NodeOutput::Failed { req, session, error: NodeError::UnknownSession(session) });
+            return req;
+        };
+        if self.pending.len() >= self.config.pending_max {
+            let error = NodeError::TooManyPending(self.config.pending_max);
+            self.outputs.push_back(NodeOutput::Failed { req, session, error });
+            return req;
+        }
+        let shape = prepared.shape.clone();
+        let args = Args { params, literal_keys: &prepared.literal_keys, literal_digest: prepared.literal_digest };
+        let residency = self.residency_of(&shape);
+        let foreign = residency.is_some_and(|z| z != self.config.zone);
+        let cacheable = shape.is_cacheable()
+            && !sess.in_txn
+            && sess.consistency != Consistency::Strong
+            && !prepared.relative_time
+            && !params.iter().flatten().any(|p| mentions_relative_time(p));
+        if !cacheable {
+            // on the session's own connection to the primary: what it calls
+            // may depend on the backend, write, or need the session's state
+            self.stats.uncacheable += u64::from(shape.kind == StatementKind::Read);
+            let targets = write_targets(&shape, &args, self.config.invalidation, self.analyzer.catalog());
+            let cmd = prepared.session_command.clone();
+            let route = Route::Primary;
+            self.forward(now, req, session, shape, route, None, Deps::default(), targets, residency, false, cmd);
+            return req;
+        }
+        let key = cache_key(&shape, sess.context, &args);
+        let deps = read_deps(&shape, &args, self.config.invalidation);
+        let floor = read_floor(sess.consistency, sess.last_write);
+        // a session whose state is its own reads on its own connection
+        let route = if sess.private { Route::Primary } else { Route::Read { floor } };
+        let cdc_heard = match self.config.cdc_silence_max {
+            None => true,
+            Some(max) => self.last_cdc.is_some_and(|t| now.saturating_since(t) <= max),
+        };
+        if !cdc_heard {
+            self.stats.cdc_silent_misses += 1;
+        }
+        if !foreign && cdc_heard {
+            // the lookups below read the L1 slot, then the rows' versions:
+            // started together, their cache misses overlap
+            self.l1.prefetch(key, NO_SLOT);
+            for d in &deps {
+                if let Dep::Key(t, k) = d {
+                    self.versions.prefetch(*t, *k);
+                }
+            }
+            let versions = &self.versions;
+            let complete = versions.complete_through();
+            let local = complete >= sess.stream_floor;
+            let ok =
+                |e: &Entry<V>| versions.is_valid(e.lsn, &e.deps) && entry_meets_floor(e.lsn, floor, complete, local);
+            if let Lookup::Hit(e) = self.l1.get(now, key, ok) {
+                self.stats.l1_hits += 1;
+                let value = e.value.clone();
+                self.outputs.push_back(NodeOutput::Reply { req, session, served: Served::L1, value });
+                return req;
+            }
+            let ok =
+                |e: &Entry<V>| versions.is_valid(e.lsn, &e.deps) && entry_meets_floor(e.lsn, floor, complete, local);
+            if let Lookup::Hit(e) = self.l2.get(now, key, ok) {
+                self.stats.l2_hits += 1;
+                let entry = e.clone();
+                let value = entry.value.clone();
+                self.l1.insert(now, key, entry);
+                self.outputs.push_back(NodeOutput::Reply { req, session, served: Served::L2, value });
+                return req;
+            }
+        }
+        self.stats.misses += 1;
+        self.forward(now, req, session, shape, route, Some(key), deps, Vec::new(), residency, !foreign, None);
+        req
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &mut self,
+        now: Instant,
+        req: RequestId,
+        session: SessionId,
+        shape: Arc<Shape>,
+        route: Route,
+        cache_key: Option<u128>,
+        deps: Deps,
+        targets: Vec<ChangeTarget>,
+        residency: Option<Zone>,
+        cache_here: bool,
+        session_command: Option<SessionCommand>,
+    ) {
+        self.stats.upstream += 1;
+        let pending = Pending {
+            session,
+            shape: shape.clone(),
+            cache_key,
+            deps: deps.clone(),
+            targets,
+            started: now,
+            cache_here,
+            session_command,
+        };
+        self.pending.insert(req, pending);
+        self.outputs.push_back(NodeOutput::Upstream(UpstreamRequest {
+            req,
+            session,
+            shape,
+            route,
+            cache_key,
+            deps,
+            residency,
+        }));
+    }
+
+    fn residency_of(&self, shape: &Shape) -> Option<Zone> {
+        if self.residency.is_empty() {
+            return None;
+        }
+        shape.reads.iter().chain(shape.writes.iter()).find_map(|t| self.residency.get(t).copied())
+    }
+
+    /// The upstream answer to a request from [`NodeOutput::Upstream`].
+    pub fn handle_upstream(&mut self, now: Instant, req: RequestId, result: Result<UpstreamReply<V>, String>) {
+        let Some(p) = self.pending.remove(&req) else {
+            return;
+        };
+        let session = p.session;
+        let reply = match result {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(s) = self.sessions.get_mut(&session)
+                    && p.shape.txn.is_some()
+                {
+                    // a failed COMMIT or ROLLBACK ends the transaction either way
+                    s.end_transaction(Some(false));
+                    s.txn_targets.clear();
+                }
+                self.outputs.push_back(NodeOutput::Failed { req, session, error: NodeError::Upstream(e) });
+                return;
+            }
+        };
+        let _ = p.started;
+        self.apply_session_effects(&p, &reply);
+        if let Some(key) = p.cache_key
+            && p.cache_here
+            && self.versions.is_valid(reply.snapshot_lsn, &p.deps)
+        {
+            let expires_at = now + reply.ttl.unwrap_or(Duration::MAX);
+            let entry = Entry {
+                value: reply.value.clone(),
+                lsn: reply.snapshot_lsn,
+                deps: p.deps.clone(),
+                size_bytes: reply.size_bytes,
+                expires_at,
+            };
+            if self.config.invalidation == InvalidationMode::Refresh
+                && p.shape.refreshable
+                && let [Dep::Key(t, k)] = &p.deps[..]
+            {
+                self.refresh.track(*t, *k, key);
+            }
+            self.l2.insert(now, key, entry.clone());
+            self.l1.insert(now, key, entry);
+        }
+        self.outputs.push_back(NodeOutput::Reply { req, session, served: reply.served, value: reply.value });
+    }
+
+    fn apply_session_effects(&mut self, p: &Pending, reply: &UpstreamReply<V>) {
+        let Some(s) = self.sessions.get_mut(&p.session) else {
+            return;
+        };
+        let shape = &p.shape;
+        let mut apply: Option<Change> = None;
+        // the statement (or the transaction it commits) wrote what it does not name
+        let mut opaque_at = false;
+        match shape.txn {
+            Some(TxnControl::Begin) => {
+                s.in_txn = true;
+                s.txn_targets.clear();
+                s.txn_opaque = false;
+                s.txn_saved = None;
+                s.txn_uncertain = false;
+            }
+            Some(TxnControl::Commit) => {
+                s.end_transaction(Some(true));
+                opaque_at |= std::mem::take(&mut s.txn_opaque);
+                let targets = std::mem::take(&mut s.txn_targets);
+                if !targets.is_empty()
+                    && let Some(lsn) = reply.commit_lsn
+                {
+                    apply = Some(Change { lsn, targets });
+                }
+            }
+            Some(TxnControl::Rollback) => {
+                s.end_transaction(Some(false));
+                s.txn_targets.clear();
+                s.txn_opaque = false;
+            }
+            Some(TxnControl::RollbackTo) => s.txn_uncertain |= s.txn_saved.is_some(),
+            _ => {}
+        }
+        if let Some(cmd) = p.session_command.clone() {
+            s.command(cmd);
+        }
+        if !p.targets.is_empty() {
+            if s.in_txn {
+                s.txn_targets.extend(p.targets.iter().cloned());
+            } else {
+                let lsn = reply.commit_lsn.unwrap_or(reply.snapshot_lsn);
+                apply = Some(Change { lsn, targets: p.targets.clone() });
+            }
+        }
+        if shape.writes_opaque {
+            if s.in_txn {
+                s.txn_opaque = true;
+            } else {
+                opaque_at = true;
+            }
+        }
+        if let Some(change) = apply {
+            self.stats.writes += 1;
+            s.last_write = s.last_write.max(change.lsn);
+            self.versions.apply(&change);
+        }
+        if opaque_at {
+            let lsn = reply.commit_lsn.unwrap_or(reply.snapshot_lsn);
+            self.opaque_write(p.session, lsn);
+        }
+    }
+
+    /// A CDC event from the primary's logical decoding stream.
+    pub fn handle_cdc(&mut self, now: Instant, event: &CdcEvent) {
+        if self.note_cdc(now, 1) {
+            self.versions.apply_cdc(event);
+        }
+    }
+
+    /// Counts `events` CDC events received at `now`; returns whether the
+    /// invalidation mode applies them (every mode but `TtlOnly`).
+    fn note_cdc(&mut self, now: Instant, events: usize) -> bool {
+        self.stats.cdc_events += events as u64;
+        self.last_cdc = Some(self.last_cdc.map_or(now, |t| t.max(now)));
+        self.config.invalidation != InvalidationMode::TtlOnly
+    }
+
+    /// A CDC event with row images: applied as [`Self::handle_cdc`], then, in
+    /// `Refresh` mode, the cached point reads of the changed rows are refreshed
+    /// in place. `refresh(table, key, old, lsn)` renders the new result from
+    /// the event's row image (`None` leaves the entry to invalidation).
+    pub fn handle_cdc_rows(&mut self, now: Instant, event: &CdcEvent, refresh: &mut RefreshFn<'_, V>) {
+        self.handle_cdc_batch(now, std::iter::once(event), refresh);
+    }
+
+    /// Consecutive CDC events with row images, in stream order: the same
+    /// state as [`Self::handle_cdc`] and then the refresh in place of each
+    /// event, one at a time (versions and refreshes do not read each other),
+    /// applied in phases so that the memory accesses of different rows
+    /// overlap (see [`RefreshIndex::apply_batch`]).
+    pub fn handle_cdc_batch<'e>(
+        &mut self,
+        now: Instant,
+        events: impl IntoIterator<Item = &'e CdcEvent> + Clone,
+        refresh: &mut RefreshFn<'_, V>,
+    ) {
+        let n = events.clone().into_iter().count();
+        if n == 0 || !self.note_cdc(now, n) {
+            return;
+        }
+        // every changed row's lookups first: their cache misses overlap, and
+        // the updates then find the rows cached. The refresh index is
+        // prefetched after its filter (itself prefetched with the versions)
+        // has arrived, so only rows that may have entries cost a miss there.
+        let refreshing = self.config.invalidation == InvalidationMode::Refresh;
+        let rows = || {
+            events.clone().into_iter().flat_map(|e| &e.change.targets).flat_map(|target| {
+                let (t, ks): (TableId, &[u64]) = match target {
+                    ChangeTarget::Keys(t, ks) => (*t, ks),
+                    _ => (TableId(0), &[]),
+                };
+                ks.iter().map(move |k| (t, *k))
+            })
+        };
+        for (t, k) in rows() {
+            self.versions.prefetch(t, k);
+            if refreshing {
+                self.refresh.prefetch_filter(t, k);
+            }
+        }
+        for event in events.clone() {
+            self.versions.apply_cdc(event);
+        }
+        if refreshing {
+            for (t, k) in rows() {
+                self.refresh.prefetch(t, k);
+            }
+        }
+        if self.config.invalidation == InvalidationMode::Refresh {
+            self.refresh.apply_batch(events, &mut [&mut self.l1, &mut self.l2], refresh);
+        }
+    }
+
+    /// Entries refreshed in place so far.
+    pub fn refreshed(&self) -> u64 {
+        self.refresh.refreshed
+    }
+
+    /// Restores an L2 entry that an earlier process persisted (a warm start).
+    /// Stored only while the version map holds it valid; returns whether it
+    /// was. The driver restores only what means the same in this process: keys
+    /// of portable contexts ([`Self::context_is_portable`]) and deps on tables
+    /// the catalog interns to the same ids. Restored entries are invalidated
+    /// (never refreshed in place: the refresh index does not track them).
+    pub fn restore_l2(&mut self, now: Instant, key: u128, entry: Entry<V>) -> bool {
+        self.versions.is_valid(entry.lsn, &entry.deps) && self.l2.insert(now, key, entry)
+    }
+
+    /// Whether the cache keys of `session`'s entries mean the same in another
+    /// process: its context digests role, database and settings only, no
+    /// process-local state (a private session's context is its own).
+    pub fn context_is_portable(&self, session: SessionId) -> bool {
+        self.sessions.get(&session).is_some_and(|s| !s.private)
+    }
+
+    /// The cache key a pending request fills L1/L2 under, if it fills them
+    /// (a driver that copies fills elsewhere looks the entry up afterwards).
+    pub fn pending_fill_key(&self, req: RequestId) -> Option<u128> {
+        self.pending.get(&req).filter(|p| p.cache_here).and_then(|p| p.cache_key)
+    }
+
+    #[must_use]
+    pub fn poll_output(&mut self) -> Option<NodeOutput<V>> {
+        self.outputs.pop_front()
+    }
+
+    /// The node has no timers of its own: TTLs are checked on lookup.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        None
+    }
+}

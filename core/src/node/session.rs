@@ -1,0 +1,216 @@
+//! A client session as the cache sees it: the settings and role that decide
+//! which cached results it may share (its context), its transaction, and
+//! its floor for read-your-writes.
+
+use crate::Lsn;
+use crate::consistency::Consistency;
+use crate::hash::Digest128;
+use crate::invalidation::ChangeTarget;
+use crate::sql::{RESULT_NEUTRAL_SETTINGS, SessionCommand};
+
+use super::SessionId;
+
+#[derive(Clone, Debug)]
+pub(super) struct Session {
+    pub consistency: Consistency,
+    /// LSN of the session's last acknowledged write.
+    pub last_write: Lsn,
+    /// Entries older than the floor may serve the session only once the
+    /// change stream has passed this LSN: writes this node did not see in
+    /// full (a floor learned from outside, a write that reaches rows it does
+    /// not name). Every other write of the session was applied to this
+    /// node's version map when it was acknowledged.
+    pub stream_floor: Lsn,
+    pub in_txn: bool,
+    /// Changes of the open transaction, applied at COMMIT.
+    pub txn_targets: Vec<ChangeTarget>,
+    /// The open transaction wrote rows it does not name (see
+    /// [`crate::sql::Shape::writes_opaque`]).
+    pub txn_opaque: bool,
+    /// Result-affecting settings, sorted: the cache context.
+    settings: Vec<(String, String)>,
+    /// Settings the session started with (its startup parameters): what
+    /// `RESET` and `DISCARD ALL` go back to.
+    startup: Vec<(String, String)>,
+    pub context: u64,
+    /// The current role (`SET ROLE` changes it; `RESET ROLE` goes back to
+    /// the startup role or `login_role`).
+    role: String,
+    login_role: String,
+    database: String,
+    /// Which catalog of roles the session logged in under (per-role
+    /// settings and memberships): sessions of different generations never
+    /// share entries.
+    login_generation: u64,
+    id: SessionId,
+    /// The session's state changed in a way the context cannot follow: its
+    /// entries are its own (the context includes the session id), and its
+    /// reads run on its own connection.
+    pub private: bool,
+    /// Each change the context cannot follow is a fresh context (entries
+    /// from before may reflect state that is gone).
+    private_epoch: u64,
+    /// Settings and role before the open transaction's first session command
+    /// (restored by ROLLBACK: a SET inside a rolled-back transaction is undone).
+    pub txn_saved: Option<(Vec<(String, String)>, String)>,
+    /// A ROLLBACK TO SAVEPOINT after a session command: which SETs survive is unknown.
+    pub txn_uncertain: bool,
+}
+
+impl Session {
+    pub fn new(id: SessionId, role: &str, database: &str, consistency: Consistency, login_generation: u64) -> Session {
+        let mut s = Session {
+            consistency,
+            last_write: Lsn(0),
+            stream_floor: Lsn(0),
+            in_txn: false,
+            txn_targets: Vec::new(),
+            txn_opaque: false,
+            settings: Vec::new(),
+            startup: Vec::new(),
+            context: 0,
+            role: role.to_string(),
+            login_role: role.to_string(),
+            database: database.to_string(),
+            login_generation,
+            id,
+            private: false,
+            private_epoch: 0,
+            txn_saved: None,
+            txn_uncertain: false,
+        };
+        s.recompute_context();
+        s
+    }
+
+    fn recompute_context(&mut self) {
+        let mut d = Digest128::new();
+        d.bytes(self.role.as_bytes());
+        d.bytes(self.database.as_bytes());
+        d.u64(self.login_generation);
+        for (k, v) in &self.settings {
+            d.bytes(k.as_bytes());
+            d.bytes(v.as_bytes());
+        }
+        if self.private {
+            d.bytes(b"\0private");
+            d.bytes(&self.id.0.to_le_bytes());
+            d.bytes(&self.private_epoch.to_le_bytes());
+        }
+        self.context = d.finish() as u64;
+    }
+
+    /// The session's state changed in a way the context cannot follow: a
+    /// new private context, whose entries are the session's own.
+    pub fn make_private(&mut self) {
+        self.private = true;
+        self.private_epoch += 1;
+        self.recompute_context();
+    }
+
+    /// A setting the session started with (a startup parameter, `-c
+    /// name=value` in `options`).
+    pub fn startup_setting(&mut self, name: &str, value: &str) {
+        let name = name.to_ascii_lowercase();
+        if RESULT_NEUTRAL_SETTINGS.contains(&name.as_str()) {
+            return;
+        }
+        self.startup.retain(|(k, _)| *k != name);
+        self.startup.push((name.clone(), value.to_string()));
+        apply_setting(self, SessionCommand::Set { name, value: value.to_string() });
+    }
+
+    /// A session command ran (successfully) in the session's current state.
+    pub fn command(&mut self, cmd: SessionCommand) {
+        let changes = !matches!(cmd, SessionCommand::SetLocal | SessionCommand::NoEffect);
+        if changes && self.in_txn && self.txn_saved.is_none() {
+            self.txn_saved = Some((self.settings.clone(), self.role.clone()));
+        }
+        apply_setting(self, cmd);
+    }
+
+    /// The transaction ended: committed (`Some(true)`), rolled back
+    /// (`Some(false)`) or unknown (`None`).
+    pub fn end_transaction(&mut self, committed: Option<bool>) {
+        self.in_txn = false;
+        let saved = self.txn_saved.take();
+        let uncertain = std::mem::take(&mut self.txn_uncertain);
+        if let Some((settings, role)) = saved {
+            match committed {
+                Some(true) if !uncertain => {}
+                Some(false) => {
+                    self.settings = settings;
+                    self.role = role;
+                    self.recompute_context();
+                }
+                _ => self.make_private(),
+            }
+        }
+    }
+}
+
+fn is_role_setting(name: &str) -> bool {
+    name == "role" || name == "session authorization"
+}
+
+/// SET ROLE if any, else SET SESSION AUTHORIZATION if any, else the login role.
+fn current_role(s: &Session) -> String {
+    let get = |n: &str| s.settings.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    get("role").or_else(|| get("session authorization")).unwrap_or_else(|| s.login_role.clone())
+}
+
+/// `RESET name`: back to the startup value, if the session started with one.
+fn reset(s: &mut Session, name: &str) {
+    let startup = s.startup.iter().find(|(k, _)| k == name).cloned();
+    s.settings.retain(|(k, _)| k != name);
+    s.settings.extend(startup);
+    s.settings.sort();
+}
+
+pub(super) fn apply_setting(s: &mut Session, cmd: SessionCommand) {
+    match cmd {
+        SessionCommand::Set { name, value } => {
+            if RESULT_NEUTRAL_SETTINGS.contains(&name.as_str()) {
+                return;
+            }
+            if name == "session authorization" {
+                // also resets the role
+                s.settings.retain(|(k, _)| !is_role_setting(k));
+            } else {
+                s.settings.retain(|(k, _)| *k != name);
+            }
+            let back = value.eq_ignore_ascii_case("none") || value.eq_ignore_ascii_case("default");
+            if !(is_role_setting(&name) && back) {
+                s.settings.push((name, value));
+                s.settings.sort();
+            }
+            s.role = current_role(s);
+        }
+        SessionCommand::Reset { name } => {
+            if name == "session authorization" {
+                reset(s, "role");
+                reset(s, "session authorization");
+            } else {
+                reset(s, &name);
+            }
+            s.role = current_role(s);
+        }
+        // RESET ALL leaves the role (`role` is not reset by RESET ALL)
+        SessionCommand::ResetAll => {
+            let roles: Vec<(String, String)> = s.settings.iter().filter(|(k, _)| is_role_setting(k)).cloned().collect();
+            s.settings = s.startup.iter().filter(|(k, _)| !is_role_setting(k)).cloned().chain(roles).collect();
+            s.settings.sort();
+        }
+        // DISCARD ALL: SET SESSION AUTHORIZATION DEFAULT, RESET ALL (back to
+        // the startup settings, the startup role among them), temporary
+        // objects dropped: the state is known again
+        SessionCommand::DiscardAll => {
+            s.settings = s.startup.clone();
+            s.settings.sort();
+            s.role = current_role(s);
+            s.private = false;
+        }
+        SessionCommand::SetLocal | SessionCommand::NoEffect => return,
+    }
+    s.recompute_context();
+}

@@ -1,0 +1,423 @@
+#[cfg(test)]
+mod session_and_refresh {
+    use crate::cache::{Eviction, TierConfig};
+    use crate::consistency::Consistency;
+    use crate::invalidation::{CdcEvent, Change, ChangeTarget, key_hash};
+    use crate::node::*;
+    use crate::sql::{Catalog, TableId};
+    use crate::{Duration, Instant, Lsn};
+
+    fn node(mode: InvalidationMode) -> (EdgeNode<u64>, TableId) {
+        let mut catalog = Catalog::new();
+        let items = catalog.set_primary_key("items", "id");
+        let tier = |n| TierConfig {
+            bytes_max: 1 << 20,
+            entries_max: n,
+            ttl: Duration::from_secs(60),
+            eviction: Eviction::Sieve,
+        };
+        let config = NodeConfig {
+            sessions_max: 2,
+            pending_max: 8,
+            invalidation: mode,
+            ..NodeConfig::new(Zone::Eu, tier(10), tier(100))
+        };
+        let mut n = EdgeNode::new(config, catalog, Lsn(0)).expect("valid config");
+        n.open_session(SessionId(1), "app", "app", Consistency::ReadYourWrites).expect("room");
+        (n, items)
+    }
+
+    fn read(n: &mut EdgeNode<u64>, p: &Prepared, key: &str, origin: u64) -> (Served, u64) {
+        n.handle_execute(Instant::ZERO, SessionId(1), p, &[Some(key.as_bytes())]);
+        match n.poll_output() {
+            Some(NodeOutput::Reply { served, value, .. }) => (served, value),
+            Some(NodeOutput::Upstream(u)) => {
+                let reply = UpstreamReply {
+                    value: origin,
+                    size_bytes: 8,
+                    served: Served::Replica,
+                    snapshot_lsn: Lsn(origin),
+                    commit_lsn: None,
+                    ttl: None,
+                };
+                n.handle_upstream(Instant::ZERO, u.req, Ok(reply));
+                match n.poll_output() {
+                    Some(NodeOutput::Reply { served, value, .. }) => (served, value),
+                    other => panic!("expected a reply, got {other:?}"),
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn event(items: TableId, key: &str, prev: u64, lsn: u64) -> CdcEvent {
+        CdcEvent {
+            prev_lsn: Lsn(prev),
+            change: Change {
+                lsn: Lsn(lsn),
+                targets: vec![ChangeTarget::Keys(items, vec![key_hash(items, key.as_bytes())])],
+            },
+        }
+    }
+
+    #[test]
+    fn refresh_keeps_point_reads_hot_and_current() {
+        let (mut n, items) = node(InvalidationMode::Refresh);
+        let p = n.prepare("SELECT id, v FROM items WHERE id = $1").expect("lexes");
+        assert!(p.shape.refreshable);
+        assert_eq!(read(&mut n, &p, "7", 1), (Served::Replica, 1));
+        n.handle_cdc_rows(Instant::ZERO, &event(items, "7", 0, 5), &mut |_, _, _, lsn| Some((lsn.0 * 100, 8)));
+        assert_eq!(read(&mut n, &p, "7", 99), (Served::L1, 500), "refreshed in place, not invalidated");
+        assert_eq!(n.refreshed(), 2, "L1 and L2 entries");
+    }
+
+    #[test]
+    fn a_cdc_batch_leaves_the_node_as_its_events_one_by_one() {
+        for mode in
+            [InvalidationMode::Refresh, InvalidationMode::Key, InvalidationMode::Table, InvalidationMode::TtlOnly]
+        {
+            // 30 rows filled (L1 holds 10 of them), then 40 changes to rows
+            // cached and not, a row changed twice, a gap in the stream
+            let keys: Vec<String> = (0..30).map(|k| k.to_string()).collect();
+            let events: Vec<CdcEvent> = (0..40u64)
+                .map(|i| event(TableId(0), &((i * 7) % 45).to_string(), 100 + i - u64::from(i != 20), 101 + i))
+                .collect();
+            let run = |batched: bool| {
+                let (mut n, items) = node(mode);
+                assert_eq!(items, TableId(0));
+                let p = n.prepare("SELECT id, v FROM items WHERE id = $1").expect("lexes");
+                for k in &keys {
+                    read(&mut n, &p, k, 1);
+                }
+                let mut refresh = |_: TableId, _: u64, _: &u64, lsn: Lsn| Some((lsn.0 * 10, 8));
+                let now = Instant::from_millis(5);
+                if batched {
+                    n.handle_cdc_batch(now, &events, &mut refresh);
+                } else {
+                    // what a CDC event with rows means, one at a time
+                    for e in &events {
+                        n.handle_cdc(now, e);
+                        if mode == InvalidationMode::Refresh {
+                            n.refresh.apply(e, &mut [&mut n.l1, &mut n.l2], &mut refresh);
+                        }
+                    }
+                }
+                let served: Vec<(Served, u64)> = keys.iter().map(|k| read(&mut n, &p, k, 200)).collect();
+                (served, n.refreshed(), n.versions.complete_through(), n.stats().cdc_events)
+            };
+            let (one_by_one, batched) = (run(false), run(true));
+            assert_eq!(one_by_one, batched, "{mode:?}");
+            if mode == InvalidationMode::Refresh {
+                assert!(batched.1 > 0, "some entries refreshed in place");
+            }
+        }
+    }
+
+    #[test]
+    fn key_mode_invalidates_instead() {
+        let (mut n, items) = node(InvalidationMode::Key);
+        let p = n.prepare("SELECT id, v FROM items WHERE id = $1").expect("lexes");
+        read(&mut n, &p, "7", 1);
+        n.handle_cdc_rows(Instant::ZERO, &event(items, "7", 0, 5), &mut |_, _, _, lsn| Some((lsn.0, 8)));
+        assert_eq!(read(&mut n, &p, "7", 6), (Served::Replica, 6));
+    }
+
+    /// Runs `sql` in `session`, answering upstream with success; what served it.
+    fn run(n: &mut EdgeNode<u64>, session: u64, sql: &str) -> Served {
+        n.handle_simple_query(Instant::ZERO, SessionId(session), sql);
+        match n.poll_output() {
+            Some(NodeOutput::Reply { served, .. }) => served,
+            Some(NodeOutput::Upstream(u)) => {
+                let reply = UpstreamReply {
+                    value: 1,
+                    size_bytes: 8,
+                    served: Served::Primary,
+                    snapshot_lsn: Lsn(1),
+                    commit_lsn: Some(Lsn(1)),
+                    ttl: None,
+                };
+                n.handle_upstream(Instant::ZERO, u.req, Ok(reply));
+                while n.poll_output().is_some() {}
+                Served::Primary
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// Whether session 2 is served what session 1 cached (the same context).
+    fn shares(n: &mut EdgeNode<u64>, id: u32) -> bool {
+        let sql = format!("SELECT v FROM items WHERE id = {id}");
+        run(n, 1, &sql);
+        run(n, 2, &sql) == Served::L1
+    }
+
+    #[test]
+    fn session_state_follows_roles_transactions_and_invisible_changes() {
+        let (mut n, _) = node(InvalidationMode::Key);
+        n.open_session(SessionId(2), "app", "app", Consistency::ReadYourWrites).expect("room");
+        assert!(shares(&mut n, 1), "same login, same settings");
+        run(&mut n, 2, "SET ROLE alice");
+        assert!(!shares(&mut n, 2), "another role");
+        run(&mut n, 2, "RESET ROLE");
+        assert!(shares(&mut n, 3), "RESET ROLE goes back to the login role");
+        for back in ["SET ROLE NONE", "SET SESSION AUTHORIZATION DEFAULT", "DISCARD ALL"] {
+            run(&mut n, 2, "SET ROLE alice");
+            run(&mut n, 2, back);
+            assert!(shares(&mut n, 4), "{back}");
+        }
+        run(&mut n, 2, "SET ROLE alice");
+        run(&mut n, 2, "RESET ALL");
+        assert!(!shares(&mut n, 5), "RESET ALL keeps the role");
+        run(&mut n, 2, "DISCARD ALL");
+
+        // a SET inside a rolled-back transaction is undone
+        run(&mut n, 2, "BEGIN");
+        run(&mut n, 2, "SET search_path = other");
+        run(&mut n, 2, "ROLLBACK");
+        assert!(shares(&mut n, 6), "rolled back");
+        // ... and kept when committed
+        run(&mut n, 2, "BEGIN");
+        run(&mut n, 2, "SET search_path = other");
+        run(&mut n, 2, "COMMIT");
+        assert!(!shares(&mut n, 7), "committed");
+        run(&mut n, 2, "RESET search_path");
+        assert!(shares(&mut n, 8));
+        // a ROLLBACK TO after a SET: unknown, private
+        run(&mut n, 2, "BEGIN");
+        run(&mut n, 2, "SAVEPOINT a");
+        run(&mut n, 2, "SET search_path = other");
+        run(&mut n, 2, "ROLLBACK TO a");
+        run(&mut n, 2, "COMMIT");
+        assert!(!shares(&mut n, 9), "uncertain: private");
+        run(&mut n, 2, "DISCARD ALL");
+        assert!(shares(&mut n, 10));
+
+        // changes no SET shows: private until DISCARD ALL
+        for invisible in [
+            "SELECT set_config('search_path', 'other', false)",
+            "CREATE TEMP TABLE items (id int, v text)",
+            "CREATE GLOBAL TEMPORARY TABLE items (id int)",
+            "SELECT * INTO TEMP t FROM items",
+            "SELECT * FROM pg_temp.items",
+        ] {
+            run(&mut n, 2, "DISCARD ALL");
+            run(&mut n, 2, invisible);
+            assert!(!shares(&mut n, 11), "{invisible}");
+        }
+        run(&mut n, 2, "DISCARD ALL");
+        assert!(shares(&mut n, 12));
+
+        // startup settings and relayed statements
+        n.set_session_setting(SessionId(2), "DateStyle", "SQL, DMY");
+        assert!(!shares(&mut n, 13), "a startup setting is in the context");
+        n.set_session_setting(SessionId(1), "datestyle", "SQL, DMY");
+        assert!(shares(&mut n, 14), "the same startup setting");
+        let set = n.prepare("SET search_path = other").expect("lexes");
+        n.note_relayed(SessionId(2), &set, true);
+        assert!(!shares(&mut n, 15), "an extended-protocol SET");
+        n.note_relayed(SessionId(1), &set, true);
+        assert!(shares(&mut n, 16));
+        n.note_relayed(SessionId(2), &set, false);
+        assert!(!shares(&mut n, 17), "a SET of uncertain fate: private");
+        let column = n.prepare("SELECT temp FROM weather WHERE temp > 3").expect("lexes");
+        assert!(!column.shape.session_private, "a column named temp is not a temporary table");
+    }
+
+    #[test]
+    fn only_single_row_projections_are_refreshable() {
+        let (mut n, _) = node(InvalidationMode::Refresh);
+        for (sql, want) in [
+            ("SELECT * FROM items WHERE id = $1", true),
+            ("SELECT items.v AS value FROM items WHERE items.id = 3", true),
+            ("SELECT v FROM items WHERE id = $1 AND v > 2", false),
+            ("SELECT v FROM items WHERE id = $1 LIMIT 1", false),
+            ("SELECT count(*) FROM items WHERE id = $1", false),
+            ("SELECT lower(v) FROM items WHERE id = $1", false),
+            ("SELECT v FROM items WHERE id IN ($1, $2)", false),
+            ("SELECT i.v FROM items i JOIN owners o ON o.id = i.owner WHERE i.id = $1", false),
+        ] {
+            let p = n.prepare(sql).expect("lexes");
+            assert_eq!(p.shape.refreshable, want, "{sql}");
+        }
+    }
+
+    #[test]
+    fn session_settings_change_the_cache_context() {
+        let (mut n, _) = node(InvalidationMode::Key);
+        let p = n.prepare("SELECT v FROM items WHERE id = $1").expect("lexes");
+        read(&mut n, &p, "1", 1);
+        assert_eq!(read(&mut n, &p, "1", 2).0, Served::L1);
+        // a result-neutral setting keeps the context
+        n.handle_simple_query(Instant::ZERO, SessionId(1), "SET application_name = 'x'");
+        let Some(NodeOutput::Upstream(u)) = n.poll_output() else { panic!("SET goes upstream") };
+        let ok = UpstreamReply {
+            value: 0,
+            size_bytes: 0,
+            served: Served::Primary,
+            snapshot_lsn: Lsn(0),
+            commit_lsn: None,
+            ttl: None,
+        };
+        n.handle_upstream(Instant::ZERO, u.req, Ok(ok.clone()));
+        while n.poll_output().is_some() {}
+        assert_eq!(read(&mut n, &p, "1", 3).0, Served::L1);
+        // search_path changes what `items` means
+        n.handle_simple_query(Instant::ZERO, SessionId(1), "SET search_path TO tenant_b");
+        let Some(NodeOutput::Upstream(u)) = n.poll_output() else { panic!("SET goes upstream") };
+        n.handle_upstream(Instant::ZERO, u.req, Ok(ok));
+        while n.poll_output().is_some() {}
+        assert_eq!(read(&mut n, &p, "1", 4).0, Served::Replica, "another search_path, another cache entry");
+    }
+
+    #[test]
+    fn transactions_are_never_cached_and_writes_apply_at_commit() {
+        let (mut n, _) = node(InvalidationMode::Key);
+        let p = n.prepare("SELECT v FROM items WHERE id = $1").expect("lexes");
+        read(&mut n, &p, "1", 1);
+        let ok = |lsn| UpstreamReply {
+            value: 0u64,
+            size_bytes: 0,
+            served: Served::Primary,
+            snapshot_lsn: Lsn(lsn),
+            commit_lsn: Some(Lsn(lsn)),
+            ttl: None,
+        };
+        for sql in ["BEGIN", "UPDATE items SET v = 2 WHERE id = 1"] {
+            n.handle_simple_query(Instant::ZERO, SessionId(1), sql);
+            let Some(NodeOutput::Upstream(u)) = n.poll_output() else { panic!("{sql} goes upstream") };
+            assert_eq!(u.route, Route::Primary);
+            n.handle_upstream(Instant::ZERO, u.req, Ok(ok(1)));
+            while n.poll_output().is_some() {}
+        }
+        n.handle_execute(Instant::ZERO, SessionId(1), &p, &[Some(b"1")]);
+        let Some(NodeOutput::Upstream(u)) = n.poll_output() else { panic!("a read in a transaction goes upstream") };
+        assert_eq!((u.route, u.cache_key), (Route::Primary, None));
+        n.handle_upstream(Instant::ZERO, u.req, Ok(ok(1)));
+        while n.poll_output().is_some() {}
+        n.handle_simple_query(Instant::ZERO, SessionId(1), "COMMIT");
+        let Some(NodeOutput::Upstream(u)) = n.poll_output() else { panic!("COMMIT goes upstream") };
+        n.handle_upstream(Instant::ZERO, u.req, Ok(ok(9)));
+        while n.poll_output().is_some() {}
+        assert_eq!(read(&mut n, &p, "1", 9), (Served::Replica, 9), "the commit invalidated the row");
+    }
+
+    #[test]
+    fn bad_input_is_an_error_not_a_panic() {
+        let (mut n, _) = node(InvalidationMode::Key);
+        n.handle_simple_query(Instant::ZERO, SessionId(1), "SELECT 'unterminated");
+        let Some(NodeOutput::Upstream(u)) = n.poll_output() else { panic!("goes to the primary for its error") };
+        assert_eq!((u.route, u.cache_key), (Route::Primary, None));
+        n.handle_simple_query(Instant::ZERO, SessionId(99), "SELECT 1");
+        assert!(matches!(n.poll_output(), Some(NodeOutput::Failed { error: NodeError::UnknownSession(_), .. })));
+        n.handle_upstream(Instant::ZERO, RequestId(12345), Err("late".into()));
+        assert!(n.poll_output().is_none(), "an unknown request id is ignored");
+    }
+}
+
+#[cfg(test)]
+mod silence_tests {
+    use crate::cache::{Eviction, TierConfig};
+    use crate::consistency::Consistency;
+    use crate::invalidation::{CdcEvent, Change};
+    use crate::node::*;
+    use crate::sql::Catalog;
+    use crate::{Duration, Instant, Lsn};
+
+    #[test]
+    fn a_silent_cdc_stream_stops_cache_serving() {
+        let mut catalog = Catalog::new();
+        catalog.set_primary_key("items", "id");
+        let tier = |n| TierConfig {
+            bytes_max: 1 << 20,
+            entries_max: n,
+            ttl: Duration::from_secs(60),
+            eviction: Eviction::Sieve,
+        };
+        let config = NodeConfig {
+            cdc_silence_max: Some(Duration::from_secs(2)),
+            ..NodeConfig::new(Zone::Eu, tier(10), tier(10))
+        };
+        let mut n: EdgeNode<u64> = EdgeNode::new(config, catalog, Lsn(0)).expect("valid");
+        n.open_session(SessionId(1), "app", "app", Consistency::ReadYourWrites).expect("room");
+        let p = n.prepare("SELECT v FROM items WHERE id = $1").expect("lexes");
+        let read = |n: &mut EdgeNode<u64>, at: Instant| {
+            n.handle_execute(at, SessionId(1), &p, &[Some(b"1")]);
+            match n.poll_output() {
+                Some(NodeOutput::Reply { served, .. }) => served,
+                Some(NodeOutput::Upstream(u)) => {
+                    let r = UpstreamReply {
+                        value: 1,
+                        size_bytes: 8,
+                        served: Served::Replica,
+                        snapshot_lsn: Lsn(1),
+                        commit_lsn: None,
+                        ttl: None,
+                    };
+                    n.handle_upstream(at, u.req, Ok(r));
+                    while n.poll_output().is_some() {}
+                    Served::Replica
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        let t0 = Instant::from_millis(1000);
+        assert_eq!(read(&mut n, t0), Served::Replica);
+        assert_eq!(read(&mut n, t0), Served::Replica, "nothing is served before the stream is heard");
+        let keepalive = CdcEvent { prev_lsn: Lsn(0), change: Change { lsn: Lsn(0), targets: Vec::new() } };
+        n.handle_cdc(t0, &keepalive);
+        assert_eq!(read(&mut n, t0 + Duration::from_secs(1)), Served::L1);
+        assert_eq!(read(&mut n, t0 + Duration::from_secs(3)), Served::Replica, "silent for 3 s: go upstream");
+        n.handle_cdc(t0 + Duration::from_secs(3), &keepalive);
+        assert_eq!(read(&mut n, t0 + Duration::from_secs(3)), Served::L1);
+        assert!(n.stats().cdc_silent_misses >= 3);
+    }
+}
+
+#[cfg(test)]
+mod restore_tests {
+    use crate::cache::{Entry, Eviction, TierConfig};
+    use crate::consistency::Consistency;
+    use crate::invalidation::{CdcEvent, Change, ChangeTarget, key_hash};
+    use crate::node::*;
+    use crate::sql::Catalog;
+    use crate::{Duration, Instant, Lsn};
+
+    #[test]
+    fn restored_entries_answer_until_a_change_invalidates_them() {
+        let mut catalog = Catalog::new();
+        let items = catalog.set_primary_key("items", "id");
+        let tier = |n| TierConfig {
+            bytes_max: 1 << 20,
+            entries_max: n,
+            ttl: Duration::from_secs(60),
+            eviction: Eviction::Sieve,
+        };
+        let mut n: EdgeNode<u64> =
+            EdgeNode::new(NodeConfig::new(Zone::Eu, tier(10), tier(10)), catalog, Lsn(0)).expect("valid");
+        n.open_session(SessionId(1), "app", "app", Consistency::ReadYourWrites).expect("room");
+        let p = n.prepare("SELECT v FROM items WHERE id = $1").expect("lexes");
+        let execute = |n: &mut EdgeNode<u64>| {
+            n.handle_execute(Instant::ZERO, SessionId(1), &p, &[Some(b"7")]);
+            n.poll_output().expect("an output")
+        };
+        let Some(NodeOutput::Upstream(u)) = Some(execute(&mut n)) else { panic!("a miss") };
+        let key = u.cache_key.expect("cacheable");
+        assert_eq!(n.pending_fill_key(u.req), Some(key));
+        n.handle_upstream(Instant::ZERO, u.req, Err("dropped".into()));
+        while n.poll_output().is_some() {}
+        assert!(n.context_is_portable(SessionId(1)));
+        let entry =
+            |value, lsn| Entry { value, lsn: Lsn(lsn), deps: u.deps.clone(), size_bytes: 8, expires_at: Instant::MAX };
+        assert!(n.restore_l2(Instant::ZERO, key, entry(1, 10)));
+        assert!(matches!(execute(&mut n), NodeOutput::Reply { served: Served::L2, value: 1, .. }));
+        n.clear_tier(TierName::L1);
+        // a change after the entry's snapshot, re-delivered by the stream
+        let change = Change { lsn: Lsn(20), targets: vec![ChangeTarget::Keys(items, vec![key_hash(items, b"7")])] };
+        n.handle_cdc(Instant::ZERO, &CdcEvent { prev_lsn: Lsn(0), change });
+        assert!(matches!(execute(&mut n), NodeOutput::Upstream(_)));
+        assert!(!n.restore_l2(Instant::ZERO, key, entry(1, 15)), "already invalid: refused");
+        assert!(n.restore_l2(Instant::ZERO, key, entry(2, 20)));
+        n.make_private(SessionId(1));
+        assert!(!n.context_is_portable(SessionId(1)), "a private context is this process's own");
+    }
+}
