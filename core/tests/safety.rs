@@ -401,3 +401,23 @@ proptest! {
         prop_assert_eq!(canonical, Some(value.to_string()));
     }
 }
+
+#[test]
+fn row_security_policies_add_what_they_read() {
+    let mut r = Rig::with(|c| {
+        c.set_relation("members", RelationSpec::default());
+        let policy = "SELECT 1 WHERE (tenant IN (SELECT m.tenant FROM members m WHERE m.who = CURRENT_USER))";
+        c.set_relation("tdocs", RelationSpec { reads: vec![policy.into()], ..RelationSpec::default() });
+        let own = "SELECT 1 WHERE (owner = CURRENT_USER)";
+        c.set_relation("odocs", RelationSpec { reads: vec![own.into()], ..RelationSpec::default() });
+        c.set_complete(true);
+    });
+    let read = "SELECT * FROM tdocs ORDER BY id";
+    r.run(1, read);
+    assert_eq!(r.run(1, read), Served::L1);
+    let members = r.node.analyzer().catalog().get("members").expect("described");
+    r.remote_commit(vec![ChangeTarget::Table(members)]);
+    assert_eq!(r.run(1, read), Served::Primary, "a membership change changes what the policy lets through");
+    r.run(1, "SELECT * FROM odocs");
+    assert_eq!(r.run(1, "SELECT * FROM odocs"), Served::L1, "a policy on the role alone: cached");
+}

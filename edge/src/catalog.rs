@@ -11,10 +11,14 @@
 //! settings): [`roles_digest`] is compared on every poll instead.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 
+use postai_core::Lsn;
+use postai_core::hash::Digest128;
 use postai_core::sql::{Catalog, KeyType, RelKind, RelationSpec, Volatility};
 
 use crate::protocol::{self, Message};
+use crate::proxy::Proxy;
 use crate::upstream::{Conn, error_message};
 
 /// Schemas whose relations are PostgreSQL's own.
@@ -52,7 +56,7 @@ const INHERITS: &str = "SELECT c.relname, p.relname FROM pg_inherits i \
     JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent";
 
 /// Row-level security policies' USING expressions, on tables that enforce them.
-const POLICIES: &str = "SELECT c.relname, quote_ident(c.relname), pg_get_expr(p.polqual, p.polrelid) \
+const POLICIES: &str = "SELECT c.relname, pg_get_expr(p.polqual, p.polrelid) \
     FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid WHERE c.relrowsecurity AND p.polqual IS NOT NULL";
 
 /// Single-column primary keys and their types.
@@ -105,6 +109,25 @@ impl LiveCatalog {
         c.set_complete(true);
     }
 
+    /// A digest of everything the analyzer takes from it.
+    pub fn digest(&self) -> u128 {
+        let mut d = Digest128::new();
+        for (name, v, builtin) in &self.functions {
+            d.bytes(name.as_bytes());
+            d.u64(*v as u64 * 2 + u64::from(*builtin));
+        }
+        for (name, spec) in &self.relations {
+            d.bytes(name.as_bytes());
+            d.bytes(format!("{:?}{}{:?}", spec.kind, spec.writes_opaque, spec.ancestors).as_bytes());
+            spec.reads.iter().for_each(|r| d.bytes(r.as_bytes()));
+        }
+        for (name, key) in &self.keys {
+            d.bytes(name.as_bytes());
+            d.bytes(format!("{key:?}").as_bytes());
+        }
+        d.finish()
+    }
+
     pub fn summary(&self) -> String {
         let views = self.relations.values().filter(|r| r.kind == RelKind::View).count();
         let opaque = self.relations.values().filter(|r| r.writes_opaque).count();
@@ -131,6 +154,7 @@ pub async fn load(conn: &mut Conn) -> std::io::Result<LiveCatalog> {
         };
         live.functions.push((name.clone(), v, builtin == "true"));
     }
+    live.functions.sort();
     for row in rows(conn, &relations_query()).await? {
         let [Some(name), Some(kind), Some(opaque), definition, Some(_rls)] = &row[..] else { continue };
         let kind = match kind.as_str() {
@@ -164,9 +188,10 @@ pub async fn load(conn: &mut Conn) -> std::io::Result<LiveCatalog> {
         spec.ancestors = ancestors(child, &parents);
     }
     for row in rows(conn, POLICIES).await? {
-        let [Some(name), Some(quoted), Some(qual)] = &row[..] else { continue };
+        let [Some(name), Some(qual)] = &row[..] else { continue };
         if let Some(spec) = live.relations.get_mut(name) {
-            spec.reads.push(format!("SELECT 1 FROM {quoted} WHERE {qual}"));
+            // the expression's own relations and calls (its columns are the table's)
+            spec.reads.push(format!("SELECT 1 WHERE {qual}"));
         }
     }
     for row in rows(conn, &keys_query()).await? {
@@ -183,6 +208,64 @@ pub async fn load(conn: &mut Conn) -> std::io::Result<LiveCatalog> {
         }
     }
     Ok(live)
+}
+
+/// What the change-stream reader knows of the database beyond the stream,
+/// across its reconnections: the catalog and the roles it last saw.
+#[derive(Debug, Default)]
+pub struct Watch {
+    catalog: Option<u128>,
+    roles: Option<String>,
+}
+
+impl Watch {
+    /// Loads the catalog and gives it to the node when it changed: the
+    /// first time before the stream opens (nothing cached was analysed by
+    /// another catalog), later by dropping what was cached (DDL changed
+    /// what it means). Returns the catalog's digest.
+    pub async fn sync_catalog(&mut self, proxy: &Proxy, conn: &mut Conn) -> std::io::Result<u128> {
+        proxy.catalog_stale.store(false, Ordering::Relaxed);
+        let live = load(conn).await?;
+        let digest = live.digest();
+        if self.catalog != Some(digest) {
+            let mut node = proxy.node.lock().unwrap_or_else(|p| p.into_inner());
+            if self.catalog.is_none() {
+                node.load_catalog(|c| live.apply(c));
+            } else {
+                node.update_catalog(|c| live.apply(c));
+                if let Some(f) = &proxy.l2_file {
+                    f.clear("the database's catalog changed");
+                }
+            }
+            drop(node);
+            eprintln!("postai-edge: catalog loaded: {}", live.summary());
+            self.catalog = Some(digest);
+        }
+        Ok(digest)
+    }
+
+    /// Compares the roles' digest with the last one: a change (a
+    /// membership, an attribute, a per-role setting, a reloaded
+    /// configuration) drops what was cached under the old privileges.
+    pub async fn check_roles(&mut self, proxy: &Proxy, conn: &mut Conn) -> std::io::Result<()> {
+        let digest = rows(conn, ROLES_DIGEST).await?.into_iter().next().and_then(|r| r.into_iter().next().flatten());
+        let Some(digest) = digest else { return Ok(()) };
+        if self.roles.as_ref().is_some_and(|old| *old != digest) {
+            // every read that ran under the old roles has an older snapshot
+            let at = rows(conn, "SELECT pg_current_wal_lsn()::text").await?;
+            let at = at.first().and_then(|r| r.first().cloned().flatten()).and_then(|s| protocol::parse_lsn(&s));
+            let Some(at) = at.map(Lsn) else {
+                return Err(std::io::Error::other("roles changed, and the primary gave no WAL position"));
+            };
+            proxy.node.lock().unwrap_or_else(|p| p.into_inner()).roles_changed(at);
+            if let Some(f) = &proxy.l2_file {
+                f.clear("the database's roles changed");
+            }
+            eprintln!("postai-edge: roles changed: cached entries dropped");
+        }
+        self.roles = Some(digest);
+        Ok(())
+    }
 }
 
 /// Two relations of one name (in different schemas): the analyzer cannot

@@ -179,10 +179,13 @@ pub async fn run(proxy: Arc<Proxy>) {
     let mut last = Lsn(0);
     // a subscription that was open: the next one asks to continue after `last`
     let mut subscribed = false;
+    // the catalog and roles last seen, and where this reader left the slot
+    let mut watch = crate::catalog::Watch::default();
+    let mut slot_at: Option<Lsn> = None;
     loop {
         let result = match cfg.source {
-            CdcSource::Slot => poll_loop(&proxy, &mut last).await,
-            CdcSource::Regional => subscribe_loop(&proxy, &mut last, &mut subscribed).await,
+            CdcSource::Slot => poll_loop(&proxy, &mut last, &mut watch, &mut slot_at).await,
+            CdcSource::Regional => subscribe_loop(&proxy, &mut last, &mut subscribed, &mut watch).await,
         };
         match result {
             Ok(()) => return,
@@ -194,7 +197,16 @@ pub async fn run(proxy: Arc<Proxy>) {
     }
 }
 
-async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
+/// How often the roles' digest is compared (memberships, attributes and
+/// per-role settings change without a change event).
+const ROLES_CHECK_MS: u64 = 1000;
+
+async fn poll_loop(
+    proxy: &Proxy,
+    last: &mut Lsn,
+    watch: &mut crate::catalog::Watch,
+    slot_at: &mut Option<Lsn>,
+) -> std::io::Result<()> {
     let cfg = &proxy.config.cdc;
     let addr = cfg.upstream.clone().unwrap_or_else(|| proxy.primary_addr());
     let mut conn = proxy.service_login(&addr, &cfg.user, &cfg.database).await?;
@@ -214,6 +226,10 @@ async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
             );
         }
     }
+    // the catalog before the stream opens: nothing is analysed by another
+    let catalog = watch.sync_catalog(proxy, &mut conn).await?;
+    watch.check_roles(proxy, &mut conn).await?;
+    let mut roles_checked = std::time::Instant::now();
     let exists = conn.simple(&format!("SELECT 1 FROM pg_replication_slots WHERE slot_name = '{}'", cfg.slot)).await?;
     // where the slot re-delivers from: a start event opens the stream there
     let mut start_event: Option<Lsn> = None;
@@ -238,8 +254,9 @@ async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
             publish(proxy, Feed { reset: Some(start), ..Feed::default() });
             // before the event below opens the cache: restored entries may
             // come from another cluster's LSNs, which the event cannot order
-            adopt_l2(proxy, &mut conn, start, true).await;
+            adopt_l2(proxy, &mut conn, start, true, catalog).await;
             advanced = start;
+            *slot_at = Some(start);
             let mut node = proxy.node.lock().unwrap_or_else(|p| p.into_inner());
             let event = CdcEvent { prev_lsn: *last, change: Change { lsn: start, targets: vec![ChangeTarget::All] } };
             node.handle_cdc(proxy.now(), &event);
@@ -249,13 +266,25 @@ async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
         let q = format!("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = '{}'", cfg.slot);
         let confirmed = protocol::first_value(&check(conn.simple(&q).await?)?).and_then(|s| protocol::parse_lsn(&s));
         let confirmed = Lsn(confirmed.unwrap_or(0));
-        adopt_l2(proxy, &mut conn, confirmed, false).await;
+        // moved by someone else since this process left it (dropped and
+        // created again, advanced): what happened in between is unknown
+        let replaced = slot_at.is_some_and(|at| at != confirmed);
+        adopt_l2(proxy, &mut conn, confirmed, replaced, catalog).await;
+        if replaced {
+            eprintln!("postai-edge: cdc ({}): the slot was moved by someone else: the cache starts over", cfg.slot);
+            publish(proxy, Feed { reset: Some(confirmed.max(*last)), ..Feed::default() });
+            let start = confirmed.max(*last);
+            let all = CdcEvent { prev_lsn: *last, change: Change { lsn: start, targets: vec![ChangeTarget::All] } };
+            proxy.node.lock().unwrap_or_else(|p| p.into_inner()).handle_cdc(proxy.now(), &all);
+            *last = start;
+        }
         if proxy.config.role == crate::config::Role::Regional {
             // only a regional proxy keeps what it publishes
             proxy.cdc_history.lock().unwrap_or_else(|p| p.into_inner()).start_at(confirmed);
         }
         start_event = Some(confirmed);
         advanced = confirmed;
+        *slot_at = Some(confirmed);
     }
     let mut pending: Vec<ChangeTarget> = Vec::new();
     loop {
@@ -268,10 +297,25 @@ async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
             ))
             .await?,
         )?;
+        // the slot is still the one this reader left where it left it: a
+        // slot dropped and created again, or moved, has lost changes
+        let q = format!("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = '{}'", cfg.slot);
+        let position = protocol::first_value(&check(conn.simple(&q).await?)?).and_then(|s| protocol::parse_lsn(&s));
+        match position {
+            None => return Err(std::io::Error::other("the slot is gone")),
+            Some(p) if Lsn(p) != advanced => {
+                return Err(std::io::Error::other(format!(
+                    "the slot stands at {}, not where this reader left it ({})",
+                    fmt_lsn(Lsn(p)),
+                    fmt_lsn(advanced)
+                )));
+            }
+            Some(_) => {}
+        }
         let now = proxy.now();
         // the last commit (or non-transactional message) applied: where the slot may advance to
         let mut through: Option<Lsn> = None;
-        let written = {
+        let (written, ddl) = {
             let mut node = proxy.node.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(start) = start_event.take()
                 && start > *last
@@ -311,12 +355,23 @@ async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
             if relay {
                 publish(proxy, Feed { rows: feed, current, reset: None, max_commit });
             }
+            let ddl = changes.iter().any(|c| c.targets.contains(&ChangeTarget::All));
             // queued under the node's lock: after every fill validated before these changes
-            match (&proxy.l2_file, through) {
+            let written = match (&proxy.l2_file, through) {
                 (Some(f), Some(t)) => Some(f.invalidate(changes, t)),
                 _ => None,
-            }
+            };
+            (written, ddl)
         };
+        // DDL (here or through the proxy) may have changed what relations
+        // and functions are; roles change without events
+        if ddl || proxy.catalog_stale.load(Ordering::Relaxed) {
+            watch.sync_catalog(proxy, &mut conn).await?;
+        }
+        if roles_checked.elapsed() >= std::time::Duration::from_millis(ROLES_CHECK_MS) {
+            watch.check_roles(proxy, &mut conn).await?;
+            roles_checked = std::time::Instant::now();
+        }
         if let Some(t) = through.filter(|t| *t > advanced) {
             if let Some(written) = written {
                 // a writer that is gone wrote nothing more: the slot moving past
@@ -325,9 +380,12 @@ async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
                     return Err(std::io::Error::other(format!("L2 file: {e}; the slot is not advanced")));
                 }
             }
-            let advance = format!("SELECT 1 FROM pg_replication_slot_advance('{}', '{}')", cfg.slot, fmt_lsn(t));
-            check(conn.simple(&advance).await?)?;
-            advanced = t;
+            let advance =
+                format!("SELECT end_lsn::text FROM pg_replication_slot_advance('{}', '{}')", cfg.slot, fmt_lsn(t));
+            let end =
+                protocol::first_value(&check(conn.simple(&advance).await?)?).and_then(|s| protocol::parse_lsn(&s));
+            advanced = end.map_or(t, Lsn);
+            *slot_at = Some(advanced);
         } else if let Some(c) = current.filter(|c| c.saturating_sub(advanced.0.max(emitted)) > IDLE_ADVANCE_BYTES) {
             let emit = conn.simple("SELECT 1 FROM pg_logical_emit_message(false, 'postai', '')").await?;
             if let Some(e) = emit.iter().find(|m| m.tag == b'E') {
@@ -353,14 +411,24 @@ async fn poll_loop(proxy: &Proxy, last: &mut Lsn) -> std::io::Result<()> {
 /// sends them up to a keepalive: they are applied in one hold of the node's
 /// lock (a restored entry is never served between two of them), and nothing
 /// else is invalidated.
-async fn subscribe_loop(proxy: &Proxy, last: &mut Lsn, subscribed: &mut bool) -> std::io::Result<()> {
+async fn subscribe_loop(
+    proxy: &Proxy,
+    last: &mut Lsn,
+    subscribed: &mut bool,
+    watch: &mut crate::catalog::Watch,
+) -> std::io::Result<()> {
     let cfg = &proxy.config.cdc;
     let addr = proxy.primary_addr();
     let mut conn = proxy.service_login(&addr, &cfg.user, &cfg.database).await?;
+    // the database's catalog and roles over a second connection (the first streams)
+    let mut catalog_conn = proxy.service_login(&addr, &cfg.user, &cfg.database).await?;
+    let catalog = watch.sync_catalog(proxy, &mut catalog_conn).await?;
+    watch.check_roles(proxy, &mut catalog_conn).await?;
+    let mut roles_checked = std::time::Instant::now();
     // the file is adopted by the first subscription of this process
     let adopting = proxy.l2_file.as_ref().filter(|_| !*subscribed);
     let system_id = match adopting {
-        Some(_) => system_identifier(&mut conn).await,
+        Some(_) => system_identifier(&mut conn).await.map(|id| format!("{id} catalog {catalog:032x}")),
         None => None,
     };
     let from = if *subscribed { Some(*last) } else { adopting.and_then(|f| f.opened_at) };
@@ -392,61 +460,73 @@ async fn subscribe_loop(proxy: &Proxy, last: &mut Lsn, subscribed: &mut bool) ->
                     }
                 }
                 let now = proxy.now();
-                let mut node = proxy.node.lock().unwrap_or_else(|p| p.into_inner());
-                let mut changes: Vec<Change> = Vec::new();
-                if let Some(rest) = line.strip_prefix("C ") {
-                    // the stream continues after this position: what we hold stays
-                    let Some(from) = protocol::parse_lsn(rest) else { continue };
-                    *last = (*last).max(Lsn(from));
-                    opened = true;
-                    *subscribed = true;
-                    replay = Some(Vec::new());
-                    proxy.metrics.cdc_resumed.fetch_add(1, Ordering::Relaxed);
-                } else if let Some(rest) = line.strip_prefix("X ") {
-                    // a new slot on the regional proxy: commits before it may never come
-                    let Some(start) = protocol::parse_lsn(rest).map(Lsn) else { continue };
-                    let start = start.max(*last);
-                    let all = Change { lsn: start, targets: vec![ChangeTarget::All] };
-                    node.handle_cdc(now, &CdcEvent { prev_lsn: *last, change: all.clone() });
-                    *last = start;
-                    changes.push(all);
-                } else if let Some(rest) = line.strip_prefix("K ") {
-                    let Some(current) = protocol::parse_lsn(rest) else { continue };
-                    for (lsn, data) in replay.take().unwrap_or_default() {
-                        let commit = apply_row(proxy, &mut node, now, &lsn, &data, &mut pending, last);
-                        changes.extend(commit.filter(|c| !c.targets.is_empty()));
-                    }
-                    if !opened {
-                        // everything cached before is of unknown freshness (the file's too)
-                        let start = Lsn(current).max(*last);
-                        let all = Change { lsn: start, targets: vec![ChangeTarget::All] };
-                        node.handle_cdc(now, &CdcEvent { prev_lsn: *last, change: all.clone() });
-                        changes.push(all);
-                        *last = start;
+                let ddl = {
+                    let mut node = proxy.node.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut changes: Vec<Change> = Vec::new();
+                    if let Some(rest) = line.strip_prefix("C ") {
+                        // the stream continues after this position: what we hold stays
+                        let Some(from) = protocol::parse_lsn(rest) else { continue };
+                        *last = (*last).max(Lsn(from));
                         opened = true;
                         *subscribed = true;
-                    }
-                    let keepalive = CdcEvent { prev_lsn: *last, change: Change { lsn: *last, targets: Vec::new() } };
-                    node.handle_cdc(now, &keepalive);
-                    proxy.lsn_seen.fetch_max(current, Ordering::Relaxed);
-                } else if let Some((lsn, data)) = line.strip_prefix("R ").and_then(|r| r.split_once('\t')) {
-                    if !opened {
-                        continue;
-                    }
-                    match replay.as_mut() {
-                        Some(rows) => rows.push((lsn.to_string(), data.to_string())),
-                        None => {
-                            let commit = apply_row(proxy, &mut node, now, lsn, data, &mut pending, last);
+                        replay = Some(Vec::new());
+                        proxy.metrics.cdc_resumed.fetch_add(1, Ordering::Relaxed);
+                    } else if let Some(rest) = line.strip_prefix("X ") {
+                        // a new slot on the regional proxy: commits before it may never come
+                        let Some(start) = protocol::parse_lsn(rest).map(Lsn) else { continue };
+                        let start = start.max(*last);
+                        let all = Change { lsn: start, targets: vec![ChangeTarget::All] };
+                        node.handle_cdc(now, &CdcEvent { prev_lsn: *last, change: all.clone() });
+                        *last = start;
+                        changes.push(all);
+                    } else if let Some(rest) = line.strip_prefix("K ") {
+                        let Some(current) = protocol::parse_lsn(rest) else { continue };
+                        for (lsn, data) in replay.take().unwrap_or_default() {
+                            let commit = apply_row(proxy, &mut node, now, &lsn, &data, &mut pending, last);
                             changes.extend(commit.filter(|c| !c.targets.is_empty()));
                         }
+                        if !opened {
+                            // everything cached before is of unknown freshness (the file's too)
+                            let start = Lsn(current).max(*last);
+                            let all = Change { lsn: start, targets: vec![ChangeTarget::All] };
+                            node.handle_cdc(now, &CdcEvent { prev_lsn: *last, change: all.clone() });
+                            changes.push(all);
+                            *last = start;
+                            opened = true;
+                            *subscribed = true;
+                        }
+                        let keepalive =
+                            CdcEvent { prev_lsn: *last, change: Change { lsn: *last, targets: Vec::new() } };
+                        node.handle_cdc(now, &keepalive);
+                        proxy.lsn_seen.fetch_max(current, Ordering::Relaxed);
+                    } else if let Some((lsn, data)) = line.strip_prefix("R ").and_then(|r| r.split_once('\t')) {
+                        if !opened {
+                            continue;
+                        }
+                        match replay.as_mut() {
+                            Some(rows) => rows.push((lsn.to_string(), data.to_string())),
+                            None => {
+                                let commit = apply_row(proxy, &mut node, now, lsn, data, &mut pending, last);
+                                changes.extend(commit.filter(|c| !c.targets.is_empty()));
+                            }
+                        }
                     }
+                    let ddl = changes.iter().any(|c| c.targets.contains(&ChangeTarget::All));
+                    // queued under the node's lock, as the slot reader does; the file's
+                    // position is where the next start asks the stream to continue from
+                    if let Some(f) = &proxy.l2_file
+                        && !changes.is_empty()
+                    {
+                        drop(f.invalidate(changes, *last));
+                    }
+                    ddl
+                };
+                if ddl || proxy.catalog_stale.load(Ordering::Relaxed) {
+                    watch.sync_catalog(proxy, &mut catalog_conn).await?;
                 }
-                // queued under the node's lock, as the slot reader does; the file's
-                // position is where the next start asks the stream to continue from
-                if let Some(f) = &proxy.l2_file
-                    && !changes.is_empty()
-                {
-                    drop(f.invalidate(changes, *last));
+                if roles_checked.elapsed() >= std::time::Duration::from_millis(ROLES_CHECK_MS) {
+                    watch.check_roles(proxy, &mut catalog_conn).await?;
+                    roles_checked = std::time::Instant::now();
                 }
             }
             _ => {}
@@ -487,9 +567,10 @@ fn apply_row(
 /// The reader connected to the slot at `slot` (`created`: just now): the L2
 /// file checks that it reflects every change up to there; if it cannot, it is
 /// wiped, and so are the in-memory tiers (they hold what was restored from it).
-async fn adopt_l2(proxy: &Proxy, conn: &mut crate::upstream::Conn, slot: Lsn, created: bool) {
+async fn adopt_l2(proxy: &Proxy, conn: &mut crate::upstream::Conn, slot: Lsn, created: bool, catalog: u128) {
     let Some(f) = &proxy.l2_file else { return };
-    let system_id = system_identifier(conn).await;
+    // entries mean the same only under the same catalog (views, functions, keys)
+    let system_id = system_identifier(conn).await.map(|id| format!("{id} catalog {catalog:032x}"));
     adopt_file(proxy, f, slot, created, system_id).await;
 }
 

@@ -59,6 +59,9 @@ pub struct Proxy {
     pub cancels: Mutex<std::collections::HashMap<(i32, i32), Arc<CancelTarget>>>,
     /// L2 persisted in `[cache] l2_path` (`l2.rs`), if set.
     pub l2_file: Option<crate::l2::L2File>,
+    /// DDL ran through this proxy: the CDC reader reloads the database's
+    /// catalog on its next poll (also without the DDL event triggers).
+    pub catalog_stale: std::sync::atomic::AtomicBool,
     next_session: AtomicU64,
     start: std::time::Instant,
 }
@@ -90,6 +93,8 @@ impl Proxy {
             residency: Vec::new(),
             invalidation: InvalidationMode::Key,
             cdc_silence_max: config.cdc.enabled.then(|| Duration::from_millis(config.cdc.silence_max_ms)),
+            // the CDC reader loads the database's catalog before it opens the stream
+            fills_wait_for_cdc: config.cdc.enabled,
         };
         let mut node = EdgeNode::new(node_config, catalog, Lsn(0))?;
         // restored entries are served once the CDC reader has vouched for them
@@ -120,6 +125,7 @@ impl Proxy {
             cdc_last: AtomicU64::new(0),
             lsn_seen: AtomicU64::new(0),
             l2_file,
+            catalog_stale: std::sync::atomic::AtomicBool::new(false),
             next_session: AtomicU64::new(1),
             start,
         }))
@@ -395,6 +401,9 @@ struct Client {
     relayed: Vec<Prepared>,
     relayed_from: Option<u8>,
     relayed_overflow: bool,
+    /// ParameterStatus the primary sent during the request: what those
+    /// parameters are now, whatever set them.
+    reported: Vec<(String, String)>,
 }
 
 /// The client's connection to the primary: its own for the whole session, or
@@ -589,6 +598,7 @@ impl Client {
             relayed: Vec::new(),
             relayed_from: None,
             relayed_overflow: false,
+            reported: Vec::new(),
         };
         // the client sees the primary's ParameterStatus and BackendKeyData (cancels go to it)
         c.wr.write_all(&frontend::greeting(&auth_ok, &greeting, status)).await?;
@@ -750,6 +760,10 @@ impl Client {
                 _ => self.out.extend_from_slice(&m.raw),
             }
             if m.tag == b'B' {
+                if let Some(p) = bind_statement(m).and_then(|n| self.statements.get_mut(n)) {
+                    // as the current catalog sees it (functions redefined since Parse)
+                    self.proxy.node().current(p);
+                }
                 let prepared = bind_statement(m).and_then(|n| self.statements.get(n));
                 // a statement that may write: this session's later cached
                 // reads must reflect it (the floor is raised once the
@@ -975,7 +989,9 @@ impl Client {
             Some(_) => parse.cloned(),
             None => None,
         };
-        let prepared = self.statements.get(&bind.statement)?.clone();
+        let mut prepared = self.statements.get(&bind.statement)?.clone();
+        // analysed again if the database's catalog changed since Parse
+        self.proxy.node().current(&mut prepared);
         if !prepared.shape.is_cacheable() {
             return None;
         }
@@ -1085,6 +1101,13 @@ impl Client {
     /// a failed batch leaves the statements it prepared uncertain (pooling).
     fn swallowed(&mut self, m: &Message) -> bool {
         match m.tag {
+            b'S' => {
+                if let Some((name, value)) = parameter_status(m)
+                    && self.reported.len() < RELAYED_MAX
+                {
+                    self.reported.push((name, value));
+                }
+            }
             b'1' if self.swallow_parse_complete > 0 => {
                 self.swallow_parse_complete -= 1;
                 return true;
@@ -1153,6 +1176,17 @@ impl Client {
     /// view is applied to the session (settings, privacy), and a write it
     /// made raises the session's floor once no transaction is open.
     async fn settle(&mut self) -> anyhow::Result<()> {
+        if !self.reported.is_empty() {
+            let reported = std::mem::take(&mut self.reported);
+            let mut n = self.proxy.node();
+            for (name, value) in reported {
+                // the role comes from the commands that set it (a report of
+                // session_authorization alone would forget a SET ROLE)
+                if !matches!(name.as_str(), "session_authorization" | "is_superuser") {
+                    n.report_parameter(self.session, &name, &value);
+                }
+            }
+        }
         if self.relayed_from.is_some() {
             let certain = self.relayed_from == Some(b'I')
                 && self.status == b'I'
@@ -1161,6 +1195,9 @@ impl Client {
             let relayed = std::mem::take(&mut self.relayed);
             for p in &relayed {
                 self.note_session_state(&p.shape);
+                if p.shape.writes_unknown || p.shape.kind == StatementKind::Ddl {
+                    self.proxy.catalog_stale.store(true, Ordering::Relaxed);
+                }
             }
             let mut n = self.proxy.node();
             for p in relayed {
@@ -1273,7 +1310,14 @@ impl Client {
                     let dropped = self.replicas.setting(m, was_idle && self.status == b'I');
                     self.proxy.metrics.replica_connections.fetch_sub(dropped as u64, Ordering::Relaxed);
                 }
-                let wrote = !shape.writes.is_empty() || shape.writes_unknown || shape.txn == Some(TxnControl::Commit);
+                let wrote = !shape.writes.is_empty()
+                    || shape.writes_unknown
+                    || shape.writes_opaque
+                    || shape.txn == Some(TxnControl::Commit);
+                if error.is_none() && (shape.writes_unknown || shape.kind == StatementKind::Ddl) {
+                    // what relations and functions are may have changed
+                    self.proxy.catalog_stale.store(true, Ordering::Relaxed);
+                }
                 let commit_lsn =
                     if error.is_none() && wrote && self.status == b'I' { self.current_lsn().await? } else { None };
                 let result = match error {
@@ -1817,6 +1861,15 @@ fn startup_settings(params: &[(String, String)]) -> (Vec<(String, String)>, bool
 fn primary_reply(value: Value, snapshot: Lsn, commit_lsn: Option<Lsn>) -> UpstreamReply<Value> {
     let size_bytes = u32::try_from(value.len()).unwrap_or(u32::MAX);
     UpstreamReply { value, size_bytes, served: Served::Primary, snapshot_lsn: snapshot, commit_lsn, ttl: None }
+}
+
+/// A ParameterStatus message's name and value.
+fn parameter_status(m: &Message) -> Option<(String, String)> {
+    let b = m.body();
+    let end = b.iter().position(|c| *c == 0)?;
+    let rest = b.get(end + 1..)?;
+    let vend = rest.iter().position(|c| *c == 0)?;
+    Some((String::from_utf8(b[..end].to_vec()).ok()?, String::from_utf8(rest[..vend].to_vec()).ok()?))
 }
 
 /// The statement a Bind message binds.

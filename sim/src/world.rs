@@ -282,6 +282,7 @@ impl World {
             residency: vec![(items_eu, Zone::Eu)],
             invalidation: mode,
             cdc_silence_max: Some(Duration::from_millis(sc.db.cdc_silence_max_ms)),
+            fills_wait_for_cdc: false,
         };
         let mut sites = Vec::with_capacity(n);
         for place in chosen {

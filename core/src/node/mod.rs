@@ -75,6 +75,10 @@ pub struct NodeConfig {
     /// event: invalidations it cannot hear about would leave it serving stale
     /// data without limit. `None`: no bound (TTL only).
     pub cdc_silence_max: Option<Duration>,
+    /// Nothing is filled before the CDC stream is first heard (a driver
+    /// that loads the database's catalog before it opens the stream: no
+    /// entry is then analysed by a catalog other than the live one).
+    pub fills_wait_for_cdc: bool,
 }
 
 /// How precisely writes invalidate cached entries.
@@ -114,6 +118,7 @@ impl NodeConfig {
             residency: Vec::new(),
             invalidation: InvalidationMode::Key,
             cdc_silence_max: None,
+            fills_wait_for_cdc: false,
         }
     }
 }
@@ -324,8 +329,10 @@ impl<V: Clone> EdgeNode<V> {
     /// old privileges is dropped, and sessions that log in from now on
     /// share nothing with sessions that logged in before (their per-role
     /// settings may differ).
-    pub fn roles_changed(&mut self) {
+    pub fn roles_changed(&mut self, at: Lsn) {
         self.login_generation += 1;
+        // reads in flight ran with the old privileges: their snapshots are older
+        self.versions.apply(&Change { lsn: at, targets: vec![ChangeTarget::All] });
         self.clear_tier(TierName::L1);
         self.clear_tier(TierName::L2);
     }
@@ -338,6 +345,18 @@ impl<V: Clone> EdgeNode<V> {
         self.analyzer.update_catalog(update);
         self.clear_tier(TierName::L1);
         self.clear_tier(TierName::L2);
+    }
+
+    /// The first load of the database's catalog, before the CDC stream is
+    /// heard (with [`NodeConfig::fills_wait_for_cdc`] nothing was filled
+    /// yet): what L2 holds was restored by a driver that checks it was
+    /// cached under the same catalog, and stays.
+    pub fn load_catalog(&mut self, update: impl FnOnce(&mut Catalog)) {
+        if self.last_cdc.is_some() {
+            return self.update_catalog(update);
+        }
+        self.analyzer.update_catalog(update);
+        self.clear_tier(TierName::L1);
     }
 
     /// `prepared` as the current catalog analyses it (re-prepared if the
@@ -678,8 +697,13 @@ impl<V: Clone> EdgeNode<V> {
         };
         let _ = p.started;
         self.apply_session_effects(&p, &reply);
+        // a shape analysed by an older catalog may have the wrong deps; before
+        // the stream is heard the catalog may not be loaded yet
+        let fills = p.shape.generation == self.analyzer.generation()
+            && (!self.config.fills_wait_for_cdc || self.last_cdc.is_some());
         if let Some(key) = p.cache_key
             && p.cache_here
+            && fills
             && self.versions.is_valid(reply.snapshot_lsn, &p.deps)
         {
             let expires_at = now + reply.ttl.unwrap_or(Duration::MAX);

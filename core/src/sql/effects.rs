@@ -164,6 +164,10 @@ pub(crate) fn relation_effects(
     if rel.reads.is_empty() && rel.kind == RelKind::Table {
         return None;
     }
+    if catalog.resolving.contains(&id) && rel.kind == RelKind::Table {
+        // a policy that reads its own table: the table's rows, no further
+        return Some(Arc::new(e));
+    }
     if catalog.resolving.contains(&id) || catalog.resolving.len() >= DEPTH_MAX {
         e.uncacheable = Some(NotCacheable::TooDeep(name));
     } else {
