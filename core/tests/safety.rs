@@ -150,8 +150,15 @@ fn statements_the_context_cannot_follow_make_the_session_private() {
         r.run(2, "RESET ALL");
         assert!(!r.shared("SELECT id, v FROM items WHERE id = 4"), "RESET ALL keeps a role set by set_config");
         r.run(2, "DISCARD ALL");
-        assert!(r.shared("SELECT id, v FROM items WHERE id = 5"), "DISCARD ALL: known again");
+        // a custom setting created by the statement stays, empty: not the state of a new session
+        assert!(!r.shared("SELECT id, v FROM items WHERE id = 5"), "DISCARD ALL after {opaque}");
     }
+    // temporary objects are gone with DISCARD ALL: shared again
+    let mut r = Rig::new();
+    r.run(2, "CREATE TEMP TABLE items (id int, v text)");
+    assert!(!r.shared(READ));
+    r.run(2, "DISCARD ALL");
+    assert!(r.shared("SELECT id, v FROM items WHERE id = 6"), "DISCARD ALL drops temporary tables");
 }
 
 #[test]
@@ -233,8 +240,9 @@ fn volatility_comes_from_the_catalog() {
     assert_eq!(r.run(1, "SELECT slug('a')"), Served::L1);
     r.remote_commit(vec![ChangeTarget::Table(TableId(99))]);
     assert_eq!(r.run(1, "SELECT slug('a')"), Served::Primary, "any table's change invalidates it");
-    // a volatile user function is a write the analyzer cannot see
-    r.run(1, "DISCARD ALL");
+    // a volatile user function is a write the analyzer cannot see, and
+    // makes its session's state unknown (session 1 ran some above)
+    let mut r = Rig::with(live_functions);
     assert!(r.shared("SELECT id, v FROM items WHERE id = 9"));
     r.run(2, "SELECT next_id()");
     assert!(!r.shared("SELECT id, v FROM items WHERE id = 10"), "and its session's state is unknown");

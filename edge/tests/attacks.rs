@@ -226,11 +226,7 @@ fn tenants_set_in_any_way_never_share_rows() {
     let f = fixture("tenants", true, 100);
     let setters: [(&str, &str, &str); 7] = [
         ("SET", "SET app.tenant = '1'", "SET app.tenant = '2'"),
-        (
-            "set_config",
-            "SELECT set_config('app.tenant', '1', false)",
-            "SELECT set_config('app.tenant', '2', false)",
-        ),
+        ("set_config", "SELECT set_config('app.tenant', '1', false)", "SELECT set_config('app.tenant', '2', false)"),
         ("a SQL function", "SELECT set_tenant(1)", "SELECT set_tenant(2)"),
         (
             "DO",
@@ -352,7 +348,8 @@ fn volatility_comes_from_the_catalog() {
             let name = format!("attack-{i}");
             let s = connect_as(f.port, "app", &[("application_name", &name)]).await;
             let pid = outcome(&s, Protocol::Simple, "SELECT pg_backend_pid()").await;
-            let direct = psql(f.pg.port, &format!("SELECT pid FROM pg_stat_activity WHERE application_name = '{name}'"));
+            let direct =
+                psql(f.pg.port, &format!("SELECT pid FROM pg_stat_activity WHERE application_name = '{name}'"));
             assert_eq!(pid, direct, "session {i}'s backend is its own connection to the primary");
             pids.push(pid);
         }
@@ -556,7 +553,10 @@ fn role_changes_made_directly_reach_the_cache() {
         for _ in 0..2 {
             let alice = connect(f.port, "alice").await;
             assert_eq!(outcome(&alice, Protocol::Simple, "SELECT amount FROM salaries WHERE id = 1").await, "100");
-            assert_eq!(outcome(&alice, Protocol::Simple, "SELECT id, owner FROM odocs ORDER BY id").await, "1|alice\n2|bob");
+            assert_eq!(
+                outcome(&alice, Protocol::Simple, "SELECT id, owner FROM odocs ORDER BY id").await,
+                "1|alice\n2|bob"
+            );
             assert_eq!(outcome(&alice, Protocol::Simple, "SELECT v FROM sp").await, "public");
         }
         psql(
@@ -596,6 +596,11 @@ fn the_change_stream_is_read_by_its_grammar() {
                 "SELECT v FROM tricky WHERE id = 5",
                 "UPDATE tricky SET note = 'x id[integer]:99 y', v = 'new' WHERE id = 5",
                 "new",
+            ),
+            (
+                "SELECT v FROM tricky WHERE id = 5",
+                "UPDATE tricky SET note = 'x id[integer]:'' y id[integer]:''7', v = 'newer' WHERE id = 5",
+                "newer",
             ),
             ("SELECT v FROM \"a: b\" WHERE id = 1", "UPDATE \"a: b\" SET v = 'new' WHERE id = 1", "new"),
             ("SELECT count(*) FROM \"a: b\"", "TRUNCATE tricky, \"a: b\"", "0"),

@@ -454,7 +454,9 @@ impl<V: Clone> EdgeNode<V> {
     /// session private (whether it survives is unknown here).
     pub fn note_relayed(&mut self, id: SessionId, prepared: &Prepared, certain: bool) {
         let Some(s) = self.sessions.get_mut(&id) else { return };
-        if prepared.shape.session_private || prepared.shape.session_opaque {
+        if prepared.shape.session_opaque {
+            s.make_opaque();
+        } else if prepared.shape.session_private {
             s.make_private();
         }
         match prepared.session_command.clone() {
@@ -548,11 +550,13 @@ impl<V: Clone> EdgeNode<V> {
         let req = RequestId(self.next_req);
         self.next_req += 1;
         self.stats.queries += 1;
-        if (prepared.shape.session_private || prepared.shape.session_opaque)
-            && let Some(s) = self.sessions.get_mut(&session)
-        {
+        if let Some(s) = self.sessions.get_mut(&session) {
             // a fresh private context from here on (this statement is never cached)
-            s.make_private();
+            if prepared.shape.session_opaque {
+                s.make_opaque();
+            } else if prepared.shape.session_private {
+                s.make_private();
+            }
         }
         let Some(sess) = self.sessions.get(&session) else {
             self.outputs.push_back(NodeOutput::Failed { req, session, error: NodeError::UnknownSession(session) });
@@ -735,6 +739,8 @@ impl<V: Clone> EdgeNode<V> {
         // the statement (or the transaction it commits) wrote what it does not name
         let mut opaque_at = false;
         match shape.txn {
+            // BEGIN inside a transaction is only a warning: the transaction goes on
+            Some(TxnControl::Begin) if s.in_txn => {}
             Some(TxnControl::Begin) => {
                 s.in_txn = true;
                 s.txn_targets.clear();

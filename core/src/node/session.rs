@@ -50,6 +50,9 @@ pub(super) struct Session {
     /// Each change the context cannot follow is a fresh context (entries
     /// from before may reflect state that is gone).
     private_epoch: u64,
+    /// A statement with unknown effects ran: even DISCARD ALL does not make
+    /// the state known again (a custom setting it created stays, empty).
+    opaque_ever: bool,
     /// Settings and role before the open transaction's first session command
     /// (restored by ROLLBACK: a SET inside a rolled-back transaction is undone).
     pub txn_saved: Option<(Vec<(String, String)>, String)>,
@@ -76,6 +79,7 @@ impl Session {
             id,
             private: false,
             private_epoch: 0,
+            opaque_ever: false,
             txn_saved: None,
             txn_uncertain: false,
         };
@@ -106,6 +110,12 @@ impl Session {
         self.private = true;
         self.private_epoch += 1;
         self.recompute_context();
+    }
+
+    /// A statement whose effects on the session cannot be known ran.
+    pub fn make_opaque(&mut self) {
+        self.opaque_ever = true;
+        self.make_private();
     }
 
     /// A setting the session started with (a startup parameter, `-c
@@ -159,12 +169,38 @@ fn current_role(s: &Session) -> String {
     get("role").or_else(|| get("session authorization")).unwrap_or_else(|| s.login_role.clone())
 }
 
-/// `RESET name`: back to the startup value, if the session started with one.
+/// `RESET name`: back to the startup value, if the session started with
+/// one. A custom setting (`app.tenant`) that was set stays defined, empty
+/// (`current_setting('app.tenant', true)` is then `''`, not NULL).
 fn reset(s: &mut Session, name: &str) {
     let startup = s.startup.iter().find(|(k, _)| k == name).cloned();
+    let defined = name.contains('.') && s.settings.iter().any(|(k, _)| k == name);
     s.settings.retain(|(k, _)| k != name);
-    s.settings.extend(startup);
+    match startup {
+        Some(kv) => s.settings.push(kv),
+        None if defined => s.settings.push((name.to_string(), String::new())),
+        None => {}
+    }
     s.settings.sort();
+}
+
+/// RESET ALL's settings: the startup ones, custom settings left defined
+/// and empty, and (`role` is not reset by RESET ALL) the role as it is,
+/// unless `keep_role` is false.
+fn reset_all(s: &mut Session, keep_role: bool) {
+    let mut next: Vec<(String, String)> = s.startup.clone();
+    for (k, v) in &s.settings {
+        let custom = k.contains('.') && !s.startup.iter().any(|(n, _)| n == k);
+        if custom {
+            next.push((k.clone(), String::new()));
+        } else if keep_role && is_role_setting(k) {
+            next.retain(|(n, _)| !is_role_setting(n));
+            next.push((k.clone(), v.clone()));
+        }
+    }
+    next.sort();
+    next.dedup_by(|a, b| a.0 == b.0);
+    s.settings = next;
 }
 
 pub(super) fn apply_setting(s: &mut Session, cmd: SessionCommand) {
@@ -195,20 +231,15 @@ pub(super) fn apply_setting(s: &mut Session, cmd: SessionCommand) {
             }
             s.role = current_role(s);
         }
-        // RESET ALL leaves the role (`role` is not reset by RESET ALL)
-        SessionCommand::ResetAll => {
-            let roles: Vec<(String, String)> = s.settings.iter().filter(|(k, _)| is_role_setting(k)).cloned().collect();
-            s.settings = s.startup.iter().filter(|(k, _)| !is_role_setting(k)).cloned().chain(roles).collect();
-            s.settings.sort();
-        }
+        SessionCommand::ResetAll => reset_all(s, true),
         // DISCARD ALL: SET SESSION AUTHORIZATION DEFAULT, RESET ALL (back to
         // the startup settings, the startup role among them), temporary
-        // objects dropped: the state is known again
+        // objects dropped: the state is known again, unless a statement of
+        // unknown effect created settings the context never saw
         SessionCommand::DiscardAll => {
-            s.settings = s.startup.clone();
-            s.settings.sort();
+            reset_all(s, false);
             s.role = current_role(s);
-            s.private = false;
+            s.private = s.opaque_ever;
         }
         SessionCommand::SetLocal | SessionCommand::NoEffect => return,
     }

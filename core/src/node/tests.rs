@@ -194,7 +194,6 @@ mod session_and_refresh {
 
         // changes no SET shows: private until DISCARD ALL
         for invisible in [
-            "SELECT set_config('search_path', 'other', false)",
             "CREATE TEMP TABLE items (id int, v text)",
             "CREATE GLOBAL TEMPORARY TABLE items (id int)",
             "SELECT * INTO TEMP t FROM items",
@@ -221,6 +220,15 @@ mod session_and_refresh {
         assert!(!shares(&mut n, 17), "a SET of uncertain fate: private");
         let column = n.prepare("SELECT temp FROM weather WHERE temp > 3").expect("lexes");
         assert!(!column.shape.session_private, "a column named temp is not a temporary table");
+
+        // set_config: private for good (a custom setting it defined outlives DISCARD ALL)
+        run(&mut n, 2, "DISCARD ALL");
+        run(&mut n, 1, "DISCARD ALL");
+        assert!(shares(&mut n, 18));
+        run(&mut n, 2, "SELECT set_config('search_path', 'other', false)");
+        assert!(!shares(&mut n, 19));
+        run(&mut n, 2, "DISCARD ALL");
+        assert!(!shares(&mut n, 20));
     }
 
     #[test]
