@@ -11,6 +11,10 @@ pub enum Consistency {
     /// The session's last write LSN is a floor for every read it makes.
     #[default]
     ReadYourWrites,
+    /// Every write this node (proxy) acknowledged, to any session, before
+    /// the read started is a floor for it: what users of a single
+    /// PgBouncer expect, at the price of more reads going to the primary.
+    Proxy,
     /// Primary only, never cached.
     Strong,
 }
@@ -21,17 +25,20 @@ impl std::str::FromStr for Consistency {
         match s.to_ascii_lowercase().as_str() {
             "eventual" => Ok(Consistency::Eventual),
             "read-your-writes" | "read_your_writes" | "ryw" => Ok(Consistency::ReadYourWrites),
+            "proxy" => Ok(Consistency::Proxy),
             "strong" => Ok(Consistency::Strong),
-            other => Err(format!("unknown consistency mode {other:?} (eventual, read-your-writes, strong)")),
+            other => Err(format!("unknown consistency mode {other:?} (eventual, read-your-writes, proxy, strong)")),
         }
     }
 }
 
-/// The floor a read must satisfy: `None` for eventual reads.
-pub fn read_floor(mode: Consistency, last_write: Lsn) -> Option<Lsn> {
+/// The floor a read must satisfy: `None` for eventual reads; the session's
+/// last write, or (`Proxy`) the newest write the node acknowledged.
+pub fn read_floor(mode: Consistency, last_write: Lsn, acknowledged: Lsn) -> Option<Lsn> {
     match mode {
         Consistency::Eventual => None,
         Consistency::ReadYourWrites | Consistency::Strong => Some(last_write),
+        Consistency::Proxy => Some(last_write.max(acknowledged)),
     }
 }
 
@@ -55,8 +62,9 @@ mod tests {
 
     #[test]
     fn floors() {
-        assert_eq!(read_floor(Consistency::Eventual, Lsn(5)), None);
-        assert_eq!(read_floor(Consistency::ReadYourWrites, Lsn(5)), Some(Lsn(5)));
+        assert_eq!(read_floor(Consistency::Eventual, Lsn(5), Lsn(9)), None);
+        assert_eq!(read_floor(Consistency::ReadYourWrites, Lsn(5), Lsn(9)), Some(Lsn(5)));
+        assert_eq!(read_floor(Consistency::Proxy, Lsn(5), Lsn(9)), Some(Lsn(9)));
         assert!(entry_meets_floor(Lsn(1), None, Lsn(0), false));
         assert!(!entry_meets_floor(Lsn(1), Some(Lsn(5)), Lsn(4), false));
         assert!(entry_meets_floor(Lsn(1), Some(Lsn(5)), Lsn(5), false));

@@ -429,3 +429,32 @@ fn row_security_policies_add_what_they_read() {
     r.run(1, "SELECT * FROM odocs");
     assert_eq!(r.run(1, "SELECT * FROM odocs"), Served::L1, "a policy on the role alone: cached");
 }
+
+#[test]
+fn proxy_consistency_reads_every_write_the_node_acknowledged() {
+    let mut r = Rig::with(|c| {
+        c.set_relation("items", RelationSpec::default());
+        c.set_relation("audit", RelationSpec { writes_opaque: true, ..RelationSpec::default() });
+    });
+    r.node.set_consistency(SessionId(2), Consistency::Proxy);
+    r.node.open_session(SessionId(3), "app", "app", Consistency::ReadYourWrites).expect("room");
+    for s in [2, 3] {
+        r.run(s, "SELECT id, v FROM items WHERE id = 2");
+    }
+    r.run(1, "UPDATE items SET v = 'x' WHERE id = 1");
+    let commit = r.lsn;
+    // a miss of the proxy-consistent session needs an endpoint past session 1's write
+    r.run(2, "SELECT id, v FROM items WHERE id = 1");
+    assert_eq!(r.last_route(), Route::Read { floor: Some(Lsn(commit)) });
+    r.run(3, "SELECT id, v FROM items WHERE id = 3");
+    assert_eq!(r.last_route(), Route::Read { floor: Some(Lsn(0)) }, "read-your-writes: its own writes only");
+    // a write the node applied does not cost the other rows their entries
+    assert_eq!(r.run(2, "SELECT id, v FROM items WHERE id = 2"), Served::L1);
+    // one whose effects it cannot see does, until the stream passes it
+    r.run(1, "INSERT INTO audit VALUES (1)");
+    let opaque = r.lsn;
+    assert_eq!(r.run(2, "SELECT id, v FROM items WHERE id = 2"), Served::Primary);
+    assert_eq!(r.run(3, "SELECT id, v FROM items WHERE id = 2"), Served::L1, "not bound by another's writes");
+    r.cdc(opaque, vec![]);
+    assert_eq!(r.run(2, "SELECT id, v FROM items WHERE id = 2"), Served::L1);
+}

@@ -252,6 +252,11 @@ pub struct EdgeNode<V> {
     /// Bumped when the database's roles change: sessions opened after never
     /// share entries with sessions opened before.
     login_generation: u64,
+    /// The newest write this node acknowledged to any session, and the
+    /// newest of those whose effects it did not see in full: the floors of
+    /// [`Consistency::Proxy`] sessions.
+    acknowledged: Lsn,
+    acknowledged_stream: Lsn,
 }
 
 impl<V: Clone> EdgeNode<V> {
@@ -276,6 +281,8 @@ impl<V: Clone> EdgeNode<V> {
             refresh: RefreshIndex::new(config.l2.entries_max.saturating_mul(2)),
             last_cdc: None,
             login_generation: 0,
+            acknowledged: Lsn(0),
+            acknowledged_stream: Lsn(0),
             config,
         })
     }
@@ -396,6 +403,7 @@ impl<V: Clone> EdgeNode<V> {
             let targets = std::mem::take(&mut s.txn_targets);
             if !targets.is_empty() {
                 s.last_write = s.last_write.max(lsn);
+                self.acknowledged = self.acknowledged.max(lsn);
                 self.versions.apply(&Change { lsn, targets });
             }
             if std::mem::take(&mut s.txn_opaque) {
@@ -413,6 +421,8 @@ impl<V: Clone> EdgeNode<V> {
             s.last_write = s.last_write.max(lsn);
             s.stream_floor = s.stream_floor.max(lsn);
         }
+        self.acknowledged = self.acknowledged.max(lsn);
+        self.acknowledged_stream = self.acknowledged_stream.max(lsn);
         if self.config.cdc_silence_max.is_none() {
             self.versions.apply(&Change { lsn, targets: vec![ChangeTarget::All] });
         }
@@ -479,6 +489,15 @@ impl<V: Clone> EdgeNode<V> {
             s.last_write = lsn;
             s.stream_floor = s.stream_floor.max(lsn);
         }
+    }
+
+    /// The session wrote, at `lsn`, through a path this node did not analyse
+    /// (the extended protocol, relayed as is): as [`Self::raise_floor`], and
+    /// a write this node acknowledged (the floor of [`Consistency::Proxy`]).
+    pub fn unseen_write(&mut self, id: SessionId, lsn: Lsn) {
+        self.raise_floor(id, lsn);
+        self.acknowledged = self.acknowledged.max(lsn);
+        self.acknowledged_stream = self.acknowledged_stream.max(lsn);
     }
 
     /// Prepares a statement (extended protocol Parse): analysed once here, so
@@ -588,7 +607,11 @@ impl<V: Clone> EdgeNode<V> {
         }
         let key = cache_key(&shape, sess.context, &args);
         let deps = read_deps(&shape, &args, self.config.invalidation);
-        let floor = read_floor(sess.consistency, sess.last_write);
+        let floor = read_floor(sess.consistency, sess.last_write, self.acknowledged);
+        let stream_floor = match sess.consistency {
+            Consistency::Proxy => sess.stream_floor.max(self.acknowledged_stream),
+            _ => sess.stream_floor,
+        };
         // a session whose state is its own reads on its own connection
         let route = if sess.private { Route::Primary } else { Route::Read { floor } };
         let cdc_heard = match self.config.cdc_silence_max {
@@ -609,7 +632,7 @@ impl<V: Clone> EdgeNode<V> {
             }
             let versions = &self.versions;
             let complete = versions.complete_through();
-            let local = complete >= sess.stream_floor;
+            let local = complete >= stream_floor;
             let ok =
                 |e: &Entry<V>| versions.is_valid(e.lsn, &e.deps) && entry_meets_floor(e.lsn, floor, complete, local);
             if let Lookup::Hit(e) = self.l1.get(now, key, ok) {
@@ -787,6 +810,7 @@ impl<V: Clone> EdgeNode<V> {
         if let Some(change) = apply {
             self.stats.writes += 1;
             s.last_write = s.last_write.max(change.lsn);
+            self.acknowledged = self.acknowledged.max(change.lsn);
             self.versions.apply(&change);
         }
         if opaque_at {
