@@ -226,8 +226,6 @@ async fn poll_loop(
             );
         }
     }
-    // the catalog before the stream opens: nothing is analysed by another
-    let catalog = watch.sync_catalog(proxy, &mut conn).await?;
     watch.check_roles(proxy, &mut conn).await?;
     let mut roles_checked = std::time::Instant::now();
     let exists = conn.simple(&format!("SELECT 1 FROM pg_replication_slots WHERE slot_name = '{}'", cfg.slot)).await?;
@@ -254,6 +252,9 @@ async fn poll_loop(
             publish(proxy, Feed { reset: Some(start), ..Feed::default() });
             // before the event below opens the cache: restored entries may
             // come from another cluster's LSNs, which the event cannot order
+            // the catalog once the slot exists (DDL after it comes through
+            // the stream), before the stream opens the cache
+            let catalog = watch.sync_catalog(proxy, &mut conn).await?;
             adopt_l2(proxy, &mut conn, start, true, catalog).await;
             advanced = start;
             *slot_at = Some(start);
@@ -269,6 +270,8 @@ async fn poll_loop(
         // moved by someone else since this process left it (dropped and
         // created again, advanced): what happened in between is unknown
         let replaced = slot_at.is_some_and(|at| at != confirmed);
+        // DDL after the slot's position comes through the stream again
+        let catalog = watch.sync_catalog(proxy, &mut conn).await?;
         adopt_l2(proxy, &mut conn, confirmed, replaced, catalog).await;
         if replaced {
             eprintln!("postai-edge: cdc ({}): the slot was moved by someone else: the cache starts over", cfg.slot);
@@ -422,13 +425,12 @@ async fn subscribe_loop(
     let mut conn = proxy.service_login(&addr, &cfg.user, &cfg.database).await?;
     // the database's catalog and roles over a second connection (the first streams)
     let mut catalog_conn = proxy.service_login(&addr, &cfg.user, &cfg.database).await?;
-    let catalog = watch.sync_catalog(proxy, &mut catalog_conn).await?;
     watch.check_roles(proxy, &mut catalog_conn).await?;
     let mut roles_checked = std::time::Instant::now();
     // the file is adopted by the first subscription of this process
     let adopting = proxy.l2_file.as_ref().filter(|_| !*subscribed);
-    let system_id = match adopting {
-        Some(_) => system_identifier(&mut conn).await.map(|id| format!("{id} catalog {catalog:032x}")),
+    let cluster = match adopting {
+        Some(_) => system_identifier(&mut conn).await,
         None => None,
     };
     let from = if *subscribed { Some(*last) } else { adopting.and_then(|f| f.opened_at) };
@@ -449,14 +451,17 @@ async fn subscribe_loop(
             b'Z' | b'c' => return Err(std::io::Error::other("the regional proxy ended the subscription")),
             b'd' => {
                 let line = String::from_utf8_lossy(m.body()).into_owned();
-                if !opened {
+                let start = line.strip_prefix("C ").map(|r| (r, false)).or(line.strip_prefix("K ").map(|r| (r, true)));
+                if !opened && start.is_some() {
+                    // the catalog once the stream's position is fixed (DDL after it
+                    // comes through the stream), before the stream opens the cache
+                    let catalog = watch.sync_catalog(proxy, &mut catalog_conn).await?;
                     // the file: kept when the stream continues after its position, else wiped
-                    let start =
-                        line.strip_prefix("C ").map(|r| (r, false)).or(line.strip_prefix("K ").map(|r| (r, true)));
                     if let (Some(f), Some((at, created))) = (adopting, start)
                         && let Some(at) = protocol::parse_lsn(at)
                     {
-                        adopt_file(proxy, f, Lsn(at), created, system_id.clone()).await;
+                        let system_id = cluster.as_ref().map(|id| format!("{id} catalog {catalog:032x}"));
+                        adopt_file(proxy, f, Lsn(at), created, system_id).await;
                     }
                 }
                 let now = proxy.now();

@@ -21,6 +21,19 @@ pub struct Config {
     pub upstream: String,
     #[serde(default = "d_max_message")]
     pub max_message_bytes: usize,
+    /// Bytes buffered at most, across every client, for client messages not
+    /// yet complete (each reserves its declared length once its header is
+    /// read): a client whose message does not fit is refused (53200).
+    #[serde(default = "d_buffer_bytes_max")]
+    pub buffer_bytes_max: usize,
+    /// Client connections at most (PgBouncer's name); past it a new client is
+    /// refused with 53300 "too many clients already".
+    #[serde(default = "d_max_client_conn")]
+    pub max_client_conn: usize,
+    /// On SIGTERM/SIGINT the proxy stops accepting and waits this long at
+    /// most for clients to finish their transactions, then exits.
+    #[serde(default = "d_shutdown_timeout_ms")]
+    pub shutdown_timeout_ms: u64,
     #[serde(default)]
     pub cache: CacheConfig,
     /// Primary keys of the tables, for key-level invalidation.
@@ -59,6 +72,26 @@ pub struct Config {
     pub role: Role,
     #[serde(default)]
     pub pool: PoolSettings,
+    /// Where the configuration came from and what it said (filled by
+    /// `Config::parse` and `Config::load`), for reloads.
+    #[serde(skip)]
+    pub source: Source,
+}
+
+/// The file a configuration was read from, and its settings as TOML values
+/// (what a reload compares the file with).
+#[derive(Clone, Default)]
+pub struct Source {
+    /// `None`: parsed from a text (nothing to reload).
+    pub path: Option<String>,
+    pub table: toml::Table,
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // never the values: they hold passwords
+        f.debug_struct("Source").field("path", &self.path).finish_non_exhaustive()
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -133,6 +166,18 @@ fn d_max_message() -> usize {
     64 << 20
 }
 
+fn d_buffer_bytes_max() -> usize {
+    256 << 20
+}
+
+fn d_max_client_conn() -> usize {
+    10_000
+}
+
+fn d_shutdown_timeout_ms() -> u64 {
+    30_000
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
@@ -148,6 +193,12 @@ pub struct CacheConfig {
     /// L2 also in this SQLite file, so that a restarted edge starts warm
     /// (`l2.rs`). Unset: L2 in memory only. Needs `[cdc] enabled`.
     pub l2_path: Option<String>,
+    /// What a read may be answered from (README "Cache safety"):
+    /// `read-your-writes` (default), `proxy` (every write this proxy
+    /// acknowledged before the read), `eventual`, `strong` (the primary,
+    /// never cached). A client chooses its own with the startup option
+    /// `-c postai.consistency=...`.
+    pub consistency: postai_core::consistency::Consistency,
 }
 
 impl Default for CacheConfig {
@@ -161,6 +212,7 @@ impl Default for CacheConfig {
             entry_bytes_max: 1 << 20,
             enabled: true,
             l2_path: None,
+            consistency: postai_core::consistency::Consistency::ReadYourWrites,
         }
     }
 }
@@ -235,12 +287,24 @@ impl Config {
 
     pub fn load(path: &str) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
-        Config::parse(path, &text)
+        let mut c = Config::parse(path, &text)?;
+        c.source.path = Some(path.to_string());
+        Ok(c)
     }
 
     pub fn parse(path: &str, text: &str) -> Result<Config, ConfigError> {
-        let mut c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(path.into(), Box::new(e)))?;
+        let parse_error = |e| ConfigError::Parse(path.into(), Box::new(e));
+        let mut c: Config = toml::from_str(text).map_err(parse_error)?;
+        c.source.table = toml::from_str(text).map_err(parse_error)?;
         let bad = |m: &str| Err(ConfigError::Invalid(path.into(), m.into()));
+        if c.buffer_bytes_max < c.max_message_bytes {
+            return bad(
+                "buffer_bytes_max must be at least max_message_bytes (one message of the largest size must fit)",
+            );
+        }
+        if c.max_client_conn == 0 {
+            return bad("max_client_conn must be at least 1");
+        }
         if c.cache.l1_entries == 0 || c.cache.l2_entries == 0 || c.cache.ttl_s == 0 {
             return bad("cache sizes and ttl_s must be positive");
         }

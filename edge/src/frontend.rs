@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, Rea
 use tokio::net::TcpStream;
 
 use crate::auth::{self, AuthError, ScramServer};
-use crate::config::Config;
+use crate::config::{Config, UserConfig};
 use crate::protocol::{self, Message, Startup};
 
 /// A client's byte stream: plain TCP or TLS.
@@ -107,9 +107,10 @@ impl Accepted {
 }
 
 /// Runs a connection's start: TLS negotiation, the StartupMessage, and
-/// client authentication, within [`STARTUP_TIMEOUT`].
-pub async fn open(config: &Config, socket: TcpStream) -> std::io::Result<Opening> {
-    match tokio::time::timeout(STARTUP_TIMEOUT, open_inner(config, socket)).await {
+/// client authentication against `users` (the running `[[users]]`, which a
+/// reload replaces), within [`STARTUP_TIMEOUT`].
+pub async fn open(config: &Config, users: &[UserConfig], socket: TcpStream) -> std::io::Result<Opening> {
+    match tokio::time::timeout(STARTUP_TIMEOUT, open_inner(config, users, socket)).await {
         Ok(r) => r,
         Err(_) => Ok(Opening::Closed),
     }
@@ -145,7 +146,7 @@ async fn refuse<S: AsyncWrite + Unpin>(s: &mut S, code: &str, message: &str) -> 
     Ok(Opening::Closed)
 }
 
-async fn open_inner(config: &Config, mut tcp: TcpStream) -> std::io::Result<Opening> {
+async fn open_inner(config: &Config, users: &[UserConfig], mut tcp: TcpStream) -> std::io::Result<Opening> {
     let max = config.max_message_bytes.min(MAX_STARTUP);
     let mut buf = BytesMut::with_capacity(8 << 10);
     let tls = config.tls.as_ref().and_then(|t| t.loaded.clone());
@@ -181,11 +182,11 @@ async fn open_inner(config: &Config, mut tcp: TcpStream) -> std::io::Result<Open
     };
     let database = param("database").filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
     let mut auth_ok = BytesMut::new();
-    let upstream_password = if config.users.is_empty() {
+    let upstream_password = if users.is_empty() {
         // no [[users]]: no client authentication, and no password upstream
         None
     } else {
-        let entry = config.users.iter().find(|u| u.name == user);
+        let entry = users.iter().find(|u| u.name == user);
         let binding = if secure { tls.as_ref().and_then(|t| t.end_point.as_deref()) } else { None };
         let mut scram = ScramServer::new(&user, entry.and_then(|e| e.secret.as_ref()), binding);
         match sasl_exchange(&mut stream, &mut buf, &mut scram).await? {

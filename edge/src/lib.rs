@@ -3,16 +3,20 @@
 //! byte for byte. Only this crate knows tokio.
 
 pub mod auth;
+pub mod cancel;
 pub mod catalog;
 pub mod cdc;
 pub mod config;
 pub mod decoding;
 pub mod frontend;
 pub mod l2;
+pub mod limits;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;
 pub mod proxy;
+pub mod reload;
+pub mod signals;
 pub mod tls;
 pub mod topology;
 pub mod upstream;

@@ -30,22 +30,45 @@ fn main() -> anyhow::Result<()> {
     }
     .context("the tokio runtime")?;
     let loops = if pooled { 0 } else { threads - 1 };
-    rt.block_on(run(config, loops))
+    let result = rt.block_on(run(config, loops));
+    // what is left of the sessions ends with the runtime
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }
 
+/// Serves until SIGTERM or SIGINT, then shuts down gracefully: the listener
+/// closes, sessions finish their transactions (`shutdown_timeout_ms` at
+/// most). SIGHUP reloads the configuration file.
 async fn run(config: postai_edge::Config, loops: usize) -> anyhow::Result<()> {
+    let mut signals = postai_edge::signals::Signals::install().context("signal handlers")?;
     let listener =
         tokio::net::TcpListener::bind(&config.listen).await.with_context(|| format!("listen on {}", config.listen))?;
     let proxy = postai_edge::Proxy::new(config)?;
     let loops = postai_edge::EventLoops::start(&proxy, loops).context("event loop threads")?;
     proxy.spawn_tasks();
+    signals.reload_on_hangup(&proxy);
     if let Some(addr) = proxy.start_metrics().await.context("metrics_listen")? {
         eprintln!("postai-edge: metrics on http://{addr}/metrics");
     }
     eprintln!("postai-edge: listening on {}, primary {}", proxy.config.listen, proxy.config.upstream);
-    tokio::select! {
-        r = postai_edge::serve_on(proxy, listener, Some(&loops)) => r.context("accept")?,
-        _ = tokio::signal::ctrl_c() => eprintln!("postai-edge: shutting down"),
+    let signal = tokio::select! {
+        r = postai_edge::serve_on(proxy.clone(), listener, Some(&loops)) => {
+            r.context("accept")?;
+            return Ok(());
+        }
+        s = signals.terminated() => s,
+    };
+    // serve_on is dropped: the listener is closed
+    let sessions = proxy.metrics.clients.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "postai-edge: {signal}: shutting down; no new clients, {sessions} sessions finish their transactions \
+         (up to {:?})",
+        proxy.shutdown.timeout()
+    );
+    match postai_edge::signals::drain(&proxy).await {
+        0 => eprintln!("postai-edge: every session ended"),
+        left => eprintln!("postai-edge: {left} sessions still open after shutdown_timeout_ms: closing them"),
     }
+    drop(loops);
     Ok(())
 }

@@ -27,9 +27,12 @@ use crate::frontend::{self, ClientStream, Opening};
 use crate::l2::fmt_lsn;
 use crate::metrics::{Metrics, Path};
 use crate::pool::{Lease, Pool, PoolError, PoolKey, ServerConn};
-use crate::protocol::{self, FRONTEND_TAGS, Message};
+use crate::protocol::{self, Message};
 use crate::topology::Topology;
 use crate::upstream::{self, Conn, error_message};
+
+mod admin;
+mod input;
 
 /// A cached result: the encoded backend messages, ReadyForQuery excluded.
 pub type Value = Arc<[u8]>;
@@ -62,6 +65,12 @@ pub struct Proxy {
     /// DDL ran through this proxy: the CDC reader reloads the database's
     /// catalog on its next poll (also without the DDL event triggers).
     pub catalog_stale: std::sync::atomic::AtomicBool,
+    /// Buffered bytes and client connections, bounded (`limits.rs`).
+    pub limits: crate::limits::Limits,
+    /// What a reload replaces (`reload.rs`): users.
+    pub live: crate::reload::Live,
+    /// Graceful shutdown (`signals.rs`).
+    pub shutdown: crate::signals::Shutdown,
     next_session: AtomicU64,
     start: std::time::Instant,
 }
@@ -111,7 +120,12 @@ impl Proxy {
             upstream::Dialer { max: config.max_message_bytes, tls: Arc::new(config.upstream_tls.loaded.clone()) };
         let pool = (config.pool_mode() == crate::config::PoolMode::Transaction)
             .then(|| Pool::new(config.pool.size, config.pool.keys_max, dialer.clone()));
+        let (limits, live) = (crate::limits::Limits::new(&config), crate::reload::Live::new(&config));
+        let shutdown = crate::signals::Shutdown::new(config.shutdown_timeout_ms);
         Ok(Arc::new(Proxy {
+            limits,
+            live,
+            shutdown,
             config,
             node: Mutex::new(node),
             topology: Mutex::new(topology),
@@ -160,8 +174,8 @@ impl Proxy {
     /// the password `[[users]]` gives it upstream, if any.
     pub async fn service_login(&self, addr: &str, user: &str, database: &str) -> std::io::Result<Conn> {
         let params = vec![("user".to_string(), user.to_string()), ("database".to_string(), database.to_string())];
-        let password = self.config.upstream_password(user);
-        match upstream::login(&self.dialer, addr, &params, password).await {
+        let password = self.upstream_password(user);
+        match upstream::login(&self.dialer, addr, &params, password.as_deref()).await {
             Ok(l) => Ok(l.conn),
             Err(upstream::LoginError::Io(e) | upstream::LoginError::Unreachable(_, e)) => Err(e),
             Err(e @ upstream::LoginError::Tls(..)) => {
@@ -258,17 +272,19 @@ impl Proxy {
     }
 }
 
-/// Accepts clients until the listener fails.
+/// Accepts clients until the future is dropped.
 pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) -> std::io::Result<()> {
     serve_on(proxy, listener, None).await
 }
 
 /// Accepts clients on `listener`; with `loops`, deals them out in turn to
-/// this thread and to the loops' threads.
+/// this thread and to the loops' threads. A failed accept (out of
+/// descriptors) pauses accepting, never ends it (`limits::accept`).
 pub async fn serve_on(proxy: Arc<Proxy>, listener: TcpListener, loops: Option<&EventLoops>) -> std::io::Result<()> {
     let mut turn = 0usize;
+    let mut backoff = crate::limits::AcceptBackoff::default();
     loop {
-        let (socket, _) = listener.accept().await?;
+        let socket = crate::limits::accept(&listener, &mut backoff).await;
         let _ = socket.set_nodelay(true);
         let n = loops.map_or(0, |l| l.senders.len());
         turn = (turn + 1) % (n + 1);
@@ -278,9 +294,13 @@ pub async fn serve_on(proxy: Arc<Proxy>, listener: TcpListener, loops: Option<&E
                 let to = &l.senders[turn - 1];
                 match socket.into_std() {
                     // a loop that is gone: the client is served here
-                    Ok(std) => match to.send(std) {
+                    Ok(std) => match to.send(std).map_err(|back| TcpStream::from_std(back.0)) {
                         Ok(()) => continue,
-                        Err(back) => TcpStream::from_std(back.0)?,
+                        Err(Ok(socket)) => socket,
+                        Err(Err(e)) => {
+                            eprintln!("postai-edge: client socket: {e}");
+                            continue;
+                        }
                     },
                     Err(e) => {
                         eprintln!("postai-edge: accept: {e}");
@@ -296,7 +316,13 @@ pub async fn serve_on(proxy: Arc<Proxy>, listener: TcpListener, loops: Option<&E
 
 fn spawn_client(proxy: &Arc<Proxy>, socket: TcpStream) {
     let p = proxy.clone();
+    // a slot of max_client_conn for the connection's whole life
+    let Some(slot) = proxy.limits.clients.take(1) else {
+        tokio::spawn(crate::limits::refuse_client(p, socket));
+        return;
+    };
     tokio::spawn(async move {
+        let _slot = slot;
         if let Err(e) = Client::run(p, socket).await {
             // one client's failure never stops the proxy
             eprintln!("postai-edge: client: {e}");
@@ -404,6 +430,20 @@ struct Client {
     /// ParameterStatus the primary sent during the request: what those
     /// parameters are now, whatever set them.
     reported: Vec<(String, String)>,
+    /// The request may write: its ReadyForQuery is held back until the node
+    /// has applied what it changed, so that no session (this one or
+    /// another) starts a read after the acknowledgement that the node
+    /// would still answer from before the write.
+    hold_ready: bool,
+    held_ready: Option<bytes::Bytes>,
+    /// Prepared admin commands and their portals (`proxy/admin.rs`).
+    admin: admin::AdminState,
+    /// The BackendKeyData the client holds (the primary's, or pooled, ours).
+    cancel_key: Option<(i32, i32)>,
+    /// Waiting for the next request with nothing pending (`proxy/input.rs`).
+    between_requests: bool,
+    /// The buffer budget held by the extended protocol messages waiting for their Sync.
+    batch_held: Option<crate::limits::Held>,
 }
 
 /// The client's connection to the primary: its own for the whole session, or
@@ -515,27 +555,10 @@ fn parse_bind(m: &Message) -> Option<Bind> {
 impl Client {
     async fn run(proxy: Arc<Proxy>, socket: TcpStream) -> anyhow::Result<()> {
         // TLS, the StartupMessage and client authentication end at the proxy
-        let accepted = match frontend::open(&proxy.config, socket).await? {
+        let accepted = match frontend::open(&proxy.config, &proxy.users(), socket).await? {
             Opening::Login(a) => a,
-            Opening::Cancel { pid, key } => {
-                // a pooled client's key is ours: the server it runs on now
-                let pooled = proxy.cancels.lock().unwrap_or_else(|p| p.into_inner()).get(&(pid, key)).cloned();
-                let (addr, pid, key) = match pooled {
-                    Some(t) => match t.lock().unwrap_or_else(|p| p.into_inner()).clone() {
-                        Some(target) => target,
-                        None => return Ok(()),
-                    },
-                    None => (proxy.primary_addr(), pid, key),
-                };
-                let mut c = Conn::connect(&addr, &proxy.dialer).await?;
-                let mut m = BytesMut::with_capacity(16);
-                m.put_i32(16);
-                m.put_i32(protocol::CANCEL_REQUEST);
-                m.put_i32(pid);
-                m.put_i32(key);
-                c.send(&m).await?;
-                return Ok(());
-            }
+            // to the primary, or where the map sends the key (pooled, a replica read)
+            Opening::Cancel { pid, key } => return crate::cancel::forward(&proxy, pid, key).await,
             Opening::Closed => return Ok(()),
         };
         // the proxy logs in upstream on the client's behalf, with its own password
@@ -599,17 +622,36 @@ impl Client {
             relayed_from: None,
             relayed_overflow: false,
             reported: Vec::new(),
+            hold_ready: false,
+            held_ready: None,
+            admin: admin::AdminState::default(),
+            cancel_key: crate::cancel::key_in(&greeting),
+            between_requests: false,
+            batch_held: None,
+        };
+        // startup parameters and `options` (-c name=value) are session settings
+        let (settings, opaque) = startup_settings(&params);
+        // a session may choose its consistency: `-c postai.consistency=proxy`
+        let consistency = match settings.iter().rev().find(|(k, _)| k == "postai.consistency") {
+            None => Ok(c.proxy.config.cache.consistency),
+            Some((_, v)) => v.parse::<Consistency>(),
+        };
+        let consistency = match consistency {
+            Ok(mode) => mode,
+            Err(e) => {
+                c.wr.write_all(&protocol::error_response("FATAL", "22023", &format!("postai.consistency: {e}")))
+                    .await?;
+                return Ok(());
+            }
         };
         // the client sees the primary's ParameterStatus and BackendKeyData (cancels go to it)
         c.wr.write_all(&frontend::greeting(&auth_ok, &greeting, status)).await?;
-        let opened = c.proxy.node().open_session(session, &user, &database, Consistency::ReadYourWrites);
+        let opened = c.proxy.node().open_session(session, &user, &database, consistency);
         if let Err(e) = opened {
             c.wr.write_all(&protocol::error_response("FATAL", "53300", &e.to_string())).await?;
             return Ok(());
         }
         {
-            // startup parameters and `options` (-c name=value) are session settings
-            let (settings, opaque) = startup_settings(&params);
             let mut n = c.proxy.node();
             for (name, value) in &settings {
                 n.set_session_setting(session, name, value);
@@ -637,27 +679,10 @@ impl Client {
         result
     }
 
-    async fn client_message(&mut self) -> anyhow::Result<Option<Message>> {
-        loop {
-            match protocol::decode(&mut self.buf, self.proxy.config.max_message_bytes, FRONTEND_TAGS) {
-                Ok(Some(m)) => return Ok(Some(m)),
-                Ok(None) => {
-                    if self.rd.read_buf(&mut self.buf).await? == 0 {
-                        return Ok(None);
-                    }
-                }
-                Err(e) => {
-                    // framing is lost: tell the client and close its connection only
-                    self.wr.write_all(&protocol::error_response("FATAL", "08P01", &e.to_string())).await?;
-                    return Ok(None);
-                }
-            }
-        }
-    }
-
     async fn serve_queries(&mut self) -> anyhow::Result<()> {
         let mut batch: Vec<Message> = Vec::new();
-        while let Some(m) = self.client_message().await? {
+        // client messages: `proxy/input.rs`
+        while let Some(m) = self.next_request(batch.is_empty()).await? {
             match m.tag {
                 b'Q' => {
                     self.flush_batch(&mut batch).await?;
@@ -665,6 +690,7 @@ impl Client {
                     let path = self.simple_query(&m).await?;
                     self.proxy.metrics.observe(path, started.elapsed());
                     self.settle().await?;
+                    self.release_ready().await?;
                 }
                 b'X' => {
                     match &mut self.upstream {
@@ -681,14 +707,23 @@ impl Client {
                     let path = self.sync(std::mem::take(&mut batch), m).await?;
                     self.proxy.metrics.observe(path, started.elapsed());
                     self.settle().await?;
+                    self.release_ready().await?;
                 }
                 b'H' => {
                     // Flush: the client waits for the responses so far
                     let sent = std::mem::take(&mut batch);
+                    if self.admin_batch(&sent, &m).await?.is_some() {
+                        continue;
+                    }
                     self.send_batch(&sent, Some(&m)).await?;
                     self.relay_responses(&sent).await?;
                 }
                 b'P' => {
+                    if self.admin_parse(&m) {
+                        // SHOW POSTAI ...: answered by the proxy (`proxy/admin.rs`)
+                        batch.push(m);
+                        continue;
+                    }
                     if let Some((name, sql)) = parse_message(&m) {
                         let prepared = self.proxy.node().prepare(&sql).ok();
                         if prepared.as_ref().is_some_and(|p| p.shape.kind == StatementKind::Session) {
@@ -802,6 +837,8 @@ impl Client {
         keep: Option<usize>,
     ) -> anyhow::Result<(Option<BytesMut>, Option<String>)> {
         self.send_batch(batch, Some(sync)).await?;
+        // a batch that may write is acknowledged once `settle` has applied it
+        self.hold_ready = self.extended_write;
         self.relay_until_ready(keep).await
     }
 
@@ -814,8 +851,9 @@ impl Client {
     }
 
     /// Relays the responses to `sent` after a Flush: one completion per request
-    /// (an error ends them: the primary skips the rest until Sync).
-    async fn relay_responses(&mut self, sent: &[Message]) -> anyhow::Result<()> {
+    /// (an error ends them: the primary skips the rest until Sync). Whether
+    /// an error ended them.
+    async fn relay_responses(&mut self, sent: &[Message]) -> anyhow::Result<bool> {
         for req in sent {
             let done: &[u8] = match req.tag {
                 b'P' => b"1",
@@ -833,19 +871,22 @@ impl Client {
                 }
                 self.wr.write_all(&m.raw).await?;
                 if m.tag == b'E' {
-                    return Ok(());
+                    return Ok(true);
                 }
                 if done.contains(&m.tag) {
                     break;
                 }
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Sync: answer a cacheable [Parse] Bind [Describe] Execute batch from the
     /// cache, or send the batch and relay (filling the cache when it may).
     async fn sync(&mut self, batch: Vec<Message>, sync: Message) -> anyhow::Result<Path> {
+        if let Some(path) = self.admin_batch(&batch, &sync).await? {
+            return Ok(path);
+        }
         if self.answer_known_parses(&batch).await? {
             return Ok(Path::Proxy);
         }
@@ -1175,6 +1216,16 @@ impl Client {
     /// After a request: what the extended protocol ran outside the node's
     /// view is applied to the session (settings, privacy), and a write it
     /// made raises the session's floor once no transaction is open.
+    /// Sends a ReadyForQuery held back for a write (see `hold_ready`): the
+    /// node has applied the write by now.
+    async fn release_ready(&mut self) -> anyhow::Result<()> {
+        self.hold_ready = false;
+        if let Some(z) = self.held_ready.take() {
+            self.wr.write_all(&z).await?;
+        }
+        Ok(())
+    }
+
     async fn settle(&mut self) -> anyhow::Result<()> {
         if !self.reported.is_empty() {
             let reported = std::mem::take(&mut self.reported);
@@ -1225,7 +1276,7 @@ impl Client {
         }
         if let Some(lsn) = self.current_lsn().await? {
             let mut n = self.proxy.node();
-            n.raise_floor(self.session, lsn);
+            n.unseen_write(self.session, lsn);
             n.sync_transaction(self.session, false, lsn);
         }
         Ok(())
@@ -1287,6 +1338,11 @@ impl Client {
             }
             Some(NodeOutput::Upstream(u)) => {
                 let keep = u.cache_key.map(|_| self.proxy.config.cache.entry_bytes_max);
+                // a write is acknowledged once the node has applied it (`finish`)
+                self.hold_ready = !u.shape.writes.is_empty()
+                    || u.shape.writes_unknown
+                    || u.shape.writes_opaque
+                    || u.shape.txn == Some(TxnControl::Commit);
                 let on_replica = match u.route {
                     Route::Read { floor } if keep.is_some() => self.read_on_replica(&m.raw, keep, floor, false).await?,
                     _ => None,
@@ -1412,6 +1468,14 @@ impl Client {
         };
         // the relay below works on `self.up()`: lend it the replica connection
         let saved = std::mem::replace(&mut self.upstream, conn);
+        let backend = match &self.upstream {
+            Upstream::Dedicated(c) => c.backend_key,
+            Upstream::Pooled { lease, .. } => lease.as_ref().and_then(|l| l.server.backend_key),
+        };
+        // meanwhile the client's cancel requests reach the replica backend
+        let _cancel = self.cancel_key.zip(backend).map(|(key, (pid, secret))| {
+            crate::cancel::Redirect::new(&self.proxy, key, (route.addr.clone(), pid, secret))
+        });
         let saved_swallow = std::mem::replace(&mut self.swallow_parse_complete, u32::from(swallow_parse));
         let result = match self.up().await?.send(request).await {
             Ok(()) => self.relay_until_ready(keep).await,
@@ -1482,6 +1546,11 @@ impl Client {
             match m.tag {
                 b'Z' => {
                     self.status = protocol::ready_status(&m).unwrap_or(b'I');
+                    if self.hold_ready {
+                        // sent by `release_ready`, after the node applied the write
+                        self.out.truncate(self.out.len() - m.raw.len());
+                        self.held_ready = Some(m.raw.clone());
+                    }
                     self.wr.write_all(&self.out).await?;
                     self.out.clear();
                     return Ok((kept, error));
@@ -1604,28 +1673,10 @@ impl Client {
         }
     }
 
-    /// `SHOW POSTAI STATS`: answered by the proxy.
+    /// `SHOW POSTAI STATS|CACHES|POOLS`, `POSTAI RELOAD`: answered by the
+    /// proxy (`proxy/admin.rs`; the extended protocol there too).
     fn admin(&self, sql: &str) -> Option<BytesMut> {
-        let norm: String =
-            sql.trim().trim_end_matches(';').split_whitespace().collect::<Vec<_>>().join(" ").to_ascii_lowercase();
-        match norm.as_str() {
-            "show postai stats" => {
-                let rows: Vec<Vec<String>> = self.proxy.stats_rows().into_iter().map(|(k, v)| vec![k, v]).collect();
-                Some(text_result(&["name", "value"], &rows, "SHOW"))
-            }
-            "show postai caches" => Some(text_result(
-                &["tier", "entries", "bytes", "hits", "misses", "inserts", "invalidations", "evictions", "expirations"],
-                &self.proxy.cache_rows(),
-                "SHOW",
-            )),
-            // like PgBouncer's SHOW POOLS: empty without transaction pooling
-            "show postai pools" => Some(text_result(
-                &["server", "user", "database", "idle", "lent", "size", "statements"],
-                &self.proxy.pool.as_ref().map(Pool::rows).unwrap_or_default(),
-                "SHOW",
-            )),
-            _ => None,
-        }
+        admin::Command::parse(sql).map(|c| c.answer(&self.proxy))
     }
 }
 

@@ -27,6 +27,9 @@ pub struct Conn {
     stream: Stream,
     buf: BytesMut,
     max: usize,
+    /// The server's BackendKeyData (process id, secret key) once logged in:
+    /// what cancels a query running on this connection.
+    pub backend_key: Option<(i32, i32)>,
 }
 
 /// The `SSLRequest` code (PostgreSQL's `NEGOTIATE_SSL_CODE`).
@@ -63,7 +66,7 @@ impl Conn {
                 }
             }
         };
-        Ok(Conn { stream, buf: BytesMut::with_capacity(16 << 10), max: dialer.max })
+        Ok(Conn { stream, buf: BytesMut::with_capacity(16 << 10), max: dialer.max, backend_key: None })
     }
 
     pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
@@ -279,6 +282,7 @@ async fn login_once(
             b'E' => return Err(LoginError::Refused(m)),
             b'Z' => {
                 let status = protocol::ready_status(&m).unwrap_or(b'I');
+                conn.backend_key = backend_key;
                 return Ok(Login { conn, greeting, backend_key, status });
             }
             other => return Err(LoginError::Unexpected(other as char)),

@@ -1,0 +1,321 @@
+//! What clients can make the proxy hold, bounded: bytes buffered for client
+//! messages not yet complete (`buffer_bytes_max`, one budget for every
+//! client), client connections (`max_client_conn`), and the accepting loop's
+//! pause when the process runs out of descriptors (PgBouncer's behaviour:
+//! log, back off, keep serving).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::Config;
+use crate::protocol::{self, Startup};
+use crate::proxy::Proxy;
+
+/// The proxy's bounds, shared by every connection. Their maxima can change
+/// at runtime (`POSTAI RELOAD`, SIGHUP).
+pub struct Limits {
+    /// Bytes of client messages not yet complete.
+    pub buffers: Arc<Counter>,
+    /// Client connections, from accept to close.
+    pub clients: Arc<Counter>,
+    /// Over-limit clients being told so (a connection each, for a moment).
+    refusals: Arc<Counter>,
+}
+
+/// Refusals in progress at most; past it an over-limit client gets the
+/// error without its startup message being read.
+const REFUSALS_MAX: usize = 64;
+/// How long an over-limit client has to send its startup message.
+const REFUSAL_WAIT: Duration = Duration::from_secs(2);
+
+impl Limits {
+    pub fn new(config: &Config) -> Limits {
+        Limits {
+            buffers: Counter::new(config.buffer_bytes_max),
+            clients: Counter::new(config.max_client_conn),
+            refusals: Counter::new(REFUSALS_MAX),
+        }
+    }
+}
+
+/// A quantity in use and its maximum.
+pub struct Counter {
+    used: AtomicUsize,
+    max: AtomicUsize,
+}
+
+/// `n` units of a [`Counter`], given back on drop.
+pub struct Held {
+    counter: Arc<Counter>,
+    n: usize,
+}
+
+impl Counter {
+    pub fn new(max: usize) -> Arc<Counter> {
+        Arc::new(Counter { used: AtomicUsize::new(0), max: AtomicUsize::new(max) })
+    }
+
+    /// Takes `n` units, if they fit under the maximum.
+    pub fn take(self: &Arc<Self>, n: usize) -> Option<Held> {
+        self.add(n).then(|| Held { counter: self.clone(), n })
+    }
+
+    /// Adds `n` to the use if it stays under the maximum.
+    fn add(&self, n: usize) -> bool {
+        let max = self.max.load(Ordering::Relaxed);
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| used.checked_add(n).filter(|u| *u <= max))
+            .is_ok()
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+
+    pub fn max(&self) -> usize {
+        self.max.load(Ordering::Relaxed)
+    }
+
+    /// A new maximum; what is held stays held (nothing more is taken until
+    /// the use falls under it).
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+}
+
+impl Held {
+    pub fn units(&self) -> usize {
+        self.n
+    }
+
+    /// Takes `n` more units into this hold, if they fit.
+    pub fn grow(&mut self, n: usize) -> bool {
+        let added = self.counter.add(n);
+        if added {
+            self.n += n;
+        }
+        added
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.counter.used.fetch_sub(self.n, Ordering::AcqRel);
+    }
+}
+
+/// The whole length of the typed message at the head of `buf` (tag
+/// included), once its 5-byte header is there; `None` before, or for a
+/// length the decoder will refuse anyway.
+pub fn declared_len(buf: &[u8]) -> Option<usize> {
+    let header = buf.get(..5)?;
+    let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+    usize::try_from(len).ok().filter(|l| *l >= 4).map(|l| l + 1)
+}
+
+/// Reserves the buffer for the incomplete message at the head of `buf`:
+/// `Ok(None)` while its header is not there or when `held` already covers
+/// it; an error message (for a 53200 ErrorResponse) when the budget cannot
+/// take it. The buffer's capacity is made to fit the message, so that it
+/// does not grow past what was reserved.
+pub fn reserve_message(
+    budget: &Arc<Counter>,
+    buf: &mut BytesMut,
+    held: &Option<Held>,
+    max_message: usize,
+) -> Result<Option<Held>, String> {
+    let Some(total) = declared_len(buf) else { return Ok(None) };
+    if total > max_message || held.as_ref().is_some_and(|h| h.units() >= total) {
+        // too large: the decoder refuses it (08P01)
+        return Ok(None);
+    }
+    match budget.take(total) {
+        Some(h) => {
+            buf.reserve(total.saturating_sub(buf.len()));
+            Ok(Some(h))
+        }
+        None => Err(no_room(budget, &format!("a message of {total} bytes"))),
+    }
+}
+
+/// The 53200 message: `what` does not fit in the budget.
+pub fn no_room(budget: &Counter, what: &str) -> String {
+    format!(
+        "postai-edge: out of memory for client messages: {what} does not fit in buffer_bytes_max ({} bytes, {} in \
+         use by the messages of all clients not yet complete or waiting for their Sync)",
+        budget.max(),
+        budget.used()
+    )
+}
+
+/// A client past `max_client_conn`: it is told so (53300) after its startup
+/// message, as PostgreSQL does, and closed. SSLRequest and GSSENCRequest are
+/// answered 'N'; a CancelRequest is still forwarded (a full proxy must not
+/// stop cancels).
+pub async fn refuse_client(proxy: Arc<Proxy>, socket: TcpStream) {
+    let message =
+        format!("postai-edge: sorry, too many clients already (max_client_conn = {})", proxy.limits.clients.max());
+    let error = protocol::error_response("FATAL", "53300", &message);
+    let Some(_refusing) = proxy.limits.refusals.take(1) else {
+        // many at once: the error at once, nothing read
+        let _ = socket.try_write(&error);
+        return;
+    };
+    let mut socket = socket;
+    let mut buf = BytesMut::with_capacity(512);
+    let read = async {
+        loop {
+            match protocol::decode_startup(&mut buf, 10_000) {
+                Ok(Some(Startup::Ssl | Startup::GssEnc)) => socket.write_all(b"N").await?,
+                Ok(Some(Startup::Cancel { pid, key })) => return Ok(Some((pid, key))),
+                Ok(Some(Startup::Params(_))) | Err(_) => return Ok(None),
+                Ok(None) => {
+                    if socket.read_buf(&mut buf).await? == 0 {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    };
+    let first: std::io::Result<Option<(i32, i32)>> = tokio::time::timeout(REFUSAL_WAIT, read).await.unwrap_or(Ok(None));
+    match first {
+        Ok(Some((pid, key))) => {
+            if let Err(e) = crate::cancel::forward(&proxy, pid, key).await {
+                eprintln!("postai-edge: cancel request: {e}");
+            }
+        }
+        Ok(None) => {
+            let _ = socket.write_all(&error).await;
+            let _ = socket.shutdown().await;
+        }
+        Err(_) => {}
+    }
+}
+
+/// The accepting loop's pause after a failed accept (EMFILE, ENFILE,
+/// ECONNABORTED, ENOBUFS...): 10 ms doubling to 1 s, reset by a success.
+/// One line is logged when a burst of failures starts and one when it ends.
+#[derive(Debug, Default)]
+pub struct AcceptBackoff {
+    failures: u64,
+    delay: Duration,
+}
+
+impl AcceptBackoff {
+    pub const FIRST: Duration = Duration::from_millis(10);
+    pub const MAX: Duration = Duration::from_secs(1);
+
+    /// A failed accept: how long to wait before the next one, and whether
+    /// the failure starts a burst (to be logged).
+    pub fn failed(&mut self) -> (Duration, bool) {
+        self.failures += 1;
+        self.delay = if self.failures == 1 { Self::FIRST } else { (self.delay * 2).min(Self::MAX) };
+        (self.delay, self.failures == 1)
+    }
+
+    /// A successful accept: the number of failures of the burst it ends, if any.
+    pub fn succeeded(&mut self) -> Option<u64> {
+        let ended = std::mem::take(&mut self.failures);
+        self.delay = Duration::ZERO;
+        (ended > 0).then_some(ended)
+    }
+}
+
+/// Accepts the next client, pausing (and logging once per burst) while
+/// accepting fails: a proxy out of descriptors keeps serving the clients it
+/// has and accepts again once some leave.
+pub async fn accept(listener: &tokio::net::TcpListener, backoff: &mut AcceptBackoff) -> TcpStream {
+    loop {
+        match listener.accept().await {
+            Ok((socket, _)) => {
+                if let Some(n) = backoff.succeeded() {
+                    eprintln!("postai-edge: accepting clients again after {n} failed accepts");
+                }
+                return socket;
+            }
+            Err(e) => {
+                let (wait, first) = backoff.failed();
+                if first {
+                    eprintln!(
+                        "postai-edge: accept: {e}; pausing new clients (retrying every {:?} to {:?}), \
+                         serving the connected ones",
+                        AcceptBackoff::FIRST,
+                        AcceptBackoff::MAX
+                    );
+                }
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_second_and_resets() {
+        let mut b = AcceptBackoff::default();
+        assert_eq!(b.succeeded(), None);
+        let waits: Vec<(u64, bool)> = (0..10)
+            .map(|_| {
+                let (d, first) = b.failed();
+                (d.as_millis() as u64, first)
+            })
+            .collect();
+        let first: Vec<bool> = waits.iter().map(|w| w.1).collect();
+        assert_eq!(first, [true, false, false, false, false, false, false, false, false, false]);
+        let ms: Vec<u64> = waits.iter().map(|w| w.0).collect();
+        assert_eq!(ms, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
+        assert_eq!(b.succeeded(), Some(10));
+        assert_eq!(b.failed(), (AcceptBackoff::FIRST, true), "a new burst starts over");
+    }
+
+    #[test]
+    fn counters_hold_until_dropped() {
+        let c = Counter::new(10);
+        let a = c.take(6).expect("fits");
+        assert!(c.take(5).is_none(), "6 + 5 > 10");
+        let b = c.take(4).expect("fits exactly");
+        assert_eq!(c.used(), 10);
+        drop(a);
+        assert_eq!(c.used(), 4);
+        c.set_max(3);
+        assert!(c.take(1).is_none(), "over the new maximum");
+        drop(b);
+        let mut d = c.take(3).expect("fits");
+        assert!(c.take(usize::MAX).is_none(), "no overflow");
+        assert!(!d.grow(1), "over the maximum");
+        c.set_max(5);
+        assert!(d.grow(2));
+        assert_eq!((d.units(), c.used()), (5, 5));
+        drop(d);
+        assert_eq!(c.used(), 0, "a grown hold gives everything back");
+    }
+
+    #[test]
+    fn messages_reserve_their_declared_length() {
+        let budget = Counter::new(100);
+        let mut buf = BytesMut::from(&b"Q\x00\x00"[..]);
+        assert!(matches!(reserve_message(&budget, &mut buf, &None, 1000), Ok(None)), "no header yet");
+        buf.extend_from_slice(&[0, 63, b'S']);
+        let held = reserve_message(&budget, &mut buf, &None, 1000).expect("fits").expect("reserved");
+        assert_eq!(held.units(), 64);
+        assert!(buf.capacity() >= 64);
+        let held = Some(held);
+        assert!(matches!(reserve_message(&budget, &mut buf, &held, 1000), Ok(None)), "already covered");
+        let mut other = BytesMut::from(&b"Q\x00\x00\x00\x3f"[..]);
+        let e = reserve_message(&budget, &mut other, &None, 1000).err().unwrap_or_default();
+        assert!(e.contains("buffer_bytes_max (100 bytes, 64 in use"), "{e}");
+        drop(held);
+        assert!(reserve_message(&budget, &mut other, &None, 1000).is_ok_and(|h| h.is_some()));
+        let mut huge = BytesMut::from(&b"Q\x7f\xff\xff\xff"[..]);
+        assert!(matches!(reserve_message(&budget, &mut huge, &None, 1000), Ok(None)), "left to the decoder");
+        assert_eq!(declared_len(b"Q\xff\xff\xff\xff"), None);
+    }
+}

@@ -1,0 +1,291 @@
+//! The proxy's own commands, answered by the proxy and never sent upstream:
+//! `SHOW POSTAI STATS`, `SHOW POSTAI CACHES`, `SHOW POSTAI POOLS` and
+//! `POSTAI RELOAD`, in the simple protocol and in the extended one (drivers
+//! prepare them: tokio-postgres always, psycopg after a few executions).
+//! Parse of such a text is answered ParseComplete and its name remembered;
+//! Bind, Describe, Execute and Close of it (and of its portals) are answered
+//! here; in a pipeline that also holds relayed requests, those are sent
+//! upstream in order, each run followed by a Flush, so that the client gets
+//! every answer in the order it asked.
+
+use std::collections::HashMap;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+
+use super::{BIND_COMPLETE, Client, PARSE_COMPLETE, bind_statement, frame_into, parse_message, text_result};
+use crate::metrics::Path;
+use crate::pool::Pool;
+use crate::protocol::{self, Message};
+use crate::proxy::Proxy;
+
+/// One of the proxy's commands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Command {
+    Stats,
+    Caches,
+    Pools,
+    Reload,
+}
+
+impl Command {
+    /// The command `sql` is (case, spaces and a final `;` do not matter).
+    pub(super) fn parse(sql: &str) -> Option<Command> {
+        let words: Vec<String> =
+            sql.trim().trim_end_matches(';').split_whitespace().map(str::to_ascii_lowercase).collect();
+        match words.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+            ["show", "postai", "stats"] => Some(Command::Stats),
+            ["show", "postai", "caches"] => Some(Command::Caches),
+            ["show", "postai", "pools"] => Some(Command::Pools),
+            ["postai", "reload"] => Some(Command::Reload),
+            _ => None,
+        }
+    }
+
+    fn columns(self) -> &'static [&'static str] {
+        match self {
+            Command::Stats => &["name", "value"],
+            Command::Caches => {
+                &["tier", "entries", "bytes", "hits", "misses", "inserts", "invalidations", "evictions", "expirations"]
+            }
+            // like PgBouncer's SHOW POOLS: empty without transaction pooling
+            Command::Pools => &["server", "user", "database", "idle", "lent", "size", "statements"],
+            Command::Reload => &["setting", "result"],
+        }
+    }
+
+    fn tag(self) -> &'static str {
+        if self == Command::Reload { "RELOAD" } else { "SHOW" }
+    }
+
+    /// Runs the command: its rows, or an ErrorResponse's (SQLSTATE, message).
+    fn run(self, proxy: &Proxy) -> Result<Vec<Vec<String>>, (&'static str, String)> {
+        Ok(match self {
+            Command::Stats => proxy.stats_rows().into_iter().map(|(k, v)| vec![k, v]).collect(),
+            Command::Caches => proxy.cache_rows(),
+            Command::Pools => proxy.pool.as_ref().map(Pool::rows).unwrap_or_default(),
+            // F0000: config_file_error
+            Command::Reload => proxy.reload().map_err(|e| ("F0000", e))?.into_iter().map(|(k, v)| vec![k, v]).collect(),
+        })
+    }
+
+    /// The simple protocol's answer: RowDescription, DataRows and
+    /// CommandComplete, or an ErrorResponse.
+    pub(super) fn answer(self, proxy: &Proxy) -> BytesMut {
+        match self.run(proxy) {
+            Ok(rows) => text_result(self.columns(), &rows, self.tag()),
+            Err((code, message)) => BytesMut::from(&protocol::error_response("ERROR", code, &message)[..]),
+        }
+    }
+
+    /// RowDescription alone (Describe).
+    fn row_description(self) -> BytesMut {
+        let mut all = text_result(self.columns(), &[], self.tag());
+        match protocol::decode(&mut all, usize::MAX, b"T") {
+            Ok(Some(m)) => BytesMut::from(&m.raw[..]),
+            _ => BytesMut::new(),
+        }
+    }
+
+    /// What Execute answers: DataRows and CommandComplete (no
+    /// RowDescription), or an ErrorResponse; and whether it failed.
+    fn execute(self, proxy: &Proxy) -> (BytesMut, bool) {
+        let mut all = self.answer(proxy);
+        if all.first() == Some(&b'E') {
+            return (all, true);
+        }
+        let described = self.row_description().len();
+        (all.split_off(described.min(all.len())), false)
+    }
+}
+
+/// A session's prepared admin statements and their portals.
+#[derive(Default)]
+pub(super) struct AdminState {
+    statements: HashMap<String, Command>,
+    portals: HashMap<String, Command>,
+    /// The batch being collected holds a Parse of an admin command.
+    parsed: bool,
+}
+
+/// What the proxy answers for one request of a batch.
+#[derive(Clone, Copy)]
+enum Local {
+    ParseComplete,
+    BindComplete,
+    CloseComplete,
+    DescribeStatement(Command),
+    DescribePortal(Command),
+    Execute(Command),
+}
+
+/// The name a Describe or Close names, and its kind (`S` or `P`).
+fn target(m: &Message) -> Option<(u8, String)> {
+    let (&kind, rest) = m.body().split_first()?;
+    let end = rest.iter().position(|c| *c == 0)?;
+    Some((kind, String::from_utf8_lossy(&rest[..end]).into_owned()))
+}
+
+fn first_cstr(m: &Message) -> Option<String> {
+    let b = m.body();
+    let end = b.iter().position(|c| *c == 0)?;
+    Some(String::from_utf8_lossy(&b[..end]).into_owned())
+}
+
+impl AdminState {
+    /// What the proxy answers for `m`, if it is about an admin statement;
+    /// the session's admin statements and portals follow the request.
+    fn classify(&mut self, m: &Message) -> Option<Local> {
+        match m.tag {
+            b'P' => {
+                let (name, sql) = parse_message(m)?;
+                match Command::parse(&sql) {
+                    Some(c) => {
+                        self.statements.insert(name, c);
+                        Some(Local::ParseComplete)
+                    }
+                    None => {
+                        self.statements.remove(&name);
+                        None
+                    }
+                }
+            }
+            b'B' => {
+                let portal = first_cstr(m)?;
+                match bind_statement(m).and_then(|s| self.statements.get(s)).copied() {
+                    Some(c) => {
+                        self.portals.insert(portal, c);
+                        Some(Local::BindComplete)
+                    }
+                    None => {
+                        self.portals.remove(&portal);
+                        None
+                    }
+                }
+            }
+            b'D' => match target(m)? {
+                (b'S', name) => self.statements.get(&name).map(|c| Local::DescribeStatement(*c)),
+                (b'P', name) => self.portals.get(&name).map(|c| Local::DescribePortal(*c)),
+                _ => None,
+            },
+            b'E' => self.portals.get(&first_cstr(m)?).map(|c| Local::Execute(*c)),
+            b'C' => match target(m)? {
+                (b'S', name) => self.statements.remove(&name).map(|_| Local::CloseComplete),
+                (b'P', name) => self.portals.remove(&name).map(|_| Local::CloseComplete),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
+impl Client {
+    /// A Parse arriving: whether it prepares an admin command (nothing
+    /// about it may reach the node or the statements relayed upstream).
+    pub(super) fn admin_parse(&mut self, m: &Message) -> bool {
+        let Some((name, sql)) = parse_message(m) else { return false };
+        if Command::parse(&sql).is_none() {
+            return false;
+        }
+        self.statements.remove(&name);
+        self.param_types.remove(&name);
+        self.parses.remove(&name);
+        self.admin.parsed = true;
+        true
+    }
+
+    /// A batch ending in `tail` (Sync or Flush) that involves admin
+    /// statements: answered in order, the admin requests here and the others
+    /// relayed. `None` (nothing done) for a batch without admin requests.
+    pub(super) async fn admin_batch(&mut self, batch: &[Message], tail: &Message) -> anyhow::Result<Option<Path>> {
+        let a = &mut self.admin;
+        if !a.parsed && a.statements.is_empty() && a.portals.is_empty() {
+            return Ok(None);
+        }
+        a.parsed = false;
+        let kinds: Vec<Option<Local>> = batch.iter().map(|m| a.classify(m)).collect();
+        if kinds.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        if tail.tag == b'S' && self.status == b'I' {
+            // portals end with the transaction
+            a.portals.clear();
+        }
+        let flush = Message { tag: b'H', raw: Bytes::from_static(&[b'H', 0, 0, 0, 4]) };
+        let mut run: Vec<Message> = Vec::new();
+        // an error skips every request up to Sync, as PostgreSQL does
+        let mut failed = false;
+        let mut upstream = false;
+        for (m, kind) in batch.iter().zip(kinds) {
+            let Some(local) = kind else {
+                run.push(m.clone());
+                continue;
+            };
+            if !run.is_empty() && !failed {
+                self.send_batch(&run, Some(&flush)).await?;
+                failed = self.relay_responses(&run).await?;
+                upstream = true;
+            }
+            run.clear();
+            if failed {
+                continue;
+            }
+            let mut out = BytesMut::new();
+            match local {
+                Local::ParseComplete => out.extend_from_slice(&PARSE_COMPLETE),
+                Local::BindComplete => out.extend_from_slice(&BIND_COMPLETE),
+                Local::CloseComplete => frame_into(&mut out, b'3', &[]),
+                Local::DescribeStatement(c) => {
+                    let mut none = BytesMut::new();
+                    none.put_i16(0);
+                    frame_into(&mut out, b't', &none);
+                    out.extend_from_slice(&c.row_description());
+                }
+                Local::DescribePortal(c) => out.extend_from_slice(&c.row_description()),
+                Local::Execute(c) => {
+                    let (answer, error) = c.execute(&self.proxy);
+                    out = answer;
+                    failed = error;
+                }
+            }
+            self.wr.write_all(&out).await?;
+        }
+        let rest: &[Message] = if failed { &[] } else { &run };
+        if tail.tag == b'S' {
+            if upstream || !rest.is_empty() {
+                // the primary ends the batch (and says the transaction status)
+                self.relay_batch(rest, tail, None).await?;
+                return Ok(Some(Path::Primary));
+            }
+            self.wr.write_all(&protocol::ready_for_query(self.status)).await?;
+        } else if !rest.is_empty() {
+            self.send_batch(rest, Some(tail)).await?;
+            self.relay_responses(rest).await?;
+        }
+        Ok(Some(Path::Proxy))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_are_recognised_by_their_words() {
+        assert_eq!(Command::parse("SHOW POSTAI STATS"), Some(Command::Stats));
+        assert_eq!(Command::parse("  show   postai\tcaches ;"), Some(Command::Caches));
+        assert_eq!(Command::parse("Show Postai Pools"), Some(Command::Pools));
+        assert_eq!(Command::parse("POSTAI RELOAD;"), Some(Command::Reload));
+        assert_eq!(Command::parse("RELOAD"), None);
+        assert_eq!(Command::parse("SHOW POSTAI"), None);
+        assert_eq!(Command::parse("SHOW search_path"), None);
+    }
+
+    #[test]
+    fn describe_and_execute_split_the_simple_answer() {
+        let t = Command::Stats.row_description();
+        assert_eq!(t.first(), Some(&b'T'));
+        let all = text_result(&["name", "value"], &[], "SHOW");
+        assert_eq!(&all[..t.len()], &t[..]);
+    }
+}
