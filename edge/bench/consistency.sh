@@ -3,9 +3,10 @@
 # A primary and a streaming replica that applies WAL LAG_MS late (default
 # 20 ms), pgbench tables (scale 1), and postai-edge in front of both, run
 # once per mode (`[cache] consistency`): read-your-writes, proxy, eventual,
-# strong. The workload: 8 clients, 90 % point reads of pgbench_accounts
-# (Zipf-like: 1 000 hot rows), 10 % updates of them. Per mode: tps, the
-# share of reads answered by the cache, by the replica and by the primary.
+# strong. Two workloads over 1 000 hot rows of pgbench_accounts: "mixed", 8
+# clients each 90 % point reads and 10 % updates; "readers", 7 clients that
+# only read and one that updates 1 000 rows a second. Per mode and workload:
+# tps, the share of reads answered by the cache, the replica, the primary.
 # Usage: bash edge/bench/consistency.sh [seconds]. Starts throwaway
 # clusters as the postgres user; leaves nothing running.
 set -euo pipefail
@@ -55,10 +56,29 @@ SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
 UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;
 \endif
 SQL
+cat > "$dir/read.sql" <<'SQL'
+\set aid random(1, 1000)
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
+SQL
+cat > "$dir/write.sql" <<'SQL'
+\set aid random(1, 1000)
+UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;
+SQL
 
 cargo build --release -q -p postai-edge
 stat() { psql -X -At -h 127.0.0.1 -p "$proxy_port" -U postgres -c 'SHOW POSTAI STATS' | awk -F'|' -v k="$1" '$1 == k { print $2 }'; }
-printf '%-18s %10s %10s %10s %10s\n' mode tps cache replica primary
+bench() { pgbench -n -j 1 -h 127.0.0.1 -p "$proxy_port" -U postgres "$@" postgres 2>&1 | awk '/^tps = / { printf "%.0f", $3 }'; }
+# mixed: every session reads and writes; readers: 7 sessions that only read,
+# one that writes 1 000 rows a second (what "proxy" costs readers)
+run_workload() {
+  case "$1" in
+    mixed) bench -c 8 -j 2 -T "$secs" -f "$dir/mix.sql" ;;
+    readers)
+      w=$(mktemp); bench -c 1 -T "$secs" -R 1000 -f "$dir/write.sql" > "$w" &
+      r=$(bench -c 7 -j 2 -T "$secs" -f "$dir/read.sql"); wait; echo $(( r + $(cat "$w") )); rm -f "$w" ;;
+  esac
+}
+printf '%-18s %-8s %10s %10s %10s %10s\n' mode workload tps cache replica primary
 for mode in read-your-writes proxy eventual strong; do
   cat > "$dir/edge.toml" <<CONF
 listen = "127.0.0.1:$proxy_port"
@@ -75,12 +95,13 @@ CONF
   for _ in $(seq 50); do psql -X -At -h 127.0.0.1 -p "$proxy_port" -U postgres -c 'SELECT 1' >/dev/null 2>&1 && break; sleep 0.2; done
   # warm: the hot rows cached, the replica's health known
   pgbench -n -c 8 -j 2 -T 3 -f "$dir/mix.sql" -h 127.0.0.1 -p "$proxy_port" -U postgres postgres >/dev/null 2>&1
-  h0=$(( $(stat l1_hits) + $(stat l2_hits) )); q0=$(stat queries); r0=$(stat replica_reads); w0=$(stat writes)
-  out=$(pgbench -n -c 8 -j 2 -T "$secs" -f "$dir/mix.sql" -h 127.0.0.1 -p "$proxy_port" -U postgres postgres 2>&1)
-  tps=$(echo "$out" | awk '/^tps = / { printf "%.0f", $3 }')
-  h=$(( $(stat l1_hits) + $(stat l2_hits) - h0 )); q=$(( $(stat queries) - q0 )); r=$(( $(stat replica_reads) - r0 ))
-  reads=$(( q - ($(stat writes) - w0) )); primary=$(( reads - h - r )); [ "$primary" -lt 0 ] && primary=0
-  pct() { awk -v a="$1" -v b="$reads" 'BEGIN { printf "%.1f %%", (b ? 100 * a / b : 0) }'; }
-  printf '%-18s %10s %10s %10s %10s\n' "$mode" "$tps" "$(pct "$h")" "$(pct "$r")" "$(pct "$primary")"
+  for workload in mixed readers; do
+    h0=$(( $(stat l1_hits) + $(stat l2_hits) )); q0=$(stat queries); r0=$(stat replica_reads); w0=$(stat writes)
+    tps=$(run_workload "$workload")
+    h=$(( $(stat l1_hits) + $(stat l2_hits) - h0 )); q=$(( $(stat queries) - q0 )); r=$(( $(stat replica_reads) - r0 ))
+    reads=$(( q - ($(stat writes) - w0) )); primary=$(( reads - h - r )); [ "$primary" -lt 0 ] && primary=0
+    pct() { awk -v a="$1" -v b="$reads" 'BEGIN { printf "%.1f %%", (b ? 100 * a / b : 0) }'; }
+    printf '%-18s %-8s %10s %10s %10s %10s\n' "$mode" "$workload" "$tps" "$(pct "$h")" "$(pct "$r")" "$(pct "$primary")"
+  done
   kill "$proxy_pid"; wait "$proxy_pid" 2>/dev/null || true; proxy_pid=
 done

@@ -193,11 +193,11 @@ pub struct CacheConfig {
     /// L2 also in this SQLite file, so that a restarted edge starts warm
     /// (`l2.rs`). Unset: L2 in memory only. Needs `[cdc] enabled`.
     pub l2_path: Option<String>,
-    /// What a read may be answered from (README "Cache safety"):
-    /// `read-your-writes` (default), `proxy` (every write this proxy
-    /// acknowledged before the read), `eventual`, `strong` (the primary,
-    /// never cached). A client chooses its own with the startup option
-    /// `-c postai.consistency=...`.
+    /// What a read may be answered from (README "Cache safety"): `proxy`
+    /// (default: every write this proxy acknowledged before the read),
+    /// `read-your-writes` (the session's own writes), `eventual`, `strong`
+    /// (the primary, never cached). A client chooses its own with the
+    /// startup option `-c postai.consistency=...`.
     pub consistency: postai_core::consistency::Consistency,
 }
 
@@ -212,7 +212,7 @@ impl Default for CacheConfig {
             entry_bytes_max: 1 << 20,
             enabled: true,
             l2_path: None,
-            consistency: postai_core::consistency::Consistency::ReadYourWrites,
+            consistency: postai_core::consistency::Consistency::Proxy,
         }
     }
 }

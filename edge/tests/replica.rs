@@ -62,7 +62,10 @@ fn reads_go_to_fresh_replicas_and_sessions_read_their_writes() {
     // a replica that applies WAL 1.5 s late
     let replica = primary.start_replica("lagging", 1500);
     assert!(eventually(Duration::from_secs(20), || psql(replica.port, "SELECT count(*) FROM items") == "100"));
-    let (port, metrics_at, _rt) = start_proxy(&primary, &[&replica], "[cdc]\npoll_ms = 50\n");
+    // read-your-writes: a session with no write of its own may read the lagging
+    // replica (the default, `proxy`, would send it to the primary after any write)
+    let config = "[cache]\nconsistency = 'read-your-writes'\n[cdc]\npoll_ms = 50\n";
+    let (port, metrics_at, _rt) = start_proxy(&primary, &[&replica], config);
     assert!(eventually(Duration::from_secs(10), || stat_n(port, "cdc_events") > 0), "CDC connected");
 
     // a read with no floor: a cache miss answered by the replica
