@@ -152,6 +152,8 @@ pub struct VersionStats {
     pub keys_evicted: u64,
     pub keys: u64,
     pub cdc_gaps_dropped: u64,
+    /// Gaps in the change stream given up on ([`VersionMap::skip_gap`]).
+    pub cdc_gaps_skipped: u64,
 }
 
 #[derive(Debug)]
@@ -166,6 +168,9 @@ pub struct VersionMap {
     key_watermark: FixedMap<TableId, Lsn>,
     /// Every commit up to here has been applied (contiguous CDC prefix).
     complete_through: Lsn,
+    /// The newest commit the stream has announced. Above `complete_through`,
+    /// an event between them is missing: what it changed is unknown.
+    max_seen: Lsn,
     /// CDC events past a gap: prev_lsn -> (lsn).
     pending: BTreeMap<Lsn, Lsn>,
     stats: VersionStats,
@@ -184,6 +189,7 @@ impl VersionMap {
             keys: OpenMap::new(),
             key_watermark: FixedMap::default(),
             complete_through: start,
+            max_seen: start,
             pending: BTreeMap::new(),
             stats: VersionStats::default(),
         }
@@ -224,12 +230,32 @@ impl VersionMap {
         self.enforce_bounds();
     }
 
+    /// Whether an event of the stream is missing: one with a later commit
+    /// arrived, and the frontier has not reached it.
+    pub fn has_gap(&self) -> bool {
+        self.complete_through < self.max_seen
+    }
+
+    /// Gives up on the missing events: everything older than the newest
+    /// commit announced is invalid, and the stream is complete from there.
+    pub fn skip_gap(&mut self) {
+        if !self.has_gap() {
+            return;
+        }
+        let at = self.max_seen;
+        self.apply(&Change { lsn: at, targets: vec![ChangeTarget::All] });
+        self.complete_through = at;
+        self.pending.clear();
+        self.stats.cdc_gaps_skipped += 1;
+    }
+
     /// Applies a CDC event and advances the contiguous frontier when it can.
     pub fn apply_cdc(&mut self, event: &CdcEvent) {
         if !event.change.targets.is_empty() {
             self.apply(&event.change);
         }
         let lsn = event.change.lsn;
+        self.max_seen = self.max_seen.max(lsn);
         if lsn <= self.complete_through {
             return;
         }
@@ -261,9 +287,11 @@ impl VersionMap {
     }
 
     /// Whether an entry reflecting commits up to `lsn`, with `deps`, is current
-    /// as far as this map knows.
+    /// as far as this map knows. Past a gap in the change stream, only an
+    /// entry at least as new as everything the stream announced is: the
+    /// missing event may have changed any row.
     pub fn is_valid(&self, lsn: Lsn, deps: &[Dep]) -> bool {
-        if self.global > lsn {
+        if self.global > lsn || (lsn < self.max_seen && self.complete_through < self.max_seen) {
             return false;
         }
         deps.iter().all(|d| match *d {
@@ -375,6 +403,31 @@ mod tests {
         // key 1 was evicted: an entry for it at lsn 0 is still invalid
         assert!(!m.is_valid(Lsn(0), &[Dep::Key(T, 1)]));
         assert!(m.is_valid(Lsn(3), &[Dep::Key(T, 1)]));
+    }
+
+    #[test]
+    fn nothing_older_than_a_gap_is_valid_until_it_fills_or_is_skipped() {
+        let mut m = VersionMap::new(VersionMapConfig::default(), Lsn(0));
+        let ev = |prev: u64, lsn: u64, key: u64| CdcEvent { prev_lsn: Lsn(prev), change: keys(lsn, T, &[key]) };
+        m.apply_cdc(&ev(0, 10, 1));
+        assert!(m.is_valid(Lsn(10), &[Dep::Key(T, 2)]));
+        // 20 (row 2) is missing; 30 (row 3) arrives
+        m.apply_cdc(&ev(20, 30, 3));
+        assert!(m.has_gap());
+        assert!(!m.is_valid(Lsn(10), &[Dep::Key(T, 2)]), "the missing event may have changed row 2");
+        assert!(m.is_valid(Lsn(30), &[Dep::Key(T, 2)]), "an entry newer than the gap");
+        m.apply_cdc(&ev(10, 20, 2));
+        assert!(!m.has_gap());
+        assert!(!m.is_valid(Lsn(10), &[Dep::Key(T, 2)]), "row 2 changed at 20");
+        assert!(m.is_valid(Lsn(10), &[Dep::Key(T, 4)]), "row 4 did not");
+        // a gap never filled: skipped, everything older invalid
+        m.apply_cdc(&ev(40, 50, 5));
+        m.skip_gap();
+        assert!(!m.has_gap());
+        assert_eq!(m.complete_through(), Lsn(50));
+        assert!(!m.is_valid(Lsn(45), &[Dep::Key(T, 9)]));
+        assert!(m.is_valid(Lsn(50), &[Dep::Key(T, 9)]));
+        assert_eq!(m.stats().cdc_gaps_skipped, 1);
     }
 
     #[test]

@@ -257,6 +257,8 @@ pub struct EdgeNode<V> {
     /// [`Consistency::Proxy`] sessions.
     acknowledged: Lsn,
     acknowledged_stream: Lsn,
+    /// Since when the change stream has had a gap (see `check_gap`).
+    gap_since: Option<Instant>,
 }
 
 impl<V: Clone> EdgeNode<V> {
@@ -283,6 +285,7 @@ impl<V: Clone> EdgeNode<V> {
             login_generation: 0,
             acknowledged: Lsn(0),
             acknowledged_stream: Lsn(0),
+            gap_since: None,
             config,
         })
     }
@@ -823,6 +826,24 @@ impl<V: Clone> EdgeNode<V> {
     pub fn handle_cdc(&mut self, now: Instant, event: &CdcEvent) {
         if self.note_cdc(now, 1) {
             self.versions.apply_cdc(event);
+            self.check_gap(now);
+        }
+    }
+
+    /// A gap in the change stream (an event missing while later ones
+    /// arrived) makes every older entry unusable until it fills; one that
+    /// has not filled within the CDC-silence bound is given up on: what is
+    /// older than the newest commit announced is invalidated.
+    fn check_gap(&mut self, now: Instant) {
+        if !self.versions.has_gap() {
+            self.gap_since = None;
+            return;
+        }
+        let since = *self.gap_since.get_or_insert(now);
+        let bound = self.config.cdc_silence_max.unwrap_or(Duration::from_secs(2));
+        if now.saturating_since(since) > bound {
+            self.versions.skip_gap();
+            self.gap_since = None;
         }
     }
 
@@ -880,6 +901,7 @@ impl<V: Clone> EdgeNode<V> {
         for event in events.clone() {
             self.versions.apply_cdc(event);
         }
+        self.check_gap(now);
         if refreshing {
             for (t, k) in rows() {
                 self.refresh.prefetch(t, k);

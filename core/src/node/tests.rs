@@ -328,8 +328,63 @@ mod silence_tests {
     use crate::consistency::Consistency;
     use crate::invalidation::{CdcEvent, Change};
     use crate::node::*;
+    use crate::router::Zone;
     use crate::sql::Catalog;
     use crate::{Duration, Instant, Lsn};
+
+    /// An event lost by the stream (a later one arrived): older entries are
+    /// not served while the gap is open, and a gap still open past the
+    /// silence bound invalidates everything older than the newest commit.
+    #[test]
+    fn a_gap_in_the_stream_stops_older_entries_until_filled_or_given_up() {
+        let mut catalog = Catalog::new();
+        catalog.set_primary_key("items", "id");
+        let tier = |n| TierConfig {
+            bytes_max: 1 << 20,
+            entries_max: n,
+            ttl: Duration::from_secs(600),
+            eviction: Eviction::Sieve,
+        };
+        let config = NodeConfig {
+            cdc_silence_max: Some(Duration::from_secs(2)),
+            ..NodeConfig::new(Zone::Eu, tier(10), tier(10))
+        };
+        let mut n: EdgeNode<u64> = EdgeNode::new(config, catalog, Lsn(0)).expect("valid");
+        n.open_session(SessionId(1), "app", "app", Consistency::Eventual).expect("room");
+        let p = n.prepare("SELECT v FROM items WHERE id = $1").expect("lexes");
+        let read = |n: &mut EdgeNode<u64>, at: Instant, snapshot: u64| {
+            n.handle_execute(at, SessionId(1), &p, &[Some(b"1")]);
+            match n.poll_output() {
+                Some(NodeOutput::Reply { served, .. }) => served,
+                Some(NodeOutput::Upstream(u)) => {
+                    let r = UpstreamReply {
+                        value: 1,
+                        size_bytes: 8,
+                        served: Served::Replica,
+                        snapshot_lsn: Lsn(snapshot),
+                        commit_lsn: None,
+                        ttl: None,
+                    };
+                    n.handle_upstream(at, u.req, Ok(r));
+                    while n.poll_output().is_some() {}
+                    Served::Replica
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        let ev = |prev, lsn| CdcEvent { prev_lsn: Lsn(prev), change: Change { lsn: Lsn(lsn), targets: vec![] } };
+        let t = |s: u64| Instant::from_millis(1000 * s);
+        n.handle_cdc(t(1), &ev(0, 10));
+        read(&mut n, t(1), 10);
+        assert_eq!(read(&mut n, t(1), 10), Served::L1);
+        // the event at 20 never comes; 30 does
+        n.handle_cdc(t(2), &ev(20, 30));
+        assert_eq!(read(&mut n, t(2), 10), Served::Replica, "older than the gap: not served");
+        n.handle_cdc(t(5), &ev(30, 30));
+        assert_eq!(n.versions().stats().cdc_gaps_skipped, 1, "given up after the bound");
+        assert_eq!(read(&mut n, t(5), 30), Served::Replica);
+        assert_eq!(read(&mut n, t(5), 30), Served::L1, "entries newer than the gap serve");
+    }
 
     #[test]
     fn a_silent_cdc_stream_stops_cache_serving() {
