@@ -653,6 +653,16 @@ impl Client {
         }
         {
             let mut n = c.proxy.node();
+            // what the server reported at login (standard_conforming_strings,
+            // TimeZone, DateStyle, ...): the session's starting state
+            let mut rest = BytesMut::from(&greeting[..]);
+            while let Ok(Some(m)) = protocol::decode(&mut rest, usize::MAX, protocol::BACKEND_TAGS) {
+                if let Some((name, value)) = parameter_status(&m).filter(|_| m.tag == b'S')
+                    && !matches!(name.as_str(), "session_authorization" | "is_superuser")
+                {
+                    n.set_session_setting(session, &name, &value);
+                }
+            }
             for (name, value) in &settings {
                 n.set_session_setting(session, name, value);
             }

@@ -16,8 +16,8 @@ use crate::invalidation::{CdcEvent, Change, ChangeTarget, Dep, Deps, VersionMap,
 use crate::refresh::{RefreshFn, RefreshIndex};
 use crate::router::Zone;
 use crate::sql::{
-    Analyzer, AnalyzerConfig, Catalog, LexError, LiteralKind, SessionCommand, Shape, StatementKind, TableId,
-    TxnControl, mentions_relative_time, parse_session_command,
+    Analyzer, AnalyzerConfig, Catalog, LexError, LiteralKind, NotCacheable, SessionCommand, Shape, StatementKind,
+    TableId, TxnControl, literal_text, mentions_relative_time, parse_session_command,
 };
 use crate::{Duration, Instant, Lsn};
 
@@ -467,7 +467,7 @@ impl<V: Clone> EdgeNode<V> {
     /// session private (whether it survives is unknown here).
     pub fn note_relayed(&mut self, id: SessionId, prepared: &Prepared, certain: bool) {
         let Some(s) = self.sessions.get_mut(&id) else { return };
-        if prepared.shape.session_opaque {
+        if prepared.shape.session_opaque || s.backslash_strings() {
             s.make_opaque();
         } else if prepared.shape.session_private {
             s.make_private();
@@ -525,8 +525,12 @@ impl<V: Clone> EdgeNode<V> {
                 LiteralKind::Number => Some(text.to_string()),
                 LiteralKind::Other => None,
             };
-            // an escape or dollar-quoted string is checked as written
-            relative_time |= mentions_relative_time(value.as_deref().unwrap_or(text).as_bytes());
+            // an escape, Unicode or dollar-quoted string as PostgreSQL reads it
+            let read = match &value {
+                Some(v) => mentions_relative_time(v.as_bytes()),
+                None => mentions_relative_time(literal_text(text).as_bytes()),
+            };
+            relative_time |= read;
             literal_keys.push(value);
         }
         let session_command = if shape.kind == StatementKind::Session { parse_session_command(sql) } else { None };
@@ -568,6 +572,15 @@ impl<V: Clone> EdgeNode<V> {
             if current.shape.generation == self.analyzer.generation() {
                 return self.handle_execute(now, session, &current, params);
             }
+        }
+        if self.sessions.get(&session).is_some_and(|s| s.backslash_strings()) && !prepared.shape.session_opaque {
+            // the text may not mean what the lexer read: anything at all
+            let mut shape = (*prepared.shape).clone();
+            shape.cacheable = Err(NotCacheable::Unparsable("standard_conforming_strings is off".into()));
+            shape.session_opaque = true;
+            shape.writes_opaque = true;
+            let legacy = Prepared { shape: Arc::new(shape), ..prepared.clone() };
+            return self.handle_execute(now, session, &legacy, params);
         }
         let req = RequestId(self.next_req);
         self.next_req += 1;

@@ -112,6 +112,16 @@ impl Session {
         self.recompute_context();
     }
 
+    /// `standard_conforming_strings` is off: backslashes in plain string
+    /// literals are escapes, and the lexer (which reads them as PostgreSQL
+    /// does by default) could mistake where a string ends.
+    pub fn backslash_strings(&self) -> bool {
+        self.settings.iter().any(|(k, v)| {
+            k == "standard_conforming_strings"
+                && matches!(v.to_ascii_lowercase().as_str(), "off" | "false" | "no" | "0")
+        })
+    }
+
     /// A statement whose effects on the session cannot be known ran.
     pub fn make_opaque(&mut self) {
         self.opaque_ever = true;

@@ -401,6 +401,24 @@ impl FactVisitor<'_> {
     }
 }
 
+/// A date or time type: its input reads `'now'`, `'today'`, ... as the
+/// current time.
+fn is_datetime(data_type: &ast::DataType) -> bool {
+    let name = data_type.to_string().to_ascii_lowercase();
+    (name.contains("date") || name.contains("time")) && !name.contains("interval")
+}
+
+/// An expression whose value is computed (not a literal, a parameter or a
+/// column: a column of text holding 'now' is a limitation README states).
+fn computed(expr: &Expr) -> bool {
+    match expr {
+        Expr::Nested(e) => computed(e),
+        Expr::Value(_) | Expr::Identifier(_) | Expr::CompoundIdentifier(_) | Expr::TypedString { .. } => false,
+        Expr::Cast { expr, .. } => computed(expr),
+        _ => true,
+    }
+}
+
 pub(crate) fn last_part(name: &ObjectName) -> String {
     match name.0.last() {
         Some(ObjectNamePart::Identifier(id)) => id.value.to_ascii_lowercase(),
@@ -476,8 +494,22 @@ impl Visitor for FactVisitor<'_> {
     }
 
     fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
-        if let Expr::Function(f) = expr {
-            self.call(&f.name);
+        match expr {
+            Expr::Function(f) => self.call(&f.name),
+            // attribute notation: `t.f` is `f(t)` when f is a function
+            Expr::CompoundIdentifier(ids) if ids.len() >= 2 => {
+                let name = ids.last().map_or("", |i| i.value.as_str());
+                if self.catalog.function(name).is_some_and(|f| f.user) {
+                    let e = call_effects(name, self.catalog, self.extra_volatile);
+                    self.facts.calls.merge(&e);
+                }
+            }
+            // a date/time read from a computed string may be 'now'
+            Expr::Cast { expr: operand, data_type, .. } if is_datetime(data_type) && computed(operand) => {
+                let why = NotCacheable::Volatile(format!("a string computed and cast to {data_type}"));
+                self.facts.calls.merge(&Effects { uncacheable: Some(why), ..Effects::default() });
+            }
+            _ => {}
         }
         ControlFlow::Continue(())
     }

@@ -96,6 +96,27 @@ const CHANGING_FUNCTIONS: &[&str] = &[
 /// Built-in functions that change the session's state in ways no `SET` shows.
 const SESSION_CHANGING: &[&str] = &["set_config"];
 
+/// Built-in functions that run SQL given as text, or read tables named by
+/// their arguments (STABLE in the catalog): what they read or do is not in
+/// the statement, so they are as opaque as a volatile user function.
+const SQL_RUNNING: &[&str] = &[
+    "query_to_xml",
+    "query_to_xml_and_xmlschema",
+    "query_to_xmlschema",
+    "cursor_to_xml",
+    "cursor_to_xmlschema",
+    "table_to_xml",
+    "table_to_xml_and_xmlschema",
+    "table_to_xmlschema",
+    "schema_to_xml",
+    "schema_to_xml_and_xmlschema",
+    "schema_to_xmlschema",
+    "database_to_xml",
+    "database_to_xml_and_xmlschema",
+    "database_to_xmlschema",
+    "ts_stat",
+];
+
 /// What calling `name` (as written: unquoted names lower-cased) means.
 pub(crate) fn call_effects(name: &str, catalog: &Catalog, user_volatile: &[String]) -> Effects {
     let lower = name.to_ascii_lowercase();
@@ -106,6 +127,10 @@ pub(crate) fn call_effects(name: &str, catalog: &Catalog, user_volatile: &[Strin
         e.writes_opaque = true;
     };
     if user_volatile.iter().any(|v| v.eq_ignore_ascii_case(name)) {
+        opaque(&mut e, NotCacheable::Volatile(lower));
+        return e;
+    }
+    if SQL_RUNNING.contains(&lower.as_str()) {
         opaque(&mut e, NotCacheable::Volatile(lower));
         return e;
     }
@@ -207,7 +232,7 @@ mod tests {
         assert!(x.uncacheable.is_some() && !x.writes_opaque);
         let x = e("set_config");
         assert!(x.session_opaque && !x.writes_opaque);
-        for opaque in ["my_volatile", "unknown_fn", "\"MixedCase\""] {
+        for opaque in ["my_volatile", "unknown_fn", "\"MixedCase\"", "query_to_xml", "table_to_xml", "ts_stat"] {
             let x = e(opaque);
             assert!(x.uncacheable.is_some() && x.session_opaque && x.writes_opaque, "{opaque}");
         }

@@ -111,6 +111,89 @@ fn canonical_uuid(raw: &str) -> Option<Cow<'_, str>> {
     Some(Cow::Owned(format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])))
 }
 
+/// The text of a literal of kind `Other`, as PostgreSQL reads it: `E'...'`
+/// with its backslash escapes, `U&'...'` with its Unicode escapes, a
+/// dollar-quoted string's body; anything else as written.
+pub fn literal_text(raw: &str) -> String {
+    if let Some(body) =
+        raw.strip_prefix(['E', 'e']).and_then(|r| r.strip_prefix('\'')).and_then(|r| r.strip_suffix('\''))
+    {
+        return unescape_e(&body.replace("''", "'"));
+    }
+    if let Some(body) = raw.get(..3).filter(|p| p.eq_ignore_ascii_case("u&'")).and_then(|_| raw[3..].strip_suffix('\''))
+    {
+        return unescape_u(&body.replace("''", "'"));
+    }
+    if raw.starts_with('$')
+        && let Some(end) = raw[1..].find('$')
+    {
+        let tag = &raw[..end + 2];
+        if let Some(body) = raw[tag.len()..].strip_suffix(tag) {
+            return body.to_string();
+        }
+    }
+    raw.to_string()
+}
+
+fn unescape_e(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        let Some(e) = chars.next() else { break };
+        let mut number = |radix: u32, max: usize, first: Option<char>| {
+            let mut v = first.and_then(|f| f.to_digit(radix)).unwrap_or(0);
+            let mut n = usize::from(first.is_some());
+            while n < max && chars.peek().is_some_and(|d| d.is_digit(radix)) {
+                v = v * radix + chars.next().and_then(|d| d.to_digit(radix)).unwrap_or(0);
+                n += 1;
+            }
+            char::from_u32(v).unwrap_or('\u{fffd}')
+        };
+        match e {
+            'b' => out.push('\u{8}'),
+            'f' => out.push('\u{c}'),
+            'n' => out.push('\n'),
+            'r' => out.push('\r'),
+            't' => out.push('\t'),
+            '0'..='7' => out.push(number(8, 3, Some(e))),
+            'x' => out.push(number(16, 2, None)),
+            'u' => out.push(number(16, 4, None)),
+            'U' => out.push(number(16, 8, None)),
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+fn unescape_u(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        let (digits, plus) = if chars.peek() == Some(&'+') {
+            chars.next();
+            (6, true)
+        } else {
+            (4, false)
+        };
+        if !plus && chars.peek() == Some(&'\\') {
+            chars.next();
+            out.push('\\');
+            continue;
+        }
+        let hex: String = (0..digits).filter_map(|_| chars.next()).collect();
+        out.push(u32::from_str_radix(&hex, 16).ok().and_then(char::from_u32).unwrap_or('\u{fffd}'));
+    }
+    out
+}
+
 /// Whether a value names the time it is read at: `now`, `today`,
 /// `tomorrow` or `yesterday` as a word, in any case (`'now'::timestamptz`,
 /// `'tomorrow 10:00'`). A query with such a literal or parameter is never
@@ -174,6 +257,22 @@ mod tests {
         assert_eq!(key(KeyType::PaddedText, "ab  ").as_deref(), Some("ab"));
         assert_eq!(key(KeyType::Text, " ab ").as_deref(), Some(" ab "));
         assert_eq!(key(KeyType::Other, "1"), None);
+    }
+
+    #[test]
+    fn escaped_literals_read_as_postgresql_reads_them() {
+        assert_eq!(literal_text("E'n\\157w'"), "now");
+        assert_eq!(literal_text("e'\\x6eow'"), "now");
+        assert_eq!(literal_text("E'\\u006Eow'"), "now");
+        assert_eq!(literal_text("U&'n\\006Fw'"), "now");
+        assert_eq!(literal_text("u&'\\+00006Eow'"), "now");
+        assert_eq!(literal_text("$$now$$"), "now");
+        assert_eq!(literal_text("$t$to''day$t$"), "to''day");
+        assert_eq!(literal_text("E'it''s'"), "it's");
+        assert_eq!(literal_text("B'1010'"), "B'1010'");
+        for raw in ["E'\\", "U&'\\+'", "$", "$a", "E'\\777777777'"] {
+            let _ = literal_text(raw);
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ mod session;
 
 pub use analyze::{Analyzer, AnalyzerConfig};
 pub use catalog::{Catalog, FunctionInfo, KeyType, RelKind, RelationSpec, Volatility};
-pub use keys::{canonical_key, mentions_relative_time};
+pub use keys::{canonical_key, literal_text, mentions_relative_time};
 pub use lexer::{
     LITERAL_MARK, LexError, Lexed, Lexer, Literal, LiteralKind, canonical_literal, canonical_number,
     shape_with_placeholders,
