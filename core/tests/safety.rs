@@ -458,3 +458,19 @@ fn proxy_consistency_reads_every_write_the_node_acknowledged() {
     r.cdc(opaque, vec![]);
     assert_eq!(r.run(2, "SELECT id, v FROM items WHERE id = 2"), Served::L1);
 }
+
+#[test]
+fn a_cast_that_changes_the_value_is_no_key() {
+    let mut r = Rig::new();
+    for read in ["SELECT * FROM items WHERE id = 5::bool::int", "SELECT * FROM items WHERE id = '1'::bool::int"] {
+        r.run(1, read);
+        assert_eq!(r.run(1, read), Served::L1);
+        // a write to any row of items reaches it: it depends on the table
+        r.run(2, "UPDATE items SET v = 'x' WHERE id = 77");
+        assert_eq!(r.run(1, read), Served::Primary, "{read}");
+    }
+    let read = "SELECT * FROM items WHERE id = 5::int";
+    r.run(1, read);
+    r.run(2, "UPDATE items SET v = 'x' WHERE id = 77");
+    assert_eq!(r.run(1, read), Served::L1, "a cast that keeps the value keeps the key");
+}

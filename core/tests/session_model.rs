@@ -82,6 +82,11 @@ struct Model {
     startup: BTreeMap<String, String>,
     /// State before the open transaction, if one is open.
     txn: Option<State>,
+    /// A statement of the open transaction failed: the rest fail, COMMIT
+    /// rolls back.
+    failed: bool,
+    /// Custom settings the open transaction named (defined, empty, after it).
+    customs: Vec<String>,
 }
 
 impl Model {
@@ -90,12 +95,13 @@ impl Model {
     fn reset_value(&self, name: &str) -> Option<String> {
         match self.startup.get(name) {
             Some(v) => Some(v.clone()),
-            None if name.contains('.') && self.state.settings.contains_key(name) => Some(String::new()),
+            None if name.contains('.') => Some(String::new()),
             None => None,
         }
     }
 
     fn reset_all(&mut self) {
+        // what RESET ALL resets: the settings there are (a custom one stays, empty)
         let names: Vec<String> = self.state.settings.keys().cloned().collect();
         let mut next = self.startup.clone();
         for name in names {
@@ -106,7 +112,37 @@ impl Model {
         self.state.settings = next;
     }
 
+    /// Whether PostgreSQL refuses `op` now (DISCARD ALL in a transaction,
+    /// anything but its end in an aborted one).
+    fn fails(&self, op: &Op) -> bool {
+        self.txn.is_some()
+            && !matches!(op, Op::Commit | Op::Rollback | Op::Begin)
+            && (self.failed || matches!(op, Op::DiscardAll))
+    }
+
+    fn end_txn(&mut self, commit: bool) {
+        if let Some(before) = self.txn.take()
+            && (!commit || self.failed)
+        {
+            self.state = before;
+        }
+        self.failed = false;
+        for name in std::mem::take(&mut self.customs) {
+            self.state.settings.entry(name).or_default();
+        }
+    }
+
     fn apply(&mut self, op: &Op) {
+        if self.fails(op) {
+            self.failed = true;
+            return;
+        }
+        if let Op::Set(n, _) | Op::Reset(n) | Op::Hidden(n, _) = op
+            && self.txn.is_some()
+            && NAMES[*n as usize].contains('.')
+        {
+            self.customs.push(NAMES[*n as usize].to_string());
+        }
         match op {
             Op::Set(n, v) | Op::Hidden(n, v) => {
                 self.state.settings.insert(NAMES[*n as usize].into(), VALUES[*v as usize].into());
@@ -132,12 +168,8 @@ impl Model {
                     self.txn = Some(self.state.clone());
                 }
             }
-            Op::Commit => self.txn = None,
-            Op::Rollback => {
-                if let Some(before) = self.txn.take() {
-                    self.state = before;
-                }
-            }
+            Op::Commit => self.end_txn(true),
+            Op::Rollback => self.end_txn(false),
         }
     }
 }
@@ -168,9 +200,19 @@ fn node() -> EdgeNode<u64> {
 
 /// Runs `sql` in `session`, answering upstream with success.
 fn run(n: &mut EdgeNode<u64>, session: u64, sql: &str) -> Served {
+    run_as(n, session, sql, false)
+}
+
+/// As [`run`]; `fail`: the upstream answers with an error.
+fn run_as(n: &mut EdgeNode<u64>, session: u64, sql: &str, fail: bool) -> Served {
     n.handle_simple_query(Instant::ZERO, SessionId(session), sql);
     match n.poll_output() {
         Some(NodeOutput::Reply { served, .. }) => served,
+        Some(NodeOutput::Upstream(u)) if fail => {
+            n.handle_upstream(Instant::ZERO, u.req, Err("refused".into()));
+            while n.poll_output().is_some() {}
+            Served::Primary
+        }
         Some(NodeOutput::Upstream(u)) => {
             let reply = UpstreamReply {
                 value: 1,
@@ -206,7 +248,8 @@ proptest! {
             models[1].state.settings.insert(name.into(), value.into());
         }
         for (i, (who, op)) in ops.iter().enumerate() {
-            run(&mut n, who + 1, &op.sql());
+            let fails = models[*who as usize].fails(op);
+            run_as(&mut n, who + 1, &op.sql(), fails);
             models[*who as usize].apply(op);
             // a read no step has used: filled by one session, asked by the other
             for (first, second) in [(1u64, 2u64), (2, 1)] {

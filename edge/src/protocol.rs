@@ -133,6 +133,13 @@ pub fn query_text(m: &Message) -> Result<String, ProtocolError> {
     cstr(&mut body).ok_or(ProtocolError::Malformed("Query"))
 }
 
+/// Whether a Query message's text is UTF-8 (another client encoding may send
+/// bytes that are not; read lossily they would look like other text).
+pub fn query_is_utf8(m: &Message) -> bool {
+    let body = m.body();
+    body.iter().position(|b| *b == 0).is_some_and(|end| std::str::from_utf8(&body[..end]).is_ok())
+}
+
 /// The transaction status of a ReadyForQuery message (`I`, `T` or `E`).
 pub fn ready_status(m: &Message) -> Option<u8> {
     (m.tag == b'Z').then(|| m.body().first().copied()).flatten()

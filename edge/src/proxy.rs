@@ -1061,6 +1061,11 @@ impl Client {
         // what else changes the bytes of the answer: Describe, result formats
         let mut shape_of_answer = vec![u8::from(describe.is_some())];
         shape_of_answer.extend_from_slice(&bind.result_formats);
+        // the parameter types the Parse declared decide the result's types
+        // (`SELECT $1` as int4 or as numeric)
+        let declared = self.parses.get(&bind.statement).and_then(parse_param_types).unwrap_or_default();
+        shape_of_answer.push(0xff);
+        declared.iter().for_each(|oid| shape_of_answer.extend_from_slice(&oid.to_be_bytes()));
         params.push(Some(shape_of_answer));
         Some(CacheableExec { prepared, params, parse, statement: bind.statement })
     }
@@ -1073,6 +1078,10 @@ impl Client {
         let snapshot = Lsn(self.proxy.lsn_seen.load(Ordering::Relaxed));
         let mut n = self.proxy.node();
         n.sync_transaction(self.session, self.status != b'I', snapshot);
+        if self.status == b'E' {
+            // an aborted transaction: its COMMIT rolls back
+            n.transaction_failed(self.session);
+        }
         ask(&mut n, now, self.session);
         (n.poll_output(), snapshot)
     }
@@ -1309,6 +1318,21 @@ impl Client {
                 return Ok(Path::Proxy);
             }
         };
+        if self.proxy.config.cache.enabled && !protocol::query_is_utf8(m) {
+            // text the analyzer cannot read as sent (another client
+            // encoding): relayed, never cached, its effects unknown
+            self.hold_ready = true;
+            self.up().await?.send(&m.raw).await?;
+            let (_, error) = self.relay_until_ready(None).await?;
+            self.proxy.node().note_opaque(self.session, self.status != b'I');
+            if error.is_none()
+                && self.status == b'I'
+                && let Some(lsn) = self.current_lsn().await?
+            {
+                self.proxy.node().unseen_write(self.session, lsn);
+            }
+            return Ok(Path::Primary);
+        }
         if let Some(from) = subscribe_command(&sql) {
             match from {
                 Ok(from) => self.stream_cdc(from).await?,

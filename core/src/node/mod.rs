@@ -453,6 +453,31 @@ impl<V: Clone> EdgeNode<V> {
         }
     }
 
+    /// The upstream reported the session's transaction as failed
+    /// (ReadyForQuery 'E'): its COMMIT rolls back.
+    pub fn transaction_failed(&mut self, id: SessionId) {
+        if let Some(s) = self.sessions.get_mut(&id)
+            && s.in_txn
+        {
+            s.txn_failed = true;
+        }
+    }
+
+    /// A statement the node could not read ran in the session (text in
+    /// another encoding): its effects on the session and on data are
+    /// unknown. Private for good; its writes are followed by
+    /// [`Self::unseen_write`].
+    /// `in_txn`: it left a transaction open, whose commit is then such a write.
+    pub fn note_opaque(&mut self, id: SessionId, in_txn: bool) {
+        if let Some(s) = self.sessions.get_mut(&id) {
+            s.make_opaque();
+            if in_txn {
+                s.in_txn = true;
+                s.txn_opaque = true;
+            }
+        }
+    }
+
     /// The session's state changed in a way the node cannot follow: from now
     /// on its cache entries are its own.
     pub fn make_private(&mut self, id: SessionId) {
@@ -473,7 +498,7 @@ impl<V: Clone> EdgeNode<V> {
             s.make_private();
         }
         match prepared.session_command.clone() {
-            Some(SessionCommand::SetLocal | SessionCommand::NoEffect) | None => {}
+            Some(SessionCommand::SetLocal { .. } | SessionCommand::NoEffect) | None => {}
             Some(cmd) if certain => session::apply_setting(s, cmd),
             Some(_) => s.make_private(),
         }
@@ -727,12 +752,15 @@ impl<V: Clone> EdgeNode<V> {
         let reply = match result {
             Ok(r) => r,
             Err(e) => {
-                if let Some(s) = self.sessions.get_mut(&session)
-                    && p.shape.txn.is_some()
-                {
-                    // a failed COMMIT or ROLLBACK ends the transaction either way
-                    s.end_transaction(Some(false));
-                    s.txn_targets.clear();
+                if let Some(s) = self.sessions.get_mut(&session) {
+                    if p.shape.txn.is_some() {
+                        // a failed COMMIT or ROLLBACK ends the transaction either way
+                        s.end_transaction(Some(false));
+                        s.txn_targets.clear();
+                    } else if s.in_txn {
+                        // the transaction is aborted: its COMMIT will roll back
+                        s.txn_failed = true;
+                    }
                 }
                 self.outputs.push_back(NodeOutput::Failed { req, session, error: NodeError::Upstream(e) });
                 return;
@@ -802,7 +830,11 @@ impl<V: Clone> EdgeNode<V> {
                 s.txn_targets.clear();
                 s.txn_opaque = false;
             }
-            Some(TxnControl::RollbackTo) => s.txn_uncertain |= s.txn_saved.is_some(),
+            Some(TxnControl::RollbackTo) => {
+                s.txn_uncertain |= s.txn_saved.is_some();
+                // back to a savepoint: the transaction goes on
+                s.txn_failed = false;
+            }
             _ => {}
         }
         if let Some(cmd) = p.session_command.clone() {

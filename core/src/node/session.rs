@@ -58,6 +58,11 @@ pub(super) struct Session {
     pub txn_saved: Option<(Vec<(String, String)>, String)>,
     /// A ROLLBACK TO SAVEPOINT after a session command: which SETs survive is unknown.
     pub txn_uncertain: bool,
+    /// A statement of the open transaction failed: its COMMIT rolls back.
+    pub txn_failed: bool,
+    /// Custom settings the open transaction named: defined (empty) after it
+    /// whatever its fate, as PostgreSQL's placeholders are.
+    txn_placeholders: Vec<String>,
 }
 
 impl Session {
@@ -82,6 +87,8 @@ impl Session {
             opaque_ever: false,
             txn_saved: None,
             txn_uncertain: false,
+            txn_failed: false,
+            txn_placeholders: Vec::new(),
         };
         s.recompute_context();
         s
@@ -142,17 +149,38 @@ impl Session {
 
     /// A session command ran (successfully) in the session's current state.
     pub fn command(&mut self, cmd: SessionCommand) {
-        let changes = !matches!(cmd, SessionCommand::SetLocal | SessionCommand::NoEffect);
+        let changes = !matches!(cmd, SessionCommand::SetLocal { .. } | SessionCommand::NoEffect);
         if changes && self.in_txn && self.txn_saved.is_none() {
             self.txn_saved = Some((self.settings.clone(), self.role.clone()));
         }
+        if let SessionCommand::Set { name, .. } | SessionCommand::SetLocal { name } | SessionCommand::Reset { name } =
+            &cmd
+            && name.contains('.')
+        {
+            if self.in_txn {
+                self.txn_placeholders.push(name.clone());
+            } else {
+                self.define_placeholder(name);
+            }
+        }
         apply_setting(self, cmd);
+    }
+
+    /// A custom setting named by a SET stays defined, empty, once set.
+    fn define_placeholder(&mut self, name: &str) {
+        if !self.settings.iter().any(|(k, _)| k == name) {
+            self.settings.push((name.to_string(), String::new()));
+            self.settings.sort();
+            self.recompute_context();
+        }
     }
 
     /// The transaction ended: committed (`Some(true)`), rolled back
     /// (`Some(false)`) or unknown (`None`).
     pub fn end_transaction(&mut self, committed: Option<bool>) {
         self.in_txn = false;
+        // a COMMIT of a failed transaction rolls it back
+        let committed = if std::mem::take(&mut self.txn_failed) { committed.map(|_| false) } else { committed };
         let saved = self.txn_saved.take();
         let uncertain = std::mem::take(&mut self.txn_uncertain);
         if let Some((settings, role)) = saved {
@@ -165,6 +193,9 @@ impl Session {
                 }
                 _ => self.make_private(),
             }
+        }
+        for name in std::mem::take(&mut self.txn_placeholders) {
+            self.define_placeholder(&name);
         }
     }
 }
@@ -180,15 +211,14 @@ fn current_role(s: &Session) -> String {
 }
 
 /// `RESET name`: back to the startup value, if the session started with
-/// one. A custom setting (`app.tenant`) that was set stays defined, empty
-/// (`current_setting('app.tenant', true)` is then `''`, not NULL).
+/// one. A custom setting (`app.tenant`) a SET or RESET named is defined,
+/// empty (`current_setting('app.tenant', true)` is then `''`, not NULL).
 fn reset(s: &mut Session, name: &str) {
     let startup = s.startup.iter().find(|(k, _)| k == name).cloned();
-    let defined = name.contains('.') && s.settings.iter().any(|(k, _)| k == name);
     s.settings.retain(|(k, _)| k != name);
     match startup {
         Some(kv) => s.settings.push(kv),
-        None if defined => s.settings.push((name.to_string(), String::new())),
+        None if name.contains('.') => s.settings.push((name.to_string(), String::new())),
         None => {}
     }
     s.settings.sort();
@@ -251,7 +281,7 @@ pub(super) fn apply_setting(s: &mut Session, cmd: SessionCommand) {
             s.role = current_role(s);
             s.private = s.opaque_ever;
         }
-        SessionCommand::SetLocal | SessionCommand::NoEffect => return,
+        SessionCommand::SetLocal { .. } | SessionCommand::NoEffect => return,
     }
     s.recompute_context();
 }

@@ -240,7 +240,16 @@ fn point_keys(expr: &Expr, col: &ColumnRef<'_>, lexed: &Lexed) -> Option<Vec<Arg
 fn arg_ref(expr: &Expr, lexed: &Lexed) -> Option<ArgRef> {
     match expr {
         Expr::Nested(e) => arg_ref(e, lexed),
-        Expr::Cast { expr, .. } => arg_ref(expr, lexed),
+        // one cast to a type that keeps the value (`$1::int`, `'x'::text`);
+        // others change it (`5::bool::int` is 1, `'a '::char(2)` loses a space)
+        Expr::Cast { expr: inner, data_type, .. } if !matches!(inner.as_ref(), Expr::Cast { .. }) => {
+            let t = data_type.to_string().to_ascii_lowercase();
+            let keeps = matches!(
+                t.as_str(),
+                "int" | "int2" | "int4" | "int8" | "integer" | "smallint" | "bigint" | "text" | "varchar" | "uuid"
+            ) || t.starts_with("character varying");
+            if keeps { arg_ref(inner, lexed) } else { None }
+        }
         Expr::Value(v) => {
             let Value::Placeholder(p) = &v.value else {
                 return None;

@@ -42,6 +42,9 @@ pub enum LexError {
     BadParameter(usize),
 }
 
+/// Marks two string literals with only whitespace between them.
+const ADJACENT_STRINGS: &str = "\u{2} ";
+
 /// What one pass of the lexer found. Buffers are reused across calls.
 #[derive(Default, Debug, Clone)]
 pub struct Lexed {
@@ -110,6 +113,8 @@ impl Lexer {
         let mut in_statement = false;
         // a `;` was seen after the current statement's tokens
         let mut pending_semicolon = false;
+        // the previous token was a quoted string
+        let mut after_string = false;
         while i < b.len() {
             let c = b[i];
             // whitespace
@@ -166,6 +171,14 @@ impl Lexer {
                 out.shape.push(' ');
             }
             let start = i;
+            // two strings in a row: one continued string after a newline, a
+            // syntax error on one line; marked so that neither shares a
+            // shape with the other (nor parses: never cached)
+            let string_next = c == b'\'';
+            if string_next && std::mem::take(&mut after_string) {
+                out.shape.push_str(ADJACENT_STRINGS);
+            }
+            after_string = string_next;
             if c == b'\'' {
                 i = scan_quoted(b, i, b'\'', false).ok_or(LexError::UnterminatedString(start))?;
                 push_literal(out, start..i, LiteralKind::String);
@@ -222,6 +235,15 @@ impl Lexer {
                 {
                     i = scan_quoted(b, i + 1, b'\'', false).ok_or(LexError::UnterminatedString(start))?;
                     push_literal(out, start..i, LiteralKind::Other);
+                } else if word.len() == 1
+                    && (c | 0x20) == b'u'
+                    && b.get(i) == Some(&b'&')
+                    && b.get(i + 1) == Some(&b'"')
+                {
+                    // a Unicode identifier U&"..." is one token (`u &"x"` is u AND "x")
+                    i = scan_quoted(b, i + 1, b'"', false).ok_or(LexError::UnterminatedIdentifier(start))?;
+                    out.shape.push_str("u&");
+                    out.shape.push_str(&sql[start + 2..i]);
                 } else {
                     for ch in word.chars() {
                         out.shape.push(ch.to_ascii_lowercase());
@@ -375,6 +397,24 @@ mod tests {
     #[test]
     fn quoted_identifiers_keep_case() {
         assert_ne!(shape(r#"select * from "Users""#), shape("select * from users"));
+    }
+
+    #[test]
+    fn adjacent_strings_are_marked() {
+        let continued = shape("select 'a'\n'b'");
+        assert_ne!(continued, shape("select 'ab'"));
+        assert!(continued.contains('\u{2}'));
+        assert_eq!(shape("select 'a', 'b'"), "select $1 , $2");
+    }
+
+    #[test]
+    fn spacing_that_changes_the_tokens_is_kept() {
+        // U&"x" is the column x; u &"x" and u & "x" are u AND x
+        let unicode = shape(r#"select U&"x" from t"#);
+        assert_ne!(unicode, shape(r#"select u &"x" from t"#));
+        assert_ne!(unicode, shape(r#"select u & "x" from t"#));
+        assert_eq!(shape(r#"select u &"x" from t"#), shape(r#"select u & "x" from t"#));
+        assert_eq!(unicode, shape(r#"select u&"x" from t"#));
     }
 
     #[test]
