@@ -471,6 +471,9 @@ async fn subscribe_loop(
                     if let Some(rest) = line.strip_prefix("C ") {
                         // the stream continues after this position: what we hold stays
                         let Some(from) = protocol::parse_lsn(rest) else { continue };
+                        // every commit up to `from` is reflected (the file's invariant)
+                        let opening = CdcEvent { prev_lsn: *last, change: Change { lsn: Lsn(from), targets: vec![] } };
+                        node.handle_cdc(now, &opening);
                         *last = (*last).max(Lsn(from));
                         opened = true;
                         *subscribed = true;

@@ -185,6 +185,14 @@ impl Proxy {
         }
     }
 
+    /// DDL ran through this proxy: the CDC reader reads the catalog again on
+    /// its next poll, and until then nothing is cached (functions and views
+    /// may mean something else now).
+    pub fn ddl_ran(&self) {
+        self.catalog_stale.store(true, Ordering::Relaxed);
+        self.node().catalog_changed();
+    }
+
     /// Drops every cached entry (a failover: the old CDC stream is gone).
     pub fn forget_cache(&self, _now: Instant) {
         let mut n = self.node();
@@ -199,6 +207,10 @@ impl Proxy {
     pub fn spawn_tasks(self: &Arc<Self>) {
         if self.config.cdc.enabled {
             tokio::spawn(crate::cdc::run(self.clone()));
+        } else {
+            // the catalog (for what is cached and what pins a pooled
+            // client) and the roles, read by a task of their own
+            tokio::spawn(crate::catalog::run_without_cdc(self.clone()));
         }
         tokio::spawn(crate::topology::run(self.clone()));
     }
@@ -1266,7 +1278,7 @@ impl Client {
             for p in &relayed {
                 self.note_session_state(&p.shape);
                 if p.shape.writes_unknown || p.shape.kind == StatementKind::Ddl {
-                    self.proxy.catalog_stale.store(true, Ordering::Relaxed);
+                    self.proxy.ddl_ran();
                 }
             }
             let mut n = self.proxy.node();
@@ -1406,7 +1418,7 @@ impl Client {
                     || shape.txn == Some(TxnControl::Commit);
                 if error.is_none() && (shape.writes_unknown || shape.kind == StatementKind::Ddl) {
                     // what relations and functions are may have changed
-                    self.proxy.catalog_stale.store(true, Ordering::Relaxed);
+                    self.proxy.ddl_ran();
                 }
                 let commit_lsn =
                     if error.is_none() && wrote && self.status == b'I' { self.current_lsn().await? } else { None };
@@ -1792,6 +1804,7 @@ fn pins_session(shape: &Shape) -> bool {
     };
     session_command
         || shape.session_private
+        || shape.session_opaque
         || ((text.contains("pg_advisory_lock") || text.contains("pg_try_advisory_lock")) && !text.contains("xact"))
 }
 

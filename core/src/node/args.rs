@@ -38,6 +38,7 @@ pub(super) fn unlexable_shape(sql: &str, e: &LexError) -> Shape {
         session_opaque: true,
         writes_opaque: true,
         reads_any: false,
+        reads_settings: false,
         generation: 0,
     }
 }

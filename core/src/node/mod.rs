@@ -259,6 +259,9 @@ pub struct EdgeNode<V> {
     acknowledged_stream: Lsn,
     /// Since when the change stream has had a gap (see `check_gap`).
     gap_since: Option<Instant>,
+    /// DDL ran through this node and the database's catalog has not been
+    /// read since: nothing is cached (functions and views may have changed).
+    catalog_stale: bool,
 }
 
 impl<V: Clone> EdgeNode<V> {
@@ -286,6 +289,7 @@ impl<V: Clone> EdgeNode<V> {
             acknowledged: Lsn(0),
             acknowledged_stream: Lsn(0),
             gap_since: None,
+            catalog_stale: false,
             config,
         })
     }
@@ -352,6 +356,7 @@ impl<V: Clone> EdgeNode<V> {
     /// their next execution, and what is cached is dropped (it was cached by
     /// the old catalog's rules).
     pub fn update_catalog(&mut self, update: impl FnOnce(&mut Catalog)) {
+        self.catalog_stale = false;
         self.analyzer.update_catalog(update);
         self.clear_tier(TierName::L1);
         self.clear_tier(TierName::L2);
@@ -362,11 +367,22 @@ impl<V: Clone> EdgeNode<V> {
     /// yet): what L2 holds was restored by a driver that checks it was
     /// cached under the same catalog, and stays.
     pub fn load_catalog(&mut self, update: impl FnOnce(&mut Catalog)) {
-        if self.last_cdc.is_some() {
+        if self.last_cdc.is_some() || !self.config.fills_wait_for_cdc {
             return self.update_catalog(update);
         }
         self.analyzer.update_catalog(update);
         self.clear_tier(TierName::L1);
+    }
+
+    /// DDL ran through this node: until the driver has read the catalog
+    /// again ([`Self::catalog_current`] or an update), nothing is cached.
+    pub fn catalog_changed(&mut self) {
+        self.catalog_stale = true;
+    }
+
+    /// The driver read the catalog and found it unchanged.
+    pub fn catalog_current(&mut self) {
+        self.catalog_stale = false;
     }
 
     /// `prepared` as the current catalog analyses it (re-prepared if the
@@ -632,6 +648,7 @@ impl<V: Clone> EdgeNode<V> {
         let residency = self.residency_of(&shape);
         let foreign = residency.is_some_and(|z| z != self.config.zone);
         let cacheable = shape.is_cacheable()
+            && !self.catalog_stale
             && !sess.in_txn
             && sess.consistency != Consistency::Strong
             && !prepared.relative_time
@@ -646,7 +663,8 @@ impl<V: Clone> EdgeNode<V> {
             self.forward(now, req, session, shape, route, None, Deps::default(), targets, residency, false, cmd);
             return req;
         }
-        let key = cache_key(&shape, sess.context, &args);
+        let context = if shape.reads_settings { sess.context_all } else { sess.context };
+        let key = cache_key(&shape, context, &args);
         let deps = read_deps(&shape, &args, self.config.invalidation);
         let floor = read_floor(sess.consistency, sess.last_write, self.acknowledged);
         let stream_floor = match sess.consistency {

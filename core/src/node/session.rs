@@ -33,6 +33,9 @@ pub(super) struct Session {
     /// `RESET` and `DISCARD ALL` go back to.
     startup: Vec<(String, String)>,
     pub context: u64,
+    /// The context with the result-neutral settings too, for statements that
+    /// read settings (`current_setting('work_mem')`).
+    pub context_all: u64,
     /// The current role (`SET ROLE` changes it; `RESET ROLE` goes back to
     /// the startup role or `login_role`).
     role: String,
@@ -77,6 +80,7 @@ impl Session {
             settings: Vec::new(),
             startup: Vec::new(),
             context: 0,
+            context_all: 0,
             role: role.to_string(),
             login_role: role.to_string(),
             database: database.to_string(),
@@ -95,20 +99,26 @@ impl Session {
     }
 
     fn recompute_context(&mut self) {
-        let mut d = Digest128::new();
-        d.bytes(self.role.as_bytes());
-        d.bytes(self.database.as_bytes());
-        d.u64(self.login_generation);
-        for (k, v) in &self.settings {
-            d.bytes(k.as_bytes());
-            d.bytes(v.as_bytes());
-        }
-        if self.private {
-            d.bytes(b"\0private");
-            d.bytes(&self.id.0.to_le_bytes());
-            d.bytes(&self.private_epoch.to_le_bytes());
-        }
-        self.context = d.finish() as u64;
+        let digest = |all: bool| {
+            let mut d = Digest128::new();
+            d.bytes(self.role.as_bytes());
+            d.bytes(self.database.as_bytes());
+            d.u64(self.login_generation);
+            for (k, v) in &self.settings {
+                if all || !RESULT_NEUTRAL_SETTINGS.contains(&k.as_str()) {
+                    d.bytes(k.as_bytes());
+                    d.bytes(v.as_bytes());
+                }
+            }
+            if self.private {
+                d.bytes(b"\0private");
+                d.bytes(&self.id.0.to_le_bytes());
+                d.bytes(&self.private_epoch.to_le_bytes());
+            }
+            d.finish() as u64
+        };
+        self.context = digest(false);
+        self.context_all = digest(true);
     }
 
     /// The session's state changed in a way the context cannot follow: a
@@ -139,9 +149,6 @@ impl Session {
     /// name=value` in `options`).
     pub fn startup_setting(&mut self, name: &str, value: &str) {
         let name = name.to_ascii_lowercase();
-        if RESULT_NEUTRAL_SETTINGS.contains(&name.as_str()) {
-            return;
-        }
         self.startup.retain(|(k, _)| *k != name);
         self.startup.push((name.clone(), value.to_string()));
         apply_setting(self, SessionCommand::Set { name, value: value.to_string() });
@@ -246,9 +253,6 @@ fn reset_all(s: &mut Session, keep_role: bool) {
 pub(super) fn apply_setting(s: &mut Session, cmd: SessionCommand) {
     match cmd {
         SessionCommand::Set { name, value } => {
-            if RESULT_NEUTRAL_SETTINGS.contains(&name.as_str()) {
-                return;
-            }
             if name == "session authorization" {
                 // also resets the role
                 s.settings.retain(|(k, _)| !is_role_setting(k));

@@ -13,7 +13,7 @@ use sqlparser::parser::Parser;
 
 use super::access::{is_row_projection, read_keys, write_keys};
 use super::catalog::{Catalog, Effects, RelKind};
-use super::effects::{call_effects, relation_effects};
+use super::effects::{call_effects, hidden_call_effects, relation_effects};
 use super::lexer::{LexError, Lexed, Lexer, shape_with_placeholders};
 use super::{NotCacheable, Shape, ShapeId, StatementKind, TableId, TxnControl};
 use crate::hash::FixedMap;
@@ -69,6 +69,24 @@ impl Analyzer {
         self.catalog.bump_generation();
         self.by_shape.clear();
         self.shapes.clear();
+        // what casts to types and writes to relations evaluate, analysed once
+        let checks: Vec<(String, Vec<String>)> =
+            self.catalog.type_checks().map(|(t, c)| (t.clone(), c.clone())).collect();
+        let writes: Vec<(TableId, Vec<String>)> = self.catalog.relation_writes().map(|(t, w)| (t, w.clone())).collect();
+        let mut type_effects = FixedMap::default();
+        for (name, exprs) in checks {
+            let mut e = Effects::default();
+            exprs.iter().for_each(|sql| e.merge(&definition_effects(sql, &mut self.catalog, &self.config)));
+            type_effects.insert(name, e);
+        }
+        let mut write_effects = FixedMap::default();
+        for (table, exprs) in writes {
+            let mut e = Effects::default();
+            exprs.iter().for_each(|sql| e.merge(&definition_effects(sql, &mut self.catalog, &self.config)));
+            write_effects.insert(table, e);
+        }
+        self.catalog.type_effects = type_effects;
+        self.catalog.write_effects = write_effects;
     }
 
     pub fn generation(&self) -> u64 {
@@ -136,6 +154,7 @@ fn basic(kind: StatementKind, text: String, lexed: &Lexed) -> Shape {
         session_opaque: false,
         writes_opaque: false,
         reads_any: false,
+        reads_settings: false,
         generation: 0,
     }
 }
@@ -328,8 +347,13 @@ fn unparsable(text: String, lexed: &Lexed, error: &str, catalog: &Catalog, confi
             !e.session_opaque && !e.writes_opaque
         }
     });
+    // operator tokens whose functions are a user's
+    let operators_harmless = words.iter().filter(|w| w.bytes().all(|c| b"+-*/<>=~!@#%^&|`?".contains(&c))).all(|w| {
+        let e = hidden_call_effects(w, catalog.operator(w));
+        !e.session_opaque && !e.writes_opaque
+    });
     let read = matches!(first, "select" | "values" | "table" | "explain" | "(");
-    if !(read && calls_harmless) {
+    if !(read && calls_harmless && operators_harmless && catalog.comparisons().is_none()) {
         s = opaque(s);
     }
     s
@@ -379,6 +403,11 @@ struct Facts {
     select_into: Option<String>,
     /// `TRUNCATE ... CASCADE`: it empties tables it does not name.
     cascade: bool,
+    /// A date or time type is read from something (a cast, a function-style
+    /// cast), and a string is computed somewhere (`||`, a string function):
+    /// together, the computed string may be `'now'` read as the time.
+    datetime_read: bool,
+    string_computed: bool,
 }
 
 struct FactVisitor<'a> {
@@ -390,6 +419,14 @@ struct FactVisitor<'a> {
 }
 
 impl FactVisitor<'_> {
+    /// `x.name`: a call of `name` when it is a user function.
+    fn attribute(&mut self, name: &str) {
+        if self.catalog.function(name).is_some_and(|f| f.user) {
+            let e = call_effects(name, self.catalog, self.extra_volatile);
+            self.facts.calls.merge(&e);
+        }
+    }
+
     fn call(&mut self, name: &ObjectName) {
         let Some(last) = name.0.last() else { return };
         let name = match last {
@@ -399,6 +436,77 @@ impl FactVisitor<'_> {
         let e = call_effects(name, self.catalog, self.extra_volatile);
         self.facts.calls.merge(&e);
     }
+}
+
+/// Date and time types, also callable as functions (`timestamptz(x)`).
+const DATETIME_NAMES: &[&str] = &["date", "time", "timetz", "timestamp", "timestamptz"];
+
+/// Functions that build strings from other values: with a date or time
+/// read in the same statement, the built string may be `'now'`.
+const STRING_BUILDERS: &[&str] = &[
+    "concat",
+    "concat_ws",
+    "format",
+    "lower",
+    "upper",
+    "initcap",
+    "replace",
+    "reverse",
+    "substr",
+    "substring",
+    "chr",
+    "translate",
+    "repeat",
+    "lpad",
+    "rpad",
+    "btrim",
+    "ltrim",
+    "rtrim",
+    "trim",
+    "left",
+    "right",
+    "split_part",
+    "convert_from",
+    "decode",
+    "encode",
+    "string_agg",
+    "array_to_string",
+    "regexp_replace",
+    "regexp_substr",
+    "overlay",
+    "quote_literal",
+    "quote_nullable",
+    "jsonb_build_object",
+    "json_build_object",
+    "jsonb_build_array",
+    "json_build_array",
+    "to_json",
+    "to_jsonb",
+    "jsonb_object",
+    "json_object",
+    "jsonb_set",
+    "jsonb_insert",
+    "row_to_json",
+    "xmlelement",
+    "string_to_array",
+    "unistr",
+];
+
+/// An operator's symbol as `pg_operator.oprname` spells it.
+fn operator_symbol(op: &ast::BinaryOperator) -> String {
+    match op {
+        ast::BinaryOperator::PGCustomBinaryOperator(parts) => parts.last().cloned().unwrap_or_default(),
+        ast::BinaryOperator::Custom(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// A type's unqualified name, as `pg_type.typname` spells it.
+fn type_name(data_type: &ast::DataType) -> String {
+    let full = data_type.to_string();
+    let base = full.split(['(', '[']).next().unwrap_or(&full).trim();
+    let last = base.rsplit('.').next().unwrap_or(base).trim();
+    if last.starts_with('"') { last.trim_matches('"').to_string() } else { last.to_ascii_lowercase() }
 }
 
 /// A date or time type: its input reads `'now'`, `'today'`, ... as the
@@ -476,6 +584,14 @@ impl Visitor for FactVisitor<'_> {
     }
 
     fn pre_visit_table_factor(&mut self, tf: &TableFactor) -> ControlFlow<()> {
+        // a sample without REPEATABLE is drawn anew each time
+        if let TableFactor::Table { sample: Some(kind), .. } = tf {
+            let (ast::TableSampleKind::BeforeTableAlias(s) | ast::TableSampleKind::AfterTableAlias(s)) = kind;
+            if s.seed.is_none() {
+                let why = NotCacheable::Volatile("tablesample".into());
+                self.facts.calls.merge(&Effects { uncacheable: Some(why), ..Effects::default() });
+            }
+        }
         match tf {
             TableFactor::Table { args: Some(_), .. } => self.function_in_from = true,
             TableFactor::Function { name, .. } => self.call(name),
@@ -495,21 +611,64 @@ impl Visitor for FactVisitor<'_> {
 
     fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
         match expr {
-            Expr::Function(f) => self.call(&f.name),
-            // attribute notation: `t.f` is `f(t)` when f is a function
+            Expr::Function(f) => {
+                self.call(&f.name);
+                let name = last_part(&f.name);
+                self.facts.datetime_read |=
+                    DATETIME_NAMES.contains(&name.as_str()) || self.catalog.is_datetime_type(&name);
+                self.facts.string_computed |= STRING_BUILDERS.contains(&name.as_str());
+            }
+            Expr::BinaryOp { op: ast::BinaryOperator::StringConcat, .. } => self.facts.string_computed = true,
+            Expr::Cast { data_type, .. } | Expr::TypedString(ast::TypedString { data_type, .. })
+                if is_datetime(data_type) || self.catalog.is_datetime_type(&type_name(data_type)) =>
+            {
+                self.facts.datetime_read = true;
+            }
+            _ => {}
+        }
+        match expr {
+            // attribute notation: `t.f` and `(t).f` are `f(t)` when f is a function
             Expr::CompoundIdentifier(ids) if ids.len() >= 2 => {
-                let name = ids.last().map_or("", |i| i.value.as_str());
-                if self.catalog.function(name).is_some_and(|f| f.user) {
-                    let e = call_effects(name, self.catalog, self.extra_volatile);
-                    self.facts.calls.merge(&e);
+                self.attribute(ids.last().map_or("", |i| i.value.as_str()));
+            }
+            Expr::CompoundFieldAccess { access_chain, .. } => {
+                for access in access_chain {
+                    if let ast::AccessExpr::Dot(Expr::Identifier(id)) = access {
+                        self.attribute(&id.value);
+                    }
                 }
             }
             // a date/time read from a computed string may be 'now'
-            Expr::Cast { expr: operand, data_type, .. } if is_datetime(data_type) && computed(operand) => {
+            Expr::Cast { expr: operand, data_type, .. }
+                if (is_datetime(data_type) || self.catalog.is_datetime_type(&type_name(data_type)))
+                    && computed(operand) =>
+            {
                 let why = NotCacheable::Volatile(format!("a string computed and cast to {data_type}"));
                 self.facts.calls.merge(&Effects { uncacheable: Some(why), ..Effects::default() });
             }
             _ => {}
+        }
+        // operators and casts call functions too: a user's may do anything
+        let hidden = match expr {
+            Expr::BinaryOp { op, .. } => Some((operator_symbol(op), true)),
+            Expr::UnaryOp { op, .. } => Some((op.to_string(), true)),
+            Expr::AnyOp { compare_op, .. } | Expr::AllOp { compare_op, .. } => {
+                Some((operator_symbol(compare_op), true))
+            }
+            Expr::Cast { data_type, .. } | Expr::TypedString(ast::TypedString { data_type, .. }) => {
+                Some((type_name(data_type), false))
+            }
+            _ => None,
+        };
+        if let Some((name, operator)) = hidden {
+            let info = if operator { self.catalog.operator(&name) } else { self.catalog.type_functions(&name) };
+            if info.is_some() {
+                self.facts.calls.merge(&hidden_call_effects(&name, info));
+            }
+            if let Some(checks) = self.catalog.type_effects.get(&name).filter(|_| !operator) {
+                // a domain's checks run on the cast
+                self.facts.calls.merge(checks);
+            }
         }
         ControlFlow::Continue(())
     }
@@ -611,6 +770,11 @@ fn analyze_statement(
     }
     // what reading each relation means: a view is its definition's tables
     let mut effects = std::mem::take(&mut facts.calls);
+    // a user's comparison operator is used implicitly (IN, CASE, DISTINCT,
+    // GROUP BY, ORDER BY, joins): every statement may call it
+    if let Some(f) = catalog.comparisons() {
+        effects.merge(&hidden_call_effects("a comparison operator", Some(f)));
+    }
     let mut unknown: Option<String> = None;
     let mut reads: Vec<TableId> = Vec::with_capacity(remaining.len());
     for (name, system) in &remaining {
@@ -629,6 +793,13 @@ fn analyze_statement(
     let mut writes: Vec<TableId> = all_targets.iter().map(|n| catalog.intern(n)).collect();
     writes.sort();
     writes.dedup();
+    // what the targets' defaults, checks and domains do, the write does
+    for t in &writes {
+        if let Some(w) = catalog.write_effects.get(t) {
+            effects.session_opaque |= w.session_opaque;
+            effects.writes_opaque |= w.writes_opaque;
+        }
+    }
     // a write that reaches rows it does not name
     let targets_opaque =
         writes.iter().any(|t| catalog.relation(*t).is_some_and(|r| r.writes_opaque || r.kind != RelKind::Table))
@@ -636,6 +807,7 @@ fn analyze_statement(
     s.reads = reads;
     s.writes = writes;
     s.reads_any = effects.reads_any;
+    s.reads_settings = effects.reads_settings;
     s.session_opaque = effects.session_opaque;
     s.writes_opaque = effects.writes_opaque || facts.cascade || (targets_opaque && s.kind == StatementKind::Write);
 
@@ -646,6 +818,8 @@ fn analyze_statement(
         Err(NotCacheable::NotAQuery)
     } else if let Some(why) = effects.uncacheable.clone() {
         Err(why)
+    } else if facts.datetime_read && facts.string_computed {
+        Err(NotCacheable::Volatile("a computed string read as a date or time (it may be 'now')".into()))
     } else if facts.locking {
         Err(NotCacheable::Locking)
     } else if let Some((n, _)) = facts.relations.iter().find(|(_, sys)| *sys) {
@@ -692,6 +866,7 @@ fn definition_effects(sql: &str, catalog: &mut Catalog, config: &AnalyzerConfig)
     Effects {
         reads: shape.reads,
         reads_any: shape.reads_any,
+        reads_settings: shape.reads_settings,
         uncacheable: shape.cacheable.err(),
         session_opaque: shape.session_opaque,
         writes_opaque: shape.writes_opaque,

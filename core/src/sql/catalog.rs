@@ -97,6 +97,10 @@ pub struct RelationSpec {
     /// definition (`pg_get_viewdef`), a row-level security policy's
     /// expression as `SELECT 1 WHERE <qual>`.
     pub reads: Vec<String>,
+    /// Expressions a write to it evaluates (column defaults, generated
+    /// columns, CHECK constraints, its columns' domain checks), as
+    /// `SELECT <expr>`: what they do, the write does.
+    pub writes: Vec<String>,
 }
 
 /// What a statement, a function call or reading a relation means for
@@ -106,6 +110,9 @@ pub(crate) struct Effects {
     /// Tables whose changes change what it returns (no views).
     pub reads: Vec<TableId>,
     pub reads_any: bool,
+    /// It reads settings (`current_setting`), those that cannot change a
+    /// result otherwise included.
+    pub reads_settings: bool,
     /// The first reason it may not be cached.
     pub uncacheable: Option<NotCacheable>,
     pub session_opaque: bool,
@@ -116,6 +123,7 @@ impl Effects {
     pub fn merge(&mut self, other: &Effects) {
         self.reads.extend_from_slice(&other.reads);
         self.reads_any |= other.reads_any;
+        self.reads_settings |= other.reads_settings;
         if self.uncacheable.is_none() {
             self.uncacheable.clone_from(&other.uncacheable);
         }
@@ -132,6 +140,7 @@ pub(crate) struct Relation {
     pub writes_opaque: bool,
     pub ancestors: Vec<TableId>,
     pub reads: Vec<String>,
+    pub writes: Vec<String>,
 }
 
 /// Tables by name with their primary keys, relations and functions. Names
@@ -147,6 +156,22 @@ pub struct Catalog {
     relations: Vec<Relation>,
     /// The live catalog's functions; `None`: the compiled-in built-ins.
     functions: Option<FixedMap<String, FunctionInfo>>,
+    /// Operators, by symbol, whose functions are not built in: what using
+    /// the symbol may call.
+    operators: FixedMap<String, FunctionInfo>,
+    /// Types, by name, whose casts, input functions or domain checks call
+    /// functions that are not built in: what a cast to them may call.
+    types: FixedMap<String, FunctionInfo>,
+    /// Domain checks a cast to a type evaluates (its own and those of the
+    /// types it is made of), as `SELECT <expr>`.
+    type_checks: FixedMap<String, Vec<String>>,
+    /// Date and time types, and the domains, arrays and composites made of
+    /// them: their input reads `'now'`.
+    datetime_types: FixedMap<String, ()>,
+    /// What casting to a type, or writing a relation, evaluates: resolved
+    /// by the analyzer when the catalog is loaded.
+    pub(crate) type_effects: FixedMap<String, Effects>,
+    pub(crate) write_effects: FixedMap<TableId, Effects>,
     /// Every relation of the database is described: an unknown name is
     /// something not to cache (created since, or not a relation).
     complete: bool,
@@ -240,6 +265,7 @@ impl Catalog {
             writes_opaque: spec.writes_opaque,
             ancestors,
             reads: spec.reads,
+            writes: spec.writes,
         };
         self.effects.clear();
         id
@@ -264,6 +290,78 @@ impl Catalog {
         }
         self.functions = Some(map);
         self.effects.clear();
+    }
+
+    /// Operators whose functions are not built in: `(symbol, volatility,
+    /// user)`, `user` false when every such function is an extension's
+    /// (trusted C code such as `citext`'s: immutable means pure).
+    pub fn set_operators<'a>(&mut self, operators: impl IntoIterator<Item = (&'a str, Volatility, bool)>) {
+        self.operators.clear();
+        for (symbol, volatility, user) in operators {
+            let info = self.operators.entry(symbol.to_string()).or_insert(FunctionInfo { volatility, user });
+            info.volatility = info.volatility.max(volatility);
+            info.user |= user;
+        }
+        self.effects.clear();
+    }
+
+    /// Types whose casts, input or domain checks call functions that are not
+    /// built in: `(type name, volatility, user)` as for operators.
+    pub fn set_types<'a>(&mut self, types: impl IntoIterator<Item = (&'a str, Volatility, bool)>) {
+        self.types.clear();
+        for (name, volatility, user) in types {
+            let info = self.types.entry(name.to_string()).or_insert(FunctionInfo { volatility, user });
+            info.volatility = info.volatility.max(volatility);
+            info.user |= user;
+        }
+        self.effects.clear();
+    }
+
+    /// Domain checks a cast to each type evaluates: `(type, expressions)`.
+    pub fn set_type_checks(&mut self, checks: impl IntoIterator<Item = (String, Vec<String>)>) {
+        self.type_checks = checks.into_iter().collect();
+        self.effects.clear();
+    }
+
+    /// Types whose input reads `'now'` beyond the built-in date/time types.
+    pub fn set_datetime_types(&mut self, names: impl IntoIterator<Item = String>) {
+        self.datetime_types = names.into_iter().map(|n| (n, ())).collect();
+    }
+
+    pub fn is_datetime_type(&self, name: &str) -> bool {
+        self.datetime_types.contains_key(name)
+    }
+
+    pub(crate) fn type_checks(&self) -> impl Iterator<Item = (&String, &Vec<String>)> {
+        self.type_checks.iter()
+    }
+
+    pub(crate) fn relation_writes(&self) -> impl Iterator<Item = (TableId, &Vec<String>)> {
+        self.relations
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.writes.is_empty())
+            .map(|(i, r)| (TableId(i as u32), &r.writes))
+    }
+
+    pub fn operator(&self, symbol: &str) -> Option<FunctionInfo> {
+        self.operators.get(symbol).copied()
+    }
+
+    /// The worst of the user comparison operators (`=`, `<>`, `<`, ...)
+    /// that may do more than compare (volatile or stable, or a user's
+    /// immutable function that may read tables): used implicitly by IN,
+    /// CASE, DISTINCT, GROUP BY, ORDER BY and joins.
+    pub fn comparisons(&self) -> Option<FunctionInfo> {
+        ["=", "<>", "!=", "<", ">", "<=", ">="]
+            .iter()
+            .filter_map(|s| self.operator(s))
+            .filter(|f| f.volatility != Volatility::Immutable || f.user)
+            .max_by_key(|f| f.volatility)
+    }
+
+    pub fn type_functions(&self, name: &str) -> Option<FunctionInfo> {
+        self.types.get(name).copied()
     }
 
     /// Every relation of the database has been described: a name the

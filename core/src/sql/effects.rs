@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use super::NotCacheable;
 use super::TableId;
-use super::catalog::{Catalog, Effects, RelKind, Volatility};
+use super::catalog::{Catalog, Effects, FunctionInfo, RelKind, Volatility};
 
 /// SQL constructs that parse as function calls but are not functions in
 /// `pg_proc`, whose result depends only on their arguments or on the
@@ -115,6 +115,7 @@ const SQL_RUNNING: &[&str] = &[
     "database_to_xml_and_xmlschema",
     "database_to_xmlschema",
     "ts_stat",
+    "ts_rewrite",
 ];
 
 /// What calling `name` (as written: unquoted names lower-cased) means.
@@ -143,6 +144,9 @@ pub(crate) fn call_effects(name: &str, catalog: &Catalog, user_volatile: &[Strin
         e.uncacheable = Some(NotCacheable::Volatile(lower));
         return e;
     }
+    if lower == "current_setting" {
+        e.reads_settings = true;
+    }
     match catalog.function(name) {
         None if SQL_CONSTRUCTS.contains(&lower.as_str()) => {}
         // unknown: a user function of any kind
@@ -160,6 +164,27 @@ pub(crate) fn call_effects(name: &str, catalog: &Catalog, user_volatile: &[Strin
             }
             (false, _) => {}
         },
+    }
+    e
+}
+
+/// What using an operator, or casting to a type, whose function is not
+/// built in means: a volatile one may do anything, a stable one is not
+/// cached, an immutable user's one may read any table, an immutable
+/// extension's one (`citext`'s `=`) is trusted.
+pub(crate) fn hidden_call_effects(what: &str, info: Option<FunctionInfo>) -> Effects {
+    let mut e = Effects::default();
+    match info {
+        Some(FunctionInfo { volatility: Volatility::Volatile, .. }) => {
+            e.uncacheable = Some(NotCacheable::Volatile(what.to_string()));
+            e.session_opaque = true;
+            e.writes_opaque = true;
+        }
+        Some(FunctionInfo { volatility: Volatility::Stable, .. }) => {
+            e.uncacheable = Some(NotCacheable::StableUserFunction(what.to_string()))
+        }
+        Some(FunctionInfo { volatility: Volatility::Immutable, user: true }) => e.reads_any = true,
+        Some(FunctionInfo { volatility: Volatility::Immutable, user: false }) | None => {}
     }
     e
 }

@@ -199,13 +199,46 @@ fn unescape_u(s: &str) -> String {
 /// `'tomorrow 10:00'`). A query with such a literal or parameter is never
 /// cached: PostgreSQL reads it as the current time.
 pub fn mentions_relative_time(value: &[u8]) -> bool {
-    // quick reject: every word of interest contains an 'o' or a 'y'
-    if !value.iter().any(|c| matches!(c | 0x20, b'o' | b'y')) {
-        return false;
+    let words = |v: &[u8]| {
+        v.split(|c| !c.is_ascii_alphabetic()).any(|w| {
+            w.len() >= 3
+                && ["now", "today", "tomorrow", "yesterday"].iter().any(|t| w.eq_ignore_ascii_case(t.as_bytes()))
+        })
+    };
+    if value.contains(&b'\\') {
+        // array, record and JSON input read escapes: `{n\ow}`, `"n\u006fw"`
+        return words(value) || words(unescape_backslashes(value).as_bytes());
     }
-    value.split(|c| !c.is_ascii_alphabetic()).any(|w| {
-        w.len() >= 3 && ["now", "today", "tomorrow", "yesterday"].iter().any(|t| w.eq_ignore_ascii_case(t.as_bytes()))
-    })
+    // quick reject: every word of interest contains an 'o' or a 'y'
+    value.iter().any(|c| matches!(c | 0x20, b'o' | b'y')) && words(value)
+}
+
+/// `value` with `\uXXXX` decoded and every other backslash dropped (as
+/// array, record and JSON input read them).
+fn unescape_backslashes(value: &[u8]) -> String {
+    let text = String::from_utf8_lossy(value);
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        if chars.peek() == Some(&'u') {
+            let mut probe = chars.clone();
+            probe.next();
+            let hex: String = probe.by_ref().take(4).collect();
+            if let Some(ch) = u32::from_str_radix(&hex, 16).ok().and_then(char::from_u32).filter(|_| hex.len() == 4) {
+                out.push(ch);
+                chars = probe;
+                continue;
+            }
+        }
+        if let Some(next) = chars.next() {
+            out.push(next);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -277,10 +310,11 @@ mod tests {
 
     #[test]
     fn relative_time_words() {
-        for s in ["now", "NOW", " Now ", "today", "tomorrow 10:00", "yesterday", "epoch now"] {
+        for s in ["now", "NOW", " Now ", "today", "tomorrow 10:00", "yesterday", "epoch now", "{n\\ow}", "(n\\ow)"] {
             assert!(mentions_relative_time(s.as_bytes()), "{s:?}");
         }
-        for s in ["", "70", "snowden", "nowhere", "2026-01-01", "epoch", "infinity", "todays"] {
+        assert!(mentions_relative_time(br#"{"t":"n\u006fw"}"#));
+        for s in ["", "70", "snowden", "nowhere", "2026-01-01", "epoch", "infinity", "todays", "a\\b"] {
             assert!(!mentions_relative_time(s.as_bytes()), "{s:?}");
         }
     }

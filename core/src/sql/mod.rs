@@ -86,7 +86,7 @@ pub enum NotCacheable {
     Empty,
     #[error("cannot be parsed: {0}")]
     Unparsable(String),
-    #[error("reads {0}, which the change stream does not follow (a sequence or a foreign table)")]
+    #[error("reads {0}, which the change stream does not follow (a sequence, a foreign or an unlogged table)")]
     Unfollowed(String),
     #[error("reads {0}, which the catalog does not know")]
     UnknownRelation(String),
@@ -166,6 +166,9 @@ pub struct Shape {
     /// Its result may depend on any table (a user function that claims to
     /// be IMMUTABLE may still read one).
     pub reads_any: bool,
+    /// It reads the session's settings (`current_setting`): its cache key
+    /// includes every setting, the result-neutral ones too.
+    pub reads_settings: bool,
     /// The catalog generation it was analysed in (see [`Catalog::generation`]).
     pub generation: u64,
 }

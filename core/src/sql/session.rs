@@ -43,7 +43,7 @@ pub fn parse_session_command(sql: &str) -> Option<SessionCommand> {
                     "session authorization".into()
                 }
                 "time" if split_word(after).0.eq_ignore_ascii_case("zone") => "timezone".into(),
-                other => other.to_string(),
+                _ => setting_name(what),
             };
             Some(SessionCommand::Reset { name })
         }
@@ -76,6 +76,9 @@ fn parse_set(rest: &str) -> Option<SessionCommand> {
         }
         "names" => return set(local, "client_encoding", after),
         "schema" => return set(local, "search_path", after),
+        "xml" if split_word(after).0.eq_ignore_ascii_case("option") => {
+            return set(local, "xmloption", split_word(after).1);
+        }
         _ => {}
     }
     // name {TO | =} value; the name may be glued to '=' (`SET a=1`)
@@ -90,7 +93,12 @@ fn parse_set(rest: &str) -> Option<SessionCommand> {
     if name.is_empty() {
         return None;
     }
-    set(local, &name.to_ascii_lowercase(), value)
+    set(local, &setting_name(name), value)
+}
+
+/// A setting's name as PostgreSQL looks it up: quotes removed, any case.
+fn setting_name(raw: &str) -> String {
+    raw.split('.').map(|part| part.trim().trim_matches('"').to_ascii_lowercase()).collect::<Vec<_>>().join(".")
 }
 
 fn set(local: bool, name: &str, value: &str) -> Option<SessionCommand> {
@@ -290,5 +298,11 @@ mod tests {
         assert_eq!(parse_session_command("SET app.x = '--not a comment'"), set("app.x", "\"--not a comment\""));
         assert_eq!(parse_session_command("SET SCHEMA 'a'"), set("search_path", "\"a\""));
         assert_eq!(parse_session_command("SET NAMES 'LATIN1'"), set("client_encoding", "\"LATIN1\""));
+        assert_eq!(parse_session_command("SET \"Search_Path\" = a"), set("search_path", "a"));
+        assert_eq!(parse_session_command("SET XML OPTION DOCUMENT"), set("xmloption", "document"));
+        assert_eq!(
+            parse_session_command("RESET \"search_path\""),
+            Some(SessionCommand::Reset { name: "search_path".into() })
+        );
     }
 }
