@@ -333,21 +333,17 @@ fn unfinished_messages_share_one_buffer_budget() {
 #[test]
 fn clients_past_max_client_conn_are_refused() {
     let pg = Pg::start("limits-conns");
-    let (port, _proxy) = pg::start_proxy_with(&pg, "max_client_conn = 3\n[cdc]\nenabled = false\n");
+    let (port, proxy) = pg::start_proxy_with(&pg, "max_client_conn = 3\n[cdc]\nenabled = false\n");
     assert_eq!(psql(port, "SELECT 1"), "1");
+    let clients = || proxy.proxy.limits.clients.used();
+    assert!(eventually(|| clients() == 0), "the first client left: {}", clients());
     let mut idle: Vec<TcpStream> =
         (0..3).map(|_| TcpStream::connect(("127.0.0.1", port)).expect("an idle connection")).collect();
     // the three are counted once accepted (on a loaded machine, not at once)
-    let started = std::time::Instant::now();
-    let (mut c, m) = loop {
-        std::thread::sleep(Duration::from_millis(300));
-        let mut c = Raw::connect(port);
-        c.startup();
-        let m = c.recv().expect("an answer");
-        if m.tag == b'E' || started.elapsed() > Duration::from_secs(10) {
-            break (c, m);
-        }
-    };
+    assert!(eventually(|| clients() == 3), "three idle clients hold slots: {}", clients());
+    let mut c = Raw::connect(port);
+    c.startup();
+    let m = c.recv().expect("a refusal");
     assert_eq!(field(&m, b'C'), "53300");
     assert!(field(&m, b'M').contains("too many clients"), "{}", field(&m, b'M'));
     assert!(c.recv().is_none(), "closed after the refusal");

@@ -1,0 +1,228 @@
+//! A client session from its start (TLS, authentication, the upstream
+//! login, the session's settings and consistency) through its requests.
+
+use super::*;
+
+impl Client {
+    pub(super) async fn run(proxy: Arc<Proxy>, socket: TcpStream) -> anyhow::Result<()> {
+        // TLS, the StartupMessage and client authentication end at the proxy
+        let accepted = match frontend::open(&proxy.config, &proxy.users(), socket).await? {
+            Opening::Login(a) => a,
+            // to the primary, or where the map sends the key (pooled, a replica read)
+            Opening::Cancel { pid, key } => return crate::cancel::forward(&proxy, pid, key).await,
+            Opening::Closed => return Ok(()),
+        };
+        // the proxy logs in upstream on the client's behalf, with its own password
+        let params = accepted.upstream_params();
+        let frontend::Accepted { rd, mut wr, buf, user, database, upstream_password, auth_ok, .. } = *accepted;
+        let session = SessionId(proxy.next_session.fetch_add(1, Ordering::Relaxed));
+        let opened = match &proxy.pool {
+            // transaction pooling: a pooled connection's greeting, our own cancel key
+            Some(pool) => {
+                let key = PoolKey::new(&proxy.primary_addr(), &params);
+                let wait = proxy.config.pool.wait_ms;
+                pool.acquire(&key, upstream_password.as_deref(), wait).await.map(|lease| {
+                    let secret: i32 = rand::random();
+                    let pid = i32::try_from(session.0 & 0x7fff_ffff).unwrap_or(i32::MAX);
+                    let cancel = Arc::new(Mutex::new(None));
+                    proxy.cancels.lock().unwrap_or_else(|p| p.into_inner()).insert((pid, secret), cancel.clone());
+                    let greeting = with_backend_key(&lease.server.greeting, pid, secret);
+                    lease.release();
+                    let password = upstream_password.clone();
+                    (Upstream::Pooled { lease: None, key, password, pinned: false, cancel }, greeting, b'I')
+                })
+            }
+            None => upstream::login(&proxy.dialer, &proxy.primary_addr(), &params, upstream_password.as_deref())
+                .await
+                .map(|l| (Upstream::Dedicated(l.conn), l.greeting, l.status))
+                .map_err(PoolError::Login),
+        };
+        let (upstream, greeting, status) = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                if !matches!(e, PoolError::Login(upstream::LoginError::Refused(_))) {
+                    eprintln!("postai-edge: upstream login as {user:?}: {e}");
+                }
+                wr.write_all(&e.client_error()).await?;
+                let _ = wr.shutdown().await;
+                return Ok(());
+            }
+        };
+        let mut c = Client {
+            proxy,
+            rd,
+            wr,
+            buf,
+            out: BytesMut::with_capacity(16 << 10),
+            upstream,
+            session,
+            status: b'I',
+            extended_write: false,
+            statements: std::collections::HashMap::new(),
+            parses: std::collections::HashMap::new(),
+            param_types: std::collections::HashMap::new(),
+            described: std::collections::VecDeque::new(),
+            unsent_parses: Vec::new(),
+            replicas: ReplicaConns { login: params.clone(), password: upstream_password, ..ReplicaConns::default() },
+            swallow_parse_complete: 0,
+            swallow_close_complete: 0,
+            batch_server_parses: Vec::new(),
+            batch_failed: false,
+            flushed_mid: false,
+            relayed: Vec::new(),
+            relayed_from: None,
+            relayed_overflow: false,
+            reported: Vec::new(),
+            hold_ready: false,
+            held_ready: None,
+            admin: admin::AdminState::default(),
+            cancel_key: crate::cancel::key_in(&greeting),
+            between_requests: false,
+            batch_held: None,
+        };
+        // startup parameters and `options` (-c name=value) are session settings
+        let (settings, opaque) = startup_settings(&params);
+        // a session may choose its consistency: `-c postai.consistency=proxy`
+        let consistency = match settings.iter().rev().find(|(k, _)| k == "postai.consistency") {
+            None => Ok(c.proxy.config.cache.consistency),
+            Some((_, v)) => v.parse::<Consistency>(),
+        };
+        let consistency = match consistency {
+            Ok(mode) => mode,
+            Err(e) => {
+                c.wr.write_all(&protocol::error_response("FATAL", "22023", &format!("postai.consistency: {e}")))
+                    .await?;
+                return Ok(());
+            }
+        };
+        // the client sees the primary's ParameterStatus and BackendKeyData (cancels go to it)
+        c.wr.write_all(&frontend::greeting(&auth_ok, &greeting, status)).await?;
+        let opened = c.proxy.node().open_session(session, &user, &database, consistency);
+        if let Err(e) = opened {
+            c.wr.write_all(&protocol::error_response("FATAL", "53300", &e.to_string())).await?;
+            return Ok(());
+        }
+        {
+            let mut n = c.proxy.node();
+            // what the server reported at login (standard_conforming_strings,
+            // TimeZone, DateStyle, ...): the session's starting state
+            let mut rest = BytesMut::from(&greeting[..]);
+            while let Ok(Some(m)) = protocol::decode(&mut rest, usize::MAX, protocol::BACKEND_TAGS) {
+                if let Some((name, value)) = parameter_status(&m).filter(|_| m.tag == b'S')
+                    && !matches!(name.as_str(), "session_authorization" | "is_superuser")
+                {
+                    n.set_session_setting(session, &name, &value);
+                }
+            }
+            for (name, value) in &settings {
+                n.set_session_setting(session, name, value);
+            }
+            if opaque {
+                n.make_private(session);
+            }
+        }
+        c.proxy.metrics.clients.fetch_add(1, Ordering::Relaxed);
+        c.proxy.metrics.clients_total.fetch_add(1, Ordering::Relaxed);
+        c.proxy.metrics.upstream_connections.fetch_add(1, Ordering::Relaxed);
+        let result = c.serve_queries().await;
+        if let Err(e) = &result {
+            // a dead upstream, a full pool: the client hears why before the end
+            let _ = c.wr.write_all(&protocol::error_response("FATAL", "08006", &format!("postai-edge: {e}"))).await;
+        }
+        c.proxy.node().close_session(session);
+        if let Upstream::Pooled { cancel, .. } = &c.upstream {
+            c.proxy.cancels.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, t| !Arc::ptr_eq(t, cancel));
+        }
+        let m = &c.proxy.metrics;
+        m.clients.fetch_sub(1, Ordering::Relaxed);
+        m.upstream_connections.fetch_sub(1, Ordering::Relaxed);
+        m.replica_connections.fetch_sub(c.replicas.conns.len() as u64, Ordering::Relaxed);
+        result
+    }
+
+    pub(super) async fn serve_queries(&mut self) -> anyhow::Result<()> {
+        let mut batch: Vec<Message> = Vec::new();
+        // client messages: `proxy/input.rs`
+        while let Some(m) = self.next_request(batch.is_empty()).await? {
+            match m.tag {
+                b'Q' => {
+                    self.flush_batch(&mut batch).await?;
+                    let started = std::time::Instant::now();
+                    let path = self.simple_query(&m).await?;
+                    self.proxy.metrics.observe(path, started.elapsed());
+                    self.settle().await?;
+                    self.release_ready().await?;
+                }
+                b'X' => {
+                    match &mut self.upstream {
+                        Upstream::Dedicated(up) => {
+                            let _ = up.send(&m.raw).await;
+                        }
+                        // pooled: the server connection stays (given back if clean)
+                        Upstream::Pooled { .. } => self.release_idle(),
+                    }
+                    return Ok(());
+                }
+                b'S' => {
+                    let started = std::time::Instant::now();
+                    let path = self.sync(std::mem::take(&mut batch), m).await?;
+                    self.proxy.metrics.observe(path, started.elapsed());
+                    self.settle().await?;
+                    self.release_ready().await?;
+                }
+                b'H' => {
+                    // Flush: the client waits for the responses so far
+                    let sent = std::mem::take(&mut batch);
+                    if self.admin_batch(&sent, &m).await?.is_some() {
+                        continue;
+                    }
+                    self.send_batch(&sent, Some(&m)).await?;
+                    self.relay_responses(&sent).await?;
+                }
+                b'P' => {
+                    if self.admin_parse(&m) {
+                        // SHOW POSTAI ...: answered by the proxy (`proxy/admin.rs`)
+                        batch.push(m);
+                        continue;
+                    }
+                    if let Some((name, sql)) = parse_message(&m) {
+                        let prepared = self.proxy.node().prepare(&sql).ok();
+                        if prepared.as_ref().is_some_and(|p| p.shape.kind == StatementKind::Session) {
+                            // a SET a replica connection would not see
+                            self.replicas.pinned = true;
+                        }
+                        match prepared {
+                            Some(p) => {
+                                self.statements.insert(name.clone(), p);
+                                self.param_types.insert(name.clone(), parse_param_types(&m).unwrap_or_default());
+                                self.parses.insert(name, m.clone());
+                            }
+                            None => {
+                                self.statements.remove(&name);
+                                self.param_types.remove(&name);
+                                self.parses.remove(&name);
+                            }
+                        }
+                    }
+                    batch.push(m);
+                }
+                b'C' => {
+                    // Close of a statement: forget it (a portal close needs nothing)
+                    if let Some(name) = m.body().strip_prefix(b"S").and_then(|n| n.strip_suffix(b"\0")) {
+                        let name = String::from_utf8_lossy(name).into_owned();
+                        self.statements.remove(&name);
+                        self.param_types.remove(&name);
+                        self.parses.remove(&name);
+                    }
+                    batch.push(m);
+                }
+                b'd' | b'c' | b'f' => {
+                    self.flush_batch(&mut batch).await?;
+                    self.up().await?.send(&m.raw).await?
+                }
+                _ => batch.push(m),
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,119 @@
+//! `POSTAI SUBSCRIBE`: the CDC rows this proxy applies, streamed to the
+//! edges behind it.
+
+use super::*;
+
+/// Streamed rows as subscription lines (CopyData).
+pub(super) fn row_lines<'a>(out: &mut BytesMut, rows: impl IntoIterator<Item = &'a (String, String)>) {
+    for (lsn, row) in rows {
+        frame_into(out, b'd', format!("R {lsn}\t{row}").as_bytes());
+    }
+}
+
+/// One feed as subscription lines.
+pub(super) fn feed_lines(out: &mut BytesMut, feed: &crate::cdc::Feed, last_applied: u64) {
+    if let Some(start) = feed.reset {
+        frame_into(out, b'd', format!("X {}", fmt_lsn(start)).as_bytes());
+        return;
+    }
+    row_lines(out, &feed.rows);
+    let current = feed.current.unwrap_or(0).max(last_applied);
+    frame_into(out, b'd', format!("K {}", fmt_lsn(Lsn(current))).as_bytes());
+}
+
+/// `POSTAI SUBSCRIBE [FROM 'lsn']`: `None` for another statement; the FROM
+/// position, or why the statement is malformed.
+pub(super) fn subscribe_command(sql: &str) -> Option<Result<Option<Lsn>, String>> {
+    let words: Vec<&str> = sql.trim().trim_end_matches(';').split_whitespace().collect();
+    if words.len() < 2 || !words[0].eq_ignore_ascii_case("postai") || !words[1].eq_ignore_ascii_case("subscribe") {
+        return None;
+    }
+    Some(match words[2..] {
+        [] => Ok(None),
+        [from, at] if from.eq_ignore_ascii_case("from") => at
+            .strip_prefix('\'')
+            .and_then(|a| a.strip_suffix('\''))
+            .and_then(protocol::parse_lsn)
+            .map(|l| Some(Lsn(l)))
+            .ok_or_else(|| format!("postai-edge: POSTAI SUBSCRIBE FROM needs an LSN such as '0/16B3748', not {at}")),
+        _ => Err("postai-edge: usage: POSTAI SUBSCRIBE [FROM 'lsn']".to_string()),
+    })
+}
+
+impl Client {
+    /// `POSTAI SUBSCRIBE [FROM 'lsn']` (an edge behind this regional proxy):
+    /// CopyOut of every CDC row this proxy's slot reader applies,
+    /// `R <lsn>\t<row>`, and `K <lsn>` after each poll; `X <lsn>` when the
+    /// reader starts a new slot there (what came before may never be
+    /// streamed). The stream opens with `C <lsn>` when it continues after
+    /// FROM's position with nothing missing (the rows kept since follow, then
+    /// one `K`), else with a `K` (where it starts; the subscriber knows
+    /// nothing of before). Ends with an error when the subscriber falls behind, or
+    /// when it leaves.
+    pub(super) async fn stream_cdc(&mut self, from: Option<Lsn>) -> anyhow::Result<()> {
+        if self.proxy.config.cdc.source != crate::config::CdcSource::Slot || !self.proxy.config.cdc.enabled {
+            let e = "postai-edge: POSTAI SUBSCRIBE needs a proxy reading a slot of its own ([cdc] source = \"slot\")";
+            self.refuse("55000", e).await?;
+            return Ok(());
+        }
+        // listening and the snapshot under the history's lock: no feed missed or sent twice
+        let (mut rx, kept) = {
+            let history = self.proxy.cdc_history.lock().unwrap_or_else(|p| p.into_inner());
+            let regional = self.proxy.config.role == crate::config::Role::Regional;
+            (self.proxy.cdc_feed.subscribe(), from.filter(|_| regional).and_then(|f| history.since(f)))
+        };
+        let mut out = BytesMut::with_capacity(4096);
+        frame_into(&mut out, b'H', &[0, 0, 1, 0, 0]);
+        match (from, kept) {
+            (Some(from), Some(kept)) => {
+                // the rows kept since, then one keepalive: the subscriber applies them at once
+                frame_into(&mut out, b'd', format!("C {}", fmt_lsn(from)).as_bytes());
+                row_lines(&mut out, kept.iter().flat_map(|f| &f.rows));
+                let current = kept.iter().filter_map(|f| f.current).max().unwrap_or(0);
+                let current = current.max(self.proxy.cdc_last.load(Ordering::Relaxed));
+                frame_into(&mut out, b'd', format!("K {}", fmt_lsn(Lsn(current))).as_bytes());
+            }
+            _ => {
+                // where this proxy's stream stands: every commit up to it was
+                // published (a position on the slot's timeline, safe to continue from)
+                let start = self.proxy.cdc_last.load(Ordering::Relaxed);
+                if start == 0 {
+                    let e = "postai-edge: the CDC stream of this proxy is not open yet; subscribe again";
+                    self.refuse("55000", e).await?;
+                    return Ok(());
+                }
+                frame_into(&mut out, b'd', format!("K {}", fmt_lsn(Lsn(start))).as_bytes());
+            }
+        }
+        self.wr.write_all(&out).await?;
+        let mut probe = [0u8; 1];
+        let mut ended = self.proxy.subscriptions.subscribe();
+        loop {
+            let feed = tokio::select! {
+                f = rx.recv() => f,
+                _ = ended.changed() => {
+                    let e = "postai-edge: the regional proxy ended this subscription; subscribe again";
+                    self.wr.write_all(&protocol::error_response("ERROR", "57P01", e)).await?;
+                    return Ok(());
+                }
+                // the subscriber sends nothing: a read returns when it leaves
+                r = self.rd.read(&mut probe) => {
+                    let _ = r;
+                    return Ok(());
+                }
+            };
+            let feed = match feed {
+                Ok(f) => f,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    let e = format!("postai-edge: the subscriber fell {n} polls behind; subscribe again");
+                    self.wr.write_all(&protocol::error_response("ERROR", "53400", &e)).await?;
+                    return Ok(());
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+            };
+            out.clear();
+            feed_lines(&mut out, &feed, self.proxy.cdc_last.load(Ordering::Relaxed));
+            self.wr.write_all(&out).await?;
+        }
+    }
+}
