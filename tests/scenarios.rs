@@ -224,6 +224,80 @@ fn the_day_slice_is_an_hour_of_the_baseline() {
     check_safety("long/day-slice", 1, &run_scenario(&sc.short(1)));
 }
 
+/// Every scenario file states the staleness bound as its target (README,
+/// "What the simulation measures"; `postai_sim::bounds`): its CDC-silence
+/// bound plus the longest delivery of a change event, rounded up to 50 ms;
+/// the swarm's at the largest CDC lag it draws (500 ms).
+#[test]
+fn staleness_targets_are_the_stated_bound() {
+    let places = postai_sim::geo::parse_sites(postai_sim::geo::SITES_CSV).expect("sites.csv parses");
+    let dir = scenarios_dir();
+    let mut files: Vec<std::path::PathBuf> = SUITE.iter().map(|n| dir.join(format!("{n}.toml"))).collect();
+    for sub in ["long", "what-if"] {
+        for entry in std::fs::read_dir(dir.join(sub)).expect("the directory exists") {
+            files.push(entry.expect("a directory entry").path());
+        }
+    }
+    for path in files {
+        let mut sc = Scenario::load(&path.to_string_lossy()).unwrap_or_else(|e| panic!("{e}"));
+        if sc.swarm {
+            sc.db.cdc_lag_ms = 500.0;
+        }
+        let bound = postai_sim::bounds::staleness_bound_ms(&sc, &places);
+        let target = sc.targets.staleness_ms;
+        assert!(
+            target >= bound && target < bound + 50.0,
+            "{}: staleness target {target} ms, the bound is {bound:.0} ms",
+            path.display()
+        );
+    }
+}
+
+/// The swarm draws on purpose the cases issue 13 found: a primary coming
+/// back while its replacement is promoted (with writes bypassing the edge),
+/// back-to-back primary crashes, a pool cut off from the primary, a slow
+/// link, asynchronous replication; and the draws made before them stay.
+#[test]
+fn the_swarm_draws_the_hard_cases() {
+    use postai_sim::scenario::{Fault, Replication};
+    let base = load("swarm");
+    let (mut in_promotion, mut back_to_back, mut partitions, mut slow, mut asynchronous) = (0, 0, 0, 0, 0);
+    let n = 300;
+    for seed in 0..n {
+        let sc = postai_sim::swarm::draw(&base.short(seed));
+        let crashes: Vec<(f64, Option<f64>)> = sc
+            .faults
+            .iter()
+            .filter_map(|f| match f {
+                Fault::PrimaryCrash { at_s, restart_after_s } => Some((*at_s, *restart_after_s)),
+                _ => None,
+            })
+            .collect();
+        let detect = sc.db.heartbeat_timeout_ms as f64 / 1e3;
+        let window = detect..detect + sc.db.promote_ms as f64 / 1e3 + 1.0;
+        in_promotion += usize::from(
+            sc.workload.bypass_write_qps > 0.0 && crashes.iter().any(|(_, r)| r.is_some_and(|r| window.contains(&r))),
+        );
+        back_to_back += usize::from(crashes.len() >= 2);
+        partitions += usize::from(sc.faults.iter().any(|f| matches!(f, Fault::PrimaryPartition { .. })));
+        slow += usize::from(sc.faults.iter().any(|f| matches!(f, Fault::SlowLink { .. })));
+        asynchronous += usize::from(sc.db.replication == Replication::Async);
+        for f in &sc.faults {
+            assert!(f.at_s() < sc.duration_s as f64, "seed {seed}: {} after the run", f.label());
+        }
+        sc.validate().unwrap_or_else(|e| panic!("seed {seed}: the draw is invalid: {e}"));
+    }
+    let counts = [in_promotion, back_to_back, partitions, slow, asynchronous];
+    assert!(counts.iter().all(|c| *c >= n as usize / 20), "of {n} draws: {counts:?}");
+    // the issue's reproductions still draw the worlds they drew
+    let sc = postai_sim::swarm::draw(&{
+        let mut b = base.clone();
+        b.seed = 954;
+        b
+    });
+    assert_eq!(sc.sites, 255, "seed 954 draws 255 sites, as when the issue was filed");
+}
+
 /// Every setting of `sc` but `fields` (top-level names), to compare two
 /// scenarios.
 fn settings_but(sc: &Scenario, fields: &[&str]) -> serde_json::Value {

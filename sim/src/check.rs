@@ -60,14 +60,27 @@ pub struct Checker {
     pub write_failed: u64,
     /// One entry per fault, in the order they began.
     pub recovering: Vec<Recovering>,
+    /// Stale reads and the largest staleness, of the reads judged at once
+    /// (see [`Checker::stale`] for all of them).
     pub stale_reads: u64,
     pub staleness_ms_max: f64,
+    /// Reads that missed an acknowledged commit for longer than
+    /// [`RECHECK_MS`], judged again at the end against the history as it
+    /// ended: a commit a failover later lost (asynchronous replication)
+    /// was never going to be read, and missing it is not staleness.
+    late_reads: Vec<LateRead>,
     pub ryw_violations: u64,
+    /// Reads by a session that did not show its own acknowledged write
+    /// because a failover lost it (asynchronous replication): the lost
+    /// write's consequence, counted apart from read-your-writes bugs.
+    pub ryw_lost_writes: u64,
     pub residency_violations: u64,
     pub history: Vec<KeyHistory>,
-    /// Acknowledged writes by LSN: (acknowledged at). Lost ones are RPO.
-    pub acked: BTreeMap<Lsn, Instant>,
-    pub lost_acked: Vec<(Lsn, Instant, Instant)>,
+    /// Acknowledged writes by LSN: (committed at, acknowledged at). Lost ones are RPO.
+    pub acked: BTreeMap<Lsn, (Instant, Instant)>,
+    pub lost_acked: Vec<LostWrite>,
+    /// Writes a pool cut off from the primary relayed through another pool.
+    pub relayed_writes: u64,
     pub l3_lookups: u64,
     pub l3_hits: u64,
     pub upstream_reads: u64,
@@ -87,33 +100,73 @@ impl Checker {
         started >= self.measure_from
     }
 
-    /// An acknowledged write of `key` at `lsn`.
-    pub fn ack_write(&mut self, key: u64, lsn: Lsn, at: Instant) {
-        if let Some(h) = self.history.get_mut(key as usize) {
+    /// A write of `key` committed at `committed` as `lsn`, acknowledged at `at`.
+    pub fn ack_write(&mut self, key: Option<u64>, lsn: Lsn, committed: Instant, at: Instant) {
+        if let Some(h) = key.and_then(|k| self.history.get_mut(k as usize)) {
             let pos = h.commits.partition_point(|(l, _)| *l < lsn);
             h.commits.insert(pos, (lsn, at));
         }
-        self.acked.insert(lsn, at);
+        self.acked.insert(lsn, (committed, at));
     }
 
-    /// Commits were lost in a failover: acknowledged ones are RPO violations.
-    pub fn lose(&mut self, lsns: &[Lsn], now: Instant) {
-        for l in lsns {
-            if let Some(at) = self.acked.remove(l) {
-                self.lost_acked.push((*l, at, now));
+    /// A write acknowledged when the history it was committed on was already
+    /// gone (asynchronous replication: an ex-primary not yet fenced).
+    pub fn ack_lost_write(&mut self, lsn: Lsn, committed: Instant, at: Instant) {
+        self.lost_acked.push(LostWrite { lsn, committed, acked: at, lost_at: at, window_ms: 0.0 });
+    }
+
+    /// A promotion at `now` dropped `lost` (LSN, committed at) from the
+    /// history; the failed primary stopped at `failure` (its crash), if it
+    /// did. The acknowledged ones are lost writes; the window of data lost
+    /// (what RPO measures) runs from the oldest of them to the failure. A
+    /// primary that came back and took writes nobody followed before its
+    /// fence reached it loses a second window: from the first to the last
+    /// of those.
+    pub fn lose(&mut self, lost: &[(Lsn, Instant)], failure: Option<Instant>, now: Instant) {
+        let acked: Vec<(Lsn, Instant, Instant)> =
+            lost.iter().filter_map(|(l, _)| self.acked.remove(l).map(|(c, a)| (*l, c, a))).collect();
+        let before = |c: Instant| failure.is_none_or(|f| c <= f);
+        for part in [true, false] {
+            let mine: Vec<&(Lsn, Instant, Instant)> = acked.iter().filter(|(_, c, _)| before(*c) == part).collect();
+            let (Some(oldest), Some(newest)) =
+                (mine.iter().map(|(_, c, _)| *c).min(), mine.iter().map(|(_, c, _)| *c).max())
+            else {
+                continue;
+            };
+            let end = if part { failure.unwrap_or(newest) } else { newest };
+            let window_ms = end.saturating_since(oldest).as_secs_f64() * 1e3;
+            for (lsn, committed, at) in mine {
+                self.lost_acked.push(LostWrite {
+                    lsn: *lsn,
+                    committed: *committed,
+                    acked: *at,
+                    lost_at: now,
+                    window_ms,
+                });
             }
-            for h in &mut self.history {
-                h.commits.retain(|(c, _)| c != l);
-            }
+        }
+        if lost.is_empty() {
+            return;
+        }
+        let mut dropped: Vec<Lsn> = lost.iter().map(|(l, _)| *l).collect();
+        dropped.sort_unstable();
+        for h in &mut self.history {
+            h.commits.retain(|(c, _)| dropped.binary_search(c).is_err());
         }
     }
 
-    /// Checks a read of `keys` that started at `started` and saw the state at
-    /// `snapshot`. Returns the staleness in ms when it missed an acknowledged commit.
-    pub fn check_read(&mut self, keys: &[u64], snapshot: Lsn, started: Instant) -> Option<f64> {
+    /// The window of acknowledged data lost, in ms: the RPO measured.
+    pub fn rpo_ms(&self) -> f64 {
+        self.lost_acked.iter().map(|l| l.window_ms).fold(0.0, f64::max)
+    }
+
+    /// How stale a read of `keys` (consecutive) that started at `started` and
+    /// saw the state at `snapshot` is, against the history as it is now:
+    /// from the oldest acknowledged commit it missed, in ms.
+    fn staleness(&self, keys: std::ops::RangeInclusive<u64>, snapshot: Lsn, started: Instant) -> Option<f64> {
         let mut oldest_missed: Option<Instant> = None;
         for k in keys {
-            let Some(h) = self.history.get(*k as usize) else { continue };
+            let Some(h) = self.history.get(k as usize) else { continue };
             let pos = h.commits.partition_point(|(l, _)| *l <= snapshot);
             for (_, acked) in &h.commits[pos..] {
                 if *acked <= started {
@@ -121,14 +174,63 @@ impl Checker {
                 }
             }
         }
-        let missed = oldest_missed?;
-        let ms = started.saturating_since(missed).as_secs_f64() * 1e3;
+        Some(started.saturating_since(oldest_missed?).as_secs_f64() * 1e3)
+    }
+
+    /// Checks a read of `keys` (consecutive) that started at `started` and
+    /// saw the state at `snapshot`. Returns the staleness in ms when it
+    /// missed an acknowledged commit.
+    pub fn check_read(&mut self, keys: &[u64], snapshot: Lsn, started: Instant) -> Option<f64> {
+        let (lo, hi) = (*keys.iter().min()?, *keys.iter().max()?);
+        let ms = self.staleness(lo..=hi, snapshot, started)?;
         if self.measured(started) {
-            self.stale_reads += 1;
-            self.staleness_ms_max = self.staleness_ms_max.max(ms);
+            if ms > RECHECK_MS {
+                self.late_reads.push(LateRead { started, snapshot, lo, hi });
+            } else {
+                self.stale_reads += 1;
+                self.staleness_ms_max = self.staleness_ms_max.max(ms);
+            }
         }
         Some(ms)
     }
+
+    /// Every measured stale read and the largest staleness, the reads that
+    /// missed a commit for longer than [`RECHECK_MS`] judged against the
+    /// history as it ended.
+    pub fn stale(&self) -> (u64, f64) {
+        let (mut n, mut max) = (self.stale_reads, self.staleness_ms_max);
+        for r in &self.late_reads {
+            if let Some(ms) = self.staleness(r.lo..=r.hi, r.snapshot, r.started) {
+                n += 1;
+                max = max.max(ms);
+            }
+        }
+        (n, max)
+    }
+}
+
+/// Reads staler than this are judged again at the end ([`Checker::stale`]).
+pub const RECHECK_MS: f64 = 500.0;
+
+/// A read that missed a commit for longer than [`RECHECK_MS`].
+#[derive(Clone, Copy, Debug)]
+struct LateRead {
+    started: Instant,
+    snapshot: Lsn,
+    /// The keys it read: `lo..=hi`.
+    lo: u64,
+    hi: u64,
+}
+
+/// An acknowledged write a failover lost.
+#[derive(Clone, Copy, Debug)]
+pub struct LostWrite {
+    pub lsn: Lsn,
+    pub committed: Instant,
+    pub acked: Instant,
+    pub lost_at: Instant,
+    /// The window of data lost it belongs to (see [`Checker::lose`]).
+    pub window_ms: f64,
 }
 
 /// Which requests a fault affects.
@@ -139,8 +241,12 @@ pub enum Scope {
     /// Requests from sites in the zone that needed the region (not answered
     /// from the site's own tiers): a regional outage or an edge partition.
     Upstream(Zone),
-    /// Every read at sites in the zone (a lost tier), or everywhere.
+    /// Every read at sites in the zone (a lost tier).
     Zone(Zone),
+    /// Every read (a lost tier everywhere, a stalled change stream).
+    Reads,
+    /// Writes from sites in the zone (its pool cut off from the primary).
+    ZoneWrites(Zone),
     All,
 }
 
@@ -150,6 +256,10 @@ pub enum Scope {
 #[derive(Clone, Debug)]
 pub struct Recovering {
     pub label: String,
+    /// The fault's index in the scenario file.
+    pub fault: usize,
+    /// Its recovery-time target, chosen from the fault itself when it began.
+    pub target_ms: Option<f64>,
     pub at: Instant,
     pub scope: Scope,
     /// (good, total) per window.
@@ -166,9 +276,16 @@ pub const WINDOW_MS: u64 = 100;
 pub const GOOD_SHARE: f64 = 0.99;
 
 impl Recovering {
-    pub fn new(label: String, at: Instant, scope: Scope, disrupted_ms: f64) -> Self {
+    pub fn new(
+        label: String,
+        fault: usize,
+        target_ms: Option<f64>,
+        at: Instant,
+        scope: Scope,
+        disrupted_ms: f64,
+    ) -> Self {
         let n = (RECOVERY_HORIZON_S * 1000 / WINDOW_MS) as usize;
-        Recovering { label, at, scope, windows: vec![(0, 0); n], failed: 0, disrupted_ms }
+        Recovering { label, fault, target_ms, at, scope, windows: vec![(0, 0); n], failed: 0, disrupted_ms }
     }
 
     /// Time from the fault to the end of the last window in which fewer than
@@ -195,7 +312,9 @@ impl Checker {
             let in_scope = match r.scope {
                 Scope::Writes => write,
                 Scope::Upstream(z) => upstream && z == zone,
-                Scope::Zone(z) => z == zone,
+                Scope::Zone(z) => !write && z == zone,
+                Scope::Reads => !write,
+                Scope::ZoneWrites(z) => write && z == zone,
                 Scope::All => true,
             };
             if !in_scope {

@@ -1,6 +1,13 @@
 //! A modelled PostgreSQL: a commit log with LSNs, replicas that replay it with
 //! lag, synchronous or asynchronous replication, crash and promotion. Each
 //! acknowledged commit survives exactly when the replication mode says it must.
+//!
+//! Acknowledgement follows `synchronous_commit = on`: with synchronous
+//! replication a commit is acknowledged once the synchronous standby has
+//! received it and its answer came back ([`Database::acknowledged`]), never
+//! at commit. A primary that crashed and restarted while a promotion was
+//! already under way commits on a history no standby follows: its commits
+//! wait for an answer that never comes, and the promotion drops them.
 
 use postai_core::failover::{Epoch, Fence, FenceError};
 use postai_core::router::Zone;
@@ -19,8 +26,10 @@ pub struct Commit {
     pub lsn: Lsn,
     pub at: Instant,
     pub key: Option<u64>,
-    /// Lost in a failover (never acknowledged if replication was synchronous).
-    pub lost: bool,
+    /// Dropped from the history by the promotion that began this timeline
+    /// (`None`: in the history). A commit made on a node the others no
+    /// longer follow is dropped at once.
+    pub lost: Option<u32>,
 }
 
 #[derive(Clone, Debug)]
@@ -31,7 +40,7 @@ pub struct DbNode {
     pub lon: f64,
     pub up: bool,
     pub fence: Fence,
-    /// One-way network delay from the primary, in ms.
+    /// One-way network delay from the current primary, in ms.
     pub oneway_ms: f64,
     /// Time to replay a received record, in ms.
     pub apply_ms: f64,
@@ -41,6 +50,8 @@ pub struct DbNode {
     /// This node was primary up to this LSN and its later commits are not in
     /// the current history (it must rejoin before serving again).
     pub needs_rejoin: bool,
+    /// When this node last crashed (a promotion begun before is void).
+    pub crashed_at: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -56,12 +67,26 @@ pub struct Database {
     pub accepted: Vec<(Epoch, usize)>,
     /// The walsender's batching delay before WAL leaves the primary, in ms.
     pub send_ms: f64,
-    /// The primary crashed here: WAL not sent by then never arrives anywhere.
+    /// The primary crashed here: WAL not sent by then never arrives anywhere
+    /// (until it restarts before anyone replaced it).
     pub cutoff: Option<Instant>,
+    /// One-way delay between every two nodes, in ms.
+    pub links_ms: Vec<Vec<f64>>,
+    /// Promotions so far (the history's timeline).
+    pub timeline: u32,
 }
 
 impl Database {
-    pub fn new(replication: Replication, nodes: Vec<DbNode>, primary: usize, sync_standby: usize) -> Self {
+    pub fn new(
+        replication: Replication,
+        mut nodes: Vec<DbNode>,
+        links_ms: Vec<Vec<f64>>,
+        primary: usize,
+        sync_standby: usize,
+    ) -> Self {
+        for (i, n) in nodes.iter_mut().enumerate() {
+            n.oneway_ms = links_ms[primary][i];
+        }
         Database {
             replication,
             nodes,
@@ -77,11 +102,13 @@ impl Database {
                 Replication::Async => 10.0,
             },
             cutoff: None,
+            links_ms,
+            timeline: 0,
         }
     }
 
     pub fn commit_lsn(&self) -> Lsn {
-        self.log.iter().rev().find(|c| !c.lost).map_or(Lsn(0), |c| c.lsn)
+        self.log.iter().rev().find(|c| c.lost.is_none()).map_or(Lsn(0), |c| c.lsn)
     }
 
     /// The LSN `node` has replayed at `now`.
@@ -109,11 +136,43 @@ impl Database {
         }
         // the log is in commit-time order
         let idx = self.log.partition_point(|c| c.at <= horizon);
-        self.log[..idx].iter().rev().find(|c| !c.lost).map_or(Lsn(0), |c| c.lsn)
+        self.log[..idx].iter().rev().find(|c| c.lost.is_none()).map_or(Lsn(0), |c| c.lsn)
     }
 
-    /// When a commit at `at` is acknowledged to its client (synchronous:
-    /// after the standby's flush).
+    /// The commit at `lsn` (the log is in LSN order).
+    fn commit(&self, lsn: Lsn) -> Option<&Commit> {
+        let i = self.log.partition_point(|c| c.lsn < lsn);
+        self.log.get(i).filter(|c| c.lsn == lsn)
+    }
+
+    /// The promotion that dropped the commit at `lsn`, if one did.
+    pub fn lost_in(&self, lsn: Lsn) -> Option<u32> {
+        self.commit(lsn).and_then(|c| c.lost)
+    }
+
+    pub fn is_lost(&self, lsn: Lsn) -> bool {
+        self.lost_in(lsn).is_some()
+    }
+
+    /// Whether a snapshot at `snapshot` (a commit's LSN, as every snapshot
+    /// in the model is) shows the commit at `write`. A snapshot of a history
+    /// a promotion later dropped shows what was in that history; a snapshot
+    /// of the history after the promotion does not show what it dropped,
+    /// whatever its LSN.
+    pub fn includes(&self, snapshot: Lsn, write: Lsn) -> bool {
+        if write > snapshot {
+            return false;
+        }
+        match (self.lost_in(write), self.lost_in(snapshot)) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            // both on a dropped history: the same one, or the write's outlived the snapshot's
+            (Some(w), Some(s)) => s <= w,
+        }
+    }
+
+    /// When a commit is acknowledged to its client at the earliest, in ms
+    /// after it (synchronous: the standby's flush and its answer).
     pub fn ack_delay_ms(&self) -> f64 {
         match self.replication {
             Replication::Sync => 2.0 * self.nodes[self.sync_standby].oneway_ms,
@@ -121,32 +180,63 @@ impl Database {
         }
     }
 
-    /// Executes a write on `node` stamped with `epoch`.
+    /// Whether the commit at `lsn`, made on `node`, has been acknowledged to
+    /// its client by `now`: asynchronous at once (if the node is up to
+    /// answer); synchronous (`synchronous_commit = on`) once the synchronous
+    /// standby has received it and its answer has come back. A commit that
+    /// no standby will receive (its node crashed and came back as a primary
+    /// nobody follows) is never acknowledged.
+    pub fn acknowledged(&self, node: usize, lsn: Lsn, now: Instant) -> bool {
+        if !self.nodes[node].up {
+            return false;
+        }
+        match self.replication {
+            Replication::Async => true,
+            Replication::Sync => {
+                let s = self.sync_standby;
+                let back = std::time::Duration::from_secs_f64(self.nodes[s].oneway_ms / 1e3);
+                !self.is_lost(lsn) && s != node && self.received_lsn(s, now - back) >= lsn
+            }
+        }
+    }
+
+    /// Executes a write on `node` stamped with `epoch`: committed on the
+    /// node (not yet acknowledged: see [`Self::acknowledged`]).
     pub fn write(&mut self, node: usize, epoch: Epoch, now: Instant, key: Option<u64>) -> Result<Lsn, WriteError> {
         let n = &self.nodes[node];
         if !n.up {
             return Err(WriteError::Down);
         }
         n.fence.check_write(epoch).map_err(WriteError::Fenced)?;
-        if self.replication == Replication::Sync && (!self.nodes[self.sync_standby].up || self.sync_standby == node) {
+        let followed = node == self.primary;
+        if followed
+            && self.replication == Replication::Sync
+            && (!self.nodes[self.sync_standby].up || self.sync_standby == node)
+        {
             // synchronous_standby_names = 'ANY 1 (...)': the nearest live replica
             self.sync_standby = self.nearest_standby(node).ok_or(WriteError::NoSyncStandby)?;
         }
         let lsn = Lsn(self.next_lsn);
         self.next_lsn += 1;
-        self.log.push(Commit { lsn, at: now, key, lost: false });
+        // a node the others no longer follow (an ex-primary not yet fenced
+        // after a promotion) commits on a history that is already gone
+        let lost = (!followed).then_some(self.timeline);
+        self.log.push(Commit { lsn, at: now, key, lost });
         self.accepted.push((epoch, node));
         Ok(lsn)
     }
 
     pub fn crash(&mut self, node: usize, now: Instant) {
-        if node == self.primary {
+        // (an ex-primary that came back and nobody follows keeps the cutoff
+        // of its first crash)
+        if node == self.primary && self.cutoff.is_none() {
             self.cutoff = Some(now);
         }
         let replay = self.replay_lsn(node, now);
         let n = &mut self.nodes[node];
         n.up = false;
         n.frozen_replay = Some(replay);
+        n.crashed_at = Some(now);
     }
 
     pub fn restart(&mut self, node: usize) {
@@ -157,15 +247,23 @@ impl Database {
         n.frozen_replay = None;
     }
 
-    /// Promotes `node`: commits it never received are lost from the history.
-    /// Returns the number of lost commits.
-    pub fn promote(&mut self, node: usize, epoch: Epoch, now: Instant) -> Vec<Lsn> {
+    /// The crashed primary came back before anyone replaced it: the
+    /// replicas reconnect and stream from it again (what it had not sent
+    /// before the crash is in its WAL and follows).
+    pub fn resume_streaming(&mut self) {
+        self.cutoff = None;
+    }
+
+    /// Promotes `node`: commits it never received are dropped from the
+    /// history. Returns them: (LSN, commit time).
+    pub fn promote(&mut self, node: usize, epoch: Epoch, now: Instant) -> Vec<(Lsn, Instant)> {
         let have = self.received_lsn(node, now);
+        self.timeline += 1;
         let mut lost = Vec::new();
         for c in self.log.iter_mut() {
-            if c.lsn > have && !c.lost {
-                c.lost = true;
-                lost.push(c.lsn);
+            if c.lsn > have && c.lost.is_none() {
+                c.lost = Some(self.timeline);
+                lost.push((c.lsn, c.at));
             }
         }
         let old = self.primary;
@@ -174,11 +272,13 @@ impl Database {
         self.nodes[node].frozen_replay = None;
         self.primary = node;
         self.cutoff = None;
-        // every other node now follows the new primary from `have` on
+        // every other node now follows the new primary from `have` on, at
+        // the new primary's distance
         for (i, n) in self.nodes.iter_mut().enumerate() {
             if i != node && n.frozen_replay.is_some_and(|l| l > have) {
                 n.frozen_replay = Some(have);
             }
+            n.oneway_ms = self.links_ms[node][i];
         }
         self.sync_standby = self.nearest_standby(node).unwrap_or(node);
         lost
@@ -199,4 +299,116 @@ pub enum WriteError {
     Fenced(FenceError),
     #[error("synchronous standby unavailable")]
     NoSyncStandby,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ms: u64) -> Instant {
+        Instant::from_millis(ms)
+    }
+
+    /// A primary, its standby 1 ms away and a replica 50 ms away.
+    fn db(replication: Replication) -> Database {
+        let node = |name: &str, primary: bool| DbNode {
+            name: name.into(),
+            zone: Zone::Us,
+            lat: 0.0,
+            lon: 0.0,
+            up: true,
+            fence: Fence { epoch: Epoch(1), is_primary: primary },
+            oneway_ms: 0.0,
+            apply_ms: 5.0,
+            frozen_replay: None,
+            needs_rejoin: false,
+            crashed_at: None,
+        };
+        let links = vec![vec![0.0, 1.0, 50.0], vec![1.0, 0.0, 50.0], vec![50.0, 50.0, 0.0]];
+        Database::new(replication, vec![node("p", true), node("s", false), node("r", false)], links, 0, 1)
+    }
+
+    #[test]
+    fn a_synchronous_commit_is_acknowledged_once_the_standby_has_it() {
+        let mut d = db(Replication::Sync);
+        let lsn = d.write(0, Epoch(1), at(1_000), Some(1)).expect("the primary writes");
+        assert!(!d.acknowledged(0, lsn, at(1_000)), "not at commit");
+        assert!(!d.acknowledged(0, lsn, at(1_001)), "the standby has it, its answer is on its way");
+        assert!(d.acknowledged(0, lsn, at(1_002)));
+        let mut a = db(Replication::Async);
+        let lsn = a.write(0, Epoch(1), at(1_000), Some(1)).expect("the primary writes");
+        assert!(a.acknowledged(0, lsn, at(1_000)), "asynchronous: at once");
+    }
+
+    /// Issue 13: the primary crashes, its failure is declared, and it comes
+    /// back before the promotion completes; what it commits then reaches no
+    /// standby: never acknowledged, and dropped by the promotion.
+    #[test]
+    fn a_primary_back_during_its_replacement_commits_nothing_acknowledged() {
+        let mut d = db(Replication::Sync);
+        let before = d.write(0, Epoch(1), at(1_000), Some(1)).expect("writes");
+        d.crash(0, at(2_000));
+        d.restart(0);
+        let after = d.write(0, Epoch(1), at(8_000), Some(2)).expect("an old-epoch primary accepts");
+        assert!(d.acknowledged(0, before, at(8_100)));
+        assert!(!d.acknowledged(0, after, at(9_000)), "no standby receives it");
+        let lost = d.promote(1, Epoch(2), at(9_000));
+        assert_eq!(lost, vec![(after, at(8_000))]);
+        assert!(d.is_lost(after) && !d.is_lost(before));
+        // the old primary, not yet fenced, commits on a history that is gone
+        let later = d.write(0, Epoch(1), at(9_100), Some(3)).expect("not yet fenced");
+        assert!(d.is_lost(later) && !d.acknowledged(0, later, at(10_000)));
+    }
+
+    /// Found by the swarm (seed 56): the returning ex-primary crashed again
+    /// and its second crash moved the cutoff, so the promoted standby
+    /// "received" what it committed while nobody followed it.
+    #[test]
+    fn a_second_crash_of_a_primary_nobody_follows_keeps_the_first_cutoff() {
+        let mut d = db(Replication::Async);
+        d.crash(0, at(2_000));
+        d.restart(0);
+        let after = d.write(0, Epoch(1), at(8_000), Some(2)).expect("an old-epoch primary accepts");
+        d.crash(0, at(8_500));
+        assert_eq!(d.promote(1, Epoch(2), at(9_000)), vec![(after, at(8_000))]);
+    }
+
+    #[test]
+    fn a_primary_back_before_anyone_replaced_it_is_followed_again() {
+        let mut d = db(Replication::Sync);
+        d.crash(0, at(2_000));
+        d.restart(0);
+        d.resume_streaming();
+        let lsn = d.write(0, Epoch(1), at(3_000), Some(1)).expect("writes");
+        assert!(d.acknowledged(0, lsn, at(3_002)));
+        assert_eq!(d.received_lsn(2, at(3_050)), lsn, "the replica streams from it again");
+    }
+
+    /// After a promotion dropped a write, a snapshot of the new history
+    /// does not show it whatever its LSN (the new history's LSNs are
+    /// higher); a snapshot of the old history taken before did.
+    #[test]
+    fn a_higher_lsn_after_a_loss_does_not_show_the_lost_write() {
+        let mut d = db(Replication::Async);
+        let kept = d.write(0, Epoch(1), at(1_000), Some(1)).expect("writes");
+        let lost = d.write(0, Epoch(1), at(1_995), Some(1)).expect("writes");
+        d.crash(0, at(2_000));
+        assert_eq!(d.promote(1, Epoch(2), at(8_000)), vec![(lost, at(1_995))]);
+        let newer = d.write(1, Epoch(2), at(8_100), Some(1)).expect("the new primary writes");
+        assert!(newer > lost);
+        assert!(!d.includes(newer, lost), "the new history does not have it");
+        assert!(d.includes(lost, lost), "a snapshot of the old history had it");
+        assert!(d.includes(newer, kept) && d.includes(lost, kept));
+        assert!(!d.includes(kept, lost));
+    }
+
+    #[test]
+    fn a_promotion_measures_delays_from_the_new_primary() {
+        let mut d = db(Replication::Sync);
+        d.crash(0, at(1_000));
+        d.promote(2, Epoch(2), at(8_000));
+        assert_eq!(d.nodes[1].oneway_ms, 50.0);
+        assert_eq!(d.sync_standby, 1, "the nearest live replica that did not diverge");
+        assert_eq!(d.ack_delay_ms(), 100.0);
+    }
 }

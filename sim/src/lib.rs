@@ -7,6 +7,8 @@ compile_error!(
     "postai-sim needs `--cfg madsim` (set in .cargo/config.toml). An exported RUSTFLAGS replaces it: unset RUSTFLAGS."
 );
 
+pub mod bounds;
+pub mod cdc;
 pub mod check;
 pub mod db;
 pub mod geo;
@@ -15,6 +17,7 @@ pub mod run;
 pub mod scenario;
 pub mod svg;
 pub mod swarm;
+pub mod sweep;
 pub mod world;
 
 pub use run::{Report, run_scenario};

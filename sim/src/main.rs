@@ -3,14 +3,20 @@
 
 use std::process::ExitCode;
 
-use postai_sim::{SUITE, Scenario, report, scenarios_dir};
+use postai_sim::{SUITE, Scenario, report, scenarios_dir, sweep};
 
-const USAGE: &str = "usage: postai-sim [SCENARIO.toml ...] [--seed N] [--json FILE] [--svg DIR] [--strict]
+const USAGE: &str = "usage: postai-sim [SCENARIO.toml ...] [--seed N | --seeds A..B [--jobs N]] [--short]
+                  [--json FILE] [--svg DIR] [--strict]
   no scenario: the default suite (scenarios/*.toml in suite order)
-  --seed N     override every scenario's seed
-  --json FILE  write the reports as JSON
-  --svg DIR    write one SVG per scenario (latency CDF per region, map of site read p95)
-  --strict     exit 1 when any target is missed (safety violations always exit 1)";
+  --seed N      override every scenario's seed
+  --short       run the short form the tests run (60 sites, 24 simulated seconds)
+  --seeds A..B  sweep: each scenario over seeds A to B (B excluded; A..=B includes it),
+                one line per seed that violates safety, then a summary with every such
+                seed and the command that reproduces it
+  --jobs N      sweep on N threads (default 1)
+  --json FILE   write the reports as JSON (a sweep: one summary per seed)
+  --svg DIR     write one SVG per scenario (latency CDF per region, map of site read p95)
+  --strict      exit 1 when any target is missed (safety violations always exit 1)";
 
 fn main() -> ExitCode {
     match real_main() {
@@ -28,12 +34,23 @@ fn real_main() -> Result<ExitCode, String> {
     let mut json: Option<String> = None;
     let mut strict = false;
     let mut svg_dir: Option<String> = None;
+    let mut short = false;
+    let mut seeds: Option<std::ops::Range<u64>> = None;
+    let mut jobs = 1usize;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--seed" => {
                 seed = Some(args.next().ok_or("--seed needs a value")?.parse().map_err(|e| format!("--seed: {e}"))?)
             }
+            "--seeds" => seeds = Some(sweep::parse_seeds(&args.next().ok_or("--seeds needs A..B")?)?),
+            "--jobs" => {
+                jobs = args.next().ok_or("--jobs needs a value")?.parse().map_err(|e| format!("--jobs: {e}"))?;
+                if jobs == 0 {
+                    return Err("--jobs must be at least 1".into());
+                }
+            }
+            "--short" => short = true,
             "--json" => json = Some(args.next().ok_or("--json needs a file")?),
             "--strict" => strict = true,
             "--svg" => svg_dir = Some(args.next().ok_or("--svg needs a directory")?),
@@ -49,11 +66,20 @@ fn real_main() -> Result<ExitCode, String> {
         let dir = scenarios_dir();
         files = SUITE.iter().map(|n| dir.join(format!("{n}.toml")).to_string_lossy().into_owned()).collect();
     }
+    if let Some(range) = seeds {
+        if seed.is_some() || svg_dir.is_some() || strict {
+            return Err("--seeds does not go with --seed, --svg or --strict".into());
+        }
+        return run_sweeps(&files, range, short, jobs, json.as_deref());
+    }
     let mut scenarios = Vec::with_capacity(files.len());
     for f in &files {
         let mut sc = Scenario::load(f).map_err(|e| e.to_string())?;
         if let Some(s) = seed {
             sc.seed = s;
+        }
+        if short {
+            sc = sc.short(sc.seed);
         }
         scenarios.push(sc);
     }
@@ -103,7 +129,7 @@ fn real_main() -> Result<ExitCode, String> {
             secs
         );
         if !r.passed() {
-            println!("  reproduce: cargo run --release -p postai-sim -- {f} --seed {}", r.seed);
+            println!("  reproduce: {}", sweep::reproduce(f, r.seed, short));
         }
         all_pass &= r.passed();
         all_safe &= r.safe();
@@ -126,4 +152,43 @@ fn real_main() -> Result<ExitCode, String> {
         return Ok(ExitCode::from(1));
     }
     Ok(if strict && !all_pass { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// `--seeds A..B`: each file over the range; exits 1 when a seed violated safety.
+fn run_sweeps(
+    files: &[String],
+    range: std::ops::Range<u64>,
+    short: bool,
+    jobs: usize,
+    json: Option<&str>,
+) -> Result<ExitCode, String> {
+    let mut all = Vec::new();
+    let mut all_safe = true;
+    for f in files {
+        let base = Scenario::load(f).map_err(|e| e.to_string())?;
+        let wall = std::time::Instant::now();
+        let report_unsafe = |r: &sweep::SeedResult| {
+            if !r.safe {
+                println!(
+                    "seed {}: {} -- reproduce: {}",
+                    r.seed,
+                    r.violations.join("; "),
+                    sweep::reproduce(f, r.seed, short)
+                );
+            }
+        };
+        let results = sweep::sweep(&base, range.clone(), short, jobs, &report_unsafe);
+        print!("{}", sweep::summary(f, short, &results, wall.elapsed().as_secs_f64(), jobs));
+        all_safe &= results.iter().all(|r| r.safe);
+        all.push(serde_json::json!({ "scenario": f, "short": short, "seeds": results }));
+    }
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(&all).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("{path}: {e}"))?;
+    }
+    if !all_safe {
+        eprintln!("SAFETY VIOLATION: see the seeds above");
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
 }

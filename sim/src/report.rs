@@ -11,6 +11,9 @@ pub fn table(r: &Report) -> String {
         "== {} (seed {}, {} sites, {} s simulated, {} queries)",
         r.scenario, r.seed, r.sites, r.simulated_s, r.queries
     );
+    if let Some(d) = &r.drawn {
+        let _ = writeln!(s, "  drawn: {d}");
+    }
     let _ = writeln!(s, "  {:<44} {:>16} {:>22}  result", "metric", "target", "measured");
     for row in &r.rows {
         let verdict = if row.pass { "PASS" } else { "FAIL" };
@@ -49,9 +52,19 @@ pub fn table(r: &Report) -> String {
     }
     let _ = writeln!(
         s,
-        "  stale reads {} (max staleness {:.1} ms), failovers {}",
-        r.stale_reads, r.staleness_ms_max, r.failovers
+        "  stale reads {} (max staleness {:.1} ms), failovers {}{}",
+        r.stale_reads,
+        r.staleness_ms_max,
+        r.failovers,
+        if r.failover_to.is_empty() { String::new() } else { format!(" (to {})", r.failover_to.join(", ")) }
     );
+    if r.ryw_lost_writes + r.relayed_writes + r.cdc_gaps_skipped + r.cdc_gaps_open as u64 > 0 {
+        let _ = writeln!(
+            s,
+            "  reads missing the session's own write a failover lost {}; writes relayed around a pool cut off from the primary {}; change-stream gaps given up on {}, open at the end {}",
+            r.ryw_lost_writes, r.relayed_writes, r.cdc_gaps_skipped, r.cdc_gaps_open
+        );
+    }
     for rec in &r.recoveries {
         let _ = writeln!(
             s,

@@ -273,15 +273,6 @@ impl Fault {
             Fault::CdcStall { .. } => "cdc-stall".into(),
         }
     }
-    /// The recovery-time target class of this fault.
-    pub fn rto_target_ms(&self, t: &Targets) -> Option<f64> {
-        match self {
-            Fault::PrimaryCrash { .. } => Some(t.rto_primary_ms),
-            Fault::RegionalOutage { .. } | Fault::EdgePartition { .. } => Some(t.rto_regional_ms),
-            Fault::TierLoss { .. } => Some(t.rto_cache_ms),
-            _ => None,
-        }
-    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -295,7 +286,15 @@ pub struct Targets {
     pub rto_regional_ms: f64,
     pub rto_cache_ms: f64,
     pub rpo_writes: u64,
+    /// With asynchronous replication: the window of acknowledged data a
+    /// failover may lose (the walsender's batch and the way to the standby).
+    pub rpo_async_ms: f64,
     pub ryw_violations: u64,
+    /// Every read's staleness (how long before it began a commit it missed
+    /// was acknowledged) stays under this: the CDC-silence bound plus the
+    /// stream's delivery (README, "What the simulation measures"). A breach
+    /// is a safety violation.
+    pub staleness_ms: f64,
 }
 
 impl Default for Targets {
@@ -309,7 +308,9 @@ impl Default for Targets {
             rto_regional_ms: 10_000.0,
             rto_cache_ms: 1_000.0,
             rpo_writes: 0,
+            rpo_async_ms: 100.0,
             ryw_violations: 0,
+            staleness_ms: 2_300.0,
         }
     }
 }
@@ -458,6 +459,8 @@ impl Scenario {
             ("targets.rto_primary_ms", g.rto_primary_ms),
             ("targets.rto_regional_ms", g.rto_regional_ms),
             ("targets.rto_cache_ms", g.rto_cache_ms),
+            ("targets.rpo_async_ms", g.rpo_async_ms),
+            ("targets.staleness_ms", g.staleness_ms),
         ] {
             range(name, v, 0.0, 1e9)?;
         }

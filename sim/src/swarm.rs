@@ -29,6 +29,8 @@ pub fn draw(base: &Scenario) -> Scenario {
         let region = regions[rng.below(3) as usize].to_string();
         let dur = 1.0 + rng.unit_f64() * 10.0;
         let f = match rng.below(6) {
+            // one from this stream (so that the worlds drawn before stay); a
+            // second one, back to back, from `draw_more`
             0 if !primary_crashed => {
                 primary_crashed = true;
                 Fault::PrimaryCrash { at_s, restart_after_s: Some(dur * 2.0) }
@@ -42,5 +44,100 @@ pub fn draw(base: &Scenario) -> Scenario {
         faults.push(f);
     }
     sc.faults = faults;
+    draw_more(&mut sc, &mut Rng::new(base.seed ^ 0x5157_4152_4d01));
     sc
+}
+
+/// Cases drawn on purpose, from a second stream so that the draws above
+/// (the worlds the seeds gave before these were added) stay as they were:
+/// a crashed primary coming back while its replacement is being promoted
+/// (writes bypassing the edge keep coming; issue 13: acknowledged writes
+/// were lost there), a second primary crash before the first failover
+/// completes (it takes down the node taking over), a pool cut off from the
+/// primary, a slow link, asynchronous replication.
+fn draw_more(sc: &mut Scenario, rng: &mut Rng) {
+    let duration = sc.duration_s as f64;
+    let at = |rng: &mut Rng| (sc.warmup_s as f64 * 0.5 + rng.unit_f64() * duration * 0.5).min(duration - 1.0);
+    let detect_s = sc.db.heartbeat_timeout_ms as f64 / 1e3;
+    let promote_s = sc.db.promote_ms as f64 / 1e3;
+    // from the failure's detection to the routes' change (control ticks of 0.5 s)
+    let in_promotion = |rng: &mut Rng| detect_s + rng.unit_f64() * (promote_s + 1.0);
+    let regions = ["EU", "US", "APAC"];
+    if rng.below(5) == 0 {
+        sc.db.replication = crate::scenario::Replication::Async;
+    }
+    let first = sc.faults.iter().position(|f| matches!(f, Fault::PrimaryCrash { .. }));
+    if rng.below(3) == 0 {
+        let restart = Some(in_promotion(rng));
+        match first {
+            Some(i) => {
+                if let Fault::PrimaryCrash { restart_after_s, .. } = &mut sc.faults[i] {
+                    *restart_after_s = restart;
+                }
+            }
+            None => sc.faults.push(Fault::PrimaryCrash { at_s: at(rng), restart_after_s: restart }),
+        }
+        if sc.workload.bypass_write_qps == 0.0 {
+            sc.workload.bypass_write_qps = 20.0 + rng.unit_f64() * 180.0;
+        }
+    }
+    if rng.below(5) == 0 {
+        let first_at = match sc.faults.iter().find(|f| matches!(f, Fault::PrimaryCrash { .. })) {
+            Some(f) => f.at_s(),
+            None => {
+                let at_s = at(rng);
+                sc.faults.push(Fault::PrimaryCrash { at_s, restart_after_s: Some(in_promotion(rng) + 3.0) });
+                at_s
+            }
+        };
+        let at_s = (first_at + rng.unit_f64() * (detect_s + promote_s + 1.0)).min(duration - 1.0);
+        sc.faults.push(Fault::PrimaryCrash { at_s, restart_after_s: Some(1.0 + rng.unit_f64() * 10.0) });
+    }
+    if rng.below(5) == 0 {
+        let region = regions[rng.below(3) as usize].to_string();
+        sc.faults.push(Fault::PrimaryPartition { at_s: at(rng), region, duration_s: 1.0 + rng.unit_f64() * 19.0 });
+    }
+    if rng.below(10) == 0 {
+        let region = regions[rng.below(3) as usize].to_string();
+        let extra_ms = 50.0 + rng.unit_f64() * 450.0;
+        sc.faults.push(Fault::SlowLink { at_s: at(rng), region, extra_ms, duration_s: 1.0 + rng.unit_f64() * 9.0 });
+    }
+}
+
+/// One line on what a swarm draw chose (the report prints it).
+pub fn describe(sc: &Scenario) -> String {
+    let w = &sc.workload;
+    let faults: Vec<String> = sc
+        .faults_sorted()
+        .iter()
+        .map(|f| match f {
+            Fault::PrimaryCrash { at_s, restart_after_s } => match restart_after_s {
+                Some(r) => format!("primary-crash at {at_s:.1} s (restart after {r:.1} s)"),
+                None => format!("primary-crash at {at_s:.1} s"),
+            },
+            Fault::RegionalOutage { duration_s, .. }
+            | Fault::EdgePartition { duration_s, .. }
+            | Fault::PrimaryPartition { duration_s, .. }
+            | Fault::SlowLink { duration_s, .. }
+            | Fault::CdcStall { duration_s, .. } => format!("{} at {:.1} s for {duration_s:.1} s", f.label(), f.at_s()),
+            Fault::ReplicaCrash { restart_after_s: Some(r), .. } => {
+                format!("{} at {:.1} s (restart after {r:.1} s)", f.label(), f.at_s())
+            }
+            f => format!("{} at {:.1} s", f.label(), f.at_s()),
+        })
+        .collect();
+    format!(
+        "{} sites, {:?} replication, writes {:.1} %, {:.0} bypassing writes/s, {} sessions per site, \
+         CDC lag {:.0} ms, reorder {:.1} %, duplicates {:.1} %, loss {:.2} %; faults: {}",
+        sc.sites,
+        sc.db.replication,
+        w.write_ratio * 100.0,
+        w.bypass_write_qps,
+        w.sessions_per_site,
+        sc.db.cdc_lag_ms,
+        sc.db.cdc_reorder * 100.0,
+        sc.db.cdc_duplicate * 100.0,
+        sc.network.loss * 100.0,
+        faults.join(", ")
+    )
 }
