@@ -350,6 +350,9 @@ struct Client {
     /// would still answer from before the write.
     hold_ready: bool,
     held_ready: Option<bytes::Bytes>,
+    /// The topology's primary generation when the session connected to the
+    /// primary (its own connection): past a failover it must not write there.
+    primary_generation: u64,
     /// Prepared admin commands and their portals (`proxy/admin.rs`).
     admin: admin::AdminState,
     /// The BackendKeyData the client holds (the primary's, or pooled, ours).

@@ -39,6 +39,15 @@ pub struct Topology {
     failover: Option<FailoverController>,
     primary: EndpointId,
     epoch: Epoch,
+    /// The primary was fenced (a failover began): no write goes to it any
+    /// more, even before the promotion completes (an old primary that comes
+    /// back meanwhile would accept writes the promotion then drops).
+    primary_fenced: bool,
+    /// The replica being promoted.
+    promoting: Option<EndpointId>,
+    /// Bumped whenever writes move (fence, promotion): a session connected
+    /// to the primary under an older value must not write there again.
+    primary_generation: u64,
     /// Promotions completed.
     pub failovers: u64,
     /// Reads answered by a replica (cache misses routed off the primary).
@@ -79,14 +88,26 @@ impl Topology {
             failover,
             primary: EndpointId(0),
             epoch: Epoch(1),
+            primary_fenced: false,
+            promoting: None,
+            primary_generation: 0,
             failovers: 0,
             replica_reads: 0,
             fenced_returns: 0,
         }
     }
 
+    /// Where writes go: the primary; during a failover the replica being
+    /// promoted (writes fail read-only there until it is promoted, but never
+    /// reach the fenced old primary).
     pub fn primary_addr(&self) -> String {
-        self.addr(self.primary).unwrap_or_default()
+        let target = if self.primary_fenced { self.promoting.unwrap_or(self.primary) } else { self.primary };
+        self.addr(target).unwrap_or_default()
+    }
+
+    /// Changes whenever writes move to another node (see `primary_generation`).
+    pub fn primary_generation(&self) -> u64 {
+        self.primary_generation
     }
 
     pub fn epoch(&self) -> Epoch {
@@ -151,14 +172,22 @@ impl Topology {
                         n.fenced = true;
                     }
                     self.router.remove_endpoint(*node);
+                    if *node == self.primary {
+                        self.primary_fenced = true;
+                        self.primary_generation += 1;
+                    }
                 }
+                FailoverOutput::Promote { node, .. } => self.promoting = Some(*node),
                 FailoverOutput::RoutesChanged { primary, epoch } => {
                     self.router.set_primary(*primary);
                     self.primary = *primary;
                     self.epoch = *epoch;
+                    self.primary_fenced = false;
+                    self.promoting = None;
+                    self.primary_generation += 1;
                     self.failovers += 1;
                 }
-                FailoverOutput::Promote { .. } | FailoverOutput::NoCandidate => {}
+                FailoverOutput::NoCandidate => {}
             }
             out.push(o);
         }
@@ -234,6 +263,17 @@ pub async fn run(proxy: Arc<Proxy>) {
                     proxy.forget_cache(now);
                     let addr = nodes.iter().find(|n| n.id == primary).map(|n| n.addr.clone()).unwrap_or_default();
                     eprintln!("postai-edge: primary is now {addr} (epoch {})", epoch.0);
+                    // the other replicas follow the new primary: none keeps
+                    // acknowledging an old primary that comes back
+                    for (i, n) in nodes.iter().enumerate() {
+                        if n.id != primary
+                            && !n.fenced
+                            && let Some(c) = conns[i].as_mut()
+                            && let Err(e) = repoint(c, &addr).await
+                        {
+                            eprintln!("postai-edge: could not point {} at {addr}: {e}", n.addr);
+                        }
+                    }
                 }
                 FailoverOutput::Fence { node, .. } => {
                     let addr = nodes.iter().find(|n| n.id == node).map(|n| n.addr.clone()).unwrap_or_default();
@@ -274,6 +314,67 @@ async fn promote(c: &mut Conn) -> std::io::Result<()> {
     }
 }
 
+/// Points a replica at `primary` (`host:port`): its `primary_conninfo` with
+/// the host and port replaced, applied by a reload (PostgreSQL 13+).
+async fn repoint(c: &mut Conn, primary: &str) -> std::io::Result<()> {
+    let (host, port) = primary.rsplit_once(':').ok_or_else(|| std::io::Error::other("no port"))?;
+    let msgs = c.simple("SELECT current_setting('primary_conninfo')").await?;
+    let current = protocol::first_value(&msgs).unwrap_or_default();
+    let next = with_host_port(&current, host, port);
+    if next == current {
+        return Ok(());
+    }
+    let set = format!("ALTER SYSTEM SET primary_conninfo = '{}'", next.replace('\'', "''"));
+    for sql in [set.as_str(), "SELECT pg_reload_conf()"] {
+        let msgs = c.simple(sql).await?;
+        if let Some(e) = msgs.iter().find(|m| m.tag == b'E') {
+            return Err(std::io::Error::other(error_message(e)));
+        }
+    }
+    eprintln!("postai-edge: replica now follows {primary}");
+    Ok(())
+}
+
+/// A libpq connection string with `host` and `port` set (other keys kept;
+/// `hostaddr` dropped, it would override the host).
+fn with_host_port(conninfo: &str, host: &str, port: &str) -> String {
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    let mut rest = conninfo.trim();
+    while !rest.is_empty() {
+        let Some((key, after)) = rest.split_once('=') else { break };
+        let after = after.trim_start();
+        let (value, tail) = if let Some(q) = after.strip_prefix('\'') {
+            let mut v = String::new();
+            let mut chars = q.char_indices();
+            let mut end = q.len();
+            while let Some((i, ch)) = chars.next() {
+                match ch {
+                    '\\' => v.extend(chars.next().map(|(_, c)| c)),
+                    '\'' => {
+                        end = i + 1;
+                        break;
+                    }
+                    c => v.push(c),
+                }
+            }
+            (v, &q[end.min(q.len())..])
+        } else {
+            let end = after.find(char::is_whitespace).unwrap_or(after.len());
+            (after[..end].to_string(), &after[end..])
+        };
+        pairs.push((key.trim().to_string(), value));
+        rest = tail.trim_start();
+    }
+    pairs.retain(|(k, _)| !matches!(k.as_str(), "host" | "port" | "hostaddr"));
+    pairs.push(("host".into(), host.into()));
+    pairs.push(("port".into(), port.into()));
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}='{}'", v.replace('\\', "\\\\").replace('\'', "\\'")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// A former primary came back and accepts writes: make it read-only for
 /// everyone (the proxy already never routes to it).
 async fn fence(proxy: &Proxy, c: &mut Conn, addr: &str) {
@@ -286,5 +387,39 @@ async fn fence(proxy: &Proxy, c: &mut Conn, addr: &str) {
     if done.is_ok() && reloaded.is_ok() {
         eprintln!("postai-edge: {addr} returned as a primary in an old epoch; made it read-only");
         proxy.topology().fenced_returns += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conninfo_points_at_the_new_primary() {
+        let c = with_host_port("host=127.0.0.1 port=5432 user=postgres application_name=standby", "10.0.0.2", "6000");
+        assert_eq!(c, "user='postgres' application_name='standby' host='10.0.0.2' port='6000'");
+        let c = with_host_port("user='a b' password='it\\'s' hostaddr=1.2.3.4", "h", "1");
+        assert_eq!(c, "user='a b' password='it\\'s' host='h' port='1'");
+        assert_eq!(with_host_port("", "h", "1"), "host='h' port='1'");
+    }
+
+    #[test]
+    fn writes_leave_a_fenced_primary_before_the_promotion_completes() {
+        let fo = FailoverConfig {
+            heartbeat_timeout: Duration::from_millis(100),
+            promote_timeout: Duration::from_secs(10),
+            nodes_max: 3,
+        };
+        let mut t = Topology::new("p:1", &["r:2".to_string()], Some(fo), Instant::ZERO);
+        t.healthy(Instant::ZERO, EndpointId(1), Lsn(5), Duration::from_millis(1));
+        assert_eq!(t.primary_addr(), "p:1");
+        let g = t.primary_generation();
+        // the primary is silent past the timeout: fenced, the replica promoted
+        let later = Instant::from_millis(1000);
+        t.healthy(later, EndpointId(1), Lsn(5), Duration::from_millis(1));
+        let out = t.poll_failover(later);
+        assert!(out.iter().any(|o| matches!(o, FailoverOutput::Promote { .. })), "{out:?}");
+        assert_eq!(t.primary_addr(), "r:2", "writes go to the replica being promoted, not the old primary");
+        assert_ne!(t.primary_generation(), g, "sessions on the old primary stop writing");
     }
 }

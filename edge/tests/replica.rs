@@ -178,6 +178,8 @@ fn failover_promotes_the_replica_loses_no_acknowledged_write_and_fences_the_old_
     );
     assert!(!setup.contains("ERROR"), "{setup}");
     let replica = primary.start_replica("standby", 0);
+    // a second replica, behind (never the one promoted): it must follow the new primary
+    let second = primary.start_replica("second", 500);
     // synchronous replication: a commit is acknowledged once the standby has it
     let sync = psql_session(
         primary.port,
@@ -185,11 +187,11 @@ fn failover_promotes_the_replica_loses_no_acknowledged_write_and_fences_the_old_
     );
     assert!(!sync.contains("ERROR"), "{sync}");
     assert!(eventually(Duration::from_secs(20), || {
-        psql(primary.port, "SELECT sync_state FROM pg_stat_replication") == "sync"
+        psql(primary.port, "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'standby'") == "sync"
     }));
     let (port, metrics_at, _rt) = start_proxy(
         &primary,
-        &[&replica],
+        &[&replica, &second],
         "[cdc]\npoll_ms = 50\n[failover]\nhealth_interval_ms = 200\ntimeout_ms = 1500\n",
     );
     assert!(eventually(Duration::from_secs(10), || stat_n(port, "cdc_events") > 0), "CDC connected");
@@ -250,6 +252,14 @@ fn failover_promotes_the_replica_loses_no_acknowledged_write_and_fences_the_old_
     assert!(eventually(Duration::from_secs(10), || psql(port, "SELECT v FROM items WHERE id = 1") == "one"));
     assert_eq!(psql(port, "UPDATE items SET v = 'uno' WHERE id = 1"), "");
     assert_eq!(psql(port, "SELECT v FROM items WHERE id = 1"), "uno");
+    // the other replica was pointed at the new primary: it streams from it
+    let follows = "SELECT sender_port FROM pg_stat_wal_receiver WHERE status = 'streaming'";
+    assert!(
+        eventually(Duration::from_secs(30), || psql(second.port, follows) == replica.port.to_string()),
+        "the second replica follows the new primary: {}",
+        psql(second.port, "SELECT status, sender_host, sender_port FROM pg_stat_wal_receiver")
+    );
+    assert!(eventually(Duration::from_secs(10), || psql(second.port, "SELECT v FROM items WHERE id = 1") == "uno"));
 
     // the old primary comes back as a primary of an old epoch: fenced
     primary.restart();

@@ -16,10 +16,15 @@ impl Client {
         let params = accepted.upstream_params();
         let frontend::Accepted { rd, mut wr, buf, user, database, upstream_password, auth_ok, .. } = *accepted;
         let session = SessionId(proxy.next_session.fetch_add(1, Ordering::Relaxed));
+        // where writes go now, and which generation of the topology said so
+        let (primary, primary_generation) = {
+            let t = proxy.topology();
+            (t.primary_addr(), t.primary_generation())
+        };
         let opened = match &proxy.pool {
             // transaction pooling: a pooled connection's greeting, our own cancel key
             Some(pool) => {
-                let key = PoolKey::new(&proxy.primary_addr(), &params);
+                let key = PoolKey::new(&primary, &params);
                 let wait = proxy.config.pool.wait_ms;
                 pool.acquire(&key, upstream_password.as_deref(), wait).await.map(|lease| {
                     let secret: i32 = rand::random();
@@ -32,7 +37,7 @@ impl Client {
                     (Upstream::Pooled { lease: None, key, password, pinned: false, cancel }, greeting, b'I')
                 })
             }
-            None => upstream::login(&proxy.dialer, &proxy.primary_addr(), &params, upstream_password.as_deref())
+            None => upstream::login(&proxy.dialer, &primary, &params, upstream_password.as_deref())
                 .await
                 .map(|l| (Upstream::Dedicated(l.conn), l.greeting, l.status))
                 .map_err(PoolError::Login),
@@ -73,6 +78,7 @@ impl Client {
             relayed_from: None,
             relayed_overflow: false,
             reported: Vec::new(),
+            primary_generation,
             hold_ready: false,
             held_ready: None,
             admin: admin::AdminState::default(),
@@ -144,6 +150,16 @@ impl Client {
         let mut batch: Vec<Message> = Vec::new();
         // client messages: `proxy/input.rs`
         while let Some(m) = self.next_request(batch.is_empty()).await? {
+            if matches!(m.tag, b'Q' | b'S' | b'H')
+                && !self.pooled()
+                && self.proxy.topology().primary_generation() != self.primary_generation
+            {
+                // its connection is to a primary that was fenced: a write there
+                // could be acknowledged and then lost with the failover
+                let e = "postai-edge: the primary changed (failover); reconnect";
+                self.wr.write_all(&protocol::error_response("FATAL", "57P01", e)).await?;
+                return Ok(());
+            }
             match m.tag {
                 b'Q' => {
                     self.flush_batch(&mut batch).await?;
