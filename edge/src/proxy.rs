@@ -187,7 +187,13 @@ impl Proxy {
     /// A connection of the proxy's own (CDC, health checks) as `user`, with
     /// the password `[[users]]` gives it upstream, if any.
     pub async fn service_login(&self, addr: &str, user: &str, database: &str) -> std::io::Result<Conn> {
-        let params = vec![("user".to_string(), user.to_string()), ("database".to_string(), database.to_string())];
+        // named, so an operator (and the tests) can tell the proxy's own
+        // connections from its clients' in pg_stat_activity
+        let params = vec![
+            ("user".to_string(), user.to_string()),
+            ("database".to_string(), database.to_string()),
+            ("application_name".to_string(), SERVICE_APPLICATION_NAME.to_string()),
+        ];
         let password = self.upstream_password(user);
         match upstream::login(&self.dialer, addr, &params, password.as_deref()).await {
             Ok(l) => Ok(l.conn),
@@ -383,6 +389,10 @@ pub type CancelTarget = Mutex<Option<(String, i32, i32)>>;
 
 /// Polls of CDC rows a subscriber may fall behind by before it is cut off
 /// (it then subscribes again, and invalidates what it held).
+/// The `application_name` of the proxy's own connections (health checks,
+/// the catalog and change-stream readers, fencing): not its clients'.
+pub const SERVICE_APPLICATION_NAME: &str = "postai-edge";
+
 const CDC_FEED_DEPTH: usize = 1024;
 
 /// Statements noted per request at most; beyond, the session goes private.

@@ -13,9 +13,10 @@ const POOLED: &str =
     "[pool]\nmode = 'transaction'\nsize = 3\nwait_ms = 20000\n[cache]\nenabled = false\n[cdc]\nenabled = false\n";
 
 fn server_connections(pg: &Pg) -> u64 {
-    // every client backend but this psql and the proxy's health checks
+    // every client backend but this psql and the proxy's own (health checks,
+    // the catalog reader): those are named postai-edge
     let sql = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' \
-               AND pid <> pg_backend_pid() AND query NOT LIKE '%pg_is_in_recovery%'";
+               AND pid <> pg_backend_pid() AND application_name <> 'postai-edge'";
     psql(pg.port, sql).parse().unwrap_or(u64::MAX)
 }
 
