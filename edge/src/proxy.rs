@@ -357,7 +357,8 @@ struct Client {
     hold_ready: bool,
     held_ready: Option<bytes::Bytes>,
     /// The topology's primary generation when the session connected to the
-    /// primary (its own connection): past a failover it must not write there.
+    /// primary (its own connection, or the pooled one it holds): past a
+    /// failover it must not write there.
     primary_generation: u64,
     /// Prepared admin commands and their portals (`proxy/admin.rs`).
     admin: admin::AdminState,
@@ -441,14 +442,29 @@ impl Client {
         matches!(self.upstream, Upstream::Pooled { .. })
     }
 
+    /// The session's server connection is to a primary the failover has
+    /// fenced since (its own connection, or a pooled one it holds): nothing
+    /// may be written or acknowledged there any more.
+    fn on_old_primary(&self) -> bool {
+        let connected = match &self.upstream {
+            Upstream::Dedicated(_) => true,
+            Upstream::Pooled { lease, .. } => lease.is_some(),
+        };
+        connected && self.proxy.topology().primary_generation() != self.primary_generation
+    }
+
     /// The server connection, leased from the pool first when pooling.
     async fn up(&mut self) -> anyhow::Result<&mut Conn> {
         if let Upstream::Pooled { lease, key, password, cancel, .. } = &mut self.upstream
             && lease.is_none()
         {
             let pool = self.proxy.pool.as_ref().ok_or_else(|| anyhow::anyhow!("transaction pooling without a pool"))?;
-            // after a failover the primary is elsewhere
-            key.addr = self.proxy.primary_addr();
+            // after a failover the primary is elsewhere; the generation says
+            // which topology lent this connection (see `on_old_primary`)
+            (key.addr, self.primary_generation) = {
+                let t = self.proxy.topology();
+                (t.primary_addr(), t.primary_generation())
+            };
             let wait = self.proxy.config.pool.wait_ms;
             let l = Box::new(pool.acquire(key, password.as_deref(), wait).await?);
             if let Some((pid, secret)) = l.server.backend_key {
@@ -518,6 +534,12 @@ impl Client {
     async fn release_ready(&mut self) -> anyhow::Result<()> {
         self.hold_ready = false;
         if let Some(z) = self.held_ready.take() {
+            if self.proxy.topology().primary_generation() != self.primary_generation {
+                // the write ran on a primary fenced meanwhile (a pooled
+                // connection is given back already, so its lease is not
+                // asked): a failover may drop it, so it is not acknowledged
+                anyhow::bail!("the primary changed during this request (failover): its outcome is unknown; reconnect");
+            }
             self.wr.write_all(&z).await?;
         }
         Ok(())

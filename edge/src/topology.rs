@@ -101,8 +101,13 @@ impl Topology {
     /// promoted (writes fail read-only there until it is promoted, but never
     /// reach the fenced old primary).
     pub fn primary_addr(&self) -> String {
-        let target = if self.primary_fenced { self.promoting.unwrap_or(self.primary) } else { self.primary };
-        self.addr(target).unwrap_or_default()
+        self.write_target().and_then(|id| self.addr(id)).unwrap_or_default()
+    }
+
+    /// The node writes go to; none while the primary is fenced and no
+    /// replica is being promoted (writes fail: the old one may not take them).
+    fn write_target(&self) -> Option<EndpointId> {
+        if self.primary_fenced { self.promoting } else { Some(self.primary) }
     }
 
     /// Changes whenever writes move to another node (see `primary_generation`).
@@ -166,7 +171,11 @@ impl Topology {
         }
         let mut out = Vec::new();
         while let Some(o) = f.poll_output() {
-            match &o {
+            out.push(o);
+        }
+        for o in &out {
+            let before = self.write_target();
+            match o {
                 FailoverOutput::Fence { node, .. } => {
                     if let Some(n) = self.nodes.iter_mut().find(|n| n.id == *node) {
                         n.fenced = true;
@@ -174,7 +183,11 @@ impl Topology {
                     self.router.remove_endpoint(*node);
                     if *node == self.primary {
                         self.primary_fenced = true;
-                        self.primary_generation += 1;
+                    }
+                    if self.promoting == Some(*node) {
+                        // a promotion that did not finish in time: its
+                        // candidate is fenced like an old primary
+                        self.promoting = None;
                     }
                 }
                 FailoverOutput::Promote { node, .. } => self.promoting = Some(*node),
@@ -184,14 +197,29 @@ impl Topology {
                     self.epoch = *epoch;
                     self.primary_fenced = false;
                     self.promoting = None;
-                    self.primary_generation += 1;
                     self.failovers += 1;
                 }
                 FailoverOutput::NoCandidate => {}
             }
-            out.push(o);
+            // a session whose connection is to where writes went before
+            // must not write there again (a session that connected to the
+            // candidate while it was promoted keeps its connection)
+            if self.write_target() != before {
+                self.primary_generation += 1;
+            }
         }
         out
+    }
+
+    /// A health check found `node` out of recovery: if it is the replica
+    /// being promoted, its promotion is done (`pg_promote` may have given up
+    /// waiting while the promotion went on).
+    fn out_of_recovery(&mut self, now: Instant, node: EndpointId) {
+        if self.promoting == Some(node)
+            && let Some(epoch) = self.failover.as_ref().map(|f| f.epoch())
+        {
+            self.promoted(now, node, epoch);
+        }
     }
 
     fn promoted(&mut self, now: Instant, node: EndpointId, epoch: Epoch) {
@@ -211,15 +239,19 @@ pub async fn run(proxy: Arc<Proxy>) {
     let interval = std::time::Duration::from_millis(cfg.health_interval_ms);
     let timeout = std::time::Duration::from_millis(cfg.check_timeout_ms);
     let mut conns: Vec<Option<Conn>> = Vec::new();
+    let mut followers = Followers::default();
     loop {
         let nodes: Vec<DbNode> = proxy.topology().nodes().to_vec();
         conns.resize_with(nodes.len(), || None);
+        followers.recovering.clear();
+        followers.recovering.resize(nodes.len(), false);
         for (i, n) in nodes.iter().enumerate() {
             let started = proxy.now();
             let checked = tokio::time::timeout(timeout, check(&proxy, &mut conns[i], &n.addr)).await;
             let now = proxy.now();
             match checked {
                 Ok(Ok((in_recovery, lsn))) => {
+                    followers.recovering[i] = in_recovery;
                     if n.fenced {
                         if !in_recovery && let Some(c) = conns[i].as_mut() {
                             fence(&proxy, c, &n.addr).await;
@@ -228,6 +260,7 @@ pub async fn run(proxy: Arc<Proxy>) {
                     }
                     if !in_recovery {
                         proxy.lsn_seen.fetch_max(lsn.0, Ordering::Relaxed);
+                        proxy.topology().out_of_recovery(now, n.id);
                     }
                     proxy.topology().healthy(now, n.id, lsn, now.saturating_since(started));
                 }
@@ -250,7 +283,10 @@ pub async fn run(proxy: Arc<Proxy>) {
                             nodes[i.unwrap_or(0)].addr,
                             epoch.0
                         );
-                        if promote(c).await.is_ok() {
+                        // bounded: a hung node must not stop the health task
+                        // (a promotion finished later is seen by its check)
+                        let wait = std::time::Duration::from_millis(cfg.promote_timeout_ms.min(60_000)) + timeout;
+                        if let Ok(Ok(())) = tokio::time::timeout(wait, promote(c, wait)).await {
                             proxy.topology().promoted(proxy.now(), node, epoch);
                         }
                     }
@@ -263,17 +299,6 @@ pub async fn run(proxy: Arc<Proxy>) {
                     proxy.forget_cache(now);
                     let addr = nodes.iter().find(|n| n.id == primary).map(|n| n.addr.clone()).unwrap_or_default();
                     eprintln!("postai-edge: primary is now {addr} (epoch {})", epoch.0);
-                    // the other replicas follow the new primary: none keeps
-                    // acknowledging an old primary that comes back
-                    for (i, n) in nodes.iter().enumerate() {
-                        if n.id != primary
-                            && !n.fenced
-                            && let Some(c) = conns[i].as_mut()
-                            && let Err(e) = repoint(c, &addr).await
-                        {
-                            eprintln!("postai-edge: could not point {} at {addr}: {e}", n.addr);
-                        }
-                    }
                 }
                 FailoverOutput::Fence { node, .. } => {
                     let addr = nodes.iter().find(|n| n.id == node).map(|n| n.addr.clone()).unwrap_or_default();
@@ -282,7 +307,66 @@ pub async fn run(proxy: Arc<Proxy>) {
                 FailoverOutput::NoCandidate => eprintln!("postai-edge: primary failed and no replica can be promoted"),
             }
         }
+        followers.follow(&proxy, &nodes, &mut conns, timeout).await;
         tokio::time::sleep(interval).await;
+    }
+}
+
+/// The replicas' upstream after a failover: each replica in recovery is
+/// pointed at where writes go (the replica being promoted, then the new
+/// primary: a cascading standby follows the promotion's timeline), so none
+/// keeps following, and acknowledging, an old primary that comes back.
+/// Retried on every round until it holds (a replica down at the failover is
+/// pointed when it is back).
+#[derive(Default)]
+struct Followers {
+    /// Per node: in recovery at this round's check.
+    recovering: Vec<bool>,
+    /// Per node: the address it was last pointed at (and the last one a
+    /// failure was logged for).
+    pointed: Vec<String>,
+    warned: Vec<String>,
+}
+
+impl Followers {
+    async fn follow(
+        &mut self,
+        proxy: &Proxy,
+        nodes: &[DbNode],
+        conns: &mut [Option<Conn>],
+        timeout: std::time::Duration,
+    ) {
+        let (target, moved) = {
+            let t = proxy.topology();
+            (t.primary_addr(), t.primary_generation() > 0)
+        };
+        // before any failover the replicas' configuration is the operator's
+        if !moved || target.is_empty() {
+            return;
+        }
+        self.pointed.resize(nodes.len(), String::new());
+        self.warned.resize(nodes.len(), String::new());
+        for (i, n) in nodes.iter().enumerate() {
+            if n.addr == target || self.pointed[i] == target || !self.recovering.get(i).copied().unwrap_or(false) {
+                continue;
+            }
+            let Some(c) = conns.get_mut(i).and_then(|c| c.as_mut()) else { continue };
+            let e = match tokio::time::timeout(timeout, repoint(c, &target)).await {
+                Ok(Ok(())) => {
+                    self.pointed[i] = target.clone();
+                    continue;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => {
+                    conns[i] = None;
+                    "timed out".to_string()
+                }
+            };
+            if self.warned[i] != target {
+                eprintln!("postai-edge: could not point {} at {target}: {e}; retrying", n.addr);
+                self.warned[i] = target.clone();
+            }
+        }
     }
 }
 
@@ -304,8 +388,9 @@ async fn check(proxy: &Proxy, conn: &mut Option<Conn>, addr: &str) -> std::io::R
     Ok((in_recovery, lsn))
 }
 
-async fn promote(c: &mut Conn) -> std::io::Result<()> {
-    let msgs = c.simple("SELECT pg_promote(true, 60)::text").await?;
+async fn promote(c: &mut Conn, wait: std::time::Duration) -> std::io::Result<()> {
+    let secs = wait.as_secs().clamp(1, 60);
+    let msgs = c.simple(&format!("SELECT pg_promote(true, {secs})::text")).await?;
     match protocol::first_value(&msgs).as_deref() {
         Some("true") => Ok(()),
         _ => Err(std::io::Error::other(
@@ -318,13 +403,23 @@ async fn promote(c: &mut Conn) -> std::io::Result<()> {
 /// the host and port replaced, applied by a reload (PostgreSQL 13+).
 async fn repoint(c: &mut Conn, primary: &str) -> std::io::Result<()> {
     let (host, port) = primary.rsplit_once(':').ok_or_else(|| std::io::Error::other("no port"))?;
-    let msgs = c.simple("SELECT current_setting('primary_conninfo')").await?;
-    let current = protocol::first_value(&msgs).unwrap_or_default();
+    let msgs = c
+        .simple("SELECT CASE WHEN current_setting('server_version_num')::int >= 130000 THEN current_setting('primary_conninfo') END")
+        .await?;
+    if let Some(e) = msgs.iter().find(|m| m.tag == b'E') {
+        // without it the user, password and application_name would be lost
+        return Err(std::io::Error::other(error_message(e)));
+    }
+    let Some(current) = protocol::first_value(&msgs) else {
+        return Err(std::io::Error::other("PostgreSQL 13 or later re-reads primary_conninfo on a reload"));
+    };
     let next = with_host_port(&current, host, port);
     if next == current {
         return Ok(());
     }
-    let set = format!("ALTER SYSTEM SET primary_conninfo = '{}'", next.replace('\'', "''"));
+    // an E'' literal: the same whatever standard_conforming_strings says
+    let literal = next.replace('\\', "\\\\").replace('\'', "''");
+    let set = format!("ALTER SYSTEM SET primary_conninfo = E'{literal}'");
     for sql in [set.as_str(), "SELECT pg_reload_conf()"] {
         let msgs = c.simple(sql).await?;
         if let Some(e) = msgs.iter().find(|m| m.tag == b'E') {
@@ -403,8 +498,8 @@ mod tests {
         assert_eq!(with_host_port("", "h", "1"), "host='h' port='1'");
     }
 
-    #[test]
-    fn writes_leave_a_fenced_primary_before_the_promotion_completes() {
+    /// A primary and one replica, failover after 100 ms of silence.
+    fn one_replica() -> Topology {
         let fo = FailoverConfig {
             heartbeat_timeout: Duration::from_millis(100),
             promote_timeout: Duration::from_secs(10),
@@ -412,6 +507,12 @@ mod tests {
         };
         let mut t = Topology::new("p:1", &["r:2".to_string()], Some(fo), Instant::ZERO);
         t.healthy(Instant::ZERO, EndpointId(1), Lsn(5), Duration::from_millis(1));
+        t
+    }
+
+    #[test]
+    fn writes_leave_a_fenced_primary_before_the_promotion_completes() {
+        let mut t = one_replica();
         assert_eq!(t.primary_addr(), "p:1");
         let g = t.primary_generation();
         // the primary is silent past the timeout: fenced, the replica promoted
@@ -421,5 +522,65 @@ mod tests {
         assert!(out.iter().any(|o| matches!(o, FailoverOutput::Promote { .. })), "{out:?}");
         assert_eq!(t.primary_addr(), "r:2", "writes go to the replica being promoted, not the old primary");
         assert_ne!(t.primary_generation(), g, "sessions on the old primary stop writing");
+    }
+
+    #[test]
+    fn a_candidate_that_does_not_promote_in_time_is_left_like_an_old_primary() {
+        let fo = FailoverConfig {
+            heartbeat_timeout: Duration::from_millis(100),
+            promote_timeout: Duration::from_secs(10),
+            nodes_max: 4,
+        };
+        let replicas = ["r:2".to_string(), "s:3".to_string()];
+        let mut t = Topology::new("p:1", &replicas, Some(fo), Instant::ZERO);
+        let seen = |t: &mut Topology, at: Instant| {
+            t.healthy(at, EndpointId(1), Lsn(6), Duration::from_millis(1));
+            t.healthy(at, EndpointId(2), Lsn(5), Duration::from_millis(1));
+        };
+        seen(&mut t, Instant::ZERO);
+        let at = Instant::from_millis(1000);
+        seen(&mut t, at);
+        t.poll_failover(at);
+        assert_eq!(t.primary_addr(), "r:2", "the most caught-up replica first");
+        let g = t.primary_generation();
+        // its promotion does not finish: the next candidate, and sessions
+        // that connected to the first one while it was promoted stop writing
+        let at = Instant::from_millis(11_050);
+        t.healthy(at, EndpointId(2), Lsn(5), Duration::from_millis(1));
+        let out = t.poll_failover(at);
+        let epoch = out.iter().find_map(|o| match o {
+            FailoverOutput::Promote { node, epoch } if *node == EndpointId(2) => Some(*epoch),
+            _ => None,
+        });
+        assert_eq!(t.primary_addr(), "s:3", "{out:?}");
+        assert_ne!(t.primary_generation(), g);
+        let g = t.primary_generation();
+        // its promotion completes: writes stay where they went, sessions keep
+        // their connections
+        t.promoted(at, EndpointId(2), epoch.unwrap_or_default());
+        let out = t.poll_failover(at);
+        assert!(out.iter().any(|o| matches!(o, FailoverOutput::RoutesChanged { .. })), "{out:?}");
+        assert_eq!((t.primary_addr().as_str(), t.primary_generation()), ("s:3", g));
+    }
+
+    #[test]
+    fn a_late_promotion_completes_the_failover() {
+        let mut t = one_replica();
+        let at = Instant::from_millis(1000);
+        t.healthy(at, EndpointId(1), Lsn(5), Duration::from_millis(1));
+        t.poll_failover(at);
+        assert_eq!(t.primary_addr(), "r:2");
+        // the promotion takes longer than its timeout and no other replica
+        // can be promoted: writes wait for it, never on the old primary
+        let at = Instant::from_millis(11_050);
+        let out = t.poll_failover(at);
+        assert!(out.iter().any(|o| matches!(o, FailoverOutput::NoCandidate)), "{out:?}");
+        assert_eq!(t.primary_addr(), "r:2");
+        let g = t.primary_generation();
+        // it comes out of recovery late: that is its promotion
+        t.out_of_recovery(at, EndpointId(1));
+        let out = t.poll_failover(at);
+        assert!(out.iter().any(|o| matches!(o, FailoverOutput::RoutesChanged { .. })), "{out:?}");
+        assert_eq!((t.primary_addr().as_str(), t.primary_generation(), t.failovers), ("r:2", g, 1));
     }
 }

@@ -2,8 +2,9 @@
 //! replica that has replayed past the session's floor (read-your-writes
 //! against a lagging replica), and failover: the primary crashes under a
 //! write load, the synchronous replica is promoted with `pg_promote()`, writes
-//! resume, no acknowledged write is lost, and the old primary is fenced when
-//! it returns.
+//! resume, no acknowledged write is lost, sessions on the old primary (own or
+//! pooled connections) end, a second proxy's controller converges on the same
+//! new primary, and the old primary is fenced when it returns.
 
 mod pg;
 
@@ -220,6 +221,32 @@ fn failover_promotes_the_replica_loses_no_acknowledged_write_and_fences_the_old_
         })
     };
     assert!(eventually(Duration::from_secs(10), || acked.lock().expect("lock").len() >= 20), "writes flow");
+    // a second proxy in front of the same cluster, pooling, with its own
+    // failover controller (it promotes the node the first one promoted,
+    // late: `pg_promote` fails there, its health check sees the promotion)
+    let (pooled, _, _pooled_rt) = start_proxy(
+        &primary,
+        &[&replica, &second],
+        "[pool]\nmode = 'transaction'\nsize = 2\n[cache]\nenabled = false\n[cdc]\nenabled = false\n\
+         [failover]\nhealth_interval_ms = 200\ntimeout_ms = 2500\n",
+    );
+    // sessions open across the failover: one on its own connection, one in
+    // a transaction on a pooled connection; neither may write to the old
+    // primary again (it could come back and acknowledge what the promotion drops)
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let connect = |port: u16| {
+        rt.block_on(async move {
+            let dsn = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+            let (client, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await.expect("connect");
+            tokio::spawn(conn);
+            client
+        })
+    };
+    let (own, in_txn) = (connect(port), connect(pooled));
+    rt.block_on(async {
+        own.simple_query("SELECT 1").await.expect("before the failover");
+        in_txn.simple_query("BEGIN; INSERT INTO acks VALUES (-3)").await.expect("a transaction on a pooled connection");
+    });
     let crashed_at = Instant::now();
     primary.crash();
     let before = acked.lock().expect("lock").len();
@@ -240,6 +267,21 @@ fn failover_promotes_the_replica_loses_no_acknowledged_write_and_fences_the_old_
     assert_eq!(stat(port, "primary"), replica.addr());
     assert_eq!(stat_n(port, "epoch"), 2);
     assert_eq!(psql(replica.port, "SELECT pg_is_in_recovery()"), "f", "the replica was promoted");
+    assert!(
+        // (psql fails until then: a pooled login needs the primary)
+        eventually(Duration::from_secs(30), || psql(pooled, "SHOW POSTAI STATS")
+            .contains(&format!("primary|{}", replica.addr()))),
+        "the second proxy follows the promotion: {}",
+        psql(pooled, "SHOW POSTAI STATS")
+    );
+    let ended = |r: Result<Vec<tokio_postgres::SimpleQueryMessage>, tokio_postgres::Error>| {
+        let e = r.expect_err("a session on the old primary may not go on");
+        assert_eq!(e.code(), Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN), "{e}");
+    };
+    ended(rt.block_on(own.simple_query("SELECT 1")));
+    ended(rt.block_on(in_txn.simple_query("COMMIT")));
+    assert_eq!(psql(pooled, "SELECT count(*) FROM acks WHERE id = -3"), "0", "the transaction never committed");
+    assert_eq!(psql(pooled, "INSERT INTO acks VALUES (-4)"), "", "the pooled proxy writes to the new primary");
 
     // RPO 0: every acknowledged write is on the new primary
     let acked = acked.lock().expect("lock").clone();

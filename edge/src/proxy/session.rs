@@ -150,12 +150,13 @@ impl Client {
         let mut batch: Vec<Message> = Vec::new();
         // client messages: `proxy/input.rs`
         while let Some(m) = self.next_request(batch.is_empty()).await? {
-            if matches!(m.tag, b'Q' | b'S' | b'H')
-                && !self.pooled()
-                && self.proxy.topology().primary_generation() != self.primary_generation
-            {
+            if matches!(m.tag, b'Q' | b'S' | b'H') && self.on_old_primary() {
                 // its connection is to a primary that was fenced: a write there
-                // could be acknowledged and then lost with the failover
+                // could be acknowledged and then lost with the failover (a
+                // pooled connection is dropped, never lent again)
+                if let Upstream::Pooled { lease, .. } = &mut self.upstream {
+                    drop(lease.take());
+                }
                 let e = "postai-edge: the primary changed (failover); reconnect";
                 self.wr.write_all(&protocol::error_response("FATAL", "57P01", e)).await?;
                 return Ok(());
