@@ -13,6 +13,7 @@ pub mod refresh;
 pub mod rng;
 pub mod router;
 pub mod sql;
+pub mod stream;
 pub mod time;
 
 pub use invalidation::Lsn;

@@ -11,25 +11,18 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use std::time::Duration;
+
 use postai_core::Lsn;
 use postai_core::cache::TierName;
-use postai_core::invalidation::{CdcEvent, Change, ChangeTarget};
-use postai_core::sql::Catalog;
+use postai_core::stream::reader::{Slot, SlotReader, SlotStep};
+use postai_core::stream::subscriber::Subscriber;
+use postai_core::stream::{self, Line, Record, fmt_lsn, parse_lsn};
 
 use crate::config::CdcSource;
-use crate::l2::fmt_lsn;
 use crate::protocol::{self, Message};
 use crate::proxy::Proxy;
-
-/// WAL past the slot's position with nothing of this database to decode
-/// (other databases' writes): past this, a logical message gives the next
-/// peek a position to advance the slot to, so that the slot does not hold
-/// the primary's WAL forever.
-const IDLE_ADVANCE_BYTES: u64 = 16 << 20;
-use crate::upstream::error_message;
-
-/// The prefix of the logical messages the DDL event triggers emit.
-const DDL_PREFIX: &str = "postai_ddl";
+use crate::upstream::{Conn, error_message};
 
 /// Event triggers that emit a transactional logical message for every DDL
 /// command (and drop) outside temporary schemas: the message commits with
@@ -76,90 +69,7 @@ DO $d$ BEGIN
 END $d$;
 "#;
 
-/// Whether a `test_decoding` line is the message of a DDL event trigger.
-fn is_ddl_message(line: &str) -> bool {
-    line.strip_prefix("message: transactional: 1 prefix: ")
-        .and_then(|rest| rest.split_once(','))
-        .is_some_and(|(prefix, _)| prefix == DDL_PREFIX)
-}
-
-/// What a `test_decoding` line inside a transaction changed: rows of
-/// tables (see [`crate::decoding`]), or everything (DDL).
-fn change_targets(line: &str, catalog: &Catalog) -> Option<Vec<ChangeTarget>> {
-    if is_ddl_message(line) {
-        // what any cached result means may have changed
-        return Some(vec![ChangeTarget::All]);
-    }
-    if line.starts_with("table ") { crate::decoding::change_targets(line, catalog) } else { None }
-}
-
-/// One poll's rows as the slot gave them, and the primary's current LSN:
-/// what a regional proxy relays to the edges subscribed to it. Or a reset:
-/// the reader started a new slot at this LSN (after a failover), and what was
-/// committed before it may never be streamed.
-#[derive(Debug, Default)]
-pub struct Feed {
-    pub rows: Vec<(String, String)>,
-    pub current: Option<u64>,
-    pub reset: Option<Lsn>,
-    /// The newest commit among the rows.
-    pub max_commit: Option<Lsn>,
-}
-
-/// Rows a regional proxy keeps for edges that subscribe again (`POSTAI
-/// SUBSCRIBE FROM`): a reconnecting edge misses nothing and keeps its cache.
-pub const HISTORY_ROWS: usize = 100_000;
-
-/// The feeds a regional proxy published lately: every commit after `floor`
-/// is in them (or still to come).
-#[derive(Debug, Default)]
-pub struct History {
-    feeds: std::collections::VecDeque<Arc<Feed>>,
-    rows: usize,
-    floor: Option<Lsn>,
-    /// The newest commit published.
-    newest: Option<Lsn>,
-}
-
-impl History {
-    /// The feeds with a commit after `from`, when every commit after `from`
-    /// is in them or still to come; `None` when some may be gone.
-    pub fn since(&self, from: Lsn) -> Option<Vec<Arc<Feed>>> {
-        let floor = self.floor?;
-        (from >= floor).then(|| self.feeds.iter().filter(|f| f.max_commit.is_some_and(|c| c > from)).cloned().collect())
-    }
-
-    /// The reader starts at `position` (the slot's): history is complete from there.
-    fn start_at(&mut self, position: Lsn) {
-        if self.floor.is_none() {
-            self.floor = Some(position);
-        }
-    }
-
-    fn push(&mut self, feed: Arc<Feed>, keep_rows: usize) {
-        self.newest = self.newest.max(feed.max_commit);
-        if let Some(start) = feed.reset {
-            // a new slot, perhaps on a promoted replica: a position published
-            // before (a subscriber's) may be past commits the old primary lost
-            // and the new one made anew; none of them is continued
-            self.feeds.clear();
-            self.rows = 0;
-            self.floor = Some(self.newest.map_or(start, |n| start.max(Lsn(n.0 + 1))));
-            return;
-        }
-        if feed.max_commit.is_none() {
-            // keepalives only: nothing to replay
-            return;
-        }
-        self.rows += feed.rows.len();
-        self.feeds.push_back(feed);
-        while self.rows > keep_rows {
-            let Some(old) = self.feeds.pop_front() else { break };
-            self.rows -= old.rows.len();
-            self.floor = self.floor.max(old.max_commit);
-        }
-    }
-}
+pub use postai_core::stream::history::{Feed, HISTORY_ROWS, History};
 
 /// Sends `feed` to the subscribers; a regional proxy also keeps it for
 /// those that subscribe again. Under the history's lock, so that a
@@ -176,16 +86,15 @@ pub fn publish(proxy: &Proxy, feed: Feed) {
 /// Reads the slot (or subscribes to the regional proxy) forever; reconnects after errors.
 pub async fn run(proxy: Arc<Proxy>) {
     let cfg = proxy.config.cdc.clone();
-    let mut last = Lsn(0);
-    // a subscription that was open: the next one asks to continue after `last`
-    let mut subscribed = false;
-    // the catalog and roles last seen, and where this reader left the slot
+    // the machines outlive connections: what was applied, where the slot was left
+    let mut reader = SlotReader::new();
+    let mut subscriber = Subscriber::new();
+    // the catalog and roles last seen
     let mut watch = crate::catalog::Watch::default();
-    let mut slot_at: Option<Lsn> = None;
     loop {
         let result = match cfg.source {
-            CdcSource::Slot => poll_loop(&proxy, &mut last, &mut watch, &mut slot_at).await,
-            CdcSource::Regional => subscribe_loop(&proxy, &mut last, &mut subscribed, &mut watch).await,
+            CdcSource::Slot => poll_loop(&proxy, &mut reader, &mut watch).await,
+            CdcSource::Regional => subscribe_loop(&proxy, &mut subscriber, &mut watch).await,
         };
         match result {
             Ok(()) => return,
@@ -201,16 +110,9 @@ pub async fn run(proxy: Arc<Proxy>) {
 /// per-role settings change without a change event).
 const ROLES_CHECK_MS: u64 = 1000;
 
-async fn poll_loop(
-    proxy: &Proxy,
-    last: &mut Lsn,
-    watch: &mut crate::catalog::Watch,
-    slot_at: &mut Option<Lsn>,
-) -> std::io::Result<()> {
+/// Installs the DDL event triggers unless they are there as they must be.
+async fn install_triggers(proxy: &Proxy, conn: &mut Conn) -> std::io::Result<()> {
     let cfg = &proxy.config.cdc;
-    let addr = cfg.upstream.clone().unwrap_or_else(|| proxy.primary_addr());
-    let mut conn = proxy.service_login(&addr, &cfg.user, &cfg.database).await?;
-    check(conn.simple("SET TimeZone = 'UTC'").await?)?;
     // both triggers, on SECURITY DEFINER functions that superusers own, in a schema a superuser owns
     let installed = "SELECT count(*) FROM pg_event_trigger t JOIN pg_proc p ON p.oid = t.evtfoid \
         JOIN pg_namespace n ON n.oid = p.pronamespace JOIN pg_roles pr ON pr.oid = p.proowner \
@@ -226,142 +128,122 @@ async fn poll_loop(
             );
         }
     }
+    Ok(())
+}
+
+/// The slot's `confirmed_flush_lsn`, `None` when there is no such slot.
+async fn slot_position(conn: &mut Conn, slot: &str) -> std::io::Result<Option<Lsn>> {
+    let q = format!("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = '{slot}'");
+    let msgs = check(conn.simple(&q).await?)?;
+    if !msgs.iter().any(|m| m.tag == b'D') {
+        return Ok(None);
+    }
+    // a slot that never confirmed a position stands at its start
+    Ok(Some(protocol::first_value(&msgs).and_then(|s| parse_lsn(&s)).unwrap_or_default()))
+}
+
+/// Finds the slot, or creates it, and opens the stream: the catalog read,
+/// the L2 file adopted, a reset published, then the opening events applied.
+async fn open_slot(
+    proxy: &Proxy,
+    conn: &mut Conn,
+    reader: &mut SlotReader,
+    watch: &mut crate::catalog::Watch,
+) -> std::io::Result<()> {
+    let cfg = &proxy.config.cdc;
+    let slot = match slot_position(conn, &cfg.slot).await? {
+        Some(confirmed) => Slot::Existing(confirmed),
+        None => {
+            let q =
+                format!("SELECT lsn::text FROM pg_create_logical_replication_slot('{}', 'test_decoding')", cfg.slot);
+            let created = protocol::first_value(&check(conn.simple(&q).await?)?).and_then(|s| parse_lsn(&s));
+            Slot::Created(created.ok_or_else(|| std::io::Error::other("the new slot has no position"))?)
+        }
+    };
+    let opening = reader.open(slot);
+    if opening.replaced {
+        eprintln!("postai-edge: cdc ({}): the slot was moved by someone else: the cache starts over", cfg.slot);
+    }
+    if let Some(start) = opening.reset {
+        // subscribers must drop what they hold too, and a regional's history
+        // continues no position from before
+        publish(proxy, Feed { reset: Some(start), ..Feed::default() });
+    }
+    // the catalog once the slot exists (DDL after it comes through the
+    // stream), before the stream opens the cache
+    let catalog = watch.sync_catalog(proxy, conn).await?;
+    adopt_l2(proxy, conn, opening.adopt_at, opening.fresh, catalog).await;
+    if let Some(from) = opening.history_from.filter(|_| proxy.config.role == crate::config::Role::Regional) {
+        // only a regional proxy keeps what it publishes
+        proxy.cdc_history.lock().unwrap_or_else(|p| p.into_inner()).start_at(from);
+    }
+    let events = reader.opened();
+    let mut node = proxy.node.lock().unwrap_or_else(|p| p.into_inner());
+    for event in &events {
+        node.handle_cdc(proxy.now(), event);
+    }
+    Ok(())
+}
+
+/// A `test_decoding` row decoded against the node's catalog; a commit's
+/// time feeds the invalidation-lag metric.
+fn decode_row(proxy: &Proxy, catalog: &postai_core::sql::Catalog, lsn: &str, data: &str) -> Record {
+    let record = stream::decode(lsn, data, catalog);
+    if matches!(record, Record::Commit(_))
+        && let Some(at) = stream::commit_time_us(data)
+        && let Ok(lag) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH + Duration::from_micros(at))
+    {
+        proxy.metrics.invalidation_lag.observe(lag);
+    }
+    record
+}
+
+/// The slot reader's driver: peeks, applies what [`SlotReader`] says, moves
+/// the slot as it says.
+async fn poll_loop(proxy: &Proxy, reader: &mut SlotReader, watch: &mut crate::catalog::Watch) -> std::io::Result<()> {
+    let cfg = &proxy.config.cdc;
+    let addr = cfg.upstream.clone().unwrap_or_else(|| proxy.primary_addr());
+    let mut conn = proxy.service_login(&addr, &cfg.user, &cfg.database).await?;
+    check(conn.simple("SET TimeZone = 'UTC'").await?)?;
+    install_triggers(proxy, &mut conn).await?;
     watch.check_roles(proxy, &mut conn).await?;
     let mut roles_checked = std::time::Instant::now();
-    let exists = conn.simple(&format!("SELECT 1 FROM pg_replication_slots WHERE slot_name = '{}'", cfg.slot)).await?;
-    // where the slot re-delivers from: a start event opens the stream there
-    let mut start_event: Option<Lsn> = None;
-    // the slot's position as this reader moved it
-    let mut advanced = Lsn(0);
-    // where WAL stood when a logical message was last emitted
-    let mut emitted = 0u64;
-    if protocol::first_value(&exists).is_none() {
-        let created = check(
-            conn.simple(&format!(
-                "SELECT lsn::text FROM pg_create_logical_replication_slot('{}', 'test_decoding')",
-                cfg.slot
-            ))
-            .await?,
-        )?;
-        // a new slot (first start, or a promoted primary after failover): the
-        // changes before its first LSN were never seen here, so every entry
-        // cached from a snapshot older than that is invalid
-        let start = protocol::first_value(&created).and_then(|s| protocol::parse_lsn(&s)).map(Lsn);
-        if let Some(start) = start {
-            // subscribers must drop what they hold too
-            publish(proxy, Feed { reset: Some(start), ..Feed::default() });
-            // before the event below opens the cache: restored entries may
-            // come from another cluster's LSNs, which the event cannot order
-            // the catalog once the slot exists (DDL after it comes through
-            // the stream), before the stream opens the cache
-            let catalog = watch.sync_catalog(proxy, &mut conn).await?;
-            adopt_l2(proxy, &mut conn, start, true, catalog).await;
-            advanced = start;
-            *slot_at = Some(start);
-            let mut node = proxy.node.lock().unwrap_or_else(|p| p.into_inner());
-            let event = CdcEvent { prev_lsn: *last, change: Change { lsn: start, targets: vec![ChangeTarget::All] } };
-            node.handle_cdc(proxy.now(), &event);
-            *last = (*last).max(start);
-        }
-    } else {
-        let q = format!("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = '{}'", cfg.slot);
-        let confirmed = protocol::first_value(&check(conn.simple(&q).await?)?).and_then(|s| protocol::parse_lsn(&s));
-        let confirmed = Lsn(confirmed.unwrap_or(0));
-        // moved by someone else since this process left it (dropped and
-        // created again, advanced): what happened in between is unknown
-        let replaced = slot_at.is_some_and(|at| at != confirmed);
-        // DDL after the slot's position comes through the stream again
-        let catalog = watch.sync_catalog(proxy, &mut conn).await?;
-        adopt_l2(proxy, &mut conn, confirmed, replaced, catalog).await;
-        if replaced {
-            eprintln!("postai-edge: cdc ({}): the slot was moved by someone else: the cache starts over", cfg.slot);
-            publish(proxy, Feed { reset: Some(confirmed.max(*last)), ..Feed::default() });
-            let start = confirmed.max(*last);
-            let all = CdcEvent { prev_lsn: *last, change: Change { lsn: start, targets: vec![ChangeTarget::All] } };
-            proxy.node.lock().unwrap_or_else(|p| p.into_inner()).handle_cdc(proxy.now(), &all);
-            *last = start;
-        }
-        if proxy.config.role == crate::config::Role::Regional {
-            // only a regional proxy keeps what it publishes
-            proxy.cdc_history.lock().unwrap_or_else(|p| p.into_inner()).start_at(confirmed);
-        }
-        start_event = Some(confirmed);
-        advanced = confirmed;
-        *slot_at = Some(confirmed);
-    }
-    let mut pending: Vec<ChangeTarget> = Vec::new();
+    open_slot(proxy, &mut conn, reader, watch).await?;
+    let peek = format!(
+        "SELECT lsn::text, data FROM pg_logical_slot_peek_changes('{}', NULL, NULL, 'include-timestamp', 'on')",
+        cfg.slot
+    );
     loop {
         let lsn_msgs = check(conn.simple("SELECT pg_current_wal_lsn()::text").await?)?;
-        let current = protocol::first_value(&lsn_msgs).and_then(|s| protocol::parse_lsn(&s));
-        let rows = check(
-            conn.simple(&format!(
-                "SELECT lsn::text, data FROM pg_logical_slot_peek_changes('{}', NULL, NULL, 'include-timestamp', 'on')",
-                cfg.slot
-            ))
-            .await?,
-        )?;
-        // the slot is still the one this reader left where it left it: a
-        // slot dropped and created again, or moved, has lost changes
-        let q = format!("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = '{}'", cfg.slot);
-        let position = protocol::first_value(&check(conn.simple(&q).await?)?).and_then(|s| protocol::parse_lsn(&s));
-        match position {
-            None => return Err(std::io::Error::other("the slot is gone")),
-            Some(p) if Lsn(p) != advanced => {
-                return Err(std::io::Error::other(format!(
-                    "the slot stands at {}, not where this reader left it ({})",
-                    fmt_lsn(Lsn(p)),
-                    fmt_lsn(advanced)
-                )));
-            }
-            Some(_) => {}
+        let current = protocol::first_value(&lsn_msgs).and_then(|s| parse_lsn(&s)).map(|l| l.0);
+        let rows = check(conn.simple(&peek).await?)?;
+        // the slot is still the one this reader left where it left it
+        if let Err(e) = reader.check_position(slot_position(&mut conn, &cfg.slot).await?) {
+            // what was published is still true, but what follows it may never come
+            proxy.cdc_history.lock().unwrap_or_else(|p| p.into_inner()).break_off();
+            return Err(std::io::Error::other(e));
         }
-        let now = proxy.now();
-        // the last commit (or non-transactional message) applied: where the slot may advance to
-        let mut through: Option<Lsn> = None;
+        let rows: Vec<(String, String)> = rows.iter().filter(|m| m.tag == b'D').filter_map(two_columns).collect();
+        let relay = proxy.cdc_feed.receiver_count() > 0 || proxy.config.role == crate::config::Role::Regional;
         let (written, ddl) = {
+            let now = proxy.now();
             let mut node = proxy.node.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(start) = start_event.take()
-                && start > *last
-            {
-                // the stream is complete from the slot's position on
-                let event = CdcEvent { prev_lsn: *last, change: Change { lsn: start, targets: Vec::new() } };
-                node.handle_cdc(now, &event);
-                *last = start;
+            let batch = {
+                let catalog = node.analyzer().catalog();
+                reader.handle_records(rows.iter().map(|(lsn, data)| decode_row(proxy, catalog, lsn, data)))
+            };
+            for event in &batch.events {
+                node.handle_cdc(now, event);
             }
-            let mut changes: Vec<Change> = Vec::new();
-            let mut feed: Vec<(String, String)> = Vec::new();
-            let relay = proxy.cdc_feed.receiver_count() > 0 || proxy.config.role == crate::config::Role::Regional;
-            let mut max_commit = None;
-            for row in rows.iter().filter(|m| m.tag == b'D') {
-                let Some((lsn, data)) = two_columns(row) else { continue };
-                if relay {
-                    feed.push((lsn.clone(), data.clone()));
-                }
-                if data.starts_with("message: transactional: 0 ") {
-                    // a record every earlier record precedes: its end is a safe position
-                    if let Some(lsn) = protocol::parse_lsn(&lsn).map(Lsn) {
-                        through = Some(through.map_or(lsn, |t| t.max(lsn)));
-                    }
-                } else if let Some(commit) = apply_row(proxy, &mut node, now, &lsn, &data, &mut pending, last) {
-                    max_commit = max_commit.max(Some(commit.lsn));
-                    through = Some(through.map_or(commit.lsn, |t| t.max(commit.lsn)));
-                    if !commit.targets.is_empty() {
-                        changes.push(commit);
-                    }
-                }
-            }
-            // keepalive: nothing committed after `last` that we have not seen
-            let keepalive = CdcEvent { prev_lsn: *last, change: Change { lsn: *last, targets: Vec::new() } };
-            node.handle_cdc(now, &keepalive);
             // subscribers (edges behind this regional proxy) get the same rows
-            proxy.cdc_last.store(last.0, Ordering::Relaxed);
+            proxy.cdc_last.store(reader.last().0, Ordering::Relaxed);
             if relay {
-                publish(proxy, Feed { rows: feed, current, reset: None, max_commit });
+                publish(proxy, Feed { rows, current, reset: None, max_commit: batch.max_commit });
             }
-            let ddl = changes.iter().any(|c| c.targets.contains(&ChangeTarget::All));
+            let ddl = batch.ddl();
             // queued under the node's lock: after every fill validated before these changes
-            let written = match (&proxy.l2_file, through) {
-                (Some(f), Some(t)) => Some(f.invalidate(changes, t)),
+            let written = match (&proxy.l2_file, batch.through) {
+                (Some(f), Some(t)) => Some(f.invalidate(batch.changes, t)),
                 _ => None,
             };
             (written, ddl)
@@ -371,55 +253,42 @@ async fn poll_loop(
         if ddl || proxy.catalog_stale.load(Ordering::Relaxed) {
             watch.sync_catalog(proxy, &mut conn).await?;
         }
-        if roles_checked.elapsed() >= std::time::Duration::from_millis(ROLES_CHECK_MS) {
+        if roles_checked.elapsed() >= Duration::from_millis(ROLES_CHECK_MS) {
             watch.check_roles(proxy, &mut conn).await?;
             roles_checked = std::time::Instant::now();
         }
-        if let Some(t) = through.filter(|t| *t > advanced) {
-            if let Some(written) = written {
-                // a writer that is gone wrote nothing more: the slot moving past
-                // the file's position makes the next start wipe it
-                if let Ok(Err(e)) = written.await {
-                    return Err(std::io::Error::other(format!("L2 file: {e}; the slot is not advanced")));
+        match reader.poll_step(current) {
+            Some(SlotStep::Advance(t)) => {
+                if let Some(written) = written {
+                    // a writer that is gone wrote nothing more: the slot moving past
+                    // the file's position makes the next start wipe it
+                    if let Ok(Err(e)) = written.await {
+                        return Err(std::io::Error::other(format!("L2 file: {e}; the slot is not advanced")));
+                    }
+                }
+                let advance =
+                    format!("SELECT end_lsn::text FROM pg_replication_slot_advance('{}', '{}')", cfg.slot, fmt_lsn(t));
+                let end = protocol::first_value(&check(conn.simple(&advance).await?)?).and_then(|s| parse_lsn(&s));
+                reader.handle_advanced(t, end);
+            }
+            Some(SlotStep::Emit) => {
+                let emit = conn.simple("SELECT 1 FROM pg_logical_emit_message(false, 'postai', '')").await?;
+                if let Some(e) = emit.iter().find(|m| m.tag == b'E') {
+                    eprintln!("postai-edge: cdc ({}): cannot advance an idle slot: {}", cfg.slot, error_message(e));
                 }
             }
-            let advance =
-                format!("SELECT end_lsn::text FROM pg_replication_slot_advance('{}', '{}')", cfg.slot, fmt_lsn(t));
-            let end =
-                protocol::first_value(&check(conn.simple(&advance).await?)?).and_then(|s| protocol::parse_lsn(&s));
-            advanced = end.map_or(t, Lsn);
-            *slot_at = Some(advanced);
-        } else if let Some(c) = current.filter(|c| c.saturating_sub(advanced.0.max(emitted)) > IDLE_ADVANCE_BYTES) {
-            let emit = conn.simple("SELECT 1 FROM pg_logical_emit_message(false, 'postai', '')").await?;
-            if let Some(e) = emit.iter().find(|m| m.tag == b'E') {
-                eprintln!("postai-edge: cdc ({}): cannot advance an idle slot: {}", cfg.slot, error_message(e));
-            }
-            // once: the next peek sees it, or the WAL moves on by as much again
-            emitted = c;
+            None => {}
         }
         if let Some(c) = current {
             proxy.lsn_seen.fetch_max(c, Ordering::Relaxed);
         }
-        tokio::time::sleep(std::time::Duration::from_millis(cfg.poll_ms)).await;
+        tokio::time::sleep(Duration::from_millis(cfg.poll_ms)).await;
     }
 }
 
-/// An edge behind a regional proxy: `POSTAI SUBSCRIBE` on it streams the rows
-/// its slot reader applies (CopyData: `R <lsn>\t<row>`, `K <current lsn>`
-/// after each poll, `X <lsn>` when it starts a new slot). What happened
-/// before the subscription is unknown here: the first keepalive's LSN opens
-/// the stream with an event that invalidates everything older. Subscribing
-/// again (`FROM` the last commit applied, or the L2 file's position at
-/// start), the regional proxy answers `C` when it kept every row since, and
-/// sends them up to a keepalive: they are applied in one hold of the node's
-/// lock (a restored entry is never served between two of them), and nothing
-/// else is invalidated.
-async fn subscribe_loop(
-    proxy: &Proxy,
-    last: &mut Lsn,
-    subscribed: &mut bool,
-    watch: &mut crate::catalog::Watch,
-) -> std::io::Result<()> {
+/// An edge behind a regional proxy: `POSTAI SUBSCRIBE` on it, each line
+/// handled by the [`Subscriber`] machine (see `postai_core::stream::subscriber`).
+async fn subscribe_loop(proxy: &Proxy, sub: &mut Subscriber, watch: &mut crate::catalog::Watch) -> std::io::Result<()> {
     let cfg = &proxy.config.cdc;
     let addr = proxy.primary_addr();
     let mut conn = proxy.service_login(&addr, &cfg.user, &cfg.database).await?;
@@ -428,148 +297,70 @@ async fn subscribe_loop(
     watch.check_roles(proxy, &mut catalog_conn).await?;
     let mut roles_checked = std::time::Instant::now();
     // the file is adopted by the first subscription of this process
-    let adopting = proxy.l2_file.as_ref().filter(|_| !*subscribed);
+    let adopting = proxy.l2_file.as_ref().filter(|_| !sub.subscribed());
     let cluster = match adopting {
         Some(_) => system_identifier(&mut conn).await,
         None => None,
     };
-    let from = if *subscribed { Some(*last) } else { adopting.and_then(|f| f.opened_at) };
-    let command = match from {
+    let command = match sub.connect(adopting.and_then(|f| f.opened_at)) {
         Some(p) => format!("POSTAI SUBSCRIBE FROM '{}'", fmt_lsn(p)),
         None => "POSTAI SUBSCRIBE".into(),
     };
     conn.send(&protocol::query(&command)).await?;
-    let mut opened = false;
-    let mut pending: Vec<ChangeTarget> = Vec::new();
-    // the rows a resumed stream replays, up to its first keepalive
-    let mut replay: Option<Vec<(String, String)>> = None;
     loop {
         let m = conn.recv().await?;
         match m.tag {
-            b'H' => {}
             b'E' => return Err(std::io::Error::other(error_message(&m))),
             b'Z' | b'c' => return Err(std::io::Error::other("the regional proxy ended the subscription")),
-            b'd' => {
-                let line = String::from_utf8_lossy(m.body()).into_owned();
-                let start = line.strip_prefix("C ").map(|r| (r, false)).or(line.strip_prefix("K ").map(|r| (r, true)));
-                if !opened && start.is_some() {
-                    // the catalog once the stream's position is fixed (DDL after it
-                    // comes through the stream), before the stream opens the cache
-                    let catalog = watch.sync_catalog(proxy, &mut catalog_conn).await?;
-                    // the file: kept when the stream continues after its position, else wiped
-                    if let (Some(f), Some((at, created))) = (adopting, start)
-                        && let Some(at) = protocol::parse_lsn(at)
-                    {
-                        let system_id = cluster.as_ref().map(|id| format!("{id} catalog {catalog:032x}"));
-                        adopt_file(proxy, f, Lsn(at), created, system_id).await;
-                    }
-                }
-                let now = proxy.now();
-                let ddl = {
-                    let mut node = proxy.node.lock().unwrap_or_else(|p| p.into_inner());
-                    let mut changes: Vec<Change> = Vec::new();
-                    if let Some(rest) = line.strip_prefix("C ") {
-                        // the stream continues after this position: what we hold stays
-                        let Some(from) = protocol::parse_lsn(rest) else { continue };
-                        // every commit up to `from` is reflected (the file's invariant)
-                        let opening = CdcEvent { prev_lsn: *last, change: Change { lsn: Lsn(from), targets: vec![] } };
-                        node.handle_cdc(now, &opening);
-                        *last = (*last).max(Lsn(from));
-                        opened = true;
-                        *subscribed = true;
-                        replay = Some(Vec::new());
-                        proxy.metrics.cdc_resumed.fetch_add(1, Ordering::Relaxed);
-                    } else if let Some(rest) = line.strip_prefix("X ") {
-                        // a new slot on the regional proxy: commits before it may never come
-                        let Some(start) = protocol::parse_lsn(rest).map(Lsn) else { continue };
-                        let start = start.max(*last);
-                        let all = Change { lsn: start, targets: vec![ChangeTarget::All] };
-                        node.handle_cdc(now, &CdcEvent { prev_lsn: *last, change: all.clone() });
-                        *last = start;
-                        changes.push(all);
-                    } else if let Some(rest) = line.strip_prefix("K ") {
-                        let Some(current) = protocol::parse_lsn(rest) else { continue };
-                        for (lsn, data) in replay.take().unwrap_or_default() {
-                            let commit = apply_row(proxy, &mut node, now, &lsn, &data, &mut pending, last);
-                            changes.extend(commit.filter(|c| !c.targets.is_empty()));
-                        }
-                        if !opened {
-                            // everything cached before is of unknown freshness (the file's too)
-                            let start = Lsn(current).max(*last);
-                            let all = Change { lsn: start, targets: vec![ChangeTarget::All] };
-                            node.handle_cdc(now, &CdcEvent { prev_lsn: *last, change: all.clone() });
-                            changes.push(all);
-                            *last = start;
-                            opened = true;
-                            *subscribed = true;
-                        }
-                        let keepalive =
-                            CdcEvent { prev_lsn: *last, change: Change { lsn: *last, targets: Vec::new() } };
-                        node.handle_cdc(now, &keepalive);
-                        proxy.lsn_seen.fetch_max(current, Ordering::Relaxed);
-                    } else if let Some((lsn, data)) = line.strip_prefix("R ").and_then(|r| r.split_once('\t')) {
-                        if !opened {
-                            continue;
-                        }
-                        match replay.as_mut() {
-                            Some(rows) => rows.push((lsn.to_string(), data.to_string())),
-                            None => {
-                                let commit = apply_row(proxy, &mut node, now, lsn, data, &mut pending, last);
-                                changes.extend(commit.filter(|c| !c.targets.is_empty()));
-                            }
-                        }
-                    }
-                    let ddl = changes.iter().any(|c| c.targets.contains(&ChangeTarget::All));
-                    // queued under the node's lock, as the slot reader does; the file's
-                    // position is where the next start asks the stream to continue from
-                    if let Some(f) = &proxy.l2_file
-                        && !changes.is_empty()
-                    {
-                        drop(f.invalidate(changes, *last));
-                    }
-                    ddl
-                };
-                if ddl || proxy.catalog_stale.load(Ordering::Relaxed) {
-                    watch.sync_catalog(proxy, &mut catalog_conn).await?;
-                }
-                if roles_checked.elapsed() >= std::time::Duration::from_millis(ROLES_CHECK_MS) {
-                    watch.check_roles(proxy, &mut catalog_conn).await?;
-                    roles_checked = std::time::Instant::now();
-                }
+            b'd' => {}
+            _ => continue,
+        }
+        let text = String::from_utf8_lossy(m.body());
+        let Some(line) = Line::parse(&text) else { continue };
+        if let Some((at, created)) = sub.opening(&line) {
+            // the catalog once the stream's position is fixed (DDL after it
+            // comes through the stream), before the stream opens the cache
+            let catalog = watch.sync_catalog(proxy, &mut catalog_conn).await?;
+            if let Some(f) = adopting {
+                // the file: kept when the stream continues after its position, else wiped
+                let system_id = cluster.as_ref().map(|id| format!("{id} catalog {catalog:032x}"));
+                adopt_file(proxy, f, at, created, system_id).await;
             }
-            _ => {}
+        }
+        let ddl = {
+            let now = proxy.now();
+            let mut node = proxy.node.lock().unwrap_or_else(|p| p.into_inner());
+            let step = {
+                let catalog = node.analyzer().catalog();
+                sub.handle_line(line, &mut |lsn, data| decode_row(proxy, catalog, lsn, data))
+            };
+            for event in &step.events {
+                node.handle_cdc(now, event);
+            }
+            if step.resumed {
+                proxy.metrics.cdc_resumed.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some(current) = step.current {
+                proxy.lsn_seen.fetch_max(current.0, Ordering::Relaxed);
+            }
+            let ddl = step.ddl();
+            // queued under the node's lock, as the slot reader does; the file's
+            // position is where the next start asks the stream to continue from
+            if let Some(f) = &proxy.l2_file
+                && !step.changes.is_empty()
+            {
+                drop(f.invalidate(step.changes, sub.last()));
+            }
+            ddl
+        };
+        if ddl || proxy.catalog_stale.load(Ordering::Relaxed) {
+            watch.sync_catalog(proxy, &mut catalog_conn).await?;
+        }
+        if roles_checked.elapsed() >= Duration::from_millis(ROLES_CHECK_MS) {
+            watch.check_roles(proxy, &mut catalog_conn).await?;
+            roles_checked = std::time::Instant::now();
         }
     }
-}
-
-/// One `test_decoding` row applied (the slot reader's and a subscriber's):
-/// at a COMMIT, the commit's change (its targets may be empty).
-fn apply_row(
-    proxy: &Proxy,
-    node: &mut postai_core::node::EdgeNode<crate::proxy::Value>,
-    now: postai_core::Instant,
-    lsn: &str,
-    data: &str,
-    pending: &mut Vec<ChangeTarget>,
-    last: &mut Lsn,
-) -> Option<Change> {
-    if data.starts_with("BEGIN") {
-        pending.clear();
-    } else if data.starts_with("COMMIT") {
-        if let Some(at) = commit_time(data)
-            && let Ok(lag) = std::time::SystemTime::now().duration_since(at)
-        {
-            proxy.metrics.invalidation_lag.observe(lag);
-        }
-        let lsn = protocol::parse_lsn(lsn).map(Lsn).unwrap_or(*last);
-        let change = Change { lsn, targets: std::mem::take(pending) };
-        node.handle_cdc(now, &CdcEvent { prev_lsn: *last, change: change.clone() });
-        *last = (*last).max(lsn);
-        return Some(change);
-    } else if let Some(t) = change_targets(data, node.analyzer().catalog()) {
-        pending.extend(t);
-    }
-    None
 }
 
 /// The reader connected to the slot at `slot` (`created`: just now): the L2
@@ -604,33 +395,6 @@ async fn adopt_file(proxy: &Proxy, f: &crate::l2::L2File, at: Lsn, created: bool
     }
 }
 
-/// The commit time test_decoding prints with `include-timestamp` (the CDC
-/// session's TimeZone is UTC): `COMMIT 754 (at 2026-11-27 03:10:26.123456+00)`.
-pub fn commit_time(line: &str) -> Option<std::time::SystemTime> {
-    let at = line.split_once("(at ")?.1.strip_suffix(')')?;
-    let (date, time) = at.split_once(' ')?;
-    let time = time.strip_suffix("+00")?;
-    let mut d = date.split('-').map(|p| p.parse::<i64>());
-    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
-    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
-    let mut t = hms.split(':').map(|p| p.parse::<u64>());
-    let (hh, mm, ss) = (t.next()?.ok()?, t.next()?.ok()?, t.next()?.ok()?);
-    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || hh > 23 || mm > 59 || ss > 60 || frac.len() > 9 {
-        return None;
-    }
-    let nanos: u32 = format!("{frac:0<9}").parse().ok()?;
-    // days from the civil date (Howard Hinnant's algorithm)
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = u64::try_from(era * 146_097 + doe - 719_468).ok()?;
-    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
-    Some(std::time::UNIX_EPOCH + std::time::Duration::new(secs, nanos))
-}
-
 fn check(msgs: Vec<Message>) -> std::io::Result<Vec<Message>> {
     match msgs.iter().find(|m| m.tag == b'E') {
         Some(e) => Err(std::io::Error::other(error_message(e))),
@@ -659,74 +423,4 @@ fn two_columns(row: &Message) -> Option<(String, String)> {
     let data = out.pop()?;
     let lsn = out.pop()?;
     Some((lsn, data))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ddl_messages() {
-        assert!(is_ddl_message("message: transactional: 1 prefix: postai_ddl, sz: 11 content:ALTER TABLE"));
-        assert!(!is_ddl_message("message: transactional: 0 prefix: postai_ddl, sz: 0 content:"));
-        assert!(!is_ddl_message("message: transactional: 1 prefix: postai_ddl_x, sz: 0 content:"));
-        assert!(!is_ddl_message("message: transactional: 1 prefix: postai, sz: 0 content:"));
-        let c = Catalog::new();
-        assert_eq!(change_targets("BEGIN 123", &c), None);
-        assert_eq!(
-            change_targets("message: transactional: 1 prefix: postai_ddl, sz: 6 content:CREATE", &c),
-            Some(vec![ChangeTarget::All])
-        );
-    }
-
-    #[test]
-    fn history_answers_resumes_it_can_vouch_for() {
-        let feed = |commit: u64, rows: usize| {
-            Arc::new(Feed {
-                rows: vec![(String::new(), String::new()); rows],
-                max_commit: Some(Lsn(commit)),
-                ..Feed::default()
-            })
-        };
-        let mut h = History::default();
-        assert!(h.since(Lsn(0)).is_none(), "nothing known before the reader starts");
-        h.start_at(Lsn(100));
-        h.push(feed(110, 2), 4);
-        h.push(Arc::new(Feed { current: Some(115), ..Feed::default() }), 4);
-        h.push(feed(120, 2), 4);
-        assert_eq!(h.since(Lsn(100)).map(|f| f.len()), Some(2));
-        assert_eq!(h.since(Lsn(110)).map(|f| f.len()), Some(1));
-        assert_eq!(h.since(Lsn(500)).map(|f| f.len()), Some(0), "ahead: nothing to replay, nothing missed");
-        assert!(h.since(Lsn(99)).is_none(), "commits before the reader's start are not kept");
-        // past 4 rows the oldest feed goes, and with it positions before its commits
-        h.push(feed(130, 2), 4);
-        assert!(h.since(Lsn(100)).is_none());
-        assert_eq!(h.since(Lsn(110)).map(|f| f.len()), Some(2), "the keepalive-only poll was not kept");
-        // a new slot (start 125): no position published before it is continued
-        h.push(Arc::new(Feed { reset: Some(Lsn(125)), ..Feed::default() }), 4);
-        assert!(h.since(Lsn(125)).is_none());
-        assert!(h.since(Lsn(130)).is_none(), "published before the reset: maybe a lost timeline");
-        assert_eq!(h.since(Lsn(131)).map(|f| f.len()), Some(0));
-        // a fresh process's first slot: continued from its start
-        let mut fresh = History::default();
-        fresh.push(Arc::new(Feed { reset: Some(Lsn(50)), ..Feed::default() }), 4);
-        assert_eq!(fresh.since(Lsn(50)).map(|f| f.len()), Some(0));
-    }
-
-    #[test]
-    fn commit_timestamps() {
-        let t = commit_time("COMMIT 754 (at 2026-11-27 03:10:26.5+00)").expect("parses");
-        let since = t.duration_since(std::time::UNIX_EPOCH).expect("after 1970");
-        assert_eq!(since.as_millis(), 1_795_749_026_500);
-        let t = commit_time("COMMIT 1 (at 2000-03-01 00:00:00+00)").expect("parses");
-        assert_eq!(t.duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_secs(), 951_868_800);
-        for bad in [
-            "COMMIT 1",
-            "COMMIT 1 (at 2026-13-01 00:00:00+00)",
-            "COMMIT 1 (at 2026-11-27 03:10:26+02)",
-            "COMMIT (at x y)",
-        ] {
-            assert_eq!(commit_time(bad), None, "{bad}");
-        }
-    }
 }

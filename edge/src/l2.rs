@@ -904,9 +904,7 @@ impl Store {
     }
 }
 
-pub fn fmt_lsn(lsn: Lsn) -> String {
-    format!("{:X}/{:X}", lsn.0 >> 32, lsn.0 & 0xffff_ffff)
-}
+pub use postai_core::stream::fmt_lsn;
 
 fn dep_table(d: &Dep) -> TableId {
     match *d {

@@ -7,7 +7,6 @@ pub mod cancel;
 pub mod catalog;
 pub mod cdc;
 pub mod config;
-pub mod decoding;
 pub mod frontend;
 pub mod l2;
 pub mod limits;

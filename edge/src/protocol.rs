@@ -231,8 +231,7 @@ pub fn text_columns(row: &Message) -> Option<Vec<Option<String>>> {
 
 /// Parses an LSN as PostgreSQL prints it (`16/B374D848`).
 pub fn parse_lsn(s: &str) -> Option<u64> {
-    let (hi, lo) = s.trim().split_once('/')?;
-    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+    postai_core::stream::parse_lsn(s).map(|l| l.0)
 }
 
 #[cfg(test)]

@@ -24,7 +24,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::config::Config;
 use crate::frontend::{self, ClientStream, Opening};
-use crate::l2::fmt_lsn;
 use crate::metrics::{Metrics, Path};
 use crate::pool::{Lease, Pool, PoolError, PoolKey, ServerConn};
 use crate::protocol::{self, Message};

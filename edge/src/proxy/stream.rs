@@ -2,23 +2,24 @@
 //! edges behind it.
 
 use super::*;
+use postai_core::stream::Line;
 
 /// Streamed rows as subscription lines (CopyData).
 pub(super) fn row_lines<'a>(out: &mut BytesMut, rows: impl IntoIterator<Item = &'a (String, String)>) {
-    for (lsn, row) in rows {
-        frame_into(out, b'd', format!("R {lsn}\t{row}").as_bytes());
+    for (lsn, data) in rows {
+        frame_into(out, b'd', Line::Row { lsn, data }.to_text().as_bytes());
     }
 }
 
 /// One feed as subscription lines.
 pub(super) fn feed_lines(out: &mut BytesMut, feed: &crate::cdc::Feed, last_applied: u64) {
     if let Some(start) = feed.reset {
-        frame_into(out, b'd', format!("X {}", fmt_lsn(start)).as_bytes());
+        frame_into(out, b'd', Line::Reset(start).to_text().as_bytes());
         return;
     }
     row_lines(out, &feed.rows);
     let current = feed.current.unwrap_or(0).max(last_applied);
-    frame_into(out, b'd', format!("K {}", fmt_lsn(Lsn(current))).as_bytes());
+    frame_into(out, b'd', Line::Keepalive(Lsn(current)).to_text().as_bytes());
 }
 
 /// `POSTAI SUBSCRIBE [FROM 'lsn']`: `None` for another statement; the FROM
@@ -67,11 +68,11 @@ impl Client {
         match (from, kept) {
             (Some(from), Some(kept)) => {
                 // the rows kept since, then one keepalive: the subscriber applies them at once
-                frame_into(&mut out, b'd', format!("C {}", fmt_lsn(from)).as_bytes());
+                frame_into(&mut out, b'd', Line::Continue(from).to_text().as_bytes());
                 row_lines(&mut out, kept.iter().flat_map(|f| &f.rows));
                 let current = kept.iter().filter_map(|f| f.current).max().unwrap_or(0);
                 let current = current.max(self.proxy.cdc_last.load(Ordering::Relaxed));
-                frame_into(&mut out, b'd', format!("K {}", fmt_lsn(Lsn(current))).as_bytes());
+                frame_into(&mut out, b'd', Line::Keepalive(Lsn(current)).to_text().as_bytes());
             }
             _ => {
                 // where this proxy's stream stands: every commit up to it was
@@ -82,7 +83,7 @@ impl Client {
                     self.refuse("55000", e).await?;
                     return Ok(());
                 }
-                frame_into(&mut out, b'd', format!("K {}", fmt_lsn(Lsn(start))).as_bytes());
+                frame_into(&mut out, b'd', Line::Keepalive(Lsn(start)).to_text().as_bytes());
             }
         }
         self.wr.write_all(&out).await?;

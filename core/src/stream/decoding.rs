@@ -11,8 +11,8 @@
 //! (bare words: no quoted name can equal them); a TRUNCATE lists every
 //! table it emptied.
 
-use postai_core::invalidation::{ChangeTarget, key_hash};
-use postai_core::sql::{Catalog, TableId, canonical_key};
+use crate::invalidation::{ChangeTarget, key_hash};
+use crate::sql::{Catalog, TableId, canonical_key};
 
 /// A value as `print_literal` wrote it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -250,7 +250,7 @@ fn push_with_ancestors(targets: &mut Vec<ChangeTarget>, table: TableId, keys: Op
 #[cfg(test)]
 mod tests {
     use super::*;
-    use postai_core::sql::{KeyType, RelationSpec};
+    use crate::sql::{KeyType, RelationSpec};
 
     fn catalog() -> (Catalog, TableId, TableId) {
         let mut c = Catalog::new();
