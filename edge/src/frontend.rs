@@ -148,7 +148,7 @@ async fn refuse<S: AsyncWrite + Unpin>(s: &mut S, code: &str, message: &str) -> 
 
 async fn open_inner(config: &Config, users: &[UserConfig], mut tcp: TcpStream) -> std::io::Result<Opening> {
     let max = config.max_message_bytes.min(MAX_STARTUP);
-    let mut buf = BytesMut::with_capacity(8 << 10);
+    let mut buf = BytesMut::with_capacity(2 << 10);
     let tls = config.tls.as_ref().and_then(|t| t.loaded.clone());
     // on the plain socket: negotiation requests until TLS or a StartupMessage
     let (mut stream, first, secure): (ClientStream, Startup, bool) = loop {

@@ -58,6 +58,9 @@ struct Slot {
     /// Server-side statement names a connection of this slot prepared
     /// without error (the same text may not parse for another user or database).
     known: Mutex<HashSet<String>>,
+    /// The greeting (ParameterStatus, BackendKeyData) of the last login for
+    /// this key: a client that connects gets it without a server connection.
+    greeting: Mutex<Option<BytesMut>>,
 }
 
 /// Server connections by [`PoolKey`], at most `size` per key.
@@ -140,6 +143,7 @@ impl Pool {
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(self.size)),
             known: Mutex::new(HashSet::new()),
+            greeting: Mutex::new(None),
         });
         slots.insert(key.clone(), s.clone());
         Ok(s)
@@ -159,6 +163,7 @@ impl Pool {
             Some(s) => s,
             None => {
                 let login = upstream::login(&self.dialer, &key.addr, &key.params, password).await?;
+                *slot.greeting.lock().unwrap_or_else(|p| p.into_inner()) = Some(login.greeting.clone());
                 ServerConn {
                     conn: login.conn,
                     statements: HashSet::new(),
@@ -170,6 +175,15 @@ impl Pool {
             }
         };
         Ok(Lease { server, slot, _permit: permit })
+    }
+
+    /// The greeting a login for `key` got, once one did: what a client
+    /// connecting with the same user, database and settings is greeted with
+    /// (the same login, so the same outcome), before it needs a server
+    /// connection, if ever (its reads may all be answered by the cache).
+    pub fn greeting(&self, key: &PoolKey) -> Option<BytesMut> {
+        let slot = self.slots.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned()?;
+        slot.greeting.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// One row per pool: server, user, database, idle, lent, size, statements

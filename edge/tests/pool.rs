@@ -49,6 +49,58 @@ fn many_clients_share_three_server_connections() {
     assert_eq!(sums, "t");
 }
 
+/// A client needs no server connection to connect, nor for the reads the
+/// cache answers: with the pool's only connection held by an open
+/// transaction, a new client gets in and is answered from the cache; a read
+/// the cache cannot answer waits for the connection (and times out with
+/// 53300, ending the session), then runs once the transaction ends.
+#[test]
+fn clients_connect_and_hit_the_cache_without_a_server_connection() {
+    let pg = Pg::start("poollazy");
+    create_items(&pg, 10);
+    let proxy = start_proxy(&format!(
+        "upstream = '{}'\n[pool]\nmode = 'transaction'\nsize = 1\nwait_ms = 700\n[cdc]\npoll_ms = 50\n{ITEMS_TABLE}",
+        pg.addr()
+    ));
+    assert!(eventually(Duration::from_secs(10), || stat_n(proxy.port, "cdc_events") > 0), "CDC connected");
+    let port = proxy.port;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let connect = || async {
+            let url = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
+            tokio::spawn(conn);
+            client
+        };
+        let read = |id: i32| format!("SELECT v FROM items WHERE id = {id}");
+        let value = |rows: Vec<tokio_postgres::SimpleQueryMessage>| {
+            rows.iter().find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+        };
+        let a = connect().await;
+        for _ in 0..2 {
+            assert_eq!(value(a.simple_query(&read(1)).await.expect("read")).as_deref(), Some("v1"));
+        }
+        // the only server connection, held
+        a.batch_execute("BEGIN").await.expect("begin");
+        a.batch_execute("SELECT 1").await.expect("in the transaction");
+        let hits = stat_n(port, "l1_hits");
+        let b = tokio::time::timeout(Duration::from_secs(5), connect()).await.expect("connects without a lease");
+        let rows = b.simple_query(&read(1)).await.expect("answered from the cache");
+        assert_eq!(value(rows).as_deref(), Some("v1"));
+        assert_eq!(stat_n(port, "l1_hits"), hits + 1);
+        // (as PgBouncer's query_wait_timeout, the session ends)
+        let e = b.simple_query(&read(2)).await.expect_err("no server connection free");
+        assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("53300"), "{e}");
+        a.batch_execute("COMMIT").await.expect("commit");
+        let b = connect().await;
+        let rows = b.simple_query(&read(2)).await.expect("the connection is free again");
+        assert_eq!(value(rows).as_deref(), Some("v2"));
+    });
+}
+
 #[test]
 fn session_state_pins_a_client_to_its_connection() {
     let pg = Pg::start("poolpin");

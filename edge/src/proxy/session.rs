@@ -26,13 +26,23 @@ impl Client {
             Some(pool) => {
                 let key = PoolKey::new(&primary, &params);
                 let wait = proxy.config.pool.wait_ms;
-                pool.acquire(&key, upstream_password.as_deref(), wait).await.map(|lease| {
+                // no server connection to connect: the key's greeting once a
+                // login got one (connections are lent at the first request
+                // the cache does not answer)
+                let greeting = match pool.greeting(&key) {
+                    Some(g) => Ok(g),
+                    None => pool.acquire(&key, upstream_password.as_deref(), wait).await.map(|lease| {
+                        let g = lease.server.greeting.clone();
+                        lease.release();
+                        g
+                    }),
+                };
+                greeting.map(|g| {
                     let secret: i32 = rand::random();
                     let pid = i32::try_from(session.0 & 0x7fff_ffff).unwrap_or(i32::MAX);
                     let cancel = Arc::new(Mutex::new(None));
                     proxy.cancels.lock().unwrap_or_else(|p| p.into_inner()).insert((pid, secret), cancel.clone());
-                    let greeting = with_backend_key(&lease.server.greeting, pid, secret);
-                    lease.release();
+                    let greeting = with_backend_key(&g, pid, secret);
                     let password = upstream_password.clone();
                     (Upstream::Pooled { lease: None, key, password, pinned: false, cancel }, greeting, b'I')
                 })
@@ -58,7 +68,7 @@ impl Client {
             rd,
             wr,
             buf,
-            out: BytesMut::with_capacity(16 << 10),
+            out: BytesMut::with_capacity(2 << 10),
             upstream,
             session,
             status: b'I',
@@ -133,7 +143,9 @@ impl Client {
         let result = c.serve_queries().await;
         if let Err(e) = &result {
             // a dead upstream, a full pool: the client hears why before the end
-            let _ = c.wr.write_all(&protocol::error_response("FATAL", "08006", &format!("postai-edge: {e}"))).await;
+            // (as PgBouncer's query_wait_timeout: the session ends)
+            let code = if e.downcast_ref::<PoolError>().is_some() { "53300" } else { "08006" };
+            let _ = c.wr.write_all(&protocol::error_response("FATAL", code, &format!("postai-edge: {e}"))).await;
         }
         c.proxy.node().close_session(session);
         if let Upstream::Pooled { cancel, .. } = &c.upstream {
