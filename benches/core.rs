@@ -98,7 +98,7 @@ fn hot_paths(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
-    let mut vm = VersionMap::new(VersionMapConfig::default(), Lsn(0));
+    let mut vm = VersionMap::new(VersionMapConfig::default(), Lsn(0)).expect("the default config");
     let table = catalog.get("pgbench_accounts").expect("declared");
     let mut lsn = 0u64;
     c.bench_function("CDC apply (one key-level event)", |b| {

@@ -100,7 +100,7 @@ fn first_seen_shape(c: Catalog) -> Analyzer {
 }
 
 fn version_map() -> (VersionMap, CdcEvent) {
-    let mut vm = VersionMap::new(VersionMapConfig::default(), Lsn(0));
+    let mut vm = VersionMap::new(VersionMapConfig::default(), Lsn(0)).expect("the default config");
     let t = catalog().get("pgbench_accounts").expect("declared");
     for i in 1..1000u64 {
         let h = key_hash(t, i.to_string().as_bytes());

@@ -146,6 +146,11 @@ impl Default for VersionMapConfig {
     }
 }
 
+/// A [`VersionMapConfig`] the map cannot work with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("versions: keys_max must be positive")]
+pub struct VersionMapConfigError;
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct VersionStats {
     pub changes_applied: u64,
@@ -178,9 +183,11 @@ pub struct VersionMap {
 
 impl VersionMap {
     /// `start` is the LSN from which the CDC stream is complete (the slot's start).
-    pub fn new(config: VersionMapConfig, start: Lsn) -> Self {
-        assert!(config.keys_max > 0, "keys_max must be positive");
-        VersionMap {
+    pub fn new(config: VersionMapConfig, start: Lsn) -> Result<Self, VersionMapConfigError> {
+        if config.keys_max == 0 {
+            return Err(VersionMapConfigError);
+        }
+        Ok(VersionMap {
             config,
             global: Lsn(0),
             any_table: Lsn(0),
@@ -192,7 +199,7 @@ impl VersionMap {
             max_seen: start,
             pending: BTreeMap::new(),
             stats: VersionStats::default(),
-        }
+        })
     }
 
     pub fn stats(&self) -> VersionStats {
@@ -354,6 +361,12 @@ fn bump(map: &mut FixedMap<TableId, Lsn>, t: TableId, lsn: Lsn) {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_map_without_room_for_keys_is_refused() {
+        let config = VersionMapConfig { keys_max: 0, pending_max: 8 };
+        assert_eq!(VersionMap::new(config, Lsn(0)).err(), Some(VersionMapConfigError));
+    }
+
     const T: TableId = TableId(1);
     const U: TableId = TableId(2);
 
@@ -380,7 +393,7 @@ mod tests {
 
     #[test]
     fn key_level_and_table_level() {
-        let mut m = VersionMap::new(VersionMapConfig::default(), Lsn(0));
+        let mut m = VersionMap::new(VersionMapConfig::default(), Lsn(0)).expect("the default config");
         m.apply(&keys(10, T, &[1]));
         assert!(!m.is_valid(Lsn(5), &[Dep::Key(T, 1)]));
         assert!(m.is_valid(Lsn(5), &[Dep::Key(T, 2)]));
@@ -395,7 +408,7 @@ mod tests {
 
     #[test]
     fn eviction_is_conservative() {
-        let mut m = VersionMap::new(VersionMapConfig { keys_max: 2, pending_max: 8 }, Lsn(0));
+        let mut m = VersionMap::new(VersionMapConfig { keys_max: 2, pending_max: 8 }, Lsn(0)).expect("valid");
         m.apply(&keys(1, T, &[1]));
         m.apply(&keys(2, T, &[2]));
         m.apply(&keys(3, T, &[3]));
@@ -407,7 +420,7 @@ mod tests {
 
     #[test]
     fn nothing_older_than_a_gap_is_valid_until_it_fills_or_is_skipped() {
-        let mut m = VersionMap::new(VersionMapConfig::default(), Lsn(0));
+        let mut m = VersionMap::new(VersionMapConfig::default(), Lsn(0)).expect("the default config");
         let ev = |prev: u64, lsn: u64, key: u64| CdcEvent { prev_lsn: Lsn(prev), change: keys(lsn, T, &[key]) };
         m.apply_cdc(&ev(0, 10, 1));
         assert!(m.is_valid(Lsn(10), &[Dep::Key(T, 2)]));
@@ -432,7 +445,7 @@ mod tests {
 
     #[test]
     fn cdc_frontier_survives_reordering_and_duplicates() {
-        let mut m = VersionMap::new(VersionMapConfig::default(), Lsn(0));
+        let mut m = VersionMap::new(VersionMapConfig::default(), Lsn(0)).expect("the default config");
         let ev = |prev: u64, lsn: u64| CdcEvent { prev_lsn: Lsn(prev), change: keys(lsn, T, &[lsn]) };
         m.apply_cdc(&ev(10, 20));
         assert_eq!(m.complete_through(), Lsn(0));

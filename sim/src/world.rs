@@ -291,7 +291,7 @@ impl World {
                     zone: h.zone,
                     place: h.clone(),
                     l3: Tier::new(tier(sc.tiers.l3_entries)).expect("validated tier config"),
-                    versions: VersionMap::new(VersionMapConfig::default(), Lsn(0)),
+                    versions: VersionMap::new(VersionMapConfig::default(), Lsn(0)).expect("the default config"),
                     router,
                     epoch: Epoch(1),
                     up: true,
@@ -502,7 +502,6 @@ impl World {
         let req = s.node.handle_execute(now, sid, stmt, &params[..nparams]);
         let rtt = s.sessions[session].rtt_ms;
         let out = s.node.poll_output();
-        debug_assert!(s.node.poll_timeout().is_none());
         let ctx = OpCtx { site, session, op, key, eu, started: now, base_ms: rtt };
         match out {
             Some(NodeOutput::Reply { served, value, .. }) => {

@@ -131,6 +131,8 @@ pub enum NodeConfigError {
     L2(TierConfigError),
     #[error("sessions_max and pending_max must be positive")]
     Limits,
+    #[error(transparent)]
+    Versions(#[from] crate::invalidation::VersionMapConfigError),
 }
 
 /// Where an upstream request must go.
@@ -274,7 +276,7 @@ impl<V: Clone> EdgeNode<V> {
         let residency = config.residency.iter().copied().collect();
         Ok(EdgeNode {
             analyzer: Analyzer::new(config.analyzer.clone(), catalog),
-            versions: VersionMap::new(config.versions.clone(), cdc_start),
+            versions: VersionMap::new(config.versions.clone(), cdc_start)?,
             l1,
             l2,
             sessions: FixedMap::default(),
@@ -1006,10 +1008,5 @@ impl<V: Clone> EdgeNode<V> {
     #[must_use]
     pub fn poll_output(&mut self) -> Option<NodeOutput<V>> {
         self.outputs.pop_front()
-    }
-
-    /// The node has no timers of its own: TTLs are checked on lookup.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        None
     }
 }
