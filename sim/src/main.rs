@@ -5,15 +5,19 @@ use std::process::ExitCode;
 
 use postai_sim::{SUITE, Scenario, report, scenarios_dir, sweep};
 
-const USAGE: &str = "usage: postai-sim [SCENARIO.toml ...] [--seed N | --seeds A..B [--jobs N]] [--short]
-                  [--json FILE] [--svg DIR] [--strict]
+const USAGE: &str = "usage: postai-sim [SCENARIO.toml ...] [--seed N | --seeds A..B [--jobs N]] [--short | --small]
+                  [--json FILE] [--svg DIR] [--strict] [--shrunk DIR]
   no scenario: the default suite (scenarios/*.toml in suite order)
   --seed N      override every scenario's seed
   --short       run the short form the tests run (60 sites, 24 simulated seconds)
+  --small       the short form in a small world (3 to 12 sites, their share of the
+                rates, at most 5 000 keys): cheap enough for sweeps of many seeds
   --seeds A..B  sweep: each scenario over seeds A to B (B excluded; A..=B includes it),
                 one line per seed that violates safety, then a summary with every such
                 seed and the command that reproduces it
   --jobs N      sweep on N threads (default 1)
+  --shrunk DIR  where a sweep writes, for each seed that violates safety, the smallest
+                world found that still does (a scenario file; default target/shrunk)
   --json FILE   write the reports as JSON (a sweep: one summary per seed)
   --svg DIR     write one SVG per scenario (latency CDF per region, map of site read p95)
   --strict      exit 1 when any target is missed (safety violations always exit 1)";
@@ -34,7 +38,8 @@ fn real_main() -> Result<ExitCode, String> {
     let mut json: Option<String> = None;
     let mut strict = false;
     let mut svg_dir: Option<String> = None;
-    let mut short = false;
+    let mut form = sweep::Form::Full;
+    let mut shrunk_dir = "target/shrunk".to_string();
     let mut seeds: Option<std::ops::Range<u64>> = None;
     let mut jobs = 1usize;
     let mut args = std::env::args().skip(1);
@@ -50,7 +55,9 @@ fn real_main() -> Result<ExitCode, String> {
                     return Err("--jobs must be at least 1".into());
                 }
             }
-            "--short" => short = true,
+            "--short" => form = sweep::Form::Short,
+            "--small" => form = sweep::Form::Small,
+            "--shrunk" => shrunk_dir = args.next().ok_or("--shrunk needs a directory")?,
             "--json" => json = Some(args.next().ok_or("--json needs a file")?),
             "--strict" => strict = true,
             "--svg" => svg_dir = Some(args.next().ok_or("--svg needs a directory")?),
@@ -70,7 +77,7 @@ fn real_main() -> Result<ExitCode, String> {
         if seed.is_some() || svg_dir.is_some() || strict {
             return Err("--seeds does not go with --seed, --svg or --strict".into());
         }
-        return run_sweeps(&files, range, short, jobs, json.as_deref());
+        return run_sweeps(&files, range, form, jobs, json.as_deref(), &shrunk_dir);
     }
     let mut scenarios = Vec::with_capacity(files.len());
     for f in &files {
@@ -78,9 +85,7 @@ fn real_main() -> Result<ExitCode, String> {
         if let Some(s) = seed {
             sc.seed = s;
         }
-        if short {
-            sc = sc.short(sc.seed);
-        }
+        sc = form.of(&sc, sc.seed);
         scenarios.push(sc);
     }
     // scenarios are independent simulations, each deterministic on its own
@@ -129,7 +134,7 @@ fn real_main() -> Result<ExitCode, String> {
             secs
         );
         if !r.passed() {
-            println!("  reproduce: {}", sweep::reproduce(f, r.seed, short));
+            println!("  reproduce: {}", sweep::reproduce(f, r.seed, form));
         }
         all_pass &= r.passed();
         all_safe &= r.safe();
@@ -158,9 +163,10 @@ fn real_main() -> Result<ExitCode, String> {
 fn run_sweeps(
     files: &[String],
     range: std::ops::Range<u64>,
-    short: bool,
+    form: sweep::Form,
     jobs: usize,
     json: Option<&str>,
+    shrunk_dir: &str,
 ) -> Result<ExitCode, String> {
     let mut all = Vec::new();
     let mut all_safe = true;
@@ -173,14 +179,21 @@ fn run_sweeps(
                     "seed {}: {} -- reproduce: {}",
                     r.seed,
                     r.violations.join("; "),
-                    sweep::reproduce(f, r.seed, short)
+                    sweep::reproduce(f, r.seed, form)
                 );
             }
         };
-        let results = sweep::sweep(&base, range.clone(), short, jobs, &report_unsafe);
-        print!("{}", sweep::summary(f, short, &results, wall.elapsed().as_secs_f64(), jobs));
+        let results = sweep::sweep(&base, range.clone(), form, jobs, &report_unsafe);
+        print!("{}", sweep::summary(f, form, &results, wall.elapsed().as_secs_f64(), jobs));
+        for r in &results {
+            let Some(world) = &r.shrunk else { continue };
+            std::fs::create_dir_all(shrunk_dir).map_err(|e| format!("{shrunk_dir}: {e}"))?;
+            let path = sweep::shrunk_path(shrunk_dir, &base, r.seed);
+            std::fs::write(&path, sweep::to_file(world)?).map_err(|e| format!("{path}: {e}"))?;
+            println!("  seed {}, shrunk: cargo run --release -p postai-sim -- {path}", r.seed);
+        }
         all_safe &= results.iter().all(|r| r.safe);
-        all.push(serde_json::json!({ "scenario": f, "short": short, "seeds": results }));
+        all.push(serde_json::json!({ "scenario": f, "form": form, "seeds": results }));
     }
     if let Some(path) = json {
         let text = serde_json::to_string_pretty(&all).map_err(|e| e.to_string())?;

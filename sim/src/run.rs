@@ -159,11 +159,21 @@ pub fn run_scenario(sc: &Scenario) -> Report {
 
 /// As [`run_scenario`]; with `progress`, a progress bar on stderr.
 pub fn run_scenario_with_progress(sc: &Scenario, progress: bool) -> Report {
-    let drawn = sc.swarm.then(|| crate::swarm::draw(sc));
-    let sc = drawn.clone().unwrap_or_else(|| sc.clone());
-    let mut report = run_variants(&sc, progress);
-    report.drawn = drawn.as_ref().map(crate::swarm::describe);
+    let world = world(sc);
+    let mut report = run_variants(&world, progress);
+    report.drawn = (sc.swarm || sc.small).then(|| crate::swarm::describe(&world));
     report
+}
+
+/// The world a scenario runs: drawn from its seed when it is a swarm, made
+/// small when it is small; neither is left to do in what this returns (run
+/// with the same seed, it is the same run).
+pub fn world(sc: &Scenario) -> Scenario {
+    let mut world = if sc.swarm { crate::swarm::draw(sc) } else { sc.clone() };
+    if world.small {
+        crate::swarm::small_world(&mut world);
+    }
+    world
 }
 
 fn run_variants(sc: &Scenario, progress: bool) -> Report {

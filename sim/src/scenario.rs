@@ -56,6 +56,11 @@ pub struct Scenario {
     /// Run the same workload once per invalidation strategy and compare.
     #[serde(default)]
     pub compare_invalidation: bool,
+    /// A small world (the sweep's `--small`): after any swarm draw, 3 to 12
+    /// sites, their share of the query rate, fewer keys and sessions
+    /// (`swarm::small_world`), so that thousands of seeds are cheap.
+    #[serde(default)]
+    pub small: bool,
 }
 
 fn d_warmup() -> u64 {
@@ -363,6 +368,14 @@ impl Scenario {
         for f in &mut sc.faults {
             scale_fault(f, scale);
         }
+        sc
+    }
+
+    /// The small-world form (see [`Scenario::small`]'s field): the short
+    /// form, made small when it runs.
+    pub fn small(&self, seed: u64) -> Scenario {
+        let mut sc = self.short(seed);
+        sc.small = true;
         sc
     }
 

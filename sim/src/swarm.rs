@@ -104,6 +104,24 @@ fn draw_more(sc: &mut Scenario, rng: &mut Rng) {
     }
 }
 
+/// A small world from `sc` (drawn already, if a swarm): 3 to 12 sites with
+/// the per-site query and bypass rates they had, at most 5 000 keys and 3
+/// sessions per site; faults and network as they were. Drawn from a stream
+/// of its own, so the swarm's draws stay as they are.
+pub fn small_world(sc: &mut Scenario) {
+    let mut rng = Rng::new(sc.seed ^ 0x5157_4152_4d02);
+    let sites = 3 + rng.below(10) as usize;
+    let share = sites as f64 / sc.sites.max(1) as f64;
+    if share < 1.0 {
+        sc.workload.rate_qps *= share;
+        sc.workload.bypass_write_qps *= share;
+        sc.sites = sites;
+    }
+    sc.workload.keys = sc.workload.keys.min(200 + rng.below(4_801));
+    sc.workload.sessions_per_site = sc.workload.sessions_per_site.min(3);
+    sc.small = false;
+}
+
 /// One line on what a swarm draw chose (the report prints it).
 pub fn describe(sc: &Scenario) -> String {
     let w = &sc.workload;
