@@ -439,6 +439,10 @@ impl Watch {
             if let Some(f) = &proxy.l2_file {
                 f.clear("the database's roles changed");
             }
+            // pooled connections carry their login's settings and privileges
+            if let Some(pool) = &proxy.pool {
+                pool.retire();
+            }
             eprintln!("postai-edge: roles changed: cached entries dropped");
         }
         self.roles = Some(digest);

@@ -433,25 +433,7 @@ pub struct TlsConfig {
     pub loaded: Option<crate::tls::Tls>,
 }
 
-/// How the proxy's connections upstream use TLS: libpq's `sslmode` values.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SslMode {
-    /// Never: plaintext.
-    Disable,
-    /// TLS when the server offers it, plaintext otherwise; the certificate is
-    /// not checked.
-    #[default]
-    Prefer,
-    /// TLS or no connection; the certificate is checked against `root_cert`
-    /// when one is given (as libpq does with a root certificate file).
-    Require,
-    /// TLS with a certificate that chains to `root_cert`.
-    VerifyCa,
-    /// As `verify-ca`, and the certificate names the server (`server_name`,
-    /// by default the host of the address).
-    VerifyFull,
-}
+pub use crate::tls::SslMode;
 
 /// `[upstream_tls]`.
 #[derive(Clone, Debug, Default, Deserialize)]

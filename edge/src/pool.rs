@@ -11,6 +11,7 @@
 //! the first time a client binds it there.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
@@ -50,6 +51,8 @@ pub struct ServerConn {
     /// ParameterStatus and BackendKeyData of its login.
     pub greeting: BytesMut,
     pub backend_key: Option<(i32, i32)>,
+    /// The pool's generation at its login (see [`Pool::retire`]).
+    generation: u64,
 }
 
 struct Slot {
@@ -69,6 +72,8 @@ pub struct Pool {
     size: usize,
     keys_max: usize,
     dialer: upstream::Dialer,
+    /// Logins of an older generation are not lent again (see [`Pool::retire`]).
+    generation: Arc<AtomicU64>,
 }
 
 /// Statement names remembered as known at most (then forgotten, and learnt again).
@@ -78,6 +83,8 @@ const KNOWN_MAX: usize = 100_000;
 pub struct Lease {
     pub server: ServerConn,
     slot: Arc<Slot>,
+    /// The pool's generation now.
+    generation: Arc<AtomicU64>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -103,7 +110,13 @@ impl PoolError {
 
 impl Pool {
     pub fn new(size: usize, keys_max: usize, dialer: upstream::Dialer) -> Pool {
-        Pool { slots: Mutex::new(HashMap::new()), size: size.max(1), keys_max: keys_max.max(1), dialer }
+        Pool {
+            slots: Mutex::new(HashMap::new()),
+            size: size.max(1),
+            keys_max: keys_max.max(1),
+            dialer,
+            generation: Arc::new(AtomicU64::new(0)),
+        }
     }
 
     /// These statements were prepared without error for `key`.
@@ -158,12 +171,20 @@ impl Pool {
                 .await
                 .map_err(|_| PoolError::Timeout(wait_ms, self.size))?
                 .map_err(|_| PoolError::Timeout(wait_ms, self.size))?;
-        let idle = slot.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let generation = self.generation();
+        let idle = {
+            let mut idle = slot.idle.lock().unwrap_or_else(|p| p.into_inner());
+            // retired logins are closed (dropped) here
+            idle.retain(|s| s.generation == generation);
+            idle.pop()
+        };
         let server = match idle {
             Some(s) => s,
             None => {
                 let login = upstream::login(&self.dialer, &key.addr, &key.params, password).await?;
-                *slot.greeting.lock().unwrap_or_else(|p| p.into_inner()) = Some(login.greeting.clone());
+                if self.generation() == generation {
+                    *slot.greeting.lock().unwrap_or_else(|p| p.into_inner()) = Some(login.greeting.clone());
+                }
                 ServerConn {
                     conn: login.conn,
                     statements: HashSet::new(),
@@ -171,10 +192,28 @@ impl Pool {
                     unnamed: None,
                     greeting: login.greeting,
                     backend_key: login.backend_key,
+                    generation,
                 }
             }
         };
-        Ok(Lease { server, slot, _permit: permit })
+        Ok(Lease { server, slot, generation: self.generation.clone(), _permit: permit })
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// What a login gets changed (a role's settings, memberships or
+    /// attributes; a reloaded configuration): no connection logged in before
+    /// is lent again (idle ones are closed, lent ones when given back), and
+    /// clients are greeted by a new login.
+    pub fn retire(&self) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        let slots: Vec<Arc<Slot>> = self.slots.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        for slot in slots {
+            slot.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            *slot.greeting.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
     }
 
     /// The greeting a login for `key` got, once one did: what a client
@@ -224,10 +263,13 @@ impl Pool {
 }
 
 impl Lease {
-    /// Gives the connection back, idle and ready for another client.
+    /// Gives the connection back, idle and ready for another client (closed
+    /// instead when its login was retired meanwhile).
     pub fn release(self) {
-        let Lease { server, slot, _permit } = self;
-        slot.idle.lock().unwrap_or_else(|p| p.into_inner()).push(server);
+        let Lease { server, slot, generation, _permit } = self;
+        if server.generation == generation.load(Ordering::Relaxed) {
+            slot.idle.lock().unwrap_or_else(|p| p.into_inner()).push(server);
+        }
     }
 }
 

@@ -101,6 +101,27 @@ fn clients_connect_and_hit_the_cache_without_a_server_connection() {
     });
 }
 
+/// A role's settings changed (ALTER ROLE ... SET): pooled connections
+/// logged in before are not lent again, so clients get what a new login
+/// gets (PgBouncer keeps such connections until server_lifetime).
+#[test]
+fn a_role_change_retires_pooled_logins() {
+    let pg = Pg::start("poolretire");
+    let proxy = start_proxy(&format!(
+        "upstream = '{}'\n[pool]\nmode = 'transaction'\nsize = 1\nwait_ms = 5000\n[cdc]\npoll_ms = 50\n",
+        pg.addr()
+    ));
+    assert!(eventually(Duration::from_secs(10), || stat_n(proxy.port, "cdc_events") > 0), "CDC connected");
+    assert_eq!(psql(proxy.port, "SHOW search_path"), "\"$user\", public");
+    let altered = psql(pg.port, "ALTER ROLE postgres SET search_path = s, public");
+    assert!(!altered.contains("ERROR"), "{altered}");
+    assert!(
+        eventually(Duration::from_secs(10), || psql(proxy.port, "SHOW search_path") == "s, public"),
+        "a new client still runs on the old login: {}",
+        psql(proxy.port, "SHOW search_path")
+    );
+}
+
 #[test]
 fn session_state_pins_a_client_to_its_connection() {
     let pg = Pg::start("poolpin");
