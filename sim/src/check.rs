@@ -74,6 +74,12 @@ pub struct Checker {
     /// because a failover lost it (asynchronous replication): the lost
     /// write's consequence, counted apart from read-your-writes bugs.
     pub ryw_lost_writes: u64,
+    /// Reads that missed acknowledged commits only the crashed primary had
+    /// (asynchronous replication: WAL that had not reached any node that is
+    /// up): no node could have shown them; they come back if the primary
+    /// does, and are lost (RPO) if a promotion replaces it. Counted apart
+    /// from staleness, which is judged on the commits some live node had.
+    pub limbo_reads: u64,
     pub residency_violations: u64,
     pub history: Vec<KeyHistory>,
     /// Acknowledged writes by LSN: (committed at, acknowledged at). Lost ones are RPO.
@@ -162,14 +168,22 @@ impl Checker {
 
     /// How stale a read of `keys` (consecutive) that started at `started` and
     /// saw the state at `snapshot` is, against the history as it is now:
-    /// from the oldest acknowledged commit it missed, in ms.
-    fn staleness(&self, keys: std::ops::RangeInclusive<u64>, snapshot: Lsn, started: Instant) -> Option<f64> {
+    /// from the oldest acknowledged commit it missed, in ms. Commits after
+    /// `on_no_live_node` (only a crashed primary had them) are not counted.
+    fn staleness(
+        &self,
+        keys: std::ops::RangeInclusive<u64>,
+        snapshot: Lsn,
+        started: Instant,
+        on_no_live_node: Option<Lsn>,
+    ) -> Option<f64> {
         let mut oldest_missed: Option<Instant> = None;
+        let reachable = on_no_live_node.unwrap_or(Lsn(u64::MAX));
         for k in keys {
             let Some(h) = self.history.get(k as usize) else { continue };
             let pos = h.commits.partition_point(|(l, _)| *l <= snapshot);
-            for (_, acked) in &h.commits[pos..] {
-                if *acked <= started {
+            for (lsn, acked) in &h.commits[pos..] {
+                if *acked <= started && *lsn <= reachable {
                     oldest_missed = Some(oldest_missed.map_or(*acked, |o: Instant| o.min(*acked)));
                 }
             }
@@ -178,14 +192,30 @@ impl Checker {
     }
 
     /// Checks a read of `keys` (consecutive) that started at `started` and
-    /// saw the state at `snapshot`. Returns the staleness in ms when it
-    /// missed an acknowledged commit.
-    pub fn check_read(&mut self, keys: &[u64], snapshot: Lsn, started: Instant) -> Option<f64> {
+    /// saw the state at `snapshot`; `on_no_live_node`: while the primary is
+    /// down, the newest commit some node that is up has received (later
+    /// ones only the crashed primary has). Returns the staleness in ms when
+    /// it missed an acknowledged commit some live node had.
+    pub fn check_read(
+        &mut self,
+        keys: &[u64],
+        snapshot: Lsn,
+        started: Instant,
+        on_no_live_node: Option<Lsn>,
+    ) -> Option<f64> {
         let (lo, hi) = (*keys.iter().min()?, *keys.iter().max()?);
-        let ms = self.staleness(lo..=hi, snapshot, started)?;
+        let stale = self.staleness(lo..=hi, snapshot, started, on_no_live_node);
+        if on_no_live_node.is_some()
+            && self.measured(started)
+            && stale.is_none()
+            && self.staleness(lo..=hi, snapshot, started, None).is_some()
+        {
+            self.limbo_reads += 1;
+        }
+        let ms = stale?;
         if self.measured(started) {
             if ms > RECHECK_MS {
-                self.late_reads.push(LateRead { started, snapshot, lo, hi });
+                self.late_reads.push(LateRead { started, snapshot, lo, hi, on_no_live_node });
             } else {
                 self.stale_reads += 1;
                 self.staleness_ms_max = self.staleness_ms_max.max(ms);
@@ -200,7 +230,7 @@ impl Checker {
     pub fn stale(&self) -> (u64, f64) {
         let (mut n, mut max) = (self.stale_reads, self.staleness_ms_max);
         for r in &self.late_reads {
-            if let Some(ms) = self.staleness(r.lo..=r.hi, r.snapshot, r.started) {
+            if let Some(ms) = self.staleness(r.lo..=r.hi, r.snapshot, r.started, r.on_no_live_node) {
                 n += 1;
                 max = max.max(ms);
             }
@@ -220,6 +250,7 @@ struct LateRead {
     /// The keys it read: `lo..=hi`.
     lo: u64,
     hi: u64,
+    on_no_live_node: Option<Lsn>,
 }
 
 /// An acknowledged write a failover lost.

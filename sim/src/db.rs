@@ -139,6 +139,18 @@ impl Database {
         self.log[..idx].iter().rev().find(|c| c.lost.is_none()).map_or(Lsn(0), |c| c.lsn)
     }
 
+    /// While the primary is down: the newest commit a node that is up has
+    /// received. Later commits only the crashed primary has (WAL it had not
+    /// sent, asynchronous replication): no read can show them until it
+    /// comes back, and a promotion drops them. `None` while the primary is up.
+    pub fn on_no_live_node(&self, now: Instant) -> Option<Lsn> {
+        if self.nodes[self.primary].up {
+            return None;
+        }
+        let live = (0..self.nodes.len()).filter(|&i| i != self.primary && self.nodes[i].up);
+        Some(live.map(|i| self.received_lsn(i, now)).max().unwrap_or(Lsn(0)))
+    }
+
     /// The commit at `lsn` (the log is in LSN order).
     fn commit(&self, lsn: Lsn) -> Option<&Commit> {
         let i = self.log.partition_point(|c| c.lsn < lsn);

@@ -58,11 +58,11 @@ pub fn table(r: &Report) -> String {
         r.failovers,
         if r.failover_to.is_empty() { String::new() } else { format!(" (to {})", r.failover_to.join(", ")) }
     );
-    if r.ryw_lost_writes + r.relayed_writes + r.cdc_gaps_skipped + r.cdc_gaps_open as u64 > 0 {
+    if r.ryw_lost_writes + r.limbo_reads + r.relayed_writes + r.cdc_gaps_skipped + r.cdc_gaps_open as u64 > 0 {
         let _ = writeln!(
             s,
-            "  reads missing the session's own write a failover lost {}; writes relayed around a pool cut off from the primary {}; change-stream gaps given up on {}, open at the end {}",
-            r.ryw_lost_writes, r.relayed_writes, r.cdc_gaps_skipped, r.cdc_gaps_open
+            "  reads missing the session's own write a failover lost {}; reads missing only commits the crashed primary alone had {}; writes relayed around a pool cut off from the primary {}; change-stream gaps given up on {}, open at the end {}",
+            r.ryw_lost_writes, r.limbo_reads, r.relayed_writes, r.cdc_gaps_skipped, r.cdc_gaps_open
         );
     }
     for rec in &r.recoveries {

@@ -92,6 +92,9 @@ pub struct Report {
     /// lost it (asynchronous replication; part of the RPO, not a
     /// read-your-writes bug).
     pub ryw_lost_writes: u64,
+    /// Reads that missed only acknowledged commits the crashed primary alone
+    /// had (asynchronous replication; see `Checker::limbo_reads`).
+    pub limbo_reads: u64,
     /// Writes a pool cut off from the primary relayed through another.
     pub relayed_writes: u64,
     pub residency_violations: u64,
@@ -586,6 +589,7 @@ fn build_report(w: &World) -> Report {
         staleness_ms_max: r3(staleness_ms_max),
         ryw_violations: c.ryw_violations,
         ryw_lost_writes: c.ryw_lost_writes,
+        limbo_reads: c.limbo_reads,
         relayed_writes: c.relayed_writes,
         residency_violations: c.residency_violations,
         acked_writes_lost: lost,

@@ -542,7 +542,8 @@ impl World {
         // EU-resident rows are not in the simulated key history (their own table)
         if !ctx.eu {
             let keys = Self::keys_of(ctx.op, ctx.key);
-            self.checker.check_read(&keys, snapshot, ctx.started);
+            let on_no_live_node = self.db.on_no_live_node(now);
+            self.checker.check_read(&keys, snapshot, ctx.started, on_no_live_node);
             let sess = &self.sites[ctx.site].sessions[ctx.session];
             if sess.consistency != Consistency::Eventual && self.checker.measured(ctx.started) {
                 // judged by what the snapshot shows, not by LSN: after a
