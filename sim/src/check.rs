@@ -80,6 +80,11 @@ pub struct Checker {
     /// does, and are lost (RPO) if a promotion replaces it. Counted apart
     /// from staleness, which is judged on the commits some live node had.
     pub limbo_reads: u64,
+    /// Commits only a crashed primary had, `(from, to]` by LSN, that a read
+    /// can show again from the instant given (the primary came back and is
+    /// followed): a read's staleness counts from then, not from their
+    /// acknowledgement.
+    reachable_again: Vec<(Lsn, Lsn, Instant)>,
     pub residency_violations: u64,
     pub history: Vec<KeyHistory>,
     /// Acknowledged writes by LSN: (committed at, acknowledged at). Lost ones are RPO.
@@ -183,12 +188,27 @@ impl Checker {
             let Some(h) = self.history.get(k as usize) else { continue };
             let pos = h.commits.partition_point(|(l, _)| *l <= snapshot);
             for (lsn, acked) in &h.commits[pos..] {
-                if *acked <= started && *lsn <= reachable {
-                    oldest_missed = Some(oldest_missed.map_or(*acked, |o: Instant| o.min(*acked)));
+                let since = self.visible_since(*lsn, *acked);
+                if since <= started && *lsn <= reachable {
+                    oldest_missed = Some(oldest_missed.map_or(since, |o: Instant| o.min(since)));
                 }
             }
         }
         Some(started.saturating_since(oldest_missed?).as_secs_f64() * 1e3)
+    }
+
+    /// Commits in `(from, to]` were on no node that was up (only on the
+    /// crashed primary) until `since`, when it came back and was followed.
+    pub fn reachable_again(&mut self, from: Lsn, to: Lsn, since: Instant) {
+        if to > from {
+            self.reachable_again.push((from, to, since));
+        }
+    }
+
+    /// From when a read could show the commit at `lsn` acknowledged at `acked`.
+    fn visible_since(&self, lsn: Lsn, acked: Instant) -> Instant {
+        let back = self.reachable_again.iter().filter(|(from, to, _)| lsn > *from && lsn <= *to);
+        back.map(|(_, _, since)| *since).fold(acked, Instant::max)
     }
 
     /// Checks a read of `keys` (consecutive) that started at `started` and

@@ -126,6 +126,9 @@ impl World {
         if self.db.nodes[i].up {
             return;
         }
+        let now = self.now();
+        // what only this primary had while it was down
+        let only_here = if i == self.db.primary { self.db.on_no_live_node(now) } else { None };
         self.db.restart(i);
         if self.db.nodes[i].needs_rejoin {
             // an ex-primary a promotion replaced: its later commits are not in
@@ -137,6 +140,9 @@ impl World {
             // the primary is back before its failure was declared: the
             // replicas reconnect to it
             self.db.resume_streaming();
+            if let Some(from) = only_here {
+                self.checker.reachable_again(from, self.db.commit_lsn(), now);
+            }
         }
         // otherwise a primary the controller is already replacing: it comes
         // back as a primary of the old epoch (PostgreSQL does), no standby
