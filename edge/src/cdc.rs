@@ -77,6 +77,9 @@ pub use postai_core::stream::history::{Feed, HISTORY_ROWS, History};
 pub fn publish(proxy: &Proxy, feed: Feed) {
     let feed = Arc::new(feed);
     let mut history = proxy.cdc_history.lock().unwrap_or_else(|p| p.into_inner());
+    if feed.reset.is_some() {
+        history.set_origin(feed.origin.clone());
+    }
     if proxy.config.role == crate::config::Role::Regional {
         history.push(feed.clone(), HISTORY_ROWS);
     }
@@ -164,10 +167,13 @@ async fn open_slot(
     if opening.replaced {
         eprintln!("postai-edge: cdc ({}): the slot was moved by someone else: the cache starts over", cfg.slot);
     }
-    if let Some(start) = opening.reset {
+    // the history the slot's positions are on, for subscribers
+    let origin = origin(conn).await;
+    match opening.reset {
         // subscribers must drop what they hold too, and a regional's history
         // continues no position from before
-        publish(proxy, Feed { reset: Some(start), ..Feed::default() });
+        Some(start) => publish(proxy, Feed { reset: Some(start), origin, ..Feed::default() }),
+        None => proxy.cdc_history.lock().unwrap_or_else(|p| p.into_inner()).set_origin(origin),
     }
     // the catalog once the slot exists (DDL after it comes through the
     // stream), before the stream opens the cache
@@ -202,7 +208,10 @@ fn decode_row(proxy: &Proxy, catalog: &postai_core::sql::Catalog, lsn: &str, dat
 /// the slot as it says.
 async fn poll_loop(proxy: &Proxy, reader: &mut SlotReader, watch: &mut crate::catalog::Watch) -> std::io::Result<()> {
     let cfg = &proxy.config.cdc;
-    let addr = cfg.upstream.clone().unwrap_or_else(|| proxy.primary_addr());
+    let (addr, generation) = {
+        let t = proxy.topology();
+        (cfg.upstream.clone().unwrap_or_else(|| t.primary_addr()), t.primary_generation())
+    };
     let mut conn = proxy.service_login(&addr, &cfg.user, &cfg.database).await?;
     check(conn.simple("SET TimeZone = 'UTC'").await?)?;
     install_triggers(proxy, &mut conn).await?;
@@ -214,6 +223,10 @@ async fn poll_loop(proxy: &Proxy, reader: &mut SlotReader, watch: &mut crate::ca
         cfg.slot
     );
     loop {
+        if cfg.upstream.is_none() && proxy.topology().primary_generation() != generation {
+            // a failover: the slot to read is on the new primary
+            return Err(std::io::Error::other("the primary changed; reading the new primary's stream"));
+        }
         let lsn_msgs = check(conn.simple("SELECT pg_current_wal_lsn()::text").await?)?;
         let current = protocol::first_value(&lsn_msgs).and_then(|s| parse_lsn(&s)).map(|l| l.0);
         let rows = check(conn.simple(&peek).await?)?;
@@ -238,7 +251,7 @@ async fn poll_loop(proxy: &Proxy, reader: &mut SlotReader, watch: &mut crate::ca
             // subscribers (edges behind this regional proxy) get the same rows
             proxy.cdc_last.store(reader.last().0, Ordering::Relaxed);
             if relay {
-                publish(proxy, Feed { rows, current, reset: None, max_commit: batch.max_commit });
+                publish(proxy, Feed { rows, current, max_commit: batch.max_commit, ..Feed::default() });
             }
             let ddl = batch.ddl();
             // queued under the node's lock: after every fill validated before these changes
@@ -280,7 +293,7 @@ async fn poll_loop(proxy: &Proxy, reader: &mut SlotReader, watch: &mut crate::ca
             None => {}
         }
         if let Some(c) = current {
-            proxy.lsn_seen.fetch_max(c, Ordering::Relaxed);
+            proxy.saw_primary_lsn(generation, Lsn(c));
         }
         tokio::time::sleep(Duration::from_millis(cfg.poll_ms)).await;
     }
@@ -290,7 +303,10 @@ async fn poll_loop(proxy: &Proxy, reader: &mut SlotReader, watch: &mut crate::ca
 /// handled by the [`Subscriber`] machine (see `postai_core::stream::subscriber`).
 async fn subscribe_loop(proxy: &Proxy, sub: &mut Subscriber, watch: &mut crate::catalog::Watch) -> std::io::Result<()> {
     let cfg = &proxy.config.cdc;
-    let addr = proxy.primary_addr();
+    let (addr, generation) = {
+        let t = proxy.topology();
+        (t.primary_addr(), t.primary_generation())
+    };
     let mut conn = proxy.service_login(&addr, &cfg.user, &cfg.database).await?;
     // the database's catalog and roles over a second connection (the first streams)
     let mut catalog_conn = proxy.service_login(&addr, &cfg.user, &cfg.database).await?;
@@ -302,7 +318,9 @@ async fn subscribe_loop(proxy: &Proxy, sub: &mut Subscriber, watch: &mut crate::
         Some(_) => system_identifier(&mut conn).await,
         None => None,
     };
-    let command = match sub.connect(adopting.and_then(|f| f.opened_at)) {
+    // the file's position, on the history the file says it was written on
+    let file = adopting.and_then(|f| Some((f.opened_at?, f.opened_origin())));
+    let command = match sub.connect(file) {
         Some(p) => format!("POSTAI SUBSCRIBE FROM '{}'", fmt_lsn(p)),
         None => "POSTAI SUBSCRIBE".into(),
     };
@@ -322,12 +340,16 @@ async fn subscribe_loop(proxy: &Proxy, sub: &mut Subscriber, watch: &mut crate::
             // comes through the stream), before the stream opens the cache
             let catalog = watch.sync_catalog(proxy, &mut catalog_conn).await?;
             if let Some(f) = adopting {
-                // the file: kept when the stream continues after its position, else wiped
-                let system_id = cluster.as_ref().map(|id| format!("{id} catalog {catalog:032x}"));
+                // the file: kept when the stream continues after its position
+                // on the same history, else wiped
+                let system_id = cluster.as_ref().map(|id| {
+                    let origin = sub.announced().unwrap_or("unknown");
+                    format!("{id} catalog {catalog:032x}{}{origin}", crate::l2::ORIGIN_MARK)
+                });
                 adopt_file(proxy, f, at, created, system_id).await;
             }
         }
-        let ddl = {
+        let (ddl, current) = {
             let now = proxy.now();
             let mut node = proxy.node.lock().unwrap_or_else(|p| p.into_inner());
             let step = {
@@ -340,9 +362,6 @@ async fn subscribe_loop(proxy: &Proxy, sub: &mut Subscriber, watch: &mut crate::
             if step.resumed {
                 proxy.metrics.cdc_resumed.fetch_add(1, Ordering::Relaxed);
             }
-            if let Some(current) = step.current {
-                proxy.lsn_seen.fetch_max(current.0, Ordering::Relaxed);
-            }
             let ddl = step.ddl();
             // queued under the node's lock, as the slot reader does; the file's
             // position is where the next start asks the stream to continue from
@@ -351,8 +370,12 @@ async fn subscribe_loop(proxy: &Proxy, sub: &mut Subscriber, watch: &mut crate::
             {
                 drop(f.invalidate(step.changes, sub.last()));
             }
-            ddl
+            (ddl, step.current)
         };
+        if let Some(current) = current {
+            // (not under the node's lock: this takes it)
+            proxy.saw_primary_lsn(generation, current);
+        }
         if ddl || proxy.catalog_stale.load(Ordering::Relaxed) {
             watch.sync_catalog(proxy, &mut catalog_conn).await?;
         }
@@ -371,6 +394,19 @@ async fn adopt_l2(proxy: &Proxy, conn: &mut crate::upstream::Conn, slot: Lsn, cr
     // entries mean the same only under the same catalog (views, functions, keys)
     let system_id = system_identifier(conn).await.map(|id| format!("{id} catalog {catalog:032x}"));
     adopt_file(proxy, f, slot, created, system_id).await;
+}
+
+/// The history a primary's positions are on: its cluster's
+/// `system_identifier` and its timeline (`pg_walfile_name` names the
+/// current one at once after a promotion; the checkpoint's lags). `None`
+/// when the server does not answer (a subscriber then continues nothing).
+async fn origin(conn: &mut crate::upstream::Conn) -> Option<String> {
+    let q = "SELECT system_identifier::text || '/' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) \
+             FROM pg_control_system()";
+    match conn.simple(q).await {
+        Ok(m) if m.iter().all(|m| m.tag != b'E') => protocol::first_value(&m),
+        _ => None,
+    }
 }
 
 /// The cluster's `system_identifier`, if the server answers it.

@@ -244,10 +244,10 @@ pub struct CdcConfig {
     /// the primary invalidates too (temporary objects excepted).
     pub ddl: bool,
     /// Where the slot is (host:port): by default the primary the proxy
-    /// routes to. An edge behind a regional proxy may name the primary here,
-    /// but should rather subscribe (`source = "regional"`): its own slot can
-    /// run ahead of the regional's, and a miss in that window refills from
-    /// a stale L3 entry.
+    /// routes to. An edge behind a regional proxy may name the primary here
+    /// (its answers are filed at what the regional says they reflect), but
+    /// subscribing (`source = "regional"`) takes one slot per region
+    /// instead of one per edge.
     pub upstream: Option<String>,
     /// `slot` (default): read a logical decoding slot of this proxy's own.
     /// `regional`: subscribe to the stream the regional proxy named by

@@ -98,11 +98,19 @@ pub struct Accepted {
 
 impl Accepted {
     /// The startup parameters for the upstream login: the client's, with the
-    /// user and database first.
+    /// user and database first (the proxy's own protocol option is its, not
+    /// the session's).
     pub fn upstream_params(&self) -> Vec<(String, String)> {
         let mut p = vec![("user".to_string(), self.user.clone()), ("database".to_string(), self.database.clone())];
-        p.extend(self.params.iter().filter(|(k, _)| k != "user" && k != "database").cloned());
+        let ours = |k: &str| matches!(k, "user" | "database" | protocol::ANSWER_LSN_OPTION);
+        p.extend(self.params.iter().filter(|(k, _)| !ours(k)).cloned());
         p
+    }
+
+    /// The client is a postai proxy asking what each answer reflects
+    /// ([`protocol::ANSWER_LSN_OPTION`]).
+    pub fn wants_answer_lsn(&self) -> bool {
+        self.params.iter().any(|(k, v)| k == protocol::ANSWER_LSN_OPTION && v == "on")
     }
 }
 

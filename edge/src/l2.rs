@@ -198,7 +198,14 @@ pub struct L2File {
     /// The file's position when it was opened: where an edge behind a
     /// regional proxy asks its subscription to continue from.
     pub opened_at: Option<Lsn>,
+    /// The cluster (and, behind a regional proxy, the history after
+    /// [`ORIGIN_MARK`]) the file was written for, when it was opened.
+    opened_id: Option<String>,
 }
+
+/// Separates the history a subscribed edge's file position is on
+/// (`postai_core::stream::Line::Origin`) in the file's cluster id.
+pub const ORIGIN_MARK: &str = " origin ";
 
 /// What [`L2File::open`] found.
 pub struct Opened {
@@ -259,6 +266,7 @@ impl L2File {
             shared.stats.bytes.store(s.bytes, Ordering::Relaxed);
         }
         let opened_at = store.as_ref().and_then(|s| s.through);
+        let opened_id = store.as_ref().and_then(|s| s.meta("system_id").ok().flatten());
         let thread = {
             let shared = shared.clone();
             let path = path.to_path_buf();
@@ -267,8 +275,15 @@ impl L2File {
                 .spawn(move || Writer { shared, unvouched: store.is_some(), store, path }.run())
                 .expect("spawn the L2 file writer thread")
         };
-        let file = L2File { shared, thread: Some(thread), path: path.to_path_buf(), configured_tables, opened_at };
+        let path = path.to_path_buf();
+        let file = L2File { shared, thread: Some(thread), path, configured_tables, opened_at, opened_id };
         Opened { file, restored, notices }
+    }
+
+    /// The history the file's position is on (a subscribed edge's), if known.
+    pub fn opened_origin(&self) -> Option<String> {
+        let id = self.opened_id.as_deref()?;
+        id.split_once(ORIGIN_MARK).map(|(_, o)| o.to_string()).filter(|o| o != "unknown")
     }
 
     pub fn path(&self) -> &Path {

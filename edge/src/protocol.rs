@@ -158,6 +158,31 @@ pub fn ready_for_query(status: u8) -> Bytes {
 }
 
 /// An ErrorResponse with severity, SQLSTATE and message.
+/// A ParameterStatus message.
+pub fn parameter_status(name: &str, value: &str) -> Bytes {
+    let mut b = BytesMut::with_capacity(name.len() + value.len() + 7);
+    b.put_u8(b'S');
+    b.put_i32((name.len() + value.len() + 6) as i32);
+    b.put_slice(name.as_bytes());
+    b.put_u8(0);
+    b.put_slice(value.as_bytes());
+    b.put_u8(0);
+    b.freeze()
+}
+
+/// The protocol option a postai proxy sends in its StartupMessage: "tell me
+/// what each answer reflects". PostgreSQL answers an option it does not know
+/// (`_pq_.*`) with NegotiateProtocolVersion and goes on without it; a postai
+/// proxy answers with a ParameterStatus [`ANSWER_LSN`] = `on`.
+pub const ANSWER_LSN_OPTION: &str = "_pq_.postai_answer_lsn";
+
+/// The ParameterStatus a postai proxy sends before each ReadyForQuery to a
+/// client that asked ([`ANSWER_LSN_OPTION`]): every commit up to this LSN
+/// is reflected in the answers since the last ReadyForQuery (for the rows
+/// they read). No such message: the proxy cannot vouch for them, and they
+/// are not cached downstream.
+pub const ANSWER_LSN: &str = "postai.answer_lsn";
+
 pub fn error_response(severity: &str, code: &str, message: &str) -> Bytes {
     let mut body = Vec::new();
     for (field, value) in [(b'S', severity), (b'V', severity), (b'C', code), (b'M', message)] {

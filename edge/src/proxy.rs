@@ -212,13 +212,27 @@ impl Proxy {
         self.node().catalog_changed();
     }
 
-    /// Drops every cached entry (a failover: the old CDC stream is gone).
+    /// Drops every cached entry (a failover: the old CDC stream is gone),
+    /// every answer in flight unfiled, and the primary's position seen: the
+    /// new primary's timeline reuses the positions of whatever the old one
+    /// lost, so no answer of the new one may be stamped with an old one.
     pub fn forget_cache(&self, _now: Instant) {
         let mut n = self.node();
-        n.clear_tier(TierName::L1);
-        n.clear_tier(TierName::L2);
+        self.lsn_seen.store(0, Ordering::Relaxed);
+        n.primary_changed();
         if let Some(f) = &self.l2_file {
             f.clear("the in-memory tiers were cleared");
+        }
+    }
+
+    /// The primary of topology generation `generation` stood at `lsn`:
+    /// a lower bound of any later snapshot there. Ignored when the primary
+    /// changed since (checked under the node's lock, which
+    /// [`Proxy::forget_cache`] holds when it forgets the old positions).
+    pub fn saw_primary_lsn(&self, generation: u64, lsn: Lsn) {
+        let _n = self.node();
+        if self.topology().primary_generation() == generation {
+            self.lsn_seen.fetch_max(lsn.0, Ordering::Relaxed);
         }
     }
 
@@ -367,6 +381,9 @@ struct Client {
     between_requests: bool,
     /// The buffer budget held by the extended protocol messages waiting for their Sync.
     batch_held: Option<crate::limits::Held>,
+    /// What the answers reflect (`proxy/wire.rs`, [`Told`]): told to a
+    /// client that asked, and what a fill is filed at.
+    answers: Answers,
 }
 
 /// The client's connection to the primary: its own for the whole session, or
@@ -413,8 +430,9 @@ impl Client {
     /// the snapshot lower bound taken before it.
     fn ask_node(&self, ask: impl FnOnce(&mut EdgeNode<Value>, Instant, SessionId)) -> (Option<NodeOutput<Value>>, Lsn) {
         let now = self.proxy.now();
-        let snapshot = Lsn(self.proxy.lsn_seen.load(Ordering::Relaxed));
         let mut n = self.proxy.node();
+        // under the node's lock: a failover forgets it under the same lock
+        let snapshot = Lsn(self.proxy.lsn_seen.load(Ordering::Relaxed));
         n.sync_transaction(self.session, self.status != b'I', snapshot);
         if self.status == b'E' {
             // an aborted transaction: its COMMIT rolls back
@@ -483,6 +501,11 @@ impl Client {
     /// a failed batch leaves the statements it prepared uncertain (pooling).
     fn swallowed(&mut self, m: &Message) -> bool {
         match m.tag {
+            b'S' if upstream::parameter_name(m) == Some(protocol::ANSWER_LSN.as_bytes()) => {
+                // the upstream's word on what the answer reflects: ours to use
+                self.answers.told(parameter_status(m).and_then(|(_, v)| protocol::parse_lsn(&v)).map(Lsn));
+                return true;
+            }
             b'S' => {
                 if let Some((name, value)) = parameter_status(m)
                     && self.reported.len() < RELAYED_MAX
@@ -604,7 +627,7 @@ impl Client {
         let msgs = self.up().await?.simple("SELECT pg_current_wal_lsn()::text").await?;
         let lsn = protocol::first_value(&msgs).and_then(|s| protocol::parse_lsn(&s)).map(Lsn);
         if let Some(l) = lsn {
-            self.proxy.lsn_seen.fetch_max(l.0, Ordering::Relaxed);
+            self.proxy.saw_primary_lsn(self.primary_generation, l);
         }
         Ok(lsn)
     }
@@ -621,6 +644,7 @@ impl Client {
             // text the analyzer cannot read as sent (another client
             // encoding): relayed, never cached, its effects unknown
             self.hold_ready = true;
+            self.answers.floor = Some(Lsn(self.proxy.lsn_seen.load(Ordering::Relaxed)));
             self.up().await?.send(&m.raw).await?;
             let (_, error) = self.relay_until_ready(None).await?;
             self.proxy.node().note_opaque(self.session, self.status != b'I');
@@ -654,6 +678,7 @@ impl Client {
                     self.note_session_state(&p.shape);
                 }
             }
+            self.answers.floor = Some(Lsn(self.proxy.lsn_seen.load(Ordering::Relaxed)));
             self.up().await?.send(&m.raw).await?;
             self.relay_until_ready(None).await?;
             return Ok(Path::Primary);
@@ -662,9 +687,10 @@ impl Client {
             n.handle_simple_query(now, session, &sql);
         });
         let path = match out {
-            Some(NodeOutput::Reply { value, served, .. }) => {
+            Some(NodeOutput::Reply { value, served, lsn, .. }) => {
                 self.out.clear();
                 self.out.extend_from_slice(&value);
+                self.answers.tell(&mut self.out, Some(lsn));
                 self.out.extend_from_slice(&protocol::ready_for_query(self.status));
                 self.wr.write_all(&self.out).await?;
                 path_of(served)
@@ -681,19 +707,26 @@ impl Client {
                     _ => None,
                 };
                 let was_idle = self.status == b'I';
-                let (kept, error, snapshot, served) = match on_replica {
-                    Some((kept, error, replayed)) => (kept, error, replayed, Served::Replica),
+                let (kept, error, served) = match on_replica {
+                    Some((kept, error, _)) => (kept, error, Served::Replica),
                     None => {
                         self.note_session_state(&u.shape);
                         if let Upstream::Pooled { lease: Some(l), .. } = &mut self.upstream {
                             // a simple query ends the unnamed statement
                             l.server.unnamed = None;
                         }
+                        self.answers.floor = Some(snapshot);
                         self.up().await?.send(&m.raw).await?;
                         let (kept, error) = self.relay_until_ready(keep).await?;
-                        (kept, error, snapshot, Served::Primary)
+                        (kept, error, Served::Primary)
                     }
                 };
+                // filed only whole, at what it is known to reflect
+                let snapshot = self.answers.at.take();
+                if kept.is_none() || snapshot.is_none() {
+                    self.proxy.node().skip_fill(u.req);
+                }
+                let snapshot = snapshot.unwrap_or(Lsn(0));
                 let shape = u.shape.clone();
                 if shape.kind == StatementKind::Session && error.is_none() {
                     let dropped = self.replicas.setting(m, was_idle && self.status == b'I');
@@ -756,10 +789,16 @@ impl Client {
         let mut error = None;
         self.out.clear();
         self.flushed_mid = false;
+        let tells = self.up().await?.tells_lsn;
+        self.answers.start(tells);
         loop {
             let m = self.up().await?.recv().await?;
             if self.swallowed(&m) {
                 continue;
+            }
+            if m.tag == b'Z' {
+                let at = self.answers.end();
+                self.answers.tell(&mut self.out, at);
             }
             self.out.extend_from_slice(&m.raw);
             match m.tag {

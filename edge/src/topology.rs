@@ -7,7 +7,6 @@
 //! decisions are the core's.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use postai_core::failover::{Epoch, FailoverConfig, FailoverController, FailoverOutput};
 use postai_core::router::{EndpointId, ReadRequest, Role, Router, RouterConfig, Zone};
@@ -241,7 +240,10 @@ pub async fn run(proxy: Arc<Proxy>) {
     let mut conns: Vec<Option<Conn>> = Vec::new();
     let mut followers = Followers::default();
     loop {
-        let nodes: Vec<DbNode> = proxy.topology().nodes().to_vec();
+        let (nodes, generation) = {
+            let t = proxy.topology();
+            (t.nodes().to_vec(), t.primary_generation())
+        };
         conns.resize_with(nodes.len(), || None);
         followers.recovering.clear();
         followers.recovering.resize(nodes.len(), false);
@@ -259,7 +261,7 @@ pub async fn run(proxy: Arc<Proxy>) {
                         continue;
                     }
                     if !in_recovery {
-                        proxy.lsn_seen.fetch_max(lsn.0, Ordering::Relaxed);
+                        proxy.saw_primary_lsn(generation, lsn);
                         proxy.topology().out_of_recovery(now, n.id);
                     }
                     proxy.topology().healthy(now, n.id, lsn, now.saturating_since(started));

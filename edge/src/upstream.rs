@@ -30,6 +30,10 @@ pub struct Conn {
     /// The server's BackendKeyData (process id, secret key) once logged in:
     /// what cancels a query running on this connection.
     pub backend_key: Option<(i32, i32)>,
+    /// The server is a postai proxy that tells what each answer reflects
+    /// ([`protocol::ANSWER_LSN`]): a cache, whose answers may be older than
+    /// the primary's current position.
+    pub tells_lsn: bool,
 }
 
 /// The `SSLRequest` code (PostgreSQL's `NEGOTIATE_SSL_CODE`).
@@ -66,7 +70,8 @@ impl Conn {
                 }
             }
         };
-        Ok(Conn { stream, buf: BytesMut::with_capacity(16 << 10), max: dialer.max, backend_key: None })
+        let buf = BytesMut::with_capacity(16 << 10);
+        Ok(Conn { stream, buf, max: dialer.max, backend_key: None, tells_lsn: false })
     }
 
     pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
@@ -209,7 +214,11 @@ async fn login_once(
 
     let user = params.iter().find(|(k, _)| k == "user").map(|(_, v)| v.as_str()).unwrap_or_default();
     let mut conn = Conn::connect(addr, dialer).await?;
-    conn.send(&protocol::startup(params)).await?;
+    // asks a postai upstream to tell what its answers reflect
+    let mut params = params.to_vec();
+    params.retain(|(k, _)| k != protocol::ANSWER_LSN_OPTION);
+    params.push((protocol::ANSWER_LSN_OPTION.to_string(), "on".to_string()));
+    conn.send(&protocol::startup(&params)).await?;
     let mut greeting = BytesMut::new();
     let mut backend_key = None;
     let mut scram: Option<ScramSha256> = None;
@@ -276,6 +285,7 @@ async fn login_once(
                 }
                 greeting.extend_from_slice(&m.raw);
             }
+            b'S' if parameter_name(&m) == Some(protocol::ANSWER_LSN.as_bytes()) => conn.tells_lsn = true,
             b'S' | b'N' => greeting.extend_from_slice(&m.raw),
             // NegotiateProtocolVersion: the server runs 3.0 without the options it did not know
             b'v' => {}
@@ -288,6 +298,12 @@ async fn login_once(
             other => return Err(LoginError::Unexpected(other as char)),
         }
     }
+}
+
+/// A ParameterStatus message's name.
+pub fn parameter_name(m: &Message) -> Option<&[u8]> {
+    let b = m.body();
+    b.get(..b.iter().position(|c| *c == 0)?)
 }
 
 /// The M (message) field of an ErrorResponse.

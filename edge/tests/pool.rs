@@ -203,9 +203,8 @@ fn an_edge_in_front_of_a_regional_proxy() {
         "upstream = '{}'\nrole = 'regional'\n[pool]\nsize = 4\n[cdc]\nslot = 'regional'\npoll_ms = 50\n{tables}",
         pg.addr()
     ));
-    // invalidations through the regional's stream: it applies a change before
-    // it publishes it, so an edge never refills from a stale L3 (a slot of the
-    // edge's own could run ahead of the regional's: see ARCHITECTURE.md)
+    // invalidations through the regional's stream; an answer from its L3 is
+    // filed at the LSN the regional vouches for (see tests/regional.rs)
     let edge_config = || {
         format!(
             "upstream = '127.0.0.1:{}'\n[cdc]\nsource = 'regional'\npoll_ms = 50\n[failover]\nenabled = false\n{tables}",
@@ -281,8 +280,9 @@ fn a_regional_proxy_pools_its_replica_reads_too() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "new");
 }
 
-/// The first CopyData line of a streaming statement (`POSTAI SUBSCRIBE`), over
-/// a raw connection (psql would wait for the stream's end).
+/// The first CopyData line of a streaming statement (`POSTAI SUBSCRIBE`)
+/// after the history it announces (`O <system id>/<timeline>`, checked
+/// here), over a raw connection (psql would wait for the stream's end).
 fn first_copy_line(port: u16, sql: &str) -> String {
     use postai_edge::protocol::{self, BACKEND_TAGS};
     use std::io::{Read, Write};
@@ -291,13 +291,19 @@ fn first_copy_line(port: u16, sql: &str) -> String {
     let params = [("user".to_string(), "postgres".to_string()), ("database".to_string(), "postgres".to_string())];
     s.write_all(&protocol::startup(&params)).expect("startup");
     let mut buf = bytes::BytesMut::new();
-    let mut sent = false;
+    let (mut sent, mut announced) = (false, false);
     loop {
         while let Some(m) = protocol::decode(&mut buf, 1 << 20, BACKEND_TAGS).expect("a backend message") {
             match m.tag {
                 b'Z' if !sent => {
                     s.write_all(&protocol::query(sql)).expect("query");
                     sent = true;
+                }
+                b'd' if !announced => {
+                    let line = String::from_utf8_lossy(m.body()).into_owned();
+                    let timeline = line.strip_prefix("O ").and_then(|o| o.split_once('/')).map(|(_, t)| t.to_string());
+                    assert_eq!(timeline.as_deref(), Some("00000001"), "the history first: {line:?}");
+                    announced = true;
                 }
                 b'd' => return String::from_utf8_lossy(m.body()).into_owned(),
                 b'E' => panic!("{sql}: an error"),

@@ -149,8 +149,11 @@ pub enum Route {
 /// Output of the node, drained with [`EdgeNode::poll_output`].
 #[derive(Clone, Debug)]
 pub enum NodeOutput<V> {
-    /// Answer the client.
-    Reply { req: RequestId, session: SessionId, served: Served, value: V },
+    /// Answer the client. `lsn`: what the answer reflects, for the rows it
+    /// depends on (every commit up to it): a cached entry's snapshot, or
+    /// later when the change stream has vouched for it since (a driver that
+    /// serves another cache, as a regional proxy does, tells it along).
+    Reply { req: RequestId, session: SessionId, served: Served, value: V, lsn: Lsn },
     /// Send the query upstream, then call [`EdgeNode::handle_upstream`].
     Upstream(UpstreamRequest),
     /// Answer the client with an error.
@@ -552,8 +555,8 @@ impl<V: Clone> EdgeNode<V> {
                 |e: &Entry<V>| versions.is_valid(e.lsn, &e.deps) && entry_meets_floor(e.lsn, floor, complete, local);
             if let Lookup::Hit(e) = self.l1.get(now, key, ok) {
                 self.stats.l1_hits += 1;
-                let value = e.value.clone();
-                self.outputs.push_back(NodeOutput::Reply { req, session, served: Served::L1, value });
+                let (value, lsn) = (e.value.clone(), e.lsn.max(complete));
+                self.outputs.push_back(NodeOutput::Reply { req, session, served: Served::L1, value, lsn });
                 return req;
             }
             let ok =
@@ -561,9 +564,9 @@ impl<V: Clone> EdgeNode<V> {
             if let Lookup::Hit(e) = self.l2.get(now, key, ok) {
                 self.stats.l2_hits += 1;
                 let entry = e.clone();
-                let value = entry.value.clone();
+                let (value, lsn) = (entry.value.clone(), entry.lsn.max(complete));
                 self.l1.insert(now, key, entry);
-                self.outputs.push_back(NodeOutput::Reply { req, session, served: Served::L2, value });
+                self.outputs.push_back(NodeOutput::Reply { req, session, served: Served::L2, value, lsn });
                 return req;
             }
         }
@@ -617,6 +620,26 @@ impl<V: Clone> EdgeNode<V> {
         shape.reads.iter().chain(shape.writes.iter()).find_map(|t| self.residency.get(t).copied())
     }
 
+    /// The primary changed (a failover): every cached entry is dropped, and
+    /// no answer to a request in flight is filed (it was stamped with a
+    /// position of the old primary, whose timeline the new one may reuse
+    /// for other commits).
+    pub fn primary_changed(&mut self) {
+        self.clear_tier(TierName::L1);
+        self.clear_tier(TierName::L2);
+        for p in self.pending.values_mut() {
+            p.cache_here = false;
+        }
+    }
+
+    /// The driver could not keep the whole answer to `req` (larger than it
+    /// caches) or cannot tell what it reflects: it is relayed, never filed.
+    pub fn skip_fill(&mut self, req: RequestId) {
+        if let Some(p) = self.pending.get_mut(&req) {
+            p.cache_here = false;
+        }
+    }
+
     /// The upstream answer to a request from [`NodeOutput::Upstream`].
     pub fn handle_upstream(&mut self, now: Instant, req: RequestId, result: Result<UpstreamReply<V>, String>) {
         let Some(p) = self.pending.remove(&req) else {
@@ -668,7 +691,8 @@ impl<V: Clone> EdgeNode<V> {
             self.l2.insert(now, key, entry.clone());
             self.l1.insert(now, key, entry);
         }
-        self.outputs.push_back(NodeOutput::Reply { req, session, served: reply.served, value: reply.value });
+        let (served, value, lsn) = (reply.served, reply.value, reply.snapshot_lsn);
+        self.outputs.push_back(NodeOutput::Reply { req, session, served, value, lsn });
     }
 
     fn apply_session_effects(&mut self, p: &Pending, reply: &UpstreamReply<V>) {

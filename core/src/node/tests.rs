@@ -60,6 +60,46 @@ mod session_and_refresh {
         }
     }
 
+    /// An answer the driver could not keep whole, or cannot date, is never
+    /// filed; answers in flight across a primary change are not either; a
+    /// hit tells what it reflects: its snapshot, or the stream's complete
+    /// position when later.
+    #[test]
+    fn answers_filed_only_whole_dated_and_from_the_current_primary() {
+        let (mut n, items) = node(InvalidationMode::Key);
+        let p = n.prepare("SELECT id, v FROM items WHERE id = $1").expect("lexes");
+        let ask = |n: &mut EdgeNode<u64>, key: &str| {
+            n.handle_execute(Instant::ZERO, SessionId(1), &p, &[Some(key.as_bytes())]);
+            n.poll_output()
+        };
+        let answer = |n: &mut EdgeNode<u64>, req, lsn: u64| {
+            let reply = UpstreamReply {
+                value: lsn,
+                size_bytes: 8,
+                served: Served::Primary,
+                snapshot_lsn: Lsn(lsn),
+                commit_lsn: None,
+                ttl: None,
+            };
+            n.handle_upstream(Instant::ZERO, req, Ok(reply));
+            n.poll_output()
+        };
+        let Some(NodeOutput::Upstream(u)) = ask(&mut n, "1") else { panic!("a miss") };
+        n.skip_fill(u.req);
+        assert!(matches!(answer(&mut n, u.req, 3), Some(NodeOutput::Reply { value: 3, .. })), "relayed");
+        assert!(matches!(ask(&mut n, "1"), Some(NodeOutput::Upstream(_))), "not filed");
+        let Some(NodeOutput::Upstream(u)) = ask(&mut n, "2") else { panic!("a miss") };
+        n.primary_changed();
+        let _ = answer(&mut n, u.req, 3);
+        assert!(matches!(ask(&mut n, "2"), Some(NodeOutput::Upstream(_))), "in flight across a failover");
+        let Some(NodeOutput::Upstream(u)) = ask(&mut n, "3") else { panic!("a miss") };
+        let _ = answer(&mut n, u.req, 4);
+        assert!(matches!(ask(&mut n, "3"), Some(NodeOutput::Reply { served: Served::L1, lsn: Lsn(4), .. })));
+        // the stream passes 9 without touching row 3: the entry reflects 9
+        n.handle_cdc(Instant::ZERO, &event(items, "8", 0, 9));
+        assert!(matches!(ask(&mut n, "3"), Some(NodeOutput::Reply { served: Served::L1, lsn: Lsn(9), .. })));
+    }
+
     #[test]
     fn refresh_keeps_point_reads_hot_and_current() {
         let (mut n, items) = node(InvalidationMode::Refresh);

@@ -21,6 +21,9 @@ pub struct Feed {
     pub reset: Option<Lsn>,
     /// The newest commit among the rows.
     pub max_commit: Option<Lsn>,
+    /// With a reset: the history the new slot is on (see
+    /// [`crate::stream::Line::Origin`]).
+    pub origin: Option<String>,
 }
 
 /// The feeds a regional proxy published lately: every commit after `floor`
@@ -32,6 +35,8 @@ pub struct History {
     floor: Option<Lsn>,
     /// The newest commit published.
     newest: Option<Lsn>,
+    /// The history the slot read now is on: told to every subscriber first.
+    origin: Option<String>,
 }
 
 impl History {
@@ -40,6 +45,16 @@ impl History {
     pub fn since(&self, from: Lsn) -> Option<Vec<Arc<Feed>>> {
         let floor = self.floor?;
         (from >= floor).then(|| self.feeds.iter().filter(|f| f.max_commit.is_some_and(|c| c > from)).cloned().collect())
+    }
+
+    /// The history the slot read now is on, if known.
+    pub fn origin(&self) -> Option<&str> {
+        self.origin.as_deref()
+    }
+
+    /// The reader found its slot on `origin` (a reset feed sets it too).
+    pub fn set_origin(&mut self, origin: Option<String>) {
+        self.origin = origin;
     }
 
     /// The reader starts at `position` (the slot's): history is complete from there.
@@ -62,6 +77,7 @@ impl History {
     pub fn push(&mut self, feed: Arc<Feed>, keep_rows: usize) {
         self.newest = self.newest.max(feed.max_commit);
         if let Some(start) = feed.reset {
+            self.origin.clone_from(&feed.origin);
             // a new slot, perhaps on a promoted replica: a position published
             // before (a subscriber's) may be past commits the old primary lost
             // and the new one made anew; none of them is continued

@@ -12,7 +12,7 @@
 //! - [`subscriber::Subscriber`]: an edge following a regional proxy's stream,
 //!   resuming where it left off when the regional kept every row since.
 //! - [`history::History`]: the rows a regional proxy keeps for resumes.
-//! - [`Line`]: the subscription protocol's lines (`R`, `K`, `X`, `C`).
+//! - [`Line`]: the subscription protocol's lines (`R`, `K`, `X`, `C`, `O`).
 
 pub mod decoding;
 pub mod history;
@@ -122,6 +122,12 @@ pub enum Line<'a> {
     /// `C <lsn>`: the stream continues after this position with nothing
     /// missing (the rows kept since follow, then one `K`).
     Continue(Lsn),
+    /// `O <origin>`: the positions that follow are on this history (the
+    /// cluster and the timeline of the server the regional's slot is on):
+    /// first in every subscription, and before each `X`. A position of
+    /// another history is never continued: a failover that lost commits
+    /// starts a timeline that reuses their positions for other commits.
+    Origin(&'a str),
 }
 
 impl<'a> Line<'a> {
@@ -133,6 +139,7 @@ impl<'a> Line<'a> {
             "K " => parse_lsn(rest).map(Line::Keepalive),
             "X " => parse_lsn(rest).map(Line::Reset),
             "C " => parse_lsn(rest).map(Line::Continue),
+            "O " if !rest.is_empty() => Some(Line::Origin(rest)),
             _ => None,
         }
     }
@@ -144,6 +151,7 @@ impl<'a> Line<'a> {
             Line::Keepalive(l) => format!("K {}", fmt_lsn(*l)),
             Line::Reset(l) => format!("X {}", fmt_lsn(*l)),
             Line::Continue(l) => format!("C {}", fmt_lsn(*l)),
+            Line::Origin(o) => format!("O {o}"),
         }
     }
 }
@@ -209,11 +217,12 @@ mod tests {
             Line::Keepalive(Lsn(5)),
             Line::Reset(Lsn(1 << 33)),
             Line::Continue(Lsn(0)),
+            Line::Origin("7312345678901234567/00000002"),
         ] {
             let text = line.to_text();
             assert_eq!(Line::parse(&text), Some(line), "{text}");
         }
-        for bad in ["", "R", "K x", "Z 0/1", "R 0/1 no tab", "é"] {
+        for bad in ["", "R", "K x", "Z 0/1", "R 0/1 no tab", "é", "O "] {
             assert_eq!(Line::parse(bad), None, "{bad}");
         }
     }

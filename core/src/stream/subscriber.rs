@@ -5,7 +5,12 @@
 //! commit applied, or the L2 file's position at start), the regional answers
 //! `C` when it kept every row since and sends them up to a keepalive: they
 //! are applied in one batch (a restored entry is never served between two of
-//! them), and nothing else is invalidated.
+//! them), and nothing else is invalidated. A position is continued only on
+//! the history it was taken on (`O`, [`Line::Origin`]): after a failover
+//! that lost commits, the new timeline reuses their positions for other
+//! commits, so a regional restarted since (which kept no history of the
+//! old timeline) could otherwise continue an old position as if it were
+//! its own, and what the edge cached of the lost commits would stay.
 
 use crate::invalidation::{CdcEvent, Change, ChangeTarget, Lsn};
 use crate::stream::reader::{apply, keepalive};
@@ -23,6 +28,11 @@ pub struct Subscriber {
     replay: Option<Vec<(String, String)>>,
     /// The open transaction's targets.
     pending: Vec<ChangeTarget>,
+    /// The history `last` is a position on (the regional's word, or the L2
+    /// file's at start).
+    origin: Option<String>,
+    /// The history this connection's stream announced.
+    announced: Option<String>,
 }
 
 /// One line's outcome: apply `events` in order, under one hold of the
@@ -59,21 +69,39 @@ impl Subscriber {
         self.subscribed
     }
 
-    /// A new connection: where to subscribe `FROM` (`file_at`: the L2 file's
-    /// position, for the first subscription of this process).
-    pub fn connect(&mut self, file_at: Option<Lsn>) -> Option<Lsn> {
+    /// The history the stream announced (`O`), once it did.
+    pub fn announced(&self) -> Option<&str> {
+        self.announced.as_deref()
+    }
+
+    /// A new connection: where to subscribe `FROM` (`file`: the L2 file's
+    /// position and the history it is on, for the first subscription of
+    /// this process).
+    pub fn connect(&mut self, file: Option<(Lsn, Option<String>)>) -> Option<Lsn> {
         self.opened = false;
         self.replay = None;
         self.pending.clear();
-        if self.subscribed { Some(self.last) } else { file_at }
+        self.announced = None;
+        if self.subscribed {
+            return Some(self.last);
+        }
+        let (at, origin) = file?;
+        self.origin = origin;
+        Some(at)
+    }
+
+    /// Whether this connection's stream is on the history of `last`.
+    fn same_history(&self) -> bool {
+        self.announced == self.origin
     }
 
     /// The line that opens this connection's stream: its position, and
-    /// whether what came before it is unknown (`true` for a `K`). The driver
-    /// reads the catalog and adopts the L2 file there before handling it.
+    /// whether what came before it is unknown (`true` for a `K`, or a `C`
+    /// on another history than the position asked for). The driver reads
+    /// the catalog and adopts the L2 file there before handling it.
     pub fn opening(&self, line: &Line) -> Option<(Lsn, bool)> {
         match (self.opened, line) {
-            (false, Line::Continue(at)) => Some((*at, false)),
+            (false, Line::Continue(at)) => Some((*at, !self.same_history())),
             (false, Line::Keepalive(at)) => Some((*at, true)),
             _ => None,
         }
@@ -82,24 +110,28 @@ impl Subscriber {
     /// One line; `decode` reads a row against the current catalog.
     pub fn handle_line(&mut self, line: Line, decode: &mut dyn FnMut(&str, &str) -> Record) -> Step {
         let mut step = Step::default();
-        let all = |prev_lsn: Lsn, lsn: Lsn| Change { lsn, targets: vec![ChangeTarget::All] }.after(prev_lsn);
         match line {
+            Line::Origin(origin) => self.announced = Some(origin.to_string()),
+            Line::Continue(from) if !self.same_history() => {
+                // a position of another history (a timeline a failover
+                // ended): what is held reflects commits that may be lost,
+                // and misses some of this history's
+                self.forget_before(from, &mut step);
+                self.open();
+                self.replay = Some(Vec::new());
+            }
             Line::Continue(from) => {
                 // every commit up to `from` is reflected (the file's invariant)
                 step.events.push(Change { lsn: from, targets: Vec::new() }.after(self.last));
                 self.last = self.last.max(from);
-                self.opened = true;
-                self.subscribed = true;
+                self.open();
                 self.replay = Some(Vec::new());
                 step.resumed = true;
             }
             Line::Reset(start) => {
                 // a new slot on the regional proxy: commits before it may never come
-                let start = start.max(self.last);
-                let event = all(self.last, start);
-                step.changes.push(event.change.clone());
-                step.events.push(event);
-                self.last = start;
+                self.forget_before(start, &mut step);
+                self.origin.clone_from(&self.announced);
             }
             Line::Keepalive(current) => {
                 for (lsn, data) in self.replay.take().unwrap_or_default() {
@@ -107,13 +139,8 @@ impl Subscriber {
                 }
                 if !self.opened {
                     // everything cached before is of unknown freshness (the file's too)
-                    let start = current.max(self.last);
-                    let event = all(self.last, start);
-                    step.changes.push(event.change.clone());
-                    step.events.push(event);
-                    self.last = start;
-                    self.opened = true;
-                    self.subscribed = true;
+                    self.forget_before(current, &mut step);
+                    self.open();
                 }
                 step.events.push(keepalive(self.last));
                 step.current = Some(current);
@@ -125,6 +152,23 @@ impl Subscriber {
             },
         }
         step
+    }
+
+    /// Everything before `at` (or `last`, if later) is of unknown freshness:
+    /// an event that invalidates it, persisted too.
+    fn forget_before(&mut self, at: Lsn, step: &mut Step) {
+        let start = at.max(self.last);
+        let event = Change { lsn: start, targets: vec![ChangeTarget::All] }.after(self.last);
+        step.changes.push(event.change.clone());
+        step.events.push(event);
+        self.last = start;
+    }
+
+    /// The stream opened: `last` is a position on its history from now on.
+    fn open(&mut self) {
+        self.opened = true;
+        self.subscribed = true;
+        self.origin.clone_from(&self.announced);
     }
 
     fn apply(&mut self, record: Record, step: &mut Step) {
@@ -171,7 +215,7 @@ mod tests {
     #[test]
     fn a_first_subscription_opens_at_its_first_keepalive_and_forgets_before() {
         let mut s = Subscriber::new();
-        assert_eq!(s.connect(Some(Lsn(7))), Some(Lsn(7)), "the file's position first");
+        assert_eq!(s.connect(Some((Lsn(7), None))), Some(Lsn(7)), "the file's position first");
         let k = Line::Keepalive(Lsn(0x100));
         assert_eq!(s.opening(&k), Some((Lsn(0x100), true)));
         let step = run(&mut s, &["R 0/50\tbegin", "K 0/100"]);
@@ -182,13 +226,13 @@ mod tests {
         assert_eq!(s.last(), Lsn(288));
         assert_eq!(s.opening(&k), None, "opened");
         // reconnected: continue after the last commit applied
-        assert_eq!(s.connect(Some(Lsn(7))), Some(Lsn(288)));
+        assert_eq!(s.connect(Some((Lsn(7), None))), Some(Lsn(288)));
     }
 
     #[test]
     fn a_resume_replays_its_rows_in_one_step_and_invalidates_nothing_else() {
         let mut s = Subscriber::new();
-        let _ = s.connect(Some(Lsn(200)));
+        let _ = s.connect(Some((Lsn(200), None)));
         assert_eq!(s.opening(&Line::Continue(Lsn(200))), Some((Lsn(200), false)));
         let rows = run(&mut s, &["C 0/C8", "R 0/D0\tbegin", "R 0/D1\ttable 2", "R 0/D2\tcommit 220"]);
         assert!(rows.resumed);
@@ -198,6 +242,69 @@ mod tests {
         assert!(!step.ddl());
         assert_eq!(step.events.last(), Some(&keepalive(Lsn(220))));
         assert_eq!(step.current, Some(Lsn(0xF0)));
+    }
+
+    /// A regional restarted after a failover that lost commits: its new
+    /// slot is on the promoted replica's timeline, whose positions the old
+    /// one also used. Continuing the edge's old position would keep what it
+    /// cached of the lost commits and skip the new timeline's commits up to
+    /// it.
+    #[test]
+    fn a_position_is_continued_only_on_its_own_history() {
+        let mut s = Subscriber::new();
+        let _ = s.connect(None);
+        let _ =
+            run(&mut s, &["O sys/00000001", "K 0/100", "R 0/110\tbegin", "R 0/111\ttable 1", "R 0/120\tcommit 500"]);
+        assert_eq!(s.last(), Lsn(500));
+        // the same history: continued
+        assert_eq!(s.connect(None), Some(Lsn(500)));
+        let o = run(&mut s, &["O sys/00000001"]);
+        assert!(o.events.is_empty());
+        assert_eq!(s.opening(&Line::Continue(Lsn(500))), Some((Lsn(500), false)));
+        let step = run(&mut s, &["C 0/1F4", "K 0/200"]);
+        assert!(step.resumed && !step.ddl());
+        // the regional restarted on timeline 2, which reuses the position
+        assert_eq!(s.connect(None), Some(Lsn(500)));
+        let _ = run(&mut s, &["O sys/00000002"]);
+        assert_eq!(s.opening(&Line::Continue(Lsn(500))), Some((Lsn(500), true)), "what came before is unknown");
+        let step = run(&mut s, &["C 0/1F4", "R 0/300\tbegin", "R 0/301\ttable 2", "R 0/310\tcommit 784", "K 0/320"]);
+        assert!(!step.resumed, "not a resume");
+        assert_eq!(
+            step.changes,
+            [
+                Change { lsn: Lsn(500), targets: vec![ChangeTarget::All] },
+                Change { lsn: Lsn(784), targets: vec![ChangeTarget::Table(TableId(2))] }
+            ]
+        );
+        // and the new history is the position's from now on
+        assert_eq!(s.connect(None), Some(Lsn(784)));
+        let _ = run(&mut s, &["O sys/00000002"]);
+        assert_eq!(s.opening(&Line::Continue(Lsn(784))), Some((Lsn(784), false)));
+        // a reset moves to the history announced before it
+        let _ = run(&mut s, &["C 0/310", "K 0/320", "O sys/00000003", "X 0/400"]);
+        assert_eq!(s.connect(None), Some(Lsn(0x400)));
+        let _ = run(&mut s, &["O sys/00000003"]);
+        assert_eq!(s.opening(&Line::Continue(Lsn(0x400))), Some((Lsn(0x400), false)));
+    }
+
+    /// The L2 file's position is on the history it was written on; a file
+    /// of another one (or of none known) is not continued.
+    #[test]
+    fn a_file_position_is_continued_only_on_the_file_s_history() {
+        let mut s = Subscriber::new();
+        assert_eq!(s.connect(Some((Lsn(300), Some("sys/00000001".into())))), Some(Lsn(300)));
+        let _ = run(&mut s, &["O sys/00000001"]);
+        assert_eq!(s.opening(&Line::Continue(Lsn(300))), Some((Lsn(300), false)));
+        let mut s = Subscriber::new();
+        let _ = s.connect(Some((Lsn(300), Some("sys/00000001".into()))));
+        let _ = run(&mut s, &["O sys/00000002"]);
+        assert_eq!(s.opening(&Line::Continue(Lsn(300))), Some((Lsn(300), true)));
+        let mut s = Subscriber::new();
+        let _ = s.connect(Some((Lsn(300), None)));
+        let _ = run(&mut s, &["O sys/00000001"]);
+        assert_eq!(s.opening(&Line::Continue(Lsn(300))), Some((Lsn(300), true)), "a file of no known history");
+        let step = run(&mut s, &["C 0/12C", "K 0/200"]);
+        assert!(step.ddl() && !step.resumed);
     }
 
     #[test]

@@ -75,6 +75,8 @@ impl Client {
         sync: &Message,
         keep: Option<usize>,
     ) -> anyhow::Result<(Option<BytesMut>, Option<String>)> {
+        // if the primary answers: its snapshot is at least what was seen before
+        self.answers.floor = Some(Lsn(self.proxy.lsn_seen.load(Ordering::Relaxed)));
         self.send_batch(batch, Some(sync)).await?;
         // a batch that may write is acknowledged once `settle` has applied it
         self.hold_ready = self.extended_write;
@@ -132,18 +134,19 @@ impl Client {
         let Some(exec) = self.cacheable_batch(&batch) else {
             return self.relay_batch(&batch, &sync, None).await.map(|_| Path::Primary);
         };
-        let (out, snapshot) = self.ask_node(|n, now, session| {
+        let (out, _) = self.ask_node(|n, now, session| {
             let params: Vec<Option<&[u8]>> = exec.params.iter().map(|p| p.as_deref()).collect();
             n.handle_execute(now, session, &exec.prepared, &params);
         });
         let path = match out {
-            Some(NodeOutput::Reply { value, served, .. }) => {
+            Some(NodeOutput::Reply { value, served, lsn, .. }) => {
                 let mut out = BytesMut::with_capacity(value.len() + 16);
                 if exec.parse.is_some() {
                     out.extend_from_slice(&PARSE_COMPLETE);
                 }
                 out.extend_from_slice(&BIND_COMPLETE);
                 out.extend_from_slice(&value);
+                self.answers.tell(&mut out, Some(lsn));
                 out.extend_from_slice(&protocol::ready_for_query(self.status));
                 self.wr.write_all(&out).await?;
                 if let Some(p) = exec.parse.filter(|_| !self.pooled()) {
@@ -161,18 +164,24 @@ impl Client {
                     }
                     _ => None,
                 };
-                let (kept, error, snapshot, served) = match on_replica {
-                    Some((kept, error, replayed)) => {
+                let (kept, error, served) = match on_replica {
+                    Some((kept, error, _)) => {
                         if let Some(p) = exec.parse.filter(|_| !self.pooled()) {
                             self.unsent_parses.push(p);
                         }
-                        (kept, error, replayed, Served::Replica)
+                        (kept, error, Served::Replica)
                     }
                     None => {
                         let (kept, error) = self.relay_batch(&batch, &sync, keep).await?;
-                        (kept, error, snapshot, Served::Primary)
+                        (kept, error, Served::Primary)
                     }
                 };
+                // filed only whole, at what it is known to reflect
+                let snapshot = self.answers.at.take();
+                if kept.is_none() || snapshot.is_none() {
+                    self.proxy.node().skip_fill(u.req);
+                }
+                let snapshot = snapshot.unwrap_or(Lsn(0));
                 let result = match error {
                     Some(e) => Err(e),
                     None => {

@@ -137,6 +137,8 @@ impl Client {
             crate::cancel::Redirect::new(&self.proxy, key, (route.addr.clone(), pid, secret))
         });
         let saved_swallow = std::mem::replace(&mut self.swallow_parse_complete, u32::from(swallow_parse));
+        // the answer reflects at least what the replica had replayed before it
+        self.answers.floor = Some(route.replayed);
         let result = match self.up().await?.send(request).await {
             Ok(()) => self.relay_until_ready(keep).await,
             Err(e) => Err(e.into()),

@@ -14,6 +14,7 @@ impl Client {
         };
         // the proxy logs in upstream on the client's behalf, with its own password
         let params = accepted.upstream_params();
+        let tell = accepted.wants_answer_lsn();
         let frontend::Accepted { rd, mut wr, buf, user, database, upstream_password, auth_ok, .. } = *accepted;
         let session = SessionId(proxy.next_session.fetch_add(1, Ordering::Relaxed));
         // where writes go now, and which generation of the topology said so
@@ -95,6 +96,7 @@ impl Client {
             cancel_key: crate::cancel::key_in(&greeting),
             between_requests: false,
             batch_held: None,
+            answers: Answers::new(tell),
         };
         // startup parameters and `options` (-c name=value) are session settings
         let (settings, opaque) = startup_settings(&params);
@@ -112,7 +114,12 @@ impl Client {
             }
         };
         // the client sees the primary's ParameterStatus and BackendKeyData (cancels go to it)
-        c.wr.write_all(&frontend::greeting(&auth_ok, &greeting, status)).await?;
+        let mut greeting_out = BytesMut::from(&greeting[..]);
+        if tell {
+            // a postai proxy downstream: told what each answer reflects
+            greeting_out.extend_from_slice(&protocol::parameter_status(protocol::ANSWER_LSN, "on"));
+        }
+        c.wr.write_all(&frontend::greeting(&auth_ok, &greeting_out, status)).await?;
         let opened = c.proxy.node().open_session(session, &user, &database, consistency);
         if let Err(e) = opened {
             c.wr.write_all(&protocol::error_response("FATAL", "53300", &e.to_string())).await?;

@@ -14,6 +14,9 @@ pub(super) fn row_lines<'a>(out: &mut BytesMut, rows: impl IntoIterator<Item = &
 /// One feed as subscription lines.
 pub(super) fn feed_lines(out: &mut BytesMut, feed: &crate::cdc::Feed, last_applied: u64) {
     if let Some(start) = feed.reset {
+        if let Some(o) = &feed.origin {
+            frame_into(out, b'd', Line::Origin(o).to_text().as_bytes());
+        }
         frame_into(out, b'd', Line::Reset(start).to_text().as_bytes());
         return;
     }
@@ -44,7 +47,8 @@ pub(super) fn subscribe_command(sql: &str) -> Option<Result<Option<Lsn>, String>
 impl Client {
     /// `POSTAI SUBSCRIBE [FROM 'lsn']` (an edge behind this regional proxy):
     /// CopyOut of every CDC row this proxy's slot reader applies,
-    /// `R <lsn>\t<row>`, and `K <lsn>` after each poll; `X <lsn>` when the
+    /// `R <lsn>\t<row>`, and `K <lsn>` after each poll; `O <origin>` first
+    /// and before each `X` (the history positions are on); `X <lsn>` when the
     /// reader starts a new slot there (what came before may never be
     /// streamed). The stream opens with `C <lsn>` when it continues after
     /// FROM's position with nothing missing (the rows kept since follow, then
@@ -58,13 +62,19 @@ impl Client {
             return Ok(());
         }
         // listening and the snapshot under the history's lock: no feed missed or sent twice
-        let (mut rx, kept) = {
+        let (mut rx, kept, origin) = {
             let history = self.proxy.cdc_history.lock().unwrap_or_else(|p| p.into_inner());
             let regional = self.proxy.config.role == crate::config::Role::Regional;
-            (self.proxy.cdc_feed.subscribe(), from.filter(|_| regional).and_then(|f| history.since(f)))
+            let kept = from.filter(|_| regional).and_then(|f| history.since(f));
+            (self.proxy.cdc_feed.subscribe(), kept, history.origin().map(str::to_string))
         };
         let mut out = BytesMut::with_capacity(4096);
         frame_into(&mut out, b'H', &[0, 0, 1, 0, 0]);
+        // the history the positions that follow are on: the subscriber
+        // continues its own only on the same one
+        if let Some(o) = &origin {
+            frame_into(&mut out, b'd', Line::Origin(o).to_text().as_bytes());
+        }
         match (from, kept) {
             (Some(from), Some(kept)) => {
                 // the rows kept since, then one keepalive: the subscriber applies them at once

@@ -190,7 +190,12 @@ pub struct Proxy {
 
 #[allow(dead_code)]
 pub fn start_proxy(config: &str) -> Proxy {
-    let port = free_port();
+    start_proxy_on(free_port(), config)
+}
+
+/// A proxy listening on `port` (another one's, after it stopped: a restart).
+#[allow(dead_code)]
+pub fn start_proxy_on(port: u16, config: &str) -> Proxy {
     let text = format!("listen = '127.0.0.1:{port}'\n{config}");
     let config = postai_edge::Config::parse("test.toml", &text).expect("config parses");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");

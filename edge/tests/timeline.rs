@@ -1,0 +1,132 @@
+//! A failover that loses commits (the promoted replica had stopped
+//! receiving WAL): the new primary's timeline reuses the LSNs of the commits
+//! the old one lost. Nothing the proxy learned of the old timeline's
+//! positions may stamp an answer of the new one.
+
+mod pg;
+
+use std::time::Duration;
+
+use pg::{ITEMS_TABLE, Pg, create_items, eventually_within as eventually, psql, stat_n};
+
+/// A primary with `items` and a replica that has them, then stops
+/// receiving WAL (its primary_conninfo emptied).
+fn cut_pair(name: &str) -> (Pg, Pg) {
+    let primary = Pg::start(&format!("{name}-primary"));
+    create_items(&primary, 20);
+    let replica = primary.start_replica(&format!("{name}-standby"), 0);
+    assert!(eventually(Duration::from_secs(20), || psql(replica.port, "SELECT count(*) FROM items") == "20"));
+    let out = psql(replica.port, "ALTER SYSTEM SET primary_conninfo = ''");
+    assert!(!out.contains("ERROR"), "{out}");
+    psql(replica.port, "SELECT pg_reload_conf()");
+    assert!(
+        eventually(Duration::from_secs(20), || psql(primary.port, "SELECT count(*) FROM pg_stat_replication") == "0"),
+        "the replica stopped streaming"
+    );
+    (primary, replica)
+}
+
+/// Commits the replica never gets, tens of MB of WAL ahead of it; row 7 among them.
+fn run_ahead(primary: &Pg) {
+    let out = psql(
+        primary.port,
+        "UPDATE items SET v = 'lost' WHERE id = 7; CREATE TABLE junk AS SELECT g, repeat('x', 100) AS pad \
+         FROM generate_series(1, 200000) g",
+    );
+    assert!(!out.contains("ERROR"), "{out}");
+}
+
+/// The old primary's position ran far ahead of what the replica had when it
+/// is promoted. A read right after the failover is answered by the new
+/// primary at a position far below the old one's; a write there then
+/// commits at an LSN the old primary had passed. The cached answer must not
+/// outlive that write.
+#[test]
+fn a_lossy_failover_does_not_stamp_new_answers_with_old_positions() {
+    let (primary, replica) = cut_pair("tl");
+    let proxy = pg::start_proxy(&format!(
+        "upstream = '{}'\nreplicas = ['{}']\n[[tables]]\nname = 'items'\nprimary_key = 'id'\ninteger_key = true\n\
+         [cdc]\npoll_ms = 50\n[failover]\nhealth_interval_ms = 200\ntimeout_ms = 1500\n",
+        primary.addr(),
+        replica.addr()
+    ));
+    let port = proxy.port;
+    assert!(eventually(Duration::from_secs(20), || stat_n(port, "cdc_events") > 0), "CDC connected");
+    // the old primary moves tens of MB of WAL ahead: commits the replica never gets
+    run_ahead(&primary);
+    let old_end = psql(primary.port, "SELECT pg_current_wal_lsn()");
+    // the proxy has seen the old primary there (health checks, the stream)
+    std::thread::sleep(Duration::from_millis(1500));
+    primary.crash();
+    // (logins fail until the replica is promoted: they need the primary)
+    let failed_over = || psql(port, "SHOW POSTAI STATS").lines().any(|l| l == "failovers|1");
+    assert!(eventually(Duration::from_secs(40), failed_over), "the failover");
+    assert!(eventually(Duration::from_secs(20), || psql(replica.port, "SELECT pg_is_in_recovery()") == "f"));
+    // the change stream of the new primary is read (a new slot), and its
+    // first roles check is done (the servers' configuration load times
+    // differ: everything cached before is dropped then)
+    let events = stat_n(port, "cdc_events");
+    assert!(eventually(Duration::from_secs(20), || stat_n(port, "cdc_events") > events + 5), "the new stream");
+    std::thread::sleep(Duration::from_millis(2500));
+    // the new primary answers from before the lost commits
+    assert!(eventually(Duration::from_secs(20), || psql(port, "SELECT v FROM items WHERE id = 7") == "v7"));
+    let hits = stat_n(port, "l1_hits");
+    assert_eq!(psql(port, "SELECT v FROM items WHERE id = 7"), "v7");
+    eprintln!("read after the failover: {} hits", stat_n(port, "l1_hits") - hits);
+    // a write on the new primary, at an LSN the old one had passed
+    psql(replica.port, "UPDATE items SET v = 'new' WHERE id = 7");
+    let at = psql(replica.port, "SELECT pg_current_wal_lsn()");
+    let behind = psql(replica.port, &format!("SELECT pg_current_wal_lsn() < '{old_end}'::pg_lsn"));
+    assert_eq!(behind, "t", "the new timeline ({at}) reuses the old one's positions (up to {old_end})");
+    assert!(
+        eventually(Duration::from_secs(10), || psql(port, "SELECT v FROM items WHERE id = 7") == "new"),
+        "the answer read after the failover was kept past a write of the new primary"
+    );
+}
+
+/// An edge follows a regional proxy's stream. The regional stops; the
+/// primary fails after running far ahead of its replica; the replica is
+/// promoted and a regional proxy starts again in front of it, on the same
+/// address. Its new slot is on the new timeline, whose positions the old
+/// one also used: the edge's position must not be continued there (what it
+/// cached of the lost commits would stay, and the new timeline's commits up
+/// to that position would never reach it).
+#[test]
+fn a_regional_restarted_after_a_lossy_failover_does_not_continue_an_old_position() {
+    let (primary, replica) = cut_pair("tlr");
+    let regional_config = |pg: &Pg| {
+        format!(
+            "upstream = '{}'\nrole = 'regional'\n[pool]\nsize = 4\n[cdc]\nslot = 'regional'\npoll_ms = 50\n\
+             [failover]\nenabled = false\n{ITEMS_TABLE}",
+            pg.addr()
+        )
+    };
+    let regional_port = pg::free_port();
+    let regional = pg::start_proxy_on(regional_port, &regional_config(&primary));
+    let edge = pg::start_proxy(&format!(
+        "upstream = '127.0.0.1:{regional_port}'\n[cdc]\nsource = 'regional'\npoll_ms = 50\n\
+         [failover]\nenabled = false\n{ITEMS_TABLE}"
+    ));
+    let port = edge.port;
+    for p in [regional_port, port] {
+        assert!(eventually(Duration::from_secs(20), || stat_n(p, "cdc_events") > 0), "CDC of {p}");
+    }
+    // commits the replica never gets, far ahead of it; the edge caches one
+    run_ahead(&primary);
+    assert!(eventually(Duration::from_secs(20), || psql(port, "SELECT v FROM items WHERE id = 7") == "lost"));
+    std::thread::sleep(Duration::from_millis(1500));
+    let resumed = stat_n(port, "cdc_resumed");
+    // the regional stops, the primary fails, the replica is promoted, a
+    // regional starts again in front of it
+    drop(regional);
+    primary.crash();
+    assert_eq!(psql(replica.port, "SELECT pg_promote()"), "t");
+    let _regional = pg::start_proxy_on(regional_port, &regional_config(&replica));
+    // the edge subscribes again, from its old position: not continued
+    let events = stat_n(port, "cdc_events");
+    assert!(eventually(Duration::from_secs(30), || stat_n(port, "cdc_events") > events + 3), "the edge's stream");
+    assert_eq!(stat_n(port, "cdc_resumed"), resumed, "an old timeline's position was continued");
+    assert!(eventually(Duration::from_secs(10), || psql(port, "SELECT v FROM items WHERE id = 7") == "v7"));
+    psql(replica.port, "UPDATE items SET v = 'new' WHERE id = 7");
+    assert!(eventually(Duration::from_secs(10), || psql(port, "SELECT v FROM items WHERE id = 7") == "new"));
+}
