@@ -381,9 +381,23 @@ struct Client {
     between_requests: bool,
     /// The buffer budget held by the extended protocol messages waiting for their Sync.
     batch_held: Option<crate::limits::Held>,
-    /// What the answers reflect (`proxy/wire.rs`, [`Told`]): told to a
+    /// What the answers reflect (`proxy/wire.rs`, [`Answers`]): told to a
     /// client that asked, and what a fill is filed at.
     answers: Answers,
+    /// Extended-protocol messages went upstream since the last
+    /// ReadyForQuery (a Flush, or messages before a Query): the server may
+    /// be inside a transaction, or skipping until Sync after an error, that
+    /// the last status does not show. Nothing is answered from the cache,
+    /// filed, or given back to the pool until the next ReadyForQuery.
+    unsynced: bool,
+    /// Statements Parsed since the last ReadyForQuery, and whether an error
+    /// came meanwhile: a Parse counts once it cannot have failed (a failed
+    /// or skipped one must not name what the server never prepared).
+    parsed: Vec<String>,
+    errored: bool,
+    /// The request in flight is an extended-protocol batch (a COPY it
+    /// starts ends with the client's Sync).
+    extended_relay: bool,
 }
 
 /// The client's connection to the primary: its own for the whole session, or
@@ -455,6 +469,22 @@ impl Client {
         }
     }
 
+    /// Forgets a prepared statement (closed, or never prepared after all).
+    fn forget_statement(&mut self, name: &str) {
+        self.statements.remove(name);
+        self.param_types.remove(name);
+        self.parses.remove(name);
+    }
+
+    /// A Parse the server has not seen (answered from the cache or a
+    /// replica, or dropped by the proxy's own query): sent before the next
+    /// batch, its ParseComplete swallowed. One per statement name.
+    fn defer_parse(&mut self, parse: Message) {
+        let name = parse_message(&parse).map(|(n, _)| n);
+        self.unsent_parses.retain(|p| parse_message(p).map(|(n, _)| n) != name);
+        self.unsent_parses.push(parse);
+    }
+
     fn pooled(&self) -> bool {
         matches!(self.upstream, Upstream::Pooled { .. })
     }
@@ -522,6 +552,11 @@ impl Client {
                 return true;
             }
             b'E' => {
+                // Parses of this batch failed, or are skipped until Sync
+                self.errored = true;
+                for name in std::mem::take(&mut self.parsed) {
+                    self.forget_statement(&name);
+                }
                 if let Upstream::Pooled { lease: Some(l), .. } = &mut self.upstream {
                     self.batch_failed = true;
                     for name in self.batch_server_parses.drain(..) {
@@ -535,6 +570,8 @@ impl Client {
                 // whatever an error skipped never comes
                 self.swallow_parse_complete = 0;
                 self.swallow_close_complete = 0;
+                (self.unsynced, self.errored) = (false, false);
+                self.parsed.clear();
                 let parsed = std::mem::take(&mut self.batch_server_parses);
                 if !std::mem::take(&mut self.batch_failed)
                     && let (Some(pool), Upstream::Pooled { key, .. }) = (&self.proxy.pool, &self.upstream)
@@ -625,6 +662,16 @@ impl Client {
 
     async fn current_lsn(&mut self) -> anyhow::Result<Option<Lsn>> {
         let msgs = self.up().await?.simple("SELECT pg_current_wal_lsn()::text").await?;
+        // that simple query dropped the client's unnamed statement: it is
+        // prepared again before the client's next batch
+        match &mut self.upstream {
+            Upstream::Pooled { lease: Some(l), .. } => l.server.unnamed = None,
+            _ => {
+                if let Some(p) = self.parses.get("").cloned() {
+                    self.defer_parse(p);
+                }
+            }
+        }
         let lsn = protocol::first_value(&msgs).and_then(|s| protocol::parse_lsn(&s)).map(Lsn);
         if let Some(l) = lsn {
             self.proxy.saw_primary_lsn(self.primary_generation, l);
@@ -640,9 +687,11 @@ impl Client {
                 return Ok(Path::Proxy);
             }
         };
-        if self.proxy.config.cache.enabled && !protocol::query_is_utf8(m) {
+        if self.proxy.config.cache.enabled && (!protocol::query_is_utf8(m) || self.unsynced) {
             // text the analyzer cannot read as sent (another client
-            // encoding): relayed, never cached, its effects unknown
+            // encoding), or a query after extended-protocol messages not yet
+            // synced (the server's state is unknown): relayed, never cached,
+            // its effects unknown
             self.hold_ready = true;
             self.answers.floor = Some(Lsn(self.proxy.lsn_seen.load(Ordering::Relaxed)));
             self.up().await?.send(&m.raw).await?;
@@ -818,22 +867,32 @@ impl Client {
                     kept = None;
                 }
                 b'G' => {
-                    // COPY FROM STDIN: the client's data goes to the primary
+                    // COPY FROM STDIN: the client's data goes to the primary,
+                    // up to CopyDone or CopyFail (and, in the extended
+                    // protocol, the Sync after it, which the server waits for)
                     self.flushed_mid = true;
                     self.wr.write_all(&self.out).await?;
                     self.out.clear();
                     kept = None;
-                    while let Some(c) = self.client_message().await? {
+                    let mut done = false;
+                    loop {
+                        let Some(c) = self.client_message().await? else {
+                            // the server would wait for the rest forever
+                            anyhow::bail!("the client left during COPY FROM STDIN");
+                        };
                         self.up().await?.send(&c.raw).await?;
-                        if matches!(c.tag, b'c' | b'f') {
+                        done |= matches!(c.tag, b'c' | b'f');
+                        if done && (!self.extended_relay || c.tag == b'S') {
                             break;
                         }
                     }
                 }
                 _ => {}
             }
+            // the answer only: RowDescription, DataRows, CommandComplete (a
+            // notification, notice or report is this session's, not the answer's)
             if let (Some(k), Some(limit)) = (kept.as_mut(), keep)
-                && m.tag != b'Z'
+                && matches!(m.tag, b'T' | b'D' | b'C')
             {
                 if k.len() + m.raw.len() > limit {
                     kept = None;

@@ -11,12 +11,11 @@ mod pg;
 
 use std::collections::BTreeMap;
 use std::error::Error as StdError;
-use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
 
 use bytes::BytesMut;
+use pg::raw::{self, bind, describe_portal, execute, parse, sync, tags, values};
 use pg::{Pg, eventually, psql, start_proxy_with, stat_n as stat};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{Format, FromSql, IsNull, ToSql, Type, to_sql_checked};
@@ -632,130 +631,6 @@ fn node_postgres_named_statement_on_a_second_connection() {
 
 // ---------------------------------------------------------------- raw protocol
 
-/// A minimal frontend over a blocking socket: exact message sequences.
-struct RawConn {
-    s: std::net::TcpStream,
-    buf: Vec<u8>,
-}
-
-fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut m = vec![tag];
-    m.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
-    m.extend_from_slice(body);
-    m
-}
-
-fn cstr(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(s.as_bytes());
-    out.push(0);
-}
-
-fn parse_msg(name: &str, sql: &str) -> Vec<u8> {
-    let mut b = Vec::new();
-    cstr(&mut b, name);
-    cstr(&mut b, sql);
-    b.extend_from_slice(&0i16.to_be_bytes());
-    frame(b'P', &b)
-}
-
-fn bind_msg(statement: &str, text_params: &[&str]) -> Vec<u8> {
-    let mut b = Vec::new();
-    cstr(&mut b, "");
-    cstr(&mut b, statement);
-    b.extend_from_slice(&0i16.to_be_bytes());
-    b.extend_from_slice(&(text_params.len() as i16).to_be_bytes());
-    for p in text_params {
-        b.extend_from_slice(&(p.len() as i32).to_be_bytes());
-        b.extend_from_slice(p.as_bytes());
-    }
-    b.extend_from_slice(&0i16.to_be_bytes());
-    frame(b'B', &b)
-}
-
-fn describe_portal() -> Vec<u8> {
-    frame(b'D', b"P\0")
-}
-
-fn execute_msg() -> Vec<u8> {
-    frame(b'E', b"\0\0\0\0\0")
-}
-
-fn sync_msg() -> Vec<u8> {
-    frame(b'S', b"")
-}
-
-impl RawConn {
-    fn connect(port: u16, user: &str) -> RawConn {
-        let s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-        let mut c = RawConn { s, buf: Vec::new() };
-        let mut body = 196_608i32.to_be_bytes().to_vec();
-        for (k, v) in [("user", user), ("database", "postgres")] {
-            cstr(&mut body, k);
-            cstr(&mut body, v);
-        }
-        body.push(0);
-        let mut m = (body.len() as i32 + 4).to_be_bytes().to_vec();
-        m.extend_from_slice(&body);
-        c.s.write_all(&m).expect("startup");
-        let login = c.until_ready();
-        assert!(login.iter().all(|(t, _)| *t != b'E'), "login: {login:?}");
-        c
-    }
-
-    fn send(&mut self, msgs: &[Vec<u8>]) {
-        self.s.write_all(&msgs.concat()).expect("send");
-    }
-
-    /// A simple query: its answer up to and including ReadyForQuery.
-    fn query(&mut self, sql: &str) -> Vec<(u8, Vec<u8>)> {
-        self.send(&[query_msg(sql)]);
-        self.until_ready()
-    }
-
-    /// Messages up to and including ReadyForQuery: (tag, body).
-    fn until_ready(&mut self) -> Vec<(u8, Vec<u8>)> {
-        let mut out = Vec::new();
-        loop {
-            while self.buf.len() >= 5 {
-                let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
-                if self.buf.len() < len + 1 {
-                    break;
-                }
-                let m: Vec<u8> = self.buf.drain(..len + 1).collect();
-                let tag = m[0];
-                out.push((tag, m[5..].to_vec()));
-                if tag == b'Z' {
-                    return out;
-                }
-            }
-            let mut chunk = [0u8; 8192];
-            let n = self.s.read(&mut chunk).expect("read");
-            assert!(n > 0, "connection closed after {out:?}");
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-}
-
-fn tags(msgs: &[(u8, Vec<u8>)]) -> String {
-    msgs.iter().map(|(t, _)| *t as char).collect()
-}
-
-/// The error's SQLSTATE and message, if `msgs` holds an ErrorResponse.
-fn raw_error(msgs: &[(u8, Vec<u8>)]) -> Option<String> {
-    let (_, body) = msgs.iter().find(|(t, _)| *t == b'E')?;
-    let fields: BTreeMap<u8, String> = body
-        .split(|b| *b == 0)
-        .filter(|f| !f.is_empty())
-        .map(|f| (f[0], String::from_utf8_lossy(&f[1..]).into_owned()))
-        .collect();
-    Some(format!(
-        "{} {}",
-        fields.get(&b'C').cloned().unwrap_or_default(),
-        fields.get(&b'M').cloned().unwrap_or_default()
-    ))
-}
-
 /// `Parse(name) Bind Describe Execute Sync` answered from the cache (the same
 /// batch ran on another connection before): the client must get its
 /// ParseComplete, and the named statement must exist for later Binds.
@@ -765,44 +640,21 @@ fn named_parse_in_a_cached_batch_creates_the_statement() {
     setup(&pg, ITEMS);
     let (port, _rt) = start_proxy(&pg);
     let batch = || {
-        vec![
-            parse_msg("q", "SELECT v FROM items WHERE id = $1"),
-            bind_msg("q", &["5"]),
-            describe_portal(),
-            execute_msg(),
-            sync_msg(),
-        ]
+        vec![parse("q", "SELECT v FROM items WHERE id = $1"), bind("q", &["5"]), describe_portal(), execute(), sync()]
     };
-    let mut a = RawConn::connect(port, "postgres");
+    let mut a = raw::Raw::connect(port, "postgres");
     a.send(&batch());
     assert_eq!(tags(&a.until_ready()), "12TDCZ", "first connection (miss)");
     let hits = stat(port, "l1_hits");
-    let mut b = RawConn::connect(port, "postgres");
+    let mut b = raw::Raw::connect(port, "postgres");
     b.send(&batch());
     let got = b.until_ready();
     assert_eq!(stat(port, "l1_hits"), hits + 1, "the second connection's batch is a hit");
     assert_eq!(tags(&got), "12TDCZ", "second connection (hit): ParseComplete first");
-    b.send(&[bind_msg("q", &["6"]), describe_portal(), execute_msg(), sync_msg()]);
+    b.send(&[bind("q", &["6"]), describe_portal(), execute(), sync()]);
     let got = b.until_ready();
-    assert_eq!(raw_error(&got), None, "Bind of the statement the second connection parsed");
+    assert_eq!(raw::sqlstate(&got), None, "Bind of the statement the second connection parsed");
     assert_eq!(tags(&got), "2TDCZ");
-}
-
-/// The first column of each DataRow in `msgs`, as text.
-fn raw_values(msgs: &[(u8, Vec<u8>)]) -> Vec<String> {
-    msgs.iter()
-        .filter(|(t, _)| *t == b'D')
-        .map(|(_, b)| {
-            let len = i32::from_be_bytes([b[2], b[3], b[4], b[5]]);
-            if len < 0 { "NULL".into() } else { String::from_utf8_lossy(&b[6..6 + len as usize]).into_owned() }
-        })
-        .collect()
-}
-
-fn query_msg(sql: &str) -> Vec<u8> {
-    let mut b = Vec::new();
-    cstr(&mut b, sql);
-    frame(b'Q', &b)
 }
 
 /// The smallest form of what node-postgres and tokio-postgres do in a
@@ -813,14 +665,14 @@ fn extended_write_committed_by_a_simple_commit_is_read_back() {
     let pg = Pg::start("rawryw");
     setup(&pg, ITEMS);
     let (port, _rt) = start_proxy(&pg);
-    let mut c = RawConn::connect(port, "postgres");
-    assert_eq!(raw_values(&c.query("SELECT v FROM items WHERE id = 10")), ["v10"]);
-    assert_eq!(raw_values(&c.query("SELECT v FROM items WHERE id = 10")), ["v10"], "cached");
+    let mut c = raw::Raw::connect(port, "postgres");
+    assert_eq!(values(&c.query("SELECT v FROM items WHERE id = 10")), ["v10"]);
+    assert_eq!(values(&c.query("SELECT v FROM items WHERE id = 10")), ["v10"], "cached");
     assert_eq!(tags(&c.query("BEGIN")), "CZ");
-    c.send(&[parse_msg("", "UPDATE items SET v = 'ten' WHERE id = 10"), bind_msg("", &[]), execute_msg(), sync_msg()]);
+    c.send(&[parse("", "UPDATE items SET v = 'ten' WHERE id = 10"), bind("", &[]), execute(), sync()]);
     assert_eq!(tags(&c.until_ready()), "12CZ");
     assert_eq!(tags(&c.query("COMMIT")), "CZ");
-    let got = raw_values(&c.query("SELECT v FROM items WHERE id = 10"));
+    let got = values(&c.query("SELECT v FROM items WHERE id = 10"));
     assert_eq!(got, ["ten"], "the session reads its committed write");
 }
 

@@ -4,8 +4,11 @@
 use super::*;
 
 impl<V: Clone> EdgeNode<V> {
+    /// The session ended; requests it left in flight (its driver gave up
+    /// on them: a dead client, a pool timeout) are forgotten with it.
     pub fn close_session(&mut self, id: SessionId) {
         self.sessions.remove(&id);
+        self.pending.retain(|_, p| p.session != id);
     }
 
     pub fn set_consistency(&mut self, id: SessionId, consistency: Consistency) {

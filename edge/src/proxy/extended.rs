@@ -80,13 +80,18 @@ impl Client {
         self.send_batch(batch, Some(sync)).await?;
         // a batch that may write is acknowledged once `settle` has applied it
         self.hold_ready = self.extended_write;
-        self.relay_until_ready(keep).await
+        self.extended_relay = true;
+        let relayed = self.relay_until_ready(keep).await;
+        self.extended_relay = false;
+        relayed
     }
 
     pub(super) async fn flush_batch(&mut self, batch: &mut Vec<Message>) -> anyhow::Result<()> {
         if !batch.is_empty() {
             let b = std::mem::take(batch);
             self.send_batch(&b, None).await?;
+            // answered along with what follows: the server's state is unknown until then
+            self.unsynced = true;
         }
         Ok(())
     }
@@ -128,6 +133,11 @@ impl Client {
         if let Some(path) = self.admin_batch(&batch, &sync).await? {
             return Ok(path);
         }
+        if self.unsynced {
+            // after a Flush the server may be in a transaction, or skipping
+            // until this Sync after an error: it answers, nothing is cached
+            return self.relay_batch(&batch, &sync, None).await.map(|_| Path::Primary);
+        }
         if self.answer_known_parses(&batch).await? {
             return Ok(Path::Proxy);
         }
@@ -152,7 +162,7 @@ impl Client {
                 if let Some(p) = exec.parse.filter(|_| !self.pooled()) {
                     // the primary never saw this Parse: re-send it before the
                     // statement is used upstream (pooled: prepared when bound)
-                    self.unsent_parses.push(p);
+                    self.defer_parse(p);
                 }
                 path_of(served)
             }
@@ -167,7 +177,7 @@ impl Client {
                 let (kept, error, served) = match on_replica {
                     Some((kept, error, _)) => {
                         if let Some(p) = exec.parse.filter(|_| !self.pooled()) {
-                            self.unsent_parses.push(p);
+                            self.defer_parse(p);
                         }
                         (kept, error, Served::Replica)
                     }

@@ -162,7 +162,7 @@ impl Client {
 
     /// Pooling: gives the server connection back between transactions.
     pub(super) fn release_idle(&mut self) {
-        if self.status != b'I' {
+        if self.status != b'I' || self.unsynced {
             return;
         }
         if let Upstream::Pooled { lease, pinned: false, cancel, .. } = &mut self.upstream

@@ -97,6 +97,10 @@ impl Client {
             between_requests: false,
             batch_held: None,
             answers: Answers::new(tell),
+            unsynced: false,
+            parsed: Vec::new(),
+            errored: false,
+            extended_relay: false,
         };
         // startup parameters and `options` (-c name=value) are session settings
         let (settings, opaque) = startup_settings(&params);
@@ -203,6 +207,8 @@ impl Client {
                     let started = std::time::Instant::now();
                     let path = self.sync(std::mem::take(&mut batch), m).await?;
                     self.proxy.metrics.observe(path, started.elapsed());
+                    // (answered without the server: its Parses stand)
+                    self.parsed.clear();
                     self.settle().await?;
                     self.release_ready().await?;
                 }
@@ -213,6 +219,8 @@ impl Client {
                         continue;
                     }
                     self.send_batch(&sent, Some(&m)).await?;
+                    // the server's state is unknown until the next ReadyForQuery
+                    self.unsynced = true;
                     self.relay_responses(&sent).await?;
                 }
                 b'P' => {
@@ -222,7 +230,8 @@ impl Client {
                         continue;
                     }
                     if let Some((name, sql)) = parse_message(&m) {
-                        let prepared = self.proxy.node().prepare(&sql).ok();
+                        // after an error the server skips it until Sync
+                        let prepared = if self.errored { None } else { self.proxy.node().prepare(&sql).ok() };
                         if prepared.as_ref().is_some_and(|p| p.shape.kind == StatementKind::Session) {
                             // a SET a replica connection would not see
                             self.replicas.pinned = true;
@@ -231,13 +240,11 @@ impl Client {
                             Some(p) => {
                                 self.statements.insert(name.clone(), p);
                                 self.param_types.insert(name.clone(), parse_param_types(&m).unwrap_or_default());
-                                self.parses.insert(name, m.clone());
+                                self.parses.insert(name.clone(), m.clone());
+                                // known once its batch ends without an error
+                                self.parsed.push(name);
                             }
-                            None => {
-                                self.statements.remove(&name);
-                                self.param_types.remove(&name);
-                                self.parses.remove(&name);
-                            }
+                            None => self.forget_statement(&name),
                         }
                     }
                     batch.push(m);
@@ -245,10 +252,7 @@ impl Client {
                 b'C' => {
                     // Close of a statement: forget it (a portal close needs nothing)
                     if let Some(name) = m.body().strip_prefix(b"S").and_then(|n| n.strip_suffix(b"\0")) {
-                        let name = String::from_utf8_lossy(name).into_owned();
-                        self.statements.remove(&name);
-                        self.param_types.remove(&name);
-                        self.parses.remove(&name);
+                        self.forget_statement(&String::from_utf8_lossy(name));
                     }
                     batch.push(m);
                 }

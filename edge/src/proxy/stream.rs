@@ -61,6 +61,15 @@ impl Client {
             self.refuse("55000", e).await?;
             return Ok(());
         }
+        // every row change of every table, whatever its privileges and row
+        // security say: only for a role that could read the WAL itself
+        let may = "SELECT (rolsuper OR rolreplication)::text FROM pg_roles WHERE rolname = current_user";
+        let msgs = self.up().await?.simple(may).await?;
+        if protocol::first_value(&msgs).as_deref() != Some("true") {
+            let e = "postai-edge: permission denied: POSTAI SUBSCRIBE needs a superuser or a role with REPLICATION";
+            self.refuse("42501", e).await?;
+            return Ok(());
+        }
         // listening and the snapshot under the history's lock: no feed missed or sent twice
         let (mut rx, kept, origin) = {
             let history = self.proxy.cdc_history.lock().unwrap_or_else(|p| p.into_inner());

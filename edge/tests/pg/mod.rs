@@ -2,6 +2,8 @@
 //! a free port, run as the `postgres` user when the tests run as root
 //! (initdb refuses root). Stopped and removed on drop.
 
+pub mod raw;
+
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Command;

@@ -1,0 +1,230 @@
+//! The PostgreSQL session through the proxy, message by message, as drivers
+//! send them (pipelines, Flush, failed Parses, unnamed statements run twice,
+//! COPY in the extended protocol, LISTEN): what the client gets is what
+//! PostgreSQL would send, and nothing of one session's state reaches the
+//! cache.
+
+mod pg;
+
+use std::time::Duration;
+
+use pg::raw::*;
+use pg::{ITEMS_TABLE, Pg, create_items, eventually_within, psql, start_proxy_with, stat_n};
+use postai_edge::protocol::Message;
+
+const READ: &str = "SELECT v FROM items WHERE id = $1";
+
+fn read_extended(c: &mut Raw, id: &str) -> Vec<Message> {
+    c.send(&[parse("", READ), bind("", &[id]), describe_portal(), execute(), sync()]);
+    c.until_ready()
+}
+
+fn proxy(pg: &Pg) -> (u16, pg::Proxy) {
+    let (port, p) = start_proxy_with(pg, &format!("{ITEMS_TABLE}[cdc]\npoll_ms = 50\n"));
+    assert!(eventually_within(Duration::from_secs(20), || stat_n(port, "cdc_events") > 0), "CDC connected");
+    (port, p)
+}
+
+/// psycopg's pipeline on a connection that is not in autocommit: BEGIN and
+/// an UPDATE are sent and flushed, then a read with a Sync. The read runs
+/// in the transaction (it sees the update, and ReadyForQuery says 'T'),
+/// never from the cache, and what it saw is never filed for others.
+#[test]
+fn a_read_after_a_flush_runs_in_the_transaction_the_flush_opened() {
+    let pg = Pg::start("flush");
+    create_items(&pg, 10);
+    let (port, _p) = proxy(&pg);
+    let mut c = Raw::connect(port, "postgres");
+    assert_eq!(value(&read_extended(&mut c, "1")).as_deref(), Some("v1"));
+    let hits = stat_n(port, "l1_hits");
+    assert_eq!(value(&read_extended(&mut c, "1")).as_deref(), Some("v1"));
+    assert_eq!(stat_n(port, "l1_hits"), hits + 1, "cached");
+    c.send(&[
+        parse("", "BEGIN"),
+        bind("", &[]),
+        execute(),
+        parse("", "UPDATE items SET v = 'ninety-nine' WHERE id = 1"),
+        bind("", &[]),
+        execute(),
+        flush(),
+    ]);
+    assert_eq!(tags(&c.take(6)), "12C12C");
+    let inside = read_extended(&mut c, "1");
+    assert_eq!(tags(&inside), "12TDCZ");
+    assert_eq!(value(&inside).as_deref(), Some("ninety-nine"), "the transaction's own write");
+    assert_eq!(status(&inside), Some(b'T'));
+    c.send(&[query("ROLLBACK")]);
+    assert_eq!(status(&c.until_ready()), Some(b'I'));
+    let mut other = Raw::connect(port, "postgres");
+    assert_eq!(value(&read_extended(&mut other, "1")).as_deref(), Some("v1"), "a rolled back write was filed");
+    assert_eq!(value(&read_extended(&mut c, "1")).as_deref(), Some("v1"));
+    // an error before the Flush: the server skips everything up to Sync
+    c.send(&[parse("", "SELEC 1"), flush()]);
+    assert_eq!(sqlstate(&c.take(1)).as_deref(), Some("42601"));
+    c.send(&[bind("", &["1"]), describe_portal(), execute(), sync()]);
+    assert_eq!(tags(&c.until_ready()), "Z", "skipped until Sync");
+    assert_eq!(value(&read_extended(&mut c, "1")).as_deref(), Some("v1"), "the session goes on");
+}
+
+/// Extended messages sent without a Sync, then a simple Query: both are
+/// answered in order, and the Query's answer is filed with nothing of the
+/// others (nor is anything filed at all: the server's state was unknown).
+#[test]
+fn a_query_after_unsynced_messages_files_nothing_of_them() {
+    let pg = Pg::start("unsynced");
+    create_items(&pg, 10);
+    let (port, _p) = proxy(&pg);
+    let mut c = Raw::connect(port, "postgres");
+    c.send(&[
+        parse("", "SELECT 'planted' AS v"),
+        bind("", &[]),
+        describe_portal(),
+        execute(),
+        query("SELECT v FROM items WHERE id = 2"),
+    ]);
+    let got = c.until_ready();
+    assert_eq!(tags(&got), "12TDCTDCZ");
+    let mut other = Raw::connect(port, "postgres");
+    for _ in 0..2 {
+        other.send(&[query("SELECT v FROM items WHERE id = 2")]);
+        let answer = other.until_ready();
+        assert_eq!(tags(&answer), "TDCZ");
+        assert_eq!(value(&answer).as_deref(), Some("v2"));
+    }
+}
+
+/// A Parse that fails (the name is taken) leaves the statement as it was:
+/// executing it runs the first text, and its answer is not filed under the
+/// second text's key.
+#[test]
+fn a_failed_parse_does_not_rename_the_statement() {
+    let pg = Pg::start("badparse");
+    create_items(&pg, 10);
+    let out = psql(pg.port, "CREATE TABLE other (id int PRIMARY KEY, v text); INSERT INTO other VALUES (1, 'o1')");
+    assert!(!out.contains("ERROR"), "{out}");
+    let (port, _p) = start_proxy_with(
+        &pg,
+        &format!(
+            "{ITEMS_TABLE}[[tables]]\nname = 'other'\nprimary_key = 'id'\ninteger_key = true\n[cdc]\npoll_ms = 50\n"
+        ),
+    );
+    assert!(eventually_within(Duration::from_secs(20), || stat_n(port, "cdc_events") > 0));
+    let mut c = Raw::connect(port, "postgres");
+    c.send(&[parse("s1", READ), sync()]);
+    assert_eq!(tags(&c.until_ready()), "1Z");
+    c.send(&[parse("s1", "SELECT v FROM other WHERE id = $1"), sync()]);
+    let failed = c.until_ready();
+    assert_eq!(sqlstate(&failed).as_deref(), Some("42P05"), "{}", tags(&failed));
+    c.send(&[bind("s1", &["1"]), describe_portal(), execute(), sync()]);
+    assert_eq!(value(&c.until_ready()).as_deref(), Some("v1"), "s1 is still the first text");
+    let mut other = Raw::connect(port, "postgres");
+    for _ in 0..2 {
+        other.send(&[
+            parse("", "SELECT v FROM other WHERE id = $1"),
+            bind("", &["1"]),
+            describe_portal(),
+            execute(),
+            sync(),
+        ]);
+        assert_eq!(value(&other.until_ready()).as_deref(), Some("o1"));
+    }
+    // a Parse skipped after an error in its batch is not known either (the
+    // read it names is cached: a hit would answer what the server refuses)
+    for _ in 0..2 {
+        assert_eq!(value(&read_extended(&mut c, "1")).as_deref(), Some("v1"));
+    }
+    c.send(&[parse("bad", "SELEC"), parse("s2", READ), sync()]);
+    assert_eq!(sqlstate(&c.until_ready()).as_deref(), Some("42601"));
+    c.send(&[bind("s2", &["1"]), describe_portal(), execute(), sync()]);
+    assert_eq!(sqlstate(&c.until_ready()).as_deref(), Some("26000"), "s2 was never prepared");
+}
+
+/// libpq's PQprepare of an unnamed UPDATE, then PQexecPrepared twice: the
+/// proxy's own query after each write must not drop the statement.
+#[test]
+fn an_unnamed_statement_runs_twice() {
+    let pg = Pg::start("unnamed");
+    create_items(&pg, 10);
+    let (port, _p) = proxy(&pg);
+    let mut c = Raw::connect(port, "postgres");
+    c.send(&[parse("", "UPDATE items SET v = $1 WHERE id = 3"), sync()]);
+    assert_eq!(tags(&c.until_ready()), "1Z");
+    for v in ["a", "b", "c"] {
+        c.send(&[bind("", &[v]), execute(), sync()]);
+        let got = c.until_ready();
+        assert_eq!(tags(&got), "2CZ", "{v}: {:?}", sqlstate(&got));
+    }
+    assert_eq!(psql(port, "SELECT v FROM items WHERE id = 3"), "c");
+}
+
+/// COPY FROM STDIN in the extended protocol (libpq's PQexecParams): the
+/// client's Sync after CopyDone reaches the server, which answers it; a
+/// client that leaves mid-COPY does not leave its server connection busy.
+#[test]
+fn copy_in_the_extended_protocol_ends_and_a_client_leaving_mid_copy_frees_the_server() {
+    let pg = Pg::start("copy");
+    create_items(&pg, 10);
+    let (port, _p) = proxy(&pg);
+    let mut c = Raw::connect(port, "postgres");
+    c.send(&[parse("", "COPY items FROM STDIN"), bind("", &[]), execute(), sync()]);
+    assert_eq!(tags(&c.take(3)), "12G");
+    c.send(&[frame(b'd', b"100\tcopied\n"), frame(b'c', b""), sync()]);
+    let done = c.until_ready();
+    assert_eq!(tags(&done), "CZ");
+    assert_eq!(psql(port, "SELECT v FROM items WHERE id = 100"), "copied");
+    // a client that leaves in the middle of a COPY
+    let mut gone = Raw::connect(port, "postgres");
+    gone.send(&[query("COPY items FROM STDIN")]);
+    assert_eq!(tags(&gone.take(1)), "G");
+    gone.send(&[frame(b'd', b"101\thalf\n")]);
+    drop(gone);
+    let copying = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY items%' AND pid <> pg_backend_pid()";
+    assert!(
+        eventually_within(Duration::from_secs(10), || psql(pg.port, copying) == "0"),
+        "the server is still in the COPY of a client that left"
+    );
+    assert_eq!(psql(port, "SELECT count(*) FROM items WHERE id = 101"), "0");
+}
+
+/// LISTEN: a notification that arrives before a read is the session's, not
+/// the read's answer: it is relayed to the session and never cached.
+#[test]
+fn a_notification_is_not_part_of_a_cached_answer() {
+    let pg = Pg::start("listen");
+    create_items(&pg, 10);
+    let (port, _p) = proxy(&pg);
+    let mut c = Raw::connect(port, "postgres");
+    c.send(&[query("LISTEN ch")]);
+    c.until_ready();
+    psql(pg.port, "NOTIFY ch, 'hello'");
+    std::thread::sleep(Duration::from_millis(300));
+    c.send(&[query("SELECT v FROM items WHERE id = 4")]);
+    let first = c.until_ready();
+    assert!(tags(&first).ends_with("TDCZ"), "{}", tags(&first));
+    let hits = stat_n(port, "l1_hits");
+    for _ in 0..2 {
+        c.send(&[query("SELECT v FROM items WHERE id = 4")]);
+        assert_eq!(tags(&c.until_ready()), "TDCZ", "a notification replayed from the cache");
+    }
+    assert!(stat_n(port, "l1_hits") > hits, "the read was cached");
+}
+
+/// `POSTAI SUBSCRIBE` streams every row change of every table: only for a
+/// role that could read the WAL itself.
+#[test]
+fn subscribing_needs_a_role_that_could_read_the_wal() {
+    let pg = Pg::start("subpriv");
+    create_items(&pg, 10);
+    let out = psql(pg.port, "CREATE ROLE reader LOGIN; GRANT SELECT ON items TO reader");
+    assert!(!out.contains("ERROR"), "{out}");
+    let (port, _p) = proxy(&pg);
+    let mut c = Raw::connect(port, "reader");
+    c.send(&[query("POSTAI SUBSCRIBE")]);
+    let refused = c.until_ready();
+    assert_eq!(sqlstate(&refused).as_deref(), Some("42501"), "{}", tags(&refused));
+    assert!(refused.iter().all(|m| m.tag != b'H' && m.tag != b'd'), "nothing streamed");
+    psql(pg.port, "ALTER ROLE reader REPLICATION");
+    let mut c = Raw::connect(port, "reader");
+    c.send(&[query("POSTAI SUBSCRIBE")]);
+    assert_eq!(c.take(1)[0].tag, b'H', "a role with REPLICATION may");
+}
