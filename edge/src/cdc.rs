@@ -349,7 +349,7 @@ async fn subscribe_loop(proxy: &Proxy, sub: &mut Subscriber, watch: &mut crate::
                 adopt_file(proxy, f, at, created, system_id).await;
             }
         }
-        let (ddl, current) = {
+        let (ddl, current, new_history) = {
             let now = proxy.now();
             let mut node = proxy.node.lock().unwrap_or_else(|p| p.into_inner());
             let step = {
@@ -370,8 +370,13 @@ async fn subscribe_loop(proxy: &Proxy, sub: &mut Subscriber, watch: &mut crate::
             {
                 drop(f.invalidate(step.changes, sub.last()));
             }
-            (ddl, step.current)
+            (ddl, step.current, step.new_history)
         };
+        if new_history {
+            // a new timeline reuses the positions what is held was filed at:
+            // all of it goes, and no answer in flight is filed
+            proxy.forget_cache(proxy.now());
+        }
         if let Some(current) = current {
             // (not under the node's lock: this takes it)
             proxy.saw_primary_lsn(generation, current);

@@ -460,6 +460,11 @@ impl Client {
     fn finish(&self, req: postai_core::node::RequestId, result: Result<UpstreamReply<Value>, String>) {
         let now = self.proxy.now();
         let mut n = self.proxy.node();
+        if self.proxy.topology().primary_generation() != self.primary_generation {
+            // answered by a primary a failover has replaced since this session
+            // connected (the check at the request's start raced with it)
+            n.skip_fill(req);
+        }
         let l2_file = self.proxy.l2_file.as_ref().map(|f| (f, f.before_upstream(&n, req)));
         n.handle_upstream(now, req, result);
         while n.poll_output().is_some() {}
@@ -547,12 +552,16 @@ impl Client {
                 self.swallow_parse_complete -= 1;
                 return true;
             }
+            // the client's Parses complete in order: this one stands
+            b'1' if !self.parsed.is_empty() => {
+                self.parsed.remove(0);
+            }
             b'3' if self.swallow_close_complete > 0 => {
                 self.swallow_close_complete -= 1;
                 return true;
             }
             b'E' => {
-                // Parses of this batch failed, or are skipped until Sync
+                // the Parses of this batch not yet complete failed, or are skipped until Sync
                 self.errored = true;
                 for name in std::mem::take(&mut self.parsed) {
                     self.forget_statement(&name);
@@ -652,7 +661,15 @@ impl Client {
         if self.status != b'I' {
             return Ok(());
         }
-        if let Some(lsn) = self.current_lsn().await? {
+        let lsn = self.current_lsn().await?;
+        // that simple query dropped the client's unnamed statement: it is
+        // prepared again before the client's next batch
+        if !self.pooled()
+            && let Some(p) = self.parses.get("").cloned()
+        {
+            self.defer_parse(p);
+        }
+        if let Some(lsn) = lsn {
             let mut n = self.proxy.node();
             n.unseen_write(self.session, lsn);
             n.sync_transaction(self.session, false, lsn);
@@ -660,18 +677,20 @@ impl Client {
         Ok(())
     }
 
-    async fn current_lsn(&mut self) -> anyhow::Result<Option<Lsn>> {
-        let msgs = self.up().await?.simple("SELECT pg_current_wal_lsn()::text").await?;
-        // that simple query dropped the client's unnamed statement: it is
-        // prepared again before the client's next batch
-        match &mut self.upstream {
-            Upstream::Pooled { lease: Some(l), .. } => l.server.unnamed = None,
-            _ => {
-                if let Some(p) = self.parses.get("").cloned() {
-                    self.defer_parse(p);
-                }
-            }
+    /// A simple query of the proxy's own on the session's connection (it
+    /// drops the unnamed statement there: a pooled one is prepared again
+    /// when next bound). Every name in it must be schema-qualified: the
+    /// session's search_path and temporary objects are the client's.
+    async fn own_query(&mut self, sql: &str) -> anyhow::Result<Vec<Message>> {
+        let msgs = self.up().await?.simple(sql).await?;
+        if let Upstream::Pooled { lease: Some(l), .. } = &mut self.upstream {
+            l.server.unnamed = None;
         }
+        Ok(msgs)
+    }
+
+    async fn current_lsn(&mut self) -> anyhow::Result<Option<Lsn>> {
+        let msgs = self.own_query("SELECT pg_catalog.pg_current_wal_lsn()::pg_catalog.text").await?;
         let lsn = protocol::first_value(&msgs).and_then(|s| protocol::parse_lsn(&s)).map(Lsn);
         if let Some(l) = lsn {
             self.proxy.saw_primary_lsn(self.primary_generation, l);

@@ -191,15 +191,37 @@ pub async fn login(
     params: &[(String, String)],
     password: Option<&str>,
 ) -> Result<Login, LoginError> {
-    match login_once(dialer, addr, params, password).await {
+    match login_asking(dialer, addr, params, password).await {
         Err(LoginError::Tls(..) | LoginError::Refused(_))
             if dialer.tls.mode == SslMode::Prefer && dialer.tls.connector().is_some() =>
         {
             let plain = Dialer { max: dialer.max, tls: Arc::new(UpstreamTls::default()) };
-            login_once(&plain, addr, params, password).await
+            login_asking(&plain, addr, params, password).await
         }
         other => other,
     }
+}
+
+/// A login that asks a postai upstream what its answers reflect
+/// ([`protocol::ANSWER_LSN_OPTION`]); an upstream that refuses the option
+/// instead of negotiating it away (a pooler that rejects startup parameters
+/// it does not know, as PgBouncer does) is asked again without it.
+async fn login_asking(
+    dialer: &Dialer,
+    addr: &str,
+    params: &[(String, String)],
+    password: Option<&str>,
+) -> Result<Login, LoginError> {
+    match login_once(dialer, addr, params, password, true).await {
+        Err(LoginError::Refused(m)) if refuses_option(&m) => login_once(dialer, addr, params, password, false).await,
+        other => other,
+    }
+}
+
+/// Whether a login was refused for the answer-LSN startup option.
+fn refuses_option(m: &Message) -> bool {
+    let text = error_message(m);
+    text.contains(protocol::ANSWER_LSN_OPTION) || text.contains("unsupported startup parameter")
 }
 
 async fn login_once(
@@ -207,6 +229,7 @@ async fn login_once(
     addr: &str,
     params: &[(String, String)],
     password: Option<&str>,
+    ask_answer_lsn: bool,
 ) -> Result<Login, LoginError> {
     use postgres_protocol::authentication::md5_hash;
     use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramSha256};
@@ -217,7 +240,9 @@ async fn login_once(
     // asks a postai upstream to tell what its answers reflect
     let mut params = params.to_vec();
     params.retain(|(k, _)| k != protocol::ANSWER_LSN_OPTION);
-    params.push((protocol::ANSWER_LSN_OPTION.to_string(), "on".to_string()));
+    if ask_answer_lsn {
+        params.push((protocol::ANSWER_LSN_OPTION.to_string(), "on".to_string()));
+    }
     conn.send(&protocol::startup(&params)).await?;
     let mut greeting = BytesMut::new();
     let mut backend_key = None;
@@ -368,5 +393,18 @@ mod tests {
         assert_eq!(tls.server_name("[::1]:5432").map(|n| n.to_str().into_owned()), Some("::1".into()));
         let named = UpstreamTls::load(SslMode::VerifyFull, None, Some("db.example"));
         assert!(named.is_err(), "verify-full without root_cert");
+    }
+
+    /// PgBouncer refuses startup parameters it does not know (FATAL
+    /// "unsupported startup parameter: ..."): the login is tried again
+    /// without the option; other refusals are not.
+    #[test]
+    fn a_refused_option_is_dropped_other_refusals_stand() {
+        let refusal = |text: &str| {
+            let mut raw = BytesMut::from(&protocol::error_response("FATAL", "08P01", text)[..]);
+            protocol::decode(&mut raw, 1 << 20, BACKEND_TAGS).ok().flatten().expect("an ErrorResponse")
+        };
+        assert!(refuses_option(&refusal("unsupported startup parameter: _pq_.postai_answer_lsn")));
+        assert!(!refuses_option(&refusal("password authentication failed for user \"app\"")));
     }
 }

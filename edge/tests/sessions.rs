@@ -228,3 +228,73 @@ fn subscribing_needs_a_role_that_could_read_the_wal() {
     c.send(&[query("POSTAI SUBSCRIBE")]);
     assert_eq!(c.take(1)[0].tag, b'H', "a role with REPLICATION may");
 }
+
+/// The privilege check reads the catalog, not what the session's search
+/// path or temporary objects make of it.
+#[test]
+fn a_temporary_view_does_not_pass_the_subscription_check() {
+    let pg = Pg::start("subview");
+    create_items(&pg, 10);
+    let out = psql(pg.port, "CREATE ROLE mallory LOGIN; CREATE SCHEMA evil AUTHORIZATION mallory");
+    assert!(!out.contains("ERROR"), "{out}");
+    let (port, _p) = proxy(&pg);
+    let mut c = Raw::connect(port, "mallory");
+    let view = "CREATE TEMP VIEW pg_roles AS SELECT current_user::name AS rolname, true AS rolsuper, \
+                true AS rolreplication, 'x'::text AS x";
+    assert_eq!(sqlstate(&c.query(view)), None);
+    let refused = c.query("POSTAI SUBSCRIBE");
+    assert_eq!(sqlstate(&refused).as_deref(), Some("42501"), "{}", tags(&refused));
+    let op = "CREATE FUNCTION evil.eq(name, name) RETURNS bool LANGUAGE sql AS 'SELECT true'; \
+              CREATE OPERATOR evil.= (LEFTARG = name, RIGHTARG = name, FUNCTION = evil.eq)";
+    assert_eq!(sqlstate(&c.query(op)), None);
+    assert_eq!(sqlstate(&c.query("SET search_path = evil, pg_catalog")), None);
+    let refused = c.query("POSTAI SUBSCRIBE");
+    assert_eq!(sqlstate(&refused).as_deref(), Some("42501"), "{}", tags(&refused));
+}
+
+/// The proxy's own `pg_current_wal_lsn()` on a session's connection is the
+/// catalog's, whatever function the session's search path finds first: a
+/// forged position would date every later fill past the writes that change
+/// them.
+#[test]
+fn a_session_cannot_forge_the_primary_s_position() {
+    let pg = Pg::start("forge");
+    create_items(&pg, 10);
+    let out = psql(
+        pg.port,
+        "CREATE SCHEMA evil; CREATE FUNCTION evil.pg_current_wal_lsn() RETURNS pg_lsn LANGUAGE sql \
+         AS $$SELECT 'FFFFFFFF/FFFFFF00'::pg_lsn$$",
+    );
+    assert!(!out.contains("ERROR"), "{out}");
+    let (port, _p) = proxy(&pg);
+    let mut c = Raw::connect(port, "postgres");
+    assert_eq!(sqlstate(&c.query("SET search_path = evil, public, pg_catalog")), None);
+    c.send(&[parse("", "UPDATE items SET v = 'w' WHERE id = 9"), bind("", &[]), execute(), sync()]);
+    assert_eq!(tags(&c.until_ready()), "12CZ");
+    // another session fills row 5; the row changes on the primary
+    assert_eq!(psql(port, "SELECT v FROM items WHERE id = 5"), "v5");
+    assert_eq!(psql(port, "SELECT v FROM items WHERE id = 5"), "v5");
+    psql(pg.port, "UPDATE items SET v = 'five' WHERE id = 5");
+    assert!(
+        eventually_within(Duration::from_secs(10), || psql(port, "SELECT v FROM items WHERE id = 5") == "five"),
+        "an entry dated by a forged position outlived the write that changed it"
+    );
+}
+
+/// An error in a batch leaves the statements it prepared before the error:
+/// a pooled client's statement is still bound after a unique violation.
+#[test]
+fn a_statement_outlives_an_error_later_in_its_batch() {
+    let pg = Pg::start("stmterr");
+    create_items(&pg, 10);
+    let (port, _p) =
+        start_proxy_with(&pg, &format!("{ITEMS_TABLE}[pool]\nmode = 'transaction'\nsize = 2\n[cdc]\npoll_ms = 50\n"));
+    let mut c = Raw::connect(port, "postgres");
+    c.send(&[parse("ins", "INSERT INTO items VALUES ($1, 'x')"), bind("ins", &["1"]), execute(), sync()]);
+    assert_eq!(sqlstate(&c.until_ready()).as_deref(), Some("23505"));
+    for id in ["200", "201"] {
+        c.send(&[bind("ins", &[id]), execute(), sync()]);
+        let got = c.until_ready();
+        assert_eq!(tags(&got), "2CZ", "{id}: {:?}", sqlstate(&got));
+    }
+}

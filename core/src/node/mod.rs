@@ -150,9 +150,11 @@ pub enum Route {
 #[derive(Clone, Debug)]
 pub enum NodeOutput<V> {
     /// Answer the client. `lsn`: what the answer reflects, for the rows it
-    /// depends on (every commit up to it): a cached entry's snapshot, or
-    /// later when the change stream has vouched for it since (a driver that
-    /// serves another cache, as a regional proxy does, tells it along).
+    /// depends on (every commit up to it): a cached entry's snapshot (a
+    /// driver that serves another cache, as a regional proxy does, tells it
+    /// along). Not the stream's position, though a valid entry reflects
+    /// that too: after a failover that position is of the old timeline,
+    /// whose LSNs the new one reuses.
     Reply { req: RequestId, session: SessionId, served: Served, value: V, lsn: Lsn },
     /// Send the query upstream, then call [`EdgeNode::handle_upstream`].
     Upstream(UpstreamRequest),
@@ -555,7 +557,7 @@ impl<V: Clone> EdgeNode<V> {
                 |e: &Entry<V>| versions.is_valid(e.lsn, &e.deps) && entry_meets_floor(e.lsn, floor, complete, local);
             if let Lookup::Hit(e) = self.l1.get(now, key, ok) {
                 self.stats.l1_hits += 1;
-                let (value, lsn) = (e.value.clone(), e.lsn.max(complete));
+                let (value, lsn) = (e.value.clone(), e.lsn);
                 self.outputs.push_back(NodeOutput::Reply { req, session, served: Served::L1, value, lsn });
                 return req;
             }
@@ -564,7 +566,7 @@ impl<V: Clone> EdgeNode<V> {
             if let Lookup::Hit(e) = self.l2.get(now, key, ok) {
                 self.stats.l2_hits += 1;
                 let entry = e.clone();
-                let (value, lsn) = (entry.value.clone(), entry.lsn.max(complete));
+                let (value, lsn) = (entry.value.clone(), entry.lsn);
                 self.l1.insert(now, key, entry);
                 self.outputs.push_back(NodeOutput::Reply { req, session, served: Served::L2, value, lsn });
                 return req;

@@ -45,6 +45,11 @@ pub struct Step {
     pub resumed: bool,
     /// A keepalive: where the primary's WAL stands.
     pub current: Option<Lsn>,
+    /// A new history (a reset, or a position of another one): what is held
+    /// may have been filed at positions this history reuses for other
+    /// commits, above what the invalidation reaches; the driver drops it
+    /// all, and files no answer in flight.
+    pub new_history: bool,
 }
 
 impl Step {
@@ -90,9 +95,10 @@ impl Subscriber {
         Some(at)
     }
 
-    /// Whether this connection's stream is on the history of `last`.
+    /// Whether this connection's stream is on the history of `last` (a
+    /// stream that names none is on no known one).
     fn same_history(&self) -> bool {
-        self.announced == self.origin
+        self.announced.is_some() && self.announced == self.origin
     }
 
     /// The line that opens this connection's stream: its position, and
@@ -117,6 +123,7 @@ impl Subscriber {
                 // ended): what is held reflects commits that may be lost,
                 // and misses some of this history's
                 self.forget_before(from, &mut step);
+                step.new_history = true;
                 self.open();
                 self.replay = Some(Vec::new());
             }
@@ -131,6 +138,7 @@ impl Subscriber {
             Line::Reset(start) => {
                 // a new slot on the regional proxy: commits before it may never come
                 self.forget_before(start, &mut step);
+                step.new_history = true;
                 self.origin.clone_from(&self.announced);
             }
             Line::Keepalive(current) => {
@@ -140,6 +148,7 @@ impl Subscriber {
                 if !self.opened {
                     // everything cached before is of unknown freshness (the file's too)
                     self.forget_before(current, &mut step);
+                    step.new_history = !self.same_history();
                     self.open();
                 }
                 step.events.push(keepalive(self.last));
@@ -207,6 +216,7 @@ mod tests {
             out.events.extend(step.events);
             out.changes.extend(step.changes);
             out.resumed |= step.resumed;
+            out.new_history |= step.new_history;
             out.current = step.current.or(out.current);
         }
         out
@@ -232,7 +242,8 @@ mod tests {
     #[test]
     fn a_resume_replays_its_rows_in_one_step_and_invalidates_nothing_else() {
         let mut s = Subscriber::new();
-        let _ = s.connect(Some((Lsn(200), None)));
+        let _ = s.connect(Some((Lsn(200), Some("h".into()))));
+        let _ = run(&mut s, &["O h"]);
         assert_eq!(s.opening(&Line::Continue(Lsn(200))), Some((Lsn(200), false)));
         let rows = run(&mut s, &["C 0/C8", "R 0/D0\tbegin", "R 0/D1\ttable 2", "R 0/D2\tcommit 220"]);
         assert!(rows.resumed);
@@ -269,6 +280,7 @@ mod tests {
         assert_eq!(s.opening(&Line::Continue(Lsn(500))), Some((Lsn(500), true)), "what came before is unknown");
         let step = run(&mut s, &["C 0/1F4", "R 0/300\tbegin", "R 0/301\ttable 2", "R 0/310\tcommit 784", "K 0/320"]);
         assert!(!step.resumed, "not a resume");
+        assert!(step.new_history, "what is held may be filed above the invalidation: dropped");
         assert_eq!(
             step.changes,
             [
@@ -281,7 +293,8 @@ mod tests {
         let _ = run(&mut s, &["O sys/00000002"]);
         assert_eq!(s.opening(&Line::Continue(Lsn(784))), Some((Lsn(784), false)));
         // a reset moves to the history announced before it
-        let _ = run(&mut s, &["C 0/310", "K 0/320", "O sys/00000003", "X 0/400"]);
+        let step = run(&mut s, &["C 0/310", "K 0/320", "O sys/00000003", "X 0/400"]);
+        assert!(step.new_history);
         assert_eq!(s.connect(None), Some(Lsn(0x400)));
         let _ = run(&mut s, &["O sys/00000003"]);
         assert_eq!(s.opening(&Line::Continue(Lsn(0x400))), Some((Lsn(0x400), false)));
@@ -303,6 +316,9 @@ mod tests {
         let _ = s.connect(Some((Lsn(300), None)));
         let _ = run(&mut s, &["O sys/00000001"]);
         assert_eq!(s.opening(&Line::Continue(Lsn(300))), Some((Lsn(300), true)), "a file of no known history");
+        let mut quiet = Subscriber::new();
+        let _ = quiet.connect(Some((Lsn(300), None)));
+        assert_eq!(quiet.opening(&Line::Continue(Lsn(300))), Some((Lsn(300), true)), "a stream of no known history");
         let step = run(&mut s, &["C 0/12C", "K 0/200"]);
         assert!(step.ddl() && !step.resumed);
     }
@@ -321,9 +337,9 @@ mod tests {
     fn a_transaction_cut_by_a_reconnection_is_not_half_applied() {
         let mut s = Subscriber::new();
         let _ = s.connect(None);
-        let _ = run(&mut s, &["K 0/100", "R 0/110\tbegin", "R 0/111\ttable 1"]);
+        let _ = run(&mut s, &["O h", "K 0/100", "R 0/110\tbegin", "R 0/111\ttable 1"]);
         let _ = s.connect(None);
-        let step = run(&mut s, &["C 0/100", "R 0/112\ttable 2", "R 0/120\tcommit 300", "K 0/130"]);
+        let step = run(&mut s, &["O h", "C 0/100", "R 0/112\ttable 2", "R 0/120\tcommit 300", "K 0/130"]);
         // the regional replays whole transactions from BEGIN; a stray tail
         // commits only what it names
         assert_eq!(step.changes, [Change { lsn: Lsn(300), targets: vec![ChangeTarget::Table(TableId(2))] }]);

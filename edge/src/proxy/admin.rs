@@ -223,6 +223,8 @@ impl Client {
             };
             if !run.is_empty() && !failed {
                 self.send_batch(&run, Some(&flush)).await?;
+                // the server's state is unknown until its next ReadyForQuery
+                self.unsynced = true;
                 failed = self.relay_responses(&run).await?;
                 upstream = true;
             }

@@ -176,7 +176,8 @@ impl Client {
                 };
                 let (kept, error, served) = match on_replica {
                     Some((kept, error, _)) => {
-                        if let Some(p) = exec.parse.filter(|_| !self.pooled()) {
+                        // (a Parse the replica refused is not the primary's to make)
+                        if let Some(p) = exec.parse.filter(|_| !self.pooled() && error.is_none()) {
                             self.defer_parse(p);
                         }
                         (kept, error, Served::Replica)

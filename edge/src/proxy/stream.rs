@@ -63,8 +63,11 @@ impl Client {
         }
         // every row change of every table, whatever its privileges and row
         // security say: only for a role that could read the WAL itself
-        let may = "SELECT (rolsuper OR rolreplication)::text FROM pg_roles WHERE rolname = current_user";
-        let msgs = self.up().await?.simple(may).await?;
+        // (every name qualified: the client's search_path and temporary
+        // objects must not answer for the catalog)
+        let may = "SELECT (r.rolsuper OR r.rolreplication)::pg_catalog.text FROM pg_catalog.pg_roles r \
+                   WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER";
+        let msgs = self.own_query(may).await?;
         if protocol::first_value(&msgs).as_deref() != Some("true") {
             let e = "postai-edge: permission denied: POSTAI SUBSCRIBE needs a superuser or a role with REPLICATION";
             self.refuse("42501", e).await?;

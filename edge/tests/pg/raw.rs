@@ -103,10 +103,13 @@ impl Raw {
         }
     }
 
-    /// Messages up to ReadyForQuery (included).
+    /// Messages up to ReadyForQuery (included), within 20 s (a stream that
+    /// never ends, as a subscription's, fails the test instead of hanging it).
     pub fn until_ready(&mut self) -> Vec<Message> {
         let mut out = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
+            assert!(std::time::Instant::now() < deadline, "no ReadyForQuery within 20 s after {}", tags(&out));
             let m = self.next().unwrap_or_else(|| panic!("no ReadyForQuery after {}", tags(&out)));
             let done = m.tag == b'Z';
             out.push(m);
