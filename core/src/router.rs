@@ -155,6 +155,15 @@ impl Router {
         }
     }
 
+    /// A new timeline (a promotion): the positions endpoints reported on
+    /// the old one say nothing of what they hold on the new one, whose
+    /// positions reuse those of whatever the old primary lost.
+    pub fn forget_positions(&mut self) {
+        for e in &mut self.endpoints {
+            e.replay_lsn = Lsn(0);
+        }
+    }
+
     /// Failover re-pointed the primary.
     pub fn set_primary(&mut self, id: EndpointId) {
         for e in &mut self.endpoints {

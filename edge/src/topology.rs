@@ -53,6 +53,8 @@ pub struct Topology {
     pub replica_reads: u64,
     /// Ex-primaries made read-only when they came back.
     pub fenced_returns: u64,
+    /// The timeline the current primary writes, once its check said.
+    primary_timeline: Option<u32>,
 }
 
 /// Where a read goes.
@@ -93,6 +95,7 @@ impl Topology {
             failovers: 0,
             replica_reads: 0,
             fenced_returns: 0,
+            primary_timeline: None,
         }
     }
 
@@ -145,6 +148,23 @@ impl Topology {
         self.router.handle_result(now, id, result);
     }
 
+    /// A health check of `id` answered in `took`: at `lsn`, on `timeline`
+    /// (a replica's: the one it receives, `None` when it receives none). A
+    /// replica that does not follow the primary's timeline (cut off from
+    /// it, or diverged past where the promotion began) takes no reads: what
+    /// it holds may be commits the failover lost.
+    fn checked(&mut self, now: Instant, id: EndpointId, lsn: Lsn, timeline: Option<u32>, took: Duration) {
+        if id == self.primary {
+            self.primary_timeline = timeline.or(self.primary_timeline);
+        } else if timeline.is_none() || timeline != self.primary_timeline {
+            if let Some(f) = self.failover.as_mut() {
+                f.handle_heartbeat(now, id, lsn);
+            }
+            return self.unhealthy(now, id);
+        }
+        self.healthy(now, id, lsn, took);
+    }
+
     /// A health check of `id` answered in `took`: at `lsn`.
     fn healthy(&mut self, now: Instant, id: EndpointId, lsn: Lsn, took: Duration) {
         self.router.handle_replay_lsn(id, lsn);
@@ -191,6 +211,11 @@ impl Topology {
                 }
                 FailoverOutput::Promote { node, .. } => self.promoting = Some(*node),
                 FailoverOutput::RoutesChanged { primary, epoch } => {
+                    // the new primary's timeline reuses the positions of
+                    // whatever the old one lost: replicas are routed to
+                    // again once they follow it, at positions on it
+                    self.router.forget_positions();
+                    self.primary_timeline = None;
                     self.router.set_primary(*primary);
                     self.primary = *primary;
                     self.epoch = *epoch;
@@ -228,8 +253,17 @@ impl Topology {
     }
 }
 
-const HEALTH_SQL: &str = "SELECT pg_is_in_recovery()::text, (CASE WHEN pg_is_in_recovery() \
-     THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text";
+/// In recovery, the replay or current LSN, and the timeline: a replica's
+/// the one its WAL receiver streams (none when it streams nothing), the
+/// primary's the one it writes (named by its current WAL file at once after
+/// a promotion). Qualified: a database's search_path must not answer.
+const HEALTH_SQL: &str = "SELECT pg_catalog.pg_is_in_recovery()::pg_catalog.text, \
+     (CASE WHEN pg_catalog.pg_is_in_recovery() THEN pg_catalog.pg_last_wal_replay_lsn() \
+     ELSE pg_catalog.pg_current_wal_lsn() END)::pg_catalog.text, \
+     (CASE WHEN pg_catalog.pg_is_in_recovery() \
+     THEN (SELECT w.received_tli FROM pg_catalog.pg_stat_wal_receiver w WHERE w.status = 'streaming') \
+     ELSE ('x' OPERATOR(pg_catalog.||) pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8))\
+     ::pg_catalog.bit(32)::pg_catalog.int4 END)::pg_catalog.text";
 
 /// The health task: checks every node each `health_interval_ms`, feeds the
 /// router and the failover controller, promotes and fences. Runs forever.
@@ -252,7 +286,7 @@ pub async fn run(proxy: Arc<Proxy>) {
             let checked = tokio::time::timeout(timeout, check(&proxy, &mut conns[i], &n.addr)).await;
             let now = proxy.now();
             match checked {
-                Ok(Ok((in_recovery, lsn))) => {
+                Ok(Ok((in_recovery, lsn, timeline))) => {
                     followers.recovering[i] = in_recovery;
                     if n.fenced {
                         if !in_recovery && let Some(c) = conns[i].as_mut() {
@@ -264,7 +298,7 @@ pub async fn run(proxy: Arc<Proxy>) {
                         proxy.saw_primary_lsn(generation, lsn);
                         proxy.topology().out_of_recovery(now, n.id);
                     }
-                    proxy.topology().healthy(now, n.id, lsn, now.saturating_since(started));
+                    proxy.topology().checked(now, n.id, lsn, timeline, now.saturating_since(started));
                 }
                 Ok(Err(_)) | Err(_) => {
                     conns[i] = None;
@@ -372,8 +406,8 @@ impl Followers {
     }
 }
 
-/// One health check: (in recovery, replay or current LSN).
-async fn check(proxy: &Proxy, conn: &mut Option<Conn>, addr: &str) -> std::io::Result<(bool, Lsn)> {
+/// One health check: (in recovery, replay or current LSN, timeline).
+async fn check(proxy: &Proxy, conn: &mut Option<Conn>, addr: &str) -> std::io::Result<(bool, Lsn, Option<u32>)> {
     if conn.is_none() {
         let cfg = &proxy.config.failover;
         *conn = Some(proxy.service_login(addr, &cfg.user, &cfg.database).await?);
@@ -387,7 +421,8 @@ async fn check(proxy: &Proxy, conn: &mut Option<Conn>, addr: &str) -> std::io::R
     let cols = protocol::text_columns(row).ok_or_else(|| std::io::Error::other("bad row"))?;
     let in_recovery = cols.first().and_then(|c| c.as_deref()) == Some("true");
     let lsn = cols.get(1).and_then(|c| c.as_deref()).and_then(protocol::parse_lsn).map(Lsn).unwrap_or(Lsn(0));
-    Ok((in_recovery, lsn))
+    let timeline = cols.get(2).and_then(|c| c.as_deref()).and_then(|t| t.parse().ok());
+    Ok((in_recovery, lsn, timeline))
 }
 
 async fn promote(c: &mut Conn, wait: std::time::Duration) -> std::io::Result<()> {

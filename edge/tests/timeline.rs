@@ -130,3 +130,37 @@ fn a_regional_restarted_after_a_lossy_failover_does_not_continue_an_old_position
     psql(replica.port, "UPDATE items SET v = 'new' WHERE id = 7");
     assert!(eventually(Duration::from_secs(10), || psql(port, "SELECT v FROM items WHERE id = 7") == "new"));
 }
+
+/// A replica that receives no WAL from the primary's timeline (cut off, or
+/// diverged past a promotion) takes no reads, however healthy it answers:
+/// what it holds may be a history the primary no longer has, and it falls
+/// further behind without bound. A streaming replica still takes them.
+#[test]
+fn a_replica_off_the_primary_s_timeline_takes_no_reads() {
+    let (primary, cut) = cut_pair("tloff");
+    let live = primary.start_replica("tloff-live", 0);
+    psql(primary.port, "UPDATE items SET v = 'new' WHERE id = 1");
+    assert!(eventually(Duration::from_secs(20), || psql(live.port, "SELECT v FROM items WHERE id = 1") == "new"));
+    assert_eq!(psql(cut.port, "SELECT v FROM items WHERE id = 1"), "v1", "the cut replica is behind");
+    let start = |replica: &Pg| {
+        pg::start_proxy(&format!(
+            "upstream = '{}'\nreplicas = ['{}']\n{ITEMS_TABLE}[cache]\nconsistency = 'eventual'\n\
+             [cdc]\npoll_ms = 50\n[failover]\nhealth_interval_ms = 200\ntimeout_ms = 1500\n",
+            primary.addr(),
+            replica.addr()
+        ))
+    };
+    let reads = |port: u16| -> Vec<String> {
+        assert!(eventually(Duration::from_secs(20), || stat_n(port, "cdc_events") > 0), "CDC connected");
+        std::thread::sleep(Duration::from_millis(1000));
+        (0..20).map(|_| psql(port, "SELECT v FROM items WHERE id = 1")).collect()
+    };
+    let off = start(&cut);
+    let got = reads(off.port);
+    assert!(got.iter().all(|v| v == "new"), "reads answered by the replica cut off: {got:?}");
+    assert_eq!(stat_n(off.port, "replica_reads"), 0);
+    let on = start(&live);
+    let got = reads(on.port);
+    assert!(got.iter().all(|v| v == "new"), "{got:?}");
+    assert!(stat_n(on.port, "replica_reads") > 0, "the streaming replica takes reads");
+}
