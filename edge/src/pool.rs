@@ -53,6 +53,33 @@ pub struct ServerConn {
     pub backend_key: Option<(i32, i32)>,
     /// The pool's generation at its login (see [`Pool::retire`]).
     generation: u64,
+    /// The `application_name` the server runs under (the key leaves it out:
+    /// it is set for each client that borrows the connection).
+    application_name: String,
+}
+
+impl ServerConn {
+    /// Runs as `name` (the borrowing client's `application_name`, as it
+    /// logged in): what `current_setting('application_name')` and
+    /// `pg_stat_activity` show while it holds the connection.
+    pub async fn run_as(&mut self, name: &str) -> std::io::Result<()> {
+        if self.application_name == name {
+            return Ok(());
+        }
+        // dollar-quoted with a tag the name does not hold
+        let mut tag = String::from("postai");
+        while name.contains(&format!("${tag}$")) {
+            tag.push('x');
+        }
+        let msgs = self.conn.simple(&format!("SET application_name = ${tag}${name}${tag}$")).await?;
+        // (a simple query ends the unnamed statement)
+        self.unnamed = None;
+        if let Some(e) = msgs.iter().find(|m| m.tag == b'E') {
+            return Err(std::io::Error::other(upstream::error_message(e)));
+        }
+        self.application_name = name.to_string();
+        Ok(())
+    }
 }
 
 struct Slot {
@@ -193,6 +220,7 @@ impl Pool {
                     greeting: login.greeting,
                     backend_key: login.backend_key,
                     generation,
+                    application_name: String::new(),
                 }
             }
         };

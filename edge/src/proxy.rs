@@ -407,6 +407,8 @@ enum Upstream {
     Pooled {
         lease: Option<Box<Lease>>,
         key: PoolKey,
+        /// The client's `application_name` (set on each connection it borrows).
+        app: String,
         password: Option<String>,
         /// Session state lives on the server connection: keep it.
         pinned: bool,
@@ -507,7 +509,7 @@ impl Client {
 
     /// The server connection, leased from the pool first when pooling.
     async fn up(&mut self) -> anyhow::Result<&mut Conn> {
-        if let Upstream::Pooled { lease, key, password, cancel, .. } = &mut self.upstream
+        if let Upstream::Pooled { lease, key, app, password, cancel, .. } = &mut self.upstream
             && lease.is_none()
         {
             let pool = self.proxy.pool.as_ref().ok_or_else(|| anyhow::anyhow!("transaction pooling without a pool"))?;
@@ -518,7 +520,8 @@ impl Client {
                 (t.primary_addr(), t.primary_generation())
             };
             let wait = self.proxy.config.pool.wait_ms;
-            let l = Box::new(pool.acquire(key, password.as_deref(), wait).await?);
+            let mut l = Box::new(pool.acquire(key, password.as_deref(), wait).await?);
+            l.server.run_as(app).await?;
             if let Some((pid, secret)) = l.server.backend_key {
                 *cancel.lock().unwrap_or_else(|p| p.into_inner()) = Some((key.addr.clone(), pid, secret));
             }

@@ -298,3 +298,25 @@ fn a_statement_outlives_an_error_later_in_its_batch() {
         assert_eq!(tags(&got), "2CZ", "{id}: {:?}", sqlstate(&got));
     }
 }
+
+/// Transaction pooling: clients with different `application_name`s share
+/// one server connection; each sees its own, in its login's report and in
+/// what the server answers (and so in what is cached for it).
+#[test]
+fn each_pooled_client_runs_under_its_own_application_name() {
+    let pg = Pg::start("appname");
+    create_items(&pg, 10);
+    let (port, _p) =
+        start_proxy_with(&pg, &format!("{ITEMS_TABLE}[pool]\nmode = 'transaction'\nsize = 1\n[cdc]\npoll_ms = 50\n"));
+    assert!(eventually_within(Duration::from_secs(20), || stat_n(port, "cdc_events") > 0));
+    for _ in 0..2 {
+        for app in ["alpha", "beta", "it's $postai$ odd"] {
+            let (mut c, login) =
+                Raw::login(port, &[("user", "postgres"), ("database", "postgres"), ("application_name", app)]);
+            assert_eq!(reported(&login, "application_name").as_deref(), Some(app), "the login's report");
+            for sql in ["SELECT current_setting('application_name')", "SHOW application_name"] {
+                assert_eq!(values(&c.query(sql)), [app], "{sql}");
+            }
+        }
+    }
+}

@@ -99,16 +99,19 @@ impl Client {
             // pooling: replica connections are shared too
             let key = PoolKey::new(&route.addr, &self.replicas.login);
             let wait = self.proxy.config.pool.wait_ms;
-            pool.acquire(&key, self.replicas.password.as_deref(), wait)
-                .await
-                .map(|l| Upstream::Pooled {
-                    lease: Some(Box::new(l)),
-                    key,
-                    password: None,
-                    pinned: true,
-                    cancel: Arc::new(Mutex::new(None)),
-                })
-                .map_err(anyhow::Error::from)
+            let app = self.replicas.login.iter().find(|(k, _)| k == "application_name").map_or("", |(_, v)| v);
+            let app = app.to_string();
+            match pool.acquire(&key, self.replicas.password.as_deref(), wait).await {
+                Ok(mut l) => match l.server.run_as(&app).await {
+                    Ok(()) => {
+                        let lease = Some(Box::new(l));
+                        let cancel = Arc::new(Mutex::new(None));
+                        Ok(Upstream::Pooled { lease, key, app, password: None, pinned: true, cancel })
+                    }
+                    Err(e) => Err(anyhow::Error::from(e)),
+                },
+                Err(e) => Err(anyhow::Error::from(e)),
+            }
         } else {
             match self.replicas.conns.iter().position(|(id, _)| *id == route.id) {
                 Some(i) => Ok(Upstream::Dedicated(self.replicas.conns.swap_remove(i).1)),

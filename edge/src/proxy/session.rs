@@ -43,9 +43,12 @@ impl Client {
                     let pid = i32::try_from(session.0 & 0x7fff_ffff).unwrap_or(i32::MAX);
                     let cancel = Arc::new(Mutex::new(None));
                     proxy.cancels.lock().unwrap_or_else(|p| p.into_inner()).insert((pid, secret), cancel.clone());
-                    let greeting = with_backend_key(&g, pid, secret);
+                    // the client's own application_name, not the last login's
+                    let app = params.iter().find(|(k, _)| k == "application_name").map_or("", |(_, v)| v.as_str());
+                    let greeting = with_backend_key(&g, pid, secret, app);
                     let password = upstream_password.clone();
-                    (Upstream::Pooled { lease: None, key, password, pinned: false, cancel }, greeting, b'I')
+                    let app = app.to_string();
+                    (Upstream::Pooled { lease: None, key, app, password, pinned: false, cancel }, greeting, b'I')
                 })
             }
             None => upstream::login(&proxy.dialer, &primary, &params, upstream_password.as_deref())

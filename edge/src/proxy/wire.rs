@@ -62,12 +62,16 @@ pub(super) fn parse_bind(m: &Message) -> Option<Bind> {
 }
 
 /// A login greeting with its BackendKeyData replaced by `(pid, secret)`.
-pub(super) fn with_backend_key(greeting: &[u8], pid: i32, secret: i32) -> BytesMut {
+pub(super) fn with_backend_key(greeting: &[u8], pid: i32, secret: i32, app: &str) -> BytesMut {
     let mut out = BytesMut::with_capacity(greeting.len() + 13);
     let mut rest = BytesMut::from(greeting);
     while let Ok(Some(m)) = protocol::decode(&mut rest, usize::MAX, protocol::BACKEND_TAGS) {
-        if m.tag != b'K' {
-            out.extend_from_slice(&m.raw);
+        match m.tag {
+            b'K' => {}
+            b'S' if upstream::parameter_name(&m) == Some(b"application_name") => {
+                out.extend_from_slice(&protocol::parameter_status("application_name", app));
+            }
+            _ => out.extend_from_slice(&m.raw),
         }
     }
     let mut k = BytesMut::with_capacity(8);

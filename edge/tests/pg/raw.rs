@@ -74,14 +74,20 @@ pub fn query(sql: &str) -> Vec<u8> {
 
 impl Raw {
     pub fn connect(port: u16, user: &str) -> Raw {
+        Raw::login(port, &[("user", user), ("database", "postgres")]).0
+    }
+
+    /// A login with these startup parameters: the connection and what it
+    /// got up to ReadyForQuery.
+    pub fn login(port: u16, params: &[(&str, &str)]) -> (Raw, Vec<Message>) {
         let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
         let mut r = Raw { s, buf: BytesMut::new() };
-        let params = [("user".to_string(), user.to_string()), ("database".to_string(), "postgres".to_string())];
+        let params: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         r.s.write_all(&protocol::startup(&params)).expect("startup");
         let login = r.until_ready();
         assert!(login.iter().all(|m| m.tag != b'E'), "login: {}", tags(&login));
-        r
+        (r, login)
     }
 
     pub fn send(&mut self, parts: &[Vec<u8>]) {
@@ -165,4 +171,12 @@ pub fn values(msgs: &[Message]) -> Vec<String> {
         .filter_map(|m| protocol::text_columns(m)?.into_iter().next())
         .map(|v| v.unwrap_or_else(|| "NULL".into()))
         .collect()
+}
+
+/// The value a ParameterStatus among `msgs` reports for `name`.
+pub fn reported(msgs: &[Message], name: &str) -> Option<String> {
+    msgs.iter().filter(|m| m.tag == b'S').find_map(|m| {
+        let mut parts = m.body().split(|b| *b == 0);
+        (parts.next()? == name.as_bytes()).then(|| parts.next().map(|v| String::from_utf8_lossy(v).into_owned()))?
+    })
 }
