@@ -54,8 +54,13 @@ pub type Value = Arc<[u8]>;
 pub struct Proxy {
     pub config: Config,
     pub node: Mutex<EdgeNode<Value>>,
-    /// Highest `pg_current_wal_lsn()` seen: a lower bound of any later snapshot.
+    /// Highest `pg_current_wal_lsn()` seen: every commit made so far is
+    /// below it (a floor for reads that must reflect them).
     pub lsn_seen: AtomicU64,
+    /// A position every commit below which was visible when it was found
+    /// (`postai_core::stream::visibility`): what a fill from the primary is
+    /// dated with. Found by the slot reader's probes; `None` (0) without one.
+    pub lsn_visible: AtomicU64,
     /// The database nodes: primary, replicas, failover.
     pub topology: Mutex<Topology>,
     pub metrics: Metrics,
@@ -151,6 +156,7 @@ impl Proxy {
             subscriptions: tokio::sync::watch::channel(0).0,
             cdc_last: AtomicU64::new(0),
             lsn_seen: AtomicU64::new(0),
+            lsn_visible: AtomicU64::new(0),
             l2_file,
             catalog_stale: std::sync::atomic::AtomicBool::new(false),
             next_session: AtomicU64::new(1),
@@ -219,9 +225,31 @@ impl Proxy {
     pub fn forget_cache(&self, _now: Instant) {
         let mut n = self.node();
         self.lsn_seen.store(0, Ordering::Relaxed);
+        self.lsn_visible.store(0, Ordering::Relaxed);
         n.primary_changed();
         if let Some(f) = &self.l2_file {
             f.clear("the in-memory tiers were cleared");
+        }
+    }
+
+    /// Every commit below `lsn` on the primary of topology generation
+    /// `generation` was visible (see [`Proxy::saw_primary_lsn`] for the guard).
+    pub fn saw_visible_lsn(&self, generation: u64, lsn: Lsn) {
+        let _n = self.node();
+        if self.topology().primary_generation() == generation {
+            self.lsn_visible.fetch_max(lsn.0, Ordering::Relaxed);
+        }
+    }
+
+    /// What an answer of the primary, to a request sent now, reflects at
+    /// least: the visible position when the slot reader finds it, else
+    /// (no change stream of its own) the position seen.
+    pub fn primary_answer_floor(&self) -> Lsn {
+        let seen = self.lsn_seen.load(Ordering::Relaxed);
+        if self.config.cdc.enabled && self.config.cdc.source == crate::config::CdcSource::Slot {
+            Lsn(seen.min(self.lsn_visible.load(Ordering::Relaxed)))
+        } else {
+            Lsn(seen)
         }
     }
 
@@ -715,7 +743,7 @@ impl Client {
             // synced (the server's state is unknown): relayed, never cached,
             // its effects unknown
             self.hold_ready = true;
-            self.answers.floor = Some(Lsn(self.proxy.lsn_seen.load(Ordering::Relaxed)));
+            self.answers.floor = Some(self.proxy.primary_answer_floor());
             self.up().await?.send(&m.raw).await?;
             let (_, error) = self.relay_until_ready(None).await?;
             self.proxy.node().note_opaque(self.session, self.status != b'I');
@@ -749,7 +777,7 @@ impl Client {
                     self.note_session_state(&p.shape);
                 }
             }
-            self.answers.floor = Some(Lsn(self.proxy.lsn_seen.load(Ordering::Relaxed)));
+            self.answers.floor = Some(self.proxy.primary_answer_floor());
             self.up().await?.send(&m.raw).await?;
             self.relay_until_ready(None).await?;
             return Ok(Path::Primary);
@@ -786,7 +814,7 @@ impl Client {
                             // a simple query ends the unnamed statement
                             l.server.unnamed = None;
                         }
-                        self.answers.floor = Some(snapshot);
+                        self.answers.floor = Some(self.proxy.primary_answer_floor().min(snapshot));
                         self.up().await?.send(&m.raw).await?;
                         let (kept, error) = self.relay_until_ready(keep).await?;
                         (kept, error, Served::Primary)

@@ -164,3 +164,57 @@ fn a_replica_off_the_primary_s_timeline_takes_no_reads() {
     assert!(got.iter().all(|v| v == "new"), "{got:?}");
     assert!(stat_n(on.port, "replica_reads") > 0, "the streaming replica takes reads");
 }
+
+/// A commit's WAL is written before the commit is visible: here a
+/// synchronous standby that never answers holds a commit invisible while
+/// its WAL, and its change in the stream, are there. A read in that window
+/// gets the old row; it must not be filed past the commit (its change has
+/// already been applied), or it outlives the commit once it is visible.
+#[test]
+fn a_commit_not_yet_visible_does_not_date_a_fill_past_it() {
+    let pg = Pg::start("visible");
+    create_items(&pg, 10);
+    // commits of role `waiter` wait for a standby that never comes; others do not
+    let setup = [
+        "ALTER SYSTEM SET synchronous_standby_names = 'nobody'",
+        "ALTER SYSTEM SET synchronous_commit = 'local'",
+        "SELECT pg_reload_conf()",
+        "CREATE ROLE waiter LOGIN",
+        "GRANT UPDATE, SELECT ON items TO waiter",
+        "ALTER ROLE waiter SET synchronous_commit = 'on'",
+    ];
+    for sql in setup {
+        let out = psql(pg.port, sql);
+        assert!(!out.contains("ERROR"), "{sql}: {out}");
+    }
+    let proxy = pg::start_proxy(&format!(
+        "upstream = '{}'\n{ITEMS_TABLE}[cdc]\npoll_ms = 50\n[failover]\nenabled = false\nhealth_interval_ms = 100\n",
+        pg.addr()
+    ));
+    let port = proxy.port;
+    assert!(eventually(Duration::from_secs(20), || stat_n(port, "cdc_events") > 0), "CDC connected");
+    let pg_port = pg.port;
+    let writer = std::thread::spawn(move || {
+        let out = std::process::Command::new("psql")
+            .args(["-X", "-q", "-At", "-h", "127.0.0.1", "-p", &pg_port.to_string(), "-U", "waiter", "-d", "postgres"])
+            .args(["-c", "UPDATE items SET v = 'six' WHERE id = 6"])
+            .output()
+            .expect("psql runs");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    });
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'";
+    assert!(eventually(Duration::from_secs(10), || psql(pg.port, waiting) == "1"), "the commit waits");
+    // its change is in the stream, and the proxy has seen the primary past it
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(psql(port, "SELECT v FROM items WHERE id = 6"), "v6", "not visible yet");
+    assert_eq!(psql(port, "SELECT v FROM items WHERE id = 6"), "v6");
+    // the wait ends (cancelled: the commit stands, and becomes visible)
+    psql(pg.port, "SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE wait_event = 'SyncRep'");
+    let stderr = writer.join().expect("writer");
+    assert!(stderr.contains("synchronous replication"), "{stderr}");
+    assert_eq!(psql(pg.port, "SELECT v FROM items WHERE id = 6"), "six", "committed");
+    assert!(
+        eventually(Duration::from_secs(5), || psql(port, "SELECT v FROM items WHERE id = 6") == "six"),
+        "the answer read while the commit was invisible outlived it"
+    );
+}

@@ -76,7 +76,7 @@ impl Client {
         keep: Option<usize>,
     ) -> anyhow::Result<(Option<BytesMut>, Option<String>)> {
         // if the primary answers: its snapshot is at least what was seen before
-        self.answers.floor = Some(Lsn(self.proxy.lsn_seen.load(Ordering::Relaxed)));
+        self.answers.floor = Some(self.proxy.primary_answer_floor());
         self.send_batch(batch, Some(sync)).await?;
         // a batch that may write is acknowledged once `settle` has applied it
         self.hold_ready = self.extended_write;
