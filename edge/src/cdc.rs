@@ -17,7 +17,6 @@ use postai_core::Lsn;
 use postai_core::cache::TierName;
 use postai_core::stream::reader::{Slot, SlotReader, SlotStep};
 use postai_core::stream::subscriber::Subscriber;
-use postai_core::stream::visibility::{RUNNING_SQL, Visibility, parse_running};
 use postai_core::stream::{self, Line, Record, fmt_lsn, parse_lsn};
 
 use crate::config::CdcSource;
@@ -223,23 +222,13 @@ async fn poll_loop(proxy: &Proxy, reader: &mut SlotReader, watch: &mut crate::ca
         "SELECT lsn::text, data FROM pg_logical_slot_peek_changes('{}', NULL, NULL, 'include-timestamp', 'on')",
         cfg.slot
     );
-    let mut visibility = Visibility::new();
     loop {
         if cfg.upstream.is_none() && proxy.topology().primary_generation() != generation {
             // a failover: the slot to read is on the new primary
             return Err(std::io::Error::other("the primary changed; reading the new primary's stream"));
         }
-        // the position, then (a later snapshot) what was running: see `visibility`
-        let probe = format!("SELECT pg_catalog.pg_current_wal_lsn()::pg_catalog.text; {RUNNING_SQL}");
-        let lsn_msgs = check(conn.simple(&probe).await?)?;
-        let mut columns = lsn_msgs.iter().filter(|m| m.tag == b'D').filter_map(protocol::text_columns);
-        let current_text = columns.next().and_then(|c| c.into_iter().next().flatten());
-        let current = current_text.as_deref().and_then(parse_lsn).map(|l| l.0);
-        let running = columns.next().map(|c| c.into_iter().next().flatten());
-        if let (Some(l), Some(running)) = (current, running.and_then(|r| parse_running(r.as_deref()))) {
-            let visible = visibility.handle_probe(Lsn(l), &running);
-            proxy.saw_visible_lsn(generation, visible);
-        }
+        let lsn_msgs = check(conn.simple("SELECT pg_catalog.pg_current_wal_lsn()::pg_catalog.text").await?)?;
+        let current = protocol::first_value(&lsn_msgs).and_then(|s| parse_lsn(&s)).map(|l| l.0);
         let rows = check(conn.simple(&peek).await?)?;
         // the slot is still the one this reader left where it left it
         if let Err(e) = reader.check_position(slot_position(&mut conn, &cfg.slot).await?) {

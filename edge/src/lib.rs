@@ -19,6 +19,7 @@ pub mod signals;
 pub mod tls;
 pub mod topology;
 pub mod upstream;
+pub mod visible;
 
 pub use config::Config;
 pub use proxy::{EventLoops, Proxy, serve, serve_on};

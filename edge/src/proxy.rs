@@ -268,6 +268,9 @@ impl Proxy {
     pub fn spawn_tasks(self: &Arc<Self>) {
         if self.config.cdc.enabled {
             tokio::spawn(crate::cdc::run(self.clone()));
+            if self.config.cdc.source == crate::config::CdcSource::Slot {
+                tokio::spawn(crate::visible::run(self.clone()));
+            }
         } else {
             // the catalog (for what is cached and what pins a pooled
             // client) and the roles, read by a task of their own
