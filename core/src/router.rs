@@ -326,6 +326,12 @@ mod tests {
         r.handle_replay_lsn(EndpointId(2), Lsn(9));
         let id = r.route_read(now, ReadRequest { floor: Some(Lsn(5)), ..req }).expect("route");
         assert_eq!(id, EndpointId(2));
+        // a promotion: 9 was a position of the old timeline (positions only
+        // grow otherwise: a lower report on the same timeline is stale)
+        r.forget_positions();
+        r.handle_replay_lsn(EndpointId(2), Lsn(3));
+        let id = r.route_read(now, ReadRequest { floor: Some(Lsn(5)), ..req }).expect("route");
+        assert_eq!(id, EndpointId(0), "replica 2 is at 3 on the new timeline");
     }
 
     #[test]

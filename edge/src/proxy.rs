@@ -177,9 +177,8 @@ struct CacheableExec {
 
 impl Client {
     /// Gives the node one query (`ask`), the upstream transaction status first
-    /// (it is the truth about transactions), and returns the node's answer with
-    /// the snapshot lower bound taken before it.
-    fn ask_node(&self, ask: impl FnOnce(&mut EdgeNode<Value>, Instant, SessionId)) -> (Option<NodeOutput<Value>>, Lsn) {
+    /// (it is the truth about transactions), and returns the node's answer.
+    fn ask_node(&self, ask: impl FnOnce(&mut EdgeNode<Value>, Instant, SessionId)) -> Option<NodeOutput<Value>> {
         let now = self.proxy.now();
         let mut n = self.proxy.node();
         // under the node's lock: a failover forgets it under the same lock
@@ -190,7 +189,18 @@ impl Client {
             n.transaction_failed(self.session);
         }
         ask(&mut n, now, self.session);
-        (n.poll_output(), snapshot)
+        n.poll_output()
+    }
+
+    /// After the relay of `req`: what its answer reflects, the node told not
+    /// to file it when it cannot be filed whole (`kept` is `None`) or at a
+    /// known LSN.
+    fn fill_snapshot(&mut self, req: postai_core::node::RequestId, kept: bool) -> Lsn {
+        let at = self.answers.at.take();
+        if !kept || at.is_none() {
+            self.proxy.node().skip_fill(req);
+        }
+        at.unwrap_or(Lsn(0))
     }
 
     /// Hands the upstream outcome of `req` to the node (fill or invalidate).
@@ -489,7 +499,7 @@ impl Client {
             self.relay_until_ready(None).await?;
             return Ok(Path::Primary);
         }
-        let (out, snapshot) = self.ask_node(|n, now, session| {
+        let out = self.ask_node(|n, now, session| {
             n.handle_simple_query(now, session, &sql);
         });
         let path = match out {
@@ -514,25 +524,20 @@ impl Client {
                 };
                 let was_idle = self.status == b'I';
                 let (kept, error, served) = match on_replica {
-                    Some((kept, error, _)) => (kept, error, Served::Replica),
+                    Some((kept, error)) => (kept, error, Served::Replica),
                     None => {
                         self.note_session_state(&u.shape);
                         if let Upstream::Pooled { lease: Some(l), .. } = &mut self.upstream {
                             // a simple query ends the unnamed statement
                             l.server.unnamed = None;
                         }
-                        self.answers.floor = Some(self.proxy.primary_answer_floor().min(snapshot));
+                        self.answers.floor = Some(self.proxy.primary_answer_floor());
                         self.up().await?.send(&m.raw).await?;
                         let (kept, error) = self.relay_until_ready(keep).await?;
                         (kept, error, Served::Primary)
                     }
                 };
-                // filed only whole, at what it is known to reflect
-                let snapshot = self.answers.at.take();
-                if kept.is_none() || snapshot.is_none() {
-                    self.proxy.node().skip_fill(u.req);
-                }
-                let snapshot = snapshot.unwrap_or(Lsn(0));
+                let snapshot = self.fill_snapshot(u.req, kept.is_some());
                 let shape = u.shape.clone();
                 if shape.kind == StatementKind::Session && error.is_none() {
                     let dropped = self.replicas.setting(m, was_idle && self.status == b'I');

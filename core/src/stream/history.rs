@@ -52,7 +52,7 @@ impl History {
         self.origin.as_deref()
     }
 
-    /// The reader found its slot on `origin` (a reset feed sets it too).
+    /// The reader found its slot on `origin` (for a new slot, with its reset).
     pub fn set_origin(&mut self, origin: Option<String>) {
         self.origin = origin;
     }
@@ -77,7 +77,6 @@ impl History {
     pub fn push(&mut self, feed: Arc<Feed>, keep_rows: usize) {
         self.newest = self.newest.max(feed.max_commit);
         if let Some(start) = feed.reset {
-            self.origin.clone_from(&feed.origin);
             // a new slot, perhaps on a promoted replica: a position published
             // before (a subscriber's) may be past commits the old primary lost
             // and the new one made anew; none of them is continued

@@ -34,11 +34,6 @@ impl Visibility {
         Visibility::default()
     }
 
-    /// Every commit below this was visible at the last probe.
-    pub fn visible(&self) -> Lsn {
-        self.visible
-    }
-
     /// A probe: `lsn` read, then, in a later statement, the ids of the
     /// transactions `running`. Returns the visible position.
     pub fn handle_probe(&mut self, lsn: Lsn, running: &[u64]) -> Lsn {
@@ -56,11 +51,6 @@ impl Visibility {
             self.pending = Some((lsn, running.to_vec()));
         }
         self.visible
-    }
-
-    /// A new primary (a failover): its positions are of another timeline.
-    pub fn reset(&mut self) {
-        *self = Visibility::default();
     }
 }
 
@@ -95,8 +85,6 @@ mod tests {
         assert_eq!(v.handle_probe(Lsn(500), &[71]), Lsn(400));
         // nothing running settles everything up to its position
         assert_eq!(v.handle_probe(Lsn(600), &[]), Lsn(600));
-        v.reset();
-        assert_eq!(v.visible(), Lsn(0));
     }
 
     /// The case the snapshot's list misses: the newest transaction, in its

@@ -144,7 +144,7 @@ impl Client {
         let Some(exec) = self.cacheable_batch(&batch) else {
             return self.relay_batch(&batch, &sync, None).await.map(|_| Path::Primary);
         };
-        let (out, _) = self.ask_node(|n, now, session| {
+        let out = self.ask_node(|n, now, session| {
             let params: Vec<Option<&[u8]>> = exec.params.iter().map(|p| p.as_deref()).collect();
             n.handle_execute(now, session, &exec.prepared, &params);
         });
@@ -175,7 +175,7 @@ impl Client {
                     _ => None,
                 };
                 let (kept, error, served) = match on_replica {
-                    Some((kept, error, _)) => {
+                    Some((kept, error)) => {
                         // (a Parse the replica refused is not the primary's to make)
                         if let Some(p) = exec.parse.filter(|_| !self.pooled() && error.is_none()) {
                             self.defer_parse(p);
@@ -187,12 +187,7 @@ impl Client {
                         (kept, error, Served::Primary)
                     }
                 };
-                // filed only whole, at what it is known to reflect
-                let snapshot = self.answers.at.take();
-                if kept.is_none() || snapshot.is_none() {
-                    self.proxy.node().skip_fill(u.req);
-                }
-                let snapshot = snapshot.unwrap_or(Lsn(0));
+                let snapshot = self.fill_snapshot(u.req, kept.is_some());
                 let result = match error {
                     Some(e) => Err(e),
                     None => {

@@ -78,14 +78,15 @@ impl Client {
     /// replayed past `floor`, relaying its answer to the client. `None` when
     /// no replica is fresh enough or the replica failed before the client saw
     /// anything: the caller asks the primary. Otherwise the kept copy, the
-    /// first error and the snapshot (the replica's replay LSN before the read).
+    /// first error (what the answer reflects is in `answers`: the replica's
+    /// replay LSN before the read).
     pub(super) async fn read_on_replica(
         &mut self,
         request: &[u8],
         keep: Option<usize>,
         floor: Option<Lsn>,
         swallow_parse: bool,
-    ) -> anyhow::Result<Option<(Option<BytesMut>, Option<String>, Lsn)>> {
+    ) -> anyhow::Result<Option<(Option<BytesMut>, Option<String>)>> {
         if self.status != b'I' || self.replicas.pinned || self.proxy.config.replicas.is_empty() {
             return Ok(None);
         }
@@ -99,19 +100,17 @@ impl Client {
             // pooling: replica connections are shared too
             let key = PoolKey::new(&route.addr, &self.replicas.login);
             let wait = self.proxy.config.pool.wait_ms;
-            let app = self.replicas.login.iter().find(|(k, _)| k == "application_name").map_or("", |(_, v)| v);
-            let app = app.to_string();
-            match pool.acquire(&key, self.replicas.password.as_deref(), wait).await {
-                Ok(mut l) => match l.server.run_as(&app).await {
-                    Ok(()) => {
-                        let lease = Some(Box::new(l));
-                        let cancel = Arc::new(Mutex::new(None));
-                        Ok(Upstream::Pooled { lease, key, app, password: None, pinned: true, cancel })
-                    }
-                    Err(e) => Err(anyhow::Error::from(e)),
-                },
-                Err(e) => Err(anyhow::Error::from(e)),
-            }
+            let app = application_name(&self.replicas.login).to_string();
+            let password = self.replicas.password.as_deref();
+            let lease = async {
+                let mut l = pool.acquire(&key, password, wait).await?;
+                l.server.run_as(&app).await?;
+                anyhow::Ok(Some(Box::new(l)))
+            };
+            lease.await.map(|lease| {
+                let cancel = Arc::new(Mutex::new(None));
+                Upstream::Pooled { lease, key, app, password: None, pinned: true, cancel }
+            })
         } else {
             match self.replicas.conns.iter().position(|(id, _)| *id == route.id) {
                 Some(i) => Ok(Upstream::Dedicated(self.replicas.conns.swap_remove(i).1)),
@@ -157,7 +156,7 @@ impl Client {
                     Upstream::Pooled { lease: None, .. } => {}
                 }
                 self.proxy.topology().read_done(now, route.id, Ok(now.saturating_since(started)));
-                Ok(Some((kept, error, route.replayed)))
+                Ok(Some((kept, error)))
             }
             Err(e) => {
                 self.proxy.topology().read_done(now, route.id, Err(()));

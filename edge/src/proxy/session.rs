@@ -44,7 +44,7 @@ impl Client {
                     let cancel = Arc::new(Mutex::new(None));
                     proxy.cancels.lock().unwrap_or_else(|p| p.into_inner()).insert((pid, secret), cancel.clone());
                     // the client's own application_name, not the last login's
-                    let app = params.iter().find(|(k, _)| k == "application_name").map_or("", |(_, v)| v.as_str());
+                    let app = application_name(&params);
                     let greeting = with_backend_key(&g, pid, secret, app);
                     let password = upstream_password.clone();
                     let app = app.to_string();

@@ -189,10 +189,7 @@ impl Proxy {
     /// Every commit below `lsn` on the primary of topology generation
     /// `generation` was visible (see [`Proxy::saw_primary_lsn`] for the guard).
     pub fn saw_visible_lsn(&self, generation: u64, lsn: Lsn) {
-        let _n = self.node();
-        if self.topology().primary_generation() == generation {
-            self.lsn_visible.fetch_max(lsn.0, Ordering::Relaxed);
-        }
+        self.raise(&self.lsn_visible, generation, lsn);
     }
 
     /// What an answer of the primary, to a request sent now, reflects at
@@ -208,13 +205,19 @@ impl Proxy {
     }
 
     /// The primary of topology generation `generation` stood at `lsn`:
-    /// a lower bound of any later snapshot there. Ignored when the primary
-    /// changed since (checked under the node's lock, which
-    /// [`Proxy::forget_cache`] holds when it forgets the old positions).
+    /// every commit made there so far is below it (not every one visible:
+    /// see [`Proxy::saw_visible_lsn`]).
     pub fn saw_primary_lsn(&self, generation: u64, lsn: Lsn) {
+        self.raise(&self.lsn_seen, generation, lsn);
+    }
+
+    /// Raises a position of the primary of `generation`; ignored when the
+    /// primary changed since (checked under the node's lock, which
+    /// [`Proxy::forget_cache`] holds when it forgets the old positions).
+    fn raise(&self, position: &AtomicU64, generation: u64, lsn: Lsn) {
         let _n = self.node();
         if self.topology().primary_generation() == generation {
-            self.lsn_seen.fetch_max(lsn.0, Ordering::Relaxed);
+            position.fetch_max(lsn.0, Ordering::Relaxed);
         }
     }
 

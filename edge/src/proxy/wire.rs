@@ -61,7 +61,14 @@ pub(super) fn parse_bind(m: &Message) -> Option<Bind> {
     Some(Bind { portal, statement, param_formats, params, result_formats })
 }
 
-/// A login greeting with its BackendKeyData replaced by `(pid, secret)`.
+/// The `application_name` among startup parameters (`""` without one, as
+/// PostgreSQL's default).
+pub(super) fn application_name(params: &[(String, String)]) -> &str {
+    params.iter().find(|(k, _)| k == "application_name").map_or("", |(_, v)| v.as_str())
+}
+
+/// A login greeting with its BackendKeyData replaced by `(pid, secret)`,
+/// and its `application_name` report by the client's own `app`.
 pub(super) fn with_backend_key(greeting: &[u8], pid: i32, secret: i32, app: &str) -> BytesMut {
     let mut out = BytesMut::with_capacity(greeting.len() + 13);
     let mut rest = BytesMut::from(greeting);
