@@ -320,3 +320,33 @@ fn each_pooled_client_runs_under_its_own_application_name() {
         }
     }
 }
+
+/// The proxy's own connections (health checks, the change stream, the
+/// catalog) name what they call from the catalog, whatever search_path the
+/// database's owner set: a function of the owner's named as a catalog one
+/// must not run as the proxy's user.
+#[test]
+fn a_database_search_path_does_not_reach_the_proxy_s_own_connections() {
+    let pg = Pg::start("dbpath");
+    create_items(&pg, 10);
+    let setup = [
+        "CREATE SCHEMA evil",
+        "CREATE TABLE evil.calls (who text)",
+        "CREATE FUNCTION evil.pg_is_in_recovery() RETURNS bool LANGUAGE sql \
+         AS $$INSERT INTO evil.calls VALUES (current_user) RETURNING false$$",
+        "CREATE FUNCTION evil.pg_current_wal_lsn() RETURNS pg_lsn LANGUAGE sql \
+         AS $$INSERT INTO evil.calls VALUES (current_user) RETURNING 'FFFFFFFF/0'::pg_lsn$$",
+        "ALTER DATABASE postgres SET search_path = evil, pg_catalog",
+    ];
+    for sql in setup {
+        let out = psql(pg.port, sql);
+        assert!(!out.contains("ERROR"), "{sql}: {out}");
+    }
+    let (port, _p) = start_proxy_with(
+        &pg,
+        &format!("{ITEMS_TABLE}[cdc]\npoll_ms = 50\n[failover]\nenabled = false\nhealth_interval_ms = 100\n"),
+    );
+    assert!(eventually_within(Duration::from_secs(20), || stat_n(port, "cdc_events") > 0));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(psql(pg.port, "SELECT count(*) FROM evil.calls"), "0", "the owner's functions ran");
+}

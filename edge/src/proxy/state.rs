@@ -152,6 +152,9 @@ impl Proxy {
             ("user".to_string(), user.to_string()),
             ("database".to_string(), database.to_string()),
             ("application_name".to_string(), SERVICE_APPLICATION_NAME.to_string()),
+            // the catalog's names, whatever search_path a database or role
+            // owner set (a function of theirs must not run as this user)
+            ("options".to_string(), "-c search_path=pg_catalog".to_string()),
         ];
         let password = self.upstream_password(user);
         match upstream::login(&self.dialer, addr, &params, password.as_deref()).await {
