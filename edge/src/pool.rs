@@ -18,6 +18,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::upstream::{self, Conn, LoginError};
+use postai_wire::pooled::ServerStatements;
 
 /// Which clients may share a server connection: same server, same startup
 /// parameters (user, database, and every setting they carry).
@@ -41,13 +42,8 @@ impl PoolKey {
 /// A server connection and what is prepared on it.
 pub struct ServerConn {
     pub conn: Conn,
-    /// Server-side names of the statements prepared on this connection.
-    pub statements: HashSet<String>,
-    /// Names whose Parse was sent in a batch that failed: whether they exist
-    /// is unknown (closed and prepared again before use).
-    pub uncertain: HashSet<String>,
-    /// The client Parse (as sent) of the unnamed statement prepared here.
-    pub unnamed: Option<Bytes>,
+    /// What is prepared on it.
+    pub prepared: ServerStatements,
     /// ParameterStatus and BackendKeyData of its login.
     pub greeting: BytesMut,
     pub backend_key: Option<(i32, i32)>,
@@ -73,7 +69,7 @@ impl ServerConn {
         }
         let msgs = self.conn.simple(&format!("SET application_name = ${tag}${name}${tag}$")).await?;
         // (a simple query ends the unnamed statement)
-        self.unnamed = None;
+        self.prepared.unnamed = None;
         if let Some(e) = msgs.iter().find(|m| m.tag == b'E') {
             return Err(std::io::Error::other(upstream::error_message(e)));
         }
@@ -214,9 +210,7 @@ impl Pool {
                 }
                 ServerConn {
                     conn: login.conn,
-                    statements: HashSet::new(),
-                    uncertain: HashSet::new(),
-                    unnamed: None,
+                    prepared: ServerStatements::default(),
                     greeting: login.greeting,
                     backend_key: login.backend_key,
                     generation,
@@ -301,13 +295,7 @@ impl Lease {
     }
 }
 
-/// The server-side name of a named statement: a digest of its Parse body
-/// after the name (query text and parameter types).
-pub fn server_name(parse_rest: &[u8]) -> String {
-    let mut d = postai_core::hash::Digest128::new();
-    d.bytes(parse_rest);
-    format!("postai_{:032x}", d.finish())
-}
+pub use postai_wire::pooled::server_name;
 
 #[cfg(test)]
 mod tests {

@@ -12,9 +12,7 @@ use postai_core::cache::{Eviction, TierConfig, TierName};
 use postai_core::consistency::Consistency;
 use postai_core::failover::FailoverConfig;
 use postai_core::invalidation::VersionMapConfig;
-use postai_core::node::{
-    EdgeNode, InvalidationMode, NodeConfig, NodeOutput, Prepared, Route, Served, SessionId, UpstreamReply,
-};
+use postai_core::node::{EdgeNode, InvalidationMode, NodeConfig, NodeOutput, Route, Served, SessionId, UpstreamReply};
 use postai_core::router::{EndpointId, Zone};
 use postai_core::sql::{AnalyzerConfig, Catalog, Shape, StatementKind, TxnControl};
 use postai_core::{Duration, Instant, Lsn};
@@ -25,10 +23,14 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::config::Config;
 use crate::frontend::{self, ClientStream, Opening};
 use crate::metrics::{Metrics, Path};
-use crate::pool::{Lease, Pool, PoolError, PoolKey, ServerConn};
+use crate::pool::{Lease, Pool, PoolError, PoolKey};
 use crate::protocol::{self, Message};
 use crate::topology::Topology;
 use crate::upstream::{self, Conn, error_message};
+use postai_wire::messages::*;
+use postai_wire::pooled::pins_session;
+use postai_wire::protocol::frame_into;
+use postai_wire::{CacheableExec, Kept, Session};
 
 mod accept;
 mod admin;
@@ -42,7 +44,6 @@ mod stream;
 mod wire;
 
 pub use accept::{EventLoops, serve, serve_on};
-use pooled::*;
 use replica::*;
 pub use state::Proxy;
 use stream::*;
@@ -60,44 +61,14 @@ struct Client {
     out: BytesMut,
     upstream: Upstream,
     session: SessionId,
-    /// Transaction status of the last ReadyForQuery from upstream.
-    status: u8,
-    /// The extended protocol ran a statement that may write.
-    extended_write: bool,
-    /// Prepared statements by name, as analysed by the core.
-    statements: std::collections::HashMap<String, Prepared>,
-    /// Their Parse messages (to prepare them elsewhere).
-    parses: std::collections::HashMap<String, Message>,
-    /// Their parameter types: declared in Parse, or learned from the
-    /// ParameterDescription answering a Describe of the statement.
-    param_types: std::collections::HashMap<String, Vec<u32>>,
-    /// Statements described in the requests sent, in order, whose
-    /// ParameterDescription has not come back yet.
-    described: std::collections::VecDeque<String>,
-    /// Parses answered without the primary (cache hit, replica), not yet sent to it.
-    unsent_parses: Vec<Message>,
+    /// The session's protocol state (`postai_wire::session`): prepared
+    /// statements, swallowed responses, transaction status, what the
+    /// answers reflect.
+    wire: Session,
     /// Connections to replicas, opened on the first read routed to each.
     replicas: ReplicaConns,
-    /// ParseComplete messages the client must not see (for re-sent Parses).
-    swallow_parse_complete: u32,
-    /// CloseComplete messages the client must not see (injected Closes).
-    swallow_close_complete: u32,
-    /// Server-side statements prepared by the batch in flight (pooling):
-    /// uncertain if it fails.
-    batch_server_parses: Vec<String>,
-    /// The batch in flight got an ErrorResponse.
-    batch_failed: bool,
     /// The current relay has already written part of its answer to the client.
     flushed_mid: bool,
-    /// Statements the extended protocol ran since the last request ended
-    /// (relayed: the node did not see them), and the transaction status
-    /// before the first of them.
-    relayed: Vec<Prepared>,
-    relayed_from: Option<u8>,
-    relayed_overflow: bool,
-    /// ParameterStatus the primary sent during the request: what those
-    /// parameters are now, whatever set them.
-    reported: Vec<(String, String)>,
     /// The request may write: its ReadyForQuery is held back until the node
     /// has applied what it changed, so that no session (this one or
     /// another) starts a read after the acknowledgement that the node
@@ -116,23 +87,6 @@ struct Client {
     between_requests: bool,
     /// The buffer budget held by the extended protocol messages waiting for their Sync.
     batch_held: Option<crate::limits::Held>,
-    /// What the answers reflect (`proxy/wire.rs`, [`Answers`]): told to a
-    /// client that asked, and what a fill is filed at.
-    answers: Answers,
-    /// Extended-protocol messages went upstream since the last
-    /// ReadyForQuery (a Flush, or messages before a Query): the server may
-    /// be inside a transaction, or skipping until Sync after an error, that
-    /// the last status does not show. Nothing is answered from the cache,
-    /// filed, or given back to the pool until the next ReadyForQuery.
-    unsynced: bool,
-    /// Statements Parsed since the last ReadyForQuery, and whether an error
-    /// came meanwhile: a Parse counts once it cannot have failed (a failed
-    /// or skipped one must not name what the server never prepared).
-    parsed: Vec<String>,
-    errored: bool,
-    /// The request in flight is an extended-protocol batch (a COPY it
-    /// starts ends with the client's Sync).
-    extended_relay: bool,
 }
 
 /// The client's connection to the primary: its own for the whole session, or
@@ -163,18 +117,6 @@ pub const SERVICE_APPLICATION_NAME: &str = "postai-edge";
 
 const CDC_FEED_DEPTH: usize = 1024;
 
-/// Statements noted per request at most; beyond, the session goes private.
-const RELAYED_MAX: usize = 1024;
-
-struct CacheableExec {
-    prepared: Prepared,
-    params: Vec<Option<Vec<u8>>>,
-    /// The batch's own Parse (the primary must still see it).
-    parse: Option<Message>,
-    /// The prepared statement the batch binds.
-    statement: String,
-}
-
 impl Client {
     /// Gives the node one query (`ask`), the upstream transaction status first
     /// (it is the truth about transactions), and returns the node's answer.
@@ -183,8 +125,8 @@ impl Client {
         let mut n = self.proxy.node();
         // under the node's lock: a failover forgets it under the same lock
         let snapshot = Lsn(self.proxy.lsn_seen.load(Ordering::Relaxed));
-        n.sync_transaction(self.session, self.status != b'I', snapshot);
-        if self.status == b'E' {
+        n.sync_transaction(self.session, self.wire.status() != b'I', snapshot);
+        if self.wire.status() == b'E' {
             // an aborted transaction: its COMMIT rolls back
             n.transaction_failed(self.session);
         }
@@ -196,7 +138,7 @@ impl Client {
     /// to file it when it cannot be filed whole (`kept` is `None`) or at a
     /// known LSN.
     fn fill_snapshot(&mut self, req: postai_core::node::RequestId, kept: bool) -> Lsn {
-        let at = self.answers.at.take();
+        let at = self.wire.answers.at.take();
         if !kept || at.is_none() {
             self.proxy.node().skip_fill(req);
         }
@@ -219,22 +161,6 @@ impl Client {
             // queued under the node's lock, ordered with CDC invalidations
             f.after_upstream(&n, self.session, now, before);
         }
-    }
-
-    /// Forgets a prepared statement (closed, or never prepared after all).
-    fn forget_statement(&mut self, name: &str) {
-        self.statements.remove(name);
-        self.param_types.remove(name);
-        self.parses.remove(name);
-    }
-
-    /// A Parse the server has not seen (answered from the cache or a
-    /// replica, or dropped by the proxy's own query): sent before the next
-    /// batch, its ParseComplete swallowed. One per statement name.
-    fn defer_parse(&mut self, parse: Message) {
-        let name = parse_message(&parse).map(|(n, _)| n);
-        self.unsent_parses.retain(|p| parse_message(p).map(|(n, _)| n) != name);
-        self.unsent_parses.push(parse);
     }
 
     fn pooled(&self) -> bool {
@@ -280,66 +206,20 @@ impl Client {
     }
 
     /// A message from upstream: whether the client must not see it (the
-    /// answer to a Parse or Close the proxy injected). Learns parameter types;
-    /// a failed batch leaves the statements it prepared uncertain (pooling).
+    /// session machine decides; the pool learns what a clean batch prepared).
     fn swallowed(&mut self, m: &Message) -> bool {
-        match m.tag {
-            b'S' if upstream::parameter_name(m) == Some(protocol::ANSWER_LSN.as_bytes()) => {
-                // the upstream's word on what the answer reflects: ours to use
-                self.answers.told(parameter_status(m).and_then(|(_, v)| protocol::parse_lsn(&v)).map(Lsn));
-                return true;
+        let server = match &mut self.upstream {
+            Upstream::Pooled { lease: Some(l), .. } => Some(&mut l.server.prepared),
+            _ => None,
+        };
+        let swallow = self.wire.handle_backend(m, server);
+        if m.tag == b'Z' {
+            let learned = self.wire.take_learned();
+            if let (Some(pool), Upstream::Pooled { key, .. }) = (&self.proxy.pool, &self.upstream) {
+                pool.learn(key, learned);
             }
-            b'S' => {
-                if let Some((name, value)) = parameter_status(m)
-                    && self.reported.len() < RELAYED_MAX
-                {
-                    self.reported.push((name, value));
-                }
-            }
-            b'1' if self.swallow_parse_complete > 0 => {
-                self.swallow_parse_complete -= 1;
-                return true;
-            }
-            // the client's Parses complete in order: this one stands
-            b'1' if !self.parsed.is_empty() => {
-                self.parsed.remove(0);
-            }
-            b'3' if self.swallow_close_complete > 0 => {
-                self.swallow_close_complete -= 1;
-                return true;
-            }
-            b'E' => {
-                // the Parses of this batch not yet complete failed, or are skipped until Sync
-                self.errored = true;
-                for name in std::mem::take(&mut self.parsed) {
-                    self.forget_statement(&name);
-                }
-                if let Upstream::Pooled { lease: Some(l), .. } = &mut self.upstream {
-                    self.batch_failed = true;
-                    for name in self.batch_server_parses.drain(..) {
-                        l.server.statements.remove(&name);
-                        l.server.uncertain.insert(name);
-                    }
-                    l.server.unnamed = None;
-                }
-            }
-            b'Z' => {
-                // whatever an error skipped never comes
-                self.swallow_parse_complete = 0;
-                self.swallow_close_complete = 0;
-                (self.unsynced, self.errored) = (false, false);
-                self.parsed.clear();
-                let parsed = std::mem::take(&mut self.batch_server_parses);
-                if !std::mem::take(&mut self.batch_failed)
-                    && let (Some(pool), Upstream::Pooled { key, .. }) = (&self.proxy.pool, &self.upstream)
-                {
-                    pool.learn(key, parsed);
-                }
-            }
-            _ => {}
         }
-        self.snoop(m);
-        false
+        swallow
     }
 
     /// After a request: what the extended protocol ran outside the node's
@@ -362,10 +242,10 @@ impl Client {
     }
 
     async fn settle(&mut self) -> anyhow::Result<()> {
-        if !self.reported.is_empty() {
-            let reported = std::mem::take(&mut self.reported);
+        let settled = self.wire.take_settled();
+        if !settled.reported.is_empty() {
             let mut n = self.proxy.node();
-            for (name, value) in reported {
+            for (name, value) in settled.reported {
                 // the role comes from the commands that set it (a report of
                 // session_authorization alone would forget a SET ROLE)
                 if !matches!(name.as_str(), "session_authorization" | "is_superuser") {
@@ -373,30 +253,22 @@ impl Client {
                 }
             }
         }
-        if self.relayed_from.is_some() {
-            let certain = self.relayed_from == Some(b'I')
-                && self.status == b'I'
-                && !self.relayed_overflow
-                && self.relayed.iter().all(|p| p.shape.txn.is_none());
-            let relayed = std::mem::take(&mut self.relayed);
-            for p in &relayed {
+        if !settled.relayed.is_empty() || settled.overflow {
+            for p in &settled.relayed {
                 self.note_session_state(&p.shape);
                 if p.shape.writes_unknown || p.shape.kind == StatementKind::Ddl {
                     self.proxy.ddl_ran();
                 }
             }
             let mut n = self.proxy.node();
-            for p in relayed {
-                n.note_relayed(self.session, &p, certain);
+            for p in settled.relayed {
+                n.note_relayed(self.session, &p, settled.certain);
             }
-            if self.relayed_overflow {
+            if settled.overflow {
                 n.make_private(self.session);
             }
-            self.relayed_from = None;
-            self.relayed_overflow = false;
         }
-        if self.extended_write && self.status == b'I' {
-            self.extended_write = false;
+        if self.wire.take_extended_write() {
             self.after_extended_write().await?;
         }
         self.release_idle();
@@ -406,16 +278,16 @@ impl Client {
     /// After the extended protocol ran a write: raise the session's floor to
     /// the primary's current LSN (read-your-writes for cached reads).
     async fn after_extended_write(&mut self) -> anyhow::Result<()> {
-        if self.status != b'I' {
+        if self.wire.status() != b'I' {
             return Ok(());
         }
         let lsn = self.current_lsn().await?;
         // that simple query dropped the client's unnamed statement: it is
         // prepared again before the client's next batch
         if !self.pooled()
-            && let Some(p) = self.parses.get("").cloned()
+            && let Some(p) = self.wire.parse_of("").cloned()
         {
-            self.defer_parse(p);
+            self.wire.defer_parse(p);
         }
         if let Some(lsn) = lsn {
             let mut n = self.proxy.node();
@@ -432,7 +304,7 @@ impl Client {
     async fn own_query(&mut self, sql: &str) -> anyhow::Result<Vec<Message>> {
         let msgs = self.up().await?.simple(sql).await?;
         if let Upstream::Pooled { lease: Some(l), .. } = &mut self.upstream {
-            l.server.unnamed = None;
+            l.server.prepared.unnamed = None;
         }
         Ok(msgs)
     }
@@ -454,18 +326,18 @@ impl Client {
                 return Ok(Path::Proxy);
             }
         };
-        if self.proxy.config.cache.enabled && (!protocol::query_is_utf8(m) || self.unsynced) {
+        if self.proxy.config.cache.enabled && (!protocol::query_is_utf8(m) || self.wire.unsynced()) {
             // text the analyzer cannot read as sent (another client
             // encoding), or a query after extended-protocol messages not yet
             // synced (the server's state is unknown): relayed, never cached,
             // its effects unknown
             self.hold_ready = true;
-            self.answers.floor = Some(self.proxy.primary_answer_floor());
+            self.wire.answers.floor = Some(self.proxy.primary_answer_floor());
             self.up().await?.send(&m.raw).await?;
             let (_, error) = self.relay_until_ready(None).await?;
-            self.proxy.node().note_opaque(self.session, self.status != b'I');
+            self.proxy.node().note_opaque(self.session, self.wire.status() != b'I');
             if error.is_none()
-                && self.status == b'I'
+                && self.wire.status() == b'I'
                 && let Some(lsn) = self.current_lsn().await?
             {
                 self.proxy.node().unseen_write(self.session, lsn);
@@ -483,7 +355,7 @@ impl Client {
         }
         if let Some(rows) = self.admin(&sql) {
             self.wr.write_all(&rows).await?;
-            self.wr.write_all(&protocol::ready_for_query(self.status)).await?;
+            self.wr.write_all(&protocol::ready_for_query(self.wire.status())).await?;
             return Ok(Path::Proxy);
         }
         if !self.proxy.config.cache.enabled {
@@ -494,7 +366,7 @@ impl Client {
                     self.note_session_state(&p.shape);
                 }
             }
-            self.answers.floor = Some(self.proxy.primary_answer_floor());
+            self.wire.answers.floor = Some(self.proxy.primary_answer_floor());
             self.up().await?.send(&m.raw).await?;
             self.relay_until_ready(None).await?;
             return Ok(Path::Primary);
@@ -506,8 +378,8 @@ impl Client {
             Some(NodeOutput::Reply { value, served, lsn, .. }) => {
                 self.out.clear();
                 self.out.extend_from_slice(&value);
-                self.answers.tell(&mut self.out, Some(lsn));
-                self.out.extend_from_slice(&protocol::ready_for_query(self.status));
+                self.wire.answers.tell(&mut self.out, Some(lsn));
+                self.out.extend_from_slice(&protocol::ready_for_query(self.wire.status()));
                 self.wr.write_all(&self.out).await?;
                 path_of(served)
             }
@@ -522,16 +394,16 @@ impl Client {
                     Route::Read { floor } if keep.is_some() => self.read_on_replica(&m.raw, keep, floor, false).await?,
                     _ => None,
                 };
-                let was_idle = self.status == b'I';
+                let was_idle = self.wire.status() == b'I';
                 let (kept, error, served) = match on_replica {
                     Some((kept, error)) => (kept, error, Served::Replica),
                     None => {
                         self.note_session_state(&u.shape);
                         if let Upstream::Pooled { lease: Some(l), .. } = &mut self.upstream {
                             // a simple query ends the unnamed statement
-                            l.server.unnamed = None;
+                            l.server.prepared.unnamed = None;
                         }
-                        self.answers.floor = Some(self.proxy.primary_answer_floor());
+                        self.wire.answers.floor = Some(self.proxy.primary_answer_floor());
                         self.up().await?.send(&m.raw).await?;
                         let (kept, error) = self.relay_until_ready(keep).await?;
                         (kept, error, Served::Primary)
@@ -540,7 +412,7 @@ impl Client {
                 let snapshot = self.fill_snapshot(u.req, kept.is_some());
                 let shape = u.shape.clone();
                 if shape.kind == StatementKind::Session && error.is_none() {
-                    let dropped = self.replicas.setting(m, was_idle && self.status == b'I');
+                    let dropped = self.replicas.setting(m, was_idle && self.wire.status() == b'I');
                     self.proxy.metrics.replica_connections.fetch_sub(dropped as u64, Ordering::Relaxed);
                 }
                 let wrote = !shape.writes.is_empty()
@@ -551,8 +423,11 @@ impl Client {
                     // what relations and functions are may have changed
                     self.proxy.ddl_ran();
                 }
-                let commit_lsn =
-                    if error.is_none() && wrote && self.status == b'I' { self.current_lsn().await? } else { None };
+                let commit_lsn = if error.is_none() && wrote && self.wire.status() == b'I' {
+                    self.current_lsn().await?
+                } else {
+                    None
+                };
                 let result = match error {
                     Some(e) => Err(e),
                     None => {
@@ -574,47 +449,29 @@ impl Client {
         Ok(path)
     }
 
-    /// Learns statements' parameter types from ParameterDescriptions.
-    fn snoop(&mut self, m: &Message) {
-        match m.tag {
-            b't' => {
-                if let Some(name) = self.described.pop_front()
-                    && let Some(types) = parameter_description(m)
-                    && self.statements.contains_key(&name)
-                {
-                    self.param_types.insert(name, types);
-                }
-            }
-            // an error skips the rest of the batch; ReadyForQuery ends it
-            b'E' | b'Z' => self.described.clear(),
-            _ => {}
-        }
-    }
-
     /// Relays upstream messages to the client until ReadyForQuery (relaying
-    /// COPY data from the client in between). Keeps a copy of the messages,
-    /// ReadyForQuery excluded, while they fit in `keep` bytes. Returns the
-    /// copy and the first error's message.
+    /// COPY data from the client in between). Keeps a copy of the answer
+    /// while it fits in `keep` bytes ([`Kept`]). Returns the copy and the
+    /// first error's message.
     async fn relay_until_ready(&mut self, keep: Option<usize>) -> anyhow::Result<(Option<BytesMut>, Option<String>)> {
-        let mut kept = keep.map(|_| BytesMut::new());
-        let mut error = None;
+        let mut kept = Kept::new(keep);
         self.out.clear();
         self.flushed_mid = false;
         let tells = self.up().await?.tells_lsn;
-        self.answers.start(tells);
+        self.wire.answers.start(tells);
         loop {
             let m = self.up().await?.recv().await?;
             if self.swallowed(&m) {
                 continue;
             }
             if m.tag == b'Z' {
-                let at = self.answers.end();
-                self.answers.tell(&mut self.out, at);
+                let at = self.wire.answers.end();
+                self.wire.answers.tell(&mut self.out, at);
             }
             self.out.extend_from_slice(&m.raw);
+            kept.handle(&m);
             match m.tag {
                 b'Z' => {
-                    self.status = protocol::ready_status(&m).unwrap_or(b'I');
                     if self.hold_ready {
                         // sent by `release_ready`, after the node applied the write
                         self.out.truncate(self.out.len() - m.raw.len());
@@ -622,45 +479,11 @@ impl Client {
                     }
                     self.wr.write_all(&self.out).await?;
                     self.out.clear();
-                    return Ok((kept, error));
+                    return Ok(kept.finish());
                 }
-                b'E' => {
-                    error.get_or_insert_with(|| error_message(&m));
-                    kept = None;
-                }
-                b'G' => {
-                    // COPY FROM STDIN: the client's data goes to the primary,
-                    // up to CopyDone or CopyFail (and, in the extended
-                    // protocol, the Sync after it, which the server waits for)
-                    self.flushed_mid = true;
-                    self.wr.write_all(&self.out).await?;
-                    self.out.clear();
-                    kept = None;
-                    let mut done = false;
-                    loop {
-                        let Some(c) = self.client_message().await? else {
-                            // the server would wait for the rest forever
-                            anyhow::bail!("the client left during COPY FROM STDIN");
-                        };
-                        self.up().await?.send(&c.raw).await?;
-                        done |= matches!(c.tag, b'c' | b'f');
-                        if done && (!self.extended_relay || c.tag == b'S') {
-                            break;
-                        }
-                    }
-                }
+                // COPY FROM STDIN: the client's data goes to the primary
+                b'G' => self.copy_in().await?,
                 _ => {}
-            }
-            // the answer only: RowDescription, DataRows, CommandComplete (a
-            // notification, notice or report is this session's, not the answer's)
-            if let (Some(k), Some(limit)) = (kept.as_mut(), keep)
-                && matches!(m.tag, b'T' | b'D' | b'C')
-            {
-                if k.len() + m.raw.len() > limit {
-                    kept = None;
-                } else {
-                    k.extend_from_slice(&m.raw);
-                }
             }
             if self.out.len() > 64 << 10 {
                 self.flushed_mid = true;
@@ -670,10 +493,31 @@ impl Client {
         }
     }
 
+    /// COPY FROM STDIN: the client's messages go to the server up to
+    /// CopyDone or CopyFail (and, in the extended protocol, the Sync after
+    /// it, which the server waits for).
+    async fn copy_in(&mut self) -> anyhow::Result<()> {
+        self.flushed_mid = true;
+        self.wr.write_all(&self.out).await?;
+        self.out.clear();
+        let mut done = false;
+        loop {
+            let Some(c) = self.client_message().await? else {
+                // the server would wait for the rest forever
+                anyhow::bail!("the client left during COPY FROM STDIN");
+            };
+            self.up().await?.send(&c.raw).await?;
+            done |= matches!(c.tag, b'c' | b'f');
+            if self.wire.copy_ends(done, c.tag) {
+                return Ok(());
+            }
+        }
+    }
+
     /// An ErrorResponse and ReadyForQuery: the statement failed, the session goes on.
     async fn refuse(&mut self, code: &str, message: &str) -> std::io::Result<()> {
         self.wr.write_all(&protocol::error_response("ERROR", code, message)).await?;
-        self.wr.write_all(&protocol::ready_for_query(self.status)).await
+        self.wr.write_all(&protocol::ready_for_query(self.wire.status())).await
     }
 
     /// `SHOW POSTAI STATS|CACHES|POOLS`, `POSTAI RELOAD`: answered by the

@@ -325,27 +325,7 @@ async fn login_once(
     }
 }
 
-/// A ParameterStatus message's name.
-pub fn parameter_name(m: &Message) -> Option<&[u8]> {
-    let b = m.body();
-    b.get(..b.iter().position(|c| *c == 0)?)
-}
-
-/// The M (message) field of an ErrorResponse.
-pub fn error_message(m: &Message) -> String {
-    let mut fields = m.body();
-    while let Some((&field, rest)) = fields.split_first() {
-        if field == 0 {
-            break;
-        }
-        let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
-        if field == b'M' {
-            return String::from_utf8_lossy(&rest[..end]).into_owned();
-        }
-        fields = rest.get(end + 1..).unwrap_or(&[]);
-    }
-    "error".into()
-}
+pub use crate::protocol::{error_message, parameter_name};
 
 pub type Raw = Bytes;
 

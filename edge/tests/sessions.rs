@@ -19,6 +19,14 @@ fn read_extended(c: &mut Raw, id: &str) -> Vec<Message> {
     c.until_ready()
 }
 
+/// Reads row 1 twice: the second read is answered from the cache.
+fn read_until_cached(c: &mut Raw, port: u16) {
+    assert_eq!(value(&read_extended(c, "1")).as_deref(), Some("v1"));
+    let hits = stat_n(port, "l1_hits");
+    assert_eq!(value(&read_extended(c, "1")).as_deref(), Some("v1"));
+    assert_eq!(stat_n(port, "l1_hits"), hits + 1, "cached");
+}
+
 fn proxy(pg: &Pg) -> (u16, pg::Proxy) {
     let (port, p) = start_proxy_with(pg, &format!("{ITEMS_TABLE}[cdc]\npoll_ms = 50\n"));
     assert!(eventually_within(Duration::from_secs(20), || stat_n(port, "cdc_events") > 0), "CDC connected");
@@ -35,10 +43,7 @@ fn a_read_after_a_flush_runs_in_the_transaction_the_flush_opened() {
     create_items(&pg, 10);
     let (port, _p) = proxy(&pg);
     let mut c = Raw::connect(port, "postgres");
-    assert_eq!(value(&read_extended(&mut c, "1")).as_deref(), Some("v1"));
-    let hits = stat_n(port, "l1_hits");
-    assert_eq!(value(&read_extended(&mut c, "1")).as_deref(), Some("v1"));
-    assert_eq!(stat_n(port, "l1_hits"), hits + 1, "cached");
+    read_until_cached(&mut c, port);
     c.send(&[
         parse("", "BEGIN"),
         bind("", &[]),
@@ -349,4 +354,52 @@ fn a_database_search_path_does_not_reach_the_proxy_s_own_connections() {
     assert!(eventually_within(Duration::from_secs(20), || stat_n(port, "cdc_events") > 0));
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(psql(pg.port, "SELECT count(*) FROM evil.calls"), "0", "the owner's functions ran");
+}
+
+/// An admin statement (answered by the proxy) ahead of a BEGIN in a batch
+/// ended by a Flush: the server is in a transaction the last ReadyForQuery
+/// did not show. The next read runs in it (not from the cache, with status
+/// 'T'), and the pooled connection stays with the client until it ends:
+/// another client never gets a connection inside someone's transaction.
+#[test]
+fn a_transaction_opened_behind_an_admin_statement_and_a_flush_is_seen() {
+    let pg = Pg::start("adminflush");
+    create_items(&pg, 10);
+    let (port, _p) =
+        start_proxy_with(&pg, &format!("{ITEMS_TABLE}[pool]\nmode = 'transaction'\nsize = 1\n[cdc]\npoll_ms = 50\n"));
+    assert!(eventually_within(Duration::from_secs(20), || stat_n(port, "cdc_events") > 0), "CDC connected");
+    let mut c = Raw::connect(port, "postgres");
+    read_until_cached(&mut c, port);
+    c.send(&[
+        parse("admin", "SHOW POSTAI POOLS"),
+        bind("admin", &[]),
+        execute(),
+        parse("", "BEGIN"),
+        bind("", &[]),
+        execute(),
+        flush(),
+    ]);
+    // the admin answer, then BEGIN's ParseComplete, BindComplete, CommandComplete
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(std::time::Instant::now() < deadline, "no CommandComplete for BEGIN");
+        let m = c.next().expect("an answer to the flushed batch");
+        assert_ne!(m.tag, b'E', "{:?}", sqlstate(std::slice::from_ref(&m)));
+        if m.tag == b'C' && m.body().starts_with(b"BEGIN") {
+            break;
+        }
+    }
+    let inside = read_extended(&mut c, "1");
+    assert_eq!(status(&inside), Some(b'T'), "the read runs in the transaction: {}", tags(&inside));
+    assert_eq!(value(&inside).as_deref(), Some("v1"));
+    // the only server connection is this client's until its transaction ends
+    let mut other = Raw::connect(port, "postgres");
+    other.send(&[query("SELECT pg_catalog.txid_current_if_assigned() IS NULL")]);
+    c.send(&[query("UPDATE items SET v = 'mine' WHERE id = 2")]);
+    assert_eq!(status(&c.until_ready()), Some(b'T'));
+    c.send(&[query("ROLLBACK")]);
+    assert_eq!(status(&c.until_ready()), Some(b'I'));
+    let theirs = other.until_ready();
+    assert_eq!(status(&theirs), Some(b'I'), "another client got a connection inside a transaction");
+    assert_eq!(value(&theirs).as_deref(), Some("t"));
 }

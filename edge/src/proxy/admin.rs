@@ -187,9 +187,7 @@ impl Client {
         if Command::parse(&sql).is_none() {
             return false;
         }
-        self.statements.remove(&name);
-        self.param_types.remove(&name);
-        self.parses.remove(&name);
+        self.wire.forget_statement(&name);
         self.admin.parsed = true;
         true
     }
@@ -207,7 +205,7 @@ impl Client {
         if kinds.iter().all(Option::is_none) {
             return Ok(None);
         }
-        if tail.tag == b'S' && self.status == b'I' {
+        if tail.tag == b'S' && self.wire.status() == b'I' {
             // portals end with the transaction
             a.portals.clear();
         }
@@ -222,9 +220,8 @@ impl Client {
                 continue;
             };
             if !run.is_empty() && !failed {
+                // (the server's state is unknown until its next ReadyForQuery)
                 self.send_batch(&run, Some(&flush)).await?;
-                // the server's state is unknown until its next ReadyForQuery
-                self.unsynced = true;
                 failed = self.relay_responses(&run).await?;
                 upstream = true;
             }
@@ -259,7 +256,7 @@ impl Client {
                 self.relay_batch(rest, tail, None).await?;
                 return Ok(Some(Path::Primary));
             }
-            self.wr.write_all(&protocol::ready_for_query(self.status)).await?;
+            self.wr.write_all(&protocol::ready_for_query(self.wire.status())).await?;
         } else if !rest.is_empty() {
             self.send_batch(rest, Some(tail)).await?;
             self.relay_responses(rest).await?;

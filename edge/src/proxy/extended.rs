@@ -10,59 +10,14 @@ impl Client {
     pub(super) async fn send_batch(&mut self, batch: &[Message], tail: Option<&Message>) -> anyhow::Result<()> {
         // pooled: lease first, the batch is written for that server connection
         self.up().await?;
-        let own_unnamed =
-            batch.first().is_some_and(|m| m.tag == b'P' && parse_message(m).is_some_and(|(n, _)| n.is_empty()));
-        self.out.clear();
-        for parse in std::mem::take(&mut self.unsent_parses) {
-            if own_unnamed && parse_message(&parse).is_some_and(|(n, _)| n.is_empty()) {
-                continue;
-            }
-            self.out.extend_from_slice(&parse.raw);
-            self.swallow_parse_complete += 1;
-        }
-        for m in batch {
-            match &mut self.upstream {
-                Upstream::Pooled { lease: Some(lease), .. } => pooled_message(
-                    &mut self.out,
-                    m,
-                    &mut lease.server,
-                    &self.parses,
-                    &mut self.swallow_parse_complete,
-                    &mut self.swallow_close_complete,
-                    &mut self.batch_server_parses,
-                ),
-                _ => self.out.extend_from_slice(&m.raw),
-            }
-            if m.tag == b'B' {
-                if let Some(p) = bind_statement(m).and_then(|n| self.statements.get_mut(n)) {
-                    // as the current catalog sees it (functions redefined since Parse)
-                    self.proxy.node().current(p);
-                }
-                let prepared = bind_statement(m).and_then(|n| self.statements.get(n));
-                // a statement that may write: this session's later cached
-                // reads must reflect it (the floor is raised once the
-                // transaction, if any, is over)
-                self.extended_write |= prepared.is_none_or(|p| p.shape.kind != StatementKind::Read);
-                // its effects on the session are noted once its fate is known
-                if let Some(p) = prepared {
-                    self.relayed_from.get_or_insert(self.status);
-                    if self.relayed.len() < RELAYED_MAX {
-                        self.relayed.push(p.clone());
-                    } else {
-                        self.relayed_overflow = true;
-                    }
-                }
-            }
-            if m.tag == b'D'
-                && let Some(name) = m.body().strip_prefix(b"S").and_then(|n| n.strip_suffix(b"\0"))
-            {
-                self.described.push_back(String::from_utf8_lossy(name).into_owned());
-            }
-        }
-        if let Some(t) = tail {
-            self.out.extend_from_slice(&t.raw);
-        }
-        let out = std::mem::take(&mut self.out);
+        let mut out = std::mem::take(&mut self.out);
+        out.clear();
+        let server = match &mut self.upstream {
+            Upstream::Pooled { lease: Some(l), .. } => Some(&mut l.server.prepared),
+            _ => None,
+        };
+        let proxy = &self.proxy;
+        self.wire.encode_batch(batch, tail, server, |p| proxy.node().current(p), &mut out);
         self.up().await?.send(&out).await?;
         self.out = out;
         Ok(())
@@ -76,22 +31,21 @@ impl Client {
         keep: Option<usize>,
     ) -> anyhow::Result<(Option<BytesMut>, Option<String>)> {
         // if the primary answers: its snapshot is at least what was seen before
-        self.answers.floor = Some(self.proxy.primary_answer_floor());
+        self.wire.answers.floor = Some(self.proxy.primary_answer_floor());
         self.send_batch(batch, Some(sync)).await?;
         // a batch that may write is acknowledged once `settle` has applied it
-        self.hold_ready = self.extended_write;
-        self.extended_relay = true;
+        self.hold_ready = self.wire.may_have_written();
+        self.wire.relaying_batch(true);
         let relayed = self.relay_until_ready(keep).await;
-        self.extended_relay = false;
+        self.wire.relaying_batch(false);
         relayed
     }
 
     pub(super) async fn flush_batch(&mut self, batch: &mut Vec<Message>) -> anyhow::Result<()> {
         if !batch.is_empty() {
             let b = std::mem::take(batch);
+            // (answered along with what follows: the server's state is unknown until then)
             self.send_batch(&b, None).await?;
-            // answered along with what follows: the server's state is unknown until then
-            self.unsynced = true;
         }
         Ok(())
     }
@@ -101,15 +55,7 @@ impl Client {
     /// an error ended them.
     pub(super) async fn relay_responses(&mut self, sent: &[Message]) -> anyhow::Result<bool> {
         for req in sent {
-            let done: &[u8] = match req.tag {
-                b'P' => b"1",
-                b'B' => b"2",
-                b'C' => b"3",
-                b'D' if req.body().first() == Some(&b'S') => b"Tn",
-                b'D' => b"Tn",
-                b'E' => b"CsI",
-                _ => continue,
-            };
+            let Some(done) = postai_wire::session::completions(req) else { continue };
             loop {
                 let m = self.up().await?.recv().await?;
                 if self.swallowed(&m) {
@@ -133,7 +79,7 @@ impl Client {
         if let Some(path) = self.admin_batch(&batch, &sync).await? {
             return Ok(path);
         }
-        if self.unsynced {
+        if self.wire.unsynced() {
             // after a Flush the server may be in a transaction, or skipping
             // until this Sync after an error: it answers, nothing is cached
             return self.relay_batch(&batch, &sync, None).await.map(|_| Path::Primary);
@@ -156,13 +102,13 @@ impl Client {
                 }
                 out.extend_from_slice(&BIND_COMPLETE);
                 out.extend_from_slice(&value);
-                self.answers.tell(&mut out, Some(lsn));
-                out.extend_from_slice(&protocol::ready_for_query(self.status));
+                self.wire.answers.tell(&mut out, Some(lsn));
+                out.extend_from_slice(&protocol::ready_for_query(self.wire.status()));
                 self.wr.write_all(&out).await?;
                 if let Some(p) = exec.parse.filter(|_| !self.pooled()) {
                     // the primary never saw this Parse: re-send it before the
                     // statement is used upstream (pooled: prepared when bound)
-                    self.defer_parse(p);
+                    self.wire.defer_parse(p);
                 }
                 path_of(served)
             }
@@ -178,7 +124,7 @@ impl Client {
                     Some((kept, error)) => {
                         // (a Parse the replica refused is not the primary's to make)
                         if let Some(p) = exec.parse.filter(|_| !self.pooled() && error.is_none()) {
-                            self.defer_parse(p);
+                            self.wire.defer_parse(p);
                         }
                         (kept, error, Served::Replica)
                     }
@@ -217,66 +163,12 @@ impl Client {
         Ok(path)
     }
 
-    /// A batch the cache may answer: `[Parse] Bind [Describe portal] Execute`
-    /// on the unnamed portal, text parameters, all rows, a cacheable read,
-    /// outside a transaction.
+    /// A batch the cache may answer ([`Session::cacheable_batch`]), as the
+    /// current catalog sees its statement.
     pub(super) fn cacheable_batch(&self, batch: &[Message]) -> Option<CacheableExec> {
-        if self.status != b'I' || !self.proxy.config.cache.enabled {
+        if !self.proxy.config.cache.enabled {
             return None;
         }
-        let (parse, rest) = match batch.first() {
-            Some(m) if m.tag == b'P' => (Some(m), &batch[1..]),
-            _ => (None, batch),
-        };
-        let (bind, describe, execute) = match rest {
-            [b, e] if b.tag == b'B' && e.tag == b'E' => (b, None, e),
-            [b, d, e] if b.tag == b'B' && d.tag == b'D' && e.tag == b'E' => (b, Some(d), e),
-            _ => return None,
-        };
-        let bind = parse_bind(bind)?;
-        if !bind.portal.is_empty() || bind.param_formats.len() != bind.params.len() {
-            return None;
-        }
-        if let Some(d) = describe
-            && d.body() != b"P\0"
-        {
-            return None;
-        }
-        if execute.body() != b"\0\0\0\0\0" {
-            return None;
-        }
-        let parse = match parse.and_then(parse_message) {
-            Some((name, _)) if name != bind.statement => return None,
-            Some(_) => parse.cloned(),
-            None => None,
-        };
-        let mut prepared = self.statements.get(&bind.statement)?.clone();
-        // analysed again if the database's catalog changed since Parse
-        self.proxy.node().current(&mut prepared);
-        if !prepared.shape.is_cacheable() {
-            return None;
-        }
-        let mut params: Vec<Option<Vec<u8>>> = bind.params;
-        if bind.param_formats.iter().any(|f| *f != 0) {
-            // binary parameters: as text, when their type is known and simple
-            let types = self.param_types.get(&bind.statement)?;
-            for (i, p) in params.iter_mut().enumerate() {
-                if bind.param_formats[i] != 0
-                    && let Some(v) = p.as_mut()
-                {
-                    *v = binary_param_as_text(*types.get(i)?, v)?;
-                }
-            }
-        }
-        // what else changes the bytes of the answer: Describe, result formats
-        let mut shape_of_answer = vec![u8::from(describe.is_some())];
-        shape_of_answer.extend_from_slice(&bind.result_formats);
-        // the parameter types the Parse declared decide the result's types
-        // (`SELECT $1` as int4 or as numeric)
-        let declared = self.parses.get(&bind.statement).and_then(parse_param_types).unwrap_or_default();
-        shape_of_answer.push(0xff);
-        declared.iter().for_each(|oid| shape_of_answer.extend_from_slice(&oid.to_be_bytes()));
-        params.push(Some(shape_of_answer));
-        Some(CacheableExec { prepared, params, parse, statement: bind.statement })
+        self.wire.cacheable_batch(batch, |p| self.proxy.node().current(p))
     }
 }

@@ -27,7 +27,7 @@ impl Client {
         if batch_empty {
             self.batch_held = None;
         }
-        if batch_empty && self.status == b'I' && self.proxy.shutdown.started() {
+        if batch_empty && self.wire.status() == b'I' && self.proxy.shutdown.started() {
             self.close_with("57P01", TERMINATING, false).await;
             return Ok(None);
         }
@@ -96,7 +96,7 @@ impl Client {
     /// Reads what the client sent; `false` when it left or was closed
     /// because the proxy shuts down.
     async fn read_more(&mut self) -> anyhow::Result<bool> {
-        let idle = self.between_requests && self.buf.is_empty() && self.status == b'I';
+        let idle = self.between_requests && self.buf.is_empty() && self.wire.status() == b'I';
         if !idle {
             return Ok(self.rd.read_buf(&mut self.buf).await? > 0);
         }

@@ -4,114 +4,6 @@
 
 use super::*;
 
-/// Whether a statement leaves session state on its server connection that
-/// another client must not inherit, or this one must find again.
-pub(super) fn pins_session(shape: &Shape) -> bool {
-    let text = shape.text.as_str();
-    let mut words = text.split([' ', '(']).filter(|w| !w.is_empty());
-    let (first, second) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-    let session_command = match first {
-        "set" => !matches!(second, "local" | "transaction" | "constraints"),
-        "reset" | "discard" | "deallocate" | "listen" | "prepare" | "declare" | "load" => true,
-        _ => false,
-    };
-    session_command
-        || shape.session_private
-        || shape.session_opaque
-        || ((text.contains("pg_advisory_lock") || text.contains("pg_try_advisory_lock")) && !text.contains("xact"))
-}
-
-/// Appends `m` as a pooled server connection must see it: named statements
-/// under their server-side names, prepared first where missing; a client's
-/// Close of a named statement leaves the shared one alone.
-pub(super) fn pooled_message(
-    out: &mut BytesMut,
-    m: &Message,
-    server: &mut ServerConn,
-    parses: &std::collections::HashMap<String, Message>,
-    swallow_parse: &mut u32,
-    swallow_close: &mut u32,
-    parsed: &mut Vec<String>,
-) {
-    let body = m.body();
-    let cstr_end = |from: usize| body.get(from..).and_then(|b| b.iter().position(|c| *c == 0)).map(|e| from + e);
-    // the server-side name of a client's statement, prepared there if missing
-    let mut ensure = |out: &mut BytesMut, server: &mut ServerConn, name: &[u8]| -> Option<String> {
-        let client_name = std::str::from_utf8(name).ok()?;
-        let parse = parses.get(client_name)?;
-        let p = parse.body();
-        let rest = &p[p.iter().position(|c| *c == 0)? + 1..];
-        if name.is_empty() {
-            if server.unnamed.as_ref() != Some(&parse.raw) {
-                out.extend_from_slice(&parse.raw);
-                *swallow_parse += 1;
-                server.unnamed = Some(parse.raw.clone());
-            }
-            return Some(String::new());
-        }
-        let sname = crate::pool::server_name(rest);
-        if !server.statements.contains(&sname) || server.uncertain.contains(&sname) {
-            if server.uncertain.remove(&sname) {
-                frame_into(out, b'C', &[b"S", sname.as_bytes(), b"\0"].concat());
-                *swallow_close += 1;
-            }
-            frame_into(out, b'P', &[sname.as_bytes(), b"\0", rest].concat());
-            *swallow_parse += 1;
-            server.statements.insert(sname.clone());
-            parsed.push(sname.clone());
-        }
-        Some(sname)
-    };
-    match m.tag {
-        b'P' => {
-            let Some(name_end) = cstr_end(0) else { return out.extend_from_slice(&m.raw) };
-            let rest = &body[name_end + 1..];
-            if name_end == 0 {
-                out.extend_from_slice(&m.raw);
-                server.unnamed = Some(m.raw.clone());
-                return;
-            }
-            let sname = crate::pool::server_name(rest);
-            if server.statements.contains(&sname) && !server.uncertain.contains(&sname) {
-                // prepared already: the same text as the unnamed statement
-                // gives the client its ParseComplete
-                frame_into(out, b'P', &[b"\0", rest].concat());
-                server.unnamed = None;
-            } else {
-                if server.uncertain.remove(&sname) {
-                    frame_into(out, b'C', &[b"S", sname.as_bytes(), b"\0"].concat());
-                    *swallow_close += 1;
-                }
-                frame_into(out, b'P', &[sname.as_bytes(), b"\0", rest].concat());
-                server.statements.insert(sname.clone());
-                parsed.push(sname);
-            }
-        }
-        b'B' => {
-            let (Some(portal_end), Some(stmt_end)) = (cstr_end(0), cstr_end(cstr_end(0).unwrap_or(0) + 1)) else {
-                return out.extend_from_slice(&m.raw);
-            };
-            match ensure(out, server, &body[portal_end + 1..stmt_end]) {
-                Some(sname) => frame_into(
-                    out,
-                    b'B',
-                    &[&body[..=portal_end], sname.as_bytes(), b"\0", &body[stmt_end + 1..]].concat(),
-                ),
-                None => out.extend_from_slice(&m.raw),
-            }
-        }
-        b'D' if body.first() == Some(&b'S') => match cstr_end(1).and_then(|e| ensure(out, server, &body[1..e])) {
-            Some(sname) => frame_into(out, b'D', &[b"S", sname.as_bytes(), b"\0"].concat()),
-            None => out.extend_from_slice(&m.raw),
-        },
-        // the shared statement stays: a Close of a name nobody uses answers the same
-        b'C' if body.first() == Some(&b'S') && body.get(1) != Some(&0) => {
-            frame_into(out, b'C', b"Spostai_closed\0");
-        }
-        _ => out.extend_from_slice(&m.raw),
-    }
-}
-
 impl Client {
     /// Pooling, between transactions: a batch of Parses of statements some
     /// server connection already prepared without error is answered here
@@ -122,7 +14,7 @@ impl Client {
         let (Some(pool), Upstream::Pooled { lease: None, key, .. }) = (&self.proxy.pool, &self.upstream) else {
             return Ok(false);
         };
-        if batch.is_empty() || self.status != b'I' || !self.unsent_parses.is_empty() {
+        if batch.is_empty() || self.wire.status() != b'I' || self.wire.has_unsent_parses() {
             return Ok(false);
         }
         let known = batch.iter().all(|m| {
@@ -139,7 +31,7 @@ impl Client {
         for _ in batch {
             self.out.extend_from_slice(&PARSE_COMPLETE);
         }
-        self.out.extend_from_slice(&protocol::ready_for_query(self.status));
+        self.out.extend_from_slice(&protocol::ready_for_query(self.wire.status()));
         self.wr.write_all(&self.out).await?;
         Ok(true)
     }
@@ -153,8 +45,7 @@ impl Client {
                 && let Some(l) = lease.as_mut()
             {
                 // the server's prepared statements are gone
-                l.server.statements.clear();
-                l.server.unnamed = None;
+                l.server.prepared.clear();
             }
             *pinned |= pins_session(shape);
         }
@@ -162,7 +53,7 @@ impl Client {
 
     /// Pooling: gives the server connection back between transactions.
     pub(super) fn release_idle(&mut self) {
-        if self.status != b'I' || self.unsynced {
+        if self.wire.status() != b'I' || self.wire.unsynced() {
             return;
         }
         if let Upstream::Pooled { lease, pinned: false, cancel, .. } = &mut self.upstream

@@ -51,7 +51,7 @@ impl Client {
             Some(m) if m.tag == b'P' => &batch[1..],
             _ => batch,
         };
-        let parse = batch.first().filter(|m| m.tag == b'P').or_else(|| self.parses.get(statement))?;
+        let parse = batch.first().filter(|m| m.tag == b'P').or_else(|| self.wire.parse_of(statement))?;
         let (bind, tail) = rest.split_first()?;
         let p = parse.body();
         let name_end = p.iter().position(|c| *c == 0)?;
@@ -87,7 +87,7 @@ impl Client {
         floor: Option<Lsn>,
         swallow_parse: bool,
     ) -> anyhow::Result<Option<(Option<BytesMut>, Option<String>)>> {
-        if self.status != b'I' || self.replicas.pinned || self.proxy.config.replicas.is_empty() {
+        if self.wire.status() != b'I' || self.replicas.pinned || self.proxy.config.replicas.is_empty() {
             return Ok(None);
         }
         if self.pooled() && !self.replicas.settings.is_empty() {
@@ -138,14 +138,14 @@ impl Client {
         let _cancel = self.cancel_key.zip(backend).map(|(key, (pid, secret))| {
             crate::cancel::Redirect::new(&self.proxy, key, (route.addr.clone(), pid, secret))
         });
-        let saved_swallow = std::mem::replace(&mut self.swallow_parse_complete, u32::from(swallow_parse));
+        let saved_swallow = self.wire.swallow_parses(u32::from(swallow_parse));
         // the answer reflects at least what the replica had replayed before it
-        self.answers.floor = Some(route.replayed);
+        self.wire.answers.floor = Some(route.replayed);
         let result = match self.up().await?.send(request).await {
             Ok(()) => self.relay_until_ready(keep).await,
             Err(e) => Err(e.into()),
         };
-        self.swallow_parse_complete = saved_swallow;
+        self.wire.swallow_parses(saved_swallow);
         let conn = std::mem::replace(&mut self.upstream, saved);
         let now = self.proxy.now();
         match result {

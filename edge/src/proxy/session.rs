@@ -75,23 +75,9 @@ impl Client {
             out: BytesMut::with_capacity(2 << 10),
             upstream,
             session,
-            status: b'I',
-            extended_write: false,
-            statements: std::collections::HashMap::new(),
-            parses: std::collections::HashMap::new(),
-            param_types: std::collections::HashMap::new(),
-            described: std::collections::VecDeque::new(),
-            unsent_parses: Vec::new(),
+            wire: Session::new(tell),
             replicas: ReplicaConns { login: params.clone(), password: upstream_password, ..ReplicaConns::default() },
-            swallow_parse_complete: 0,
-            swallow_close_complete: 0,
-            batch_server_parses: Vec::new(),
-            batch_failed: false,
             flushed_mid: false,
-            relayed: Vec::new(),
-            relayed_from: None,
-            relayed_overflow: false,
-            reported: Vec::new(),
             primary_generation,
             hold_ready: false,
             held_ready: None,
@@ -99,11 +85,6 @@ impl Client {
             cancel_key: crate::cancel::key_in(&greeting),
             between_requests: false,
             batch_held: None,
-            answers: Answers::new(tell),
-            unsynced: false,
-            parsed: Vec::new(),
-            errored: false,
-            extended_relay: false,
         };
         // startup parameters and `options` (-c name=value) are session settings
         let (settings, opaque) = startup_settings(&params);
@@ -211,7 +192,7 @@ impl Client {
                     let path = self.sync(std::mem::take(&mut batch), m).await?;
                     self.proxy.metrics.observe(path, started.elapsed());
                     // (answered without the server: its Parses stand)
-                    self.parsed.clear();
+                    self.wire.answered_here();
                     self.settle().await?;
                     self.release_ready().await?;
                 }
@@ -221,9 +202,8 @@ impl Client {
                     if self.admin_batch(&sent, &m).await?.is_some() {
                         continue;
                     }
+                    // (the server's state is unknown until the next ReadyForQuery)
                     self.send_batch(&sent, Some(&m)).await?;
-                    // the server's state is unknown until the next ReadyForQuery
-                    self.unsynced = true;
                     self.relay_responses(&sent).await?;
                 }
                 b'P' => {
@@ -232,31 +212,17 @@ impl Client {
                         batch.push(m);
                         continue;
                     }
-                    if let Some((name, sql)) = parse_message(&m) {
-                        // after an error the server skips it until Sync
-                        let prepared = if self.errored { None } else { self.proxy.node().prepare(&sql).ok() };
-                        if prepared.as_ref().is_some_and(|p| p.shape.kind == StatementKind::Session) {
-                            // a SET a replica connection would not see
-                            self.replicas.pinned = true;
-                        }
-                        match prepared {
-                            Some(p) => {
-                                self.statements.insert(name.clone(), p);
-                                self.param_types.insert(name.clone(), parse_param_types(&m).unwrap_or_default());
-                                self.parses.insert(name.clone(), m.clone());
-                                // known once its batch ends without an error
-                                self.parsed.push(name);
-                            }
-                            None => self.forget_statement(&name),
-                        }
+                    let node = &self.proxy;
+                    let prepared = self.wire.handle_parse(&m, |sql| node.node().prepare(sql).ok());
+                    if prepared.is_some_and(|p| p.shape.kind == StatementKind::Session) {
+                        // a SET a replica connection would not see
+                        self.replicas.pinned = true;
                     }
                     batch.push(m);
                 }
                 b'C' => {
                     // Close of a statement: forget it (a portal close needs nothing)
-                    if let Some(name) = m.body().strip_prefix(b"S").and_then(|n| n.strip_suffix(b"\0")) {
-                        self.forget_statement(&String::from_utf8_lossy(name));
-                    }
+                    self.wire.handle_close(&m);
                     batch.push(m);
                 }
                 b'd' | b'c' | b'f' => {

@@ -254,6 +254,35 @@ pub fn text_columns(row: &Message) -> Option<Vec<Option<String>>> {
     Some(out)
 }
 
+/// A ParameterStatus message's name.
+pub fn parameter_name(m: &Message) -> Option<&[u8]> {
+    let b = m.body();
+    b.get(..b.iter().position(|c| *c == 0)?)
+}
+
+/// The M (message) field of an ErrorResponse.
+pub fn error_message(m: &Message) -> String {
+    let mut fields = m.body();
+    while let Some((&field, rest)) = fields.split_first() {
+        if field == 0 {
+            break;
+        }
+        let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
+        if field == b'M' {
+            return String::from_utf8_lossy(&rest[..end]).into_owned();
+        }
+        fields = rest.get(end + 1..).unwrap_or(&[]);
+    }
+    "error".into()
+}
+
+/// Appends one typed message (`tag`, length, `body`) to `out`.
+pub fn frame_into(out: &mut BytesMut, tag: u8, body: &[u8]) {
+    out.put_u8(tag);
+    out.put_i32(body.len() as i32 + 4);
+    out.put_slice(body);
+}
+
 /// Parses an LSN as PostgreSQL prints it (`16/B374D848`).
 pub fn parse_lsn(s: &str) -> Option<u64> {
     postai_core::stream::parse_lsn(s).map(|l| l.0)
