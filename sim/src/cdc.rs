@@ -17,8 +17,10 @@
 //! the model this replaces swapped the new event with the one before it, even
 //! when that one had been applied, and the new one was then never delivered.
 
-use postai_core::Instant;
+use std::collections::BTreeMap;
+
 use postai_core::invalidation::CdcEvent;
+use postai_core::{Instant, Lsn};
 
 /// Events before the first one every consumer has passed are dropped in
 /// chunks of this many (a drain moves what is left).
@@ -120,6 +122,48 @@ impl CdcLink {
     }
 }
 
+/// The events a pool's link delivered, put back in the primary's order as a
+/// replication slot gives them (once each, no gap): an event waits until the
+/// one it follows (`prev_lsn`) was released; one already released (a
+/// duplicate) is dropped.
+#[derive(Debug, Default)]
+pub struct InOrder {
+    /// The last commit released.
+    last: Lsn,
+    /// Events that arrived before the one they follow, by (prev_lsn, lsn).
+    held: BTreeMap<(Lsn, Lsn), CdcEvent>,
+}
+
+impl InOrder {
+    /// `event` arrived: the events now in order, appended to `out`.
+    pub fn push(&mut self, event: &CdcEvent, out: &mut Vec<CdcEvent>) {
+        let (prev, lsn) = (event.prev_lsn, event.change.lsn);
+        if lsn < self.last || (lsn == self.last && prev < self.last) {
+            return;
+        }
+        if prev != self.last {
+            self.held.insert((prev, lsn), event.clone());
+            return;
+        }
+        self.release(event.clone(), out);
+        while let Some((&key, _)) = self.held.range((self.last, Lsn(0))..).next() {
+            if key.0 != self.last {
+                break;
+            }
+            if let Some(e) = self.held.remove(&key) {
+                self.release(e, out);
+            }
+        }
+        // what the released ones passed can never be released
+        self.held.retain(|&(p, _), _| p >= self.last);
+    }
+
+    fn release(&mut self, event: CdcEvent, out: &mut Vec<CdcEvent>) {
+        self.last = self.last.max(event.change.lsn);
+        out.push(event);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,5 +247,34 @@ mod tests {
         seen.sort_unstable();
         seen.dedup();
         assert_eq!(seen, (1..=20_001).collect::<Vec<_>>(), "every event arrived");
+    }
+
+    #[test]
+    fn duplicated_and_reordered_events_come_out_in_order_once() {
+        let mut rng = postai_core::rng::Rng::new(9);
+        let mut link = CdcLink::new();
+        let mut order = InOrder::default();
+        let mut out = Vec::new();
+        let keepalive =
+            |lsn: u64| CdcEvent { prev_lsn: Lsn(lsn), change: Change { lsn: Lsn(lsn), targets: Vec::new() } };
+        for lsn in 1..=5_000u64 {
+            let now = at(lsn);
+            link.send(now, now, ev(lsn), rng.unit_f64() < 0.3, rng.unit_f64() < 0.2);
+            if lsn % 7 == 0 {
+                link.send(now, now, keepalive(lsn), rng.unit_f64() < 0.3, rng.unit_f64() < 0.2);
+            }
+            while let Some(e) = link.next_arrived(now) {
+                order.push(e, &mut out);
+                link.mark_applied();
+            }
+        }
+        link.send(at(9_000), at(9_000), keepalive(5_000), false, false);
+        while let Some(e) = link.next_arrived(at(9_000)) {
+            order.push(e, &mut out);
+            link.mark_applied();
+        }
+        let commits: Vec<u64> = out.iter().filter(|e| e.prev_lsn != e.change.lsn).map(|e| e.change.lsn.0).collect();
+        assert_eq!(commits, (1..=5_000).collect::<Vec<_>>(), "every commit once, in order");
+        assert!(out.windows(2).all(|w| w[1].prev_lsn == w[0].change.lsn), "each follows the one before");
     }
 }

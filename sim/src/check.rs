@@ -92,6 +92,12 @@ pub struct Checker {
     pub lost_acked: Vec<LostWrite>,
     /// Writes a pool cut off from the primary relayed through another pool.
     pub relayed_writes: u64,
+    /// Sites' subscriptions opened again after a break: continued where
+    /// they broke off (`C`), or started over (what the site held dropped).
+    pub streams_resumed: u64,
+    pub streams_started_over: u64,
+    /// Resets a site received (a new slot: what it held dropped).
+    pub streams_new_history: u64,
     pub l3_lookups: u64,
     pub l3_hits: u64,
     pub upstream_reads: u64,

@@ -58,6 +58,11 @@ pub fn table(r: &Report) -> String {
         r.failovers,
         if r.failover_to.is_empty() { String::new() } else { format!(" (to {})", r.failover_to.join(", ")) }
     );
+    let _ = writeln!(
+        s,
+        "  sites' change streams after a break: {} continued where they broke off, {} started over; resets from a new slot: {} (each drops the site's cache)",
+        r.streams_resumed, r.streams_started_over, r.streams_new_history
+    );
     if r.ryw_lost_writes + r.limbo_reads + r.relayed_writes + r.cdc_gaps_skipped + r.cdc_gaps_open as u64 > 0 {
         let _ = writeln!(
             s,

@@ -97,6 +97,12 @@ pub struct Report {
     pub limbo_reads: u64,
     /// Writes a pool cut off from the primary relayed through another.
     pub relayed_writes: u64,
+    /// Sites' change-stream subscriptions opened again after a break that
+    /// continued where they broke off, or started over (caches dropped);
+    /// resets received from a pool's new slot (caches dropped).
+    pub streams_resumed: u64,
+    pub streams_started_over: u64,
+    pub streams_new_history: u64,
     pub residency_violations: u64,
     pub acked_writes_lost: u64,
     /// The window of acknowledged data lost: from the oldest lost
@@ -591,6 +597,9 @@ fn build_report(w: &World) -> Report {
         ryw_lost_writes: c.ryw_lost_writes,
         limbo_reads: c.limbo_reads,
         relayed_writes: c.relayed_writes,
+        streams_resumed: c.streams_resumed,
+        streams_started_over: c.streams_started_over,
+        streams_new_history: c.streams_new_history,
         residency_violations: c.residency_violations,
         acked_writes_lost: lost,
         rpo_ms: r3(rpo_ms),

@@ -24,9 +24,11 @@ use postai_core::{Duration, Instant, Lsn};
 
 mod control;
 mod faults;
+mod stream;
 mod upstream;
 mod warm;
 
+use stream::{RegionStream, SiteStream};
 use warm::{warm_start, zipf_cdf};
 
 pub use upstream::upstream;
@@ -96,8 +98,8 @@ pub struct Site {
     /// Over the three regions (endpoint id = region index).
     regions: Router,
     region_oneway_ms: [f64; 3],
-    /// CDC events delivered from the home region's log up to here.
-    cdc_cursor: usize,
+    /// Its subscription to the home region's stream (`world/stream.rs`).
+    stream: SiteStream,
     home: usize,
     pub rate_share: f64,
 }
@@ -121,6 +123,8 @@ pub struct Region {
     last_cdc: Instant,
     /// The change stream as it reaches this region.
     cdc: CdcLink,
+    /// Its slot read, its history, what it published (`world/stream.rs`).
+    stream: RegionStream,
 }
 
 /// One in-flight client request.
@@ -302,6 +306,7 @@ impl World {
                     refresh: RefreshIndex::new(sc.tiers.l3_entries * 2),
                     last_cdc: Instant::ZERO,
                     cdc: CdcLink::new(),
+                    stream: RegionStream::new(),
                 }
             })
             .collect();
@@ -363,7 +368,7 @@ impl World {
                 sessions,
                 regions: regions_router,
                 region_oneway_ms,
-                cdc_cursor: 0,
+                stream: SiteStream::default(),
                 home,
                 rate_share: 1.0,
             });
@@ -382,6 +387,10 @@ impl World {
             EndpointId(0),
             &(1..db.nodes.len() as u32).map(EndpointId).collect::<Vec<_>>(),
         );
+        for site in &mut sites {
+            let pool = &regions[site.home].stream;
+            site.subscribe_at_start(pool, 0);
+        }
         let mut world_rng = rng;
         if sc.warm_start_s > 0 {
             warm_start(&sc, &mut sites, &cdf, &mut world_rng);
@@ -698,60 +707,6 @@ impl World {
             let overtaken = reorder > 0.0 && self.rng.unit_f64() < reorder;
             let twice = dup > 0.0 && self.rng.unit_f64() < dup;
             self.regions[r].cdc.send(live, arrival, event.clone(), overtaken, twice);
-        }
-    }
-
-    /// Delivers arrived CDC events to regions and their sites.
-    pub fn pump_cdc(&mut self) {
-        let now = self.now();
-        let mode = self.mode;
-        let entry_bytes = self.sc.tiers.entry_bytes;
-        for r in 0..self.regions.len() {
-            let region_up = self.regions[r].up;
-            {
-                let reg = &mut self.regions[r];
-                while region_up && let Some(ev) = reg.cdc.next_arrived(now) {
-                    reg.versions.apply_cdc(ev);
-                    // as fresh as the event (late after a stall: older news)
-                    reg.last_cdc = reg.last_cdc.max(reg.cdc.live(reg.cdc.applied()).min(now));
-                    if mode == InvalidationMode::Refresh {
-                        reg.refresh.apply(ev, &mut [&mut reg.l3], &mut |_, _, _, lsn| Some((Val { lsn }, entry_bytes)));
-                    }
-                    reg.cdc.mark_applied();
-                }
-            }
-            let applied = self.regions[r].cdc.applied();
-            let mut min_cursor = applied;
-            for s in 0..self.sites.len() {
-                if self.sites[s].home != r {
-                    continue;
-                }
-                let delay = Duration::from_secs_f64(self.sites[s].region_oneway_ms[r] / 1e3);
-                let site = &mut self.sites[s];
-                let cdc = &self.regions[r].cdc;
-                let from = site.cdc_cursor;
-                // a pool that is down forwards nothing (not even what it
-                // applied before it went down: that backlog would reset the
-                // sites' silence clock with news seconds old)
-                if region_up && !self.regions[r].edge_partitioned {
-                    // arrivals are non-decreasing: the due events are a prefix
-                    while site.cdc_cursor < applied && cdc.arrival(site.cdc_cursor) + delay <= now {
-                        site.cdc_cursor += 1;
-                    }
-                }
-                let due = cdc.events(from, site.cdc_cursor);
-                // the site hears the stream as fresh as the freshest event it
-                // gets: when that event would have reached it live. A backlog
-                // (a pool that reconnects a site while its own stream is
-                // stalled, the first of two overlapping stalls ending) is
-                // news seconds old and must not restart the site's silence
-                // clock as its receipt would (seen in the swarm: reads 8.9 s
-                // and 3.4 s stale)
-                let heard = cdc.freshest(from, site.cdc_cursor).map_or(now, |live| (live + delay).min(now));
-                site.node.handle_cdc_batch(heard, due, &mut |_, _, _, lsn| Some((Val { lsn }, entry_bytes)));
-                min_cursor = min_cursor.min(site.cdc_cursor);
-            }
-            self.regions[r].cdc.trim(min_cursor);
         }
     }
 }

@@ -174,18 +174,22 @@ fn asynchronous_rpo_is_the_window_of_data_lost() {
         "[workload]\nrate_qps = 4000.0\nwrite_ratio = 0.2\nkeys = 300\nbypass_write_qps = 100.0\n\
          [db]\nreplication = \"async\"\n[[faults]]\nkind = \"primary-crash\"\nat_s = 8.0\n",
     );
-    for seed in [1, 2] {
+    // (a session reading back its own lost write is rare: a few reads a
+    // run, none in some seeds; counted over four)
+    let mut own_lost_reads = 0;
+    for seed in [1, 2, 3, 4] {
         let r = run(&text, seed);
         assert!(r.acked_writes_lost > 0, "seed {seed}: the run loses writes");
         assert!(r.rpo_ms > 0.0 && r.rpo_ms < 100.0, "seed {seed}: RPO {} ms", r.rpo_ms);
         let rpo = row(&r, "RPO (window of acknowledged data lost, async)").expect("an RPO row");
         assert!(rpo.pass && !rpo.safety, "{rpo:?}");
-        // a session's own lost write, not shown by the new history whatever
-        // its LSNs: counted with the loss, not as a read-your-writes bug
-        assert!(r.ryw_lost_writes > 0, "seed {seed}: reads missing a lost own write");
+        own_lost_reads += r.ryw_lost_writes;
         assert_eq!(r.ryw_violations, 0, "seed {seed}");
         assert!(r.safe(), "seed {seed}: {:?}", r.rows);
     }
+    // a session's own lost write, not shown by the new history whatever
+    // its LSNs: counted with the loss, not as a read-your-writes bug
+    assert!(own_lost_reads > 0, "reads missing a lost own write");
 }
 
 /// Part 3. A second primary crash 6 s after the first, while the standby is

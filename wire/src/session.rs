@@ -157,11 +157,6 @@ impl Session {
         self.unsynced
     }
 
-    /// Extended-protocol messages went (or go now) upstream without a Sync.
-    pub fn sent_unsynced(&mut self) {
-        self.unsynced = true;
-    }
-
     /// The client's Parse `m`: `analyse` gives the core's view of its text.
     /// After an error the server skips it until Sync: nothing is prepared.
     /// Returns the statement as analysed, if it is one.
@@ -369,18 +364,17 @@ impl Session {
                 (self.unsynced, self.errored) = (false, false);
                 self.parsed.clear();
                 self.described.clear();
+                // (replaced, not added to: one batch's worth at most)
                 let parsed = std::mem::take(&mut self.batch_server_parses);
-                if !std::mem::take(&mut self.batch_failed) {
-                    self.learned.extend(parsed);
-                }
+                self.learned = if std::mem::take(&mut self.batch_failed) { Vec::new() } else { parsed };
             }
             _ => {}
         }
         false
     }
 
-    /// Server-side statements prepared without error since the last call
-    /// (pooling: the pool learns them).
+    /// Server-side statements the batch that just ended (its ReadyForQuery)
+    /// prepared without error (pooling: the pool learns them).
     pub fn take_learned(&mut self) -> Vec<String> {
         std::mem::take(&mut self.learned)
     }

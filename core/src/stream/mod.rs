@@ -12,12 +12,15 @@
 //! - [`subscriber::Subscriber`]: an edge following a regional proxy's stream,
 //!   resuming where it left off when the regional kept every row since.
 //! - [`history::History`]: the rows a regional proxy keeps for resumes.
+//! - [`publisher`]: the regional's lines, opening a subscription and carrying
+//!   each feed.
 //! - [`visibility::Visibility`]: the WAL position below which every commit
 //!   is visible (what a fill may be dated with).
 //! - [`Line`]: the subscription protocol's lines (`R`, `K`, `X`, `C`, `O`).
 
 pub mod decoding;
 pub mod history;
+pub mod publisher;
 pub mod reader;
 pub mod subscriber;
 pub mod visibility;

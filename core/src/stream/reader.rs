@@ -215,7 +215,7 @@ impl SlotReader {
                         batch.max_commit = batch.max_commit.max(Some(commit.lsn));
                         batch.through = batch.through.max(Some(commit.lsn));
                         if !commit.targets.is_empty() {
-                            batch.changes.push(commit);
+                            batch.changes.push(commit.clone());
                         }
                     }
                 }
@@ -254,21 +254,23 @@ pub(crate) fn keepalive(last: Lsn) -> CdcEvent {
 
 /// One record of a transaction applied: at a COMMIT, its event is pushed
 /// and its change returned (its targets may be empty).
-pub(crate) fn apply(
+pub(crate) fn apply<'e>(
     record: Record,
     pending: &mut Vec<ChangeTarget>,
     last: &mut Lsn,
-    events: &mut Vec<CdcEvent>,
-) -> Option<Change> {
+    events: &'e mut Vec<CdcEvent>,
+) -> Option<&'e Change> {
     match record {
         Record::Begin => pending.clear(),
+        // (the first change of a transaction moved, not copied)
+        Record::Change(targets) if pending.is_empty() => *pending = targets,
         Record::Change(targets) => pending.extend(targets),
         Record::Commit(at) => {
             let lsn = at.unwrap_or(*last);
             let change = Change { lsn, targets: std::mem::take(pending) };
-            events.push(CdcEvent { prev_lsn: *last, change: change.clone() });
+            events.push(CdcEvent { prev_lsn: *last, change });
             *last = (*last).max(lsn);
-            return Some(change);
+            return events.last().map(|e| &e.change);
         }
         Record::Barrier(_) | Record::Other => {}
     }

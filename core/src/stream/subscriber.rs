@@ -33,6 +33,8 @@ pub struct Subscriber {
     origin: Option<String>,
     /// The history this connection's stream announced.
     announced: Option<String>,
+    /// Nothing to persist: `Step::changes` stays empty.
+    skip_changes: bool,
 }
 
 /// One line's outcome: apply `events` in order, under one hold of the
@@ -62,6 +64,12 @@ impl Step {
 impl Subscriber {
     pub fn new() -> Self {
         Subscriber::default()
+    }
+
+    /// A subscriber for a driver with nothing to persist (no L2 file): its
+    /// steps carry no `changes`.
+    pub fn without_changes() -> Self {
+        Subscriber { skip_changes: true, ..Subscriber::default() }
     }
 
     /// The last commit applied.
@@ -116,13 +124,23 @@ impl Subscriber {
     /// One line; `decode` reads a row against the current catalog.
     pub fn handle_line(&mut self, line: Line, decode: &mut dyn FnMut(&str, &str) -> Record) -> Step {
         let mut step = Step::default();
+        self.handle_line_into(line, decode, &mut step);
+        step
+    }
+
+    /// [`Subscriber::handle_line`] for a driver that handles several lines
+    /// at once: their outcome added to `step` (events in order; a new
+    /// history anywhere among them drops everything held once they are
+    /// applied, which is the same as at its line when nothing is filed in
+    /// between).
+    pub fn handle_line_into(&mut self, line: Line, decode: &mut dyn FnMut(&str, &str) -> Record, step: &mut Step) {
         match line {
             Line::Origin(origin) => self.announced = Some(origin.to_string()),
             Line::Continue(from) if !self.same_history() => {
                 // a position of another history (a timeline a failover
                 // ended): what is held reflects commits that may be lost,
                 // and misses some of this history's
-                self.forget_before(from, &mut step);
+                self.forget_before(from, step);
                 step.new_history = true;
                 self.open();
                 self.replay = Some(Vec::new());
@@ -137,18 +155,18 @@ impl Subscriber {
             }
             Line::Reset(start) => {
                 // a new slot on the regional proxy: commits before it may never come
-                self.forget_before(start, &mut step);
+                self.forget_before(start, step);
                 step.new_history = true;
                 self.origin.clone_from(&self.announced);
             }
             Line::Keepalive(current) => {
                 for (lsn, data) in self.replay.take().unwrap_or_default() {
-                    self.apply(decode(&lsn, &data), &mut step);
+                    self.apply(decode(&lsn, &data), step);
                 }
                 if !self.opened {
                     // everything cached before is of unknown freshness (the file's too)
-                    self.forget_before(current, &mut step);
-                    step.new_history = !self.same_history();
+                    self.forget_before(current, step);
+                    step.new_history |= !self.same_history();
                     self.open();
                 }
                 step.events.push(keepalive(self.last));
@@ -157,10 +175,9 @@ impl Subscriber {
             Line::Row { lsn, data } => match (self.opened, self.replay.as_mut()) {
                 (false, _) => {}
                 (true, Some(rows)) => rows.push((lsn.to_string(), data.to_string())),
-                (true, None) => self.apply(decode(lsn, data), &mut step),
+                (true, None) => self.apply(decode(lsn, data), step),
             },
         }
-        step
     }
 
     /// Everything before `at` (or `last`, if later) is of unknown freshness:
@@ -182,7 +199,9 @@ impl Subscriber {
 
     fn apply(&mut self, record: Record, step: &mut Step) {
         let commit = apply(record, &mut self.pending, &mut self.last, &mut step.events);
-        step.changes.extend(commit.filter(|c| !c.targets.is_empty()));
+        if !self.skip_changes {
+            step.changes.extend(commit.filter(|c| !c.targets.is_empty()).cloned());
+        }
     }
 }
 

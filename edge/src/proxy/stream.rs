@@ -2,27 +2,11 @@
 //! edges behind it.
 
 use super::*;
-use postai_core::stream::Line;
+use postai_core::stream::{Line, publisher};
 
-/// Streamed rows as subscription lines (CopyData).
-pub(super) fn row_lines<'a>(out: &mut BytesMut, rows: impl IntoIterator<Item = &'a (String, String)>) {
-    for (lsn, data) in rows {
-        frame_into(out, b'd', Line::Row { lsn, data }.to_text().as_bytes());
-    }
-}
-
-/// One feed as subscription lines.
-pub(super) fn feed_lines(out: &mut BytesMut, feed: &crate::cdc::Feed, last_applied: u64) {
-    if let Some(start) = feed.reset {
-        if let Some(o) = &feed.origin {
-            frame_into(out, b'd', Line::Origin(o).to_text().as_bytes());
-        }
-        frame_into(out, b'd', Line::Reset(start).to_text().as_bytes());
-        return;
-    }
-    row_lines(out, &feed.rows);
-    let current = feed.current.unwrap_or(0).max(last_applied);
-    frame_into(out, b'd', Line::Keepalive(Lsn(current)).to_text().as_bytes());
+/// A subscription line as CopyData.
+fn line_into(out: &mut BytesMut, line: Line<'_>) {
+    frame_into(out, b'd', line.to_text().as_bytes());
 }
 
 /// `POSTAI SUBSCRIBE [FROM 'lsn']`: `None` for another statement; the FROM
@@ -73,40 +57,20 @@ impl Client {
             self.refuse("42501", e).await?;
             return Ok(());
         }
-        // listening and the snapshot under the history's lock: no feed missed or sent twice
-        let (mut rx, kept, origin) = {
-            let history = self.proxy.cdc_history.lock().unwrap_or_else(|p| p.into_inner());
-            let regional = self.proxy.config.role == crate::config::Role::Regional;
-            let kept = from.filter(|_| regional).and_then(|f| history.since(f));
-            (self.proxy.cdc_feed.subscribe(), kept, history.origin().map(str::to_string))
-        };
+        // listening and the opening under the history's lock: no feed missed or sent twice
         let mut out = BytesMut::with_capacity(4096);
         frame_into(&mut out, b'H', &[0, 0, 1, 0, 0]);
-        // the history the positions that follow are on: the subscriber
-        // continues its own only on the same one
-        if let Some(o) = &origin {
-            frame_into(&mut out, b'd', Line::Origin(o).to_text().as_bytes());
-        }
-        match (from, kept) {
-            (Some(from), Some(kept)) => {
-                // the rows kept since, then one keepalive: the subscriber applies them at once
-                frame_into(&mut out, b'd', Line::Continue(from).to_text().as_bytes());
-                row_lines(&mut out, kept.iter().flat_map(|f| &f.rows));
-                let current = kept.iter().filter_map(|f| f.current).max().unwrap_or(0);
-                let current = current.max(self.proxy.cdc_last.load(Ordering::Relaxed));
-                frame_into(&mut out, b'd', Line::Keepalive(Lsn(current)).to_text().as_bytes());
-            }
-            _ => {
-                // where this proxy's stream stands: every commit up to it was
-                // published (a position on the slot's timeline, safe to continue from)
-                let start = self.proxy.cdc_last.load(Ordering::Relaxed);
-                if start == 0 {
-                    let e = "postai-edge: the CDC stream of this proxy is not open yet; subscribe again";
-                    self.refuse("55000", e).await?;
-                    return Ok(());
-                }
-                frame_into(&mut out, b'd', Line::Keepalive(Lsn(start)).to_text().as_bytes());
-            }
+        let (mut rx, opened) = {
+            let history = self.proxy.cdc_history.lock().unwrap_or_else(|p| p.into_inner());
+            // only a regional keeps a history to continue from
+            let regional = self.proxy.config.role == crate::config::Role::Regional;
+            let last = Some(Lsn(self.proxy.cdc_last.load(Ordering::Relaxed))).filter(|l| l.0 > 0);
+            let opened = publisher::opening(&history, from.filter(|_| regional), last, &mut |l| line_into(&mut out, l));
+            (self.proxy.cdc_feed.subscribe(), opened)
+        };
+        if let Err(e) = opened {
+            self.refuse("55000", &format!("postai-edge: {e}")).await?;
+            return Ok(());
         }
         self.wr.write_all(&out).await?;
         let mut probe = [0u8; 1];
@@ -135,7 +99,8 @@ impl Client {
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
             };
             out.clear();
-            feed_lines(&mut out, &feed, self.proxy.cdc_last.load(Ordering::Relaxed));
+            let last = self.proxy.cdc_last.load(Ordering::Relaxed);
+            publisher::feed_lines(&feed, last, &mut |l| line_into(&mut out, l));
             self.wr.write_all(&out).await?;
         }
     }

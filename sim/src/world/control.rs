@@ -81,6 +81,8 @@ impl World {
         let lost = self.db.promote(node, epoch, now);
         self.checker.lose(&lost, failure, now);
         self.controller.handle_promoted(now, EndpointId(node as u32), epoch);
+        // the pools' slots on the new primary are new
+        self.new_slots();
         // route changes are drained on the next control tick
     }
 

@@ -51,6 +51,9 @@ impl World {
                 self.regions[r].up = !begin;
                 if begin {
                     self.regions[r].l3.clear();
+                } else {
+                    // the pool's process starts again: a new history on its slot
+                    self.restart_pool(r);
                 }
                 Some(*duration_s)
             }
