@@ -85,6 +85,13 @@ impl CdcLink {
         self.log.get(self.applied - self.base).filter(|s| s.arrival <= now).map(|s| &s.event)
     }
 
+    /// The slot these events come from was dropped: whatever it held that
+    /// the pool has not read (arrived or not) is gone.
+    pub fn drop_unread(&mut self) {
+        self.held = None;
+        self.applied = self.base + self.log.len();
+    }
+
     /// The pool applied the event [`Self::next_arrived`] returned.
     pub fn mark_applied(&mut self) {
         debug_assert!(self.applied - self.base < self.log.len());
@@ -156,6 +163,12 @@ impl InOrder {
         }
         // what the released ones passed can never be released
         self.held.retain(|&(p, _), _| p >= self.last);
+    }
+
+    /// A new slot: the stream goes on after `lsn` (what came before is gone).
+    pub fn restart_at(&mut self, lsn: Lsn) {
+        self.last = lsn;
+        self.held.clear();
     }
 
     fn release(&mut self, event: CdcEvent, out: &mut Vec<CdcEvent>) {

@@ -243,14 +243,59 @@ impl Default for Network {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, tag = "kind", rename_all = "kebab-case")]
 pub enum Fault {
-    PrimaryCrash { at_s: f64, restart_after_s: Option<f64> },
-    ReplicaCrash { at_s: f64, region: String, restart_after_s: Option<f64> },
-    RegionalOutage { at_s: f64, region: String, duration_s: f64 },
-    TierLoss { at_s: f64, tier: String, region: Option<String> },
-    EdgePartition { at_s: f64, region: String, duration_s: f64 },
-    PrimaryPartition { at_s: f64, region: String, duration_s: f64 },
-    SlowLink { at_s: f64, region: String, extra_ms: f64, duration_s: f64 },
-    CdcStall { at_s: f64, duration_s: f64 },
+    PrimaryCrash {
+        at_s: f64,
+        restart_after_s: Option<f64>,
+    },
+    ReplicaCrash {
+        at_s: f64,
+        region: String,
+        restart_after_s: Option<f64>,
+    },
+    RegionalOutage {
+        at_s: f64,
+        region: String,
+        duration_s: f64,
+    },
+    TierLoss {
+        at_s: f64,
+        tier: String,
+        region: Option<String>,
+    },
+    EdgePartition {
+        at_s: f64,
+        region: String,
+        duration_s: f64,
+    },
+    PrimaryPartition {
+        at_s: f64,
+        region: String,
+        duration_s: f64,
+    },
+    SlowLink {
+        at_s: f64,
+        region: String,
+        extra_ms: f64,
+        duration_s: f64,
+    },
+    CdcStall {
+        at_s: f64,
+        duration_s: f64,
+    },
+    /// The region's pool finds its slot gone (dropped by an operator, or
+    /// invalidated by `max_slot_wal_keep_size`) and creates a new one: what
+    /// the old one held unread is lost; its sites drop what they hold.
+    SlotDrop {
+        at_s: f64,
+        region: String,
+    },
+    /// Every site of the region restarts: its L1 is lost, its L2 is read
+    /// back from its file and its subscription continues from the file's
+    /// position when the pool's history has every row since.
+    EdgeRestart {
+        at_s: f64,
+        region: String,
+    },
 }
 
 impl Fault {
@@ -263,7 +308,9 @@ impl Fault {
             | Fault::EdgePartition { at_s, .. }
             | Fault::PrimaryPartition { at_s, .. }
             | Fault::SlowLink { at_s, .. }
-            | Fault::CdcStall { at_s, .. } => *at_s,
+            | Fault::CdcStall { at_s, .. }
+            | Fault::SlotDrop { at_s, .. }
+            | Fault::EdgeRestart { at_s, .. } => *at_s,
         }
     }
     pub fn label(&self) -> String {
@@ -276,6 +323,8 @@ impl Fault {
             Fault::PrimaryPartition { region, .. } => format!("primary-partition {region}"),
             Fault::SlowLink { region, .. } => format!("slow-link {region}"),
             Fault::CdcStall { .. } => "cdc-stall".into(),
+            Fault::SlotDrop { region, .. } => format!("slot-drop {region}"),
+            Fault::EdgeRestart { region, .. } => format!("edge-restart {region}"),
         }
     }
 }
@@ -336,7 +385,7 @@ fn scale_fault(f: &mut Fault, k: f64) {
             *at_s *= k;
             *duration_s *= k;
         }
-        Fault::TierLoss { at_s, .. } => *at_s *= k,
+        Fault::TierLoss { at_s, .. } | Fault::SlotDrop { at_s, .. } | Fault::EdgeRestart { at_s, .. } => *at_s *= k,
     }
 }
 
@@ -524,7 +573,9 @@ impl Scenario {
                 | Fault::RegionalOutage { region, .. }
                 | Fault::EdgePartition { region, .. }
                 | Fault::PrimaryPartition { region, .. }
-                | Fault::SlowLink { region, .. } => Some(region.as_str()),
+                | Fault::SlowLink { region, .. }
+                | Fault::SlotDrop { region, .. }
+                | Fault::EdgeRestart { region, .. } => Some(region.as_str()),
                 Fault::TierLoss { region, tier, .. } => {
                     if !matches!(tier.as_str(), "L1" | "L2" | "L3") {
                         return Err(format!("tier-loss tier {tier:?} is not L1, L2 or L3"));

@@ -45,7 +45,25 @@ pub fn draw(base: &Scenario) -> Scenario {
     }
     sc.faults = faults;
     draw_more(&mut sc, &mut Rng::new(base.seed ^ 0x5157_4152_4d01));
+    draw_stream_faults(&mut sc, &mut Rng::new(base.seed ^ 0x5157_4152_4d03));
     sc
+}
+
+/// The change stream's own failures, from a third stream (the worlds drawn
+/// before stay): a pool's slot dropped, a region's sites restarted from
+/// their L2 files; one in four runs each.
+fn draw_stream_faults(sc: &mut Scenario, rng: &mut Rng) {
+    let duration = sc.duration_s as f64;
+    let at = |rng: &mut Rng| (sc.warmup_s as f64 * 0.5 + rng.unit_f64() * duration * 0.6).min(duration - 1.0);
+    let regions = ["EU", "US", "APAC"];
+    if rng.below(4) == 0 {
+        let region = regions[rng.below(3) as usize].to_string();
+        sc.faults.push(Fault::SlotDrop { at_s: at(rng), region });
+    }
+    if rng.below(4) == 0 {
+        let region = regions[rng.below(3) as usize].to_string();
+        sc.faults.push(Fault::EdgeRestart { at_s: at(rng), region });
+    }
 }
 
 /// Cases drawn on purpose, from a second stream so that the draws above

@@ -46,6 +46,16 @@ region = "US"
 duration_s = 0.5
 
 [[faults]]
+kind = "slot-drop"
+at_s = 2.1
+region = "US"
+
+[[faults]]
+kind = "edge-restart"
+at_s = 2.3
+region = "APAC"
+
+[[faults]]
 kind = "tier-loss"
 at_s = 2.0
 tier = "L2"

@@ -104,6 +104,18 @@ impl World {
                 }
                 None
             }
+            Fault::SlotDrop { region, .. } => {
+                if begin {
+                    self.slot_dropped(region_of(region));
+                }
+                None
+            }
+            Fault::EdgeRestart { region, .. } => {
+                if begin {
+                    self.sites_restart(region_of(region));
+                }
+                None
+            }
         }
     }
 
@@ -178,6 +190,10 @@ impl World {
                 (region.as_deref().and_then(zone).map_or(Scope::Reads, Scope::Zone), Some(t.rto_cache_ms))
             }
             Fault::CdcStall { .. } => (Scope::Reads, Some(t.rto_cache_ms)),
+            // the region's sites drop what they held (a slot drop), or their L1
+            Fault::SlotDrop { region, .. } | Fault::EdgeRestart { region, .. } => {
+                (zone(region).map_or(Scope::Reads, Scope::Zone), Some(t.rto_cache_ms))
+            }
         }
     }
 }

@@ -31,6 +31,10 @@ pub struct RegionStream {
     /// Which start of the pool's process this is: a restart ends every
     /// subscription (their connections close with the process).
     incarnation: u64,
+    /// The reader read its slot since this process started: the stream has
+    /// a position to open subscriptions at (before, they are refused, as
+    /// the proxy refuses them while its `cdc_last` is 0).
+    open: bool,
 }
 
 #[derive(Debug)]
@@ -50,12 +54,15 @@ pub struct SiteStream {
     next: Option<usize>,
     /// The pool process the open subscription is to.
     incarnation: u64,
+    /// After a restart: the L2 file's position and history, for the first
+    /// subscription.
+    file: Option<(Lsn, Option<String>)>,
 }
 
 impl Default for SiteStream {
     fn default() -> Self {
         // (the simulated sites persist nothing: no L2 file)
-        SiteStream { sub: Subscriber::without_changes(), next: None, incarnation: 0 }
+        SiteStream { sub: Subscriber::without_changes(), next: None, incarnation: 0, file: None }
     }
 }
 
@@ -70,6 +77,7 @@ impl RegionStream {
     pub fn new() -> Self {
         let mut s = RegionStream::restarted(Lsn(0), 0);
         s.reader.handle_records(std::iter::empty());
+        s.open = true;
         s
     }
 
@@ -86,7 +94,15 @@ impl RegionStream {
         // an existing slot, not replaced: nothing to invalidate
         let opened = reader.opened();
         debug_assert!(opened.is_empty());
-        RegionStream { reader, history, order: InOrder::default(), published: VecDeque::new(), base: 0, incarnation: 0 }
+        RegionStream {
+            reader,
+            history,
+            order: InOrder::default(),
+            published: VecDeque::new(),
+            base: 0,
+            incarnation: 0,
+            open: false,
+        }
     }
 
     fn end(&self) -> usize {
@@ -95,7 +111,7 @@ impl RegionStream {
 
     /// Where the pool's stream stands, once it opened.
     fn last_applied(&self) -> Option<Lsn> {
-        Some(self.reader.last())
+        self.open.then(|| self.reader.last())
     }
 
     fn publish(&mut self, feed: Feed, now: Instant, live: Instant) {
@@ -204,6 +220,7 @@ impl World {
             }
         }
         let batch = reg.stream.reader.handle_records(records);
+        reg.stream.open = true;
         for ev in &batch.events {
             reg.versions.apply_cdc(ev);
             if mode == InvalidationMode::Refresh {
@@ -242,13 +259,14 @@ impl World {
         let stream = &mut site.stream;
         let mut decode = decode_row;
         if stream.next.is_none() {
-            let from = stream.sub.connect(None);
+            let from = stream.sub.connect(stream.file.clone());
             let (history, last) = (&reg.stream.history, reg.stream.last_applied());
             let mut handle = |line: Line<'_>| stream.sub.handle_line_into(line, &mut decode, &mut step);
             if publisher::opening(history, from, last, &mut handle).is_err() {
                 return;
             }
             stream.next = Some(reg.stream.end());
+            stream.file = None;
             heard = Some(reg.last_cdc);
             self.checker.streams_resumed += u64::from(step.resumed);
             self.checker.streams_started_over += u64::from(!step.resumed);
@@ -304,6 +322,41 @@ impl World {
                 reg.versions.apply_cdc(&ev);
             }
             reg.l3.clear();
+        }
+    }
+}
+
+impl World {
+    /// Region `r`'s pool finds its slot gone and creates a new one at the
+    /// primary's position: what the old slot held unread is lost, a reset
+    /// goes to its sites (they drop what they hold), its own version map
+    /// and L3 are invalidated before it.
+    pub(super) fn slot_dropped(&mut self, r: usize) {
+        let now = self.now();
+        let start = self.last_cdc_lsn;
+        let reg = &mut self.regions[r];
+        reg.cdc.drop_unread();
+        reg.stream.order.restart_at(start);
+        let opening = reg.stream.reader.open(Slot::Created(start));
+        let reset =
+            Feed { reset: opening.reset, origin: reg.stream.history.origin().map(str::to_string), ..Feed::default() };
+        let live = reg.last_cdc;
+        reg.stream.publish(reset, now, live);
+        for ev in reg.stream.reader.opened() {
+            reg.versions.apply_cdc(&ev);
+        }
+        reg.l3.clear();
+    }
+
+    /// Every site of region `r` restarts: its L1 is lost; its L2 comes back
+    /// from its file, whose position is the last commit the site applied, on
+    /// the history it was on; its subscription opens again from there.
+    pub(super) fn sites_restart(&mut self, r: usize) {
+        for site in self.sites.iter_mut().filter(|s| s.home == r) {
+            let old = std::mem::take(&mut site.stream);
+            site.stream.file = Some((old.sub.last(), old.sub.announced().map(str::to_string)));
+            site.stream.incarnation = old.incarnation;
+            site.node.clear_tier(TierName::L1);
         }
     }
 }
