@@ -89,8 +89,8 @@ use postai_core::{Duration, Instant, Lsn};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
+use crate::Value;
 use crate::config::Config;
-use crate::proxy::Value;
 
 mod store;
 pub use postai_core::stream::fmt_lsn;

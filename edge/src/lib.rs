@@ -3,11 +3,11 @@
 //! byte for byte. Only this crate knows tokio.
 
 pub mod auth;
-pub mod cancel;
 pub mod catalog;
 pub mod cdc;
 pub mod config;
 pub mod frontend;
+pub mod health;
 pub mod l2;
 pub mod limits;
 pub mod metrics;
@@ -16,10 +16,14 @@ pub mod proxy;
 pub use postai_wire::protocol;
 pub mod reload;
 pub mod signals;
+pub mod tasks;
 pub mod tls;
 pub mod topology;
 pub mod upstream;
 pub mod visible;
 
 pub use config::Config;
+
+/// A cached result: the encoded backend messages, ReadyForQuery excluded.
+pub type Value = std::sync::Arc<[u8]>;
 pub use proxy::{EventLoops, Proxy, serve, serve_on};

@@ -9,12 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::Config;
-use crate::protocol::{self, Startup};
-use crate::proxy::Proxy;
 
 /// The proxy's bounds, shared by every connection. Their maxima can change
 /// at runtime (`POSTAI RELOAD`, SIGHUP).
@@ -24,14 +21,14 @@ pub struct Limits {
     /// Client connections, from accept to close.
     pub clients: Arc<Counter>,
     /// Over-limit clients being told so (a connection each, for a moment).
-    refusals: Arc<Counter>,
+    pub refusals: Arc<Counter>,
 }
 
 /// Refusals in progress at most; past it an over-limit client gets the
 /// error without its startup message being read.
 const REFUSALS_MAX: usize = 64;
 /// How long an over-limit client has to send its startup message.
-const REFUSAL_WAIT: Duration = Duration::from_secs(2);
+pub const REFUSAL_WAIT: Duration = Duration::from_secs(2);
 
 impl Limits {
     pub fn new(config: &Config) -> Limits {
@@ -151,50 +148,6 @@ pub fn no_room(budget: &Counter, what: &str) -> String {
         budget.max(),
         budget.used()
     )
-}
-
-/// A client past `max_client_conn`: it is told so (53300) after its startup
-/// message, as PostgreSQL does, and closed. SSLRequest and GSSENCRequest are
-/// answered 'N'; a CancelRequest is still forwarded (a full proxy must not
-/// stop cancels).
-pub async fn refuse_client(proxy: Arc<Proxy>, socket: TcpStream) {
-    let message =
-        format!("postai-edge: sorry, too many clients already (max_client_conn = {})", proxy.limits.clients.max());
-    let error = protocol::error_response("FATAL", "53300", &message);
-    let Some(_refusing) = proxy.limits.refusals.take(1) else {
-        // many at once: the error at once, nothing read
-        let _ = socket.try_write(&error);
-        return;
-    };
-    let mut socket = socket;
-    let mut buf = BytesMut::with_capacity(512);
-    let read = async {
-        loop {
-            match protocol::decode_startup(&mut buf, 10_000) {
-                Ok(Some(Startup::Ssl | Startup::GssEnc)) => socket.write_all(b"N").await?,
-                Ok(Some(Startup::Cancel { pid, key })) => return Ok(Some((pid, key))),
-                Ok(Some(Startup::Params(_))) | Err(_) => return Ok(None),
-                Ok(None) => {
-                    if socket.read_buf(&mut buf).await? == 0 {
-                        return Ok(None);
-                    }
-                }
-            }
-        }
-    };
-    let first: std::io::Result<Option<(i32, i32)>> = tokio::time::timeout(REFUSAL_WAIT, read).await.unwrap_or(Ok(None));
-    match first {
-        Ok(Some((pid, key))) => {
-            if let Err(e) = crate::cancel::forward(&proxy, pid, key).await {
-                eprintln!("postai-edge: cancel request: {e}");
-            }
-        }
-        Ok(None) => {
-            let _ = socket.write_all(&error).await;
-            let _ = socket.shutdown().await;
-        }
-        Err(_) => {}
-    }
 }
 
 /// The accepting loop's pause after a failed accept (EMFILE, ENFILE,

@@ -46,7 +46,8 @@ async fn run(config: postai_edge::Config, loops: usize) -> anyhow::Result<()> {
     let proxy = postai_edge::Proxy::new(config)?;
     let loops = postai_edge::EventLoops::start(&proxy, loops).context("event loop threads")?;
     proxy.spawn_tasks();
-    signals.reload_on_hangup(&proxy);
+    let reloading = proxy.clone();
+    signals.reload_on_hangup(move || reloading.reload());
     if let Some(addr) = proxy.start_metrics().await.context("metrics_listen")? {
         eprintln!("postai-edge: metrics on http://{addr}/metrics");
     }
@@ -65,7 +66,7 @@ async fn run(config: postai_edge::Config, loops: usize) -> anyhow::Result<()> {
          (up to {:?})",
         proxy.shutdown.timeout()
     );
-    match postai_edge::signals::drain(&proxy).await {
+    match proxy.drain().await {
         0 => eprintln!("postai-edge: every session ended"),
         left => eprintln!("postai-edge: {left} sessions still open after shutdown_timeout_ms: closing them"),
     }

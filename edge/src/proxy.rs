@@ -34,24 +34,27 @@ use postai_wire::{CacheableExec, Kept, Session};
 
 mod accept;
 mod admin;
+pub mod cancel;
+mod exporter;
 mod extended;
 mod input;
 mod pooled;
 mod replica;
 mod session;
+mod simple;
 mod state;
 mod stream;
 mod wire;
 
 pub use accept::{EventLoops, serve, serve_on};
+pub use cancel::CancelTarget;
 use replica::*;
 pub use state::Proxy;
 use stream::*;
 pub use wire::text_result;
 use wire::*;
 
-/// A cached result: the encoded backend messages, ReadyForQuery excluded.
-pub type Value = Arc<[u8]>;
+pub use crate::Value;
 
 struct Client {
     proxy: Arc<Proxy>,
@@ -105,9 +108,6 @@ enum Upstream {
         cancel: Arc<CancelTarget>,
     },
 }
-
-/// The server a pooled client's cancel request must reach: (addr, pid, key).
-pub type CancelTarget = Mutex<Option<(String, i32, i32)>>;
 
 /// Polls of CDC rows a subscriber may fall behind by before it is cut off
 /// (it then subscribes again, and invalidates what it held).
@@ -316,137 +316,6 @@ impl Client {
             self.proxy.saw_primary_lsn(self.primary_generation, l);
         }
         Ok(lsn)
-    }
-
-    async fn simple_query(&mut self, m: &Message) -> anyhow::Result<Path> {
-        let sql = match protocol::query_text(m) {
-            Ok(s) => s,
-            Err(e) => {
-                self.refuse("08P01", &e.to_string()).await?;
-                return Ok(Path::Proxy);
-            }
-        };
-        if self.proxy.config.cache.enabled && (!protocol::query_is_utf8(m) || self.wire.unsynced()) {
-            // text the analyzer cannot read as sent (another client
-            // encoding), or a query after extended-protocol messages not yet
-            // synced (the server's state is unknown): relayed, never cached,
-            // its effects unknown
-            self.hold_ready = true;
-            self.wire.answers.floor = Some(self.proxy.primary_answer_floor());
-            self.up().await?.send(&m.raw).await?;
-            let (_, error) = self.relay_until_ready(None).await?;
-            self.proxy.node().note_opaque(self.session, self.wire.status() != b'I');
-            if error.is_none()
-                && self.wire.status() == b'I'
-                && let Some(lsn) = self.current_lsn().await?
-            {
-                self.proxy.node().unseen_write(self.session, lsn);
-            }
-            return Ok(Path::Primary);
-        }
-        if let Some(from) = subscribe_command(&sql) {
-            match from {
-                Ok(from) => self.stream_cdc(from).await?,
-                Err(e) => {
-                    self.refuse("42601", &e).await?;
-                }
-            }
-            return Ok(Path::Proxy);
-        }
-        if let Some(rows) = self.admin(&sql) {
-            self.wr.write_all(&rows).await?;
-            self.wr.write_all(&protocol::ready_for_query(self.wire.status())).await?;
-            return Ok(Path::Proxy);
-        }
-        if !self.proxy.config.cache.enabled {
-            if self.pooled() {
-                // nothing is cached, but pooling must see session state
-                let prepared = self.proxy.node().prepare(&sql).ok();
-                if let Some(p) = prepared {
-                    self.note_session_state(&p.shape);
-                }
-            }
-            self.wire.answers.floor = Some(self.proxy.primary_answer_floor());
-            self.up().await?.send(&m.raw).await?;
-            self.relay_until_ready(None).await?;
-            return Ok(Path::Primary);
-        }
-        let out = self.ask_node(|n, now, session| {
-            n.handle_simple_query(now, session, &sql);
-        });
-        let path = match out {
-            Some(NodeOutput::Reply { value, served, lsn, .. }) => {
-                self.out.clear();
-                self.out.extend_from_slice(&value);
-                self.wire.answers.tell(&mut self.out, Some(lsn));
-                self.out.extend_from_slice(&protocol::ready_for_query(self.wire.status()));
-                self.wr.write_all(&self.out).await?;
-                path_of(served)
-            }
-            Some(NodeOutput::Upstream(u)) => {
-                let keep = u.cache_key.map(|_| self.proxy.config.cache.entry_bytes_max);
-                // a write is acknowledged once the node has applied it (`finish`)
-                self.hold_ready = !u.shape.writes.is_empty()
-                    || u.shape.writes_unknown
-                    || u.shape.writes_opaque
-                    || u.shape.txn == Some(TxnControl::Commit);
-                let on_replica = match u.route {
-                    Route::Read { floor } if keep.is_some() => self.read_on_replica(&m.raw, keep, floor, false).await?,
-                    _ => None,
-                };
-                let was_idle = self.wire.status() == b'I';
-                let (kept, error, served) = match on_replica {
-                    Some((kept, error)) => (kept, error, Served::Replica),
-                    None => {
-                        self.note_session_state(&u.shape);
-                        if let Upstream::Pooled { lease: Some(l), .. } = &mut self.upstream {
-                            // a simple query ends the unnamed statement
-                            l.server.prepared.unnamed = None;
-                        }
-                        self.wire.answers.floor = Some(self.proxy.primary_answer_floor());
-                        self.up().await?.send(&m.raw).await?;
-                        let (kept, error) = self.relay_until_ready(keep).await?;
-                        (kept, error, Served::Primary)
-                    }
-                };
-                let snapshot = self.fill_snapshot(u.req, kept.is_some());
-                let shape = u.shape.clone();
-                if shape.kind == StatementKind::Session && error.is_none() {
-                    let dropped = self.replicas.setting(m, was_idle && self.wire.status() == b'I');
-                    self.proxy.metrics.replica_connections.fetch_sub(dropped as u64, Ordering::Relaxed);
-                }
-                let wrote = !shape.writes.is_empty()
-                    || shape.writes_unknown
-                    || shape.writes_opaque
-                    || shape.txn == Some(TxnControl::Commit);
-                if error.is_none() && (shape.writes_unknown || shape.kind == StatementKind::Ddl) {
-                    // what relations and functions are may have changed
-                    self.proxy.ddl_ran();
-                }
-                let commit_lsn = if error.is_none() && wrote && self.wire.status() == b'I' {
-                    self.current_lsn().await?
-                } else {
-                    None
-                };
-                let result = match error {
-                    Some(e) => Err(e),
-                    None => {
-                        let value: Value = kept.map(|b| Arc::from(&b[..])).unwrap_or_else(|| Arc::from(&[][..]));
-                        let mut reply = primary_reply(value, snapshot, commit_lsn);
-                        reply.served = served;
-                        Ok(reply)
-                    }
-                };
-                self.finish(u.req, result);
-                path_of(served)
-            }
-            Some(NodeOutput::Failed { error, .. }) => {
-                self.refuse("53300", &error.to_string()).await?;
-                Path::Proxy
-            }
-            None => Path::Proxy,
-        };
-        Ok(path)
     }
 
     /// Relays upstream messages to the client until ReadyForQuery (relaying

@@ -11,7 +11,8 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::config::{Config, UserConfig};
-use crate::proxy::Proxy;
+use crate::limits::Limits;
+use crate::signals::Shutdown;
 
 /// Settings a reload applies.
 const LIVE: &[&str] = &["users", "max_client_conn", "buffer_bytes_max", "shutdown_timeout_ms"];
@@ -30,32 +31,34 @@ impl Live {
     }
 }
 
-impl Proxy {
+impl Live {
     /// The users the proxy authenticates now (`[[users]]`, as last reloaded).
     pub fn users(&self) -> Arc<Vec<UserConfig>> {
-        self.live.users.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.users.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// The password the proxy logs in upstream with as `user`, as last reloaded.
-    pub fn upstream_password(&self, user: &str) -> Option<String> {
-        self.users().iter().find(|u| u.name == user).and_then(|u| u.upstream_password.clone())
-    }
-
-    /// Reads the configuration file again and applies what can change at
-    /// runtime. Returns (setting, what happened) rows; an error, with the
-    /// running configuration untouched, when the file cannot be used.
-    pub fn reload(&self) -> Result<Vec<(String, String)>, String> {
-        let Some(path) = self.config.source.path.as_deref() else {
+    /// Reads the configuration file of `config` (the one the proxy started
+    /// with) again and applies what can change at runtime: the users here,
+    /// `limits` and `shutdown`'s timeout. Returns (setting, what happened)
+    /// rows; an error, with the running configuration untouched, when the
+    /// file cannot be used.
+    pub fn reload(
+        &self,
+        config: &Config,
+        limits: &Limits,
+        shutdown: &Shutdown,
+    ) -> Result<Vec<(String, String)>, String> {
+        let Some(path) = config.source.path.as_deref() else {
             return Err("postai-edge: this proxy's configuration was not read from a file: nothing to reload".into());
         };
         // one reload at a time
-        let mut running = self.live.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         let new = Config::load(path).map_err(|e| format!("postai-edge: {e}; the running configuration is kept"))?;
-        if new.buffer_bytes_max < self.config.max_message_bytes {
+        if new.buffer_bytes_max < config.max_message_bytes {
             return Err(format!(
                 "postai-edge: {path}: buffer_bytes_max ({}) is below the running max_message_bytes ({}); \
                  the running configuration is kept",
-                new.buffer_bytes_max, self.config.max_message_bytes
+                new.buffer_bytes_max, config.max_message_bytes
             ));
         }
         let mut rows = Vec::new();
@@ -65,8 +68,7 @@ impl Proxy {
         }
         let old_users = self.users();
         rows.insert(0, ("users".into(), users_change(&old_users, &new.users)));
-        *self.live.users.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new.users.clone());
-        let limits = &self.limits;
+        *self.users.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new.users.clone());
         let mut set = |name: &str, old: u64, value: u64, apply: &dyn Fn(u64)| {
             if old != value {
                 apply(value);
@@ -79,8 +81,8 @@ impl Proxy {
         set("buffer_bytes_max", limits.buffers.max() as u64, new.buffer_bytes_max as u64, &|v| {
             limits.buffers.set_max(usize::try_from(v).unwrap_or(usize::MAX))
         });
-        let timeout = u64::try_from(self.shutdown.timeout().as_millis()).unwrap_or(u64::MAX);
-        set("shutdown_timeout_ms", timeout, new.shutdown_timeout_ms, &|v| self.shutdown.set_timeout_ms(v));
+        let timeout = u64::try_from(shutdown.timeout().as_millis()).unwrap_or(u64::MAX);
+        set("shutdown_timeout_ms", timeout, new.shutdown_timeout_ms, &|v| shutdown.set_timeout_ms(v));
         for key in LIVE {
             match new.source.table.get(*key) {
                 Some(v) => running.insert(key.to_string(), v.clone()),

@@ -4,13 +4,10 @@
 //! request), and the process exits once they are gone or
 //! `shutdown_timeout_ms` has passed.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
-
-use crate::proxy::Proxy;
 
 /// The proxy's shutdown state.
 pub struct Shutdown {
@@ -70,13 +67,13 @@ impl Signals {
         })
     }
 
-    /// Reloads the proxy's configuration on every SIGHUP, logging what happened.
-    pub fn reload_on_hangup(&mut self, proxy: &Arc<Proxy>) {
+    /// Runs `reload` (the proxy's configuration reload) on every SIGHUP,
+    /// logging what happened.
+    pub fn reload_on_hangup(&mut self, reload: impl Fn() -> Result<Vec<(String, String)>, String> + Send + 'static) {
         let Some(mut hangups) = self.hangup.take() else { return };
-        let proxy = proxy.clone();
         tokio::spawn(async move {
             while hangups.recv().await.is_some() {
-                match proxy.reload() {
+                match reload() {
                     Ok(rows) => {
                         for (setting, result) in rows {
                             eprintln!("postai-edge: reload (SIGHUP): {setting}: {result}");
@@ -94,22 +91,5 @@ impl Signals {
             _ = self.term.recv() => "SIGTERM",
             _ = self.int.recv() => "SIGINT",
         }
-    }
-}
-
-/// The graceful part of a shutdown, once the listener is closed: sessions
-/// are told to close when idle, and this waits until none is left or the
-/// timeout passed. Returns the sessions still open.
-pub async fn drain(proxy: &Proxy) -> u64 {
-    proxy.shutdown.begin();
-    // subscribers (POSTAI SUBSCRIBE) are never idle: their streams end
-    proxy.end_subscriptions();
-    let deadline = tokio::time::Instant::now() + proxy.shutdown.timeout();
-    loop {
-        let open = proxy.metrics.clients.load(Ordering::Relaxed);
-        if open == 0 || tokio::time::Instant::now() >= deadline {
-            return open;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -305,9 +305,10 @@ fn failover_promotes_the_replica_loses_no_acknowledged_write_and_fences_the_old_
 
     // the old primary comes back as a primary of an old epoch: fenced
     primary.restart();
-    // (by whichever proxy's health check finds it first: the other finds it read-only)
+    // (by whichever proxy's health check finds it first: the other finds it
+    // read-only, or, checking in the same moment, fences it too: harmless)
     assert!(
-        eventually(Duration::from_secs(20), || stat_n(port, "fenced_returns") + stat_n(pooled, "fenced_returns") == 1),
+        eventually(Duration::from_secs(20), || stat_n(port, "fenced_returns") + stat_n(pooled, "fenced_returns") >= 1),
         "the returning primary is made read-only: {}",
         psql(port, "SHOW POSTAI STATS")
     );

@@ -6,8 +6,8 @@ use sqlparser::ast::{
     self, Expr, FromTable, OnConflictAction, OnInsert, Query, SetExpr, Statement, TableFactor, TableObject, Value,
 };
 
-use super::analyze::{last_part, table_factor_name};
 use super::catalog::Catalog;
+use super::facts::{last_part, table_factor_name};
 use super::lexer::Lexed;
 use super::{ArgRef, KeyAccess, TableId};
 

@@ -8,6 +8,7 @@ mod analyze;
 mod builtins;
 mod catalog;
 mod effects;
+mod facts;
 mod keys;
 mod lexer;
 mod session;

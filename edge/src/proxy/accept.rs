@@ -49,7 +49,7 @@ pub(super) fn spawn_client(proxy: &Arc<Proxy>, socket: TcpStream) {
     let p = proxy.clone();
     // a slot of max_client_conn for the connection's whole life
     let Some(slot) = proxy.limits.clients.take(1) else {
-        tokio::spawn(crate::limits::refuse_client(p, socket));
+        tokio::spawn(refuse_client(p, socket));
         return;
     };
     tokio::spawn(async move {
@@ -112,5 +112,50 @@ impl Drop for EventLoops {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+    }
+}
+
+/// A client past `max_client_conn`: it is told so (53300) after its startup
+/// message, as PostgreSQL does, and closed. SSLRequest and GSSENCRequest are
+/// answered 'N'; a CancelRequest is still forwarded (a full proxy must not
+/// stop cancels).
+pub(super) async fn refuse_client(proxy: Arc<Proxy>, socket: TcpStream) {
+    let message =
+        format!("postai-edge: sorry, too many clients already (max_client_conn = {})", proxy.limits.clients.max());
+    let error = protocol::error_response("FATAL", "53300", &message);
+    let Some(_refusing) = proxy.limits.refusals.take(1) else {
+        // many at once: the error at once, nothing read
+        let _ = socket.try_write(&error);
+        return;
+    };
+    let mut socket = socket;
+    let mut buf = BytesMut::with_capacity(512);
+    let read = async {
+        loop {
+            match protocol::decode_startup(&mut buf, 10_000) {
+                Ok(Some(protocol::Startup::Ssl | protocol::Startup::GssEnc)) => socket.write_all(b"N").await?,
+                Ok(Some(protocol::Startup::Cancel { pid, key })) => return Ok(Some((pid, key))),
+                Ok(Some(protocol::Startup::Params(_))) | Err(_) => return Ok(None),
+                Ok(None) => {
+                    if socket.read_buf(&mut buf).await? == 0 {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    };
+    let first: std::io::Result<Option<(i32, i32)>> =
+        tokio::time::timeout(crate::limits::REFUSAL_WAIT, read).await.unwrap_or(Ok(None));
+    match first {
+        Ok(Some((pid, key))) => {
+            if let Err(e) = cancel::forward(&proxy, pid, key).await {
+                eprintln!("postai-edge: cancel request: {e}");
+            }
+        }
+        Ok(None) => {
+            let _ = socket.write_all(&error).await;
+            let _ = socket.shutdown().await;
+        }
+        Err(_) => {}
     }
 }

@@ -135,9 +135,10 @@ impl Client {
             Upstream::Pooled { lease, .. } => lease.as_ref().and_then(|l| l.server.backend_key),
         };
         // meanwhile the client's cancel requests reach the replica backend
-        let _cancel = self.cancel_key.zip(backend).map(|(key, (pid, secret))| {
-            crate::cancel::Redirect::new(&self.proxy, key, (route.addr.clone(), pid, secret))
-        });
+        let _cancel = self
+            .cancel_key
+            .zip(backend)
+            .map(|(key, (pid, secret))| cancel::Redirect::new(&self.proxy, key, (route.addr.clone(), pid, secret)));
         let saved_swallow = self.wire.swallow_parses(u32::from(swallow_parse));
         // the answer reflects at least what the replica had replayed before it
         self.wire.answers.floor = Some(route.replayed);

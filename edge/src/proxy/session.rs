@@ -9,7 +9,7 @@ impl Client {
         let accepted = match frontend::open(&proxy.config, &proxy.users(), socket).await? {
             Opening::Login(a) => a,
             // to the primary, or where the map sends the key (pooled, a replica read)
-            Opening::Cancel { pid, key } => return crate::cancel::forward(&proxy, pid, key).await,
+            Opening::Cancel { pid, key } => return cancel::forward(&proxy, pid, key).await,
             Opening::Closed => return Ok(()),
         };
         // the proxy logs in upstream on the client's behalf, with its own password
@@ -22,40 +22,7 @@ impl Client {
             let t = proxy.topology();
             (t.primary_addr(), t.primary_generation())
         };
-        let opened = match &proxy.pool {
-            // transaction pooling: a pooled connection's greeting, our own cancel key
-            Some(pool) => {
-                let key = PoolKey::new(&primary, &params);
-                let wait = proxy.config.pool.wait_ms;
-                // no server connection to connect: the key's greeting once a
-                // login got one (connections are lent at the first request
-                // the cache does not answer)
-                let greeting = match pool.greeting(&key) {
-                    Some(g) => Ok(g),
-                    None => pool.acquire(&key, upstream_password.as_deref(), wait).await.map(|lease| {
-                        let g = lease.server.greeting.clone();
-                        lease.release();
-                        g
-                    }),
-                };
-                greeting.map(|g| {
-                    let secret: i32 = rand::random();
-                    let pid = i32::try_from(session.0 & 0x7fff_ffff).unwrap_or(i32::MAX);
-                    let cancel = Arc::new(Mutex::new(None));
-                    proxy.cancels.lock().unwrap_or_else(|p| p.into_inner()).insert((pid, secret), cancel.clone());
-                    // the client's own application_name, not the last login's
-                    let app = application_name(&params);
-                    let greeting = with_backend_key(&g, pid, secret, app);
-                    let password = upstream_password.clone();
-                    let app = app.to_string();
-                    (Upstream::Pooled { lease: None, key, app, password, pinned: false, cancel }, greeting, b'I')
-                })
-            }
-            None => upstream::login(&proxy.dialer, &primary, &params, upstream_password.as_deref())
-                .await
-                .map(|l| (Upstream::Dedicated(l.conn), l.greeting, l.status))
-                .map_err(PoolError::Login),
-        };
+        let opened = open_upstream(&proxy, session, &primary, &params, upstream_password.as_deref()).await;
         let (upstream, greeting, status) = match opened {
             Ok(o) => o,
             Err(e) => {
@@ -82,7 +49,7 @@ impl Client {
             hold_ready: false,
             held_ready: None,
             admin: admin::AdminState::default(),
-            cancel_key: crate::cancel::key_in(&greeting),
+            cancel_key: cancel::key_in(&greeting),
             between_requests: false,
             batch_held: None,
         };
@@ -234,4 +201,46 @@ impl Client {
         }
         Ok(())
     }
+}
+
+/// The session's way upstream: under transaction pooling a pooled
+/// connection's greeting with a cancel key of the proxy's (no server
+/// connection yet: one is lent at the first request the cache does not
+/// answer), else its own login to the primary. The greeting and the
+/// transaction status to tell the client.
+async fn open_upstream(
+    proxy: &Arc<Proxy>,
+    session: SessionId,
+    primary: &str,
+    params: &[(String, String)],
+    upstream_password: Option<&str>,
+) -> Result<(Upstream, BytesMut, u8), PoolError> {
+    let Some(pool) = &proxy.pool else {
+        return upstream::login(&proxy.dialer, primary, params, upstream_password)
+            .await
+            .map(|l| (Upstream::Dedicated(l.conn), l.greeting, l.status))
+            .map_err(PoolError::Login);
+    };
+    let key = PoolKey::new(primary, params);
+    let wait = proxy.config.pool.wait_ms;
+    // the key's greeting once a login got one
+    let g = match pool.greeting(&key) {
+        Some(g) => g,
+        None => {
+            let lease = pool.acquire(&key, upstream_password, wait).await?;
+            let g = lease.server.greeting.clone();
+            lease.release();
+            g
+        }
+    };
+    let secret: i32 = rand::random();
+    let pid = i32::try_from(session.0 & 0x7fff_ffff).unwrap_or(i32::MAX);
+    let cancel = Arc::new(Mutex::new(None));
+    proxy.cancels.lock().unwrap_or_else(|p| p.into_inner()).insert((pid, secret), cancel.clone());
+    // the client's own application_name, not the last login's
+    let app = application_name(params);
+    let greeting = with_backend_key(&g, pid, secret, app);
+    let password = upstream_password.map(str::to_string);
+    let app = app.to_string();
+    Ok((Upstream::Pooled { lease: None, key, app, password, pinned: false, cancel }, greeting, b'I'))
 }

@@ -23,9 +23,9 @@ pub struct Proxy {
     /// How upstream connections are made (TLS, message limit).
     pub dialer: upstream::Dialer,
     /// What this proxy's slot reader applied, for subscribed edges.
-    pub cdc_feed: tokio::sync::broadcast::Sender<Arc<crate::cdc::Feed>>,
+    pub cdc_feed: tokio::sync::broadcast::Sender<Arc<postai_core::stream::history::Feed>>,
     /// What a regional proxy published lately, for edges that subscribe again.
-    pub cdc_history: Mutex<crate::cdc::History>,
+    pub cdc_history: Mutex<postai_core::stream::history::History>,
     /// Bumped to end every open subscription ([`Proxy::end_subscriptions`]).
     pub(super) subscriptions: tokio::sync::watch::Sender<u64>,
     /// The last commit the slot reader applied.
@@ -106,7 +106,7 @@ impl Proxy {
             dialer,
             cancels: Mutex::new(std::collections::HashMap::new()),
             cdc_feed: tokio::sync::broadcast::channel(CDC_FEED_DEPTH).0,
-            cdc_history: Mutex::new(crate::cdc::History::default()),
+            cdc_history: Mutex::new(postai_core::stream::history::History::default()),
             subscriptions: tokio::sync::watch::channel(0).0,
             cdc_last: AtomicU64::new(0),
             lsn_seen: AtomicU64::new(0),
@@ -224,19 +224,37 @@ impl Proxy {
         }
     }
 
-    /// Starts the background tasks: the CDC reader and the health checks.
-    pub fn spawn_tasks(self: &Arc<Self>) {
-        if self.config.cdc.enabled {
-            tokio::spawn(crate::cdc::run(self.clone()));
-            if self.config.cdc.source == crate::config::CdcSource::Slot {
-                tokio::spawn(crate::visible::run(self.clone()));
+    /// The graceful part of a shutdown, once the listener is closed: sessions
+    /// are told to close when idle, and this waits until none is left or the
+    /// timeout passed. Returns the sessions still open.
+    pub async fn drain(&self) -> u64 {
+        self.shutdown.begin();
+        // subscribers (POSTAI SUBSCRIBE) are never idle: their streams end
+        self.end_subscriptions();
+        let deadline = tokio::time::Instant::now() + self.shutdown.timeout();
+        loop {
+            let open = self.metrics.clients.load(Ordering::Relaxed);
+            if open == 0 || tokio::time::Instant::now() >= deadline {
+                return open;
             }
-        } else {
-            // the catalog (for what is cached and what pins a pooled
-            // client) and the roles, read by a task of their own
-            tokio::spawn(crate::catalog::run_without_cdc(self.clone()));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::spawn(crate::topology::run(self.clone()));
+    }
+
+    /// The users the proxy authenticates now (`[[users]]`, as last reloaded).
+    pub fn users(&self) -> Arc<Vec<crate::config::UserConfig>> {
+        self.live.users()
+    }
+
+    /// The password the proxy logs in upstream with as `user`, as last reloaded.
+    pub fn upstream_password(&self, user: &str) -> Option<String> {
+        self.users().iter().find(|u| u.name == user).and_then(|u| u.upstream_password.clone())
+    }
+
+    /// Reads the configuration file again and applies what can change at
+    /// runtime (`crate::reload`).
+    pub fn reload(&self) -> Result<Vec<(String, String)>, String> {
+        self.live.reload(&self.config, &self.limits, &self.shutdown)
     }
 
     /// `SHOW POSTAI CACHES`: one row per tier.
@@ -262,7 +280,7 @@ impl Proxy {
         let Some(addr) = self.config.metrics_listen.as_deref() else { return Ok(None) };
         let listener = TcpListener::bind(addr).await?;
         let local = listener.local_addr()?;
-        tokio::spawn(crate::metrics::serve(self.clone(), listener));
+        tokio::spawn(super::exporter::serve(self.clone(), listener));
         Ok(Some(local))
     }
 

@@ -7,9 +7,12 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, BytesMut};
 
+use super::Proxy;
 use crate::protocol;
-use crate::proxy::{CancelTarget, Proxy};
 use crate::upstream::Conn;
+
+/// The server a pooled client's cancel request must reach: (addr, pid, key).
+pub type CancelTarget = Mutex<Option<(String, i32, i32)>>;
 
 /// Forwards a CancelRequest with the client's `(pid, key)`: to the backend
 /// the proxy-wide map names for that key, else to the primary as it is.
