@@ -7,7 +7,7 @@ use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use postai_core::cache::{Entry, Eviction, Lookup, Tier, TierConfig};
 use postai_core::consistency::Consistency;
 use postai_core::invalidation::{CdcEvent, Change, ChangeTarget, Lsn, VersionMap, VersionMapConfig, key_hash};
-use postai_core::node::{EdgeNode, NodeConfig, NodeOutput, Served, SessionId, UpstreamReply};
+use postai_core::node::{EdgeNode, NodeConfig, NodeOutput, Served, SessionId, harness};
 use postai_core::rng::Rng;
 use postai_core::router::{EndpointId, ReadRequest, Role, Router, RouterConfig, Zone};
 use postai_core::sql::{Analyzer, AnalyzerConfig, Catalog};
@@ -31,24 +31,9 @@ fn node() -> EdgeNode<u64> {
 }
 
 /// Serves one query; fills from a fake origin on a miss.
-fn serve(n: &mut EdgeNode<u64>, out: Option<NodeOutput<u64>>) -> u64 {
-    match out {
+fn serve(n: &mut EdgeNode<u64>) -> u64 {
+    match harness::through(n, Instant::ZERO, |_| Ok(harness::read_reply(7, 64, Served::Replica, Lsn(1)))) {
         Some(NodeOutput::Reply { value, .. }) => value,
-        Some(NodeOutput::Upstream(u)) => {
-            let reply = UpstreamReply {
-                value: 7,
-                size_bytes: 64,
-                served: Served::Replica,
-                snapshot_lsn: Lsn(1),
-                commit_lsn: None,
-                ttl: None,
-            };
-            n.handle_upstream(Instant::ZERO, u.req, Ok(reply));
-            match n.poll_output() {
-                Some(NodeOutput::Reply { value, .. }) => value,
-                _ => 0,
-            }
-        }
         _ => 0,
     }
 }
@@ -57,22 +42,16 @@ fn hot_paths(c: &mut Criterion) {
     let mut n = node();
     let prepared = n.prepare("SELECT abalance FROM pgbench_accounts WHERE aid = $1").expect("lexes");
     let key = b"48213";
-    let req_out = {
-        n.handle_execute(Instant::ZERO, SessionId(1), &prepared, &[Some(key)]);
-        n.poll_output()
-    };
-    serve(&mut n, req_out);
+    n.handle_execute(Instant::ZERO, SessionId(1), &prepared, &[Some(key)]);
+    serve(&mut n);
     c.bench_function("hit path, prepared (shape known, params hashed, L1)", |b| {
         b.iter(|| {
             n.handle_execute(Instant::ZERO, SessionId(1), &prepared, &[Some(black_box(key))]);
             black_box(n.poll_output())
         })
     });
-    let out = {
-        n.handle_simple_query(Instant::ZERO, SessionId(1), SIMPLE_SQL);
-        n.poll_output()
-    };
-    serve(&mut n, out);
+    n.handle_simple_query(Instant::ZERO, SessionId(1), SIMPLE_SQL);
+    serve(&mut n);
     c.bench_function("hit path, simple protocol ~100 B text (lex + lookup + L1)", |b| {
         b.iter(|| {
             n.handle_simple_query(Instant::ZERO, SessionId(1), black_box(SIMPLE_SQL));
@@ -85,8 +64,7 @@ fn hot_paths(c: &mut Criterion) {
             i += 1;
             let k = (1_000_000 + i).to_string();
             n.handle_execute(Instant::ZERO, SessionId(1), &prepared, &[Some(k.as_bytes())]);
-            let out = n.poll_output();
-            black_box(serve(&mut n, out))
+            black_box(serve(&mut n))
         })
     });
     let mut catalog = Catalog::new();

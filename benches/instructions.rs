@@ -9,7 +9,7 @@ use gungraun::prelude::*;
 use postai_core::cache::{Eviction, TierConfig};
 use postai_core::consistency::Consistency;
 use postai_core::invalidation::{CdcEvent, Change, ChangeTarget, Lsn, VersionMap, VersionMapConfig, key_hash};
-use postai_core::node::{EdgeNode, NodeConfig, NodeOutput, Prepared, Served, SessionId, UpstreamReply};
+use postai_core::node::{EdgeNode, NodeConfig, Prepared, Served, SessionId, harness};
 use postai_core::router::{EndpointId, ReadRequest, Role, Router, RouterConfig, Zone};
 use postai_core::sql::{Analyzer, AnalyzerConfig, Catalog};
 use postai_core::{Duration, Instant};
@@ -36,18 +36,7 @@ fn node() -> EdgeNode<u64> {
 }
 
 fn fill(n: &mut EdgeNode<u64>) {
-    if let Some(NodeOutput::Upstream(u)) = n.poll_output() {
-        let reply = UpstreamReply {
-            value: 7,
-            size_bytes: 64,
-            served: Served::Replica,
-            snapshot_lsn: Lsn(1),
-            commit_lsn: None,
-            ttl: None,
-        };
-        n.handle_upstream(Instant::ZERO, u.req, Ok(reply));
-        while n.poll_output().is_some() {}
-    }
+    harness::settle(n, Instant::ZERO, |_| Ok(harness::read_reply(7, 64, Served::Replica, Lsn(1))));
 }
 
 fn prepared_cached() -> (EdgeNode<u64>, Prepared) {

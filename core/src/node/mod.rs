@@ -23,6 +23,7 @@ use crate::{Duration, Instant, Lsn};
 
 mod args;
 mod cdc;
+pub mod harness;
 mod session;
 mod settings;
 #[cfg(test)]

@@ -29,24 +29,10 @@ mod session_and_refresh {
 
     fn read(n: &mut EdgeNode<u64>, p: &Prepared, key: &str, origin: u64) -> (Served, u64) {
         n.handle_execute(Instant::ZERO, SessionId(1), p, &[Some(key.as_bytes())]);
-        match n.poll_output() {
+        let answer = |_: &UpstreamRequest| Ok(harness::read_reply(origin, 8, Served::Replica, Lsn(origin)));
+        match harness::through(n, Instant::ZERO, answer) {
             Some(NodeOutput::Reply { served, value, .. }) => (served, value),
-            Some(NodeOutput::Upstream(u)) => {
-                let reply = UpstreamReply {
-                    value: origin,
-                    size_bytes: 8,
-                    served: Served::Replica,
-                    snapshot_lsn: Lsn(origin),
-                    commit_lsn: None,
-                    ttl: None,
-                };
-                n.handle_upstream(Instant::ZERO, u.req, Ok(reply));
-                match n.poll_output() {
-                    Some(NodeOutput::Reply { served, value, .. }) => (served, value),
-                    other => panic!("expected a reply, got {other:?}"),
-                }
-            }
-            other => panic!("unexpected {other:?}"),
+            other => panic!("expected a reply, got {other:?}"),
         }
     }
 

@@ -1,6 +1,8 @@
 //! The warm start (caches as steady traffic would leave them) and what the
 //! sites hold at the end.
 
+use postai_core::node::harness;
+
 use super::*;
 
 impl World {
@@ -39,6 +41,7 @@ impl World {
 /// touched it. Hottest keys are filled last, so that L1 holds them.
 pub(super) fn warm_start(sc: &Scenario, sites: &mut [Site], cdf: &[f64], rng: &mut Rng) {
     let w = &sc.workload;
+    let entry_bytes = sc.tiers.entry_bytes;
     let total = w.point + w.range + w.join;
     let reads_per_site =
         w.rate_qps / sites.len().max(1) as f64 * (1.0 - w.write_ratio) * sc.warm_start_s as f64 * 0.625;
@@ -71,18 +74,10 @@ pub(super) fn warm_start(sc: &Scenario, sites: &mut [Site], cdf: &[f64], rng: &m
                     _ => (&site.stmts.point, 1),
                 };
                 let sid = site.sessions[0].id;
-                let req = site.node.handle_execute(Instant::ZERO, sid, stmt, &params[..np]);
-                while site.node.poll_output().is_some() {}
-                let reply = UpstreamReply {
-                    value: Val { lsn: Lsn(0) },
-                    size_bytes: sc.tiers.entry_bytes,
-                    served: Served::Primary,
-                    snapshot_lsn: Lsn(0),
-                    commit_lsn: None,
-                    ttl: None,
-                };
-                site.node.handle_upstream(Instant::ZERO, req, Ok(reply));
-                while site.node.poll_output().is_some() {}
+                site.node.handle_execute(Instant::ZERO, sid, stmt, &params[..np]);
+                // the origin answers as of LSN 0 (the fleet starts there)
+                let origin = |_: &_| Ok(harness::read_reply(Val { lsn: Lsn(0) }, entry_bytes, Served::Primary, Lsn(0)));
+                harness::settle(&mut site.node, Instant::ZERO, origin);
             }
         }
     }
