@@ -255,115 +255,14 @@ async fn simulate(sc: Scenario, places: Vec<crate::geo::Place>, mode: Invalidati
     let tick_ms = 10u64;
     let upstreams = Rc::new(Upstreams::default());
     madsim::task::spawn_local(upstreams.clone().drive());
-
-    // workload: one generator for every site (one timer instead of one per
-    // site: 300 wakeups per tick cost more than the loop)
-    {
-        let w = world.clone();
-        let upstreams = upstreams.clone();
-        madsim::task::spawn_local(async move {
-            let (sites, per_site) = {
-                let wb = w.borrow();
-                (wb.sites.len(), wb.sc.workload.rate_qps / wb.sites.len() as f64)
-            };
-            let mut carry = vec![0.0f64; sites];
-            loop {
-                madsim::time::sleep(std::time::Duration::from_millis(tick_ms)).await;
-                let now = w.borrow().now();
-                if now.as_nanos() >= duration.as_nanos() as u64 {
-                    break;
-                }
-                let t_s = now.as_nanos() as f64 / 1e9;
-                let mut wb = w.borrow_mut();
-                let warm = if t_s < wb.sc.warmup_s as f64 { wb.sc.warmup_rate_factor } else { 1.0 };
-                for (site, carry) in carry.iter_mut().enumerate() {
-                    let expected = per_site * warm * wb.sun_factor(site, t_s) * tick_ms as f64 / 1e3 + *carry;
-                    let n = expected.floor();
-                    *carry = expected - n;
-                    for _ in 0..n as u64 {
-                        if let Some(u) = wb.start_query(site) {
-                            upstreams.push(crate::world::upstream(w.clone(), site, u));
-                        }
-                    }
-                }
-            }
-        });
-    }
-    // writes that bypass the edge
+    // (spawned in this order: the runtime's schedule, and so the run, follows it)
+    spawn_workload(&world, &upstreams, duration, tick_ms);
     if sc.workload.bypass_write_qps > 0.0 {
-        let w = world.clone();
-        let rate = sc.workload.bypass_write_qps;
-        madsim::task::spawn_local(async move {
-            let mut carry = 0.0;
-            loop {
-                madsim::time::sleep(std::time::Duration::from_millis(tick_ms)).await;
-                if w.borrow().now().as_nanos() >= duration.as_nanos() as u64 {
-                    break;
-                }
-                let expected = rate * tick_ms as f64 / 1e3 + carry;
-                let n = expected.floor();
-                carry = expected - n;
-                let mut wb = w.borrow_mut();
-                for _ in 0..n as u64 {
-                    wb.bypass_write();
-                }
-                let now = wb.now();
-                wb.settle_acks(now);
-            }
-        });
+        spawn_bypass_writes(&world, sc.workload.bypass_write_qps, duration, tick_ms);
     }
-    // CDC delivery, and keepalives every 200 ms
-    {
-        let w = world.clone();
-        madsim::task::spawn_local(async move {
-            let mut tick = 0u64;
-            loop {
-                madsim::time::sleep(std::time::Duration::from_millis(20)).await;
-                tick += 1;
-                if tick.is_multiple_of(10) {
-                    w.borrow_mut().emit_keepalive();
-                }
-                w.borrow_mut().pump_cdc();
-            }
-        });
-    }
-    // health probes of open circuit breakers
-    {
-        let w = world.clone();
-        madsim::task::spawn_local(async move {
-            loop {
-                madsim::time::sleep(std::time::Duration::from_millis(100)).await;
-                let probes = w.borrow_mut().due_probes();
-                for p in probes {
-                    let w2 = w.clone();
-                    madsim::task::spawn_local(async move {
-                        madsim::time::sleep(std::time::Duration::from_secs_f64(p.ms / 1e3)).await;
-                        w2.borrow_mut().probe_result(&p);
-                    });
-                }
-            }
-        });
-    }
-    // control plane: heartbeats, failover
-    {
-        let w = world.clone();
-        let hb = sc.db.heartbeat_ms;
-        let promote_ms = sc.db.promote_ms;
-        madsim::task::spawn_local(async move {
-            loop {
-                madsim::time::sleep(std::time::Duration::from_millis(hb.min(500))).await;
-                let promotions = w.borrow_mut().tick_control();
-                let started = w.borrow().now();
-                for (node, epoch) in promotions {
-                    let w2 = w.clone();
-                    madsim::task::spawn_local(async move {
-                        madsim::time::sleep(std::time::Duration::from_millis(promote_ms)).await;
-                        w2.borrow_mut().finish_promotion(node, epoch, started);
-                    });
-                }
-            }
-        });
-    }
+    spawn_cdc(&world);
+    spawn_probes(&world);
+    spawn_control(&world, sc.db.heartbeat_ms, sc.db.promote_ms);
     // faults
     for (index, fault) in sc.faults.clone().into_iter().enumerate() {
         let w = world.clone();
@@ -397,6 +296,118 @@ async fn simulate(sc: Scenario, places: Vec<crate::geo::Place>, mode: Invalidati
     report
 }
 
+/// The workload: one generator for every site (one timer instead of one
+/// per site: 300 wakeups per tick cost more than the loop).
+fn spawn_workload(world: &Shared, upstreams: &Rc<Upstreams>, duration: std::time::Duration, tick_ms: u64) {
+    {
+        let w = world.clone();
+        let upstreams = upstreams.clone();
+        madsim::task::spawn_local(async move {
+            let (sites, per_site) = {
+                let wb = w.borrow();
+                (wb.sites.len(), wb.sc.workload.rate_qps / wb.sites.len() as f64)
+            };
+            let mut carry = vec![0.0f64; sites];
+            loop {
+                madsim::time::sleep(std::time::Duration::from_millis(tick_ms)).await;
+                let now = w.borrow().now();
+                if now.as_nanos() >= duration.as_nanos() as u64 {
+                    break;
+                }
+                let t_s = now.as_nanos() as f64 / 1e9;
+                let mut wb = w.borrow_mut();
+                let warm = if t_s < wb.sc.warmup_s as f64 { wb.sc.warmup_rate_factor } else { 1.0 };
+                for (site, carry) in carry.iter_mut().enumerate() {
+                    let expected = per_site * warm * wb.sun_factor(site, t_s) * tick_ms as f64 / 1e3 + *carry;
+                    let n = expected.floor();
+                    *carry = expected - n;
+                    for _ in 0..n as u64 {
+                        if let Some(u) = wb.start_query(site) {
+                            upstreams.push(crate::world::upstream(w.clone(), site, u));
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Writes that bypass the edge, at the scenario's rate.
+fn spawn_bypass_writes(world: &Shared, rate: f64, duration: std::time::Duration, tick_ms: u64) {
+    let w = world.clone();
+    madsim::task::spawn_local(async move {
+        let mut carry = 0.0;
+        loop {
+            madsim::time::sleep(std::time::Duration::from_millis(tick_ms)).await;
+            if w.borrow().now().as_nanos() >= duration.as_nanos() as u64 {
+                break;
+            }
+            let expected = rate * tick_ms as f64 / 1e3 + carry;
+            let n = expected.floor();
+            carry = expected - n;
+            let mut wb = w.borrow_mut();
+            for _ in 0..n as u64 {
+                wb.bypass_write();
+            }
+            let now = wb.now();
+            wb.settle_acks(now);
+        }
+    });
+}
+
+/// CDC delivery every 20 ms, and keepalives every 200 ms.
+fn spawn_cdc(world: &Shared) {
+    let w = world.clone();
+    madsim::task::spawn_local(async move {
+        let mut tick = 0u64;
+        loop {
+            madsim::time::sleep(std::time::Duration::from_millis(20)).await;
+            tick += 1;
+            if tick.is_multiple_of(10) {
+                w.borrow_mut().emit_keepalive();
+            }
+            w.borrow_mut().pump_cdc();
+        }
+    });
+}
+
+/// Health probes of open circuit breakers.
+fn spawn_probes(world: &Shared) {
+    let w = world.clone();
+    madsim::task::spawn_local(async move {
+        loop {
+            madsim::time::sleep(std::time::Duration::from_millis(100)).await;
+            let probes = w.borrow_mut().due_probes();
+            for p in probes {
+                let w2 = w.clone();
+                madsim::task::spawn_local(async move {
+                    madsim::time::sleep(std::time::Duration::from_secs_f64(p.ms / 1e3)).await;
+                    w2.borrow_mut().probe_result(&p);
+                });
+            }
+        }
+    });
+}
+
+/// The control plane: heartbeats, failover.
+fn spawn_control(world: &Shared, hb: u64, promote_ms: u64) {
+    let w = world.clone();
+    madsim::task::spawn_local(async move {
+        loop {
+            madsim::time::sleep(std::time::Duration::from_millis(hb.min(500))).await;
+            let promotions = w.borrow_mut().tick_control();
+            let started = w.borrow().now();
+            for (node, epoch) in promotions {
+                let w2 = w.clone();
+                madsim::task::spawn_local(async move {
+                    madsim::time::sleep(std::time::Duration::from_millis(promote_ms)).await;
+                    w2.borrow_mut().finish_promotion(node, epoch, started);
+                });
+            }
+        }
+    });
+}
+
 fn tier_stats(w: &World) -> Vec<(String, postai_core::cache::TierStats)> {
     use postai_core::cache::{TierName, TierStats};
     let add = |a: &mut TierStats, b: TierStats| {
@@ -428,10 +439,129 @@ fn tier_stats(w: &World) -> Vec<(String, postai_core::cache::TierStats)> {
     out
 }
 
+/// What the target rows judge.
+struct Measured {
+    hit_rate: f64,
+    availability: f64,
+    lost: u64,
+    rpo_ms: f64,
+    staleness_ms_max: f64,
+    split_epochs: usize,
+}
+
+/// A row per target: PASS or FAIL, and whether it is a safety row.
+fn target_rows(
+    sc: &Scenario,
+    c: &crate::check::Checker,
+    m: &Measured,
+    reads: &Quantiles,
+    writes: &Quantiles,
+    recoveries: &[Recovery],
+) -> Vec<Row> {
+    let t = &sc.targets;
+    let mut rows = Vec::new();
+    let mut row = |metric: &str, target: String, measured: String, pass: bool, safety: bool| {
+        rows.push(Row { metric: metric.into(), target, measured, pass, safety });
+    };
+    row(
+        "read p95",
+        format!("< {} ms", t.read_p95_ms),
+        format!("{:.2} ms", reads.p95_ms),
+        reads.p95_ms < t.read_p95_ms,
+        false,
+    );
+    row(
+        "write p95",
+        format!("< {} ms", t.write_p95_ms),
+        format!("{:.2} ms", writes.p95_ms),
+        writes.p95_ms < t.write_p95_ms,
+        false,
+    );
+    row(
+        "cache hit rate",
+        format!(">= {:.1} %", t.hit_rate * 100.0),
+        format!("{:.2} %", m.hit_rate * 100.0),
+        m.hit_rate >= t.hit_rate,
+        false,
+    );
+    row(
+        "availability",
+        format!(">= {:.2} %", t.availability * 100.0),
+        format!("{:.4} %", m.availability * 100.0),
+        m.availability >= t.availability,
+        false,
+    );
+    let ryw_promised = sc.workload.consistency != postai_core::consistency::Consistency::Eventual;
+    if ryw_promised {
+        row(
+            "read-your-writes violations",
+            format!("{}", t.ryw_violations),
+            format!("{}", c.ryw_violations),
+            c.ryw_violations <= t.ryw_violations,
+            true,
+        );
+    }
+    if sc.db.replication == Replication::Sync {
+        row(
+            "RPO (acknowledged writes lost)",
+            format!("{}", t.rpo_writes),
+            format!("{} ({:.0} ms)", m.lost, m.rpo_ms),
+            m.lost <= t.rpo_writes,
+            true,
+        );
+    } else {
+        // asynchronous replication may lose what the standby had not
+        // received: judged by the window of data lost, not the count
+        row(
+            "RPO (window of acknowledged data lost, async)",
+            format!("< {:.0} ms", t.rpo_async_ms),
+            format!("{:.0} ms ({} writes)", m.rpo_ms, m.lost),
+            m.rpo_ms < t.rpo_async_ms,
+            false,
+        );
+    }
+    // the bound README states: the CDC-silence bound plus delivery
+    row(
+        "max staleness",
+        format!("< {:.0} ms", t.staleness_ms),
+        format!("{:.0} ms", m.staleness_ms_max),
+        m.staleness_ms_max < t.staleness_ms,
+        true,
+    );
+    row(
+        "primaries accepting writes in one epoch",
+        "<= 1".into(),
+        format!("{} epochs with 2+", m.split_epochs),
+        m.split_epochs == 0,
+        true,
+    );
+    if sc.workload.eu_resident_share > 0.0 {
+        row(
+            "EU rows cached or served outside EU",
+            "0".into(),
+            format!("{}", c.residency_violations),
+            c.residency_violations == 0,
+            true,
+        );
+    }
+    for rec in recoveries {
+        if let Some(target) = rec.target_ms {
+            row(
+                &format!("RTO {}", rec.fault),
+                format!("< {target:.0} ms"),
+                format!("{:.0} ms", rec.rto_ms),
+                rec.rto_ms < target,
+                false,
+            );
+        }
+    }
+
+    rows
+}
+
 fn build_report(w: &World) -> Report {
     let sc = &w.sc;
     let c = &w.checker;
-    let t = &sc.targets;
     let reads_total = c.read_ok + c.read_failed;
     let served = |s: Served| c.reads_by_served.get(&s).map_or(0, |l| l.count());
     let (l1, l2, l3, rep, pri) =
@@ -467,104 +597,10 @@ fn build_report(w: &World) -> Report {
         })
         .collect();
 
-    let mut rows = Vec::new();
-    let mut row = |metric: &str, target: String, measured: String, pass: bool, safety: bool| {
-        rows.push(Row { metric: metric.into(), target, measured, pass, safety });
-    };
+    let measured = Measured { hit_rate, availability, lost, rpo_ms, staleness_ms_max, split_epochs: split.len() };
     let reads = q(&c.reads);
     let writes = q(&c.writes);
-    row(
-        "read p95",
-        format!("< {} ms", t.read_p95_ms),
-        format!("{:.2} ms", reads.p95_ms),
-        reads.p95_ms < t.read_p95_ms,
-        false,
-    );
-    row(
-        "write p95",
-        format!("< {} ms", t.write_p95_ms),
-        format!("{:.2} ms", writes.p95_ms),
-        writes.p95_ms < t.write_p95_ms,
-        false,
-    );
-    row(
-        "cache hit rate",
-        format!(">= {:.1} %", t.hit_rate * 100.0),
-        format!("{:.2} %", hit_rate * 100.0),
-        hit_rate >= t.hit_rate,
-        false,
-    );
-    row(
-        "availability",
-        format!(">= {:.2} %", t.availability * 100.0),
-        format!("{:.4} %", availability * 100.0),
-        availability >= t.availability,
-        false,
-    );
-    let ryw_promised = sc.workload.consistency != postai_core::consistency::Consistency::Eventual;
-    if ryw_promised {
-        row(
-            "read-your-writes violations",
-            format!("{}", t.ryw_violations),
-            format!("{}", c.ryw_violations),
-            c.ryw_violations <= t.ryw_violations,
-            true,
-        );
-    }
-    if sc.db.replication == Replication::Sync {
-        row(
-            "RPO (acknowledged writes lost)",
-            format!("{}", t.rpo_writes),
-            format!("{lost} ({rpo_ms:.0} ms)"),
-            lost <= t.rpo_writes,
-            true,
-        );
-    } else {
-        // asynchronous replication may lose what the standby had not
-        // received: judged by the window of data lost, not the count
-        row(
-            "RPO (window of acknowledged data lost, async)",
-            format!("< {:.0} ms", t.rpo_async_ms),
-            format!("{rpo_ms:.0} ms ({lost} writes)"),
-            rpo_ms < t.rpo_async_ms,
-            false,
-        );
-    }
-    // the bound README states: the CDC-silence bound plus delivery
-    row(
-        "max staleness",
-        format!("< {:.0} ms", t.staleness_ms),
-        format!("{staleness_ms_max:.0} ms"),
-        staleness_ms_max < t.staleness_ms,
-        true,
-    );
-    row(
-        "primaries accepting writes in one epoch",
-        "<= 1".into(),
-        format!("{} epochs with 2+", split.len()),
-        split.is_empty(),
-        true,
-    );
-    if sc.workload.eu_resident_share > 0.0 {
-        row(
-            "EU rows cached or served outside EU",
-            "0".into(),
-            format!("{}", c.residency_violations),
-            c.residency_violations == 0,
-            true,
-        );
-    }
-    for rec in &recoveries {
-        if let Some(target) = rec.target_ms {
-            row(
-                &format!("RTO {}", rec.fault),
-                format!("< {target:.0} ms"),
-                format!("{:.0} ms", rec.rto_ms),
-                rec.rto_ms < target,
-                false,
-            );
-        }
-    }
+    let rows = target_rows(sc, c, &measured, &reads, &writes, &recoveries);
 
     let zone_names = |z: &Zone| z.name().to_string();
     let site_read_p95_ms = w
