@@ -88,32 +88,7 @@ fn real_main() -> Result<ExitCode, String> {
         sc = form.of(&sc, sc.seed);
         scenarios.push(sc);
     }
-    // scenarios are independent simulations, each deterministic on its own
-    // thread: run them on every core, report in suite order
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(scenarios.len()).max(1);
-    let tty = threads == 1 && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let done: std::sync::Mutex<Vec<Option<(postai_sim::run::Report, f64)>>> =
-        std::sync::Mutex::new((0..scenarios.len()).map(|_| None).collect());
-    let suite_wall = std::time::Instant::now();
-    std::thread::scope(|scope| {
-        for _ in 0..threads {
-            scope.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(sc) = scenarios.get(i) else { return };
-                    let wall = std::time::Instant::now();
-                    let r = postai_sim::run::run_scenario_with_progress(sc, tty);
-                    let secs = wall.elapsed().as_secs_f64();
-                    if let Ok(mut d) = done.lock() {
-                        d[i] = Some((r, secs));
-                    }
-                }
-            });
-        }
-    });
-    let suite_secs = suite_wall.elapsed().as_secs_f64();
-    let done = done.into_inner().map_err(|_| "a scenario thread panicked".to_string())?;
+    let (done, threads, suite_secs) = run_all(&scenarios)?;
     let mut reports = Vec::new();
     let mut all_pass = true;
     let mut all_safe = true;
@@ -157,6 +132,39 @@ fn real_main() -> Result<ExitCode, String> {
         return Ok(ExitCode::from(1));
     }
     Ok(if strict && !all_pass { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// The scenarios, run on every core (each an independent simulation,
+/// deterministic on its own thread): their reports in suite order, each
+/// with its wall seconds; the threads used; the suite's wall seconds.
+type Done = Vec<Option<(postai_sim::run::Report, f64)>>;
+
+fn run_all(scenarios: &[Scenario]) -> Result<(Done, usize, f64), String> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(scenarios.len()).max(1);
+    let tty = threads == 1 && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done: std::sync::Mutex<Vec<Option<(postai_sim::run::Report, f64)>>> =
+        std::sync::Mutex::new((0..scenarios.len()).map(|_| None).collect());
+    let suite_wall = std::time::Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(sc) = scenarios.get(i) else { return };
+                    let wall = std::time::Instant::now();
+                    let r = postai_sim::run::run_scenario_with_progress(sc, tty);
+                    let secs = wall.elapsed().as_secs_f64();
+                    if let Ok(mut d) = done.lock() {
+                        d[i] = Some((r, secs));
+                    }
+                }
+            });
+        }
+    });
+    let suite_secs = suite_wall.elapsed().as_secs_f64();
+    let done = done.into_inner().map_err(|_| "a scenario thread panicked".to_string())?;
+    Ok((done, threads, suite_secs))
 }
 
 /// `--seeds A..B`: each file over the range; exits 1 when a seed violated safety.

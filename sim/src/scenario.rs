@@ -389,6 +389,19 @@ fn scale_fault(f: &mut Fault, k: f64) {
     }
 }
 
+/// `v` within `[lo, hi]` (NaN is not), or an error naming the field.
+fn range(name: &str, v: f64, lo: f64, hi: f64) -> Result<(), String> {
+    if (lo..=hi).contains(&v) { Ok(()) } else { Err(format!("{name} must be in [{lo}, {hi}], not {v}")) }
+}
+
+/// `v` within `lo..=hi`, or an error naming the field.
+fn int(name: &str, v: u64, lo: u64, hi: u64) -> Result<(), String> {
+    if (lo..=hi).contains(&v) { Ok(()) } else { Err(format!("{name} must be in {lo}..={hi}, not {v}")) }
+}
+
+/// The longest delay a scenario may state, in ms.
+const MS_MAX: f64 = 600_000.0;
+
 impl Scenario {
     pub fn load(path: &str) -> Result<Scenario, ScenarioError> {
         let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Read { path: path.into(), source })?;
@@ -438,13 +451,6 @@ impl Scenario {
     /// The range of every number: every duration, rate, share and size the
     /// world turns into time or memory (NaN is in no range).
     fn validate_numbers(&self) -> Result<(), String> {
-        fn range(name: &str, v: f64, lo: f64, hi: f64) -> Result<(), String> {
-            if (lo..=hi).contains(&v) { Ok(()) } else { Err(format!("{name} must be in [{lo}, {hi}], not {v}")) }
-        }
-        fn int(name: &str, v: u64, lo: u64, hi: u64) -> Result<(), String> {
-            if (lo..=hi).contains(&v) { Ok(()) } else { Err(format!("{name} must be in {lo}..={hi}, not {v}")) }
-        }
-        const MS_MAX: f64 = 600_000.0;
         let (w, t, d, g, n) = (&self.workload, &self.tiers, &self.db, &self.targets, &self.network);
         int("duration_s", self.duration_s, 1, 86_400)?;
         range("warmup_rate_factor", self.warmup_rate_factor, 1.0, 20.0)?;
@@ -528,6 +534,11 @@ impl Scenario {
         }
         range("targets.hit_rate", g.hit_rate, 0.0, 1.0)?;
         range("targets.availability", g.availability, 0.0, 1.0)?;
+        self.validate_fault_numbers()
+    }
+
+    /// Each fault's durations and sizes within their ranges.
+    fn validate_fault_numbers(&self) -> Result<(), String> {
         let horizon = 86_400.0;
         for f in &self.faults {
             let label = f.label();

@@ -80,43 +80,53 @@ impl Client {
             c.wr.write_all(&protocol::error_response("FATAL", "53300", &e.to_string())).await?;
             return Ok(());
         }
-        {
-            let mut n = c.proxy.node();
-            // what the server reported at login (standard_conforming_strings,
-            // TimeZone, DateStyle, ...): the session's starting state
-            let mut rest = BytesMut::from(&greeting[..]);
-            while let Ok(Some(m)) = protocol::decode(&mut rest, usize::MAX, protocol::BACKEND_TAGS) {
-                if let Some((name, value)) = parameter_status(&m).filter(|_| m.tag == b'S')
-                    && !matches!(name.as_str(), "session_authorization" | "is_superuser")
-                {
-                    n.set_session_setting(session, &name, &value);
-                }
-            }
-            for (name, value) in &settings {
-                n.set_session_setting(session, name, value);
-            }
-            if opaque {
-                n.make_private(session);
+        c.starting_state(&greeting, &settings, opaque);
+        c.serve_and_close().await
+    }
+
+    /// The node's view of the session's starting state: what the server
+    /// reported at login (standard_conforming_strings, TimeZone, DateStyle,
+    /// ...), then the startup settings; private when `options` held
+    /// something else.
+    fn starting_state(&self, greeting: &[u8], settings: &[(String, String)], opaque: bool) {
+        let mut n = self.proxy.node();
+        let mut rest = BytesMut::from(greeting);
+        while let Ok(Some(m)) = protocol::decode(&mut rest, usize::MAX, protocol::BACKEND_TAGS) {
+            if let Some((name, value)) = parameter_status(&m).filter(|_| m.tag == b'S')
+                && !matches!(name.as_str(), "session_authorization" | "is_superuser")
+            {
+                n.set_session_setting(self.session, &name, &value);
             }
         }
-        c.proxy.metrics.clients.fetch_add(1, Ordering::Relaxed);
-        c.proxy.metrics.clients_total.fetch_add(1, Ordering::Relaxed);
-        c.proxy.metrics.upstream_connections.fetch_add(1, Ordering::Relaxed);
-        let result = c.serve_queries().await;
+        for (name, value) in settings {
+            n.set_session_setting(self.session, name, value);
+        }
+        if opaque {
+            n.make_private(self.session);
+        }
+    }
+
+    /// Serves the session's requests, then closes it (a dead upstream or a
+    /// full pool is told to the client first), its counters given back.
+    async fn serve_and_close(&mut self) -> anyhow::Result<()> {
+        self.proxy.metrics.clients.fetch_add(1, Ordering::Relaxed);
+        self.proxy.metrics.clients_total.fetch_add(1, Ordering::Relaxed);
+        self.proxy.metrics.upstream_connections.fetch_add(1, Ordering::Relaxed);
+        let result = self.serve_queries().await;
         if let Err(e) = &result {
             // a dead upstream, a full pool: the client hears why before the end
             // (as PgBouncer's query_wait_timeout: the session ends)
             let code = if e.downcast_ref::<PoolError>().is_some() { "53300" } else { "08006" };
-            let _ = c.wr.write_all(&protocol::error_response("FATAL", code, &format!("postai-edge: {e}"))).await;
+            let _ = self.wr.write_all(&protocol::error_response("FATAL", code, &format!("postai-edge: {e}"))).await;
         }
-        c.proxy.node().close_session(session);
-        if let Upstream::Pooled { cancel, .. } = &c.upstream {
-            c.proxy.cancels.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, t| !Arc::ptr_eq(t, cancel));
+        self.proxy.node().close_session(self.session);
+        if let Upstream::Pooled { cancel, .. } = &self.upstream {
+            self.proxy.cancels.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, t| !Arc::ptr_eq(t, cancel));
         }
-        let m = &c.proxy.metrics;
+        let m = &self.proxy.metrics;
         m.clients.fetch_sub(1, Ordering::Relaxed);
         m.upstream_connections.fetch_sub(1, Ordering::Relaxed);
-        m.replica_connections.fetch_sub(c.replicas.conns.len() as u64, Ordering::Relaxed);
+        m.replica_connections.fetch_sub(self.replicas.conns.len() as u64, Ordering::Relaxed);
         result
     }
 

@@ -16,35 +16,15 @@ impl World {
         }
         match fault {
             Fault::PrimaryCrash { restart_after_s, .. } => {
-                if begin {
-                    let p = self.crash_target()?;
-                    // answers sent before the crash reached their clients
-                    self.settle_acks(now);
-                    self.db.crash(p, now);
-                    self.fault_nodes[index] = Some(p);
-                    *restart_after_s
-                } else {
-                    if let Some(i) = self.fault_nodes[index] {
-                        self.restart_node(i);
-                    }
-                    None
-                }
+                let node = if begin { self.crash_target() } else { None };
+                // answers sent before the crash reached their clients
+                self.node_crash(index, node, *restart_after_s, begin, true)
             }
             Fault::ReplicaCrash { region, restart_after_s, .. } => {
-                if begin {
-                    let z = Zone::parse(region).unwrap_or(Zone::Eu);
-                    let node = (0..self.db.nodes.len())
-                        .find(|&i| i != self.db.primary && self.db.nodes[i].zone == z && self.db.nodes[i].up);
-                    let i = node?;
-                    self.db.crash(i, now);
-                    self.fault_nodes[index] = Some(i);
-                    *restart_after_s
-                } else {
-                    if let Some(i) = self.fault_nodes[index] {
-                        self.restart_node(i);
-                    }
-                    None
-                }
+                let z = Zone::parse(region).unwrap_or(Zone::Eu);
+                let node = (0..self.db.nodes.len())
+                    .find(|&i| i != self.db.primary && self.db.nodes[i].zone == z && self.db.nodes[i].up);
+                self.node_crash(index, node.filter(|_| begin), *restart_after_s, begin, false)
             }
             Fault::RegionalOutage { region, duration_s, .. } => {
                 let r = region_of(region);
@@ -117,6 +97,33 @@ impl World {
                 None
             }
         }
+    }
+
+    /// A crash of `node` (fault `index`) begins (`settle`: the acknowledgements
+    /// sent before it first), or the node it took down restarts; when it has
+    /// an end, returns it (in seconds from now).
+    fn node_crash(
+        &mut self,
+        index: usize,
+        node: Option<usize>,
+        restart_after_s: Option<f64>,
+        begin: bool,
+        settle: bool,
+    ) -> Option<f64> {
+        if !begin {
+            if let Some(i) = self.fault_nodes[index] {
+                self.restart_node(i);
+            }
+            return None;
+        }
+        let now = self.now();
+        let i = node?;
+        if settle {
+            self.settle_acks(now);
+        }
+        self.db.crash(i, now);
+        self.fault_nodes[index] = Some(i);
+        restart_after_s
     }
 
     /// The node a primary crash takes down: the primary; while a promotion
