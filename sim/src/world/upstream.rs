@@ -166,82 +166,7 @@ async fn relay(w: &Shared, region: usize, u: &UpstreamRequest, ctx: OpCtx) -> Db
 /// Carries one upstream request from a site to a region and back.
 pub async fn upstream(w: Shared, site: usize, u: UpstreamRequest) {
     let Some(ctx) = w.borrow_mut().inflight[site].remove(&u.req) else { return };
-    let (timeout_ms, hold_ms) = {
-        let wb = w.borrow();
-        (
-            wb.sc.network.timeout_ms as f64,
-            wb.sc.db.heartbeat_timeout_ms as f64 + 3.0 * wb.sc.db.promote_ms as f64 + 5_000.0,
-        )
-    };
-    let mut waited_ms = 0.0;
-    let mut attempts = 0;
-    let result: Result<(Val, Served, Option<Committed>, f64), String> = loop {
-        attempts += 1;
-        let pick = w.borrow_mut().pick_region(site, u.residency);
-        let Some((region, oneway)) = pick else {
-            // every region's breaker is open: wait for a half-open probe
-            if waited_ms > hold_ms {
-                break Err("no region reachable".into());
-            }
-            sleep_ms(200.0).await;
-            waited_ms += 200.0;
-            continue;
-        };
-        // the draws in the order they were made before loss was modelled
-        // (reachability, then jitter), so that runs without loss keep theirs
-        let reachable = w.borrow().region_reachable(region);
-        let (jitter, resent_ms) = if reachable {
-            let mut wb = w.borrow_mut();
-            let jitter = wb.jitter();
-            (jitter, [wb.resent_ms(2.0 * oneway), wb.resent_ms(2.0 * oneway)])
-        } else {
-            (0.0, [0.0; 2])
-        };
-        // a request still being resent when the site's timeout fires was not
-        // delivered: the site gives up on it and tries again (a late answer
-        // to a delivered request is waited for)
-        if !reachable || (resent_ms[0] > 0.0 && oneway + jitter + resent_ms[0] >= timeout_ms) {
-            sleep_ms(timeout_ms).await;
-            waited_ms += timeout_ms;
-            w.borrow_mut().region_result(site, region, Err(()));
-            if waited_ms > hold_ms || attempts > 50 {
-                break Err("region unreachable".into());
-            }
-            continue;
-        }
-        sleep_ms(oneway + jitter + resent_ms[0]).await;
-        let outcome = region_execute(&w, region, &u, ctx, false).await;
-        sleep_ms(oneway + jitter + resent_ms[1]).await;
-        let lost_ms = resent_ms[0] + resent_ms[1];
-        match outcome {
-            DbOutcome::Ok { snapshot, commit, served, extra_ms } => {
-                let ms = waited_ms + 2.0 * (oneway + jitter) + lost_ms + extra_ms;
-                w.borrow_mut().region_result(
-                    site,
-                    region,
-                    Ok(Duration::from_secs_f64((2.0 * oneway + lost_ms + extra_ms) / 1e3)),
-                );
-                break Ok((Val { lsn: snapshot }, served, commit, ms));
-            }
-            DbOutcome::Unreachable => {
-                // no database endpoint: hold the request (like PgBouncer's PAUSE)
-                // until failover re-points the routes, then retry
-                if waited_ms > hold_ms {
-                    break Err("no database endpoint".into());
-                }
-                sleep_ms(250.0).await;
-                waited_ms += 250.0 + 2.0 * oneway + lost_ms;
-            }
-            DbOutcome::Refused(e) => {
-                if waited_ms > hold_ms {
-                    break Err(e);
-                }
-                // a fenced or stale primary: wait for the new routes
-                sleep_ms(250.0).await;
-                waited_ms += 250.0 + 2.0 * oneway + lost_ms;
-            }
-        }
-    };
+    let result = attempt_regions(&w, site, &u, ctx).await;
     let mut wb = w.borrow_mut();
     let now = wb.now();
     match result {
@@ -290,6 +215,93 @@ pub async fn upstream(w: Shared, site: usize, u: UpstreamRequest) {
             node.handle_upstream(now, u.req, Err(e));
             while node.poll_output().is_some() {}
             wb.fail(ctx, now);
+        }
+    }
+}
+
+/// The request's attempts at the site's regions, as the site's router
+/// picks them, until one answers or the site gives up: the answer, where
+/// it was served, the commit (for a write) and the milliseconds it took.
+async fn attempt_regions(
+    w: &Shared,
+    site: usize,
+    u: &UpstreamRequest,
+    ctx: OpCtx,
+) -> Result<(Val, Served, Option<Committed>, f64), String> {
+    let (timeout_ms, hold_ms) = {
+        let wb = w.borrow();
+        (
+            wb.sc.network.timeout_ms as f64,
+            wb.sc.db.heartbeat_timeout_ms as f64 + 3.0 * wb.sc.db.promote_ms as f64 + 5_000.0,
+        )
+    };
+    let mut waited_ms = 0.0;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let pick = w.borrow_mut().pick_region(site, u.residency);
+        let Some((region, oneway)) = pick else {
+            // every region's breaker is open: wait for a half-open probe
+            if waited_ms > hold_ms {
+                return Err("no region reachable".into());
+            }
+            sleep_ms(200.0).await;
+            waited_ms += 200.0;
+            continue;
+        };
+        // the draws in the order they were made before loss was modelled
+        // (reachability, then jitter), so that runs without loss keep theirs
+        let reachable = w.borrow().region_reachable(region);
+        let (jitter, resent_ms) = if reachable {
+            let mut wb = w.borrow_mut();
+            let jitter = wb.jitter();
+            (jitter, [wb.resent_ms(2.0 * oneway), wb.resent_ms(2.0 * oneway)])
+        } else {
+            (0.0, [0.0; 2])
+        };
+        // a request still being resent when the site's timeout fires was not
+        // delivered: the site gives up on it and tries again (a late answer
+        // to a delivered request is waited for)
+        if !reachable || (resent_ms[0] > 0.0 && oneway + jitter + resent_ms[0] >= timeout_ms) {
+            sleep_ms(timeout_ms).await;
+            waited_ms += timeout_ms;
+            w.borrow_mut().region_result(site, region, Err(()));
+            if waited_ms > hold_ms || attempts > 50 {
+                return Err("region unreachable".into());
+            }
+            continue;
+        }
+        sleep_ms(oneway + jitter + resent_ms[0]).await;
+        let outcome = region_execute(w, region, u, ctx, false).await;
+        sleep_ms(oneway + jitter + resent_ms[1]).await;
+        let lost_ms = resent_ms[0] + resent_ms[1];
+        match outcome {
+            DbOutcome::Ok { snapshot, commit, served, extra_ms } => {
+                let ms = waited_ms + 2.0 * (oneway + jitter) + lost_ms + extra_ms;
+                w.borrow_mut().region_result(
+                    site,
+                    region,
+                    Ok(Duration::from_secs_f64((2.0 * oneway + lost_ms + extra_ms) / 1e3)),
+                );
+                return Ok((Val { lsn: snapshot }, served, commit, ms));
+            }
+            DbOutcome::Unreachable => {
+                // no database endpoint: hold the request (like PgBouncer's PAUSE)
+                // until failover re-points the routes, then retry
+                if waited_ms > hold_ms {
+                    return Err("no database endpoint".into());
+                }
+                sleep_ms(250.0).await;
+                waited_ms += 250.0 + 2.0 * oneway + lost_ms;
+            }
+            DbOutcome::Refused(e) => {
+                if waited_ms > hold_ms {
+                    return Err(e);
+                }
+                // a fenced or stale primary: wait for the new routes
+                sleep_ms(250.0).await;
+                waited_ms += 250.0 + 2.0 * oneway + lost_ms;
+            }
         }
     }
 }
