@@ -154,6 +154,11 @@ impl<V: Clone> Tier<V> {
         self.slots.iter().flatten().map(|s| &s.entry)
     }
 
+    /// Every entry held with its key, in slot order.
+    pub fn keyed_entries(&self) -> impl Iterator<Item = (u128, &Entry<V>)> {
+        self.slots.iter().flatten().map(|s| (s.key, &s.entry))
+    }
+
     /// Drops everything (a lost tier). Statistics other than size are kept.
     pub fn clear(&mut self) {
         self.map.clear();

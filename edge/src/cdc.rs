@@ -188,6 +188,9 @@ async fn open_slot(
     for event in &events {
         node.handle_cdc(proxy.now(), event);
     }
+    // what changed before the slot's position reached this process only as
+    // what the L2 file holds: nothing older is filed
+    node.fills_from(opening.adopt_at);
     Ok(())
 }
 
@@ -335,6 +338,7 @@ async fn subscribe_loop(proxy: &Proxy, sub: &mut Subscriber, watch: &mut crate::
         }
         let text = String::from_utf8_lossy(m.body());
         let Some(line) = Line::parse(&text) else { continue };
+        let opening_at = sub.opening(&line).map(|(at, _)| at);
         if let Some((at, created)) = sub.opening(&line) {
             // the catalog once the stream's position is fixed (DDL after it
             // comes through the stream), before the stream opens the cache
@@ -358,6 +362,10 @@ async fn subscribe_loop(proxy: &Proxy, sub: &mut Subscriber, watch: &mut crate::
             };
             for event in &step.events {
                 node.handle_cdc(now, event);
+            }
+            if let Some(at) = opening_at {
+                // the stream opened there: nothing older is filed
+                node.fills_from(at);
             }
             if step.resumed {
                 proxy.metrics.cdc_resumed.fetch_add(1, Ordering::Relaxed);

@@ -126,6 +126,9 @@ pub struct Region {
     cdc: CdcLink,
     /// Its slot read, its history, what it published (`world/stream.rs`).
     stream: RegionStream,
+    /// Where its process's stream opened: no answer older is filed in L3
+    /// (its version map knows nothing of what changed before).
+    fills_from: Lsn,
 }
 
 /// One in-flight client request.
@@ -460,7 +463,7 @@ impl World {
             return;
         }
         let r = &mut self.regions[region];
-        if !r.versions.is_valid(snapshot, &u.deps) {
+        if snapshot < r.fills_from || !r.versions.is_valid(snapshot, &u.deps) {
             return;
         }
         let entry = Entry {

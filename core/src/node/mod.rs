@@ -272,6 +272,10 @@ pub struct EdgeNode<V> {
     /// DDL ran through this node and the database's catalog has not been
     /// read since: nothing is cached (functions and views may have changed).
     catalog_stale: bool,
+    /// Where the change stream opened in this process: the version map
+    /// knows nothing of changes at or below it, so no answer older than it
+    /// is filed ([`EdgeNode::fills_from`]).
+    fills_from: Lsn,
 }
 
 impl<V: Clone> EdgeNode<V> {
@@ -300,6 +304,7 @@ impl<V: Clone> EdgeNode<V> {
             acknowledged_stream: Lsn(0),
             gap_since: None,
             catalog_stale: false,
+            fills_from: Lsn(0),
             config,
         })
     }
@@ -675,6 +680,7 @@ impl<V: Clone> EdgeNode<V> {
         if let Some(key) = p.cache_key
             && p.cache_here
             && fills
+            && reply.snapshot_lsn >= self.fills_from
             && self.versions.is_valid(reply.snapshot_lsn, &p.deps)
         {
             let expires_at = now + reply.ttl.unwrap_or(Duration::MAX);
@@ -774,6 +780,45 @@ impl<V: Clone> EdgeNode<V> {
     /// of portable contexts ([`Self::context_is_portable`]) and deps on tables
     /// the catalog interns to the same ids. Restored entries are invalidated
     /// (never refreshed in place: the refresh index does not track them).
+    /// The change stream opened at `lsn` (a slot found at its position, a
+    /// subscription continued or started there): what changed at or below
+    /// it reached this process only as what its tiers hold (an L2 file
+    /// kept valid up to it), not as versions, so no answer older than it is
+    /// filed: a lagging replica's answer could miss a change the version map
+    /// never saw.
+    pub fn fills_from(&mut self, lsn: Lsn) {
+        self.fills_from = self.fills_from.max(lsn);
+    }
+
+    /// The node as a new process finds it after a restart from its L2 file:
+    /// the L2 entries the file still holds stay (it applied every
+    /// invalidation the node did: the entries the version map no longer
+    /// vouches for are gone), everything else a process holds in memory
+    /// goes: L1, the version map, the refresh index, answers in flight
+    /// (never filed), the stream's clock (nothing is served until the stream
+    /// is heard) and where it opened. Sessions stay (their clients reconnect
+    /// at once; their floors only hold back).
+    pub fn restart(&mut self) {
+        let versions = &self.versions;
+        let gone: Vec<u128> =
+            self.l2.keyed_entries().filter(|(_, e)| !versions.is_valid(e.lsn, &e.deps)).map(|(k, _)| k).collect();
+        for key in gone {
+            self.l2.remove(key);
+        }
+        self.clear_tier(TierName::L1);
+        let versions = VersionMap::new(self.config.versions.clone(), Lsn(0));
+        if let Ok(v) = versions {
+            self.versions = v;
+        }
+        self.refresh = RefreshIndex::new(self.config.l2.entries_max.saturating_mul(2));
+        for p in self.pending.values_mut() {
+            p.cache_here = false;
+        }
+        self.last_cdc = None;
+        self.gap_since = None;
+        self.fills_from = Lsn(0);
+    }
+
     pub fn restore_l2(&mut self, now: Instant, key: u128, entry: Entry<V>) -> bool {
         self.versions.is_valid(entry.lsn, &entry.deps) && self.l2.insert(now, key, entry)
     }

@@ -85,6 +85,24 @@ mod session_and_refresh {
         assert!(matches!(ask(&mut n, "3"), Some(NodeOutput::Reply { served: Served::L1, lsn: Lsn(4), .. })));
     }
 
+    /// A process that opened its stream at 10 never saw what changed at or
+    /// below it: an answer reflecting only up to 5 (a lagging replica) may
+    /// miss a change in between and is not filed; one at 10 or later is.
+    /// A restart forgets where the stream opened, and what L1 held.
+    #[test]
+    fn no_answer_older_than_where_the_stream_opened_is_filed() {
+        let (mut n, _) = node(InvalidationMode::Key);
+        let p = n.prepare("SELECT id, v FROM items WHERE id = $1").expect("lexes");
+        n.fills_from(Lsn(10));
+        assert_eq!(read(&mut n, &p, "7", 5), (Served::Replica, 5));
+        assert_eq!(read(&mut n, &p, "7", 6), (Served::Replica, 6), "the older answer was not filed");
+        assert_eq!(read(&mut n, &p, "7", 10), (Served::Replica, 10));
+        assert_eq!(read(&mut n, &p, "7", 11), (Served::L1, 10), "filed at the opening position");
+        n.restart();
+        assert_eq!(n.tier(crate::cache::TierName::L1).map(|t| t.len()), Some(0), "L1 is gone with the process");
+        assert_eq!(n.tier(crate::cache::TierName::L2).map(|t| t.len()), Some(1), "L2 is the file");
+    }
+
     #[test]
     fn refresh_keeps_point_reads_hot_and_current() {
         let (mut n, items) = node(InvalidationMode::Refresh);

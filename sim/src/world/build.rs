@@ -85,6 +85,7 @@ fn region(sc: &Scenario, h: &Place, db: &Database, rng: &mut Rng) -> Region {
         last_cdc: Instant::ZERO,
         cdc: CdcLink::new(),
         stream: RegionStream::new(),
+        fills_from: Lsn(0),
     }
 }
 

@@ -212,6 +212,9 @@ impl World {
             reg.stream.order.push(ev, &mut ordered);
             reg.cdc.mark_applied();
         }
+        // the sites read the published feeds, not the link: what the pool
+        // read may go
+        reg.cdc.trim(reg.cdc.applied());
         let Some(live) = live else { return };
         for e in &ordered {
             // (a commit a new slot's start already covers is not streamed again)
@@ -256,6 +259,7 @@ impl World {
         let delay = Duration::from_secs_f64(site.region_oneway_ms[r] / 1e3);
         let mut step = Step::default();
         let mut heard = None;
+        let mut opened_at = None;
         let stream = &mut site.stream;
         let mut decode = decode_row;
         if stream.next.is_none() {
@@ -267,6 +271,7 @@ impl World {
             }
             stream.next = Some(reg.stream.end());
             stream.file = None;
+            opened_at = Some(stream.sub.last());
             heard = Some(reg.last_cdc);
             self.checker.streams_resumed += u64::from(step.resumed);
             self.checker.streams_started_over += u64::from(!step.resumed);
@@ -286,6 +291,10 @@ impl World {
         let heard = heard.map_or(now, |live| (live + delay).min(now));
         self.checker.streams_new_history += u64::from(step.new_history);
         site.apply_step(heard, step, self.sc.tiers.entry_bytes);
+        if let Some(at) = opened_at {
+            // the stream opened there: nothing older is filed
+            site.node.fills_from(at);
+        }
     }
 
     /// A regional pool's process starts again (after an outage): its slot
@@ -302,6 +311,8 @@ impl World {
         reg.stream.incarnation = incarnation;
         reg.versions = VersionMap::new(VersionMapConfig::default(), confirmed).expect("the default config");
         reg.l3.clear();
+        // its stream opens at the slot's position: nothing older is filed
+        reg.fills_from = confirmed;
     }
 
     /// A promotion completed: each pool's slot on the new primary is new
@@ -356,7 +367,7 @@ impl World {
             let old = std::mem::take(&mut site.stream);
             site.stream.file = Some((old.sub.last(), old.sub.announced().map(str::to_string)));
             site.stream.incarnation = old.incarnation;
-            site.node.clear_tier(TierName::L1);
+            site.node.restart();
         }
     }
 }
