@@ -476,8 +476,12 @@ impl World {
         r.l3.insert(now, key, entry);
     }
 
-    /// A keepalive of the CDC stream: nothing committed after the last event.
+    /// A keepalive of the CDC stream: nothing committed after the last
+    /// event (none while the primary is down: no poll of its slot returns).
     pub fn emit_keepalive(&mut self) {
+        if !self.db.nodes[self.db.primary].up {
+            return;
+        }
         let lsn = self.last_cdc_lsn;
         self.emit_event(CdcEvent { prev_lsn: lsn, change: Change { lsn, targets: Vec::new() } });
     }

@@ -184,7 +184,7 @@ impl World {
     /// subscriptions, to their sites.
     pub fn pump_cdc(&mut self) {
         for r in 0..self.regions.len() {
-            if self.regions[r].up {
+            if self.regions[r].up && self.reaches_slot(r) {
                 self.pool_reads(r);
             }
             let mut oldest = self.regions[r].stream.end();
@@ -196,6 +196,15 @@ impl World {
             }
             self.regions[r].stream.trim(oldest);
         }
+    }
+
+    /// Whether pool `r` reaches the server its slot is on (the primary): a
+    /// pool that cannot reads nothing, as the proxy's poll loop fails, and
+    /// its sites hear nothing (they stop serving from their tiers after the
+    /// silence bound).
+    fn reaches_slot(&self, r: usize) -> bool {
+        let p = self.db.primary;
+        self.db.nodes[p].up && self.regions[r].cut_from != Some(p)
     }
 
     /// The pool reads what arrived on its slot: applied to its version map
@@ -324,6 +333,9 @@ impl World {
         let start = self.last_cdc_lsn;
         let o = origin(self.db.timeline);
         for reg in &mut self.regions {
+            // what the old slot held unread is gone with it
+            reg.cdc.drop_unread();
+            reg.stream.order.restart_at(start);
             let opening = reg.stream.reader.open(Slot::Created(start));
             reg.stream.history.set_origin(Some(o.clone()));
             let reset = Feed { reset: opening.reset, origin: Some(o.clone()), ..Feed::default() };
