@@ -338,8 +338,8 @@ async fn subscribe_loop(proxy: &Proxy, sub: &mut Subscriber, watch: &mut crate::
         }
         let text = String::from_utf8_lossy(m.body());
         let Some(line) = Line::parse(&text) else { continue };
-        let opening_at = sub.opening(&line).map(|(at, _)| at);
-        if let Some((at, created)) = sub.opening(&line) {
+        let opening = sub.opening(&line);
+        if let Some((at, created)) = opening {
             // the catalog once the stream's position is fixed (DDL after it
             // comes through the stream), before the stream opens the cache
             let catalog = watch.sync_catalog(proxy, &mut catalog_conn).await?;
@@ -363,7 +363,7 @@ async fn subscribe_loop(proxy: &Proxy, sub: &mut Subscriber, watch: &mut crate::
             for event in &step.events {
                 node.handle_cdc(now, event);
             }
-            if let Some(at) = opening_at {
+            if let Some((at, _)) = opening {
                 // the stream opened there: nothing older is filed
                 node.fills_from(at);
             }

@@ -1,8 +1,9 @@
 //! The change stream as it reaches one regional pool: every event the
 //! primary's stream carries arrives, in order of arrival, possibly twice,
-//! possibly overtaken by the next one; none is lost. The pool applies the
-//! events that have arrived; its sites receive, each after its own delay,
-//! what the pool applied (a prefix: arrivals never decrease).
+//! possibly overtaken by the next one; none is lost. The pool reads the
+//! events that have arrived (arrivals never decrease), put back in the
+//! slot's order by [`InOrder`]; its sites follow what it publishes
+//! (`world/stream.rs`), not this link.
 //!
 //! Each event also carries when it would have arrived on a live stream (its
 //! send time plus the way): what a consumer that receives it knows is as
@@ -99,6 +100,7 @@ impl CdcLink {
     }
 
     /// When event `i` (an index into the stream, not yet trimmed) reached the pool.
+    #[cfg(test)]
     pub fn arrival(&self, i: usize) -> Instant {
         self.log[i - self.base].arrival
     }
@@ -107,16 +109,6 @@ impl CdcLink {
     /// fresh what it tells is.
     pub fn live(&self, i: usize) -> Instant {
         self.log[i - self.base].live
-    }
-
-    /// The freshest of events `from..to`: the latest of their live arrivals.
-    pub fn freshest(&self, from: usize, to: usize) -> Option<Instant> {
-        self.log[from - self.base..to - self.base].iter().map(|s| s.live).max()
-    }
-
-    /// Events `from..to` (indexes into the stream, not yet trimmed).
-    pub fn events(&self, from: usize, to: usize) -> impl Iterator<Item = &CdcEvent> + Clone {
-        self.log[from - self.base..to - self.base].iter().map(|s| &s.event)
     }
 
     /// Every consumer has passed event `upto`: what is before it may go.
@@ -212,7 +204,7 @@ mod tests {
         assert_eq!(drain(&mut link, at(150)), [3, 3, 2]);
         // it arrived late, and tells what was fresh when it was sent
         assert_eq!((link.arrival(3), link.live(3)), (at(150), at(11)));
-        assert_eq!(link.freshest(1, 4), Some(at(150)));
+        assert_eq!((1..4).map(|i| link.live(i)).max(), Some(at(150)));
     }
 
     /// A stall delivers late what was sent during it: as fresh as when it
@@ -224,7 +216,7 @@ mod tests {
         link.send(at(20), at(1_000), ev(2), false, false);
         assert_eq!(drain(&mut link, at(4_999)), Vec::<u64>::new());
         assert_eq!(drain(&mut link, at(5_000)), [1, 2], "arrivals never decrease");
-        assert_eq!(link.freshest(0, 2), Some(at(20)));
+        assert_eq!((0..2).map(|i| link.live(i)).max(), Some(at(20)));
     }
 
     /// The bug this replaces: the new event was swapped with the one before

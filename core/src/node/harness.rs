@@ -15,11 +15,6 @@ pub fn read_reply<V>(value: V, size_bytes: u32, served: Served, snapshot: Lsn) -
     UpstreamReply { value, size_bytes, served, snapshot_lsn: snapshot, commit_lsn: None, ttl: None }
 }
 
-/// A write's answer from the primary: committed at `lsn`.
-pub fn write_reply<V>(value: V, size_bytes: u32, lsn: Lsn) -> UpstreamReply<V> {
-    UpstreamReply { value, size_bytes, served: Served::Primary, snapshot_lsn: lsn, commit_lsn: Some(lsn), ttl: None }
-}
-
 /// The node's next output, with an upstream request answered by `origin`
 /// first: a reply from the cache (or an error) as it is; for a request
 /// that goes upstream, the node's output once `origin`'s answer is handed
