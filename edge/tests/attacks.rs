@@ -89,7 +89,7 @@ fn fixture(name: &str, replica: bool, poll_ms: u64) -> Fixture {
     );
     let rt = pg::start_proxy(&config);
     let port = rt.port;
-    assert!(eventually_within(Duration::from_secs(20), || pg::stat_n(port, "cdc_events") > 0), "CDC connected");
+    assert!(eventually_within(Duration::from_secs(20), || pg::stat_n(port, "filling") > 0), "CDC connected");
     if replica.is_some() {
         // reads go to the replica once its health is known
         assert!(eventually_within(Duration::from_secs(20), || {
@@ -663,7 +663,7 @@ fn proxy_consistency_orders_reads_after_any_acknowledged_write() {
         replica.addr()
     ));
     let port = rt.port;
-    assert!(eventually_within(Duration::from_secs(20), || pg::stat_n(port, "cdc_events") > 0));
+    assert!(eventually_within(Duration::from_secs(20), || pg::stat_n(port, "filling") > 0));
     assert!(eventually_within(Duration::from_secs(20), || {
         psql(port, "SELECT v FROM items WHERE id = 100") == "v100" && pg::stat_n(port, "replica_reads") > 0
     }));

@@ -157,7 +157,7 @@ fn fixture(name: &str, poll_ms: u64) -> Fixture {
     let config = format!("upstream = '{}'\n[cdc]\npoll_ms = {poll_ms}\nsilence_max_ms = 60000\n", pg.addr());
     let rt = pg::start_proxy(&config);
     let port = rt.port;
-    assert!(eventually_within(Duration::from_secs(20), || pg::stat_n(port, "cdc_events") > 0), "CDC connected");
+    assert!(eventually_within(Duration::from_secs(20), || pg::stat_n(port, "filling") > 0), "CDC connected");
     Fixture { pg, port, rt }
 }
 

@@ -34,7 +34,7 @@ fn start_proxy(pg: &Pg) -> (u16, pg::Proxy) {
          [[tables]]\nname = 'docs'\nprimary_key = 'id'\ninteger_key = true\n\
          [cdc]\npoll_ms = 1000\nsilence_max_ms = 30000\n",
     );
-    assert!(eventually(|| stat(port, "cdc_events") > 0), "CDC connected");
+    assert!(eventually(|| stat(port, "filling") > 0), "CDC connected");
     (port, rt)
 }
 

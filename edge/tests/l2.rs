@@ -44,7 +44,7 @@ impl Drop for TempDir {
 /// Reads ids 1..=6 through a fresh proxy, waits until the file has them, stops it.
 fn fill_and_stop(pg: &Pg, file: &Path) {
     let (port, rt) = start_proxy(pg, file, ITEMS);
-    assert!(eventually(|| stat(port, "cdc_events") > 0), "CDC connected");
+    assert!(eventually(|| stat(port, "filling") > 0), "CDC connected");
     for id in 1..=6 {
         assert_eq!(read(port, id), format!("v{id}"));
     }
@@ -64,7 +64,7 @@ fn a_restarted_proxy_starts_warm_and_never_serves_stale() {
     // a new proxy on the same file: the same reads are L2 hits
     let (port, rt) = start_proxy(&pg, &file, ITEMS);
     assert_eq!(stat(port, "l2_file_restored"), 6);
-    assert!(eventually(|| stat(port, "cdc_events") > 0), "CDC connected");
+    assert!(eventually(|| stat(port, "filling") > 0), "CDC connected");
     for id in 1..=6 {
         assert_eq!(read(port, id), format!("v{id}"));
     }
@@ -90,7 +90,7 @@ fn a_restarted_proxy_starts_warm_and_never_serves_stale() {
     assert_eq!(stat(port, "l2_file_restored"), 6, "restored before the CDC reader has vouched for them");
     // at once, before the CDC stream is heard: never the old value
     assert_eq!(read(port, 2), "new2");
-    assert!(eventually(|| stat(port, "cdc_events") > 0), "CDC connected");
+    assert!(eventually(|| stat(port, "filling") > 0), "CDC connected");
     assert_eq!(read(port, 7), "seven");
     for id in 1..=6 {
         let want = if id == 2 || id == 4 { format!("new{id}") } else { format!("v{id}") };
@@ -106,7 +106,7 @@ fn a_restarted_proxy_starts_warm_and_never_serves_stale() {
 
     // and once more: the proxy's own write and the refills come back right
     let (port, rt) = start_proxy(&pg, &file, ITEMS);
-    assert!(eventually(|| stat(port, "cdc_events") > 0), "CDC connected");
+    assert!(eventually(|| stat(port, "filling") > 0), "CDC connected");
     for (id, want) in [(1, "v1"), (2, "new2"), (4, "new4"), (5, "five"), (6, "v6")] {
         assert_eq!(read(port, id), want, "id {id}");
     }
@@ -118,7 +118,7 @@ fn a_restarted_proxy_starts_warm_and_never_serves_stale() {
     let dropped = psql(pg.port, "SELECT pg_drop_replication_slot('postai')");
     assert!(!dropped.contains("ERROR"), "{dropped}");
     let (port, rt) = start_proxy(&pg, &file, ITEMS);
-    assert!(eventually(|| stat(port, "cdc_events") > 0), "CDC connected");
+    assert!(eventually(|| stat(port, "filling") > 0), "CDC connected");
     assert!(stat_text(port, "l2_file_notice").contains("created"), "{}", stat_text(port, "l2_file_notice"));
     for (id, want) in [(1, "v1"), (5, "five"), (6, "six")] {
         assert_eq!(read(port, id), want, "id {id}");
@@ -149,7 +149,7 @@ fn an_edge_behind_a_regional_proxy_resumes_from_its_file() {
             regional.port,
             file.display()
         ));
-        assert!(eventually(|| stat(p.port, "cdc_events") > 0), "subscribed");
+        assert!(eventually(|| stat(p.port, "filling") > 0), "subscribed");
         p
     };
     let e = edge();
@@ -199,7 +199,7 @@ fn bad_files_are_reported_and_foreign_ones_wiped() {
     assert!(notice.contains("unreadable") && notice.contains(".corrupt"), "{notice}");
     assert!(stat_text(port, "l2_file").ends_with("(ok)"), "{}", stat_text(port, "l2_file"));
     assert_eq!(stat(port, "l2_file_restored"), 0);
-    assert!(eventually(|| stat(port, "cdc_events") > 0), "CDC connected");
+    assert!(eventually(|| stat(port, "filling") > 0), "CDC connected");
     assert_eq!(read(port, 1), "v1");
     assert!(eventually(|| stat(port, "l2_file_entries") >= 1), "the fresh file is written");
     drop(rt);
@@ -208,7 +208,7 @@ fn bad_files_are_reported_and_foreign_ones_wiped() {
     // a path that cannot be a file: L2 in memory only, the proxy serves
     let (port, rt) = start_proxy(&pg, &dir.0, ITEMS);
     assert!(stat_text(port, "l2_file").contains("off"), "{}", stat_text(port, "l2_file"));
-    assert!(eventually(|| stat(port, "cdc_events") > 0), "CDC connected");
+    assert!(eventually(|| stat(port, "filling") > 0), "CDC connected");
     assert_eq!(read(port, 2), "v2");
     assert_eq!(read(port, 2), "v2");
     assert_eq!(stat(port, "l1_hits"), 1);
@@ -223,7 +223,7 @@ fn bad_files_are_reported_and_foreign_ones_wiped() {
     assert_eq!(stat(port, "l2_file_restored"), 0);
     let notice = stat_text(port, "l2_file_notice");
     assert!(notice.contains("another configuration") && notice.contains("6 entries wiped"), "{notice}");
-    assert!(eventually(|| stat(port, "cdc_events") > 0), "CDC connected");
+    assert!(eventually(|| stat(port, "filling") > 0), "CDC connected");
     assert_eq!(read(port, 3), "v3");
     assert_eq!(stat(port, "l2_hits"), 0);
     drop(rt);

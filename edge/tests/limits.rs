@@ -403,7 +403,7 @@ fn sighup_and_postai_reload_replace_users_and_keep_the_cache() {
             .find_map(|l| l.strip_prefix(&format!("{name}|")).and_then(|v| v.parse().ok()))
             .unwrap_or_else(|| panic!("{name} in {out}"))
     };
-    assert!(eventually(|| stat("cdc_events") > 0), "CDC connected: {}", edge.log());
+    assert!(eventually(|| stat("filling") > 0), "CDC connected: {}", edge.log());
     let read = || psql_as(port, "postgres", "pg-secret", "SELECT v FROM items WHERE id = 7");
     assert_eq!(read(), (true, "v7".into()));
     assert_eq!(read(), (true, "v7".into()));
@@ -585,7 +585,7 @@ fn cancel_reaches_the_replica_running_the_read() {
         pg::ITEMS_TABLE
     ));
     let port = proxy.port;
-    assert!(eventually(|| stat_n(port, "cdc_events") > 0), "CDC connected");
+    assert!(eventually(|| stat_n(port, "filling") > 0), "CDC connected");
     assert!(
         eventually(|| psql(port, "SELECT v FROM items WHERE id = 1") == "v1" && stat_n(port, "replica_reads") > 0),
         "reads go to the replica: {}",

@@ -62,7 +62,7 @@ fn clients_connect_and_hit_the_cache_without_a_server_connection() {
         "upstream = '{}'\n[pool]\nmode = 'transaction'\nsize = 1\nwait_ms = 700\n[cdc]\npoll_ms = 50\n{ITEMS_TABLE}",
         pg.addr()
     ));
-    assert!(eventually(Duration::from_secs(10), || stat_n(proxy.port, "cdc_events") > 0), "CDC connected");
+    assert!(eventually(Duration::from_secs(10), || stat_n(proxy.port, "filling") > 0), "CDC connected");
     let port = proxy.port;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(async {
@@ -111,7 +111,7 @@ fn a_role_change_retires_pooled_logins() {
         "upstream = '{}'\n[pool]\nmode = 'transaction'\nsize = 1\nwait_ms = 5000\n[cdc]\npoll_ms = 50\n",
         pg.addr()
     ));
-    assert!(eventually(Duration::from_secs(10), || stat_n(proxy.port, "cdc_events") > 0), "CDC connected");
+    assert!(eventually(Duration::from_secs(10), || stat_n(proxy.port, "filling") > 0), "CDC connected");
     assert_eq!(psql(proxy.port, "SHOW search_path"), "\"$user\", public");
     let altered = psql(pg.port, "ALTER ROLE postgres SET search_path = s, public");
     assert!(!altered.contains("ERROR"), "{altered}");
@@ -214,7 +214,7 @@ fn an_edge_in_front_of_a_regional_proxy() {
     let edge1 = start_proxy(&edge_config());
     let edge2 = start_proxy(&edge_config());
     for p in [regional.port, edge1.port, edge2.port] {
-        assert!(eventually(Duration::from_secs(10), || stat_n(p, "cdc_events") > 0), "CDC of {p}");
+        assert!(eventually(Duration::from_secs(10), || stat_n(p, "filling") > 0), "CDC of {p}");
     }
     // edge 1 misses, the regional misses and fills its cache (L3)
     assert_eq!(psql(edge1.port, "SELECT v FROM items WHERE id = 7"), "v7");
@@ -250,7 +250,7 @@ fn a_regional_proxy_pools_its_replica_reads_too() {
         replica.addr()
     ));
     let port = regional.port;
-    assert!(eventually(Duration::from_secs(10), || stat_n(port, "cdc_events") > 0));
+    assert!(eventually(Duration::from_secs(10), || stat_n(port, "filling") > 0));
     // replica health known: misses go to it
     assert!(eventually(Duration::from_secs(10), || {
         psql(port, "SELECT v FROM items WHERE id = 1") == "v1" && stat_n(port, "replica_reads") > 0
@@ -335,7 +335,7 @@ fn edges_subscribe_to_the_regional_cdc_stream() {
         })
         .collect();
     for e in &edges {
-        assert!(eventually(Duration::from_secs(10), || stat_n(e.port, "cdc_events") > 0), "edge {} subscribed", e.port);
+        assert!(eventually(Duration::from_secs(10), || stat_n(e.port, "filling") > 0), "edge {} subscribed", e.port);
     }
     // one slot for the region, none per edge
     assert_eq!(psql(pg.port, "SELECT string_agg(slot_name, ',') FROM pg_replication_slots"), "region");
@@ -362,7 +362,7 @@ fn edges_subscribe_to_the_regional_cdc_stream() {
     let line = first_copy_line(regional.port, "POSTAI SUBSCRIBE FROM 'FFFFFFFF/0'");
     assert!(line.starts_with("C "), "{line:?}");
     let solo = start_proxy(&format!("upstream = '{}'\n[cdc]\nslot = 'solo'\npoll_ms = 50\n{tables}", pg.addr()));
-    assert!(eventually(Duration::from_secs(10), || stat_n(solo.port, "cdc_events") > 0));
+    assert!(eventually(Duration::from_secs(10), || stat_n(solo.port, "filling") > 0));
     assert!(first_copy_line(solo.port, "POSTAI SUBSCRIBE FROM 'FFFFFFFF/0'").starts_with("K "));
     drop(solo);
     psql(pg.port, "SELECT pg_drop_replication_slot('solo')");

@@ -18,7 +18,7 @@ fn caches_invalidates_and_survives_bad_input() {
     create_items(&pg, 100);
     let (port, _rt) = start_proxy(&pg);
     // the CDC stream must be heard before anything is served from the cache
-    assert!(eventually(|| stat(port, "cdc_events") > 0), "CDC connected");
+    assert!(eventually(|| stat(port, "filling") > 0), "CDC connected");
 
     // a read through the proxy, twice: the second is a hit
     assert_eq!(psql(port, "SELECT v FROM items WHERE id = 7"), "v7");
@@ -72,7 +72,7 @@ fn ddl_made_directly_on_the_primary_invalidates() {
     let pg = Pg::start("ddl");
     create_items(&pg, 10);
     let (port, _rt) = start_proxy(&pg);
-    assert!(eventually(|| stat(port, "cdc_events") > 0), "CDC connected");
+    assert!(eventually(|| stat(port, "filling") > 0), "CDC connected");
     assert!(eventually(|| psql(pg.port, "SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'postai%'") == "2"));
     let hit = |sql: &str| {
         let before = stat(port, "l1_hits");
@@ -114,7 +114,7 @@ fn ddl_made_directly_on_the_primary_invalidates() {
     );
     assert!(!out.contains("ERROR"), "{out}");
     let (port, _rt) = start_proxy(&pg);
-    assert!(eventually(|| stat(port, "cdc_events") > 0), "CDC connected");
+    assert!(eventually(|| stat(port, "filling") > 0), "CDC connected");
     assert_eq!(psql(pg.port, "SELECT count(*) FROM pg_event_trigger"), "0", "no trigger runs mallory's code");
     let owner = "SELECT proowner::regrole FROM pg_proc WHERE proname = 'note_ddl'";
     assert_eq!(psql(pg.port, owner), "mallory");
@@ -163,7 +163,7 @@ fn extended_protocol_hits_the_cache() {
         "CREATE TABLE items (id int PRIMARY KEY, v int); INSERT INTO items SELECT g, g FROM generate_series(1, 10) g;",
     );
     assert!(!setup.contains("ERROR"), "{setup}");
-    assert!(eventually(|| stat(port, "cdc_events") > 0), "CDC connected");
+    assert!(eventually(|| stat(port, "filling") > 0), "CDC connected");
     let script = pg.dir.join("read.sql");
     std::fs::write(
         &script,

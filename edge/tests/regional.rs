@@ -52,7 +52,7 @@ fn an_l3_answer_is_filed_at_the_lsn_the_regional_vouches_for() {
     let edges = [start_proxy(&edge_config("")), start_proxy(&edge_config("[pool]\nmode = 'transaction'\nsize = 2\n"))];
     let long = Duration::from_secs(20);
     for p in [regional.port, filler.port, edges[0].port, edges[1].port] {
-        assert!(eventually_within(long, || stat_n(p, "cdc_events") > 0), "CDC of {p}");
+        assert!(eventually_within(long, || stat_n(p, "filling") > 0), "CDC of {p}");
     }
     let mut shown = 0;
     for (i, (edge, extended)) in [(0, false), (0, true), (1, false), (1, true)].into_iter().enumerate() {
@@ -94,7 +94,7 @@ fn a_result_too_large_to_cache_is_relayed_every_time() {
         "upstream = '{}'\n[cache]\nentry_bytes_max = 200\n[cdc]\npoll_ms = 50\n{ITEMS_TABLE}",
         pg.addr()
     ));
-    assert!(eventually_within(Duration::from_secs(20), || stat_n(proxy.port, "cdc_events") > 0));
+    assert!(eventually_within(Duration::from_secs(20), || stat_n(proxy.port, "filling") > 0));
     let sql = "SELECT repeat(v, 100) FROM items WHERE id = 3";
     let want = "v3".repeat(100);
     for _ in 0..3 {

@@ -67,7 +67,7 @@ fn reads_go_to_fresh_replicas_and_sessions_read_their_writes() {
     // replica (the default, `proxy`, would send it to the primary after any write)
     let config = "[cache]\nconsistency = 'read-your-writes'\n[cdc]\npoll_ms = 50\n";
     let (port, metrics_at, _rt) = start_proxy(&primary, &[&replica], config);
-    assert!(eventually(Duration::from_secs(10), || stat_n(port, "cdc_events") > 0), "CDC connected");
+    assert!(eventually(Duration::from_secs(10), || stat_n(port, "filling") > 0), "CDC connected");
 
     // a read with no floor: a cache miss answered by the replica
     assert!(
@@ -195,7 +195,7 @@ fn failover_promotes_the_replica_loses_no_acknowledged_write_and_fences_the_old_
         &[&replica, &second],
         "[cdc]\npoll_ms = 50\n[failover]\nhealth_interval_ms = 200\ntimeout_ms = 1500\n",
     );
-    assert!(eventually(Duration::from_secs(10), || stat_n(port, "cdc_events") > 0), "CDC connected");
+    assert!(eventually(Duration::from_secs(10), || stat_n(port, "filling") > 0), "CDC connected");
     assert_eq!(psql(port, "SELECT v FROM items WHERE id = 1"), "one");
 
     // a writer through the proxy: one connection per write, retrying on error
@@ -335,7 +335,7 @@ fn a_restarted_proxy_files_no_replica_answer_older_than_its_stream() {
     let config = "[cache]\nconsistency = 'read-your-writes'\n[cdc]\npoll_ms = 50\n";
     {
         let (port, _metrics, _p) = start_proxy(&primary, &[&replica], config);
-        assert!(eventually(Duration::from_secs(10), || stat_n(port, "cdc_events") > 0), "CDC connected");
+        assert!(eventually(Duration::from_secs(10), || stat_n(port, "filling") > 0), "CDC connected");
         let events = stat_n(port, "cdc_events");
         assert_eq!(psql(port, "UPDATE items SET v = 'new' WHERE id = 5"), "");
         // the stream applied the write: the slot advances past it
@@ -343,7 +343,7 @@ fn a_restarted_proxy_files_no_replica_answer_older_than_its_stream() {
         std::thread::sleep(Duration::from_millis(300));
     }
     let (port, _metrics, _p) = start_proxy(&primary, &[&replica], config);
-    assert!(eventually(Duration::from_secs(10), || stat_n(port, "cdc_events") > 0), "CDC connected");
+    assert!(eventually(Duration::from_secs(10), || stat_n(port, "filling") > 0), "CDC connected");
     assert_eq!(psql(replica.port, "SELECT v FROM items WHERE id = 5"), "v5", "the replica is still behind");
     // reads until the replica answers one (its health known): what it says
     // may be old, but it must not stay in the cache

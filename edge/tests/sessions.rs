@@ -29,7 +29,7 @@ fn read_until_cached(c: &mut Raw, port: u16) {
 
 fn proxy(pg: &Pg) -> (u16, pg::Proxy) {
     let (port, p) = start_proxy_with(pg, &format!("{ITEMS_TABLE}[cdc]\npoll_ms = 50\n"));
-    assert!(eventually_within(Duration::from_secs(20), || stat_n(port, "cdc_events") > 0), "CDC connected");
+    assert!(eventually_within(Duration::from_secs(20), || stat_n(port, "filling") > 0), "CDC connected");
     (port, p)
 }
 
@@ -113,7 +113,7 @@ fn a_failed_parse_does_not_rename_the_statement() {
             "{ITEMS_TABLE}[[tables]]\nname = 'other'\nprimary_key = 'id'\ninteger_key = true\n[cdc]\npoll_ms = 50\n"
         ),
     );
-    assert!(eventually_within(Duration::from_secs(20), || stat_n(port, "cdc_events") > 0));
+    assert!(eventually_within(Duration::from_secs(20), || stat_n(port, "filling") > 0));
     let mut c = Raw::connect(port, "postgres");
     c.send(&[parse("s1", READ), sync()]);
     assert_eq!(tags(&c.until_ready()), "1Z");
@@ -313,7 +313,7 @@ fn each_pooled_client_runs_under_its_own_application_name() {
     create_items(&pg, 10);
     let (port, _p) =
         start_proxy_with(&pg, &format!("{ITEMS_TABLE}[pool]\nmode = 'transaction'\nsize = 1\n[cdc]\npoll_ms = 50\n"));
-    assert!(eventually_within(Duration::from_secs(20), || stat_n(port, "cdc_events") > 0));
+    assert!(eventually_within(Duration::from_secs(20), || stat_n(port, "filling") > 0));
     for _ in 0..2 {
         for app in ["alpha", "beta", "it's $postai$ odd"] {
             let (mut c, login) =
@@ -351,7 +351,7 @@ fn a_database_search_path_does_not_reach_the_proxy_s_own_connections() {
         &pg,
         &format!("{ITEMS_TABLE}[cdc]\npoll_ms = 50\n[failover]\nenabled = false\nhealth_interval_ms = 100\n"),
     );
-    assert!(eventually_within(Duration::from_secs(20), || stat_n(port, "cdc_events") > 0));
+    assert!(eventually_within(Duration::from_secs(20), || stat_n(port, "filling") > 0));
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(psql(pg.port, "SELECT count(*) FROM evil.calls"), "0", "the owner's functions ran");
 }
@@ -367,7 +367,7 @@ fn a_transaction_opened_behind_an_admin_statement_and_a_flush_is_seen() {
     create_items(&pg, 10);
     let (port, _p) =
         start_proxy_with(&pg, &format!("{ITEMS_TABLE}[pool]\nmode = 'transaction'\nsize = 1\n[cdc]\npoll_ms = 50\n"));
-    assert!(eventually_within(Duration::from_secs(20), || stat_n(port, "cdc_events") > 0), "CDC connected");
+    assert!(eventually_within(Duration::from_secs(20), || stat_n(port, "filling") > 0), "CDC connected");
     let mut c = Raw::connect(port, "postgres");
     read_until_cached(&mut c, port);
     c.send(&[

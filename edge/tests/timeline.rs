@@ -51,7 +51,7 @@ fn a_lossy_failover_does_not_stamp_new_answers_with_old_positions() {
         replica.addr()
     ));
     let port = proxy.port;
-    assert!(eventually(Duration::from_secs(20), || stat_n(port, "cdc_events") > 0), "CDC connected");
+    assert!(eventually(Duration::from_secs(20), || stat_n(port, "filling") > 0), "CDC connected");
     // the old primary moves megabytes of WAL ahead: commits the replica never gets
     run_ahead(&primary);
     let old_end = psql(primary.port, "SELECT pg_current_wal_lsn()");
@@ -109,7 +109,7 @@ fn a_regional_restarted_after_a_lossy_failover_does_not_continue_an_old_position
     ));
     let port = edge.port;
     for p in [regional_port, port] {
-        assert!(eventually(Duration::from_secs(20), || stat_n(p, "cdc_events") > 0), "CDC of {p}");
+        assert!(eventually(Duration::from_secs(20), || stat_n(p, "filling") > 0), "CDC of {p}");
     }
     // commits the replica never gets, far ahead of it; the edge caches one
     run_ahead(&primary);
@@ -151,7 +151,7 @@ fn a_replica_off_the_primary_s_timeline_takes_no_reads() {
         ))
     };
     let reads = |port: u16| -> Vec<String> {
-        assert!(eventually(Duration::from_secs(20), || stat_n(port, "cdc_events") > 0), "CDC connected");
+        assert!(eventually(Duration::from_secs(20), || stat_n(port, "filling") > 0), "CDC connected");
         std::thread::sleep(Duration::from_millis(1000));
         (0..20).map(|_| psql(port, "SELECT v FROM items WHERE id = 1")).collect()
     };
@@ -192,7 +192,7 @@ fn a_commit_not_yet_visible_does_not_date_a_fill_past_it() {
         pg.addr()
     ));
     let port = proxy.port;
-    assert!(eventually(Duration::from_secs(20), || stat_n(port, "cdc_events") > 0), "CDC connected");
+    assert!(eventually(Duration::from_secs(20), || stat_n(port, "filling") > 0), "CDC connected");
     let pg_port = pg.port;
     let writer = std::thread::spawn(move || {
         let out = std::process::Command::new("psql")

@@ -458,42 +458,11 @@ fn target_rows(
     writes: &Quantiles,
     recoveries: &[Recovery],
 ) -> Vec<Row> {
+    let mut rows = Rows(service_rows(sc, m, reads, writes));
     let t = &sc.targets;
-    let mut rows = Vec::new();
-    let mut row = |metric: &str, target: String, measured: String, pass: bool, safety: bool| {
-        rows.push(Row { metric: metric.into(), target, measured, pass, safety });
-    };
-    row(
-        "read p95",
-        format!("< {} ms", t.read_p95_ms),
-        format!("{:.2} ms", reads.p95_ms),
-        reads.p95_ms < t.read_p95_ms,
-        false,
-    );
-    row(
-        "write p95",
-        format!("< {} ms", t.write_p95_ms),
-        format!("{:.2} ms", writes.p95_ms),
-        writes.p95_ms < t.write_p95_ms,
-        false,
-    );
-    row(
-        "cache hit rate",
-        format!(">= {:.1} %", t.hit_rate * 100.0),
-        format!("{:.2} %", m.hit_rate * 100.0),
-        m.hit_rate >= t.hit_rate,
-        false,
-    );
-    row(
-        "availability",
-        format!(">= {:.2} %", t.availability * 100.0),
-        format!("{:.4} %", m.availability * 100.0),
-        m.availability >= t.availability,
-        false,
-    );
     let ryw_promised = sc.workload.consistency != postai_core::consistency::Consistency::Eventual;
     if ryw_promised {
-        row(
+        rows.add(
             "read-your-writes violations",
             format!("{}", t.ryw_violations),
             format!("{}", c.ryw_violations),
@@ -502,7 +471,7 @@ fn target_rows(
         );
     }
     if sc.db.replication == Replication::Sync {
-        row(
+        rows.add(
             "RPO (acknowledged writes lost)",
             format!("{}", t.rpo_writes),
             format!("{} ({:.0} ms)", m.lost, m.rpo_ms),
@@ -512,7 +481,7 @@ fn target_rows(
     } else {
         // asynchronous replication may lose what the standby had not
         // received: judged by the window of data lost, not the count
-        row(
+        rows.add(
             "RPO (window of acknowledged data lost, async)",
             format!("< {:.0} ms", t.rpo_async_ms),
             format!("{:.0} ms ({} writes)", m.rpo_ms, m.lost),
@@ -521,14 +490,14 @@ fn target_rows(
         );
     }
     // the bound README states: the CDC-silence bound plus delivery
-    row(
+    rows.add(
         "max staleness",
         format!("< {:.0} ms", t.staleness_ms),
         format!("{:.0} ms", m.staleness_ms_max),
         m.staleness_ms_max < t.staleness_ms,
         true,
     );
-    row(
+    rows.add(
         "primaries accepting writes in one epoch",
         "<= 1".into(),
         format!("{} epochs with 2+", m.split_epochs),
@@ -536,7 +505,7 @@ fn target_rows(
         true,
     );
     if sc.workload.eu_resident_share > 0.0 {
-        row(
+        rows.add(
             "EU rows cached or served outside EU",
             "0".into(),
             format!("{}", c.residency_violations),
@@ -546,7 +515,7 @@ fn target_rows(
     }
     for rec in recoveries {
         if let Some(target) = rec.target_ms {
-            row(
+            rows.add(
                 &format!("RTO {}", rec.fault),
                 format!("< {target:.0} ms"),
                 format!("{:.0} ms", rec.rto_ms),
@@ -556,7 +525,51 @@ fn target_rows(
         }
     }
 
-    rows
+    rows.0
+}
+
+/// The rows of the service's targets: latency, hit rate, availability.
+fn service_rows(sc: &Scenario, m: &Measured, reads: &Quantiles, writes: &Quantiles) -> Vec<Row> {
+    let t = &sc.targets;
+    let mut rows = Rows(Vec::new());
+    rows.add(
+        "read p95",
+        format!("< {} ms", t.read_p95_ms),
+        format!("{:.2} ms", reads.p95_ms),
+        reads.p95_ms < t.read_p95_ms,
+        false,
+    );
+    rows.add(
+        "write p95",
+        format!("< {} ms", t.write_p95_ms),
+        format!("{:.2} ms", writes.p95_ms),
+        writes.p95_ms < t.write_p95_ms,
+        false,
+    );
+    rows.add(
+        "cache hit rate",
+        format!(">= {:.1} %", t.hit_rate * 100.0),
+        format!("{:.2} %", m.hit_rate * 100.0),
+        m.hit_rate >= t.hit_rate,
+        false,
+    );
+    rows.add(
+        "availability",
+        format!(">= {:.2} %", t.availability * 100.0),
+        format!("{:.4} %", m.availability * 100.0),
+        m.availability >= t.availability,
+        false,
+    );
+    rows.0
+}
+
+/// The rows of a report's targets, as they are added.
+struct Rows(Vec<Row>);
+
+impl Rows {
+    fn add(&mut self, metric: &str, target: String, measured: String, pass: bool, safety: bool) {
+        self.0.push(Row { metric: metric.into(), target, measured, pass, safety });
+    }
 }
 
 fn build_report(w: &World) -> Report {

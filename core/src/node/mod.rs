@@ -600,12 +600,10 @@ impl<V: Clone> EdgeNode<V> {
         self.apply_session_effects(&p, &reply);
         // a shape analysed by an older catalog may have the wrong deps; before
         // the stream is heard the catalog may not be loaded yet
-        let fills = p.shape.generation == self.analyzer.generation()
-            && (!self.config.fills_wait_for_cdc || self.last_cdc.is_some());
+        let fills = p.shape.generation == self.analyzer.generation() && self.files_at(reply.snapshot_lsn);
         if let Some(key) = p.cache_key
             && p.cache_here
             && fills
-            && reply.snapshot_lsn >= self.fills_from
             && self.versions.is_valid(reply.snapshot_lsn, &p.deps)
         {
             let expires_at = now + reply.ttl.unwrap_or(Duration::MAX);

@@ -97,6 +97,14 @@ impl<V: Clone> EdgeNode<V> {
         self.fills_from = self.fills_from.max(lsn);
     }
 
+    /// Whether an answer that reflects `lsn` would be filed now (the stream
+    /// heard when fills wait for it, and `lsn` not older than where it
+    /// opened): right after a start, answers are relayed but not filed
+    /// until the positions the driver learns pass the stream's opening.
+    pub fn files_at(&self, lsn: Lsn) -> bool {
+        (!self.config.fills_wait_for_cdc || self.last_cdc.is_some()) && lsn >= self.fills_from
+    }
+
     /// The node as a new process finds it after a restart from its L2 file:
     /// the L2 entries the file still holds stay (it applied every
     /// invalidation the node did: the entries the version map no longer

@@ -407,47 +407,7 @@ fn analyze_statement(
     };
 
     let mut s = basic(StatementKind::Read, text, lexed);
-    // kind and explicit targets by statement type
-    let mut extra_targets: Vec<String> = Vec::new();
-    let mut plain_query = false;
-    match statement {
-        Statement::Query(_) => {
-            if let Some(into) = facts.select_into.take() {
-                s.kind = StatementKind::Write;
-                extra_targets.push(into);
-            } else if !facts.targets.is_empty() {
-                s.kind = StatementKind::Write;
-            } else {
-                plain_query = true;
-            }
-        }
-        Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_) | Statement::Merge(_) => {
-            s.kind = StatementKind::Write;
-        }
-        Statement::Truncate(t) => {
-            s.kind = StatementKind::Write;
-            // TRUNCATE's names are relations, not reads
-            extra_targets.extend(t.table_names.iter().map(|n| last_part(&n.name)));
-        }
-        Statement::Copy { source, to, .. } => {
-            if *to {
-                s.kind = StatementKind::Read;
-                if let ast::CopySource::Table { table_name, .. } = source {
-                    facts.relations.push((last_part(table_name), is_system(table_name)));
-                }
-            } else {
-                s.kind = StatementKind::Write;
-                if let ast::CopySource::Table { table_name, .. } = source {
-                    extra_targets.push(last_part(table_name));
-                }
-            }
-        }
-        Statement::Explain { .. } => s.kind = StatementKind::Read,
-        _ => {
-            s.kind = StatementKind::Other;
-            s.writes_unknown = true;
-        }
-    }
+    let (extra_targets, plain_query) = classify(statement, &mut s, &mut facts);
 
     // reads = relation occurrences, minus CTE references, minus one occurrence per target
     let mut remaining: Vec<(String, bool)> =
@@ -501,8 +461,69 @@ fn analyze_statement(
     s.session_opaque = effects.session_opaque;
     s.writes_opaque = effects.writes_opaque || facts.cascade || (targets_opaque && s.kind == StatementKind::Write);
 
-    // cacheability
-    s.cacheable = if s.kind != StatementKind::Read {
+    s.cacheable = cacheability(&s, plain_query, &effects, &facts, unknown);
+    if keys_usable && facts.cte_names.is_empty() {
+        attach_keys(&mut s, statement, plain_query, facts.relations.len(), lexed, catalog);
+    }
+    s
+}
+
+/// The statement's kind, and the targets its type names besides those
+/// the visitor found (`SELECT INTO`, TRUNCATE, COPY FROM); whether it is
+/// a plain query.
+fn classify(statement: &Statement, s: &mut Shape, facts: &mut Facts) -> (Vec<String>, bool) {
+    let mut extra_targets: Vec<String> = Vec::new();
+    let mut plain_query = false;
+    match statement {
+        Statement::Query(_) => {
+            if let Some(into) = facts.select_into.take() {
+                s.kind = StatementKind::Write;
+                extra_targets.push(into);
+            } else if !facts.targets.is_empty() {
+                s.kind = StatementKind::Write;
+            } else {
+                plain_query = true;
+            }
+        }
+        Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_) | Statement::Merge(_) => {
+            s.kind = StatementKind::Write;
+        }
+        Statement::Truncate(t) => {
+            s.kind = StatementKind::Write;
+            // TRUNCATE's names are relations, not reads
+            extra_targets.extend(t.table_names.iter().map(|n| last_part(&n.name)));
+        }
+        Statement::Copy { source, to, .. } => {
+            if *to {
+                s.kind = StatementKind::Read;
+                if let ast::CopySource::Table { table_name, .. } = source {
+                    facts.relations.push((last_part(table_name), is_system(table_name)));
+                }
+            } else {
+                s.kind = StatementKind::Write;
+                if let ast::CopySource::Table { table_name, .. } = source {
+                    extra_targets.push(last_part(table_name));
+                }
+            }
+        }
+        Statement::Explain { .. } => s.kind = StatementKind::Read,
+        _ => {
+            s.kind = StatementKind::Other;
+            s.writes_unknown = true;
+        }
+    }
+    (extra_targets, plain_query)
+}
+
+/// Whether a read may be cached, and the first reason it may not.
+fn cacheability(
+    s: &Shape,
+    plain_query: bool,
+    effects: &Effects,
+    facts: &Facts,
+    unknown: Option<String>,
+) -> Result<(), NotCacheable> {
+    if s.kind != StatementKind::Read {
         Err(NotCacheable::NotARead(s.kind))
     } else if !plain_query {
         Err(NotCacheable::NotAQuery)
@@ -518,28 +539,36 @@ fn analyze_statement(
         Err(NotCacheable::UnknownRelation(n))
     } else {
         Ok(())
-    };
-
-    if keys_usable && facts.cte_names.is_empty() {
-        let resolve = |table: &str, catalog: &Catalog| {
-            catalog.get(table).and_then(|id| catalog.primary_key(id).map(|pk| (id, pk.to_string())))
-        };
-        if s.kind == StatementKind::Read && plain_query {
-            if let Statement::Query(q) = statement
-                && let SetExpr::Select(sel) = q.body.as_ref()
-            {
-                s.read_keys = read_keys(sel, facts.relations.len(), lexed, catalog);
-                s.refreshable = s.read_keys.len() == 1
-                    && !s.read_keys[0].range
-                    && s.read_keys[0].args.len() == 1
-                    && s.reads == [s.read_keys[0].table]
-                    && is_row_projection(q, sel, catalog.primary_key(s.read_keys[0].table).unwrap_or(""));
-            }
-        } else if s.kind == StatementKind::Write && facts.relations.len() == 1 {
-            s.write_keys = write_keys(statement, lexed, catalog, &resolve);
-        }
     }
-    s
+}
+
+/// The keys a read looks up or a write reaches, where the catalog
+/// names the tables' keys.
+fn attach_keys(
+    s: &mut Shape,
+    statement: &Statement,
+    plain_query: bool,
+    relations: usize,
+    lexed: &Lexed,
+    catalog: &mut Catalog,
+) {
+    let resolve = |table: &str, catalog: &Catalog| {
+        catalog.get(table).and_then(|id| catalog.primary_key(id).map(|pk| (id, pk.to_string())))
+    };
+    if s.kind == StatementKind::Read && plain_query {
+        if let Statement::Query(q) = statement
+            && let SetExpr::Select(sel) = q.body.as_ref()
+        {
+            s.read_keys = read_keys(sel, relations, lexed, catalog);
+            s.refreshable = s.read_keys.len() == 1
+                && !s.read_keys[0].range
+                && s.read_keys[0].args.len() == 1
+                && s.reads == [s.read_keys[0].table]
+                && is_row_projection(q, sel, catalog.primary_key(s.read_keys[0].table).unwrap_or(""));
+        }
+    } else if s.kind == StatementKind::Write && relations == 1 {
+        s.write_keys = write_keys(statement, lexed, catalog, &resolve);
+    }
 }
 
 /// The effects of a view's definition or a policy's expression (SQL the

@@ -117,36 +117,8 @@ impl Lexer {
         let mut after_string = false;
         while i < b.len() {
             let c = b[i];
-            // whitespace
-            if c.is_ascii_whitespace() {
-                i += 1;
-                continue;
-            }
-            // comments
-            if c == b'-' && b.get(i + 1) == Some(&b'-') {
-                while i < b.len() && b[i] != b'\n' {
-                    i += 1;
-                }
-                continue;
-            }
-            if c == b'/' && b.get(i + 1) == Some(&b'*') {
-                let start = i;
-                let mut depth = 1;
-                i += 2;
-                while depth > 0 {
-                    if i + 1 >= b.len() {
-                        return Err(LexError::UnterminatedComment(start));
-                    }
-                    if b[i] == b'*' && b[i + 1] == b'/' {
-                        depth -= 1;
-                        i += 2;
-                    } else if b[i] == b'/' && b[i + 1] == b'*' {
-                        depth += 1;
-                        i += 2;
-                    } else {
-                        i += 1;
-                    }
-                }
+            if let Some(next) = skip_space(b, i)? {
+                i = next;
                 continue;
             }
             if c == b';' {
@@ -170,7 +142,6 @@ impl Lexer {
             if !out.shape.is_empty() {
                 out.shape.push(' ');
             }
-            let start = i;
             // two strings in a row: one continued string after a newline, a
             // syntax error on one line; marked so that neither shares a
             // shape with the other (nor parses: never cached)
@@ -179,103 +150,166 @@ impl Lexer {
                 out.shape.push_str(ADJACENT_STRINGS);
             }
             after_string = string_next;
-            if c == b'\'' {
-                i = scan_quoted(b, i, b'\'', false).ok_or(LexError::UnterminatedString(start))?;
-                push_literal(out, start..i, LiteralKind::String);
-            } else if c == b'"' {
-                i = scan_quoted(b, i, b'"', false).ok_or(LexError::UnterminatedIdentifier(start))?;
-                out.shape.push_str(&sql[start..i]);
-            } else if c == b'$' && b.get(i + 1).is_some_and(|d| d.is_ascii_digit()) {
-                i += 1;
-                let mut n: u32 = 0;
-                while i < b.len() && b[i].is_ascii_digit() {
-                    n = n
-                        .checked_mul(10)
-                        .and_then(|n| n.checked_add((b[i] - b'0') as u32))
-                        .filter(|n| *n <= 65_535)
-                        .ok_or(LexError::BadParameter(start))?;
-                    i += 1;
-                }
-                out.param_max = out.param_max.max(n);
-                out.shape.push_str(&sql[start..i]);
-            } else if c == b'$' {
-                // dollar quote: $tag$ ... $tag$
-                let tag_end = b[i + 1..].iter().position(|&d| !is_ident_cont(d) || d == b'$').map(|p| i + 1 + p);
-                match tag_end {
-                    Some(e) if b[e] == b'$' => {
-                        let tag = &b[i..=e];
-                        let body = e + 1;
-                        let close = find(&b[body..], tag).ok_or(LexError::UnterminatedDollarQuote(start))?;
-                        i = body + close + tag.len();
-                        push_literal(out, start..i, LiteralKind::Other);
-                    }
-                    _ => {
-                        i += 1;
-                        out.shape.push('$');
-                    }
-                }
-            } else if c.is_ascii_digit() || (c == b'.' && b.get(i + 1).is_some_and(|d| d.is_ascii_digit())) {
-                i = scan_number(b, i);
-                push_literal(out, start..i, LiteralKind::Number);
-            } else if is_ident_start(c) {
-                while i < b.len() && is_ident_cont(b[i]) {
-                    i += 1;
-                }
-                let word = &sql[start..i];
-                // prefixed strings: E'..', B'..', X'..', N'..', U&'..'
-                let prefix = word.len() == 1 && matches!(c | 0x20, b'e' | b'b' | b'x' | b'n');
-                if prefix && b.get(i) == Some(&b'\'') {
-                    let escapes = c | 0x20 == b'e';
-                    i = scan_quoted(b, i, b'\'', escapes).ok_or(LexError::UnterminatedString(start))?;
-                    push_literal(out, start..i, LiteralKind::Other);
-                } else if word.len() == 1
-                    && (c | 0x20) == b'u'
-                    && b.get(i) == Some(&b'&')
-                    && b.get(i + 1) == Some(&b'\'')
-                {
-                    i = scan_quoted(b, i + 1, b'\'', false).ok_or(LexError::UnterminatedString(start))?;
-                    push_literal(out, start..i, LiteralKind::Other);
-                } else if word.len() == 1
-                    && (c | 0x20) == b'u'
-                    && b.get(i) == Some(&b'&')
-                    && b.get(i + 1) == Some(&b'"')
-                {
-                    // a Unicode identifier U&"..." is one token (`u &"x"` is u AND "x")
-                    i = scan_quoted(b, i + 1, b'"', false).ok_or(LexError::UnterminatedIdentifier(start))?;
-                    out.shape.push_str("u&");
-                    out.shape.push_str(&sql[start + 2..i]);
-                } else {
-                    for ch in word.chars() {
-                        out.shape.push(ch.to_ascii_lowercase());
-                    }
-                    if out.statements == 1 && out.first_word.is_empty() {
-                        out.first_word.push_str(&out.shape[out.shape.len() - word.len()..]);
-                    }
-                }
-            } else if is_op_char(c) {
-                while i < b.len() && is_op_char(b[i]) {
-                    // stop before a comment start inside an operator run
-                    if (b[i] == b'-' && b.get(i + 1) == Some(&b'-')) || (b[i] == b'/' && b.get(i + 1) == Some(&b'*')) {
-                        break;
-                    }
-                    i += 1;
-                }
-                if i == start {
-                    i += 1;
-                }
-                out.shape.push_str(&sql[start..i]);
-            } else if c == b':' && b.get(i + 1) == Some(&b':') {
-                i += 2;
-                out.shape.push_str("::");
-            } else {
-                // punctuation and anything else: one character (UTF-8 aware)
-                let len = sql[i..].chars().next().map_or(1, |ch| ch.len_utf8());
-                i += len;
-                out.shape.push_str(&sql[start..i]);
-            }
+            i = token(out, sql, i)?;
         }
         Ok(&self.out)
     }
+}
+
+/// Whitespace or a comment at `i`: the index past it (`None`: a token
+/// or `;` starts at `i`).
+#[inline]
+fn skip_space(b: &[u8], mut i: usize) -> Result<Option<usize>, LexError> {
+    let c = b[i];
+    if c.is_ascii_whitespace() {
+        return Ok(Some(i + 1));
+    }
+    if c == b'-' && b.get(i + 1) == Some(&b'-') {
+        while i < b.len() && b[i] != b'\n' {
+            i += 1;
+        }
+        return Ok(Some(i));
+    }
+    if c == b'/' && b.get(i + 1) == Some(&b'*') {
+        let start = i;
+        let mut depth = 1;
+        i += 2;
+        while depth > 0 {
+            if i + 1 >= b.len() {
+                return Err(LexError::UnterminatedComment(start));
+            }
+            if b[i] == b'*' && b[i + 1] == b'/' {
+                depth -= 1;
+                i += 2;
+            } else if b[i] == b'/' && b[i + 1] == b'*' {
+                depth += 1;
+                i += 2;
+            } else {
+                i += 1;
+            }
+        }
+        return Ok(Some(i));
+    }
+    Ok(None)
+}
+
+/// The token starting at `start` into `out`'s shape (a literal as its
+/// mark); returns the index past it.
+#[inline]
+fn token(out: &mut Lexed, sql: &str, start: usize) -> Result<usize, LexError> {
+    let b = sql.as_bytes();
+    let c = b[start];
+    let mut i = start;
+    if c == b'\'' {
+        i = scan_quoted(b, i, b'\'', false).ok_or(LexError::UnterminatedString(start))?;
+        push_literal(out, start..i, LiteralKind::String);
+    } else if c == b'"' {
+        i = scan_quoted(b, i, b'"', false).ok_or(LexError::UnterminatedIdentifier(start))?;
+        out.shape.push_str(&sql[start..i]);
+    } else if c == b'$' {
+        i = dollar(out, sql, start)?;
+    } else if c.is_ascii_digit() || (c == b'.' && b.get(i + 1).is_some_and(|d| d.is_ascii_digit())) {
+        i = scan_number(b, i);
+        push_literal(out, start..i, LiteralKind::Number);
+    } else if is_ident_start(c) {
+        i = word(out, sql, start)?;
+    } else if is_op_char(c) {
+        while i < b.len() && is_op_char(b[i]) {
+            // stop before a comment start inside an operator run
+            if (b[i] == b'-' && b.get(i + 1) == Some(&b'-')) || (b[i] == b'/' && b.get(i + 1) == Some(&b'*')) {
+                break;
+            }
+            i += 1;
+        }
+        if i == start {
+            i += 1;
+        }
+        out.shape.push_str(&sql[start..i]);
+    } else if c == b':' && b.get(i + 1) == Some(&b':') {
+        i += 2;
+        out.shape.push_str("::");
+    } else {
+        // punctuation and anything else: one character (UTF-8 aware)
+        let len = sql[i..].chars().next().map_or(1, |ch| ch.len_utf8());
+        i += len;
+        out.shape.push_str(&sql[start..i]);
+    }
+    Ok(i)
+}
+
+/// A token starting with `$`: a parameter (`$1`), a dollar-quoted string
+/// (`$tag$ ... $tag$`) or a lone `$`.
+#[inline]
+fn dollar(out: &mut Lexed, sql: &str, start: usize) -> Result<usize, LexError> {
+    let b = sql.as_bytes();
+    let mut i = start;
+    if b.get(i + 1).is_some_and(|d| d.is_ascii_digit()) {
+        i += 1;
+        let mut n: u32 = 0;
+        while i < b.len() && b[i].is_ascii_digit() {
+            n = n
+                .checked_mul(10)
+                .and_then(|n| n.checked_add((b[i] - b'0') as u32))
+                .filter(|n| *n <= 65_535)
+                .ok_or(LexError::BadParameter(start))?;
+            i += 1;
+        }
+        out.param_max = out.param_max.max(n);
+        out.shape.push_str(&sql[start..i]);
+        return Ok(i);
+    }
+    let tag_end = b[i + 1..].iter().position(|&d| !is_ident_cont(d) || d == b'$').map(|p| i + 1 + p);
+    match tag_end {
+        Some(e) if b[e] == b'$' => {
+            let tag = &b[i..=e];
+            let body = e + 1;
+            let close = find(&b[body..], tag).ok_or(LexError::UnterminatedDollarQuote(start))?;
+            i = body + close + tag.len();
+            push_literal(out, start..i, LiteralKind::Other);
+        }
+        _ => {
+            i += 1;
+            out.shape.push('$');
+        }
+    }
+    Ok(i)
+}
+
+/// A word: a keyword or identifier (lowercased into the shape), or the
+/// prefix of a string (`E'..'`, `B'..'`, `X'..'`, `N'..'`, `U&'..'`) or of
+/// a Unicode identifier (`U&"..."`).
+#[inline]
+fn word(out: &mut Lexed, sql: &str, start: usize) -> Result<usize, LexError> {
+    let b = sql.as_bytes();
+    let c = b[start];
+    let mut i = start;
+    while i < b.len() && is_ident_cont(b[i]) {
+        i += 1;
+    }
+    let word = &sql[start..i];
+    let prefix = word.len() == 1 && matches!(c | 0x20, b'e' | b'b' | b'x' | b'n');
+    let unicode = word.len() == 1 && (c | 0x20) == b'u' && b.get(i) == Some(&b'&');
+    if prefix && b.get(i) == Some(&b'\'') {
+        let escapes = c | 0x20 == b'e';
+        i = scan_quoted(b, i, b'\'', escapes).ok_or(LexError::UnterminatedString(start))?;
+        push_literal(out, start..i, LiteralKind::Other);
+    } else if unicode && b.get(i + 1) == Some(&b'\'') {
+        i = scan_quoted(b, i + 1, b'\'', false).ok_or(LexError::UnterminatedString(start))?;
+        push_literal(out, start..i, LiteralKind::Other);
+    } else if unicode && b.get(i + 1) == Some(&b'"') {
+        // a Unicode identifier U&"..." is one token (`u &"x"` is u AND "x")
+        i = scan_quoted(b, i + 1, b'"', false).ok_or(LexError::UnterminatedIdentifier(start))?;
+        out.shape.push_str("u&");
+        out.shape.push_str(&sql[start + 2..i]);
+    } else {
+        for ch in word.chars() {
+            out.shape.push(ch.to_ascii_lowercase());
+        }
+        if out.statements == 1 && out.first_word.is_empty() {
+            out.first_word.push_str(&out.shape[out.shape.len() - word.len()..]);
+        }
+    }
+    Ok(i)
 }
 
 fn push_literal(out: &mut Lexed, span: Range<usize>, kind: LiteralKind) {

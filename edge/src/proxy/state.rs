@@ -207,6 +207,17 @@ impl Proxy {
         }
     }
 
+    /// The oldest an answer relayed now may reflect for the `filling` stat:
+    /// a proxy reading its own slot knows it ([`Self::primary_answer_floor`]);
+    /// one behind a regional is told each answer's position by it.
+    fn fill_floor(&self) -> Lsn {
+        if self.config.cdc.enabled && self.config.cdc.source == crate::config::CdcSource::Slot {
+            self.primary_answer_floor()
+        } else {
+            Lsn(u64::MAX)
+        }
+    }
+
     /// The primary of topology generation `generation` stood at `lsn`:
     /// every commit made there so far is below it (not every one visible:
     /// see [`Proxy::saw_visible_lsn`]).
@@ -298,6 +309,8 @@ impl Proxy {
             ("cdc_events".into(), s.cdc_events.to_string()),
             ("cdc_silent_misses".into(), s.cdc_silent_misses.to_string()),
             ("cdc_resumed".into(), self.metrics.cdc_resumed.load(Ordering::Relaxed).to_string()),
+            // whether an answer of the primary read now would be filed
+            ("filling".into(), u8::from(n.files_at(self.fill_floor())).to_string()),
         ];
         for t in [TierName::L1, TierName::L2] {
             if let Some(tier) = n.tier(t) {

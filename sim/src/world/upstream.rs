@@ -12,7 +12,10 @@ type Committed = (Lsn, Instant);
 
 enum DbOutcome {
     Ok {
+        /// The state the answer holds (what the checker judges).
         snapshot: Lsn,
+        /// The state the pool says it reflects (what the site files it at).
+        told: Lsn,
         commit: Option<Committed>,
         served: Served,
         extra_ms: f64,
@@ -38,7 +41,9 @@ async fn region_execute(w: &Shared, region: usize, u: &UpstreamRequest, ctx: OpC
         (wb.sc.tiers.l3_ms, cost)
     };
     if let Some(v) = w.borrow_mut().l3_lookup(region, u) {
-        return DbOutcome::Ok { snapshot: v.lsn, commit: None, served: Served::L3, extra_ms: l3_ms };
+        // the pool says what its answer reflects (the proxy's regional
+        // tells it as the answer's LSN)
+        return DbOutcome::Ok { snapshot: v.lsn, told: v.lsn, commit: None, served: Served::L3, extra_ms: l3_ms };
     }
     let write = ctx.op == Op::Write;
     let now = w.borrow().now();
@@ -85,8 +90,28 @@ async fn region_execute(w: &Shared, region: usize, u: &UpstreamRequest, ctx: OpC
         let rtt = 2.0 * (oneway + slow) + cost_ms;
         wb.regions[region].router.handle_result(now, endpoint, Ok(Duration::from_secs_f64(rtt / 1e3)));
         wb.l3_fill(region, u, snapshot);
-        return DbOutcome::Ok { snapshot, commit: None, served, extra_ms: l3_ms + rtt };
+        return DbOutcome::Ok { snapshot, told: snapshot, commit: None, served, extra_ms: l3_ms + rtt };
     }
+    let hop = Hop { region, node, endpoint, oneway, slow, timeout_ms, cost_ms, l3_ms };
+    commit(w, &hop, ctx).await
+}
+
+/// One attempt's way from a pool to a database node.
+struct Hop {
+    region: usize,
+    node: usize,
+    endpoint: postai_core::router::EndpointId,
+    oneway: f64,
+    slow: f64,
+    timeout_ms: f64,
+    cost_ms: f64,
+    l3_ms: f64,
+}
+
+/// A write at the node `hop` reached: committed there, answered once the
+/// commit is acknowledged (or refused when it never is).
+async fn commit(w: &Shared, hop: &Hop, ctx: OpCtx) -> DbOutcome {
+    let Hop { region, node, endpoint, oneway, slow, timeout_ms, cost_ms, l3_ms } = *hop;
     let committed = {
         let mut wb = w.borrow_mut();
         let now = wb.now();
@@ -133,7 +158,7 @@ async fn region_execute(w: &Shared, region: usize, u: &UpstreamRequest, ctx: OpC
     let now = wb.now();
     let rtt = 2.0 * (oneway + slow) + cost_ms + waited_ms;
     wb.regions[region].router.handle_result(now, endpoint, Ok(Duration::from_secs_f64(rtt / 1e3)));
-    DbOutcome::Ok { snapshot: lsn, commit: Some((lsn, at)), served: Served::Primary, extra_ms: l3_ms + rtt }
+    DbOutcome::Ok { snapshot: lsn, told: lsn, commit: Some((lsn, at)), served: Served::Primary, extra_ms: l3_ms + rtt }
 }
 
 /// A pool that cannot reach the primary sends the write through the nearest
@@ -155,12 +180,24 @@ async fn relay(w: &Shared, region: usize, u: &UpstreamRequest, ctx: OpCtx) -> Db
     let outcome = region_execute(w, to, u, ctx, true).await;
     sleep_ms(hop_ms).await;
     match outcome {
-        DbOutcome::Ok { snapshot, commit, served, extra_ms } => {
+        DbOutcome::Ok { snapshot, told, commit, served, extra_ms } => {
             w.borrow_mut().checker.relayed_writes += 1;
-            DbOutcome::Ok { snapshot, commit, served, extra_ms: extra_ms + 2.0 * hop_ms }
+            DbOutcome::Ok { snapshot, told, commit, served, extra_ms: extra_ms + 2.0 * hop_ms }
         }
         other => other,
     }
+}
+
+/// What a site got back from its region.
+struct Answer {
+    /// What the answer holds.
+    value: Val,
+    /// What the region says it reflects.
+    told: Lsn,
+    served: Served,
+    commit: Option<Committed>,
+    /// The round trip, waits and retries included.
+    ms: f64,
 }
 
 /// Carries one upstream request from a site to a region and back.
@@ -170,13 +207,13 @@ pub async fn upstream(w: Shared, site: usize, u: UpstreamRequest) {
     let mut wb = w.borrow_mut();
     let now = wb.now();
     match result {
-        Ok((value, served, commit, up_ms)) => {
+        Ok(Answer { value, told, served, commit, ms: up_ms }) => {
             let ms = ctx.base_ms + up_ms;
             let reply = UpstreamReply {
                 value,
                 size_bytes: wb.sc.tiers.entry_bytes,
                 served,
-                snapshot_lsn: value.lsn,
+                snapshot_lsn: told,
                 commit_lsn: commit.map(|(lsn, _)| lsn),
                 ttl: None,
             };
@@ -222,12 +259,7 @@ pub async fn upstream(w: Shared, site: usize, u: UpstreamRequest) {
 /// The request's attempts at the site's regions, as the site's router
 /// picks them, until one answers or the site gives up: the answer, where
 /// it was served, the commit (for a write) and the milliseconds it took.
-async fn attempt_regions(
-    w: &Shared,
-    site: usize,
-    u: &UpstreamRequest,
-    ctx: OpCtx,
-) -> Result<(Val, Served, Option<Committed>, f64), String> {
+async fn attempt_regions(w: &Shared, site: usize, u: &UpstreamRequest, ctx: OpCtx) -> Result<Answer, String> {
     let (timeout_ms, hold_ms) = {
         let wb = w.borrow();
         (
@@ -276,14 +308,14 @@ async fn attempt_regions(
         sleep_ms(oneway + jitter + resent_ms[1]).await;
         let lost_ms = resent_ms[0] + resent_ms[1];
         match outcome {
-            DbOutcome::Ok { snapshot, commit, served, extra_ms } => {
+            DbOutcome::Ok { snapshot, told, commit, served, extra_ms } => {
                 let ms = waited_ms + 2.0 * (oneway + jitter) + lost_ms + extra_ms;
                 w.borrow_mut().region_result(
                     site,
                     region,
                     Ok(Duration::from_secs_f64((2.0 * oneway + lost_ms + extra_ms) / 1e3)),
                 );
-                return Ok((Val { lsn: snapshot }, served, commit, ms));
+                return Ok(Answer { value: Val { lsn: snapshot }, told, served, commit, ms });
             }
             DbOutcome::Unreachable => {
                 // no database endpoint: hold the request (like PgBouncer's PAUSE)
