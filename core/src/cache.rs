@@ -4,7 +4,7 @@
 //! better than LRU at lower cost per hit (a flag flip instead of a list move);
 //! `benches/core.rs` measures both.
 
-use crate::invalidation::Deps;
+use crate::invalidation::{Dep, Deps};
 use crate::open_map::OpenMap;
 use crate::{Duration, Instant, Lsn};
 
@@ -116,6 +116,15 @@ pub struct Tier<V> {
     tail: u32,
     hand: u32,
     stats: TierStats,
+    /// The time to live of an entry the change stream keeps valid row by
+    /// row ([`Tier::keep_fresh`]); `None`: every entry has the tier's TTL.
+    fresh_ttl: Option<Duration>,
+}
+
+/// Whether every dependency of an entry is a row the change stream names
+/// by key: its row events alone decide whether it is still valid.
+fn vouched_by_rows(deps: &[Dep]) -> bool {
+    !deps.is_empty() && deps.iter().all(|d| matches!(d, Dep::Key(..)))
 }
 
 impl<V: Clone> Tier<V> {
@@ -129,8 +138,18 @@ impl<V: Clone> Tier<V> {
             tail: NIL,
             hand: NIL,
             stats: TierStats::default(),
+            fresh_ttl: None,
             config,
         })
+    }
+
+    /// Fresh, not expired: an entry whose every dependency is a row the
+    /// change stream names by key lives up to `ttl` instead of the tier's
+    /// TTL, and leaves by the budget's eviction. Only for a tier whose
+    /// owner applies key-level change events and serves nothing while the
+    /// stream is silent: the stream, not the TTL, keeps such an entry fresh.
+    pub fn keep_fresh(&mut self, ttl: Duration) {
+        self.fresh_ttl = Some(ttl.max(self.config.ttl));
     }
 
     pub fn config(&self) -> &TierConfig {
@@ -226,7 +245,11 @@ impl<V: Clone> Tier<V> {
             self.stats.oversized += 1;
             return false;
         }
-        entry.expires_at = entry.expires_at.min(now + self.config.ttl);
+        let ttl = match self.fresh_ttl {
+            Some(fresh) if vouched_by_rows(&entry.deps) => fresh,
+            _ => self.config.ttl,
+        };
+        entry.expires_at = entry.expires_at.min(now + ttl);
         if let Some(&idx) = self.map.get(&key) {
             let old = &self.slots[idx as usize].as_ref().expect("mapped slot is occupied").entry;
             if old.lsn > entry.lsn {
@@ -443,6 +466,42 @@ mod tests {
         assert!(matches!(t.get(now + Duration::from_secs(61), 1, |_| true), Lookup::Miss));
         let s = t.stats();
         assert_eq!((s.hits, s.misses, s.expirations, s.entries, s.bytes), (1, 2, 1, 0, 0));
+    }
+
+    /// Fresh, not expired: a tier told to keep entries fresh keeps one
+    /// whose every dependency is a keyed row past its TTL, up to the fresh
+    /// TTL; an entry depending on a table, on anything or on nothing, and
+    /// every entry of a tier not told, expire at the TTL.
+    #[test]
+    fn entries_the_stream_vouches_for_row_by_row_outlive_the_ttl() {
+        let t0 = Instant::from_millis(0);
+        let with = |deps: Vec<Dep>| Entry { deps: Deps::from(deps), ..entry(1, 10) };
+        let table = crate::sql::TableId(1);
+        let cases = [
+            (vec![Dep::Key(table, 7)], true),
+            (vec![Dep::Key(table, 7), Dep::Key(table, 8)], true),
+            (vec![Dep::Key(table, 7), Dep::Table(table)], false),
+            (vec![Dep::Table(table)], false),
+            (vec![Dep::Any], false),
+            (vec![], false),
+        ];
+        for (deps, vouched) in cases {
+            let mut fresh = Tier::new(cfg(10, Eviction::Sieve)).expect("valid");
+            fresh.keep_fresh(Duration::from_secs(3600));
+            let mut plain = Tier::new(cfg(10, Eviction::Sieve)).expect("valid");
+            assert!(fresh.insert(t0, 1, with(deps.clone())) && plain.insert(t0, 1, with(deps.clone())));
+            let later = t0 + Duration::from_secs(61);
+            assert_eq!(matches!(fresh.get(later, 1, |_| true), Lookup::Hit(_)), vouched, "{deps:?}");
+            assert!(matches!(plain.get(later, 1, |_| true), Lookup::Miss), "{deps:?}");
+            // the fresh TTL still bounds it
+            assert!(matches!(fresh.get(t0 + Duration::from_secs(3601), 1, |_| true), Lookup::Miss), "{deps:?}");
+        }
+        // a fill that asks for less than the tier gives gets what it asked
+        let mut fresh = Tier::new(cfg(10, Eviction::Sieve)).expect("valid");
+        fresh.keep_fresh(Duration::from_secs(3600));
+        let short = Entry { expires_at: t0 + Duration::from_secs(5), ..with(vec![Dep::Key(table, 7)]) };
+        assert!(fresh.insert(t0, 1, short));
+        assert!(matches!(fresh.get(t0 + Duration::from_secs(6), 1, |_| true), Lookup::Miss));
     }
 
     #[test]

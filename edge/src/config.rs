@@ -186,6 +186,11 @@ pub struct CacheConfig {
     pub l2_entries: usize,
     pub l2_bytes: u64,
     pub ttl_s: u64,
+    /// Fresh, not expired: with the change stream on, an entry whose every
+    /// dependency is a row the stream names by key (a point read by primary
+    /// key) is kept valid by the stream and lives up to this long, evicted
+    /// by the budget; others keep `ttl_s`. 0: every entry has `ttl_s`.
+    pub fresh_ttl_s: u64,
     /// Results larger than this are relayed, not cached.
     pub entry_bytes_max: usize,
     /// `false`: a pass-through proxy (every query relayed, nothing cached).
@@ -209,6 +214,7 @@ impl Default for CacheConfig {
             l2_entries: 100_000,
             l2_bytes: 512 << 20,
             ttl_s: 300,
+            fresh_ttl_s: 86_400,
             entry_bytes_max: 1 << 20,
             enabled: true,
             l2_path: None,

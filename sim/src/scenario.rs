@@ -142,6 +142,10 @@ pub struct Tiers {
     pub l3_entries: usize,
     pub l3_ms: f64,
     pub ttl_s: u64,
+    /// Fresh, not expired: an entry the change stream keeps valid row by
+    /// row (a point read) lives up to this long at the sites and pools,
+    /// evicted by the budget; 0: every entry has `ttl_s`.
+    pub fresh_ttl_s: u64,
     pub entry_bytes: u32,
 }
 
@@ -155,6 +159,7 @@ impl Default for Tiers {
             l3_entries: 200_000,
             l3_ms: 0.5,
             ttl_s: 300,
+            fresh_ttl_s: 86_400,
             entry_bytes: 512,
         }
     }

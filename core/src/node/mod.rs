@@ -83,6 +83,12 @@ pub struct NodeConfig {
     /// that loads the database's catalog before it opens the stream: no
     /// entry is then analysed by a catalog other than the live one).
     pub fills_wait_for_cdc: bool,
+    /// Fresh, not expired ([`Tier::keep_fresh`]): with key-level
+    /// invalidation and a CDC-silence bound, an entry the change stream
+    /// keeps valid row by row lives this long in L1 and L2 (at least the
+    /// tier's TTL); the budget evicts it. `None`: every entry has its
+    /// tier's TTL.
+    pub fresh_ttl: Option<Duration>,
 }
 
 /// How precisely writes invalidate cached entries.
@@ -123,6 +129,7 @@ impl NodeConfig {
             invalidation: InvalidationMode::Key,
             cdc_silence_max: None,
             fills_wait_for_cdc: false,
+            fresh_ttl: None,
         }
     }
 }
@@ -284,8 +291,15 @@ impl<V: Clone> EdgeNode<V> {
         if config.sessions_max == 0 || config.pending_max == 0 {
             return Err(NodeConfigError::Limits);
         }
-        let l1 = Tier::new(config.l1.clone()).map_err(NodeConfigError::L1)?;
-        let l2 = Tier::new(config.l2.clone()).map_err(NodeConfigError::L2)?;
+        let mut l1 = Tier::new(config.l1.clone()).map_err(NodeConfigError::L1)?;
+        let mut l2 = Tier::new(config.l2.clone()).map_err(NodeConfigError::L2)?;
+        if let Some(ttl) = config.fresh_ttl
+            && config.invalidation.key_level()
+            && config.cdc_silence_max.is_some()
+        {
+            l1.keep_fresh(ttl);
+            l2.keep_fresh(ttl);
+        }
         let residency = config.residency.iter().copied().collect();
         Ok(EdgeNode {
             analyzer: Analyzer::new(config.analyzer.clone(), catalog),

@@ -85,6 +85,78 @@ mod session_and_refresh {
         assert!(matches!(ask(&mut n, "3"), Some(NodeOutput::Reply { served: Served::L1, lsn: Lsn(4), .. })));
     }
 
+    /// Fresh, not expired: with key-level invalidation, a silence bound
+    /// and a fresh TTL, a point read stays past the tiers' TTL while the
+    /// stream is heard, a write's event still invalidates it, and nothing
+    /// is served once the stream has been silent past the bound. Without
+    /// the bound (nothing to say the stream is live), or with TTL-only
+    /// invalidation, or a range read (not vouched for row by row), the
+    /// TTL holds.
+    #[test]
+    fn a_point_read_the_stream_keeps_valid_outlives_the_ttl_while_it_is_heard() {
+        let build = |mode, silence: Option<u64>| {
+            let mut catalog = Catalog::new();
+            let items = catalog.set_primary_key("items", "id");
+            let tier = |n| TierConfig {
+                bytes_max: 1 << 20,
+                entries_max: n,
+                ttl: Duration::from_secs(60),
+                eviction: Eviction::Sieve,
+            };
+            let config = NodeConfig {
+                invalidation: mode,
+                cdc_silence_max: silence.map(Duration::from_secs),
+                fresh_ttl: Some(Duration::from_secs(3600)),
+                ..NodeConfig::new(Zone::Eu, tier(10), tier(100))
+            };
+            let mut n = EdgeNode::new(config, catalog, Lsn(0)).expect("valid config");
+            n.open_session(SessionId(1), "app", "app", Consistency::ReadYourWrites).expect("room");
+            (n, items)
+        };
+        let at = |s: u64| Instant::ZERO + Duration::from_secs(s);
+        let heard = |n: &mut EdgeNode<u64>, items, s: u64| n.handle_cdc(at(s), &event(items, "99", 1, 1));
+        // the origin answers as of the newest write (LSN 5) from second 121 on
+        let ask = |n: &mut EdgeNode<u64>, p: &Prepared, s: u64, args: &[&str]| {
+            let args: Vec<Option<&[u8]>> = args.iter().map(|a| Some(a.as_bytes())).collect();
+            n.handle_execute(at(s), SessionId(1), p, &args);
+            let lsn = if s > 120 { 5 } else { 1 };
+            let answer = |_: &UpstreamRequest| Ok(harness::read_reply(lsn, 8, Served::Replica, Lsn(lsn)));
+            match harness::through(n, at(s), answer) {
+                Some(NodeOutput::Reply { served, .. }) => served,
+                other => panic!("expected a reply, got {other:?}"),
+            }
+        };
+        for (mode, silence, point_kept) in [
+            (InvalidationMode::Key, Some(2), true),
+            (InvalidationMode::Refresh, Some(2), true),
+            (InvalidationMode::Key, None, false),
+            (InvalidationMode::TtlOnly, Some(2), false),
+        ] {
+            let (mut n, items) = build(mode, silence);
+            let point = n.prepare("SELECT id, v FROM items WHERE id = $1").expect("lexes");
+            let range = n.prepare("SELECT id, v FROM items WHERE id BETWEEN $1 AND $2").expect("lexes");
+            heard(&mut n, items, 0);
+            assert_eq!(ask(&mut n, &point, 0, &["7"]), Served::Replica);
+            assert_eq!(ask(&mut n, &range, 0, &["1", "5"]), Served::Replica);
+            // the stream heard every second, for two minutes (the TTL is 60 s)
+            for s in 1..=120 {
+                heard(&mut n, items, s);
+            }
+            let want = if point_kept { Served::L1 } else { Served::Replica };
+            assert_eq!(ask(&mut n, &point, 120, &["7"]), want, "{mode:?} {silence:?}");
+            assert_eq!(ask(&mut n, &range, 120, &["1", "5"]), Served::Replica, "{mode:?}: a range keeps the TTL");
+            if !point_kept {
+                continue;
+            }
+            // a write to the row still invalidates it
+            n.handle_cdc(at(121), &event(items, "7", 1, 5));
+            assert_eq!(ask(&mut n, &point, 121, &["7"]), Served::Replica, "{mode:?}: invalidated");
+            assert_eq!(ask(&mut n, &point, 121, &["7"]), Served::L1, "{mode:?}: filed again");
+            // silent past the bound: not served
+            assert_eq!(ask(&mut n, &point, 124, &["7"]), Served::Replica, "{mode:?}: the stream went silent");
+        }
+    }
+
     /// A process that opened its stream at 10 never saw what changed at or
     /// below it: an answer reflecting only up to 5 (a lagging replica) may
     /// miss a change in between and is not filed; one at 10 or later is.

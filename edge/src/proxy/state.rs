@@ -76,6 +76,7 @@ impl Proxy {
             cdc_silence_max: config.cdc.enabled.then(|| Duration::from_millis(config.cdc.silence_max_ms)),
             // the CDC reader loads the database's catalog before it opens the stream
             fills_wait_for_cdc: config.cdc.enabled,
+            fresh_ttl: (c.fresh_ttl_s > 0).then(|| Duration::from_secs(c.fresh_ttl_s)),
         };
         let mut node = EdgeNode::new(node_config, catalog, Lsn(0))?;
         // restored entries are served once the CDC reader has vouched for them

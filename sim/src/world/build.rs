@@ -20,6 +20,23 @@ fn tier(sc: &Scenario, entries: usize) -> TierConfig {
     }
 }
 
+/// A pool's L3: kept fresh as the sites' tiers are (its lookups check its
+/// version map and the silence bound).
+fn l3_tier(sc: &Scenario) -> Tier<Val> {
+    let mut l3 = Tier::new(tier(sc, sc.tiers.l3_entries)).expect("validated tier config");
+    let key_level = matches!(sc.workload.invalidation, InvalidationMode::Key | InvalidationMode::Refresh);
+    if let Some(ttl) = fresh_ttl(sc).filter(|_| key_level) {
+        l3.keep_fresh(ttl);
+    }
+    l3
+}
+
+/// How long an entry the stream keeps valid row by row lives (`None`:
+/// the tiers' TTL for every entry).
+fn fresh_ttl(sc: &Scenario) -> Option<Duration> {
+    (sc.tiers.fresh_ttl_s > 0).then(|| Duration::from_secs(sc.tiers.fresh_ttl_s))
+}
+
 /// The database: the primary at its region's hub, a same-metro standby,
 /// one replica per other region.
 fn database(sc: &Scenario) -> Database {
@@ -72,7 +89,7 @@ fn region(sc: &Scenario, h: &Place, db: &Database, rng: &mut Rng) -> Region {
     Region {
         zone: h.zone,
         place: h.clone(),
-        l3: Tier::new(tier(sc, sc.tiers.l3_entries)).expect("validated tier config"),
+        l3: l3_tier(sc),
         versions: VersionMap::new(VersionMapConfig::default(), Lsn(0)).expect("the default config"),
         router,
         epoch: Epoch(1),
@@ -112,6 +129,7 @@ fn site(
         invalidation: mode,
         cdc_silence_max: Some(Duration::from_millis(sc.db.cdc_silence_max_ms)),
         fills_wait_for_cdc: false,
+        fresh_ttl: fresh_ttl(sc),
     };
     let mut node = EdgeNode::new(config, catalog.clone(), Lsn(0)).expect("validated node config");
     let prep = |node: &mut EdgeNode<Val>, sql: &str| node.prepare(sql).expect("the simulation's statements lex");
