@@ -8,6 +8,12 @@ mod session_and_refresh {
     use crate::{Duration, Instant, Lsn};
 
     fn node(mode: InvalidationMode) -> (EdgeNode<u64>, TableId) {
+        node_with(mode, |_| {})
+    }
+
+    /// A node of `mode` (tiers of 10 and 100 entries, a 60 s TTL), its
+    /// config changed by `adjust`; one session open.
+    fn node_with(mode: InvalidationMode, adjust: impl FnOnce(&mut NodeConfig)) -> (EdgeNode<u64>, TableId) {
         let mut catalog = Catalog::new();
         let items = catalog.set_primary_key("items", "id");
         let tier = |n| TierConfig {
@@ -16,12 +22,13 @@ mod session_and_refresh {
             ttl: Duration::from_secs(60),
             eviction: Eviction::Sieve,
         };
-        let config = NodeConfig {
+        let mut config = NodeConfig {
             sessions_max: 2,
             pending_max: 8,
             invalidation: mode,
             ..NodeConfig::new(Zone::Eu, tier(10), tier(100))
         };
+        adjust(&mut config);
         let mut n = EdgeNode::new(config, catalog, Lsn(0)).expect("valid config");
         n.open_session(SessionId(1), "app", "app", Consistency::ReadYourWrites).expect("room");
         (n, items)
@@ -95,23 +102,10 @@ mod session_and_refresh {
     #[test]
     fn a_point_read_the_stream_keeps_valid_outlives_the_ttl_while_it_is_heard() {
         let build = |mode, silence: Option<u64>| {
-            let mut catalog = Catalog::new();
-            let items = catalog.set_primary_key("items", "id");
-            let tier = |n| TierConfig {
-                bytes_max: 1 << 20,
-                entries_max: n,
-                ttl: Duration::from_secs(60),
-                eviction: Eviction::Sieve,
-            };
-            let config = NodeConfig {
-                invalidation: mode,
-                cdc_silence_max: silence.map(Duration::from_secs),
-                fresh_ttl: Some(Duration::from_secs(3600)),
-                ..NodeConfig::new(Zone::Eu, tier(10), tier(100))
-            };
-            let mut n = EdgeNode::new(config, catalog, Lsn(0)).expect("valid config");
-            n.open_session(SessionId(1), "app", "app", Consistency::ReadYourWrites).expect("room");
-            (n, items)
+            node_with(mode, |c| {
+                c.cdc_silence_max = silence.map(Duration::from_secs);
+                c.fresh_ttl = Some(Duration::from_secs(3600));
+            })
         };
         let at = |s: u64| Instant::ZERO + Duration::from_secs(s);
         let heard = |n: &mut EdgeNode<u64>, items, s: u64| n.handle_cdc(at(s), &event(items, "99", 1, 1));
