@@ -124,6 +124,17 @@ pub struct CdcEvent {
     pub change: Change,
 }
 
+impl CdcEvent {
+    /// Everything changed, at a position before the previous commit's: the
+    /// stream goes on on a new history (a new slot on a promoted primary,
+    /// whose timeline gives the positions the old one lost to other
+    /// commits). What was known of the old positions says nothing of the
+    /// new ones ([`VersionMap::restart_at`]).
+    pub fn starts_history(&self) -> bool {
+        self.change.lsn < self.prev_lsn && self.change.targets.iter().any(|t| matches!(t, ChangeTarget::All))
+    }
+}
+
 /// Hash of a primary-key value (canonical text) within a table.
 pub fn key_hash(table: TableId, canonical: &[u8]) -> u64 {
     let mut h = FixedHasher::default();
@@ -200,6 +211,21 @@ impl VersionMap {
             pending: BTreeMap::new(),
             stats: VersionStats::default(),
         })
+    }
+
+    /// A new history starts at `start` ([`CdcEvent::starts_history`]): every
+    /// version known is of the old one, whose positions the new one reuses,
+    /// and is forgotten; nothing older than `start` is valid, and the stream
+    /// is complete from there. The owner drops what it cached (an entry
+    /// filed at a position of the old history past `start` would pass).
+    pub fn restart_at(&mut self, start: Lsn) {
+        let stats = self.stats;
+        let config = self.config.clone();
+        if let Ok(fresh) = VersionMap::new(config, start) {
+            *self = fresh;
+        }
+        self.global = start;
+        self.stats = stats;
     }
 
     pub fn stats(&self) -> VersionStats {

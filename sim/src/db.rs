@@ -2,6 +2,15 @@
 //! lag, synchronous or asynchronous replication, crash and promotion. Each
 //! acknowledged commit survives exactly when the replication mode says it must.
 //!
+//! A commit has two numbers. Its identity (`Commit::lsn`, never reused) is
+//! what the checker judges by: what a read holds is named by the newest
+//! commit it shows. Its WAL position (`Commit::pos`) is what everything
+//! the proxy sees carries (change events, snapshots told, replay progress,
+//! read-your-writes floors): as on PostgreSQL, a promotion starts a new
+//! timeline at the promoted node's position, so the positions of the
+//! commits it lost are given again to new ones ([`Database::id_at`] reads a
+//! position back on one timeline's history).
+//!
 //! Acknowledgement follows `synchronous_commit = on`: with synchronous
 //! replication a commit is acknowledged once the synchronous standby has
 //! received it and its answer came back ([`Database::acknowledged`]), never
@@ -23,7 +32,10 @@ pub enum Target {
 
 #[derive(Clone, Debug)]
 pub struct Commit {
+    /// The commit's identity (never reused).
     pub lsn: Lsn,
+    /// Its WAL position (reused by a later timeline when a promotion drops it).
+    pub pos: Lsn,
     pub at: Instant,
     pub key: Option<u64>,
     /// Dropped from the history by the promotion that began this timeline
@@ -74,6 +86,18 @@ pub struct Database {
     pub links_ms: Vec<Vec<f64>>,
     /// Promotions so far (the history's timeline).
     pub timeline: u32,
+    /// The next WAL position on the current timeline.
+    next_pos: u64,
+    /// Per timeline: the position it began after (its parent's history up
+    /// to there is its own) and the identities of the commits made on it,
+    /// by position.
+    timelines: Vec<TimelineLog>,
+}
+
+#[derive(Debug, Default)]
+struct TimelineLog {
+    fork: u64,
+    ids: Vec<Lsn>,
 }
 
 impl Database {
@@ -104,7 +128,45 @@ impl Database {
             cutoff: None,
             links_ms,
             timeline: 0,
+            next_pos: 1,
+            timelines: vec![TimelineLog::default()],
         }
+    }
+
+    /// The commit a position names on `timeline`'s history (position 0:
+    /// the initial state); `None`: no commit of that history is there.
+    pub fn id_at(&self, timeline: u32, pos: Lsn) -> Option<Lsn> {
+        if pos.0 == 0 {
+            return Some(Lsn(0));
+        }
+        let mut t = (timeline as usize).min(self.timelines.len().checked_sub(1)?);
+        loop {
+            let tl = &self.timelines[t];
+            if pos.0 > tl.fork {
+                return tl.ids.get((pos.0 - tl.fork - 1) as usize).copied();
+            }
+            t = t.checked_sub(1)?;
+        }
+    }
+
+    /// The position of the commit `id` (0 for the initial state).
+    pub fn pos_of(&self, id: Lsn) -> Lsn {
+        self.commit(id).map_or(Lsn(0), |c| c.pos)
+    }
+
+    /// The position of the newest commit in the history.
+    pub fn commit_pos(&self) -> Lsn {
+        self.pos_of(self.commit_lsn())
+    }
+
+    /// [`Self::replay_lsn`] as a position.
+    pub fn replay_pos(&self, node: usize, now: Instant) -> Lsn {
+        self.pos_of(self.replay_lsn(node, now))
+    }
+
+    /// [`Self::received_lsn`] as a position.
+    pub fn received_pos(&self, node: usize, now: Instant) -> Lsn {
+        self.pos_of(self.received_lsn(node, now))
     }
 
     pub fn commit_lsn(&self) -> Lsn {
@@ -213,8 +275,15 @@ impl Database {
     }
 
     /// Executes a write on `node` stamped with `epoch`: committed on the
-    /// node (not yet acknowledged: see [`Self::acknowledged`]).
-    pub fn write(&mut self, node: usize, epoch: Epoch, now: Instant, key: Option<u64>) -> Result<Lsn, WriteError> {
+    /// node (not yet acknowledged: see [`Self::acknowledged`]). Returns its
+    /// identity and its WAL position.
+    pub fn write(
+        &mut self,
+        node: usize,
+        epoch: Epoch,
+        now: Instant,
+        key: Option<u64>,
+    ) -> Result<(Lsn, Lsn), WriteError> {
         let n = &self.nodes[node];
         if !n.up {
             return Err(WriteError::Down);
@@ -233,9 +302,18 @@ impl Database {
         // a node the others no longer follow (an ex-primary not yet fenced
         // after a promotion) commits on a history that is already gone
         let lost = (!followed).then_some(self.timeline);
-        self.log.push(Commit { lsn, at: now, key, lost });
+        // a node nobody follows writes positions the history goes on to
+        // give to other commits
+        let pos = Lsn(self.next_pos);
+        if followed {
+            self.next_pos += 1;
+            if let Some(tl) = self.timelines.last_mut() {
+                tl.ids.push(lsn);
+            }
+        }
+        self.log.push(Commit { lsn, pos, at: now, key, lost });
         self.accepted.push((epoch, node));
-        Ok(lsn)
+        Ok((lsn, pos))
     }
 
     pub fn crash(&mut self, node: usize, now: Instant) {
@@ -270,6 +348,10 @@ impl Database {
     /// history. Returns them: (LSN, commit time).
     pub fn promote(&mut self, node: usize, epoch: Epoch, now: Instant) -> Vec<(Lsn, Instant)> {
         let have = self.received_lsn(node, now);
+        // the new timeline's positions follow the promoted node's
+        let fork = self.pos_of(have).0;
+        self.next_pos = fork + 1;
+        self.timelines.push(TimelineLog { fork, ids: Vec::new() });
         self.timeline += 1;
         let mut lost = Vec::new();
         for c in self.log.iter_mut() {
@@ -343,12 +425,12 @@ mod tests {
     #[test]
     fn a_synchronous_commit_is_acknowledged_once_the_standby_has_it() {
         let mut d = db(Replication::Sync);
-        let lsn = d.write(0, Epoch(1), at(1_000), Some(1)).expect("the primary writes");
+        let lsn = d.write(0, Epoch(1), at(1_000), Some(1)).expect("the primary writes").0;
         assert!(!d.acknowledged(0, lsn, at(1_000)), "not at commit");
         assert!(!d.acknowledged(0, lsn, at(1_001)), "the standby has it, its answer is on its way");
         assert!(d.acknowledged(0, lsn, at(1_002)));
         let mut a = db(Replication::Async);
-        let lsn = a.write(0, Epoch(1), at(1_000), Some(1)).expect("the primary writes");
+        let lsn = a.write(0, Epoch(1), at(1_000), Some(1)).expect("the primary writes").0;
         assert!(a.acknowledged(0, lsn, at(1_000)), "asynchronous: at once");
     }
 
@@ -358,17 +440,17 @@ mod tests {
     #[test]
     fn a_primary_back_during_its_replacement_commits_nothing_acknowledged() {
         let mut d = db(Replication::Sync);
-        let before = d.write(0, Epoch(1), at(1_000), Some(1)).expect("writes");
+        let before = d.write(0, Epoch(1), at(1_000), Some(1)).expect("writes").0;
         d.crash(0, at(2_000));
         d.restart(0);
-        let after = d.write(0, Epoch(1), at(8_000), Some(2)).expect("an old-epoch primary accepts");
+        let after = d.write(0, Epoch(1), at(8_000), Some(2)).expect("an old-epoch primary accepts").0;
         assert!(d.acknowledged(0, before, at(8_100)));
         assert!(!d.acknowledged(0, after, at(9_000)), "no standby receives it");
         let lost = d.promote(1, Epoch(2), at(9_000));
         assert_eq!(lost, vec![(after, at(8_000))]);
         assert!(d.is_lost(after) && !d.is_lost(before));
         // the old primary, not yet fenced, commits on a history that is gone
-        let later = d.write(0, Epoch(1), at(9_100), Some(3)).expect("not yet fenced");
+        let later = d.write(0, Epoch(1), at(9_100), Some(3)).expect("not yet fenced").0;
         assert!(d.is_lost(later) && !d.acknowledged(0, later, at(10_000)));
     }
 
@@ -380,7 +462,7 @@ mod tests {
         let mut d = db(Replication::Async);
         d.crash(0, at(2_000));
         d.restart(0);
-        let after = d.write(0, Epoch(1), at(8_000), Some(2)).expect("an old-epoch primary accepts");
+        let after = d.write(0, Epoch(1), at(8_000), Some(2)).expect("an old-epoch primary accepts").0;
         d.crash(0, at(8_500));
         assert_eq!(d.promote(1, Epoch(2), at(9_000)), vec![(after, at(8_000))]);
     }
@@ -391,7 +473,7 @@ mod tests {
         d.crash(0, at(2_000));
         d.restart(0);
         d.resume_streaming();
-        let lsn = d.write(0, Epoch(1), at(3_000), Some(1)).expect("writes");
+        let lsn = d.write(0, Epoch(1), at(3_000), Some(1)).expect("writes").0;
         assert!(d.acknowledged(0, lsn, at(3_002)));
         assert_eq!(d.received_lsn(2, at(3_050)), lsn, "the replica streams from it again");
     }
@@ -402,11 +484,11 @@ mod tests {
     #[test]
     fn a_higher_lsn_after_a_loss_does_not_show_the_lost_write() {
         let mut d = db(Replication::Async);
-        let kept = d.write(0, Epoch(1), at(1_000), Some(1)).expect("writes");
-        let lost = d.write(0, Epoch(1), at(1_995), Some(1)).expect("writes");
+        let kept = d.write(0, Epoch(1), at(1_000), Some(1)).expect("writes").0;
+        let lost = d.write(0, Epoch(1), at(1_995), Some(1)).expect("writes").0;
         d.crash(0, at(2_000));
         assert_eq!(d.promote(1, Epoch(2), at(8_000)), vec![(lost, at(1_995))]);
-        let newer = d.write(1, Epoch(2), at(8_100), Some(1)).expect("the new primary writes");
+        let newer = d.write(1, Epoch(2), at(8_100), Some(1)).expect("the new primary writes").0;
         assert!(newer > lost);
         assert!(!d.includes(newer, lost), "the new history does not have it");
         assert!(d.includes(lost, lost), "a snapshot of the old history had it");
@@ -422,5 +504,28 @@ mod tests {
         assert_eq!(d.nodes[1].oneway_ms, 50.0);
         assert_eq!(d.sync_standby, 1, "the nearest live replica that did not diverge");
         assert_eq!(d.ack_delay_ms(), 100.0);
+    }
+
+    /// A lossy promotion: the new timeline gives the positions of the lost
+    /// commits to new ones; each timeline's history reads a position back
+    /// to its own commit, the positions up to the fork to the common one.
+    #[test]
+    fn a_new_timeline_reuses_the_positions_of_what_it_lost() {
+        let mut d = db(Replication::Async);
+        let kept = d.write(0, Epoch(1), at(1_000), Some(1)).expect("writes");
+        let lost = d.write(0, Epoch(1), at(1_995), Some(1)).expect("writes");
+        d.crash(0, at(2_000));
+        d.promote(1, Epoch(2), at(8_000));
+        let newer = d.write(1, Epoch(2), at(8_100), Some(1)).expect("the new primary writes");
+        assert_eq!(kept.1, Lsn(1));
+        assert_eq!(lost.1, Lsn(2));
+        assert_eq!(newer.1, Lsn(2), "the lost commit's position, given again");
+        assert_ne!(newer.0, lost.0, "a new identity");
+        assert_eq!(d.id_at(0, Lsn(2)), Some(lost.0));
+        assert_eq!(d.id_at(1, Lsn(2)), Some(newer.0));
+        assert_eq!(d.id_at(1, Lsn(1)), Some(kept.0), "the common history");
+        assert_eq!(d.id_at(1, Lsn(3)), None);
+        assert_eq!(d.commit_pos(), Lsn(2));
+        assert_eq!(d.pos_of(newer.0), Lsn(2));
     }
 }

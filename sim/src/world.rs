@@ -43,6 +43,8 @@ use crate::scenario::{Fault, Scenario};
 /// A cached value in the simulation: the snapshot it was read at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Val {
+    /// The identity of the newest commit the answer shows (not a WAL
+    /// position: see `db.rs`).
     pub lsn: Lsn,
 }
 
@@ -428,7 +430,9 @@ impl World {
     }
 
     /// L3 lookup at the region.
-    fn l3_lookup(&mut self, region: usize, u: &UpstreamRequest) -> Option<Val> {
+    /// A pool's L3 entry for `u`, if it may answer: what it holds and the
+    /// position it was filed at.
+    fn l3_lookup(&mut self, region: usize, u: &UpstreamRequest) -> Option<(Val, Lsn)> {
         let now = self.now();
         let key = u.cache_key?;
         if u.residency.is_some_and(|z| z != self.regions[region].zone) {
@@ -450,25 +454,27 @@ impl World {
         match r.l3.get(now, key, ok) {
             Lookup::Hit(e) => {
                 self.checker.l3_hits += 1;
-                Some(e.value)
+                Some((e.value, e.lsn))
             }
             Lookup::Miss => None,
         }
     }
 
-    fn l3_fill(&mut self, region: usize, u: &UpstreamRequest, snapshot: Lsn) {
+    /// Files a pool's answer holding `snapshot` (a commit's identity) at
+    /// its position `pos`.
+    fn l3_fill(&mut self, region: usize, u: &UpstreamRequest, snapshot: Lsn, pos: Lsn) {
         let now = self.now();
         let Some(key) = u.cache_key else { return };
         if u.residency.is_some_and(|z| z != self.regions[region].zone) {
             return;
         }
         let r = &mut self.regions[region];
-        if snapshot < r.fills_from || !r.versions.is_valid(snapshot, &u.deps) {
+        if pos < r.fills_from || !r.versions.is_valid(pos, &u.deps) {
             return;
         }
         let entry = Entry {
             value: Val { lsn: snapshot },
-            lsn: snapshot,
+            lsn: pos,
             deps: u.deps.clone(),
             size_bytes: self.sc.tiers.entry_bytes,
             expires_at: Instant::MAX,

@@ -6,6 +6,10 @@ use super::*;
 impl<V: Clone> EdgeNode<V> {
     /// A CDC event from the primary's logical decoding stream.
     pub fn handle_cdc(&mut self, now: Instant, event: &CdcEvent) {
+        if event.starts_history() {
+            self.note_cdc(now, 1);
+            return self.start_history(event.change.lsn);
+        }
         if self.note_cdc(now, 1) {
             self.versions.apply_cdc(event);
             self.check_gap(now);
@@ -56,6 +60,17 @@ impl<V: Clone> EdgeNode<V> {
         events: impl IntoIterator<Item = &'e CdcEvent> + Clone,
         refresh: &mut RefreshFn<'_, V>,
     ) {
+        if events.clone().into_iter().any(CdcEvent::starts_history) {
+            // the batch in the order of its histories
+            for event in events {
+                if event.starts_history() {
+                    self.handle_cdc(now, event);
+                } else {
+                    self.handle_cdc_batch(now, std::iter::once(event), refresh);
+                }
+            }
+            return;
+        }
         let n = events.clone().into_iter().count();
         if n == 0 || !self.note_cdc(now, n) {
             return;

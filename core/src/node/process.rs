@@ -61,6 +61,18 @@ impl<V: Clone> EdgeNode<V> {
         self.catalog_stale = false;
     }
 
+    /// The change stream goes on on a new history from `start`
+    /// ([`CdcEvent::starts_history`]): everything cached is dropped, nothing
+    /// in flight is filed, the version map starts again at `start` (the old
+    /// history's positions, reused by the new one, say nothing of it), and
+    /// no answer older than `start` is filed.
+    pub fn start_history(&mut self, start: Lsn) {
+        self.primary_changed();
+        self.versions.restart_at(start);
+        self.fills_from = start;
+        self.gap_since = None;
+    }
+
     /// The primary changed (a failover): every cached entry is dropped, and
     /// no answer to a request in flight is filed (it was stamped with a
     /// position of the old primary, whose timeline the new one may reuse

@@ -151,6 +151,36 @@ mod session_and_refresh {
         }
     }
 
+    /// A new history (a new slot on a promoted primary) whose positions
+    /// start at 4, below the 10 the old one's stream was complete through:
+    /// what was known of the old positions vouches for nothing on the new
+    /// timeline. An entry filed at 5 does not meet a floor of 6 (a write a
+    /// site made at 6 that this node's stream has not brought yet): before,
+    /// the old history's completeness served it.
+    #[test]
+    fn a_new_history_forgets_how_far_the_old_one_was_complete() {
+        let (mut n, items) = node(InvalidationMode::Key);
+        let p = n.prepare("SELECT id, v FROM items WHERE id = $1").expect("lexes");
+        n.handle_cdc(Instant::ZERO, &event(items, "99", 0, 10));
+        assert_eq!(n.versions().complete_through(), Lsn(10));
+        let back = CdcEvent { prev_lsn: Lsn(10), change: Change { lsn: Lsn(4), targets: vec![ChangeTarget::All] } };
+        assert!(back.starts_history());
+        n.handle_cdc(Instant::ZERO, &back);
+        assert_eq!(n.versions().complete_through(), Lsn(4));
+        assert_eq!(read(&mut n, &p, "7", 3), (Served::Replica, 3), "older than the new history: not filed");
+        assert_eq!(read(&mut n, &p, "7", 5), (Served::Replica, 5));
+        assert_eq!(read(&mut n, &p, "7", 5), (Served::L1, 5), "filed on the new history");
+        n.raise_floor(SessionId(1), Lsn(6));
+        assert_eq!(read(&mut n, &p, "7", 6), (Served::Replica, 6), "the entry at 5 does not meet the floor");
+        // the batch path: the same, in stream order
+        let (mut n, items) = node(InvalidationMode::Refresh);
+        let old = event(items, "99", 0, 10);
+        let new = event(items, "7", 4, 5);
+        n.handle_cdc_batch(Instant::ZERO, [&old, &back, &new], &mut |_, _, _, _| None);
+        assert_eq!(n.versions().complete_through(), Lsn(5));
+        assert_eq!(n.versions().required_lsn(&[crate::invalidation::Dep::Key(items, key_hash(items, b"7"))]), Lsn(5));
+    }
+
     /// A process that opened its stream at 10 never saw what changed at or
     /// below it: an answer reflecting only up to 5 (a lagging replica) may
     /// miss a change in between and is not filed; one at 10 or later is.

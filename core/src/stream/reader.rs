@@ -166,8 +166,11 @@ impl SlotReader {
         let mut events = Vec::new();
         match slot {
             Slot::Created(start) => {
+                // a new slot's positions start at its own: on a promoted
+                // primary's timeline, before what was read on the old one
+                // (the event then starts a new history)
                 events.push(all(self.last, start));
-                self.last = self.last.max(start);
+                self.last = start;
                 self.conn.advanced = start;
                 self.slot_at = Some(start);
                 self.created_unopened = None;
@@ -288,6 +291,30 @@ mod tests {
 
     fn all_at(e: &CdcEvent) -> Option<Lsn> {
         (e.change.targets == [ChangeTarget::All]).then_some(e.change.lsn)
+    }
+
+    /// A new slot on a promoted primary whose timeline starts below what
+    /// the old slot had streamed: the reader's position goes back to the
+    /// slot's start with an event that starts a new history, and the new
+    /// timeline's commits at the old positions follow it.
+    #[test]
+    fn a_new_slot_below_the_position_starts_a_new_history() {
+        let mut r = SlotReader::new();
+        let _ = r.open(Slot::Created(Lsn(100)));
+        let _ = r.opened();
+        let _ = r.handle_records([Record::Begin, table(1), Record::Commit(Some(Lsn(300)))]);
+        assert_eq!(r.last(), Lsn(300));
+        let _ = r.open(Slot::Created(Lsn(200)));
+        let ev = r.opened();
+        assert!(ev[0].starts_history(), "{ev:?}");
+        assert_eq!(r.last(), Lsn(200));
+        let b = r.handle_records([Record::Begin, table(2), Record::Commit(Some(Lsn(250)))]);
+        assert_eq!(b.events[0].prev_lsn, Lsn(200));
+        assert_eq!(b.events[0].change.lsn, Lsn(250));
+        assert_eq!(r.last(), Lsn(250));
+        // a new slot above (the same timeline, a slot dropped): no new history
+        let _ = r.open(Slot::Created(Lsn(400)));
+        assert!(!r.opened()[0].starts_history());
     }
 
     #[test]

@@ -140,8 +140,7 @@ impl Subscriber {
                 // a position of another history (a timeline a failover
                 // ended): what is held reflects commits that may be lost,
                 // and misses some of this history's
-                self.forget_before(from, step);
-                step.new_history = true;
+                self.start_history(from, step);
                 self.open();
                 self.replay = Some(Vec::new());
             }
@@ -155,8 +154,7 @@ impl Subscriber {
             }
             Line::Reset(start) => {
                 // a new slot on the regional proxy: commits before it may never come
-                self.forget_before(start, step);
-                step.new_history = true;
+                self.start_history(start, step);
                 self.origin.clone_from(&self.announced);
             }
             Line::Keepalive(current) => {
@@ -165,8 +163,11 @@ impl Subscriber {
                 }
                 if !self.opened {
                     // everything cached before is of unknown freshness (the file's too)
-                    self.forget_before(current, step);
-                    step.new_history |= !self.same_history();
+                    if self.same_history() {
+                        self.forget_before(current, step);
+                    } else {
+                        self.start_history(current, step);
+                    }
                     self.open();
                 }
                 step.events.push(keepalive(self.last));
@@ -188,6 +189,18 @@ impl Subscriber {
         step.changes.push(event.change.clone());
         step.events.push(event);
         self.last = start;
+    }
+
+    /// A new history from `at` on (a new slot, another timeline): its
+    /// positions may be below `last`, and reuse ones seen on the old one.
+    /// The event goes back to `at` when they are, which makes the node
+    /// start again there ([`CdcEvent::starts_history`]).
+    fn start_history(&mut self, at: Lsn, step: &mut Step) {
+        let event = Change { lsn: at, targets: vec![ChangeTarget::All] }.after(self.last);
+        step.changes.push(event.change.clone());
+        step.events.push(event);
+        self.last = at;
+        step.new_history = true;
     }
 
     /// The stream opened: `last` is a position on its history from now on.
@@ -319,6 +332,30 @@ mod tests {
         assert_eq!(s.opening(&Line::Continue(Lsn(0x400))), Some((Lsn(0x400), false)));
     }
 
+    /// A reset to a new slot on a promoted primary whose timeline starts
+    /// below what the subscriber applied (the old primary's last commits,
+    /// streamed before the failover, were lost): the positions go back to
+    /// the reset's, with an event that says so, and the new history's rows
+    /// at positions the old one used are applied, not taken for ones seen.
+    #[test]
+    fn a_reset_below_the_position_starts_the_new_history_there() {
+        let mut s = Subscriber::new();
+        let _ = s.connect(None);
+        let _ = run(&mut s, &["O sys/00000001", "K 0/100", "R 0/110\tbegin", "R 0/120\tcommit 500"]);
+        assert_eq!(s.last(), Lsn(500));
+        let step = run(&mut s, &["O sys/00000002", "X 0/190"]);
+        assert!(step.new_history);
+        let back = &step.events[0];
+        assert!(back.starts_history(), "{back:?}");
+        assert_eq!((back.prev_lsn, back.change.lsn), (Lsn(500), Lsn(0x190)));
+        assert_eq!(s.last(), Lsn(0x190));
+        let step = run(&mut s, &["R 0/1A0\tbegin", "R 0/1A1\ttable 3", "R 0/1B0\tcommit 450", "K 0/1C0"]);
+        let change = Change { lsn: Lsn(450), targets: vec![ChangeTarget::Table(TableId(3))] };
+        assert_eq!(step.changes, std::slice::from_ref(&change), "a reused position is a new commit");
+        assert_eq!(step.events[0], change.after(Lsn(0x190)));
+        assert_eq!(s.last(), Lsn(450));
+    }
+
     /// The L2 file's position is on the history it was written on; a file
     /// of another one (or of none known) is not continued.
     #[test]
@@ -342,14 +379,22 @@ mod tests {
         assert!(step.ddl() && !step.resumed);
     }
 
+    /// A reset (no history named) invalidates everything; below what was
+    /// applied, the positions go back to it (only a new timeline's slot
+    /// starts below what the old one streamed).
     #[test]
-    fn a_reset_invalidates_everything_past_what_was_applied() {
+    fn a_reset_invalidates_everything_and_positions_follow_it() {
         let mut s = Subscriber::new();
         let _ = s.connect(None);
         let _ = run(&mut s, &["K 0/100", "R 0/110\tbegin", "R 0/111\ttable 1", "R 0/120\tcommit 500"]);
         let step = run(&mut s, &["X 0/10"]);
-        assert_eq!(step.changes, [Change { lsn: Lsn(500), targets: vec![ChangeTarget::All] }]);
-        assert_eq!(s.last(), Lsn(500));
+        assert_eq!(step.changes, [Change { lsn: Lsn(0x10), targets: vec![ChangeTarget::All] }]);
+        assert!(step.events[0].starts_history() && step.new_history);
+        assert_eq!(s.last(), Lsn(0x10));
+        let step = run(&mut s, &["X 0/900"]);
+        assert_eq!(step.changes, [Change { lsn: Lsn(0x900), targets: vec![ChangeTarget::All] }]);
+        assert!(!step.events[0].starts_history(), "above: an invalidation, positions go on");
+        assert_eq!(s.last(), Lsn(0x900));
     }
 
     #[test]

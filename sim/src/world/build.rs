@@ -210,7 +210,7 @@ impl World {
         );
         for site in &mut sites {
             let pool = &regions[site.home].stream;
-            site.subscribe_at_start(pool, 0);
+            site.subscribe_at_start(pool, 0, &db);
         }
         if sc.warm_start_s > 0 {
             warm_start(&sc, &mut sites, &cdf, &mut rng);

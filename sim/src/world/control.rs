@@ -21,11 +21,11 @@ impl World {
         let now = self.now();
         for i in 0..self.db.nodes.len() {
             if self.db.nodes[i].up {
-                let lsn = self.db.received_lsn(i, now);
+                let lsn = self.db.received_pos(i, now);
                 if self.controller_reaches(i) {
                     self.controller.handle_heartbeat(now, EndpointId(i as u32), lsn);
                 }
-                let replay = self.db.replay_lsn(i, now);
+                let replay = self.db.replay_pos(i, now);
                 for r in &mut self.regions {
                     r.router.handle_replay_lsn(EndpointId(i as u32), replay);
                 }
@@ -81,6 +81,11 @@ impl World {
         let lost = self.db.promote(node, epoch, now);
         self.checker.lose(&lost, failure, now);
         self.controller.handle_promoted(now, EndpointId(node as u32), epoch);
+        // a new timeline: what the replicas reported on the old one says
+        // nothing of the new one's positions (the proxy forgets them too)
+        for r in &mut self.regions {
+            r.router.forget_positions();
+        }
         // the pools' slots on the new primary are new
         self.new_slots();
         // route changes are drained on the next control tick
@@ -130,9 +135,9 @@ impl World {
         let key = self.write_key();
         let p = self.db.primary;
         let epoch = self.db.nodes[p].fence.epoch;
-        if let Ok(lsn) = self.db.write(p, epoch, now, Some(key)) {
+        if let Ok((lsn, pos)) = self.db.write(p, epoch, now, Some(key)) {
             let h = key_hash(self.items, decimal(key, &mut [0; 20]));
-            self.emit_cdc(lsn, ChangeTarget::Keys(self.items, vec![h]));
+            self.emit_cdc(pos, ChangeTarget::Keys(self.items, vec![h]));
             let due = now + Duration::from_secs_f64(self.db.ack_delay_ms() / 1e3);
             let deadline = now + Duration::from_millis(self.sc.network.timeout_ms);
             self.pending_acks.push_back(PendingAck { key, lsn, node: p, committed: now, due, deadline });

@@ -35,6 +35,8 @@ pub struct RegionStream {
     /// a position to open subscriptions at (before, they are refused, as
     /// the proxy refuses them while its `cdc_last` is 0).
     open: bool,
+    /// The timeline its slot is on: the history its positions name commits of.
+    timeline: u32,
 }
 
 #[derive(Debug)]
@@ -44,6 +46,8 @@ struct Published {
     at: Instant,
     /// How fresh what it tells is (when its news would have arrived live).
     live: Instant,
+    /// The timeline its positions are on.
+    timeline: u32,
 }
 
 /// A site's subscription to its home pool.
@@ -57,12 +61,15 @@ pub struct SiteStream {
     /// After a restart: the L2 file's position and history, for the first
     /// subscription.
     file: Option<(Lsn, Option<String>)>,
+    /// The timeline of the positions it last received (a row image's
+    /// position read back to the commit it shows, for the checker).
+    timeline: u32,
 }
 
 impl Default for SiteStream {
     fn default() -> Self {
         // (the simulated sites persist nothing: no L2 file)
-        SiteStream { sub: Subscriber::without_changes(), next: None, incarnation: 0, file: None }
+        SiteStream { sub: Subscriber::without_changes(), next: None, incarnation: 0, file: None, timeline: 0 }
     }
 }
 
@@ -102,6 +109,7 @@ impl RegionStream {
             base: 0,
             incarnation: 0,
             open: false,
+            timeline,
         }
     }
 
@@ -117,7 +125,7 @@ impl RegionStream {
     fn publish(&mut self, feed: Feed, now: Instant, live: Instant) {
         let feed = Arc::new(feed);
         self.history.push(feed.clone(), HISTORY_ROWS);
-        self.published.push_back(Published { feed, at: now, live });
+        self.published.push_back(Published { feed, at: now, live, timeline: self.timeline });
     }
 
     /// Every open subscription has passed feed `upto`.
@@ -213,6 +221,7 @@ impl World {
         let now = self.now();
         let mode = self.mode;
         let entry_bytes = self.sc.tiers.entry_bytes;
+        let db = &self.db;
         let reg = &mut self.regions[r];
         let (mut ordered, mut records, mut rows) = (Vec::new(), Vec::new(), Vec::new());
         let mut live = None;
@@ -236,7 +245,9 @@ impl World {
         for ev in &batch.events {
             reg.versions.apply_cdc(ev);
             if mode == InvalidationMode::Refresh {
-                reg.refresh.apply(ev, &mut [&mut reg.l3], &mut |_, _, _, lsn| Some((Val { lsn }, entry_bytes)));
+                let timeline = reg.stream.timeline;
+                let mut render = |_, _, _: &Val, pos| Some((Val { lsn: db.id_at(timeline, pos)? }, entry_bytes));
+                reg.refresh.apply(ev, &mut [&mut reg.l3], &mut render);
             }
         }
         // as fresh as the freshest event (late after a stall: older news)
@@ -280,6 +291,7 @@ impl World {
             }
             stream.next = Some(reg.stream.end());
             stream.file = None;
+            stream.timeline = reg.stream.timeline;
             opened_at = Some(stream.sub.last());
             heard = Some(reg.last_cdc);
             self.checker.streams_resumed += u64::from(step.resumed);
@@ -291,6 +303,7 @@ impl World {
             && p.at + delay <= now
         {
             publisher::feed_lines(&p.feed, 0, &mut |line| stream.sub.handle_line_into(line, &mut decode, &mut step));
+            stream.timeline = p.timeline;
             heard = heard.max(Some(p.live));
             next += 1;
         }
@@ -299,7 +312,7 @@ impl World {
         // when that news would have reached it live (a backlog is old news)
         let heard = heard.map_or(now, |live| (live + delay).min(now));
         self.checker.streams_new_history += u64::from(step.new_history);
-        site.apply_step(heard, step, self.sc.tiers.entry_bytes);
+        site.apply_step(heard, step, self.sc.tiers.entry_bytes, &self.db);
         if let Some(at) = opened_at {
             // the stream opened there: nothing older is filed
             site.node.fills_from(at);
@@ -330,19 +343,29 @@ impl World {
     /// reset on their streams, every site drop what they hold.
     pub(super) fn new_slots(&mut self) {
         let now = self.now();
-        let start = self.last_cdc_lsn;
+        // the new primary's position: the new timeline's events follow it
+        let start = self.db.commit_pos();
+        self.last_cdc_lsn = start;
         let o = origin(self.db.timeline);
         for reg in &mut self.regions {
             // what the old slot held unread is gone with it
             reg.cdc.drop_unread();
             reg.stream.order.restart_at(start);
             let opening = reg.stream.reader.open(Slot::Created(start));
+            reg.stream.timeline = self.db.timeline;
             reg.stream.history.set_origin(Some(o.clone()));
             let reset = Feed { reset: opening.reset, origin: Some(o.clone()), ..Feed::default() };
             let live = reg.last_cdc;
             reg.stream.publish(reset, now, live);
             for ev in reg.stream.reader.opened() {
-                reg.versions.apply_cdc(&ev);
+                if ev.starts_history() {
+                    // the new timeline's positions start below the old
+                    // one's: nothing known of those says anything of these
+                    reg.versions.restart_at(ev.change.lsn);
+                    reg.fills_from = ev.change.lsn;
+                } else {
+                    reg.versions.apply_cdc(&ev);
+                }
             }
             reg.l3.clear();
         }
@@ -387,21 +410,26 @@ impl World {
 impl Site {
     /// Subscribes the site before the fleet starts (its stream opens at 0,
     /// so what the warm start fills at LSN 0 stands).
-    pub(super) fn subscribe_at_start(&mut self, pool: &RegionStream, base: usize) {
+    pub(super) fn subscribe_at_start(&mut self, pool: &RegionStream, base: usize, db: &Database) {
         let mut step = Step::default();
         let from = self.stream.sub.connect(None);
         let mut handle = |line: Line<'_>| self.stream.sub.handle_line_into(line, &mut decode_row, &mut step);
         if publisher::opening(&pool.history, from, pool.last_applied(), &mut handle).is_ok() {
             self.stream.next = Some(base);
         }
-        self.apply_step(Instant::ZERO, step, 0);
+        self.apply_step(Instant::ZERO, step, 0, db);
     }
 
     /// The subscriber's lines of one delivery applied to the node: a new
     /// history drops everything held (what was filed may be at positions
     /// the new one reuses), and files nothing in flight.
-    fn apply_step(&mut self, heard: Instant, step: Step, entry_bytes: u32) {
-        self.node.handle_cdc_batch(heard, &step.events, &mut |_, _, _, lsn| Some((Val { lsn }, entry_bytes)));
+    /// A row image refreshes an entry with the commit its position names on
+    /// the stream's timeline (an event of an older timeline in the same
+    /// batch as a reset is dropped by it); none found: invalidated.
+    fn apply_step(&mut self, heard: Instant, step: Step, entry_bytes: u32, db: &Database) {
+        let timeline = self.stream.timeline;
+        let mut render = |_, _, _: &Val, pos| Some((Val { lsn: db.id_at(timeline, pos)? }, entry_bytes));
+        self.node.handle_cdc_batch(heard, &step.events, &mut render);
         if step.new_history {
             self.node.primary_changed();
         }

@@ -7,8 +7,15 @@ fn sleep_ms(ms: f64) -> madsim::time::Sleep {
     madsim::time::sleep(std::time::Duration::from_secs_f64(ms.max(0.0) / 1e3))
 }
 
-/// A commit the database acknowledged: (LSN, committed at).
-type Committed = (Lsn, Instant);
+/// A commit the database acknowledged.
+#[derive(Clone, Copy, Debug)]
+struct Committed {
+    /// Its identity (what the checker knows it by).
+    id: Lsn,
+    /// Its WAL position (what the site's floor and stream carry).
+    pos: Lsn,
+    at: Instant,
+}
 
 enum DbOutcome {
     Ok {
@@ -40,10 +47,10 @@ async fn region_execute(w: &Shared, region: usize, u: &UpstreamRequest, ctx: OpC
         };
         (wb.sc.tiers.l3_ms, cost)
     };
-    if let Some(v) = w.borrow_mut().l3_lookup(region, u) {
+    if let Some((v, at)) = w.borrow_mut().l3_lookup(region, u) {
         // the pool says what its answer reflects (the proxy's regional
-        // tells it as the answer's LSN)
-        return DbOutcome::Ok { snapshot: v.lsn, told: v.lsn, commit: None, served: Served::L3, extra_ms: l3_ms };
+        // tells it as the answer's LSN): the entry's position
+        return DbOutcome::Ok { snapshot: v.lsn, told: at, commit: None, served: Served::L3, extra_ms: l3_ms };
     }
     let write = ctx.op == Op::Write;
     let now = w.borrow().now();
@@ -78,19 +85,20 @@ async fn region_execute(w: &Shared, region: usize, u: &UpstreamRequest, ctx: OpC
     }
     sleep_ms(oneway + slow).await;
     if !write {
-        let (snapshot, served) = {
+        let (snapshot, told, served) = {
             let wb = w.borrow();
             let now = wb.now();
             let served = if node == wb.db.primary { Served::Primary } else { Served::Replica };
-            (wb.db.replay_lsn(node, now), served)
+            let snapshot = wb.db.replay_lsn(node, now);
+            (snapshot, wb.db.pos_of(snapshot), served)
         };
         sleep_ms(oneway + slow).await;
         let mut wb = w.borrow_mut();
         let now = wb.now();
         let rtt = 2.0 * (oneway + slow) + cost_ms;
         wb.regions[region].router.handle_result(now, endpoint, Ok(Duration::from_secs_f64(rtt / 1e3)));
-        wb.l3_fill(region, u, snapshot);
-        return DbOutcome::Ok { snapshot, told: snapshot, commit: None, served, extra_ms: l3_ms + rtt };
+        wb.l3_fill(region, u, snapshot, told);
+        return DbOutcome::Ok { snapshot, told, commit: None, served, extra_ms: l3_ms + rtt };
     }
     let hop = Hop { region, node, endpoint, oneway, slow, timeout_ms, cost_ms, l3_ms };
     commit(w, &hop, ctx).await
@@ -118,16 +126,20 @@ async fn commit(w: &Shared, hop: &Hop, ctx: OpCtx) -> DbOutcome {
         let epoch = wb.regions[region].epoch;
         let key = if ctx.eu { None } else { Some(ctx.key) };
         match wb.db.write(node, epoch, now, key) {
-            Ok(lsn) => {
+            Ok((id, pos)) => {
                 let table = if ctx.eu { wb.items_eu } else { wb.items };
                 let h = key_hash(table, decimal(ctx.key, &mut [0; 20]));
-                wb.emit_cdc(lsn, ChangeTarget::Keys(table, vec![h]));
-                Ok((lsn, now, wb.db.ack_delay_ms()))
+                // the pools' slots are on the primary the others follow: a
+                // commit on a node nobody follows reaches no stream
+                if node == wb.db.primary {
+                    wb.emit_cdc(pos, ChangeTarget::Keys(table, vec![h]));
+                }
+                Ok((Committed { id, pos, at: now }, wb.db.ack_delay_ms()))
             }
             Err(e) => Err(e.to_string()),
         }
     };
-    let (lsn, at, ack_ms) = match committed {
+    let (c, ack_ms) = match committed {
         Ok(c) => c,
         Err(e) => {
             sleep_ms(oneway).await;
@@ -143,7 +155,7 @@ async fn commit(w: &Shared, hop: &Hop, ctx: OpCtx) -> DbOutcome {
     }
     let acked = |w: &Shared| {
         let wb = w.borrow();
-        wb.db.acknowledged(node, lsn, wb.now())
+        wb.db.acknowledged(node, c.id, wb.now())
     };
     if !acked(w) {
         sleep_ms(timeout_ms - ack_ms).await;
@@ -158,7 +170,7 @@ async fn commit(w: &Shared, hop: &Hop, ctx: OpCtx) -> DbOutcome {
     let now = wb.now();
     let rtt = 2.0 * (oneway + slow) + cost_ms + waited_ms;
     wb.regions[region].router.handle_result(now, endpoint, Ok(Duration::from_secs_f64(rtt / 1e3)));
-    DbOutcome::Ok { snapshot: lsn, told: lsn, commit: Some((lsn, at)), served: Served::Primary, extra_ms: l3_ms + rtt }
+    DbOutcome::Ok { snapshot: c.id, told: c.pos, commit: Some(c), served: Served::Primary, extra_ms: l3_ms + rtt }
 }
 
 /// A pool that cannot reach the primary sends the write through the nearest
@@ -214,7 +226,7 @@ pub async fn upstream(w: Shared, site: usize, u: UpstreamRequest) {
                 size_bytes: wb.sc.tiers.entry_bytes,
                 served,
                 snapshot_lsn: told,
-                commit_lsn: commit.map(|(lsn, _)| lsn),
+                commit_lsn: commit.map(|c| c.pos),
                 ttl: None,
             };
             let node = &mut wb.sites[site].node;
@@ -226,7 +238,7 @@ pub async fn upstream(w: Shared, site: usize, u: UpstreamRequest) {
                 }
             }
             if ctx.op == Op::Write {
-                let (lsn, committed) = commit.unwrap_or((value.lsn, now));
+                let (lsn, committed) = commit.map_or((value.lsn, now), |c| (c.id, c.at));
                 wb.acknowledge((!ctx.eu).then_some(ctx.key), lsn, committed, now);
                 if !ctx.eu {
                     let sess = &mut wb.sites[site].sessions[ctx.session];
