@@ -22,7 +22,7 @@
 //! replication): those were never going to be read, and the checker judges
 //! late reads against the history as it ended.
 
-use crate::geo::{Place, distance_km, hub};
+use crate::geo::{Place, hub};
 use crate::scenario::Scenario;
 use postai_core::router::Zone;
 
@@ -33,7 +33,7 @@ pub const DELIVERY_TICK_MS: f64 = 20.0;
 /// network over `places` (every site a scenario may choose).
 pub fn delivery_ms(sc: &Scenario, places: &[Place]) -> f64 {
     let n = &sc.network;
-    let oneway = |a: (f64, f64), b: (f64, f64)| distance_km(a, b) / n.fiber_km_per_ms * n.route_factor + 0.5;
+    let oneway = |a: (f64, f64), b: (f64, f64)| crate::latency::oneway_ms(n, a, b);
     let hubs: Vec<Place> = Zone::ALL.iter().map(|z| hub(*z)).collect();
     // database nodes sit at the hubs, and the standby next to the primary's
     // (as `World::new` places them)

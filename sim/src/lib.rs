@@ -12,6 +12,7 @@ pub mod cdc;
 pub mod check;
 pub mod db;
 pub mod geo;
+pub mod latency;
 pub mod report;
 pub mod run;
 pub mod scenario;

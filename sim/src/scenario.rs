@@ -218,8 +218,19 @@ impl Default for Db {
 #[serde(deny_unknown_fields, default)]
 pub struct Network {
     pub fiber_km_per_ms: f64,
+    /// Path length over great-circle distance for pairs 5 000 km apart
+    /// and more (`sim/src/latency.rs`).
     pub route_factor: f64,
+    /// The same for pairs up to 1 000 km apart (between the two, linear).
+    pub route_factor_short: f64,
+    /// Fixed cost per hop (equipment, the last mile), ms.
+    pub hop_ms: f64,
+    /// Jitter of a request: uniform over 0..`jitter_ms`, except a share
+    /// `jitter_tail` of requests, which pay a heavy tail (Pareto, shape
+    /// 1.5, scale `jitter_tail_ms`, capped at 100 times it) on top.
     pub jitter_ms: f64,
+    pub jitter_tail: f64,
+    pub jitter_tail_ms: f64,
     /// Probability that a message between a site and a regional pool is
     /// lost. The connection's transport resends it after its retransmission
     /// timeout (see `World::retransmit_ms`): loss delays a request, it does
@@ -235,8 +246,12 @@ impl Default for Network {
     fn default() -> Self {
         Network {
             fiber_km_per_ms: 200.0,
-            route_factor: 1.5,
+            route_factor: 1.72,
+            route_factor_short: 2.5,
+            hop_ms: 0.5,
             jitter_ms: 0.5,
+            jitter_tail: 0.01,
+            jitter_tail_ms: 2.0,
             loss: 0.0,
             client_rtt_ms_min: 1.0,
             client_rtt_ms_max: 5.0,
@@ -369,7 +384,7 @@ impl Default for Targets {
             rpo_writes: 0,
             rpo_async_ms: 100.0,
             ryw_violations: 0,
-            staleness_ms: 2_300.0,
+            staleness_ms: 2_350.0,
         }
     }
 }
@@ -476,7 +491,11 @@ impl Scenario {
         int("network.timeout_ms", n.timeout_ms, 1, MS_MAX as u64)?;
         range("network.fiber_km_per_ms", n.fiber_km_per_ms, 1e-3, 1e6)?;
         range("network.route_factor", n.route_factor, 1.0, 100.0)?;
+        range("network.route_factor_short", n.route_factor_short, 1.0, 100.0)?;
+        range("network.hop_ms", n.hop_ms, 0.0, 1e4)?;
         range("network.jitter_ms", n.jitter_ms, 0.0, 1e4)?;
+        range("network.jitter_tail", n.jitter_tail, 0.0, 1.0)?;
+        range("network.jitter_tail_ms", n.jitter_tail_ms, 0.0, 1e3)?;
         range("network.loss", n.loss, 0.0, 0.1)?;
         range("workload.bypass_write_qps", w.bypass_write_qps, 0.0, 100_000.0)?;
         for (name, v) in [("workload.point", w.point), ("workload.range", w.range), ("workload.join", w.join)] {

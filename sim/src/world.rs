@@ -37,7 +37,7 @@ pub use upstream::upstream;
 use crate::cdc::CdcLink;
 use crate::check::{Checker, Recovering, Scope};
 use crate::db::{Database, DbNode};
-use crate::geo::{Place, distance_km, hub};
+use crate::geo::{Place, hub};
 use crate::scenario::{Fault, Scenario};
 
 /// A cached value in the simulation: the snapshot it was read at.
@@ -238,7 +238,7 @@ impl World {
     }
 
     fn jitter(&mut self) -> f64 {
-        self.rng.unit_f64() * self.sc.network.jitter_ms
+        crate::latency::jitter_ms(&self.sc.network, self.rng.unit_f64())
     }
 
     /// Writes follow their own popularity (`write_zipf_s`; 0 is uniform).

@@ -239,7 +239,7 @@ fn commits_only_a_crashed_primary_has_are_not_staleness() {
     let r = run_scenario(&base.small(3305));
     assert!(r.safe(), "{}", postai_sim::report::table(&r));
     assert!(r.limbo_reads > 0, "the reads that missed them are counted: {}", postai_sim::report::table(&r));
-    assert!(r.staleness_ms_max < 2750.0, "{}", r.staleness_ms_max);
+    assert!(r.staleness_ms_max < 2800.0, "{}", r.staleness_ms_max);
     let r = run_scenario(&base.short(2132));
     assert!(r.safe(), "{}", postai_sim::report::table(&r));
     // the same world with synchronous replication: every acknowledged

@@ -4,10 +4,9 @@
 
 use super::*;
 
-/// One-way delay between two points (ms): fiber at the scenario's speed,
-/// the route factor, half a millisecond of equipment.
+/// One-way delay between two points (ms): `latency::oneway_ms`.
 fn oneway(net: &crate::scenario::Network, a: (f64, f64), b: (f64, f64)) -> f64 {
-    distance_km(a, b) / net.fiber_km_per_ms * net.route_factor + 0.5
+    crate::latency::oneway_ms(net, a, b)
 }
 
 /// A tier of `entries`, sized for the scenario's entries.
