@@ -95,11 +95,7 @@ fn real_main() -> Result<ExitCode, String> {
     for ((f, sc), result) in files.iter().zip(&scenarios).zip(done) {
         let (r, secs) = result.ok_or_else(|| format!("{f}: the scenario did not finish"))?;
         if let Some(dir) = &svg_dir {
-            std::fs::create_dir_all(dir).map_err(|e| format!("{dir}: {e}"))?;
-            let path = std::path::Path::new(dir).join(format!("{}.svg", r.scenario));
-            std::fs::write(&path, postai_sim::svg::render(&r, sc.targets.read_p95_ms))
-                .map_err(|e| format!("{}: {e}", path.display()))?;
-            println!("  svg: {}", path.display());
+            write_svg(dir, &r, sc)?;
         }
         print!("{}", report::table(&r));
         println!(
@@ -132,6 +128,16 @@ fn real_main() -> Result<ExitCode, String> {
         return Ok(ExitCode::from(1));
     }
     Ok(if strict && !all_pass { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// The report's latency chart as `<dir>/<scenario>.svg`.
+fn write_svg(dir: &str, r: &postai_sim::run::Report, sc: &Scenario) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{dir}: {e}"))?;
+    let path = std::path::Path::new(dir).join(format!("{}.svg", r.scenario));
+    std::fs::write(&path, postai_sim::svg::render(r, sc.targets.read_p95_ms))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    println!("  svg: {}", path.display());
+    Ok(())
 }
 
 /// The scenarios, run on every core (each an independent simulation,

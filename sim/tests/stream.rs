@@ -192,3 +192,17 @@ fn sites_cut_off_across_a_lossy_failover_do_not_continue_the_old_timeline() {
         assert!(r.safe(), "seed {seed}: max staleness {} ms; {:?}", r.staleness_ms_max, r.rows);
     }
 }
+
+/// Found by the small-world sweep once the latency model was calibrated
+/// (seed 382, 11.5 s stale): a pool restarted a second time before it had
+/// read its slot (the primary was down in between) took the position its
+/// reader had read to (none yet: 0) for its slot's, so its history vouched
+/// for every position and a site continued from before a commit the pool
+/// had read, and lost, before the first outage. A slot's position is the
+/// server's: the restarted process finds it where the last one left it.
+#[test]
+fn a_pool_restarted_twice_before_reading_keeps_its_slots_position() {
+    let base = Scenario::load(&format!("{}/swarm.toml", postai_sim::scenarios_dir().display())).expect("swarm");
+    let r = run_scenario(&base.small(382));
+    assert!(r.safe(), "max staleness {} ms; {:?}", r.staleness_ms_max, r.rows);
+}

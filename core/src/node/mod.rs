@@ -432,22 +432,8 @@ impl<V: Clone> EdgeNode<V> {
         prepared: &Prepared,
         params: &[Option<&[u8]>],
     ) -> RequestId {
-        if prepared.shape.generation != self.analyzer.generation() {
-            // analysed by an older catalog: as the current one sees it
-            let mut current = prepared.clone();
-            self.current(&mut current);
-            if current.shape.generation == self.analyzer.generation() {
-                return self.handle_execute(now, session, &current, params);
-            }
-        }
-        if self.sessions.get(&session).is_some_and(|s| s.backslash_strings()) && !prepared.shape.session_opaque {
-            // the text may not mean what the lexer read: anything at all
-            let mut shape = (*prepared.shape).clone();
-            shape.cacheable = Err(NotCacheable::Unparsable("standard_conforming_strings is off".into()));
-            shape.session_opaque = true;
-            shape.writes_opaque = true;
-            let legacy = Prepared { shape: Arc::new(shape), ..prepared.clone() };
-            return self.handle_execute(now, session, &legacy, params);
+        if let Some(again) = self.as_seen_now(session, prepared) {
+            return self.handle_execute(now, session, &again, params);
         }
         let req = RequestId(self.next_req);
         self.next_req += 1;
@@ -540,6 +526,29 @@ impl<V: Clone> EdgeNode<V> {
         self.stats.misses += 1;
         self.forward(now, req, session, shape, route, Some(key), deps, Vec::new(), residency, !foreign, None);
         req
+    }
+
+    /// The statement as it must run now when that differs from how it was
+    /// prepared: analysed again by the current catalog, or (a session whose
+    /// strings take backslash escapes) as anything at all, since its text
+    /// may not mean what the lexer read.
+    fn as_seen_now(&mut self, session: SessionId, prepared: &Prepared) -> Option<Prepared> {
+        if prepared.shape.generation != self.analyzer.generation() {
+            // analysed by an older catalog: as the current one sees it
+            let mut current = prepared.clone();
+            self.current(&mut current);
+            if current.shape.generation == self.analyzer.generation() {
+                return Some(current);
+            }
+        }
+        if self.sessions.get(&session).is_some_and(|s| s.backslash_strings()) && !prepared.shape.session_opaque {
+            let mut shape = (*prepared.shape).clone();
+            shape.cacheable = Err(NotCacheable::Unparsable("standard_conforming_strings is off".into()));
+            shape.session_opaque = true;
+            shape.writes_opaque = true;
+            return Some(Prepared { shape: Arc::new(shape), ..prepared.clone() });
+        }
+        None
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -126,6 +126,13 @@ impl SlotReader {
     }
 
     /// A connection found (or created) the slot.
+    /// Where the slot stands as this reader last knew it (created, found
+    /// or advanced); `None` before it opened one. A reader opened on an
+    /// existing slot knows its position before it has read anything.
+    pub fn slot_position(&self) -> Option<Lsn> {
+        self.slot_at
+    }
+
     pub fn open(&mut self, slot: Slot) -> Opening {
         self.conn = Conn::default();
         let slot = match (slot, self.created_unopened) {

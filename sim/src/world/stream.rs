@@ -324,7 +324,9 @@ impl World {
     pub(super) fn restart_pool(&mut self, r: usize) {
         let timeline = self.db.timeline;
         let reg = &mut self.regions[r];
-        let confirmed = reg.stream.reader.last();
+        // the slot's position is the server's: a process restarted again
+        // before it read anything finds it where the last one left it
+        let confirmed = reg.stream.reader.slot_position().unwrap_or(reg.stream.reader.last());
         let order = std::mem::take(&mut reg.stream.order);
         let incarnation = reg.stream.incarnation + 1;
         reg.stream = RegionStream::restarted(confirmed, timeline);
