@@ -322,11 +322,10 @@ async fn attempt_regions(w: &Shared, site: usize, u: &UpstreamRequest, ctx: OpCt
         match outcome {
             DbOutcome::Ok { snapshot, told, commit, served, extra_ms } => {
                 let ms = waited_ms + 2.0 * (oneway + jitter) + lost_ms + extra_ms;
-                w.borrow_mut().region_result(
-                    site,
-                    region,
-                    Ok(Duration::from_secs_f64((2.0 * oneway + lost_ms + extra_ms) / 1e3)),
-                );
+                // the site's router weighs the way to the region, not what
+                // the region did with the request (a write's trip to the
+                // primary is not the region being far)
+                w.borrow_mut().region_result(site, region, Ok(Duration::from_secs_f64((2.0 * oneway + lost_ms) / 1e3)));
                 return Ok(Answer { value: Val { lsn: snapshot }, told, served, commit, ms });
             }
             DbOutcome::Unreachable => {
