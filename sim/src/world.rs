@@ -131,6 +131,11 @@ pub struct Region {
     /// Where its process's stream opened: no answer older is filed in L3
     /// (its version map knows nothing of what changed before).
     fills_from: Lsn,
+    /// Starts of a new history on its stream (a new slot, a restart): an
+    /// answer to a request sent before the current one is not filed, as
+    /// the proxy's node files nothing in flight across a primary change
+    /// (it may be of positions the new timeline gives to other commits).
+    history: u64,
 }
 
 /// One in-flight client request.

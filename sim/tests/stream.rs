@@ -206,3 +206,17 @@ fn a_pool_restarted_twice_before_reading_keeps_its_slots_position() {
     let r = run_scenario(&base.small(382));
     assert!(r.safe(), "max staleness {} ms; {:?}", r.staleness_ms_max, r.rows);
 }
+
+/// Found by the small-world sweep once sites chose their region by the way
+/// there (seed 2539, 2.96 s stale): a pool's read in flight across a
+/// lossy promotion came back after the pool had cleared its L3 for the new
+/// timeline, and filed the old timeline's answer at a position the new one
+/// gives to other commits, where no new commit could invalidate it. The
+/// pool, as the proxy's node does, files nothing in flight across a new
+/// history.
+#[test]
+fn a_pool_files_no_answer_in_flight_across_a_new_history() {
+    let base = Scenario::load(&format!("{}/swarm.toml", postai_sim::scenarios_dir().display())).expect("swarm");
+    let r = run_scenario(&base.small(2539));
+    assert!(r.safe(), "max staleness {} ms; {:?}", r.staleness_ms_max, r.rows);
+}

@@ -102,6 +102,7 @@ fn region(sc: &Scenario, h: &Place, db: &Database, rng: &mut Rng) -> Region {
         cdc: CdcLink::new(),
         stream: RegionStream::new(),
         fills_from: Lsn(0),
+        history: 0,
     }
 }
 

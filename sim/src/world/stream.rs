@@ -335,6 +335,7 @@ impl World {
         reg.stream.incarnation = incarnation;
         reg.versions = VersionMap::new(VersionMapConfig::default(), confirmed).expect("the default config");
         reg.l3.clear();
+        reg.history += 1;
         // its stream opens at the slot's position: nothing older is filed
         reg.fills_from = confirmed;
     }
@@ -370,6 +371,7 @@ impl World {
                 }
             }
             reg.l3.clear();
+            reg.history += 1;
         }
     }
 }

@@ -83,6 +83,7 @@ async fn region_execute(w: &Shared, region: usize, u: &UpstreamRequest, ctx: OpC
         // the attempt never reached the database: a write may go elsewhere
         return if write && !relayed { Box::pin(relay(w, region, u, ctx)).await } else { DbOutcome::Unreachable };
     }
+    let history = w.borrow().regions[region].history;
     sleep_ms(oneway + slow).await;
     if !write {
         let (snapshot, told, served) = {
@@ -97,7 +98,9 @@ async fn region_execute(w: &Shared, region: usize, u: &UpstreamRequest, ctx: OpC
         let now = wb.now();
         let rtt = 2.0 * (oneway + slow) + cost_ms;
         wb.regions[region].router.handle_result(now, endpoint, Ok(Duration::from_secs_f64(rtt / 1e3)));
-        wb.l3_fill(region, u, snapshot, told);
+        if wb.regions[region].history == history {
+            wb.l3_fill(region, u, snapshot, told);
+        }
         return DbOutcome::Ok { snapshot, told, commit: None, served, extra_ms: l3_ms + rtt };
     }
     let hop = Hop { region, node, endpoint, oneway, slow, timeout_ms, cost_ms, l3_ms };
