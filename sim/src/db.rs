@@ -133,6 +133,13 @@ impl Database {
         }
     }
 
+    /// Drops the history once a run's report is built (see `World::release`).
+    pub fn release(&mut self) {
+        self.log = Vec::new();
+        self.accepted = Vec::new();
+        self.timelines = Vec::new();
+    }
+
     /// The commit a position names on `timeline`'s history (position 0:
     /// the initial state); `None`: no commit of that history is there.
     pub fn id_at(&self, timeline: u32, pos: Lsn) -> Option<Lsn> {

@@ -237,8 +237,7 @@ impl World {
         self.inflight = Vec::new();
         self.zipf_cdf = Vec::new();
         self.write_cdf = Vec::new();
-        self.db.log = Vec::new();
-        self.db.accepted = Vec::new();
+        self.db.release();
         self.checker = Checker::new(0, 0, Instant::ZERO);
     }
 
