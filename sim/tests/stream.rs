@@ -172,13 +172,14 @@ fn a_site_ahead_of_its_pool_files_no_older_answer_from_it() {
 /// A region's pool down across a failover that lost commits (asynchronous
 /// replication): its sites' positions are of the old timeline, whose
 /// positions the new one gives again to other commits (the simulation
-/// models the reuse, `db.rs`). When the pool is back, its history began
-/// at its new slot on the new timeline, so none of its sites continues:
-/// each starts over, and nothing it held from the lost timeline is served.
-/// (The origin check that refuses an old timeline's position the history
-/// would otherwise continue is tested in the core's subscriber tests and on
-/// PostgreSQL in `edge/tests/timeline.rs`,
-/// `a_regional_restarted_after_a_lossy_failover_does_not_continue_an_old_position`.)
+/// models the reuse, `db.rs`). When the pool is back, none of its sites
+/// continues: each starts over, and nothing it held from the lost timeline
+/// is served. Two mechanisms refuse, each enough here: the pool's history
+/// began at its new slot (its floor), and the sites' position is of another
+/// timeline (the origin check). Checked by hand: the test fails when both
+/// are removed, passes with either. The origin check alone is tested in the
+/// core's subscriber tests and on PostgreSQL in `edge/tests/timeline.rs`,
+/// `a_regional_restarted_after_a_lossy_failover_does_not_continue_an_old_position`.
 #[test]
 fn sites_cut_off_across_a_lossy_failover_do_not_continue_the_old_timeline() {
     let lossy = "[db]\nreplication = \"async\"\nreplica_apply_ms = 300.0\n\
