@@ -10,10 +10,12 @@ use postai_core::node::Served;
 use postai_core::router::Zone;
 use postai_core::{Instant, Lsn};
 
-/// Acknowledged commits of one key, in LSN order: (lsn, acknowledged at).
+/// Acknowledged commits of one key, in LSN order: (lsn, acknowledged at);
+/// and the key's commits a promotion dropped: (lsn, when it dropped them).
 #[derive(Default, Debug)]
 pub struct KeyHistory {
     pub commits: Vec<(Lsn, Instant)>,
+    pub lost: Vec<(Lsn, Instant)>,
 }
 
 pub struct Latency {
@@ -172,6 +174,31 @@ impl Checker {
         }
     }
 
+    /// A promotion at `now` dropped these commits of `key` (acknowledged or
+    /// not): a read that starts later and still shows one shows a value
+    /// the history no longer has.
+    pub fn lose_values(&mut self, lost: impl IntoIterator<Item = (u64, Lsn)>, now: Instant) {
+        for (key, lsn) in lost {
+            if let Some(h) = self.history.get_mut(key as usize) {
+                h.lost.push((lsn, now));
+            }
+        }
+    }
+
+    /// When the oldest commit a failover lost that a read of `keys` started
+    /// at `started` still shows was lost (`shows`: whether the read's
+    /// snapshot has a commit): such a read is stale from then on, as if
+    /// it missed the value the new history has.
+    fn lost_shown(
+        &self,
+        keys: std::ops::RangeInclusive<u64>,
+        started: Instant,
+        shows: &dyn Fn(Lsn) -> bool,
+    ) -> Option<Instant> {
+        let lost = keys.filter_map(|k| self.history.get(k as usize)).flat_map(|h| &h.lost);
+        lost.filter(|(l, at)| *at <= started && shows(*l)).map(|(_, at)| *at).min()
+    }
+
     /// The window of acknowledged data lost, in ms: the RPO measured.
     pub fn rpo_ms(&self) -> f64 {
         self.lost_acked.iter().map(|l| l.window_ms).fold(0.0, f64::max)
@@ -187,8 +214,9 @@ impl Checker {
         snapshot: Lsn,
         started: Instant,
         on_no_live_node: Option<Lsn>,
+        lost_shown: Option<Instant>,
     ) -> Option<f64> {
-        let mut oldest_missed: Option<Instant> = None;
+        let mut oldest_missed: Option<Instant> = lost_shown;
         let reachable = on_no_live_node.unwrap_or(Lsn(u64::MAX));
         for k in keys {
             let Some(h) = self.history.get(k as usize) else { continue };
@@ -220,28 +248,32 @@ impl Checker {
     /// Checks a read of `keys` (consecutive) that started at `started` and
     /// saw the state at `snapshot`; `on_no_live_node`: while the primary is
     /// down, the newest commit some node that is up has received (later
-    /// ones only the crashed primary has). Returns the staleness in ms when
-    /// it missed an acknowledged commit some live node had.
+    /// ones only the crashed primary has); `shows`: whether the snapshot
+    /// has a commit (a lost one too). Returns the staleness in ms when it
+    /// missed an acknowledged commit some live node had, or showed a commit
+    /// a failover had lost before it started.
     pub fn check_read(
         &mut self,
         keys: &[u64],
         snapshot: Lsn,
         started: Instant,
         on_no_live_node: Option<Lsn>,
+        shows: &dyn Fn(Lsn) -> bool,
     ) -> Option<f64> {
         let (lo, hi) = (*keys.iter().min()?, *keys.iter().max()?);
-        let stale = self.staleness(lo..=hi, snapshot, started, on_no_live_node);
+        let lost_shown = self.lost_shown(lo..=hi, started, shows);
+        let stale = self.staleness(lo..=hi, snapshot, started, on_no_live_node, lost_shown);
         if on_no_live_node.is_some()
             && self.measured(started)
             && stale.is_none()
-            && self.staleness(lo..=hi, snapshot, started, None).is_some()
+            && self.staleness(lo..=hi, snapshot, started, None, None).is_some()
         {
             self.limbo_reads += 1;
         }
         let ms = stale?;
         if self.measured(started) {
             if ms > RECHECK_MS {
-                self.late_reads.push(LateRead { started, snapshot, lo, hi, on_no_live_node });
+                self.late_reads.push(LateRead { started, snapshot, lo, hi, on_no_live_node, lost_shown });
             } else {
                 self.stale_reads += 1;
                 self.staleness_ms_max = self.staleness_ms_max.max(ms);
@@ -256,7 +288,7 @@ impl Checker {
     pub fn stale(&self) -> (u64, f64) {
         let (mut n, mut max) = (self.stale_reads, self.staleness_ms_max);
         for r in &self.late_reads {
-            if let Some(ms) = self.staleness(r.lo..=r.hi, r.snapshot, r.started, r.on_no_live_node) {
+            if let Some(ms) = self.staleness(r.lo..=r.hi, r.snapshot, r.started, r.on_no_live_node, r.lost_shown) {
                 n += 1;
                 max = max.max(ms);
             }
@@ -277,6 +309,8 @@ struct LateRead {
     lo: u64,
     hi: u64,
     on_no_live_node: Option<Lsn>,
+    /// It showed a commit lost at this instant (before it started).
+    lost_shown: Option<Instant>,
 }
 
 /// An acknowledged write a failover lost.
@@ -402,4 +436,32 @@ pub fn split_brain(accepted: &[(Epoch, usize)]) -> Vec<Epoch> {
     bad.sort();
     bad.dedup();
     bad
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn at(ms: u64) -> Instant {
+        Instant::ZERO + Duration::from_millis(ms)
+    }
+
+    /// A value a failover dropped is stale from the promotion on: a read
+    /// that starts later and still shows it counts, one that started
+    /// before does not, nor one whose snapshot does not show it.
+    #[test]
+    fn a_read_showing_a_lost_commit_after_its_loss_is_stale() {
+        let mut c = Checker::new(4, 1, Instant::ZERO);
+        c.ack_write(Some(1), Lsn(10), at(1_000), at(1_000));
+        c.lose(&[(Lsn(11), at(2_000))], Some(at(2_100)), at(5_000));
+        c.lose_values([(1, Lsn(11))], at(5_000));
+        let shows_11 = |l: Lsn| l <= Lsn(11);
+        assert_eq!(c.check_read(&[1], Lsn(11), at(4_000), None, &shows_11), None, "before the loss");
+        assert_eq!(c.check_read(&[1], Lsn(11), at(6_000), None, &shows_11), Some(1_000.0));
+        assert_eq!(c.check_read(&[1], Lsn(12), at(6_000), None, &|l| l != Lsn(11)), None, "the new history's state");
+        assert_eq!(c.check_read(&[0, 1, 2], Lsn(11), at(7_000), None, &shows_11), Some(2_000.0), "a range over it");
+        assert_eq!(c.stale(), (2, 2_000.0), "judged again at the end, as late reads");
+    }
 }

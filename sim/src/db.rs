@@ -100,6 +100,10 @@ struct TimelineLog {
     ids: Vec<Lsn>,
 }
 
+/// The walsender's batching window under asynchronous replication, in ms
+/// (the scenario's `db.wal_send_ms` sets it).
+pub const ASYNC_SEND_MS: f64 = 10.0;
+
 impl Database {
     pub fn new(
         replication: Replication,
@@ -123,7 +127,7 @@ impl Database {
                 // synchronous commit sends WAL at once and waits; asynchronous
                 // streaming leaves the walsender's batching window at risk
                 Replication::Sync => 0.0,
-                Replication::Async => 10.0,
+                Replication::Async => ASYNC_SEND_MS,
             },
             cutoff: None,
             links_ms,
@@ -224,6 +228,11 @@ impl Database {
     fn commit(&self, lsn: Lsn) -> Option<&Commit> {
         let i = self.log.partition_point(|c| c.lsn < lsn);
         self.log.get(i).filter(|c| c.lsn == lsn)
+    }
+
+    /// The key the commit at `lsn` wrote, if it wrote one.
+    pub fn key_of(&self, lsn: Lsn) -> Option<u64> {
+        self.commit(lsn)?.key
     }
 
     /// The promotion that dropped the commit at `lsn`, if one did.

@@ -181,6 +181,10 @@ pub struct Db {
     pub join_ms: f64,
     pub write_ms: f64,
     pub replica_apply_ms: f64,
+    /// Asynchronous replication: how long WAL waits before it leaves the
+    /// primary (the walsender's batching; larger for a replica that falls
+    /// behind under load). A crash loses what had not left.
+    pub wal_send_ms: f64,
     pub heartbeat_ms: u64,
     pub heartbeat_timeout_ms: u64,
     /// Time a promotion takes (pg_promote and reconnects).
@@ -203,6 +207,7 @@ impl Default for Db {
             join_ms: 6.0,
             write_ms: 1.0,
             replica_apply_ms: 5.0,
+            wal_send_ms: crate::db::ASYNC_SEND_MS,
             heartbeat_ms: 1_000,
             heartbeat_timeout_ms: 5_000,
             promote_ms: 2_000,
@@ -530,6 +535,7 @@ impl Scenario {
             ("db.join_ms", d.join_ms),
             ("db.write_ms", d.write_ms),
             ("db.replica_apply_ms", d.replica_apply_ms),
+            ("db.wal_send_ms", d.wal_send_ms),
             ("db.cdc_lag_ms", d.cdc_lag_ms),
         ] {
             range(name, v, 0.0, MS_MAX)?;

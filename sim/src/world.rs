@@ -351,7 +351,8 @@ impl World {
         if !ctx.eu {
             let keys = Self::keys_of(ctx.op, ctx.key);
             let on_no_live_node = self.db.on_no_live_node(now);
-            self.checker.check_read(&keys, snapshot, ctx.started, on_no_live_node);
+            let db = &self.db;
+            self.checker.check_read(&keys, snapshot, ctx.started, on_no_live_node, &|l| db.includes(snapshot, l));
             let sess = &self.sites[ctx.site].sessions[ctx.session];
             if sess.consistency != Consistency::Eventual && self.checker.measured(ctx.started) {
                 // judged by what the snapshot shows, not by LSN: after a

@@ -71,7 +71,11 @@ fn database(sc: &Scenario) -> Database {
         .iter()
         .map(|a| nodes.iter().map(|b| oneway(&sc.network, (a.lat, a.lon), (b.lat, b.lon))).collect())
         .collect();
-    Database::new(sc.db.replication, nodes, links_ms, 0, 1)
+    let mut db = Database::new(sc.db.replication, nodes, links_ms, 0, 1);
+    if sc.db.replication == crate::scenario::Replication::Async {
+        db.send_ms = sc.db.wal_send_ms;
+    }
+    db
 }
 
 /// The regional pool at hub `h`: its L3, version map, router over the

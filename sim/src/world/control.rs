@@ -80,6 +80,8 @@ impl World {
         let failure = self.db.cutoff;
         let lost = self.db.promote(node, epoch, now);
         self.checker.lose(&lost, failure, now);
+        let keys = lost.iter().filter_map(|(l, _)| Some((self.db.key_of(*l)?, *l)));
+        self.checker.lose_values(keys, now);
         self.controller.handle_promoted(now, EndpointId(node as u32), epoch);
         // a new timeline: what the replicas reported on the old one says
         // nothing of the new one's positions (the proxy forgets them too)
