@@ -177,8 +177,8 @@ fn a_site_ahead_of_its_pool_files_no_older_answer_from_it() {
 /// is served. Two mechanisms refuse, each enough here: the pool's history
 /// began at its new slot (its floor), and the sites' position is of another
 /// timeline (the origin check). Checked by hand: the test fails when both
-/// are removed, passes with either. The origin check alone is tested in the
-/// core's subscriber tests and on PostgreSQL in `edge/tests/timeline.rs`,
+/// are removed, passes with either. The origin check alone: the next test,
+/// the core's subscriber tests, and on PostgreSQL `edge/tests/timeline.rs`
 /// `a_regional_restarted_after_a_lossy_failover_does_not_continue_an_old_position`.
 #[test]
 fn sites_cut_off_across_a_lossy_failover_do_not_continue_the_old_timeline() {
