@@ -6,12 +6,14 @@ use std::process::ExitCode;
 use postai_sim::{SUITE, Scenario, report, scenarios_dir, sweep};
 
 const USAGE: &str = "usage: postai-sim [SCENARIO.toml ...] [--seed N | --seeds A..B [--jobs N]] [--short | --small]
-                  [--json FILE] [--svg DIR] [--strict] [--shrunk DIR]
+                  [--duration S] [--json FILE] [--svg DIR] [--strict] [--shrunk DIR]
   no scenario: the default suite (scenarios/*.toml in suite order)
   --seed N      override every scenario's seed
   --short       run the short form the tests run (60 sites, 24 simulated seconds)
   --small       the short form in a small world (3 to 12 sites, their share of the
                 rates, at most 5 000 keys): cheap enough for sweeps of many seeds
+  --duration S  run each scenario for S simulated seconds of queries (its warm-up and
+                faults as they are)
   --seeds A..B  sweep: each scenario over seeds A to B (B excluded; A..=B includes it),
                 one line per seed that violates safety, then a summary with every such
                 seed and the command that reproduces it
@@ -42,6 +44,7 @@ fn real_main() -> Result<ExitCode, String> {
     let mut shrunk_dir = "target/shrunk".to_string();
     let mut seeds: Option<std::ops::Range<u64>> = None;
     let mut jobs = 1usize;
+    let mut duration: Option<u64> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -54,6 +57,10 @@ fn real_main() -> Result<ExitCode, String> {
                 if jobs == 0 {
                     return Err("--jobs must be at least 1".into());
                 }
+            }
+            "--duration" => {
+                let d = args.next().ok_or("--duration needs a number of seconds")?;
+                duration = Some(d.parse().map_err(|e| format!("--duration: {e}"))?);
             }
             "--short" => form = sweep::Form::Short,
             "--small" => form = sweep::Form::Small,
@@ -74,20 +81,12 @@ fn real_main() -> Result<ExitCode, String> {
         files = SUITE.iter().map(|n| dir.join(format!("{n}.toml")).to_string_lossy().into_owned()).collect();
     }
     if let Some(range) = seeds {
-        if seed.is_some() || svg_dir.is_some() || strict {
-            return Err("--seeds does not go with --seed, --svg or --strict".into());
+        if seed.is_some() || svg_dir.is_some() || strict || duration.is_some() {
+            return Err("--seeds does not go with --seed, --svg, --strict or --duration".into());
         }
         return run_sweeps(&files, range, form, jobs, json.as_deref(), &shrunk_dir);
     }
-    let mut scenarios = Vec::with_capacity(files.len());
-    for f in &files {
-        let mut sc = Scenario::load(f).map_err(|e| e.to_string())?;
-        if let Some(s) = seed {
-            sc.seed = s;
-        }
-        sc = form.of(&sc, sc.seed);
-        scenarios.push(sc);
-    }
+    let scenarios = load_all(&files, seed, duration, form)?;
     let (done, threads, suite_secs) = run_all(&scenarios)?;
     let mut reports = Vec::new();
     let mut all_pass = true;
@@ -128,6 +127,32 @@ fn real_main() -> Result<ExitCode, String> {
         return Ok(ExitCode::from(1));
     }
     Ok(if strict && !all_pass { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// The scenario files, with the seed and duration given on the command
+/// line, in the form asked for.
+fn load_all(
+    files: &[String],
+    seed: Option<u64>,
+    duration: Option<u64>,
+    form: sweep::Form,
+) -> Result<Vec<Scenario>, String> {
+    let mut scenarios = Vec::with_capacity(files.len());
+    for f in files {
+        let mut sc = Scenario::load(f).map_err(|e| e.to_string())?;
+        if let Some(s) = seed {
+            sc.seed = s;
+        }
+        if let Some(d) = duration {
+            if d <= sc.warmup_s {
+                return Err(format!("{f}: --duration {d} is not past its warm-up ({} s)", sc.warmup_s));
+            }
+            sc.duration_s = d;
+        }
+        sc = form.of(&sc, sc.seed);
+        scenarios.push(sc);
+    }
+    Ok(scenarios)
 }
 
 /// The report's latency chart as `<dir>/<scenario>.svg`.
