@@ -1,0 +1,133 @@
+//! POST AI's optimization engine: capture (pg_stat_statements, table and
+//! index statistics), analyse (generic plans, bottlenecks named with
+//! rewrite hints), recommend across the whole workload (candidates tried
+//! as HypoPG hypothetical indexes, chosen by read time saved against write
+//! cost under a storage budget), verify by real execution on a scratch copy
+//! (withdrawn if any statement gets slower), and indexes to drop.
+
+pub mod analyze;
+pub mod candidates;
+pub mod capture;
+pub mod db;
+pub mod plan;
+pub mod redundant;
+pub mod report;
+pub mod select;
+pub mod verify;
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+pub use db::AdvisorError;
+
+use crate::analyze::Bottleneck;
+use crate::capture::Workload;
+use crate::select::{Budget, Choice, Costed};
+use crate::verify::Verdict;
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Statements weighed: the ones that cost the database the most time.
+    pub statements: usize,
+    pub budget: Budget,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { statements: 50, budget: Budget { bytes: 1e9, entry_ms: 0.01 } }
+    }
+}
+
+/// One statement as the advisor saw it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Analysed {
+    pub query: String,
+    pub calls: f64,
+    pub total_ms: f64,
+    pub cost: Option<f64>,
+    /// Why it has no plan (its parameters' types cannot be inferred, say).
+    pub unplanned: Option<String>,
+    pub bottlenecks: Vec<Bottleneck>,
+}
+
+/// A recommendation and its verification.
+#[derive(Clone, Debug, Serialize)]
+pub struct Recommendation {
+    pub choice: Choice,
+    /// `None`: not verified (no scratch database given).
+    pub verdict: Option<Verdict>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub statements: Vec<Analysed>,
+    /// Verified (or, without a scratch database, estimated) and kept.
+    pub recommended: Vec<Recommendation>,
+    /// Withdrawn by real execution: an affected statement got slower, or
+    /// none could be run.
+    pub withdrawn: Vec<Recommendation>,
+    pub drops: Vec<redundant::Drop>,
+}
+
+/// The whole advice for the database `client` is connected to. `scratch`:
+/// a connection to a copy of it (same schema and data) where indexes may be
+/// built to verify them; without one, recommendations are HypoPG's estimates.
+pub async fn advise(client: &Client, scratch: Option<&Client>, opts: &Options) -> Result<Report, AdvisorError> {
+    let w = capture::capture(client, opts.statements).await?;
+    if db::rows(client, "SELECT 1 FROM pg_extension WHERE extname = 'hypopg'").await?.is_empty() {
+        db::exec(client, "CREATE EXTENSION IF NOT EXISTS hypopg").await?;
+    }
+    let (statements, plans, costed) = analyse(client, &w).await;
+    let mut cands = Vec::new();
+    for p in plans.iter().flatten() {
+        for c in candidates::candidates(p, &w) {
+            if !cands.contains(&c) {
+                cands.push(c);
+            }
+        }
+    }
+    let chosen = select::select(client, &w, &costed, &cands, &opts.budget).await?;
+    let (mut recommended, mut withdrawn) = (Vec::new(), Vec::new());
+    for choice in chosen {
+        let verdict = match scratch {
+            Some(s) => Some(verify::verify(s, &w, &plans, &choice).await?),
+            None => None,
+        };
+        let keep = verdict.as_ref().is_none_or(Verdict::kept);
+        let r = Recommendation { choice, verdict };
+        if keep { recommended.push(r) } else { withdrawn.push(r) }
+    }
+    Ok(Report { statements, recommended, withdrawn, drops: redundant::drops(&w, &opts.budget) })
+}
+
+/// Every statement's generic plan and bottlenecks.
+async fn analyse(client: &Client, w: &Workload) -> (Vec<Analysed>, Vec<Option<plan::Node>>, Vec<Costed>) {
+    let (mut out, mut plans, mut costed) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, s) in w.statements.iter().enumerate() {
+        let mut a = Analysed {
+            query: s.query.clone(),
+            calls: s.calls,
+            total_ms: s.total_ms,
+            cost: None,
+            unplanned: None,
+            bottlenecks: Vec::new(),
+        };
+        match plan::generic_plan(client, &s.query).await {
+            Ok(p) => {
+                a.cost = Some(p.total_cost);
+                a.bottlenecks = analyze::bottlenecks(&s.query, &p, w);
+                let mut tables: Vec<(String, String)> =
+                    p.walk().iter().filter_map(|n| Some((n.schema.clone()?, n.relation.clone()?))).collect();
+                tables.dedup();
+                costed.push(Costed { index: i, tables, cost: p.total_cost });
+                plans.push(Some(p));
+            }
+            Err(e) => {
+                a.unplanned = Some(e.to_string());
+                plans.push(None);
+            }
+        }
+        out.push(a);
+    }
+    (out, plans, costed)
+}

@@ -1,0 +1,403 @@
+//! Plans of normalised statements. pg_stat_statements keeps `$n` where the
+//! application's values were; PostgreSQL 15 has no `EXPLAIN (GENERIC_PLAN)`,
+//! so the statement is prepared and its generic plan (`plan_cache_mode =
+//! force_generic_plan`, which does not look at the values) explained with
+//! NULL for every parameter. The plan's conditions name the columns the
+//! statement filters, joins and sorts on.
+
+use serde_json::Value;
+use tokio_postgres::Client;
+
+use crate::db::{AdvisorError, exec, rows};
+
+/// One plan node, as EXPLAIN (FORMAT JSON) gives it.
+#[derive(Clone, Debug, Default)]
+pub struct Node {
+    pub node_type: String,
+    pub schema: Option<String>,
+    pub relation: Option<String>,
+    pub alias: Option<String>,
+    pub index: Option<String>,
+    pub total_cost: f64,
+    pub rows: f64,
+    /// Conditions: Filter, Index Cond, Recheck Cond, Join Filter, Hash Cond, Merge Cond.
+    pub conditions: Vec<String>,
+    pub sort_key: Vec<String>,
+    pub children: Vec<Node>,
+}
+
+impl Node {
+    fn from_json(v: &Value) -> Node {
+        let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+        let f = |k: &str| v.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+        let conditions = ["Filter", "Index Cond", "Recheck Cond", "Join Filter", "Hash Cond", "Merge Cond"]
+            .iter()
+            .filter_map(|k| s(k))
+            .collect();
+        let sort_key = v
+            .get("Sort Key")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+            .unwrap_or_default();
+        let children = v
+            .get("Plans")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().map(Node::from_json).collect())
+            .unwrap_or_default();
+        Node {
+            node_type: s("Node Type").unwrap_or_default(),
+            schema: s("Schema"),
+            relation: s("Relation Name"),
+            alias: s("Alias"),
+            index: s("Index Name"),
+            total_cost: f("Total Cost"),
+            rows: f("Plan Rows"),
+            conditions,
+            sort_key,
+            children,
+        }
+    }
+
+    /// This node and every node below it, depth first.
+    pub fn walk(&self) -> Vec<&Node> {
+        let mut out = vec![self];
+        for c in &self.children {
+            out.extend(c.walk());
+        }
+        out
+    }
+}
+
+/// The plan of a statement: its root, as EXPLAIN (FORMAT JSON) text parses.
+pub fn parse_plan(json: &str) -> Option<Node> {
+    let v: Value = serde_json::from_str(json).ok()?;
+    Some(Node::from_json(v.get(0)?.get("Plan")?))
+}
+
+/// The highest `$n` in `query` outside quoted text (how many parameters
+/// its normalised form takes).
+pub fn param_count(query: &str) -> usize {
+    let (mut max, mut quote, mut chars) = (0usize, None, query.chars().peekable());
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '\'' | '"') => quote = Some(c),
+            (None, '$') => {
+                let mut n = String::new();
+                while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
+                    n.push(*d);
+                    chars.next();
+                }
+                max = max.max(n.parse().unwrap_or(0));
+            }
+            _ => {}
+        }
+    }
+    max
+}
+
+/// The generic plan of `query` (a normalised statement), or why there is none.
+pub async fn generic_plan(client: &Client, query: &str) -> Result<Node, AdvisorError> {
+    let n = param_count(query);
+    exec(client, "SET plan_cache_mode = force_generic_plan").await?;
+    let _ = exec(client, "DEALLOCATE postai_advise").await;
+    exec(client, &format!("PREPARE postai_advise AS {query}")).await?;
+    let args = if n == 0 { String::new() } else { format!("({})", vec!["NULL"; n].join(", ")) };
+    // (VERBOSE: the scans name their schema, the conditions their aliases)
+    let explained = rows(client, &format!("EXPLAIN (FORMAT JSON, VERBOSE) EXECUTE postai_advise{args}")).await;
+    let _ = exec(client, "DEALLOCATE postai_advise").await;
+    exec(client, "RESET plan_cache_mode").await?;
+    let text = explained?.first().and_then(|r| r.first().cloned().flatten()).unwrap_or_default();
+    parse_plan(&text).ok_or_else(|| AdvisorError::Missing(format!("no plan in EXPLAIN's answer: {text}")))
+}
+
+/// The parameters `query` takes as LIMIT and OFFSET: `(n, value)` with a
+/// value representative of pagination (20 rows, from the start).
+pub fn paging_params(query: &str) -> Vec<(usize, &'static str)> {
+    let words: Vec<String> = query.split_whitespace().map(|w| w.to_ascii_lowercase()).collect();
+    let mut out = Vec::new();
+    for pair in words.windows(2) {
+        let value = match pair[0].as_str() {
+            "limit" => "20",
+            "offset" => "0",
+            _ => continue,
+        };
+        if let Some(n) = pair[1].trim_end_matches([')', ';']).strip_prefix('$').and_then(|n| n.parse().ok()) {
+            out.push((n, value));
+        }
+    }
+    out
+}
+
+/// The parameters a write stores into columns: `UPDATE t SET a = $1` and
+/// `INSERT INTO t (a, b) VALUES ($1, $2)`, as `(n, column)`.
+pub fn stored_params(query: &str) -> Vec<(usize, String)> {
+    let q = query.to_ascii_lowercase();
+    let q = q.trim_start();
+    let param = |v: &str| v.trim().trim_matches(['(', ')']).split("::").next()?.trim().strip_prefix('$')?.parse().ok();
+    let col = |c: &str| c.trim().trim_matches('"').to_string();
+    let mut out = Vec::new();
+    if q.starts_with("update ")
+        && let Some((_, set)) = q.split_once(" set ")
+    {
+        for part in set.split(" where ").next().unwrap_or(set).split(',') {
+            if let Some((c, v)) = part.split_once('=')
+                && let Some(n) = param(v)
+            {
+                out.push((n, col(c)));
+            }
+        }
+    } else if q.starts_with("insert ")
+        && let Some((head, values)) = q.split_once(" values ")
+        && let Some(cols) = head.split_once('(').map(|x| x.1.trim_end().trim_end_matches(')'))
+    {
+        let values = values.trim().trim_start_matches('(');
+        for (c, v) in cols.split(',').zip(split_top(values, ',')) {
+            if let Some(n) = param(v) {
+                out.push((n, col(c)));
+            }
+        }
+    }
+    out
+}
+
+/// A condition's comparison of a column with something else.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Predicate {
+    /// The column (its alias or table qualifier stripped).
+    pub column: String,
+    pub qualifier: Option<String>,
+    pub kind: Kind,
+    /// The parameter compared with, when it is one (`$n`).
+    pub param: Option<usize>,
+    /// The parameter is an array (`= ANY ($n)`).
+    pub array: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Equality,
+    Range,
+    /// LIKE 'prefix%' and the like: an index helps only with the right opclass.
+    Pattern,
+    /// A function of the column (`lower(email) = $1`): no index on the
+    /// column serves it.
+    Function,
+}
+
+/// The conjuncts of a condition: `((a = $1) AND (b > $2))` as `a = $1`, `b > $2`.
+pub fn conjuncts(cond: &str) -> Vec<String> {
+    let c = strip_parens(cond.trim());
+    let mut out = Vec::new();
+    let (mut depth, mut start, mut quote) = (0i32, 0usize, false);
+    let bytes = c.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\'' => quote = !quote,
+            b'(' if !quote => depth += 1,
+            b')' if !quote => depth -= 1,
+            b' ' if !quote && depth == 0 && c[i..].starts_with(" AND ") => {
+                out.push(strip_parens(c[start..i].trim()).to_string());
+                start = i + 5;
+                i += 4;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    out.push(strip_parens(c[start..].trim()).to_string());
+    out
+}
+
+/// `s` without parentheses that enclose all of it.
+fn strip_parens(mut s: &str) -> &str {
+    while s.starts_with('(') && s.ends_with(')') && encloses(s) {
+        s = s[1..s.len() - 1].trim();
+    }
+    s
+}
+
+fn encloses(s: &str) -> bool {
+    let mut depth = 0i32;
+    for (i, c) in s.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            _ => {}
+        }
+        if depth == 0 && i < s.len() - 1 {
+            return false;
+        }
+    }
+    true
+}
+
+/// A conjunct as a predicate on a column, when it is one.
+pub fn predicate(conjunct: &str) -> Option<Predicate> {
+    const OPS: [(&str, Kind); 9] = [
+        (" = ANY ", Kind::Equality),
+        (" >= ", Kind::Range),
+        (" <= ", Kind::Range),
+        (" <> ", Kind::Range),
+        (" ~~ ", Kind::Pattern),
+        (" ~~* ", Kind::Pattern),
+        (" = ", Kind::Equality),
+        (" > ", Kind::Range),
+        (" < ", Kind::Range),
+    ];
+    let (op, kind, at) = OPS.iter().filter_map(|(op, k)| Some((*op, *k, conjunct.find(op)?))).min_by_key(|x| x.2)?;
+    let (lhs, rhs) = (conjunct[..at].trim(), conjunct[at + op.len()..].trim());
+    let (qualifier, column, is_function) = operand(lhs)?;
+    let param = param_of(rhs);
+    let kind = if is_function {
+        Kind::Function
+    } else if op == " <> " {
+        return None;
+    } else {
+        kind
+    };
+    Some(Predicate { column, qualifier, kind, param, array: op == " = ANY " })
+}
+
+/// A side of a comparison: (qualifier, column, whether a function wraps it).
+fn operand(side: &str) -> Option<(Option<String>, String, bool)> {
+    let mut s = strip_parens(side);
+    // casts: (status)::text
+    if let Some(i) = top_level(s, "::") {
+        s = strip_parens(s[..i].trim());
+    }
+    let function = s.contains('(');
+    if function {
+        // the innermost identifier: lower((email)::text)
+        let inner = s[s.find('(')? + 1..s.rfind(')')?].trim();
+        let (q, c, _) = operand(inner)?;
+        return Some((q, c, true));
+    }
+    if s.is_empty() || s.starts_with('$') || s.starts_with('\'') || s.chars().next()?.is_ascii_digit() {
+        return None;
+    }
+    let unquote = |x: &str| x.trim_matches('"').to_string();
+    match s.rsplit_once('.') {
+        Some((q, c)) => Some((Some(unquote(q)), unquote(c), false)),
+        None => Some((None, unquote(s), false)),
+    }
+}
+
+/// `s` split at `sep` outside parentheses and quotes, up to the first
+/// unbalanced `)` (the end of a VALUES list).
+fn split_top(s: &str, sep: char) -> Vec<&str> {
+    let (mut out, mut depth, mut quote, mut start) = (Vec::new(), 0i32, false, 0);
+    for (i, c) in s.char_indices() {
+        match c {
+            '\'' => quote = !quote,
+            '(' if !quote => depth += 1,
+            ')' if !quote && depth == 0 => {
+                out.push(&s[start..i]);
+                return out;
+            }
+            ')' if !quote => depth -= 1,
+            c if c == sep && !quote && depth == 0 => {
+                out.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(&s[start..]);
+    out
+}
+
+/// Where `pat` first occurs in `s` outside parentheses and quotes.
+fn top_level(s: &str, pat: &str) -> Option<usize> {
+    let (mut depth, mut quote) = (0i32, false);
+    for (i, c) in s.char_indices() {
+        match c {
+            '\'' => quote = !quote,
+            '(' if !quote => depth += 1,
+            ')' if !quote => depth -= 1,
+            _ if !quote && depth == 0 && s[i..].starts_with(pat) => return Some(i),
+            _ => {}
+        }
+    }
+    None
+}
+
+fn param_of(side: &str) -> Option<usize> {
+    let s = strip_parens(side);
+    let s = s.split("::").next()?.trim();
+    let s = strip_parens(s);
+    s.strip_prefix('$')?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_are_counted_outside_quotes() {
+        assert_eq!(param_count("SELECT * FROM t WHERE a = $1 AND b = $12"), 12);
+        assert_eq!(param_count("SELECT '$5' FROM t WHERE a = $2"), 2);
+        assert_eq!(param_count("SELECT 1"), 0);
+    }
+
+    #[test]
+    fn conditions_split_into_predicates() {
+        let c = conjuncts("((customer_id = $1) AND ((status)::text = $2) AND (created_at >= $3))");
+        assert_eq!(c, vec!["customer_id = $1", "(status)::text = $2", "created_at >= $3"]);
+        let p: Vec<Predicate> = c.iter().filter_map(|x| predicate(x)).collect();
+        assert_eq!(
+            p[0],
+            Predicate {
+                column: "customer_id".into(),
+                qualifier: None,
+                kind: Kind::Equality,
+                param: Some(1),
+                array: false
+            }
+        );
+        assert_eq!(p[1].column, "status");
+        assert_eq!((p[2].kind, p[2].param), (Kind::Range, Some(3)));
+        let f = predicate("lower((email)::text) = $1").expect("a predicate");
+        assert_eq!((f.column.as_str(), f.kind), ("email", Kind::Function));
+        let j = predicate("o.customer_id = c.id").expect("a join");
+        assert_eq!((j.qualifier.as_deref(), j.column.as_str(), j.param), (Some("o"), "customer_id", None));
+        let any = predicate("id = ANY ($1)").expect("an IN list");
+        assert_eq!((any.kind, any.param), (Kind::Equality, Some(1)));
+        assert!(predicate("$1 = 2").is_none());
+        assert_eq!(conjuncts("(a = 'x AND y')"), vec!["a = 'x AND y'"]);
+    }
+
+    #[test]
+    fn stored_parameters_are_found() {
+        assert_eq!(
+            stored_params("UPDATE orders SET note = $1, \"total\" = $2::numeric WHERE id = $3"),
+            vec![(1, "note".to_string()), (2, "total".to_string())]
+        );
+        assert_eq!(
+            stored_params("INSERT INTO t (a, b, c) VALUES ($1, now(), $2)"),
+            vec![(1, "a".to_string()), (2, "c".to_string())]
+        );
+        assert!(stored_params("SELECT * FROM t WHERE a = $1").is_empty());
+    }
+
+    #[test]
+    fn paging_parameters_are_found() {
+        let q = "SELECT * FROM t WHERE a = $1 ORDER BY b LIMIT $2 OFFSET $3";
+        assert_eq!(paging_params(q), vec![(2, "20"), (3, "0")]);
+        assert!(paging_params("SELECT * FROM t WHERE a = $1").is_empty());
+    }
+
+    #[test]
+    fn plans_parse_from_explain_json() {
+        let json = r#"[{"Plan": {"Node Type": "Sort", "Total Cost": 10.5, "Plan Rows": 3, "Sort Key": ["created_at DESC"],
+            "Plans": [{"Node Type": "Seq Scan", "Schema": "public", "Relation Name": "orders", "Alias": "orders",
+            "Total Cost": 9.0, "Plan Rows": 3, "Filter": "(customer_id = $1)"}]}}]"#;
+        let plan = parse_plan(json).expect("a plan");
+        assert_eq!(plan.sort_key, vec!["created_at DESC"]);
+        let scan = &plan.children[0];
+        assert_eq!((scan.relation.as_deref(), scan.conditions.len()), (Some("orders"), 1));
+        assert_eq!(plan.walk().len(), 2);
+    }
+}

@@ -1,0 +1,74 @@
+//! The report as text, for a DBA to read.
+
+use std::fmt::Write;
+
+use crate::Report;
+
+fn short(q: &str) -> String {
+    let one: String = q.split_whitespace().collect::<Vec<_>>().join(" ");
+    if one.chars().count() > 100 { format!("{}...", one.chars().take(100).collect::<String>()) } else { one }
+}
+
+pub fn render(r: &Report) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "== statements (the {} that cost the database the most time)", r.statements.len());
+    for (i, s) in r.statements.iter().enumerate() {
+        let _ = writeln!(o, "[{i}] {:.0} calls, {:.1} ms in all: {}", s.calls, s.total_ms, short(&s.query));
+        if let Some(why) = &s.unplanned {
+            let _ = writeln!(o, "    not planned: {why}");
+        }
+        for b in &s.bottlenecks {
+            let _ = writeln!(o, "    {}: {}", b.kind, b.detail);
+            if let Some(h) = &b.hint {
+                let _ = writeln!(o, "      hint: {h}");
+            }
+        }
+    }
+    for (title, list) in [("recommended indexes", &r.recommended), ("withdrawn after real execution", &r.withdrawn)] {
+        let _ = writeln!(o, "== {title}: {}", list.len());
+        for rec in list.iter() {
+            let c = &rec.choice;
+            let _ = writeln!(
+                o,
+                "{};\n    estimated: {:.1} ms of reads saved, {:.1} ms of index upkeep, {:.0} kB{}",
+                c.ddl,
+                c.read_ms_saved,
+                c.write_ms_cost,
+                c.bytes / 1024.0,
+                if c.breaks_hot { "; updates of an indexed column stop being HOT" } else { "" }
+            );
+            match &rec.verdict {
+                None => {
+                    let _ = writeln!(o, "    not verified (no scratch database)");
+                }
+                Some(v) => {
+                    for t in &v.timings {
+                        let _ = writeln!(
+                            o,
+                            "    [{}] {:.3} ms -> {:.3} ms (median of runs)",
+                            t.statement, t.before_ms, t.after_ms
+                        );
+                    }
+                    if !v.unverified.is_empty() {
+                        let _ = writeln!(o, "    could not run (no representative values): {:?}", v.unverified);
+                    }
+                    if !v.slower.is_empty() {
+                        let _ = writeln!(o, "    made slower: {:?}", v.slower);
+                    }
+                }
+            }
+        }
+    }
+    let _ = writeln!(o, "== indexes to drop: {}", r.drops.len());
+    for d in &r.drops {
+        let _ = writeln!(
+            o,
+            "DROP INDEX {};  -- {}; {:.0} kB, {:.1} ms of upkeep saved",
+            d.index,
+            d.reason,
+            d.bytes / 1024.0,
+            d.write_ms_saved
+        );
+    }
+    o
+}

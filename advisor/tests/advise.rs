@@ -1,0 +1,125 @@
+//! The advisor against a real PostgreSQL 15 with pg_stat_statements and
+//! HypoPG: a workload of an application's statements, then the advice,
+//! each recommendation built and timed for real on a scratch copy.
+
+#[path = "../../edge/tests/pg/cluster.rs"]
+#[allow(dead_code)]
+mod cluster;
+
+use cluster::{Pg, psql};
+use postai_advisor::{Options, advise, report};
+
+async fn connect(pg: &Pg, db: &str) -> tokio_postgres::Client {
+    let url = format!("host=127.0.0.1 port={} user=postgres dbname={db}", pg.port);
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    client
+}
+
+fn setup(pg: &Pg) {
+    let sql = "CREATE EXTENSION pg_stat_statements;
+        CREATE TABLE customers (id int PRIMARY KEY, region text NOT NULL);
+        INSERT INTO customers SELECT g, (ARRAY['eu','us','apac'])[1 + g % 3] FROM generate_series(1, 20000) g;
+        CREATE TABLE orders (id serial PRIMARY KEY, customer_id int NOT NULL, status text NOT NULL,
+            created_at timestamptz NOT NULL, total numeric NOT NULL, note text);
+        INSERT INTO orders (customer_id, status, created_at, total)
+            SELECT 1 + (g * 7919) % 20000, (ARRAY['new','paid','shipped','done'])[1 + g % 4],
+                   timestamptz '2026-01-01' + g * interval '1 minute', g % 500
+            FROM generate_series(1, 200000) g;
+        CREATE INDEX orders_id_copy ON orders (id);
+        CREATE INDEX orders_note_idx ON orders (note);
+        ANALYZE customers; ANALYZE orders;";
+    // the application's database, and a scratch copy of it made from it
+    assert_eq!(psql(pg.port, "CREATE DATABASE app"), "");
+    let port = pg.port.to_string();
+    let out = std::process::Command::new("psql")
+        .args([
+            "-X",
+            "-q",
+            "-At",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-d",
+            "app",
+            "-v",
+            "ON_ERROR_STOP=1",
+        ])
+        .args(["-c", sql])
+        .output()
+        .expect("psql");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(psql(pg.port, "CREATE DATABASE scratch TEMPLATE app"), "");
+}
+
+/// The statements an application runs (prepared, so pg_stat_statements
+/// keeps them with `$n`), after the statistics of the load were reset.
+async fn workload(c: &tokio_postgres::Client) {
+    c.batch_execute("SELECT pg_stat_statements_reset(); SELECT pg_stat_reset()").await.expect("reset");
+    let by_customer = c.prepare("SELECT * FROM orders WHERE customer_id = $1").await.expect("prepare");
+    for i in 0..120 {
+        c.query(&by_customer, &[&(1 + (i * 37) % 20000)]).await.expect("by customer");
+    }
+    let recent = c
+        .prepare("SELECT id, total FROM orders WHERE status = $1 AND created_at >= $2 ORDER BY created_at LIMIT 10")
+        .await
+        .expect("prepare");
+    let at = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_790_000_000);
+    for s in ["new", "paid"].iter().cycle().take(40) {
+        c.query(&recent, &[s, &at]).await.expect("recent");
+    }
+    let note = c.prepare("UPDATE orders SET note = $1 WHERE id = $2").await.expect("prepare");
+    for i in 0..300 {
+        c.execute(&note, &[&format!("n{i}"), &(1 + i * 13)]).await.expect("note");
+    }
+    let customer = c.prepare("SELECT region FROM customers WHERE id = $1").await.expect("prepare");
+    for i in 0..100 {
+        c.query(&customer, &[&(1 + i)]).await.expect("customer");
+    }
+    // constants pg_stat_statements turns into parameters of unknown type:
+    // its normalised form cannot be prepared
+    c.batch_execute("SELECT 40 + 2").await.expect("constant");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn advice_is_verified_on_a_scratch_copy() {
+    let pg = Pg::start_with("advise", "shared_preload_libraries = 'pg_stat_statements'\n");
+    let hypopg = psql(pg.port, "SELECT count(*) FROM pg_available_extensions WHERE name = 'hypopg'");
+    assert_eq!(hypopg, "1", "HypoPG is installed (.ci/run: postgresql-15-hypopg)");
+    setup(&pg);
+    let app = connect(&pg, "app").await;
+    workload(&app).await;
+    let scratch = connect(&pg, "scratch").await;
+    let r = advise(&app, Some(&scratch), &Options::default()).await.expect("advice");
+    let text = report::render(&r);
+    println!("{text}");
+
+    // the sequential scan per customer is named, and its index recommended, verified faster
+    let by_customer = r.statements.iter().position(|s| s.query.contains("customer_id = $1")).expect("captured");
+    assert!(r.statements[by_customer].bottlenecks.iter().any(|b| b.kind == "sequential scan"), "{text}");
+    let rec = r.recommended.iter().find(|x| x.choice.candidate.columns == ["customer_id"]).expect(&text);
+    let v = rec.verdict.as_ref().expect("verified");
+    let t = v.timings.iter().find(|t| t.statement == by_customer).expect("timed");
+    assert!(t.after_ms < t.before_ms, "{text}");
+    assert!(rec.choice.read_ms_saved > rec.choice.write_ms_cost);
+    // the recent-orders query gets an index on what it filters and sorts
+    let recent = r.statements.iter().position(|s| s.query.contains("created_at >= $2")).expect("captured");
+    assert!(r.recommended.iter().any(|x| x.choice.helps.iter().any(|h| h.0 == recent)), "{text}");
+    // nothing on the column the updates change (they stay HOT), nothing the primary key serves
+    for x in r.recommended.iter().chain(&r.withdrawn) {
+        assert!(!x.choice.candidate.columns.contains(&"note".to_string()), "{text}");
+        assert_ne!(x.choice.candidate.columns, ["id"], "{text}");
+    }
+    // the duplicate of the primary key and the unused index are proposed for removal
+    let drops: Vec<&str> = r.drops.iter().map(|d| d.index.as_str()).collect();
+    assert!(drops.contains(&"public.orders_id_copy") && drops.contains(&"public.orders_note_idx"), "{text}");
+    assert!(!drops.iter().any(|d| d.ends_with("_pkey")), "{text}");
+    // a statement without a plan is reported, not fatal
+    assert!(r.statements.iter().any(|s| s.unplanned.is_some()), "{text}");
+    // the scratch copy is left as it was: no index of the verification stays
+    let left = psql(pg.port, "SELECT count(*) FROM pg_indexes WHERE indexname LIKE 'postai%'");
+    assert_eq!(left, "0");
+}
