@@ -58,7 +58,7 @@ fn scan(n: &Node, w: &Workload, out: &mut Vec<Bottleneck>) {
                 kind: "non-sargable predicate",
                 detail: format!("a function of {rel}.{} is compared: no index on the column serves it", p.column),
                 hint: Some(format!(
-                    "compare {} itself (move the function to the other side), or index the expression",
+                    "an index on the same expression, or store {} already normalised and compare it as is",
                     p.column
                 )),
             });

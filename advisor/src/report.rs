@@ -45,12 +45,17 @@ pub fn render(r: &Report) -> String {
                     for t in &v.timings {
                         let _ = writeln!(
                             o,
-                            "    [{}] {:.3} ms -> {:.3} ms (median of runs)",
-                            t.statement, t.before_ms, t.after_ms
+                            "    [{}] {:.3} ms -> {:.3} ms (median of {} runs) with {}",
+                            t.statement,
+                            t.before_ms,
+                            t.after_ms,
+                            crate::verify::RUNS,
+                            if t.values.is_empty() { "no parameters" } else { &t.values }
                         );
                     }
                     if !v.unverified.is_empty() {
-                        let _ = writeln!(o, "    could not run (no representative values): {:?}", v.unverified);
+                        let _ =
+                            writeln!(o, "    could not run (no representative values, or failed): {:?}", v.unverified);
                     }
                     if !v.slower.is_empty() {
                         let _ = writeln!(o, "    made slower: {:?}", v.slower);

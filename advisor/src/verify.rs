@@ -24,6 +24,8 @@ pub const NOISE_MS: f64 = 0.2;
 #[derive(Clone, Debug, Serialize)]
 pub struct Timing {
     pub statement: usize,
+    /// The parameters it ran with (SQL literals).
+    pub values: String,
     pub before_ms: f64,
     pub after_ms: f64,
 }
@@ -45,14 +47,16 @@ impl Verdict {
 
 /// Representative values for a statement's parameters, as SQL literals: a
 /// value of the column each is compared with or stored into, read from the
-/// table; 20 rows for a LIMIT, 0 for an OFFSET (`None` when a parameter
-/// is none of these).
+/// table; 20 rows for a LIMIT, 0 for an OFFSET. Up to three variants: a
+/// row from the table's middle, and the most and the least common of the
+/// values the column's statistics list (a plan can be right for one and
+/// wrong for another). `None` when a parameter is none of these.
 async fn values(client: &Client, query: &str, plan: &Node, w: &Workload) -> Result<Option<Vec<String>>, AdvisorError> {
     let n = param_count(query);
-    let mut out = vec![None; n];
+    let mut out: Vec<Vec<String>> = vec![Vec::new(); n];
     for (i, v) in paging_params(query) {
         if (1..=n).contains(&i) {
-            out[i - 1] = Some(v.to_string());
+            out[i - 1] = vec![v.to_string()];
         }
     }
     let stored = stored_params(query);
@@ -67,33 +71,46 @@ async fn values(client: &Client, query: &str, plan: &Node, w: &Workload) -> Resu
         .find(|x| x.node_type == "ModifyTable")
         .and_then(|m| m.schema.clone().zip(m.relation.clone()));
     if let Some(table) = written {
-        wanted.extend(stored_params(query).into_iter().map(|(i, c)| (table.clone(), c, i, false)));
+        wanted.extend(stored.iter().map(|(i, c)| (table.clone(), c.clone(), *i, false)));
     }
     for ((schema, table), column, i, array) in wanted {
-        if !(1..=n).contains(&i) || out[i - 1].is_some() {
+        if !(1..=n).contains(&i) || !out[i - 1].is_empty() {
             continue;
         }
         let live = w.table(&schema, &table).map_or(0.0, |t| t.live_rows);
-        match sample(client, &schema, &table, &column, live).await? {
-            Some(v) => {
-                out[i - 1] = Some(literal(&if array { format!("{{\"{}\"}}", v.replace('"', "\\\"")) } else { v }))
-            }
+        let got = samples(client, &schema, &table, &column, live).await?;
+        let quote =
+            |v: &String| literal(&if array { format!("{{\"{}\"}}", v.replace('"', "\\\"")) } else { v.clone() });
+        out[i - 1] = got.iter().map(quote).collect();
+        if out[i - 1].is_empty() && stored.iter().any(|(j, c)| *j == i && *c == column) {
             // a column with no value yet: what a write stores may be NULL
-            None if stored.iter().any(|(j, c)| *j == i && *c == column) => out[i - 1] = Some("NULL".into()),
-            None => {}
+            out[i - 1] = vec!["NULL".into()];
         }
     }
-    Ok(out.into_iter().collect())
+    if out.iter().any(Vec::is_empty) {
+        return Ok(None);
+    }
+    let variants = out.iter().map(Vec::len).max().unwrap_or(1);
+    Ok(Some(
+        (0..variants)
+            .map(|k| {
+                let args: Vec<&str> = out.iter().map(|vs| vs.get(k).unwrap_or(&vs[0]).as_str()).collect();
+                if args.is_empty() { String::new() } else { format!("({})", args.join(", ")) }
+            })
+            .collect(),
+    ))
 }
 
-/// A value of `column` from a row in the table's middle (not its first pages).
-async fn sample(
+/// Values of `column`: from a row in the table's middle (not its first
+/// pages), and the most and least common values its statistics list.
+async fn samples(
     client: &Client,
     schema: &str,
     table: &str,
     column: &str,
     live: f64,
-) -> Result<Option<String>, AdvisorError> {
+) -> Result<Vec<String>, AdvisorError> {
+    let mut out = Vec::new();
     let offset = (live * 0.37) as u64 % 100_000;
     for off in [offset, 0] {
         let sql = format!(
@@ -103,60 +120,73 @@ async fn sample(
             c = ident(column)
         );
         if let Some(r) = rows(client, &sql).await?.first() {
-            return Ok(Some(text(r, 0)));
+            out.push(text(r, 0));
+            break;
         }
     }
-    Ok(None)
+    // the most and the least common of the values the statistics list
+    let sql = format!(
+        "SELECT v[1], v[array_upper(v, 1)] FROM (SELECT most_common_vals::text::text[] AS v FROM pg_stats \
+         WHERE schemaname = {} AND tablename = {} AND attname = {}) s",
+        literal(schema),
+        literal(table),
+        literal(column)
+    );
+    for r in rows(client, &sql).await? {
+        for v in r.into_iter().flatten() {
+            if !out.contains(&v) {
+                out.push(v);
+            }
+        }
+    }
+    Ok(out)
 }
 
-/// The median time of `RUNS` executions of the prepared statement.
-async fn time(client: &Client, args: &str, write: bool) -> Result<f64, AdvisorError> {
+/// The median time of `RUNS` executions of the prepared statement, each in
+/// a transaction rolled back (a write leaves nothing; a read is the same).
+async fn time(client: &Client, args: &str) -> Result<f64, AdvisorError> {
     let run = format!("EXECUTE postai_verify{args}");
     let mut ms = Vec::with_capacity(RUNS);
     for _ in 0..RUNS {
-        if write {
-            exec(client, "BEGIN").await?;
-        }
+        exec(client, "BEGIN").await?;
         let t = Instant::now();
         let r = exec(client, &run).await;
         ms.push(t.elapsed().as_secs_f64() * 1e3);
-        if write {
-            exec(client, "ROLLBACK").await?;
-        }
+        exec(client, "ROLLBACK").await?;
         r?;
     }
     ms.sort_by(f64::total_cmp);
     Ok(ms[RUNS / 2])
 }
 
-/// Times each statement in `which` on `client`: (statement, median ms);
-/// statements without representative values are returned apart.
+/// Times each statement in `which` with each variant of its values:
+/// (statement, values, median ms); statements without representative
+/// values, or that fail, are returned apart.
 async fn time_all(
     client: &Client,
     w: &Workload,
     plans: &[Option<Node>],
     which: &[usize],
-) -> Result<(Vec<(usize, f64)>, Vec<usize>), AdvisorError> {
+) -> Result<(Vec<(usize, String, f64)>, Vec<usize>), AdvisorError> {
     let (mut out, mut unverified) = (Vec::new(), Vec::new());
     for &i in which {
         let (st, Some(plan)) = (&w.statements[i], &plans[i]) else { continue };
-        let Some(vals) = values(client, &st.query, plan, w).await? else {
+        let Some(variants) = values(client, &st.query, plan, w).await? else {
             unverified.push(i);
             continue;
         };
-        let args = if vals.is_empty() { String::new() } else { format!("({})", vals.join(", ")) };
         let _ = exec(client, "DEALLOCATE postai_verify").await;
         if exec(client, &format!("PREPARE postai_verify AS {}", st.query)).await.is_err() {
             unverified.push(i);
             continue;
         }
-        let write = !st.query.trim_start().to_ascii_lowercase().starts_with("select");
-        let ms = time(client, &args, write).await;
-        let _ = exec(client, "DEALLOCATE postai_verify").await;
-        match ms {
-            Ok(ms) => out.push((i, ms)),
-            Err(_) => unverified.push(i),
+        for args in variants {
+            match time(client, &args).await {
+                Ok(ms) => out.push((i, args, ms)),
+                Err(_) => unverified.push(i),
+            }
         }
+        let _ = exec(client, "DEALLOCATE postai_verify").await;
     }
     Ok((out, unverified))
 }
@@ -170,13 +200,20 @@ pub async fn verify(
     choice: &Choice,
 ) -> Result<Verdict, AdvisorError> {
     let mut which: Vec<usize> = choice.helps.iter().map(|h| h.0).collect();
-    for (i, s) in w.statements.iter().enumerate() {
-        let q = s.query.to_ascii_lowercase();
-        let writes = ["update", "delete", "insert"].iter().any(|k| q.trim_start().starts_with(k));
-        if writes && q.contains(&choice.candidate.table.to_ascii_lowercase()) && !which.contains(&i) {
+    let c = &choice.candidate;
+    for (i, plan) in plans.iter().enumerate() {
+        // the writes on its table: each pays for the new index's entries
+        let writes = plan.iter().flat_map(|p| p.walk()).any(|n| {
+            n.node_type == "ModifyTable"
+                && n.schema.as_deref() == Some(&c.schema)
+                && n.relation.as_deref() == Some(&c.table)
+        });
+        if writes && !which.contains(&i) {
             which.push(i);
         }
     }
+    // a statement that would run for long is cut short (and left unverified)
+    exec(client, "SET statement_timeout = '30s'").await?;
     let (before, mut unverified) = time_all(client, w, plans, &which).await?;
     let name = "postai_verify_index";
     exec(client, &format!("DROP INDEX IF EXISTS {}.{}", ident(&choice.candidate.schema), ident(name))).await?;
@@ -186,12 +223,13 @@ pub async fn verify(
     let (after, more) = after?;
     unverified.extend(more);
     let mut timings = Vec::new();
-    for (i, b) in before {
-        if let Some((_, a)) = after.iter().find(|(j, _)| *j == i) {
-            timings.push(Timing { statement: i, before_ms: b, after_ms: *a });
+    for (i, values, b) in before {
+        if let Some((_, _, a)) = after.iter().find(|(j, v, _)| *j == i && *v == values) {
+            timings.push(Timing { statement: i, values, before_ms: b, after_ms: *a });
         }
     }
-    let slower = slower(&timings);
+    let mut slower = slower(&timings);
+    slower.dedup();
     unverified.sort_unstable();
     unverified.dedup();
     Ok(Verdict { timings, unverified, slower })
@@ -208,7 +246,7 @@ mod tests {
 
     #[test]
     fn an_index_that_slows_any_statement_is_withdrawn() {
-        let t = |statement, before_ms, after_ms| Timing { statement, before_ms, after_ms };
+        let t = |statement, before_ms, after_ms| Timing { statement, values: String::new(), before_ms, after_ms };
         let helped = vec![t(0, 10.0, 0.2), t(1, 0.15, 0.3)];
         assert!(slower(&helped).is_empty(), "within the noise of a fast statement");
         let v = Verdict { timings: helped, unverified: vec![], slower: vec![] };
