@@ -75,7 +75,13 @@ pub struct Report {
 pub async fn advise(client: &Client, scratch: Option<&Client>, opts: &Options) -> Result<Report, AdvisorError> {
     let w = capture::capture(client, opts.statements).await?;
     if db::rows(client, "SELECT 1 FROM pg_extension WHERE extname = 'hypopg'").await?.is_empty() {
-        db::exec(client, "CREATE EXTENSION IF NOT EXISTS hypopg").await?;
+        // (the advisor changes nothing in the database it advises: its
+        // hypothetical indexes live in its own session)
+        return Err(AdvisorError::Missing(
+            "HypoPG is not installed in this database: CREATE EXTENSION hypopg (its hypothetical indexes \
+             are private to the advisor's session)"
+                .into(),
+        ));
     }
     let (statements, plans, costed) = analyse(client, &w).await;
     let mut cands = Vec::new();

@@ -17,7 +17,7 @@ async fn connect(pg: &Pg, db: &str) -> tokio_postgres::Client {
 }
 
 fn setup(pg: &Pg) {
-    let sql = "CREATE EXTENSION pg_stat_statements;
+    let sql = "CREATE EXTENSION pg_stat_statements; CREATE EXTENSION hypopg;
         CREATE TABLE customers (id int PRIMARY KEY, region text NOT NULL);
         INSERT INTO customers SELECT g, (ARRAY['eu','us','apac'])[1 + g % 3] FROM generate_series(1, 20000) g;
         CREATE TABLE orders (id serial PRIMARY KEY, customer_id int NOT NULL, status text NOT NULL,
@@ -103,6 +103,13 @@ async fn advice_is_verified_on_a_scratch_copy() {
     let pg = Pg::start_with("advise", "shared_preload_libraries = 'pg_stat_statements'\n");
     let hypopg = psql(pg.port, "SELECT count(*) FROM pg_available_extensions WHERE name = 'hypopg'");
     assert_eq!(hypopg, "1", "HypoPG is installed (.ci/run: postgresql-15-hypopg)");
+    // without the extensions: a clear error, nothing changed
+    let bare = connect(&pg, "postgres").await;
+    let e = advise(&bare, None, &Options::default()).await.expect_err("pg_stat_statements is missing");
+    assert!(e.to_string().contains("pg_stat_statements is not installed"), "{e}");
+    assert_eq!(psql(pg.port, "CREATE EXTENSION pg_stat_statements"), "");
+    let e = advise(&bare, None, &Options::default()).await.expect_err("HypoPG is missing");
+    assert!(e.to_string().contains("HypoPG is not installed"), "{e}");
     setup(&pg);
     let app = connect(&pg, "app").await;
     workload(&app).await;
