@@ -10,6 +10,7 @@ pub mod candidates;
 pub mod capture;
 pub mod db;
 pub mod plan;
+pub mod proxy;
 pub mod redundant;
 pub mod report;
 pub mod select;
@@ -48,6 +49,8 @@ pub struct Analysed {
     /// Why it has no plan (its parameters' types cannot be inferred, say).
     pub unplanned: Option<String>,
     pub bottlenecks: Vec<Bottleneck>,
+    /// What the proxy counted of it ([`proxy::merge`]).
+    pub cache: Option<proxy::CacheShare>,
 }
 
 /// A recommendation and its verification.
@@ -67,6 +70,9 @@ pub struct Report {
     /// none could be run.
     pub withdrawn: Vec<Recommendation>,
     pub drops: Vec<redundant::Drop>,
+    /// Shapes the proxy counted that are not among the statements weighed
+    /// (its cache answered them, or they cost PostgreSQL little).
+    pub cache_only: Vec<proxy::CacheShare>,
 }
 
 /// The whole advice for the database `client` is connected to. `scratch`:
@@ -103,7 +109,7 @@ pub async fn advise(client: &Client, scratch: Option<&Client>, opts: &Options) -
         let r = Recommendation { choice, verdict };
         if keep { recommended.push(r) } else { withdrawn.push(r) }
     }
-    Ok(Report { statements, recommended, withdrawn, drops: redundant::drops(&w, &opts.budget) })
+    Ok(Report { statements, recommended, withdrawn, drops: redundant::drops(&w, &opts.budget), cache_only: Vec::new() })
 }
 
 /// Every statement's generic plan and bottlenecks.
@@ -117,6 +123,7 @@ async fn analyse(client: &Client, w: &Workload) -> (Vec<Analysed>, Vec<Option<pl
             cost: None,
             unplanned: None,
             bottlenecks: Vec::new(),
+            cache: None,
         };
         match plan::generic_plan(client, &s.query).await {
             Ok(p) => {

@@ -14,6 +14,13 @@ pub fn render(r: &Report) -> String {
     let _ = writeln!(o, "== statements (the {} that cost the database the most time)", r.statements.len());
     for (i, s) in r.statements.iter().enumerate() {
         let _ = writeln!(o, "[{i}] {:.0} calls, {:.1} ms in all: {}", s.calls, s.total_ms, short(&s.query));
+        if let Some(c) = &s.cache {
+            let _ = writeln!(
+                o,
+                "    at the proxy: {:.0} calls, {:.1} % answered by its cache ({:.0} sent upstream)",
+                c.calls, c.hit_pct, c.upstream
+            );
+        }
         if let Some(why) = &s.unplanned {
             let _ = writeln!(o, "    not planned: {why}");
         }
@@ -62,6 +69,12 @@ pub fn render(r: &Report) -> String {
                     }
                 }
             }
+        }
+    }
+    if !r.cache_only.is_empty() {
+        let _ = writeln!(o, "== at the proxy only (not among the statements above): {}", r.cache_only.len());
+        for c in r.cache_only.iter().take(20) {
+            let _ = writeln!(o, "{:.0} calls, {:.1} % from its cache: {}", c.calls, c.hit_pct, short(&c.query));
         }
     }
     let _ = writeln!(o, "== indexes to drop: {}", r.drops.len());

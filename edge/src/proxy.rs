@@ -39,6 +39,7 @@ mod exporter;
 mod extended;
 mod input;
 mod pooled;
+mod queries;
 mod replica;
 mod session;
 mod simple;

@@ -27,12 +27,15 @@ pub mod harness;
 mod process;
 mod session;
 mod settings;
+mod shape_stats;
 #[cfg(test)]
 mod tests;
 
 pub use args::RANGE_KEYS_MAX;
 use args::{Args, cache_key, read_deps, unlexable_shape, write_targets};
 use session::Session;
+use shape_stats::ShapeStats;
+pub use shape_stats::{ShapeCounters, ShapeRow};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SessionId(pub u64);
@@ -264,6 +267,7 @@ pub struct EdgeNode<V> {
     outputs: VecDeque<NodeOutput<V>>,
     next_req: u64,
     stats: NodeStats,
+    shape_stats: ShapeStats,
     residency: FixedMap<TableId, Zone>,
     refresh: RefreshIndex,
     last_cdc: Option<Instant>,
@@ -311,6 +315,7 @@ impl<V: Clone> EdgeNode<V> {
             outputs: VecDeque::new(),
             next_req: 0,
             stats: NodeStats::default(),
+            shape_stats: ShapeStats::default(),
             residency,
             refresh: RefreshIndex::new(config.l2.entries_max.saturating_mul(2)),
             last_cdc: None,
@@ -326,6 +331,11 @@ impl<V: Clone> EdgeNode<V> {
 
     pub fn stats(&self) -> NodeStats {
         self.stats
+    }
+
+    /// What each statement shape asked of this node, most calls first.
+    pub fn shape_rows(&self) -> Vec<ShapeRow> {
+        self.shape_stats.rows(&self.analyzer)
     }
     pub fn tier(&self, name: TierName) -> Option<&Tier<V>> {
         match name {
@@ -508,6 +518,9 @@ impl<V: Clone> EdgeNode<V> {
                 |e: &Entry<V>| versions.is_valid(e.lsn, &e.deps) && entry_meets_floor(e.lsn, floor, complete, local);
             if let Lookup::Hit(e) = self.l1.get(now, key, ok) {
                 self.stats.l1_hits += 1;
+                if let Some(c) = self.shape_stats.of(shape.id) {
+                    c.l1_hits += 1;
+                }
                 let (value, lsn) = (e.value.clone(), e.lsn);
                 self.outputs.push_back(NodeOutput::Reply { req, session, served: Served::L1, value, lsn });
                 return req;
@@ -516,6 +529,9 @@ impl<V: Clone> EdgeNode<V> {
                 |e: &Entry<V>| versions.is_valid(e.lsn, &e.deps) && entry_meets_floor(e.lsn, floor, complete, local);
             if let Lookup::Hit(e) = self.l2.get(now, key, ok) {
                 self.stats.l2_hits += 1;
+                if let Some(c) = self.shape_stats.of(shape.id) {
+                    c.l2_hits += 1;
+                }
                 let entry = e.clone();
                 let (value, lsn) = (entry.value.clone(), entry.lsn);
                 self.l1.insert(now, key, entry);
@@ -567,6 +583,9 @@ impl<V: Clone> EdgeNode<V> {
         session_command: Option<SessionCommand>,
     ) {
         self.stats.upstream += 1;
+        if let Some(c) = self.shape_stats.of(shape.id) {
+            c.upstream += 1;
+        }
         let pending = Pending {
             session,
             shape: shape.clone(),
@@ -619,7 +638,13 @@ impl<V: Clone> EdgeNode<V> {
                 return;
             }
         };
-        let _ = p.started;
+        if p.shape.generation == self.analyzer.generation()
+            && let Some(c) = self.shape_stats.of(p.shape.id)
+        {
+            // (no 128-bit division on the reply path)
+            let d = now.saturating_since(p.started);
+            c.upstream_us += d.as_secs() * 1_000_000 + u64::from(d.subsec_micros());
+        }
         self.apply_session_effects(&p, &reply);
         // a shape analysed by an older catalog may have the wrong deps; before
         // the stream is heard the catalog may not be loaded yet

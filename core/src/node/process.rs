@@ -33,6 +33,7 @@ impl<V: Clone> EdgeNode<V> {
     /// the old catalog's rules).
     pub fn update_catalog(&mut self, update: impl FnOnce(&mut Catalog)) {
         self.catalog_stale = false;
+        self.shape_stats.retire(&self.analyzer);
         self.analyzer.update_catalog(update);
         self.clear_tier(TierName::L1);
         self.clear_tier(TierName::L2);
@@ -46,6 +47,7 @@ impl<V: Clone> EdgeNode<V> {
         if self.last_cdc.is_some() || !self.config.fills_wait_for_cdc {
             return self.update_catalog(update);
         }
+        self.shape_stats.retire(&self.analyzer);
         self.analyzer.update_catalog(update);
         self.clear_tier(TierName::L1);
     }

@@ -181,6 +181,30 @@ mod session_and_refresh {
         assert_eq!(n.versions().required_lsn(&[crate::invalidation::Dep::Key(items, key_hash(items, b"7"))]), Lsn(5));
     }
 
+    /// Each shape's calls, tier answers and upstream requests are counted
+    /// (what pg_stat_statements cannot see: the answers the cache gave),
+    /// and a catalog change, which numbers shapes anew, keeps them.
+    #[test]
+    fn each_shape_counts_its_calls_and_who_answered_them() {
+        let (mut n, _) = node(InvalidationMode::Key);
+        let p = n.prepare("SELECT id, v FROM items WHERE id = $1").expect("lexes");
+        n.handle_cdc(Instant::ZERO, &event(TableId(0), "0", 0, 1));
+        assert_eq!(read(&mut n, &p, "7", 5).0, Served::Replica);
+        assert_eq!(read(&mut n, &p, "7", 5).0, Served::L1);
+        assert_eq!(read(&mut n, &p, "8", 5).0, Served::Replica);
+        let rows = n.shape_rows();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].text, p.shape.text);
+        let c = rows[0].counters;
+        assert_eq!((c.calls(), c.l1_hits, c.l2_hits, c.upstream), (3, 1, 0, 2));
+        n.update_catalog(|_| {});
+        let p = n.prepare("SELECT id, v FROM items WHERE id = $1").expect("lexes");
+        let _ = read(&mut n, &p, "9", 5);
+        let rows = n.shape_rows();
+        assert_eq!(rows.len(), 1, "one fingerprint across catalogs");
+        assert_eq!((rows[0].counters.calls(), rows[0].counters.upstream), (4, 3));
+    }
+
     /// A process that opened its stream at 10 never saw what changed at or
     /// below it: an answer reflecting only up to 5 (a lagging replica) may
     /// miss a change in between and is not filed; one at 10 or later is.

@@ -31,6 +31,10 @@ impl Client {
             }
             return Ok(Path::Proxy);
         }
+        if super::queries::is_show_queries(&sql) {
+            self.show_queries().await?;
+            return Ok(Path::Proxy);
+        }
         if let Some(rows) = self.admin(&sql) {
             self.wr.write_all(&rows).await?;
             self.wr.write_all(&protocol::ready_for_query(self.wire.status())).await?;

@@ -1,0 +1,63 @@
+//! `SHOW POSTAI QUERIES`: each statement shape's calls, what the cache
+//! answered and what went upstream, for the optimization engine (which
+//! reads `pg_stat_statements` too: it never sees the cache's answers).
+//! Only for a superuser or a member of `pg_read_all_stats`.
+
+mod pg;
+
+use std::time::Duration;
+
+use pg::{ITEMS_TABLE, Pg, create_items, eventually, eventually_within, psql, start_proxy_with, stat_n};
+
+#[test]
+fn each_shape_reports_what_the_cache_answered() {
+    let pg = Pg::start("queries");
+    create_items(&pg, 10);
+    let extra = format!("{ITEMS_TABLE}[cdc]\npoll_ms = 50\n");
+    let (port, p) = start_proxy_with(&pg, &extra);
+    assert!(eventually_within(Duration::from_secs(20), || stat_n(port, "filling") > 0), "CDC connected");
+    // one miss, then hits (by simple queries: the literal is the shape's $1)
+    assert!(eventually(|| {
+        psql(port, "SELECT v FROM items WHERE id = 3");
+        stat_n(port, "l1_hits") > 0
+    }));
+    for id in [3, 3, 4] {
+        psql(port, &format!("SELECT v FROM items WHERE id = {id}"));
+    }
+    let out = psql(port, "SHOW POSTAI QUERIES");
+    let row = out
+        .lines()
+        .find(|l| l.to_ascii_lowercase().contains("from items where id = $1"))
+        .unwrap_or_else(|| panic!("{out}"));
+    let cols: Vec<&str> = row.split('|').collect();
+    assert_eq!(cols.len(), 8, "{row}");
+    let n = |i: usize| cols[i].parse::<f64>().unwrap_or_else(|_| panic!("{row}"));
+    assert_eq!(n(2), n(3) + n(4) + n(5), "calls are what the tiers answered and what went upstream: {row}");
+    assert!(n(3) >= 2.0 && n(5) >= 2.0, "hits and the misses of ids 3 and 4: {row}");
+    assert!(n(7) > 0.0 && n(7) < 100.0, "{row}");
+    // the texts are every session's: not for any role
+    let out = psql(pg.port, "CREATE ROLE app LOGIN; GRANT SELECT ON items TO app");
+    assert!(!out.contains("ERROR"), "{out}");
+    let as_app = || {
+        std::process::Command::new("psql")
+            .args(["-X", "-At", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app", "-d", "postgres"])
+            .args(["-c", "SHOW POSTAI QUERIES"])
+            .output()
+            .expect("psql")
+    };
+    let denied = as_app();
+    let err = String::from_utf8_lossy(&denied.stderr);
+    assert!(err.contains("permission denied") && !denied.status.success(), "{err}");
+    let out = psql(pg.port, "GRANT pg_read_all_stats TO app");
+    assert!(!out.contains("ERROR"), "{out}");
+    let as_app = std::process::Command::new("psql")
+        .args(["-X", "-At", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app", "-d", "postgres"])
+        .args(["-c", "SHOW POSTAI QUERIES"])
+        .output()
+        .expect("psql");
+    assert!(
+        String::from_utf8_lossy(&as_app.stdout).to_ascii_lowercase().contains("from items where id = $1"),
+        "pg_read_all_stats sees them"
+    );
+    drop(p);
+}
