@@ -93,8 +93,17 @@ pub async fn capture(client: &Client, limit: usize) -> Result<Workload, AdvisorE
     let sql = "SELECT s.queryid, s.query, s.calls, s.total_exec_time, s.mean_exec_time, s.rows \
                FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
                WHERE d.datname = current_database() AND s.calls > 0 ORDER BY s.total_exec_time DESC";
-    let statements = rows(client, sql)
-        .await?
+    let all = rows(client, sql).await?;
+    // texts of other roles' statements are hidden from a role without the
+    // privilege, and the advice would rest on a part of the workload
+    if all.iter().any(|r| text(r, 1) == "<insufficient privilege>") {
+        return Err(AdvisorError::Missing(
+            "pg_stat_statements hides other roles' statements from this role: run the advisor as a member of \
+             pg_read_all_stats (GRANT pg_read_all_stats TO ...) or as a superuser"
+                .into(),
+        ));
+    }
+    let statements = all
         .iter()
         .map(|r| Statement {
             queryid: text(r, 0),

@@ -63,12 +63,17 @@ pub struct Recommendation {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
+    /// What the advice could not rest on (an empty workload, say).
+    pub notes: Vec<String>,
     pub statements: Vec<Analysed>,
     /// Verified (or, without a scratch database, estimated) and kept.
     pub recommended: Vec<Recommendation>,
     /// Withdrawn by real execution: an affected statement got slower, or
     /// none could be run.
     pub withdrawn: Vec<Recommendation>,
+    /// Candidates that help some statement but cost more in index upkeep
+    /// (writes, HOT updates lost) than they save, or did not fit the budget.
+    pub declined: Vec<Choice>,
     pub drops: Vec<redundant::Drop>,
     /// Shapes the proxy counted that are not among the statements weighed
     /// (its cache answered them, or they cost PostgreSQL little).
@@ -98,9 +103,9 @@ pub async fn advise(client: &Client, scratch: Option<&Client>, opts: &Options) -
             }
         }
     }
-    let chosen = select::select(client, &w, &costed, &cands, &opts.budget).await?;
+    let selection = select::select(client, &w, &costed, &cands, &opts.budget).await?;
     let (mut recommended, mut withdrawn) = (Vec::new(), Vec::new());
-    for choice in chosen {
+    for choice in selection.chosen {
         let verdict = match scratch {
             Some(s) => Some(verify::verify(s, &w, &plans, &choice).await?),
             None => None,
@@ -109,7 +114,17 @@ pub async fn advise(client: &Client, scratch: Option<&Client>, opts: &Options) -
         let r = Recommendation { choice, verdict };
         if keep { recommended.push(r) } else { withdrawn.push(r) }
     }
-    Ok(Report { statements, recommended, withdrawn, drops: redundant::drops(&w, &opts.budget), cache_only: Vec::new() })
+    let mut notes = Vec::new();
+    if w.statements.is_empty() {
+        notes.push(
+            "pg_stat_statements holds no statement of this database yet (or they were reset): run the workload, \
+             then advise; no index is recommended without one"
+                .to_string(),
+        );
+    }
+    let drops = redundant::drops(&w, &opts.budget);
+    let declined = selection.declined;
+    Ok(Report { notes, statements, recommended, withdrawn, declined, drops, cache_only: Vec::new() })
 }
 
 /// Every statement's generic plan and bottlenecks.

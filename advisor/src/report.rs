@@ -11,6 +11,9 @@ fn short(q: &str) -> String {
 
 pub fn render(r: &Report) -> String {
     let mut o = String::new();
+    for n in &r.notes {
+        let _ = writeln!(o, "note: {n}");
+    }
     let _ = writeln!(o, "== statements (the {} that cost the database the most time)", r.statements.len());
     for (i, s) in r.statements.iter().enumerate() {
         let _ = writeln!(o, "[{i}] {:.0} calls, {:.1} ms in all: {}", s.calls, s.total_ms, short(&s.query));
@@ -69,6 +72,24 @@ pub fn render(r: &Report) -> String {
                     }
                 }
             }
+        }
+    }
+    if !r.declined.is_empty() {
+        let _ = writeln!(
+            o,
+            "== considered, not recommended (upkeep over saving, or over the budget): {}",
+            r.declined.len()
+        );
+        for c in r.declined.iter().take(10) {
+            let _ = writeln!(
+                o,
+                "{}: {:.1} ms of reads saved, {:.1} ms of index upkeep, {:.0} kB{}",
+                c.ddl,
+                c.read_ms_saved,
+                c.write_ms_cost,
+                c.bytes / 1024.0,
+                if c.breaks_hot { "; its updates would stop being HOT" } else { "" }
+            );
         }
     }
     if !r.cache_only.is_empty() {

@@ -84,34 +84,52 @@ fn write_cost(c: &Candidate, w: &Workload, b: &Budget) -> (f64, bool) {
     ((entries + hot) * b.entry_ms, breaks_hot)
 }
 
-/// The chosen indexes, best first.
+/// What the selection chose, best first, and what it declined: candidates
+/// that would help some statement but whose write cost is larger than the
+/// read time they save, or that did not fit in the budget (as evaluated
+/// beside the chosen ones), largest saving first.
+#[derive(Debug, Default)]
+pub struct Selection {
+    pub chosen: Vec<Choice>,
+    pub declined: Vec<Choice>,
+}
+
 pub async fn select(
     client: &Client,
     w: &Workload,
     costed: &[Costed],
     candidates: &[Candidate],
     budget: &Budget,
-) -> Result<Vec<Choice>, AdvisorError> {
+) -> Result<Selection, AdvisorError> {
     let mut current: Vec<f64> = costed.iter().map(|c| c.cost).collect();
     let (mut chosen, mut left, mut used) = (Vec::<Choice>::new(), candidates.to_vec(), 0.0);
+    let mut declined;
     loop {
         let mut best: Option<(Choice, Vec<f64>)> = None;
+        let mut round = Vec::new();
         for c in &left {
             let (choice, costs) = try_candidate(client, w, costed, &current, &chosen, c, budget).await?;
             let net = choice.read_ms_saved - choice.write_ms_cost;
             let better = best.as_ref().is_none_or(|(b, _)| net > b.read_ms_saved - b.write_ms_cost);
             if net > 0.0 && !choice.helps.is_empty() && used + choice.bytes <= budget.bytes && better {
-                best = Some((choice, costs));
+                best = Some((choice.clone(), costs));
+            }
+            if !choice.helps.is_empty() {
+                round.push(choice);
             }
         }
-        let Some((choice, costs)) = best else { break };
+        let Some((choice, costs)) = best else {
+            declined = round;
+            break;
+        };
         used += choice.bytes;
         left.retain(|c| *c != choice.candidate);
         current = costs;
         chosen.push(choice);
     }
     exec(client, "SELECT hypopg_reset()").await?;
-    Ok(chosen)
+    declined.sort_by(|a, b| b.read_ms_saved.total_cmp(&a.read_ms_saved));
+    Ok(Selection { chosen, declined })
 }
 
 /// `c` as a hypothetical index beside the chosen ones: its size, the

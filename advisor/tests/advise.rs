@@ -32,6 +32,11 @@ fn setup(pg: &Pg) {
                    timestamptz '2026-01-01' + g * interval '1 second', repeat('x', 50)
             FROM generate_series(1, 200000) g;
         ANALYZE events;
+        CREATE TABLE visits (id int PRIMARY KEY, user_id int NOT NULL, last_seen timestamptz NOT NULL)
+            WITH (fillfactor = 70);
+        INSERT INTO visits SELECT g, g % 5000, timestamptz '2026-01-01' + g * interval '1 second'
+            FROM generate_series(1, 100000) g;
+        ANALYZE visits;
         CREATE INDEX orders_id_copy ON orders (id);
         CREATE INDEX orders_note_idx ON orders (note);
         ANALYZE customers; ANALYZE orders;";
@@ -89,6 +94,16 @@ async fn workload(c: &tokio_postgres::Client) {
     for _ in 0..30 {
         c.query(&events, &[&"late"]).await.expect("events");
     }
+    // a column written all day and read now and then: an index on it would
+    // cost every update its HOT path
+    let seen = c.prepare("UPDATE visits SET last_seen = now() WHERE id = $1").await.expect("prepare");
+    for i in 0..3000 {
+        c.execute(&seen, &[&(1 + (i * 31) % 100_000)]).await.expect("seen");
+    }
+    let recent = c.prepare("SELECT count(*) FROM visits WHERE last_seen > $1").await.expect("prepare");
+    for _ in 0..3 {
+        c.query(&recent, &[&at]).await.expect("recent visits");
+    }
     let customer = c.prepare("SELECT region FROM customers WHERE id = $1").await.expect("prepare");
     for i in 0..100 {
         c.query(&customer, &[&(1 + i)]).await.expect("customer");
@@ -110,6 +125,12 @@ async fn advice_is_verified_on_a_scratch_copy() {
     assert_eq!(psql(pg.port, "CREATE EXTENSION pg_stat_statements"), "");
     let e = advise(&bare, None, &Options::default()).await.expect_err("HypoPG is missing");
     assert!(e.to_string().contains("HypoPG is not installed"), "{e}");
+    // an empty workload: said, and nothing recommended
+    assert_eq!(psql(pg.port, "CREATE EXTENSION hypopg"), "");
+    bare.batch_execute("SELECT pg_stat_statements_reset()").await.expect("reset");
+    let empty = advise(&bare, None, &Options::default()).await.expect("an empty workload is no error");
+    assert!(empty.notes.iter().any(|n| n.contains("no statement")), "{:?}", empty.notes);
+    assert!(empty.recommended.is_empty());
     setup(&pg);
     let app = connect(&pg, "app").await;
     workload(&app).await;
@@ -142,12 +163,23 @@ async fn advice_is_verified_on_a_scratch_copy() {
     assert_eq!(w.choice.candidate.columns, ["created_at"], "{text}");
     assert!(w.verdict.as_ref().is_some_and(|v| v.slower.contains(&late)), "{text}");
     assert!(!r.recommended.iter().any(|x| x.choice.candidate.table == "events"), "{text}");
+    // the index on the column the updates keep writing: declined, and why
+    let hot = r.declined.iter().find(|c| c.candidate.columns == ["last_seen"]).expect(&text);
+    assert!(hot.breaks_hot && hot.write_ms_cost > hot.read_ms_saved, "{text}");
+    assert!(!r.recommended.iter().any(|x| x.choice.candidate.columns == ["last_seen"]), "{text}");
     // the duplicate of the primary key and the unused index are proposed for removal
     let drops: Vec<&str> = r.drops.iter().map(|d| d.index.as_str()).collect();
     assert!(drops.contains(&"public.orders_id_copy") && drops.contains(&"public.orders_note_idx"), "{text}");
     assert!(!drops.iter().any(|d| d.ends_with("_pkey")), "{text}");
     // a statement without a plan is reported, not fatal
     assert!(r.statements.iter().any(|s| s.unplanned.is_some()), "{text}");
+    // a role that cannot see the other roles' statements is told so
+    assert_eq!(psql(pg.port, "CREATE ROLE viewer LOGIN"), "");
+    let url = format!("host=127.0.0.1 port={} user=viewer dbname=app", pg.port);
+    let (viewer, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    let e = advise(&viewer, None, &Options::default()).await.expect_err("texts hidden");
+    assert!(e.to_string().contains("pg_read_all_stats"), "{e}");
     // the scratch copy is left as it was: no index of the verification stays
     let left = psql(pg.port, "SELECT count(*) FROM pg_indexes WHERE indexname LIKE 'postai%'");
     assert_eq!(left, "0");
