@@ -6,6 +6,7 @@
 //! (withdrawn if any statement gets slower), and indexes to drop.
 
 pub mod analyze;
+pub mod apply;
 pub mod candidates;
 pub mod capture;
 pub mod db;
@@ -42,6 +43,8 @@ impl Default for Options {
 /// One statement as the advisor saw it.
 #[derive(Clone, Debug, Serialize)]
 pub struct Analysed {
+    /// pg_stat_statements' id of the statement.
+    pub queryid: String,
     pub query: String,
     pub calls: f64,
     pub total_ms: f64,
@@ -132,6 +135,7 @@ async fn analyse(client: &Client, w: &Workload) -> (Vec<Analysed>, Vec<Option<pl
     let (mut out, mut plans, mut costed) = (Vec::new(), Vec::new(), Vec::new());
     for (i, s) in w.statements.iter().enumerate() {
         let mut a = Analysed {
+            queryid: s.queryid.clone(),
             query: s.query.clone(),
             calls: s.calls,
             total_ms: s.total_ms,

@@ -9,6 +9,10 @@ const USAGE: &str = "usage: postai-advise CONNSTRING [--scratch CONNSTRING] [--b
                      and timed for real; without it they are HypoPG's estimates
   --proxy CONN       a POST AI proxy in front of it: what its cache answered per statement
                      (SHOW POSTAI QUERIES), which pg_stat_statements never sees
+  --apply FILE       build the recommended indexes on the advised database (CREATE INDEX
+                     CONCURRENTLY) and keep what was built and the statistics then in FILE
+  --measure FILE     no advice: the real change since --apply, per statement, from
+                     pg_stat_statements, and a DROP proposed for an index that did not help
   --budget-mb N      storage for new indexes (default 1000)
   --statements N     the statements that cost the most time to weigh (default 50)
   --json             the report as JSON";
@@ -28,9 +32,12 @@ async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let (mut url, mut scratch, mut proxy, mut json, mut opts) = (None, None, None, false, Options::default());
+    let (mut apply, mut measure) = (None::<String>, None::<String>);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--scratch" => scratch = Some(args.next().context("--scratch needs a connection string")?),
+            "--apply" => apply = Some(args.next().context("--apply needs a file")?),
+            "--measure" => measure = Some(args.next().context("--measure needs a file")?),
             "--proxy" => proxy = Some(args.next().context("--proxy needs a connection string")?),
             "--budget-mb" => {
                 opts.budget.bytes = args.next().context("--budget-mb needs a number")?.parse::<f64>()? * 1e6
@@ -47,6 +54,18 @@ async fn main() -> anyhow::Result<()> {
     }
     let url = url.with_context(|| format!("no connection string\n{USAGE}"))?;
     let client = connect(&url).await?;
+    if let Some(path) = measure {
+        let text = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+        let applied: postai_advisor::apply::Applied =
+            serde_json::from_str(&text).with_context(|| format!("{path}: not a file --apply wrote"))?;
+        let m = postai_advisor::apply::measure(&client, &applied).await?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&m)?);
+        } else {
+            print!("{}", report::render_measured(&m));
+        }
+        return Ok(());
+    }
     let scratch = match scratch {
         Some(s) => Some(connect(&s).await?),
         None => None,
@@ -60,6 +79,14 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         print!("{}", report::render(&r));
+    }
+    if let Some(path) = apply {
+        let applied = postai_advisor::apply::apply(&client, &r).await?;
+        std::fs::write(&path, serde_json::to_string_pretty(&applied)?).with_context(|| format!("write {path}"))?;
+        for b in &applied.built {
+            eprintln!("built: {};", b.ddl);
+        }
+        eprintln!("kept in {path}: run the workload, then postai-advise CONNSTRING --measure {path}");
     }
     Ok(())
 }

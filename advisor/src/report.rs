@@ -111,3 +111,25 @@ pub fn render(r: &Report) -> String {
     }
     o
 }
+
+/// What [`crate::apply::measure`] found, as text.
+pub fn render_measured(m: &[crate::apply::Measured]) -> String {
+    let mut o = String::new();
+    for x in m {
+        let _ = writeln!(o, "== {}", x.index);
+        for i in &x.impacts {
+            let after = i.after_ms.map_or("not run since".to_string(), |a| format!("{a:.3} ms"));
+            let _ = writeln!(
+                o,
+                "{:.3} ms -> {after} per call ({:.0} calls since): {}",
+                i.before_ms,
+                i.calls_since,
+                short(&i.query)
+            );
+        }
+        if let Some(d) = &x.drop {
+            let _ = writeln!(o, "no statement it was built for got faster: {d};");
+        }
+    }
+    o
+}

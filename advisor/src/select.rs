@@ -50,8 +50,9 @@ pub struct Budget {
     pub entry_ms: f64,
 }
 
-/// The columns UPDATE statements of the workload set, per table name.
-pub fn updated_columns(w: &Workload, table: &str) -> Vec<String> {
+/// The UPDATE statements of the workload on `table`: (the columns each
+/// sets, the rows it updated over the window).
+pub fn updates_of(w: &Workload, table: &str) -> Vec<(Vec<String>, f64)> {
     let mut out = Vec::new();
     for s in &w.statements {
         let q = s.query.to_ascii_lowercase();
@@ -62,26 +63,31 @@ pub fn updated_columns(w: &Workload, table: &str) -> Vec<String> {
         }
         let Some(set) = rest.split_once(" set ").map(|x| x.1) else { continue };
         let set = set.split(" where ").next().unwrap_or(set);
-        for part in set.split(',') {
-            if let Some((col, _)) = part.split_once('=') {
-                out.push(col.trim().trim_matches('"').to_string());
-            }
-        }
+        let cols =
+            set.split(',').filter_map(|p| p.split_once('=')).map(|(c, _)| c.trim().trim_matches('"').to_string());
+        out.push((cols.collect(), s.rows));
     }
     out
 }
 
-/// Write cost of an index on `c` over the window, in ms, and whether it breaks HOT updates.
+/// The columns UPDATE statements of the workload set on `table`.
+pub fn updated_columns(w: &Workload, table: &str) -> Vec<String> {
+    updates_of(w, table).into_iter().flat_map(|(cols, _)| cols).collect()
+}
+
+/// Write cost of an index on `c` over the window, in ms, and whether it
+/// breaks HOT updates. Every insert, delete and non-HOT update writes an
+/// entry in it; an update that sets one of its columns can no longer be
+/// HOT, and then writes an entry in every index of the table. Those rows
+/// are the workload's own UPDATE statements' (pg_stat_statements counts
+/// them as they end; the table's HOT counters may lag a second).
 fn write_cost(c: &Candidate, w: &Workload, b: &Budget) -> (f64, bool) {
     let Some(t) = w.table(&c.schema, &c.table) else { return (0.0, false) };
     let entries = t.inserts + t.deletes + (t.updates - t.hot_updates).max(0.0);
-    let updated = updated_columns(w, &c.table);
-    let breaks_hot = t.hot_updates > 0.0 && c.columns.iter().any(|col| updated.contains(&col.to_ascii_lowercase()));
-    // a HOT update writes no index entry; once an indexed column changes,
-    // every index of the table gets one
+    let sets_it = |cols: &Vec<String>| c.columns.iter().any(|col| cols.contains(&col.to_ascii_lowercase()));
+    let rows: f64 = updates_of(w, &c.table).iter().filter(|(cols, _)| sets_it(cols)).map(|(_, rows)| rows).sum();
     let indexes = w.indexes_of(&c.schema, &c.table).count() as f64 + 1.0;
-    let hot = if breaks_hot { t.hot_updates * indexes } else { 0.0 };
-    ((entries + hot) * b.entry_ms, breaks_hot)
+    ((entries + rows * indexes) * b.entry_ms, rows > 0.0)
 }
 
 /// What the selection chose, best first, and what it declined: candidates

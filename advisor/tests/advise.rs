@@ -7,7 +7,12 @@
 mod cluster;
 
 use cluster::{Pg, psql};
+use postai_advisor::apply::{apply, gained, measure};
 use postai_advisor::{Options, advise, report};
+
+async fn count(c: &tokio_postgres::Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).await.expect("count").get(0)
+}
 
 async fn connect(pg: &Pg, db: &str) -> tokio_postgres::Client {
     let url = format!("host=127.0.0.1 port={} user=postgres dbname={db}", pg.port);
@@ -180,7 +185,21 @@ async fn advice_is_verified_on_a_scratch_copy() {
     tokio::spawn(conn);
     let e = advise(&viewer, None, &Options::default()).await.expect_err("texts hidden");
     assert!(e.to_string().contains("pg_read_all_stats"), "{e}");
-    // the scratch copy is left as it was: no index of the verification stays
-    let left = psql(pg.port, "SELECT count(*) FROM pg_indexes WHERE indexname LIKE 'postai%'");
-    assert_eq!(left, "0");
+    // applied on the advised database, then measured on the workload that runs since
+    let applied = apply(&app, &r).await.expect("applied");
+    assert_eq!(applied.built.len(), r.recommended.len());
+    let by_customer_sql = app.prepare("SELECT * FROM orders WHERE customer_id = $1").await.expect("prepare");
+    for i in 0..30 {
+        app.query(&by_customer_sql, &[&(7 + i * 101)]).await.expect("by customer");
+    }
+    let m = measure(&app, &applied).await.expect("measured");
+    let text = report::render_measured(&m);
+    let customer = m.iter().find(|x| x.index.contains("customer_id")).expect(&text);
+    let i = customer.impacts.iter().find(|i| i.calls_since >= 30.0).expect(&text);
+    assert!(gained(i) && i.after_ms.is_some_and(|a| a < 1.0), "{text}");
+    assert!(customer.drop.is_none(), "{text}");
+    let built = count(&app, "SELECT count(*) FROM pg_indexes WHERE indexname LIKE 'postai_orders%'").await;
+    assert_eq!(built, r.recommended.len() as i64, "built on the advised database (app)");
+    let on_scratch = count(&scratch, "SELECT count(*) FROM pg_indexes WHERE indexname LIKE 'postai%'").await;
+    assert_eq!(on_scratch, 0, "the scratch copy keeps no index of the verification");
 }
