@@ -21,15 +21,28 @@ pub struct Candidate {
     pub schema: String,
     pub table: String,
     pub columns: Vec<String>,
+    /// Columns carried in the index's leaves (`INCLUDE`): the statement's
+    /// other outputs, so that an index-only scan can answer it.
+    pub include: Vec<String>,
 }
 
 impl Candidate {
     pub fn ddl(&self, name: Option<&str>) -> String {
-        let cols: Vec<String> = self.columns.iter().map(|c| ident(c)).collect();
+        let list = |cols: &[String]| cols.iter().map(|c| ident(c)).collect::<Vec<_>>().join(", ");
         let name = name.map(|n| format!("{} ", ident(n))).unwrap_or_default();
-        format!("CREATE INDEX {name}ON {}.{} ({})", ident(&self.schema), ident(&self.table), cols.join(", "))
+        let include =
+            if self.include.is_empty() { String::new() } else { format!(" INCLUDE ({})", list(&self.include)) };
+        format!(
+            "CREATE INDEX {name}ON {}.{} ({}){include}",
+            ident(&self.schema),
+            ident(&self.table),
+            list(&self.columns)
+        )
     }
 }
+
+/// Columns a covering index carries at most.
+pub const MAX_INCLUDE: usize = 3;
 
 /// What one statement asks of one table.
 #[derive(Debug, Default)]
@@ -118,16 +131,54 @@ pub fn candidates(plan: &Node, w: &Workload) -> Vec<Candidate> {
             push_unique(&mut a.sort, &c);
         }
     }
+    let outputs = outputs_by_table(plan);
     let mut out = Vec::new();
-    for ((schema, table), a) in asks {
+    for ((schema, table), mut a) in asks {
         if w.table(&schema, &table).is_none_or(|t| t.live_rows < MIN_ROWS) {
             continue;
         }
-        for cols in shapes(&a) {
-            let c = Candidate { schema: schema.clone(), table: table.clone(), columns: cols };
+        // the most selective equality column first: the index serves more statements so
+        let d = |c: &String| w.distinct(&schema, &table, c);
+        a.equality.sort_by(|x, y| d(y).total_cmp(&d(x)));
+        let shapes = shapes(&a);
+        for cols in &shapes {
+            let c = Candidate { schema: schema.clone(), table: table.clone(), columns: cols.clone(), include: vec![] };
             if !c.columns.is_empty() && !covered(&c, w) && !out.contains(&c) {
                 out.push(c);
             }
+        }
+        // the fullest shape, covering what the statement returns
+        if let (Some(cols), Some(outs)) = (shapes.last(), outputs.get(&(schema.clone(), table.clone()))) {
+            let include: Vec<String> = outs.iter().filter(|o| !cols.contains(o)).cloned().collect();
+            if (1..=MAX_INCLUDE).contains(&include.len()) {
+                let c = Candidate { schema: schema.clone(), table: table.clone(), columns: cols.clone(), include };
+                if !out.contains(&c) {
+                    out.push(c);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The plain columns each table's scans return (EXPLAIN VERBOSE's Output;
+/// `None`-like for a scan that returns an expression: not coverable).
+fn outputs_by_table(plan: &Node) -> BTreeMap<(String, String), Vec<String>> {
+    let mut out: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for n in plan.walk() {
+        let (Some(s), Some(r)) = (&n.schema, &n.relation) else { continue };
+        let cols: Option<Vec<String>> = n
+            .output
+            .iter()
+            .map(|o| {
+                let c = o.rsplit('.').next()?.trim_matches('"');
+                (!c.is_empty() && c.chars().all(|ch| ch.is_alphanumeric() || ch == '_')).then(|| c.to_string())
+            })
+            .collect();
+        let Some(cols) = cols else { continue };
+        let e = out.entry((s.clone(), r.clone())).or_default();
+        for c in cols {
+            push_unique(e, &c);
         }
     }
     out
@@ -201,7 +252,13 @@ mod tests {
     }
 
     fn cols(c: &[Candidate]) -> Vec<String> {
-        c.iter().map(|c| format!("{}({})", c.table, c.columns.join(","))).collect()
+        c.iter()
+            .map(|c| {
+                let inc =
+                    if c.include.is_empty() { String::new() } else { format!(" include {}", c.include.join(",")) };
+                format!("{}({}){inc}", c.table, c.columns.join(","))
+            })
+            .collect()
     }
 
     #[test]
@@ -224,6 +281,31 @@ mod tests {
             ..Node::default()
         };
         assert_eq!(cols(&candidates(&sorted, &w())), vec!["orders(customer_id)", "orders(customer_id,created_at)"]);
+    }
+
+    #[test]
+    fn the_most_selective_equality_first_and_a_covering_variant() {
+        let mut w = w();
+        let k = |c: &str| ("public".to_string(), "orders".to_string(), c.to_string());
+        w.distinct = vec![(k("status"), 4.0), (k("customer_id"), 20_000.0)];
+        let mut plan = scan("orders", "orders", "((orders.status = $1) AND (orders.customer_id = $2))");
+        plan.output = vec!["orders.id".into(), "orders.total".into()];
+        assert_eq!(
+            cols(&candidates(&plan, &w)),
+            vec![
+                "orders(customer_id)",
+                "orders(status)",
+                "orders(customer_id,status)",
+                "orders(customer_id,status) include id,total"
+            ]
+        );
+        let c = &candidates(&plan, &w)[3];
+        assert_eq!(
+            c.ddl(None),
+            "CREATE INDEX ON \"public\".\"orders\" (\"customer_id\", \"status\") INCLUDE (\"id\", \"total\")"
+        );
+        plan.output = vec!["orders.id".into(), "(orders.total * 2)".into()];
+        assert_eq!(candidates(&plan, &w).len(), 3, "an expression output: nothing to cover");
     }
 
     #[test]

@@ -57,11 +57,19 @@ pub struct Workload {
     pub statements: Vec<Statement>,
     pub tables: Vec<Table>,
     pub indexes: Vec<Index>,
+    /// Distinct values per (schema, table, column), from pg_stats.
+    pub distinct: Vec<((String, String, String), f64)>,
 }
 
 impl Workload {
     pub fn table(&self, schema: &str, name: &str) -> Option<&Table> {
         self.tables.iter().find(|t| t.schema == schema && t.name == name)
+    }
+
+    /// How many distinct values `column` has (0 when unknown).
+    pub fn distinct(&self, schema: &str, table: &str, column: &str) -> f64 {
+        let key = |(s, t, c): &(String, String, String)| s == schema && t == table && c == column;
+        self.distinct.iter().find(|(k, _)| key(k)).map_or(0.0, |(_, n)| *n)
     }
 
     pub fn indexes_of<'a>(&'a self, schema: &'a str, table: &'a str) -> impl Iterator<Item = &'a Index> + 'a {
@@ -116,7 +124,9 @@ pub async fn capture(client: &Client, limit: usize) -> Result<Workload, AdvisorE
         .filter(|s| is_workload(&s.query))
         .take(limit)
         .collect();
-    Ok(Workload { statements, tables: tables(client).await?, indexes: indexes(client).await? })
+    let tables = tables(client).await?;
+    let distinct = distinct(client, &tables).await?;
+    Ok(Workload { statements, tables, indexes: indexes(client).await?, distinct })
 }
 
 async fn tables(client: &Client) -> Result<Vec<Table>, AdvisorError> {
@@ -137,6 +147,22 @@ async fn tables(client: &Client) -> Result<Vec<Table>, AdvisorError> {
             deletes: num(r, 6),
             seq_scans: num(r, 7),
             bytes: num(r, 8),
+        })
+        .collect())
+}
+
+/// Distinct values per column (pg_stats: a negative n_distinct is a
+/// fraction of the rows).
+async fn distinct(client: &Client, tables: &[Table]) -> Result<Vec<((String, String, String), f64)>, AdvisorError> {
+    let sql = "SELECT schemaname, tablename, attname, n_distinct FROM pg_stats \
+               WHERE schemaname NOT IN ('pg_catalog', 'information_schema')";
+    Ok(rows(client, sql)
+        .await?
+        .iter()
+        .map(|r| {
+            let (s, t, n) = (text(r, 0), text(r, 1), num(r, 3));
+            let live = tables.iter().find(|x| x.schema == s && x.name == t).map_or(0.0, |x| x.live_rows);
+            ((s, t, text(r, 2)), if n < 0.0 { -n * live } else { n })
         })
         .collect())
 }

@@ -23,6 +23,8 @@ pub struct Node {
     /// Conditions: Filter, Index Cond, Recheck Cond, Join Filter, Hash Cond, Merge Cond.
     pub conditions: Vec<String>,
     pub sort_key: Vec<String>,
+    /// The columns the node returns (EXPLAIN VERBOSE).
+    pub output: Vec<String>,
     pub children: Vec<Node>,
 }
 
@@ -34,11 +36,13 @@ impl Node {
             .iter()
             .filter_map(|k| s(k))
             .collect();
-        let sort_key = v
-            .get("Sort Key")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
-            .unwrap_or_default();
+        let list = |k: &str| -> Vec<String> {
+            v.get(k)
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+                .unwrap_or_default()
+        };
+        let (sort_key, output) = (list("Sort Key"), list("Output"));
         let children = v
             .get("Plans")
             .and_then(Value::as_array)
@@ -54,6 +58,7 @@ impl Node {
             rows: f("Plan Rows"),
             conditions,
             sort_key,
+            output,
             children,
         }
     }

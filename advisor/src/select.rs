@@ -42,6 +42,15 @@ pub struct Choice {
     pub breaks_hot: bool,
 }
 
+/// A statement counts as helped when its plan's cost falls by this much
+/// at least (a smaller fall is within the estimate's error).
+pub const MIN_COST_FALL: f64 = 0.1;
+/// An index is worth proposing when its net saving is at least this share
+/// of the workload's time (an index that saves 0.5 ms a day is storage and
+/// upkeep for nothing); there is no threshold per statement beyond
+/// [`MIN_COST_FALL`], as Dexter's 50 % is.
+pub const MIN_SHARE: f64 = 0.001;
+
 /// The selection's knobs.
 #[derive(Clone, Debug)]
 pub struct Budget {
@@ -108,6 +117,7 @@ pub async fn select(
     budget: &Budget,
 ) -> Result<Selection, AdvisorError> {
     let mut current: Vec<f64> = costed.iter().map(|c| c.cost).collect();
+    let workload_ms: f64 = w.statements.iter().map(|s| s.total_ms).sum();
     let (mut chosen, mut left, mut used) = (Vec::<Choice>::new(), candidates.to_vec(), 0.0);
     let mut declined;
     loop {
@@ -117,7 +127,8 @@ pub async fn select(
             let (choice, costs) = try_candidate(client, w, costed, &current, &chosen, c, budget).await?;
             let net = choice.read_ms_saved - choice.write_ms_cost;
             let better = best.as_ref().is_none_or(|(b, _)| net > b.read_ms_saved - b.write_ms_cost);
-            if net > 0.0 && !choice.helps.is_empty() && used + choice.bytes <= budget.bytes && better {
+            let material = net > 0.0 && net >= MIN_SHARE * workload_ms;
+            if material && !choice.helps.is_empty() && used + choice.bytes <= budget.bytes && better {
                 best = Some((choice.clone(), costs));
             }
             if !choice.helps.is_empty() {
@@ -168,7 +179,7 @@ async fn try_candidate(
         }
         let st = &w.statements[s.index];
         let Ok(plan) = generic_plan(client, &st.query).await else { continue };
-        if plan.total_cost < current[i] * 0.999 {
+        if plan.total_cost < current[i] * (1.0 - MIN_COST_FALL) {
             // the time it takes now, scaled by how much cheaper its plan gets
             let now_ms = st.total_ms * current[i] / s.cost.max(1e-9);
             saved += now_ms * (1.0 - plan.total_cost / current[i]);
