@@ -14,6 +14,7 @@ pub mod plan;
 pub mod proxy;
 pub mod redundant;
 pub mod report;
+pub mod schema;
 pub mod select;
 pub mod verify;
 
@@ -32,11 +33,12 @@ pub struct Options {
     /// Statements weighed: the ones that cost the database the most time.
     pub statements: usize,
     pub budget: Budget,
+    pub schema: schema::Thresholds,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { statements: 50, budget: Budget { bytes: 1e9, entry_ms: 0.01 } }
+        Options { statements: 50, budget: Budget { bytes: 1e9, entry_ms: 0.01 }, schema: schema::Thresholds::default() }
     }
 }
 
@@ -78,6 +80,7 @@ pub struct Report {
     /// (writes, HOT updates lost) than they save, or did not fit the budget.
     pub declined: Vec<Choice>,
     pub drops: Vec<redundant::Drop>,
+    pub hints: Vec<schema::Hint>,
     /// Shapes the proxy counted that are not among the statements weighed
     /// (its cache answered them, or they cost PostgreSQL little).
     pub cache_only: Vec<proxy::CacheShare>,
@@ -126,8 +129,9 @@ pub async fn advise(client: &Client, scratch: Option<&Client>, opts: &Options) -
         );
     }
     let drops = redundant::drops(&w, &opts.budget);
+    let hints = schema::hints(client, &w, &plans, &opts.schema).await?;
     let declined = selection.declined;
-    Ok(Report { notes, statements, recommended, withdrawn, declined, drops, cache_only: Vec::new() })
+    Ok(Report { notes, statements, recommended, withdrawn, declined, drops, hints, cache_only: Vec::new() })
 }
 
 /// Every statement's generic plan and bottlenecks.

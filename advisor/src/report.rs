@@ -98,6 +98,10 @@ pub fn render(r: &Report) -> String {
             let _ = writeln!(o, "{:.0} calls, {:.1} % from its cache: {}", c.calls, c.hit_pct, short(&c.query));
         }
     }
+    let _ = writeln!(o, "== schema hints: {}", r.hints.len());
+    for h in &r.hints {
+        let _ = writeln!(o, "{} {}: {}\n    {}", h.kind, h.object, h.detail, h.action);
+    }
     let _ = writeln!(o, "== indexes to drop: {}", r.drops.len());
     for d in &r.drops {
         let _ = writeln!(

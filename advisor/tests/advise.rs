@@ -8,7 +8,12 @@ mod cluster;
 
 use cluster::{Pg, psql};
 use postai_advisor::apply::{apply, gained, measure};
+use postai_advisor::schema::Thresholds;
 use postai_advisor::{Options, advise, report};
+
+async fn psql_port(c: &tokio_postgres::Client) -> String {
+    c.query_one("SELECT current_setting('port')", &[]).await.expect("port").get(0)
+}
 
 async fn count(c: &tokio_postgres::Client, sql: &str) -> i64 {
     c.query_one(sql, &[]).await.expect("count").get(0)
@@ -42,6 +47,11 @@ fn setup(pg: &Pg) {
         INSERT INTO visits SELECT g, g % 5000, timestamptz '2026-01-01' + g * interval '1 second'
             FROM generate_series(1, 100000) g;
         ANALYZE visits;
+        CREATE TABLE churn (id int PRIMARY KEY, v int NOT NULL) WITH (autovacuum_enabled = false);
+        INSERT INTO churn SELECT g, 0 FROM generate_series(1, 20000) g;
+        ANALYZE churn;
+        CREATE TABLE archive_2020 (id int, payload text);
+        INSERT INTO archive_2020 SELECT g, repeat('y', 80) FROM generate_series(1, 60000) g;
         CREATE INDEX orders_id_copy ON orders (id);
         CREATE INDEX orders_note_idx ON orders (note);
         ANALYZE customers; ANALYZE orders;";
@@ -99,6 +109,29 @@ async fn workload(c: &tokio_postgres::Client) {
     for _ in 0..30 {
         c.query(&events, &[&"late"]).await.expect("events");
     }
+    // rows rewritten with autovacuum off (on a connection of its own, whose
+    // statistics reach the views when it ends)
+    let port = psql_port(c).await;
+    let out = std::process::Command::new("psql")
+        .args([
+            "-X",
+            "-q",
+            "-At",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-d",
+            "app",
+            "-v",
+            "ON_ERROR_STOP=1",
+        ])
+        .args(["-c", "UPDATE churn SET v = v + 1", "-c", "UPDATE churn SET v = v + 1"])
+        .output()
+        .expect("psql");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // a column written all day and read now and then: an index on it would
     // cost every update its HOT path
     let seen = c.prepare("UPDATE visits SET last_seen = now() WHERE id = $1").await.expect("prepare");
@@ -140,7 +173,11 @@ async fn advice_is_verified_on_a_scratch_copy() {
     let app = connect(&pg, "app").await;
     workload(&app).await;
     let scratch = connect(&pg, "scratch").await;
-    let r = advise(&app, Some(&scratch), &Options::default()).await.expect("advice");
+    // schema hints at this test's scale (the defaults are for production sizes)
+    let schema =
+        Thresholds { dead_share: 0.2, dead_rows: 1_000.0, index_factor: 2.0, index_bytes: 100e3, large_bytes: 5e6 };
+    let opts = Options { schema, ..Options::default() };
+    let r = advise(&app, Some(&scratch), &opts).await.expect("advice");
     let text = report::render(&r);
     println!("{text}");
 
@@ -176,6 +213,14 @@ async fn advice_is_verified_on_a_scratch_copy() {
     let drops: Vec<&str> = r.drops.iter().map(|d| d.index.as_str()).collect();
     assert!(drops.contains(&"public.orders_id_copy") && drops.contains(&"public.orders_note_idx"), "{text}");
     assert!(!drops.iter().any(|d| d.ends_with("_pkey")), "{text}");
+    // schema hints, with their numbers
+    let hint = |kind: &str, object: &str| r.hints.iter().any(|h| h.kind == kind && h.object == object);
+    assert!(hint("table bloat", "public.churn"), "{text}");
+    assert!(hint("index bloat", "public.churn_pkey"), "{text}");
+    assert!(hint("partitioning", "public.orders"), "read by ranges of created_at: {text}");
+    assert!(hint("cold data", "public.archive_2020"), "{text}");
+    assert!(!hint("cold data", "public.orders") && !hint("table bloat", "public.orders"), "{text}");
+    assert!(!hint("cold data", "public.visits"), "read and written by the workload: {text}");
     // a statement without a plan is reported, not fatal
     assert!(r.statements.iter().any(|s| s.unplanned.is_some()), "{text}");
     // a role that cannot see the other roles' statements is told so
