@@ -11,6 +11,32 @@ use postai_advisor::apply::{apply, gained, measure};
 use postai_advisor::schema::Thresholds;
 use postai_advisor::{Options, advise, report};
 
+/// Runs each statement with psql on the `app` database (each in a
+/// transaction of its own), as a client of its own.
+fn psql_app(port: &str, statements: &[&str]) {
+    let mut cmd = std::process::Command::new("psql");
+    cmd.args([
+        "-X",
+        "-q",
+        "-At",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        port,
+        "-U",
+        "postgres",
+        "-d",
+        "app",
+        "-v",
+        "ON_ERROR_STOP=1",
+    ]);
+    for st in statements {
+        cmd.args(["-c", st]);
+    }
+    let out = cmd.output().expect("psql");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 async fn psql_port(c: &tokio_postgres::Client) -> String {
     c.query_one("SELECT current_setting('port')", &[]).await.expect("port").get(0)
 }
@@ -57,27 +83,7 @@ fn setup(pg: &Pg) {
         ANALYZE customers; ANALYZE orders;";
     // the application's database, and a scratch copy of it made from it
     assert_eq!(psql(pg.port, "CREATE DATABASE app"), "");
-    let port = pg.port.to_string();
-    let out = std::process::Command::new("psql")
-        .args([
-            "-X",
-            "-q",
-            "-At",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            "postgres",
-            "-d",
-            "app",
-            "-v",
-            "ON_ERROR_STOP=1",
-        ])
-        .args(["-c", sql])
-        .output()
-        .expect("psql");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    psql_app(&pg.port.to_string(), &[sql]);
     assert_eq!(psql(pg.port, "CREATE DATABASE scratch TEMPLATE app"), "");
 }
 
@@ -112,26 +118,7 @@ async fn workload(c: &tokio_postgres::Client) {
     // rows rewritten with autovacuum off (on a connection of its own, whose
     // statistics reach the views when it ends)
     let port = psql_port(c).await;
-    let out = std::process::Command::new("psql")
-        .args([
-            "-X",
-            "-q",
-            "-At",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            "postgres",
-            "-d",
-            "app",
-            "-v",
-            "ON_ERROR_STOP=1",
-        ])
-        .args(["-c", "UPDATE churn SET v = v + 1", "-c", "UPDATE churn SET v = v + 1"])
-        .output()
-        .expect("psql");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    psql_app(&port, &["UPDATE churn SET v = v + 1", "UPDATE churn SET v = v + 1"]);
     // a column written all day and read now and then: an index on it would
     // cost every update its HOT path
     let seen = c.prepare("UPDATE visits SET last_seen = now() WHERE id = $1").await.expect("prepare");
