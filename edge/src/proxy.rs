@@ -35,6 +35,7 @@ use postai_wire::{CacheableExec, Kept, Session};
 mod accept;
 mod admin;
 pub mod cancel;
+mod explain;
 mod exporter;
 mod extended;
 mod input;

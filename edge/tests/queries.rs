@@ -61,3 +61,38 @@ fn each_shape_reports_what_the_cache_answered() {
     );
     drop(p);
 }
+
+/// `POSTAI EXPLAIN`: the core's decisions and PostgreSQL's plan; text
+/// that holds more than one statement is explained by the core alone, and
+/// nothing of it runs.
+#[test]
+fn explain_shows_the_cores_decisions_and_the_plan() {
+    let pg = Pg::start("explain");
+    create_items(&pg, 10);
+    let extra = format!("{ITEMS_TABLE}[cdc]\npoll_ms = 50\n");
+    let (port, p) = start_proxy_with(&pg, &extra);
+    assert!(eventually_within(Duration::from_secs(20), || stat_n(port, "filling") > 0), "CDC connected");
+    let out = psql(port, "POSTAI EXPLAIN SELECT v FROM items WHERE id = 3");
+    for line in ["kind|Read", "reads|items", "read keys|items by key", "cacheable|yes"] {
+        assert!(out.lines().any(|l| l == line), "{line}: {out}");
+    }
+    assert!(out.lines().any(|l| l.starts_with("plan|") && l.contains("items_pkey")), "{out}");
+    let out = psql(port, "POSTAI EXPLAIN SELECT v, random() FROM items");
+    assert!(out.contains("cacheable|no: calls volatile function random"), "{out}");
+    // two statements: not sent to PostgreSQL, so the DELETE never runs
+    for text in [
+        "POSTAI EXPLAIN SELECT 1; DELETE FROM items",
+        "POSTAI EXPLAIN ANALYZE DELETE FROM items",
+        "POSTAI EXPLAIN (ANALYZE) DELETE FROM items",
+    ] {
+        let out = psql(port, text);
+        assert!(out.contains("plan|not asked of PostgreSQL"), "{text}: {out}");
+    }
+    let out = psql(port, "POSTAI EXPLAIN DELETE FROM items WHERE id = 3");
+    assert!(out.lines().any(|l| l.starts_with("plan|Delete on items")), "a plan, not a run: {out}");
+    assert_eq!(psql(pg.port, "SELECT count(*) FROM items"), "10", "nothing was deleted");
+    // PostgreSQL's own error for a statement it cannot plan
+    let out = psql(port, "POSTAI EXPLAIN SELECT nope FROM items");
+    assert!(out.contains("plan|PostgreSQL: column \"nope\" does not exist"), "{out}");
+    drop(p);
+}

@@ -23,6 +23,7 @@ use crate::{Duration, Instant, Lsn};
 
 mod args;
 mod cdc;
+mod explain;
 pub mod harness;
 mod process;
 mod session;

@@ -181,6 +181,41 @@ mod session_and_refresh {
         assert_eq!(n.versions().required_lsn(&[crate::invalidation::Dep::Key(items, key_hash(items, b"7"))]), Lsn(5));
     }
 
+    /// `POSTAI EXPLAIN`: the node's decisions in words, for this session now.
+    #[test]
+    fn explain_says_what_the_node_decides() {
+        let (mut n, _) = node_with(InvalidationMode::Key, |c| {
+            c.fresh_ttl = Some(Duration::from_secs(86_400));
+            c.cdc_silence_max = Some(Duration::from_secs(2));
+        });
+        let row = |rows: &[(String, String)], name: &str| {
+            rows.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).unwrap_or_default()
+        };
+        let point = n.explain(SessionId(1), "SELECT v FROM items WHERE id = 7");
+        assert_eq!(row(&point, "kind"), "Read");
+        assert_eq!(row(&point, "reads"), "items");
+        assert_eq!(row(&point, "read keys"), "items by key");
+        assert_eq!(row(&point, "cacheable"), "yes");
+        assert!(row(&point, "entry lives").contains("86400 s"), "{point:?}");
+        assert!(row(&point, "served").starts_with("L1, else L2"), "{point:?}");
+        let scan = n.explain(SessionId(1), "SELECT count(*) FROM items");
+        assert_eq!(row(&scan, "read keys"), "none: whole tables");
+        assert!(row(&scan, "entry lives").starts_with("60 s"), "{scan:?}");
+        let volatile = n.explain(SessionId(1), "SELECT random() FROM items WHERE id = 1");
+        assert!(row(&volatile, "cacheable").starts_with("no: calls volatile function random"), "{volatile:?}");
+        assert!(row(&volatile, "served").starts_with("the primary"), "{volatile:?}");
+        let write = n.explain(SessionId(1), "UPDATE items SET v = 'x' WHERE id = 1");
+        assert_eq!((row(&write, "kind").as_str(), row(&write, "writes").as_str()), ("Write", "items"));
+        let many = n.explain(SessionId(1), "SELECT 1; DELETE FROM items");
+        assert!(row(&many, "writes").starts_with("rows it does not name"), "{many:?}");
+        assert!(row(&many, "cacheable").contains("multi-statement"), "{many:?}");
+        // inside a transaction: the primary
+        let _ = run(&mut n, 1, "BEGIN");
+        let inside = n.explain(SessionId(1), "SELECT v FROM items WHERE id = 7");
+        assert_eq!(row(&inside, "served"), "the primary (inside a transaction)");
+        assert_eq!(row(&n.explain(SessionId(9), "SELECT 1"), "served"), "unknown session");
+    }
+
     /// Each shape's calls, tier answers and upstream requests are counted
     /// (what pg_stat_statements cannot see: the answers the cache gave),
     /// and a catalog change, which numbers shapes anew, keeps them.

@@ -31,6 +31,11 @@ impl Client {
             }
             return Ok(Path::Proxy);
         }
+        if let Some(query) = super::explain::explain_command(&sql) {
+            let query = query.to_string();
+            self.postai_explain(&query).await?;
+            return Ok(Path::Proxy);
+        }
         if super::queries::is_show_queries(&sql) {
             self.show_queries().await?;
             return Ok(Path::Proxy);

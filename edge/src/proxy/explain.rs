@@ -1,0 +1,80 @@
+//! `POSTAI EXPLAIN <query>`: what the proxy's core decides about a
+//! statement for this session now (kind, tables and keys, cacheable or why
+//! not, how long an entry lives, where it would be answered), then
+//! PostgreSQL's plan of it (`EXPLAIN`, which runs nothing), asked on the
+//! session's own connection and role. The plan is asked only of a single
+//! statement whose effects the core can see: text that holds several
+//! statements, calls functions of unknown effect or reaches rows it does
+//! not name is explained by the core alone (an `EXPLAIN` of it could run
+//! more than the plan). Simple protocol.
+
+use tokio::io::AsyncWriteExt;
+
+use super::{Client, text_result};
+use crate::protocol::{self, Message};
+
+/// The query of `POSTAI EXPLAIN <query>`, if `sql` is that command.
+pub(super) fn explain_command(sql: &str) -> Option<&str> {
+    let t = sql.trim_start();
+    let mut words = t.splitn(3, char::is_whitespace);
+    let (a, b) = (words.next()?, words.next()?);
+    if !a.eq_ignore_ascii_case("postai") || !b.eq_ignore_ascii_case("explain") {
+        return None;
+    }
+    Some(words.next().unwrap_or("").trim())
+}
+
+impl Client {
+    pub(super) async fn postai_explain(&mut self, query: &str) -> anyhow::Result<()> {
+        let session = self.session;
+        let mut rows: Vec<Vec<String>> =
+            self.proxy.node().explain(session, query).into_iter().map(|(k, v)| vec![k, v]).collect();
+        let shape = self.proxy.node().prepare(query).ok().map(|p| p.shape);
+        let plain = shape.as_ref().is_some_and(|s| {
+            matches!(s.kind, postai_core::sql::StatementKind::Read | postai_core::sql::StatementKind::Write)
+                && !s.writes_unknown
+                && !s.writes_opaque
+                && !s.session_opaque
+                && !s.session_private
+                && !s.reads_any
+        });
+        if plain && !query.is_empty() {
+            let msgs = self.own_query(&format!("EXPLAIN {query}")).await?;
+            rows.extend(plan_rows(&msgs));
+        } else {
+            rows.push(vec!["plan".into(), "not asked of PostgreSQL (its effects are not the core's to see)".into()]);
+        }
+        let mut out = text_result(&["item", "value"], &rows, "EXPLAIN");
+        out.extend_from_slice(&protocol::ready_for_query(self.wire.status()));
+        self.wr.write_all(&out).await?;
+        Ok(())
+    }
+}
+
+/// EXPLAIN's lines, or PostgreSQL's error.
+fn plan_rows(msgs: &[Message]) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    for m in msgs {
+        match m.tag {
+            b'D' => {
+                if let Some(Some(line)) = protocol::text_columns(m).and_then(|c| c.into_iter().next()) {
+                    out.push(vec!["plan".into(), line]);
+                }
+            }
+            b'E' => out.push(vec!["plan".into(), format!("PostgreSQL: {}", protocol::error_message(m))]),
+            _ => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_and_its_query() {
+        assert_eq!(super::explain_command("postai  explain SELECT 1"), Some("SELECT 1"));
+        assert_eq!(super::explain_command("POSTAI EXPLAIN"), Some(""));
+        assert_eq!(super::explain_command("EXPLAIN SELECT 1"), None);
+        assert_eq!(super::explain_command("postaiexplain"), None);
+    }
+}
