@@ -79,7 +79,7 @@ impl Workload {
 
 /// Statements that are the workload's own: the advisor's, catalogs, utility.
 fn is_workload(query: &str) -> bool {
-    let q = query.trim_start().to_ascii_lowercase();
+    let q = crate::plan::inner_statement(query).trim_start().to_ascii_lowercase();
     let dml = ["select", "with", "update", "delete", "insert"].iter().any(|k| q.starts_with(k));
     // the catalogs' and the advisor's own statements (pg_*, HypoPG's functions)
     let catalog = q
@@ -127,7 +127,16 @@ pub async fn capture(client: &Client, limit: usize) -> Result<Workload, AdvisorE
         .filter(|s| is_workload(&s.query))
         .take(limit)
         .collect();
-    let tables = tables(client).await?;
+    let mut tables = tables(client).await?;
+    // the read time saved is over pg_stat_statements' window, the writes
+    // over the table counters': the counters are scaled to the same window
+    // (at their average rate)
+    let ratio = window_ratio(client).await?;
+    for t in &mut tables {
+        for v in [&mut t.inserts, &mut t.updates, &mut t.hot_updates, &mut t.deletes] {
+            *v *= ratio;
+        }
+    }
     let distinct = distinct(client, &tables).await?;
     Ok(Workload { statements, tables, indexes: indexes(client).await?, distinct })
 }
@@ -152,6 +161,18 @@ async fn tables(client: &Client) -> Result<Vec<Table>, AdvisorError> {
             bytes: num(r, 8),
         })
         .collect())
+}
+
+/// pg_stat_statements' window over the table counters' (0 to 1): when
+/// each was last reset (the counters: pg_stat_database, else the server's
+/// start). 1 when pg_stat_statements does not say (before 1.9).
+async fn window_ratio(client: &Client) -> Result<f64, AdvisorError> {
+    let sql = "SELECT extract(epoch FROM now() - i.stats_reset), extract(epoch FROM now() - coalesce( \
+               (SELECT stats_reset FROM pg_stat_database WHERE datname = current_database()), pg_postmaster_start_time())) \
+               FROM pg_stat_statements_info i";
+    let Ok(r) = rows(client, sql).await else { return Ok(1.0) };
+    let (statements, counters) = r.first().map_or((1.0, 1.0), |r| (num(r, 0), num(r, 1)));
+    Ok(if counters > 0.0 { (statements / counters).clamp(0.0, 1.0) } else { 1.0 })
 }
 
 /// Distinct values per column (pg_stats: a negative n_distinct is a
@@ -217,5 +238,6 @@ mod tests {
         assert!(!is_workload("EXPLAIN (FORMAT JSON) EXECUTE p"));
         assert!(!is_workload("SELECT $1 FROM pg_extension WHERE extname = $2"));
         assert!(is_workload("SELECT * FROM shop_pg_orders"));
+        assert!(is_workload("PREPARE q (int) AS SELECT * FROM orders WHERE id = $1"));
     }
 }

@@ -7,9 +7,11 @@
 
 pub mod analyze;
 pub mod apply;
+pub mod bench;
 pub mod candidates;
 pub mod capture;
 pub mod db;
+pub mod dexter;
 pub mod plan;
 pub mod proxy;
 pub mod redundant;
@@ -27,6 +29,9 @@ use crate::analyze::Bottleneck;
 use crate::capture::Workload;
 use crate::select::{Budget, Choice, Costed};
 use crate::verify::Verdict;
+
+/// Rounds of selection and verification at most.
+pub const ROUNDS: usize = 3;
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -109,16 +114,56 @@ pub async fn advise(client: &Client, scratch: Option<&Client>, opts: &Options) -
             }
         }
     }
-    let selection = select::select(client, &w, &costed, &cands, &opts.budget).await?;
-    let (mut recommended, mut withdrawn) = (Vec::new(), Vec::new());
-    for choice in selection.chosen {
-        let verdict = match scratch {
-            Some(s) => Some(verify::verify(s, &w, &plans, &choice).await?),
-            None => None,
-        };
-        let keep = verdict.as_ref().is_none_or(Verdict::kept);
-        let r = Recommendation { choice, verdict };
-        if keep { recommended.push(r) } else { withdrawn.push(r) }
+    // selection and verification in rounds: an index verification withdraws
+    // leaves its statements to the candidates it had crowded out
+    let (mut recommended, mut withdrawn, mut declined) = (Vec::new(), Vec::<Recommendation>::new(), Vec::new());
+    let mut built = Vec::new();
+    for _round in 0..ROUNDS {
+        let kept: Vec<Choice> = recommended.iter().map(|r: &Recommendation| r.choice.clone()).collect();
+        let open: Vec<candidates::Candidate> = cands
+            .iter()
+            .filter(|c| {
+                // (a withdrawn index's covering variant walks the same keys: out too)
+                let same_keys = |x: &Recommendation| {
+                    let x = &x.choice.candidate;
+                    x.schema == c.schema && x.table == c.table && x.columns == c.columns
+                };
+                !kept.iter().any(|k| k.candidate == **c) && !withdrawn.iter().any(same_keys)
+            })
+            .cloned()
+            .collect();
+        let selection = select::select(client, &w, &costed, &open, &opts.budget, &kept).await?;
+        declined = selection.declined;
+        let mut withdrew = false;
+        for choice in selection.chosen {
+            // each verified beside the ones kept before it (the configuration
+            // the DBA would have), in the order chosen
+            let name = format!("postai_verify_{}", built.len());
+            let verdict = match scratch {
+                Some(s) => {
+                    let v = verify::verify(s, &w, &plans, &choice, &name).await;
+                    built.push((choice.candidate.schema.clone(), name.clone()));
+                    Some(v?)
+                }
+                None => None,
+            };
+            let keep = verdict.as_ref().is_none_or(Verdict::kept);
+            if !keep && let Some(s) = scratch {
+                verify::drop_built(s, &choice.candidate.schema, &name).await?;
+            }
+            withdrew |= !keep;
+            let r = Recommendation { choice, verdict };
+            if keep { recommended.push(r) } else { withdrawn.push(r) }
+        }
+        if !withdrew {
+            break;
+        }
+    }
+    // the scratch copy is left as it was
+    if let Some(s) = scratch {
+        for (schema, name) in built {
+            verify::drop_built(s, &schema, &name).await?;
+        }
     }
     let mut notes = Vec::new();
     if w.statements.is_empty() {
@@ -130,8 +175,18 @@ pub async fn advise(client: &Client, scratch: Option<&Client>, opts: &Options) -
     }
     let drops = redundant::drops(&w, &opts.budget);
     let hints = schema::hints(client, &w, &plans, &opts.schema).await?;
-    let declined = selection.declined;
     Ok(Report { notes, statements, recommended, withdrawn, declined, drops, hints, cache_only: Vec::new() })
+}
+
+/// The captured workload and its statements' generic plans (what the
+/// Dexter-style reference works from in the benchmark).
+pub async fn workload_plans(
+    client: &Client,
+    opts: &Options,
+) -> Result<(Workload, Vec<Option<plan::Node>>), AdvisorError> {
+    let w = capture::capture(client, opts.statements).await?;
+    let (_, plans, _) = analyse(client, &w).await;
+    Ok((w, plans))
 }
 
 /// Every statement's generic plan and bottlenecks.

@@ -102,12 +102,50 @@ pub fn param_count(query: &str) -> usize {
     max
 }
 
+/// The statement inside an SQL-level `PREPARE name [(types)] AS statement`
+/// (how pg_stat_statements shows what `EXECUTE` ran), else `query`.
+pub fn inner_statement(query: &str) -> &str {
+    match prepare_parts(query) {
+        Some((_, inner)) => inner,
+        None => query,
+    }
+}
+
+/// `PREPARE name [(types)] AS inner`: (the parameter types, with their
+/// parentheses, or "", and the inner statement).
+fn prepare_parts(query: &str) -> Option<(&str, &str)> {
+    let q = query.trim_start();
+    if !q.get(..8).is_some_and(|p| p.eq_ignore_ascii_case("prepare ")) {
+        return None;
+    }
+    let rest = q[8..].trim_start();
+    let name_end = rest.find(|c: char| c.is_whitespace() || c == '(').unwrap_or(rest.len());
+    let rest = rest[name_end..].trim_start();
+    let (types, rest) = if rest.starts_with('(') {
+        let close = rest.find(')')?;
+        (&rest[..=close], rest[close + 1..].trim_start())
+    } else {
+        ("", rest)
+    };
+    let inner = rest.get(..3).filter(|a| a.eq_ignore_ascii_case("as ")).map(|_| rest[3..].trim_start())?;
+    Some((types, inner))
+}
+
+/// `PREPARE name AS query`, keeping the parameter types of a captured
+/// SQL-level PREPARE.
+pub fn prepare_as(name: &str, query: &str) -> String {
+    match prepare_parts(query) {
+        Some((types, inner)) => format!("PREPARE {name} {types} AS {inner}"),
+        None => format!("PREPARE {name} AS {query}"),
+    }
+}
+
 /// The generic plan of `query` (a normalised statement), or why there is none.
 pub async fn generic_plan(client: &Client, query: &str) -> Result<Node, AdvisorError> {
     let n = param_count(query);
     exec(client, "SET plan_cache_mode = force_generic_plan").await?;
     let _ = exec(client, "DEALLOCATE postai_advise").await;
-    exec(client, &format!("PREPARE postai_advise AS {query}")).await?;
+    exec(client, &prepare_as("postai_advise", query)).await?;
     let args = if n == 0 { String::new() } else { format!("({})", vec!["NULL"; n].join(", ")) };
     // (VERBOSE: the scans name their schema, the conditions their aliases)
     let explained = rows(client, &format!("EXPLAIN (FORMAT JSON, VERBOSE) EXECUTE postai_advise{args}")).await;
@@ -138,7 +176,7 @@ pub fn paging_params(query: &str) -> Vec<(usize, &'static str)> {
 /// The parameters a write stores into columns: `UPDATE t SET a = $1` and
 /// `INSERT INTO t (a, b) VALUES ($1, $2)`, as `(n, column)`.
 pub fn stored_params(query: &str) -> Vec<(usize, String)> {
-    let q = query.to_ascii_lowercase();
+    let q = inner_statement(query).to_ascii_lowercase();
     let q = q.trim_start();
     let param = |v: &str| v.trim().trim_matches(['(', ')']).split("::").next()?.trim().strip_prefix('$')?.parse().ok();
     let col = |c: &str| c.trim().trim_matches('"').to_string();
@@ -155,12 +193,17 @@ pub fn stored_params(query: &str) -> Vec<(usize, String)> {
         }
     } else if q.starts_with("insert ")
         && let Some((head, values)) = q.split_once(" values ")
-        && let Some(cols) = head.split_once('(').map(|x| x.1.trim_end().trim_end_matches(')'))
     {
         let values = values.trim().trim_start_matches('(');
-        for (c, v) in cols.split(',').zip(split_top(values, ',')) {
+        // without a column list, the values go to the table's columns in
+        // order: `#<position>` (1-based), for the caller to name
+        let cols: Vec<String> = match head.split_once('(') {
+            Some((_, cols)) => cols.trim_end().trim_end_matches(')').split(',').map(col).collect(),
+            None => (1..=split_top(values, ',').len()).map(|i| format!("#{i}")).collect(),
+        };
+        for (c, v) in cols.into_iter().zip(split_top(values, ',')) {
             if let Some(n) = param(v) {
-                out.push((n, col(c)));
+                out.push((n, c));
             }
         }
     }
@@ -178,6 +221,8 @@ pub struct Predicate {
     pub param: Option<usize>,
     /// The parameter is an array (`= ANY ($n)`).
     pub array: bool,
+    /// A range's side: `Some(true)` for a lower bound (`>`, `>=`), `Some(false)` for an upper one.
+    pub lower: Option<bool>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -263,7 +308,12 @@ pub fn predicate(conjunct: &str) -> Option<Predicate> {
     } else {
         kind
     };
-    Some(Predicate { column, qualifier, kind, param, array: op == " = ANY " })
+    let lower = match op {
+        " >= " | " > " => Some(true),
+        " <= " | " < " => Some(false),
+        _ => None,
+    };
+    Some(Predicate { column, qualifier, kind, param, array: op == " = ANY ", lower })
 }
 
 /// A side of a comparison: (qualifier, column, whether a function wraps it).
@@ -359,7 +409,8 @@ mod tests {
                 qualifier: None,
                 kind: Kind::Equality,
                 param: Some(1),
-                array: false
+                array: false,
+                lower: None
             }
         );
         assert_eq!(p[1].column, "status");
@@ -375,6 +426,16 @@ mod tests {
     }
 
     #[test]
+    fn sql_level_prepares_are_read_through() {
+        let q = "PREPARE bench (int, text) AS SELECT * FROM t WHERE a = $1 AND b = $2";
+        assert_eq!(inner_statement(q), "SELECT * FROM t WHERE a = $1 AND b = $2");
+        assert_eq!(prepare_as("p", q), "PREPARE p (int, text) AS SELECT * FROM t WHERE a = $1 AND b = $2");
+        assert_eq!(prepare_as("p", "prepare x as select 1"), "PREPARE p  AS select 1");
+        assert_eq!(inner_statement("SELECT 1"), "SELECT 1");
+        assert_eq!(prepare_as("p", "SELECT 1"), "PREPARE p AS SELECT 1");
+    }
+
+    #[test]
     fn stored_parameters_are_found() {
         assert_eq!(
             stored_params("UPDATE orders SET note = $1, \"total\" = $2::numeric WHERE id = $3"),
@@ -385,6 +446,10 @@ mod tests {
             vec![(1, "a".to_string()), (2, "c".to_string())]
         );
         assert!(stored_params("SELECT * FROM t WHERE a = $1").is_empty());
+        assert_eq!(
+            stored_params("INSERT INTO t VALUES ($1::int, 5 + $2, $3::date)"),
+            vec![(1, "#1".to_string()), (3, "#3".to_string())]
+        );
     }
 
     #[test]

@@ -64,7 +64,7 @@ pub struct Budget {
 pub fn updates_of(w: &Workload, table: &str) -> Vec<(Vec<String>, f64)> {
     let mut out = Vec::new();
     for s in &w.statements {
-        let q = s.query.to_ascii_lowercase();
+        let q = crate::plan::inner_statement(&s.query).to_ascii_lowercase();
         let Some(rest) = q.trim_start().strip_prefix("update ") else { continue };
         let name = rest.split_whitespace().next().unwrap_or("").trim_matches('"');
         if name.rsplit('.').next() != Some(&table.to_ascii_lowercase()) {
@@ -109,16 +109,21 @@ pub struct Selection {
     pub declined: Vec<Choice>,
 }
 
+/// `fixed`: indexes already decided (kept by verification in an earlier
+/// round): the statements' costs start with them, and they count against
+/// the budget. `candidates` are the ones still open.
 pub async fn select(
     client: &Client,
     w: &Workload,
     costed: &[Costed],
     candidates: &[Candidate],
     budget: &Budget,
+    fixed: &[Choice],
 ) -> Result<Selection, AdvisorError> {
-    let mut current: Vec<f64> = costed.iter().map(|c| c.cost).collect();
+    let mut current = costs_with(client, w, costed, fixed).await?;
     let workload_ms: f64 = w.statements.iter().map(|s| s.total_ms).sum();
-    let (mut chosen, mut left, mut used) = (Vec::<Choice>::new(), candidates.to_vec(), 0.0);
+    let used = fixed.iter().map(|c| c.bytes).sum::<f64>();
+    let (mut chosen, mut left, mut used) = (fixed.to_vec(), candidates.to_vec(), used);
     let mut declined;
     loop {
         let mut best: Option<(Choice, Vec<f64>)> = None;
@@ -146,7 +151,30 @@ pub async fn select(
     }
     exec(client, "SELECT hypopg_reset()").await?;
     declined.sort_by(|a, b| b.read_ms_saved.total_cmp(&a.read_ms_saved));
+    chosen.drain(..fixed.len());
     Ok(Selection { chosen, declined })
+}
+
+/// The statements' plan costs with `indexes` (hypothetical) in place.
+async fn costs_with(
+    client: &Client,
+    w: &Workload,
+    costed: &[Costed],
+    indexes: &[Choice],
+) -> Result<Vec<f64>, AdvisorError> {
+    if indexes.is_empty() {
+        return Ok(costed.iter().map(|c| c.cost).collect());
+    }
+    exec(client, "SELECT hypopg_reset()").await?;
+    for ch in indexes {
+        rows(client, &format!("SELECT * FROM hypopg_create_index({})", literal(&ch.ddl))).await?;
+    }
+    let mut out = Vec::with_capacity(costed.len());
+    for s in costed {
+        let plan = generic_plan(client, &w.statements[s.index].query).await;
+        out.push(plan.map_or(s.cost, |p| p.total_cost.min(s.cost)));
+    }
+    Ok(out)
 }
 
 /// `c` as a hypothetical index beside the chosen ones: its size, the

@@ -1,8 +1,9 @@
 //! Verify before proposing: a chosen index is built for real (on a scratch
-//! copy of the database, or wherever the caller points), and every
-//! statement it is expected to help runs with representative values
-//! before and after; writes on its table run inside a transaction that is
-//! rolled back. An index that makes any of them slower is withdrawn.
+//! copy of the database, or wherever the caller points) beside the ones
+//! kept before it, and every statement it is expected to help runs with
+//! representative values before and after; writes on its table run inside
+//! a transaction that is rolled back. An index that makes any of them
+//! slower, or none of those it was chosen for faster, is withdrawn.
 
 use std::time::Instant;
 
@@ -37,11 +38,17 @@ pub struct Verdict {
     pub unverified: Vec<usize>,
     /// The statements it made slower (then it is withdrawn).
     pub slower: Vec<usize>,
+    /// The statements it was chosen for that ran at least [`FASTER`] faster
+    /// with it (none: withdrawn, its gain did not appear).
+    pub faster: Vec<usize>,
 }
+
+/// A gain that counts: faster by this fraction at least.
+pub const FASTER: f64 = 0.1;
 
 impl Verdict {
     pub fn kept(&self) -> bool {
-        self.slower.is_empty() && !self.timings.is_empty()
+        self.slower.is_empty() && !self.faster.is_empty()
     }
 }
 
@@ -63,6 +70,22 @@ async fn values(client: &Client, query: &str, plan: &Node, w: &Workload) -> Resu
     // (column, parameter, whether an array) on each table
     let mut wanted: Vec<((String, String), String, usize, bool)> = Vec::new();
     for (table, preds) in predicates_by_table(plan) {
+        // a range with both bounds as parameters: a stretch of about 1 % of
+        // the rows between two neighbouring bounds of the column's histogram
+        // (one value for both would select nothing)
+        for col in preds.iter().map(|p| &p.column) {
+            let side =
+                |low: bool| preds.iter().find(|p| p.column == *col && p.lower == Some(low)).and_then(|p| p.param);
+            if let (Some(lo), Some(hi)) = (side(true), side(false))
+                && (1..=n).contains(&lo)
+                && (1..=n).contains(&hi)
+                && out[lo - 1].is_empty()
+                && let Some((a, b)) = neighbours(client, &table.0, &table.1, col).await?
+            {
+                out[lo - 1] = vec![literal(&a)];
+                out[hi - 1] = vec![literal(&b)];
+            }
+        }
         wanted.extend(preds.into_iter().filter_map(|p| Some((table.clone(), p.column, p.param?, p.array))));
     }
     let written = plan
@@ -70,8 +93,16 @@ async fn values(client: &Client, query: &str, plan: &Node, w: &Workload) -> Resu
         .into_iter()
         .find(|x| x.node_type == "ModifyTable")
         .and_then(|m| m.schema.clone().zip(m.relation.clone()));
-    if let Some(table) = written {
-        wanted.extend(stored.iter().map(|(i, c)| (table.clone(), c.clone(), *i, false)));
+    if let Some(table) = written.clone() {
+        let names = columns(client, &table.0, &table.1).await?;
+        for (i, c) in &stored {
+            // `#k`: the k-th column of the table (an INSERT without a column list)
+            let c = match c.strip_prefix('#').and_then(|k| k.parse::<usize>().ok()) {
+                Some(k) => names.get(k - 1).cloned().unwrap_or_default(),
+                None => c.clone(),
+            };
+            wanted.push((table.clone(), c, *i, false));
+        }
     }
     for ((schema, table), column, i, array) in wanted {
         if !(1..=n).contains(&i) || !out[i - 1].is_empty() {
@@ -87,6 +118,13 @@ async fn values(client: &Client, query: &str, plan: &Node, w: &Workload) -> Resu
             out[i - 1] = vec!["NULL".into()];
         }
     }
+    if written.is_some() {
+        // a write's other constants (pg_stat_statements made them `$n`):
+        // what it stores matters little to what its index entries cost
+        for v in out.iter_mut().filter(|v| v.is_empty()) {
+            *v = vec!["'1'".into()];
+        }
+    }
     if out.iter().any(Vec::is_empty) {
         return Ok(None);
     }
@@ -99,6 +137,37 @@ async fn values(client: &Client, query: &str, plan: &Node, w: &Workload) -> Resu
             })
             .collect(),
     ))
+}
+
+/// The table's columns in order.
+async fn columns(client: &Client, schema: &str, table: &str) -> Result<Vec<String>, AdvisorError> {
+    let sql = format!(
+        "SELECT a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n \
+         ON n.oid = c.relnamespace WHERE n.nspname = {} AND c.relname = {} AND a.attnum > 0 AND NOT a.attisdropped \
+         ORDER BY a.attnum",
+        literal(schema),
+        literal(table)
+    );
+    Ok(rows(client, &sql).await?.iter().map(|r| text(r, 0)).collect())
+}
+
+/// Two neighbouring bounds of `column`'s histogram, a little past its middle.
+async fn neighbours(
+    client: &Client,
+    schema: &str,
+    table: &str,
+    column: &str,
+) -> Result<Option<(String, String)>, AdvisorError> {
+    let sql = format!(
+        "SELECT h[1 + array_upper(h, 1) * 37 / 100], h[2 + array_upper(h, 1) * 37 / 100] FROM \
+         (SELECT histogram_bounds::text::text[] AS h FROM pg_stats WHERE schemaname = {} AND tablename = {} \
+          AND attname = {}) s",
+        literal(schema),
+        literal(table),
+        literal(column)
+    );
+    let r = rows(client, &sql).await?;
+    Ok(r.first().and_then(|r| Some((r.first()?.clone()?, r.get(1)?.clone()?))))
 }
 
 /// Values of `column`: from a row in the table's middle (not its first
@@ -176,7 +245,7 @@ async fn time_all(
             continue;
         };
         let _ = exec(client, "DEALLOCATE postai_verify").await;
-        if exec(client, &format!("PREPARE postai_verify AS {}", st.query)).await.is_err() {
+        if exec(client, &crate::plan::prepare_as("postai_verify", &st.query)).await.is_err() {
             unverified.push(i);
             continue;
         }
@@ -198,6 +267,7 @@ pub async fn verify(
     w: &Workload,
     plans: &[Option<Node>],
     choice: &Choice,
+    name: &str,
 ) -> Result<Verdict, AdvisorError> {
     let mut which: Vec<usize> = choice.helps.iter().map(|h| h.0).collect();
     let c = &choice.candidate;
@@ -215,12 +285,9 @@ pub async fn verify(
     // a statement that would run for long is cut short (and left unverified)
     exec(client, "SET statement_timeout = '30s'").await?;
     let (before, mut unverified) = time_all(client, w, plans, &which).await?;
-    let name = "postai_verify_index";
-    exec(client, &format!("DROP INDEX IF EXISTS {}.{}", ident(&choice.candidate.schema), ident(name))).await?;
-    exec(client, &choice.candidate.ddl(Some(name))).await?;
-    let after = time_all(client, w, plans, &which).await;
-    exec(client, &format!("DROP INDEX IF EXISTS {}.{}", ident(&choice.candidate.schema), ident(name))).await?;
-    let (after, more) = after?;
+    exec(client, &format!("DROP INDEX IF EXISTS {}.{}", ident(&c.schema), ident(name))).await?;
+    exec(client, &c.ddl(Some(name))).await?;
+    let (after, more) = time_all(client, w, plans, &which).await?;
     unverified.extend(more);
     let mut timings = Vec::new();
     for (i, values, b) in before {
@@ -230,9 +297,20 @@ pub async fn verify(
     }
     let mut slower = slower(&timings);
     slower.dedup();
+    let mut faster: Vec<usize> = timings
+        .iter()
+        .filter(|t| choice.helps.iter().any(|h| h.0 == t.statement) && t.after_ms < t.before_ms * (1.0 - FASTER))
+        .map(|t| t.statement)
+        .collect();
+    faster.dedup();
     unverified.sort_unstable();
     unverified.dedup();
-    Ok(Verdict { timings, unverified, slower })
+    Ok(Verdict { timings, unverified, slower, faster })
+}
+
+/// Drops the index [`verify`] built under `name`.
+pub async fn drop_built(client: &Client, schema: &str, name: &str) -> Result<(), AdvisorError> {
+    exec(client, &format!("DROP INDEX IF EXISTS {}.{}", ident(schema), ident(name))).await
 }
 
 /// The statements the index made slower: past [`SLOWER`] and [`NOISE_MS`].
@@ -249,12 +327,18 @@ mod tests {
         let t = |statement, before_ms, after_ms| Timing { statement, values: String::new(), before_ms, after_ms };
         let helped = vec![t(0, 10.0, 0.2), t(1, 0.15, 0.3)];
         assert!(slower(&helped).is_empty(), "within the noise of a fast statement");
-        let v = Verdict { timings: helped, unverified: vec![], slower: vec![] };
+        let v = Verdict { timings: helped, unverified: vec![], slower: vec![], faster: vec![0] };
         assert!(v.kept());
+        let none_faster =
+            Verdict { timings: vec![t(0, 10.0, 9.8)], unverified: vec![], slower: vec![], faster: vec![] };
+        assert!(!none_faster.kept(), "its gain did not appear");
         let hurt = vec![t(0, 10.0, 0.2), t(1, 4.0, 9.0)];
         assert_eq!(slower(&hurt), vec![1]);
-        let v = Verdict { slower: slower(&hurt), timings: hurt, unverified: vec![] };
+        let v = Verdict { slower: slower(&hurt), timings: hurt, unverified: vec![], faster: vec![0] };
         assert!(!v.kept());
-        assert!(!Verdict { timings: vec![], unverified: vec![0], slower: vec![] }.kept(), "nothing could run");
+        assert!(
+            !Verdict { timings: vec![], unverified: vec![0], slower: vec![], faster: vec![] }.kept(),
+            "nothing could run"
+        );
     }
 }

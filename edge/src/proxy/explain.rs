@@ -15,13 +15,13 @@ use crate::protocol::{self, Message};
 
 /// The query of `POSTAI EXPLAIN <query>`, if `sql` is that command.
 pub(super) fn explain_command(sql: &str) -> Option<&str> {
-    let t = sql.trim_start();
-    let mut words = t.splitn(3, char::is_whitespace);
-    let (a, b) = (words.next()?, words.next()?);
+    let (a, rest) = sql.trim_start().split_once(char::is_whitespace)?;
+    let rest = rest.trim_start();
+    let (b, query) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
     if !a.eq_ignore_ascii_case("postai") || !b.eq_ignore_ascii_case("explain") {
         return None;
     }
-    Some(words.next().unwrap_or("").trim())
+    Some(query.trim())
 }
 
 impl Client {
