@@ -14,6 +14,18 @@ pub fn render(r: &Report) -> String {
     for n in &r.notes {
         let _ = writeln!(o, "note: {n}");
     }
+    statements(&mut o, r);
+    for (title, list) in [("recommended indexes", &r.recommended), ("withdrawn after real execution", &r.withdrawn)] {
+        let _ = writeln!(o, "== {title}: {}", list.len());
+        for rec in list.iter() {
+            recommendation(&mut o, rec);
+        }
+    }
+    rest(&mut o, r);
+    o
+}
+
+fn statements(o: &mut String, r: &Report) {
     let _ = writeln!(o, "== statements (the {} that cost the database the most time)", r.statements.len());
     for (i, s) in r.statements.iter().enumerate() {
         let _ = writeln!(o, "[{i}] {:.0} calls, {:.1} ms in all: {}", s.calls, s.total_ms, short(&s.query));
@@ -34,52 +46,50 @@ pub fn render(r: &Report) -> String {
             }
         }
     }
-    for (title, list) in [("recommended indexes", &r.recommended), ("withdrawn after real execution", &r.withdrawn)] {
-        let _ = writeln!(o, "== {title}: {}", list.len());
-        for rec in list.iter() {
-            let c = &rec.choice;
-            let _ = writeln!(
-                o,
-                "{};\n    estimated: {:.1} ms of reads saved, {:.1} ms of index upkeep, {:.0} kB{}",
-                c.ddl,
-                c.read_ms_saved,
-                c.write_ms_cost,
-                c.bytes / 1024.0,
-                if c.breaks_hot { "; updates of an indexed column stop being HOT" } else { "" }
-            );
-            match &rec.verdict {
-                None => {
-                    let _ = writeln!(o, "    not verified (no scratch database)");
-                }
-                Some(v) => {
-                    for t in &v.timings {
-                        let _ = writeln!(
-                            o,
-                            "    [{}] {:.3} ms -> {:.3} ms (median of {} runs) with {}",
-                            t.statement,
-                            t.before_ms,
-                            t.after_ms,
-                            crate::verify::RUNS,
-                            if t.values.is_empty() { "no parameters" } else { &t.values }
-                        );
-                    }
-                    if !v.unverified.is_empty() {
-                        let _ =
-                            writeln!(o, "    could not run (no representative values, or failed): {:?}", v.unverified);
-                    }
-                    if !v.slower.is_empty() {
-                        let _ = writeln!(o, "    made slower: {:?}", v.slower);
-                    }
-                }
-            }
-        }
-    }
-    if !r.declined.is_empty() {
+}
+
+fn recommendation(o: &mut String, rec: &crate::Recommendation) {
+    let c = &rec.choice;
+    let _ = writeln!(
+        o,
+        "{};\n    estimated: {:.1} ms of reads saved, {:.1} ms of index upkeep, {:.0} kB{}",
+        c.ddl,
+        c.read_ms_saved,
+        c.write_ms_cost,
+        c.bytes / 1024.0,
+        if c.breaks_hot { "; updates of an indexed column stop being HOT" } else { "" }
+    );
+    let Some(v) = &rec.verdict else {
+        let _ = writeln!(o, "    not verified (no scratch database)");
+        return;
+    };
+    for t in &v.timings {
         let _ = writeln!(
             o,
-            "== considered, not recommended (upkeep over saving, or over the budget): {}",
-            r.declined.len()
+            "    [{}] {:.3} ms -> {:.3} ms (median of {} runs) with {}",
+            t.statement,
+            t.before_ms,
+            t.after_ms,
+            crate::verify::RUNS,
+            if t.values.is_empty() { "no parameters" } else { &t.values }
         );
+    }
+    if !v.unverified.is_empty() {
+        let _ = writeln!(o, "    could not run (no representative values, or failed): {:?}", v.unverified);
+    }
+    if !v.slower.is_empty() {
+        let _ = writeln!(o, "    made slower: {:?}", v.slower);
+    }
+    if v.faster.is_empty() && v.slower.is_empty() {
+        let _ = writeln!(o, "    made none of the statements it was chosen for faster");
+    }
+}
+
+/// Declined candidates, the proxy's shapes, schema hints, indexes to drop.
+fn rest(o: &mut String, r: &Report) {
+    if !r.declined.is_empty() {
+        let n = r.declined.len();
+        let _ = writeln!(o, "== considered, not recommended (upkeep over saving, or over the budget): {n}");
         for c in r.declined.iter().take(10) {
             let _ = writeln!(
                 o,
@@ -113,7 +123,6 @@ pub fn render(r: &Report) -> String {
             d.write_ms_saved
         );
     }
-    o
 }
 
 /// What [`crate::apply::measure`] found, as text.

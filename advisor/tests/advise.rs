@@ -64,8 +64,8 @@ fn setup(pg: &Pg) {
             FROM generate_series(1, 200000) g;
         CREATE TABLE events (id serial PRIMARY KEY, kind text NOT NULL, created_at timestamptz NOT NULL, payload text);
         INSERT INTO events (kind, created_at, payload)
-            SELECT CASE WHEN g > 199000 THEN 'late' ELSE 'early' END,
-                   timestamptz '2026-01-01' + g * interval '1 second', repeat('x', 50)
+            SELECT CASE WHEN (g * 7919) % 200000 >= 199000 THEN 'late' ELSE 'early' END,
+                   timestamptz '2026-01-01' + ((g * 7919) % 200000) * interval '1 second', repeat('x', 50)
             FROM generate_series(1, 200000) g;
         ANALYZE events;
         CREATE TABLE visits (id int PRIMARY KEY, user_id int NOT NULL, last_seen timestamptz NOT NULL)
@@ -109,7 +109,8 @@ async fn workload(c: &tokio_postgres::Client) {
     }
     // the newest events of a rare kind: an index on the sort column looks
     // cheap to the planner (it takes the matches to be spread evenly) and
-    // reads almost all of it before the first match
+    // reads almost all of it, and the rows in its order all over the table,
+    // before the first match
     let events =
         c.prepare("SELECT id FROM events WHERE lower(kind) = $1 ORDER BY created_at LIMIT 10").await.expect("prepare");
     for _ in 0..30 {

@@ -37,6 +37,52 @@ async fn index_bytes(c: &Client) -> anyhow::Result<f64> {
     Ok(r.first().and_then(|r| r.first().cloned().flatten()).and_then(|v| v.parse().ok()).unwrap_or(0.0))
 }
 
+/// The source database with its data, and its copies.
+async fn setup(base: &str, admin: &Client, sf: f64) -> anyhow::Result<()> {
+    for d in std::iter::once("src").chain(COPIES) {
+        exec(admin, &format!("DROP DATABASE IF EXISTS postai_bench_{d}")).await?;
+    }
+    exec(admin, "CREATE DATABASE postai_bench_src").await?;
+    let t = Instant::now();
+    {
+        let src = connect(base, "postai_bench_src").await?;
+        exec(&src, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; CREATE EXTENSION IF NOT EXISTS hypopg").await?;
+        exec(&src, &schema_sql(sf)).await?;
+    }
+    println!("data at scale {sf}: {:.1} s", t.elapsed().as_secs_f64());
+    for d in COPIES {
+        exec(admin, &format!("CREATE DATABASE postai_bench_{d} TEMPLATE postai_bench_src")).await?;
+    }
+    Ok(())
+}
+
+/// Rounds of `runs` executions of every statement on each client in turn
+/// (the machine is shared: its noise falls on all alike); per client and
+/// statement, the median of the rounds.
+async fn medians(
+    clients: &[Client],
+    queries: &[postai_advisor::bench::Query],
+    runs: u64,
+) -> anyhow::Result<Vec<Vec<f64>>> {
+    let mut times = vec![vec![Vec::new(); queries.len()]; clients.len()];
+    for round in 0..ROUNDS {
+        for (k, c) in clients.iter().enumerate() {
+            let ms = run(c, queries, runs, 1_000_000 + round as u64 * runs).await?;
+            for (q, m) in ms.into_iter().enumerate() {
+                times[k][q].push(m);
+            }
+        }
+    }
+    let median = |v: &Vec<f64>| {
+        let mut v = v.clone();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok(times.iter().map(|per| per.iter().map(median).collect()).collect())
+}
+
+const ROUNDS: usize = 5;
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -55,20 +101,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let base = base.with_context(|| format!("no connection string\n{USAGE}"))?;
     let admin = connect(&base, "postgres").await?;
-    for d in std::iter::once("src").chain(COPIES) {
-        exec(&admin, &format!("DROP DATABASE IF EXISTS postai_bench_{d}")).await?;
-    }
-    exec(&admin, "CREATE DATABASE postai_bench_src").await?;
-    let t = Instant::now();
-    {
-        let src = connect(&base, "postai_bench_src").await?;
-        exec(&src, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; CREATE EXTENSION IF NOT EXISTS hypopg").await?;
-        exec(&src, &schema_sql(sf)).await?;
-    }
-    println!("data at scale {sf}: {:.1} s", t.elapsed().as_secs_f64());
-    for d in COPIES {
-        exec(&admin, &format!("CREATE DATABASE postai_bench_{d} TEMPLATE postai_bench_src")).await?;
-    }
+    setup(&base, &admin, sf).await?;
     // the workload once on the source: what the advisors see
     let src = connect(&base, "postai_bench_src").await?;
     exec(&src, "SELECT pg_stat_statements_reset()").await?;
@@ -110,25 +143,7 @@ async fn main() -> anyhow::Result<()> {
         run(&c, &queries, 3, 500_000).await?;
         clients.push(c);
     }
-    // measured in rounds, the configurations interleaved (the machine is
-    // shared: its noise falls on all three alike); per statement, the median
-    // of the rounds
-    const ROUNDS: usize = 5;
-    let mut times = vec![vec![Vec::new(); queries.len()]; configs.len()];
-    for round in 0..ROUNDS {
-        for (k, c) in clients.iter().enumerate() {
-            let ms = run(c, &queries, runs, 1_000_000 + round as u64 * runs).await?;
-            for (q, m) in ms.into_iter().enumerate() {
-                times[k][q].push(m);
-            }
-        }
-    }
-    let median = |v: &Vec<f64>| {
-        let mut v = v.clone();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let medians: Vec<Vec<f64>> = times.iter().map(|per| per.iter().map(median).collect()).collect();
+    let medians = medians(&clients, &queries, runs).await?;
     let mut table = Vec::new();
     for (k, (name, _, ddl, secs)) in configs.iter().enumerate() {
         let (mut read, mut write) = (0.0, 0.0);
