@@ -91,6 +91,16 @@ fn explain_shows_the_cores_decisions_and_the_plan() {
     let out = psql(port, "POSTAI EXPLAIN DELETE FROM items WHERE id = 3");
     assert!(out.lines().any(|l| l.starts_with("plan|Delete on items")), "a plan, not a run: {out}");
     assert_eq!(psql(pg.port, "SELECT count(*) FROM items"), "10", "nothing was deleted");
+    // inside a transaction: the core's rows only, and the transaction stays usable
+    let session = std::process::Command::new("psql")
+        .args(["-X", "-q", "-At", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-d", "postgres"])
+        .args(["-v", "ON_ERROR_STOP=1", "-c", "BEGIN", "-c", "POSTAI EXPLAIN SELECT nope FROM items"])
+        .args(["-c", "SELECT v FROM items WHERE id = 2", "-c", "COMMIT"])
+        .output()
+        .expect("psql");
+    let out = String::from_utf8_lossy(&session.stdout);
+    assert!(session.status.success(), "{out}{}", String::from_utf8_lossy(&session.stderr));
+    assert!(out.contains("plan|not asked of PostgreSQL inside a transaction") && out.contains("v2"), "{out}");
     // PostgreSQL's own error for a statement it cannot plan
     let out = psql(port, "POSTAI EXPLAIN SELECT nope FROM items");
     assert!(out.contains("plan|PostgreSQL: column \"nope\" does not exist"), "{out}");

@@ -6,7 +6,8 @@
 //! statement whose effects the core can see: text that holds several
 //! statements, calls functions of unknown effect or reaches rows it does
 //! not name is explained by the core alone (an `EXPLAIN` of it could run
-//! more than the plan). Simple protocol.
+//! more than the plan), and so is any statement inside a transaction (an
+//! `EXPLAIN` that fails would abort the client's). Simple protocol.
 
 use tokio::io::AsyncWriteExt;
 
@@ -38,7 +39,10 @@ impl Client {
                 && !s.session_private
                 && !s.reads_any
         });
-        if plain && !query.is_empty() {
+        if self.wire.status() != b'I' || self.wire.unsynced() {
+            // an EXPLAIN that fails (a typo) would abort the client's transaction
+            rows.push(vec!["plan".into(), "not asked of PostgreSQL inside a transaction".into()]);
+        } else if plain && !query.is_empty() {
             let msgs = self.own_query(&format!("EXPLAIN {query}")).await?;
             rows.extend(plan_rows(&msgs));
         } else {
