@@ -13,6 +13,8 @@ const USAGE: &str = "usage: postai-advise CONNSTRING [--scratch CONNSTRING] [--b
                      CONCURRENTLY) and keep what was built and the statistics then in FILE
   --measure FILE     no advice: the real change since --apply, per statement, from
                      pg_stat_statements, and a DROP proposed for an index that did not help
+  --every MIN        run in the background: advise every MIN minutes, and print (with the
+                     time) each recommendation, withdrawal or proposed drop not seen before
   --budget-mb N      storage for new indexes (default 1000)
   --statements N     the statements that cost the most time to weigh (default 50)
   --json             the report as JSON";
@@ -28,14 +30,47 @@ async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     Ok(client)
 }
 
+/// Advice every `minutes`: the first report whole, then what is new.
+async fn watch(
+    client: &tokio_postgres::Client,
+    scratch: Option<&tokio_postgres::Client>,
+    opts: &Options,
+    first: postai_advisor::Report,
+    minutes: f64,
+) -> anyhow::Result<()> {
+    print!("{}", report::render(&first));
+    let mut seen = postai_advisor::report::headlines(&first);
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs_f64(minutes.max(0.01) * 60.0)).await;
+        let r = match advise(client, scratch, opts).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("postai-advise: {e} (trying again in {minutes} min)");
+                continue;
+            }
+        };
+        let now = postai_advisor::report::headlines(&r);
+        for line in postai_advisor::report::new_lines(&seen, &now) {
+            println!("{} {line}", unix_time());
+        }
+        seen = now;
+    }
+}
+
+fn unix_time() -> String {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    format!("[{}]", t.as_secs())
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let (mut url, mut scratch, mut proxy, mut json, mut opts) = (None, None, None, false, Options::default());
-    let (mut apply, mut measure) = (None::<String>, None::<String>);
+    let (mut apply, mut measure, mut every) = (None::<String>, None::<String>, None::<f64>);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--scratch" => scratch = Some(args.next().context("--scratch needs a connection string")?),
+            "--every" => every = Some(args.next().context("--every needs a number of minutes")?.parse()?),
             "--apply" => apply = Some(args.next().context("--apply needs a file")?),
             "--measure" => measure = Some(args.next().context("--measure needs a file")?),
             "--proxy" => proxy = Some(args.next().context("--proxy needs a connection string")?),
@@ -70,10 +105,16 @@ async fn main() -> anyhow::Result<()> {
         Some(s) => Some(connect(&s).await?),
         None => None,
     };
+    let proxy = match proxy {
+        Some(p) => Some(connect(&p).await?),
+        None => None,
+    };
     let mut r = advise(&client, scratch.as_ref(), &opts).await?;
-    if let Some(p) = proxy {
-        let p = connect(&p).await?;
-        postai_advisor::proxy::merge(&mut r, postai_advisor::proxy::shapes(&p).await?);
+    if let Some(p) = &proxy {
+        postai_advisor::proxy::merge(&mut r, postai_advisor::proxy::shapes(p).await?);
+    }
+    if let Some(minutes) = every {
+        return watch(&client, scratch.as_ref(), &opts, r, minutes).await;
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);

@@ -125,6 +125,20 @@ fn rest(o: &mut String, r: &Report) {
     }
 }
 
+/// One line per recommendation, withdrawal and proposed drop: what a
+/// background run announces when one appears.
+pub fn headlines(r: &Report) -> Vec<String> {
+    let mut out: Vec<String> = r.recommended.iter().map(|x| format!("recommended: {};", x.choice.ddl)).collect();
+    out.extend(r.withdrawn.iter().map(|x| format!("withdrawn after real execution: {};", x.choice.ddl)));
+    out.extend(r.drops.iter().map(|d| format!("drop proposed: DROP INDEX {}; ({})", d.index, d.reason)));
+    out
+}
+
+/// The lines of `now` not in `before`.
+pub fn new_lines(before: &[String], now: &[String]) -> Vec<String> {
+    now.iter().filter(|l| !before.contains(l)).cloned().collect()
+}
+
 /// What [`crate::apply::measure`] found, as text.
 pub fn render_measured(m: &[crate::apply::Measured]) -> String {
     let mut o = String::new();
@@ -145,4 +159,17 @@ pub fn render_measured(m: &[crate::apply::Measured]) -> String {
         }
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_background_run_announces_only_what_is_new() {
+        let before = vec!["recommended: CREATE INDEX ON a (x);".to_string()];
+        let now = vec!["recommended: CREATE INDEX ON a (x);".to_string(), "drop proposed: DROP INDEX b;".to_string()];
+        assert_eq!(new_lines(&before, &now), vec!["drop proposed: DROP INDEX b;"]);
+        assert!(new_lines(&now, &before).is_empty());
+    }
 }
