@@ -326,7 +326,8 @@ fn operand(side: &str) -> Option<(Option<String>, String, bool)> {
     let function = s.contains('(');
     if function {
         // the innermost identifier: lower((email)::text)
-        let inner = s[s.find('(')? + 1..s.rfind(')')?].trim();
+        let (open, close) = (s.find('(')? + 1, s.rfind(')')?);
+        let inner = s.get(open..close)?.trim();
         let (q, c, _) = operand(inner)?;
         return Some((q, c, true));
     }
@@ -423,6 +424,38 @@ mod tests {
         assert_eq!((any.kind, any.param), (Kind::Equality, Some(1)));
         assert!(predicate("$1 = 2").is_none());
         assert_eq!(conjuncts("(a = 'x AND y')"), vec!["a = 'x AND y'"]);
+        // odd text is no predicate, and no panic
+        assert!(predicate("f)x( = $1").is_none());
+        assert_eq!(conjuncts("(name = 'café') AND (b = $1)").len(), 2);
+    }
+
+    proptest::proptest! {
+        /// Text from the database (conditions, statements) is never trusted
+        /// to be well formed: odd or multi-byte text parses to nothing, never a panic.
+        #[test]
+        fn any_text_parses_without_panicking(s in "[(),'$a-z0-9 =<>:.\"é∑_]{0,60}") {
+            for c in conjuncts(&s) {
+                let _ = predicate(&c);
+            }
+            let _ = (param_count(&s), stored_params(&s), paging_params(&s), inner_statement(&s), prepare_as("p", &s));
+        }
+
+        /// The same, from the words these parsers look for, in any order.
+        #[test]
+        fn any_sequence_of_keywords_parses_without_panicking(words in proptest::collection::vec(
+            proptest::sample::select(vec![
+                " AND ", " = ANY ", "(", ")", "::", "$1", "$12", "'", "\"", "x.y", "lower(", " >= ", " <= ", " < ",
+                " ~~ ", "PREPARE ", " AS ", "INSERT INTO t ", " VALUES ", "UPDATE t", " SET ", " WHERE ", ",",
+                " LIMIT ", " OFFSET ", "é", "=", " ",
+            ]),
+            0..24,
+        )) {
+            let s: String = words.concat();
+            for c in conjuncts(&s) {
+                let _ = predicate(&c);
+            }
+            let _ = (param_count(&s), stored_params(&s), paging_params(&s), inner_statement(&s), prepare_as("p", &s));
+        }
     }
 
     #[test]
