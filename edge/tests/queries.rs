@@ -106,3 +106,35 @@ fn explain_shows_the_cores_decisions_and_the_plan() {
     assert!(out.contains("plan|PostgreSQL: column \"nope\" does not exist"), "{out}");
     drop(p);
 }
+
+/// With transaction pooling and one server connection, the commands'
+/// own queries give it back: a session that ran them holds no lease, and
+/// another session's read runs.
+#[test]
+fn the_commands_give_a_pooled_connection_back() {
+    let pg = Pg::start("explainpool");
+    create_items(&pg, 10);
+    let extra = format!("[pool]\nmode = 'transaction'\nsize = 1\nwait_ms = 2000\n{ITEMS_TABLE}[cdc]\npoll_ms = 50\n");
+    let (port, p) = start_proxy_with(&pg, &extra);
+    assert!(eventually_within(Duration::from_secs(20), || stat_n(port, "filling") > 0), "CDC connected");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let connect = || async {
+            let url = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
+            tokio::spawn(conn);
+            client
+        };
+        let a = connect().await;
+        for _ in 0..3 {
+            a.simple_query("POSTAI EXPLAIN SELECT v FROM items WHERE id = 4").await.expect("explain");
+            a.simple_query("SHOW POSTAI QUERIES").await.expect("queries");
+        }
+        // `a` stays connected; the one server connection must be free
+        let b = connect().await;
+        let rows = b.simple_query("SELECT count(*) FROM items").await.expect("a server connection is free");
+        assert!(rows.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))));
+        drop(a);
+    });
+    drop(p);
+}
