@@ -66,12 +66,7 @@ fn clients_connect_and_hit_the_cache_without_a_server_connection() {
     let port = proxy.port;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(async {
-        let connect = || async {
-            let url = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
-            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
-            tokio::spawn(conn);
-            client
-        };
+        let connect = || pg::client(port);
         let read = |id: i32| format!("SELECT v FROM items WHERE id = {id}");
         let value = |rows: Vec<tokio_postgres::SimpleQueryMessage>| {
             rows.iter().find_map(|m| match m {

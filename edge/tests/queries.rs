@@ -119,19 +119,13 @@ fn the_commands_give_a_pooled_connection_back() {
     assert!(eventually_within(Duration::from_secs(20), || stat_n(port, "filling") > 0), "CDC connected");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(async {
-        let connect = || async {
-            let url = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
-            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
-            tokio::spawn(conn);
-            client
-        };
-        let a = connect().await;
+        let a = pg::client(port).await;
         for _ in 0..3 {
             a.simple_query("POSTAI EXPLAIN SELECT v FROM items WHERE id = 4").await.expect("explain");
             a.simple_query("SHOW POSTAI QUERIES").await.expect("queries");
         }
         // `a` stays connected; the one server connection must be free
-        let b = connect().await;
+        let b = pg::client(port).await;
         let rows = b.simple_query("SELECT count(*) FROM items").await.expect("a server connection is free");
         assert!(rows.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))));
         drop(a);

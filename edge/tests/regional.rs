@@ -16,9 +16,7 @@ fn read(port: u16, id: i32, extended: bool) -> String {
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(async {
-        let url = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
-        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
-        tokio::spawn(conn);
+        let client = pg::client(port).await;
         let row = client.query_one("SELECT v FROM items WHERE id = $1", &[&id]).await.expect("read");
         row.get::<_, String>(0)
     })

@@ -63,6 +63,16 @@ pub fn start_proxy_with(pg: &Pg, extra: &str) -> (u16, Proxy) {
     (p.port, p)
 }
 
+/// A tokio-postgres client of the server or proxy at `port`, as the
+/// superuser, on a task of the current runtime.
+#[allow(dead_code)]
+pub async fn client(port: u16) -> tokio_postgres::Client {
+    let url = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    client
+}
+
 /// One value of `SHOW POSTAI STATS` through the proxy at `port`.
 #[allow(dead_code)]
 pub fn stat(port: u16, name: &str) -> String {
