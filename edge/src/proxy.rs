@@ -311,6 +311,31 @@ impl Client {
         Ok(msgs)
     }
 
+    /// [`Self::own_query`] in the extended protocol (Parse, Bind, Execute,
+    /// Sync of the unnamed statement): one statement, or PostgreSQL's error.
+    async fn own_extended(&mut self, sql: &str) -> anyhow::Result<Vec<Message>> {
+        let mut out = BytesMut::with_capacity(sql.len() + 64);
+        frame_into(&mut out, b'P', &[b"\0", sql.as_bytes(), b"\0\0\0"].concat());
+        frame_into(&mut out, b'B', &[0, 0, 0, 0, 0, 0, 0, 0]);
+        frame_into(&mut out, b'E', &[0, 0, 0, 0, 0]);
+        frame_into(&mut out, b'S', &[]);
+        let up = self.up().await?;
+        up.send(&out).await?;
+        let mut msgs = Vec::new();
+        loop {
+            let m = up.recv().await?;
+            let done = m.tag == b'Z';
+            msgs.push(m);
+            if done {
+                break;
+            }
+        }
+        if let Upstream::Pooled { lease: Some(l), .. } = &mut self.upstream {
+            l.server.prepared.unnamed = None;
+        }
+        Ok(msgs)
+    }
+
     async fn current_lsn(&mut self) -> anyhow::Result<Option<Lsn>> {
         let msgs = self.own_query("SELECT pg_catalog.pg_current_wal_lsn()::pg_catalog.text").await?;
         let lsn = protocol::first_value(&msgs).and_then(|s| protocol::parse_lsn(&s)).map(Lsn);

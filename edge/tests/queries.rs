@@ -91,6 +91,15 @@ fn explain_shows_the_cores_decisions_and_the_plan() {
     let out = psql(port, "POSTAI EXPLAIN DELETE FROM items WHERE id = 3");
     assert!(out.lines().any(|l| l.starts_with("plan|Delete on items")), "a plan, not a run: {out}");
     assert_eq!(psql(pg.port, "SELECT count(*) FROM items"), "10", "nothing was deleted");
+    // a session reading backslash escapes: its text may hide a second
+    // statement from the lexer, so nothing is asked of PostgreSQL
+    let session = std::process::Command::new("psql")
+        .args(["-X", "-q", "-At", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-d", "postgres"])
+        .args(["-c", "SET standard_conforming_strings = off", "-c", "POSTAI EXPLAIN SELECT v FROM items WHERE id = 3"])
+        .output()
+        .expect("psql");
+    let out = String::from_utf8_lossy(&session.stdout);
+    assert!(out.contains("plan|not asked of PostgreSQL (its effects"), "{out}");
     // inside a transaction: the core's rows only, and the transaction stays usable
     let session = std::process::Command::new("psql")
         .args(["-X", "-q", "-At", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-d", "postgres"])

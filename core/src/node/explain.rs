@@ -109,3 +109,21 @@ fn session_effect(s: &Shape) -> String {
     }
     if out.is_empty() { "none".into() } else { out.join("; ") }
 }
+
+impl<V: Clone> EdgeNode<V> {
+    /// Whether `sql` is one statement whose effects this node sees, as
+    /// `session` would run it now: what `POSTAI EXPLAIN` may ask PostgreSQL
+    /// to plan. Text a session reads with backslash escapes may hide more
+    /// statements than the lexer saw: never.
+    pub fn plain_statement(&mut self, session: SessionId, sql: &str) -> bool {
+        let Ok(p) = self.prepare_once(sql) else { return false };
+        let p = self.as_seen_now(session, &p).unwrap_or(p);
+        let s = &p.shape;
+        matches!(s.kind, StatementKind::Read | StatementKind::Write)
+            && !s.writes_unknown
+            && !s.writes_opaque
+            && !s.session_opaque
+            && !s.session_private
+            && !s.reads_any
+    }
+}

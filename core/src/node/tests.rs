@@ -214,6 +214,14 @@ mod session_and_refresh {
         let inside = n.explain(SessionId(1), "SELECT v FROM items WHERE id = 7");
         assert_eq!(row(&inside, "served"), "the primary (inside a transaction)");
         assert_eq!(row(&n.explain(SessionId(9), "SELECT 1"), "served"), "unknown session");
+        let _ = run(&mut n, 1, "COMMIT");
+        assert!(n.plain_statement(SessionId(1), "SELECT v FROM items WHERE id = 7"));
+        assert!(!n.plain_statement(SessionId(1), "SELECT 1; DELETE FROM items"));
+        // backslash escapes: the lexer's one string may hide a second statement
+        let _ = run(&mut n, 1, "SET standard_conforming_strings = off");
+        let smuggled = "SELECT 'x\\' , '; UPDATE items SET v = 'p'; SELECT $$ --'";
+        assert!(!n.plain_statement(SessionId(1), smuggled));
+        assert!(!n.plain_statement(SessionId(1), "SELECT v FROM items WHERE id = 7"));
     }
 
     /// Each shape's calls, tier answers and upstream requests are counted

@@ -6,8 +6,12 @@
 //! statement whose effects the core can see: text that holds several
 //! statements, calls functions of unknown effect or reaches rows it does
 //! not name is explained by the core alone (an `EXPLAIN` of it could run
-//! more than the plan), and so is any statement inside a transaction (an
-//! `EXPLAIN` that fails would abort the client's). Simple protocol.
+//! more than the plan), or in a session that reads backslash escapes in
+//! strings (its text may hide statements the lexer did not see), and so is
+//! any statement inside a transaction (an `EXPLAIN` that fails would abort
+//! the client's). The plan is asked in the extended protocol, where
+//! PostgreSQL parses one statement at most. The command itself comes in
+//! the simple protocol.
 
 use tokio::io::AsyncWriteExt;
 
@@ -30,20 +34,14 @@ impl Client {
         let session = self.session;
         let mut rows: Vec<Vec<String>> =
             self.proxy.node().explain(session, query).into_iter().map(|(k, v)| vec![k, v]).collect();
-        let shape = self.proxy.node().prepare(query).ok().map(|p| p.shape);
-        let plain = shape.as_ref().is_some_and(|s| {
-            matches!(s.kind, postai_core::sql::StatementKind::Read | postai_core::sql::StatementKind::Write)
-                && !s.writes_unknown
-                && !s.writes_opaque
-                && !s.session_opaque
-                && !s.session_private
-                && !s.reads_any
-        });
+        let plain = self.proxy.node().plain_statement(session, query);
         if self.wire.status() != b'I' || self.wire.unsynced() {
             // an EXPLAIN that fails (a typo) would abort the client's transaction
             rows.push(vec!["plan".into(), "not asked of PostgreSQL inside a transaction".into()]);
         } else if plain && !query.is_empty() {
-            let msgs = self.own_query(&format!("EXPLAIN {query}")).await?;
+            // the extended protocol: PostgreSQL refuses to parse more than
+            // one statement there, whatever the lexer made of the text
+            let msgs = self.own_extended(&format!("EXPLAIN {query}")).await?;
             rows.extend(plan_rows(&msgs));
         } else {
             rows.push(vec!["plan".into(), "not asked of PostgreSQL (its effects are not the core's to see)".into()]);
