@@ -58,32 +58,53 @@ pub fn gained(i: &Impact) -> bool {
 }
 
 async fn statistics(client: &Client) -> Result<Vec<(String, String, f64, f64)>, AdvisorError> {
-    let sql = "SELECT s.queryid, s.query, s.calls, s.total_exec_time FROM pg_stat_statements s \
-               JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = current_database()";
+    let sql = "SELECT s.queryid, min(s.query), sum(s.calls), sum(s.total_exec_time) FROM pg_stat_statements s \
+               JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = current_database() AND s.toplevel \
+               GROUP BY s.queryid";
     Ok(rows(client, sql).await?.iter().map(|r| (text(r, 0), text(r, 1), num(r, 2), num(r, 3))).collect())
 }
 
 /// Builds every recommended index of `report` on the advised database
 /// (CONCURRENTLY: not inside a transaction, writes go on) under a name of
 /// its own, and notes the statistics of that moment.
-pub async fn apply(client: &Client, report: &Report) -> Result<Applied, AdvisorError> {
-    let before = statistics(client).await?.into_iter().map(|(id, _, calls, ms)| (id, calls, ms)).collect();
-    let mut built = Vec::new();
+/// What was built is returned with the error that stopped the rest, if one
+/// did (the caller keeps it either way); a build that failed is dropped
+/// (`CREATE INDEX CONCURRENTLY` leaves an invalid index behind).
+pub async fn apply(client: &Client, report: &Report) -> (Applied, Option<AdvisorError>) {
+    let mut applied = Applied { built: Vec::new(), before: Vec::new() };
+    if let Err(e) = crate::db::harden(client).await {
+        return (applied, Some(e));
+    }
+    match statistics(client).await {
+        Ok(s) => applied.before = s.into_iter().map(|(id, _, calls, ms)| (id, calls, ms)).collect(),
+        Err(e) => return (applied, Some(e)),
+    }
     for (n, rec) in report.recommended.iter().enumerate() {
         let c = &rec.choice.candidate;
-        let name = format!("postai_{}_{}_{n}", c.table, c.columns.join("_")).chars().take(63).collect::<String>();
-        let ddl = c.ddl(Some(&name)).replacen("CREATE INDEX", "CREATE INDEX CONCURRENTLY", 1);
-        exec(client, &ddl).await?;
+        // a short name of its own (63 bytes at most, whatever the table's)
+        let name = format!("postai_{n}_{:016x}", postai_hash(&rec.choice.ddl));
+        let ddl = c.ddl(Some(&name)).replacen("CREATE INDEX", "CREATE INDEX CONCURRENTLY IF NOT EXISTS", 1);
+        if let Err(e) = exec(client, &ddl).await {
+            let _ =
+                exec(client, &format!("DROP INDEX CONCURRENTLY IF EXISTS {}.{}", ident(&c.schema), ident(&name))).await;
+            return (applied, Some(e));
+        }
         let statements = rec.choice.helps.iter().filter_map(|h| report.statements.get(h.0)).map(|s| s.queryid.clone());
-        built.push(Built { schema: c.schema.clone(), name, ddl, statements: statements.collect() });
+        applied.built.push(Built { schema: c.schema.clone(), name, ddl, statements: statements.collect() });
     }
-    Ok(Applied { built, before })
+    (applied, None)
+}
+
+/// FNV-1a of `s`: a stable suffix for an index's name.
+fn postai_hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// The real change since [`apply`]: per built index, each statement's mean
 /// time before and over the calls since; an index none of whose statements
 /// got faster (once they ran) is proposed for removal.
 pub async fn measure(client: &Client, applied: &Applied) -> Result<Vec<Measured>, AdvisorError> {
+    crate::db::harden(client).await?;
     let now = statistics(client).await?;
     let mut out = Vec::new();
     for b in &applied.built {

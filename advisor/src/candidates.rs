@@ -102,6 +102,9 @@ fn sorts(plan: &Node) -> Vec<((String, String), Vec<String>)> {
                 .sort_key
                 .iter()
                 .filter_map(|k| {
+                    // `x DESC NULLS LAST`, `x COLLATE "C"`: the column
+                    let k = k.split(" COLLATE ").next().unwrap_or(k);
+                    let k = k.trim_end_matches(" NULLS LAST").trim_end_matches(" NULLS FIRST");
                     let k = k.trim_end_matches(" DESC").trim_end_matches(" ASC");
                     predicate(&format!("{k} = $0")).filter(|p| p.kind == Kind::Equality).map(|p| p.column)
                 })
@@ -211,6 +214,7 @@ fn covered(c: &Candidate, w: &Workload) -> bool {
     w.indexes_of(&c.schema, &c.table).any(|i| {
         i.method == "btree"
             && !i.partial
+            && !i.expression
             && i.columns.len() >= c.columns.len()
             && i.columns[..c.columns.len()] == c.columns[..]
     })
@@ -306,6 +310,37 @@ mod tests {
         );
         plan.output = vec!["orders.id".into(), "(orders.total * 2)".into()];
         assert_eq!(candidates(&plan, &w).len(), 3, "an expression output: nothing to cover");
+    }
+
+    #[test]
+    fn sort_keys_spelled_in_full_and_expression_indexes() {
+        let sorted = Node {
+            node_type: "Sort".into(),
+            sort_key: vec!["orders.created_at DESC NULLS LAST".into(), "orders.note COLLATE \"C\"".into()],
+            children: vec![scan("orders", "orders", "(customer_id = $1)")],
+            ..Node::default()
+        };
+        assert_eq!(
+            cols(&candidates(&sorted, &w())),
+            vec!["orders(customer_id)", "orders(customer_id,created_at,note)"]
+        );
+        // an index on (lower(email), customer_id) does not lead with customer_id
+        let mut w = w();
+        w.indexes.push(Index {
+            schema: "public".into(),
+            table: "orders".into(),
+            name: "orders_expr".into(),
+            columns: vec!["customer_id".into()],
+            method: "btree".into(),
+            unique: false,
+            constraint: false,
+            partial: false,
+            expression: true,
+            scans: 1.0,
+            bytes: 0.0,
+            definition: String::new(),
+        });
+        assert_eq!(cols(&candidates(&scan("orders", "orders", "(customer_id = $1)"), &w)), vec!["orders(customer_id)"]);
     }
 
     #[test]

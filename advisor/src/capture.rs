@@ -101,9 +101,13 @@ pub async fn capture(client: &Client, limit: usize) -> Result<Workload, AdvisorE
                 .into(),
         ));
     }
-    let sql = "SELECT s.queryid, s.query, s.calls, s.total_exec_time, s.mean_exec_time, s.rows \
+    // (one row per statement: pg_stat_statements keeps one per role, and
+    // apart for statements run inside functions)
+    let sql = "SELECT s.queryid, min(s.query), sum(s.calls), sum(s.total_exec_time), \
+               sum(s.total_exec_time) / sum(s.calls), sum(s.rows) \
                FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
-               WHERE d.datname = current_database() AND s.calls > 0 ORDER BY s.total_exec_time DESC";
+               WHERE d.datname = current_database() AND s.calls > 0 AND s.toplevel \
+               GROUP BY s.queryid ORDER BY 4 DESC";
     let all = rows(client, sql).await?;
     // texts of other roles' statements are hidden from a role without the
     // privilege, and the advice would rest on a part of the workload

@@ -32,6 +32,22 @@ pub async fn rows(client: &Client, sql: &str) -> Result<Vec<Vec<Option<String>>>
     Ok(out)
 }
 
+/// Makes the advisor's own SQL mean what it says on this connection,
+/// whatever the database's or role's defaults: standard strings (the
+/// quoting of `literal` depends on it) and the catalog first on the search
+/// path (a function of the database owner's named like a catalog one must
+/// not run as the advisor's role; the application's schemas follow, for its
+/// statements' names).
+pub async fn harden(client: &Client) -> Result<(), AdvisorError> {
+    exec(
+        client,
+        "SET standard_conforming_strings = on; \
+         SELECT pg_catalog.set_config('search_path', 'pg_catalog, ' OPERATOR(pg_catalog.||) \
+         pg_catalog.current_setting('search_path'), false)",
+    )
+    .await
+}
+
 /// Runs `sql`, ignoring its rows.
 pub async fn exec(client: &Client, sql: &str) -> Result<(), AdvisorError> {
     client.batch_execute(sql).await.map_err(|source| AdvisorError::Query { sql: short(sql), source })

@@ -95,6 +95,10 @@ pub struct Report {
 /// a connection to a copy of it (same schema and data) where indexes may be
 /// built to verify them; without one, recommendations are HypoPG's estimates.
 pub async fn advise(client: &Client, scratch: Option<&Client>, opts: &Options) -> Result<Report, AdvisorError> {
+    db::harden(client).await?;
+    if let Some(s) = scratch {
+        db::harden(s).await?;
+    }
     let w = capture::capture(client, opts.statements).await?;
     if db::rows(client, "SELECT 1 FROM pg_extension WHERE extname = 'hypopg'").await?.is_empty() {
         // (the advisor changes nothing in the database it advises: its
@@ -114,25 +118,61 @@ pub async fn advise(client: &Client, scratch: Option<&Client>, opts: &Options) -
             }
         }
     }
-    // selection and verification in rounds: an index verification withdraws
-    // leaves its statements to the candidates it had crowded out
-    let (mut recommended, mut withdrawn, mut declined) = (Vec::new(), Vec::<Recommendation>::new(), Vec::new());
+    // (hypothetical indexes a failed earlier run left in this session out)
+    db::exec(client, "SELECT hypopg_reset()").await?;
     let mut built = Vec::new();
+    let chosen = rounds(client, scratch, &w, &plans, &costed, &cands, opts, &mut built).await;
+    // the scratch copy is left as it was, whatever happened
+    if let Some(s) = scratch {
+        for (schema, name) in built {
+            verify::drop_built(s, &schema, &name).await?;
+        }
+    }
+    let (recommended, withdrawn, declined) = chosen?;
+    let mut notes = Vec::new();
+    if w.statements.is_empty() {
+        notes.push(
+            "pg_stat_statements holds no statement of this database yet (or they were reset): run the workload, \
+             then advise; no index is recommended without one"
+                .to_string(),
+        );
+    }
+    let drops = redundant::drops(&w, &opts.budget);
+    let hints = schema::hints(client, &w, &plans, &opts.schema).await?;
+    Ok(Report { notes, statements, recommended, withdrawn, declined, drops, hints, cache_only: Vec::new() })
+}
+
+type Rounds = (Vec<Recommendation>, Vec<Recommendation>, Vec<Choice>);
+
+/// Selection and verification in rounds: an index verification withdraws
+/// leaves its statements to the candidates it had crowded out. What it
+/// builds on the scratch copy is noted in `built` (for the caller to drop,
+/// whatever happens): (recommended, withdrawn, declined).
+#[allow(clippy::too_many_arguments)]
+async fn rounds(
+    client: &Client,
+    scratch: Option<&Client>,
+    w: &Workload,
+    plans: &[Option<plan::Node>],
+    costed: &[Costed],
+    cands: &[candidates::Candidate],
+    opts: &Options,
+    built: &mut Vec<(String, String)>,
+) -> Result<Rounds, AdvisorError> {
+    let (mut recommended, mut withdrawn, mut declined) = (Vec::new(), Vec::<Recommendation>::new(), Vec::new());
     for _round in 0..ROUNDS {
         let kept: Vec<Choice> = recommended.iter().map(|r: &Recommendation| r.choice.clone()).collect();
+        // (a withdrawn index's covering variant walks the same keys: out too)
+        let same_keys = |c: &candidates::Candidate, x: &Recommendation| {
+            let x = &x.choice.candidate;
+            x.schema == c.schema && x.table == c.table && x.columns == c.columns
+        };
         let open: Vec<candidates::Candidate> = cands
             .iter()
-            .filter(|c| {
-                // (a withdrawn index's covering variant walks the same keys: out too)
-                let same_keys = |x: &Recommendation| {
-                    let x = &x.choice.candidate;
-                    x.schema == c.schema && x.table == c.table && x.columns == c.columns
-                };
-                !kept.iter().any(|k| k.candidate == **c) && !withdrawn.iter().any(same_keys)
-            })
+            .filter(|c| !kept.iter().any(|k| k.candidate == **c) && !withdrawn.iter().any(|x| same_keys(c, x)))
             .cloned()
             .collect();
-        let selection = select::select(client, &w, &costed, &open, &opts.budget, &kept).await?;
+        let selection = select::select(client, w, costed, &open, &opts.budget, &kept).await?;
         declined = selection.declined;
         let mut withdrew = false;
         for choice in selection.chosen {
@@ -141,9 +181,8 @@ pub async fn advise(client: &Client, scratch: Option<&Client>, opts: &Options) -
             let name = format!("postai_verify_{}", built.len());
             let verdict = match scratch {
                 Some(s) => {
-                    let v = verify::verify(s, &w, &plans, &choice, &name).await;
                     built.push((choice.candidate.schema.clone(), name.clone()));
-                    Some(v?)
+                    Some(verify::verify(s, w, plans, &choice, &name).await?)
                 }
                 None => None,
             };
@@ -159,23 +198,7 @@ pub async fn advise(client: &Client, scratch: Option<&Client>, opts: &Options) -
             break;
         }
     }
-    // the scratch copy is left as it was
-    if let Some(s) = scratch {
-        for (schema, name) in built {
-            verify::drop_built(s, &schema, &name).await?;
-        }
-    }
-    let mut notes = Vec::new();
-    if w.statements.is_empty() {
-        notes.push(
-            "pg_stat_statements holds no statement of this database yet (or they were reset): run the workload, \
-             then advise; no index is recommended without one"
-                .to_string(),
-        );
-    }
-    let drops = redundant::drops(&w, &opts.budget);
-    let hints = schema::hints(client, &w, &plans, &opts.schema).await?;
-    Ok(Report { notes, statements, recommended, withdrawn, declined, drops, hints, cache_only: Vec::new() })
+    Ok((recommended, withdrawn, declined))
 }
 
 /// The captured workload and its statements' generic plans (what the

@@ -122,12 +122,15 @@ async fn main() -> anyhow::Result<()> {
         print!("{}", report::render(&r));
     }
     if let Some(path) = apply {
-        let applied = postai_advisor::apply::apply(&client, &r).await?;
+        let (applied, error) = postai_advisor::apply::apply(&client, &r).await;
         std::fs::write(&path, serde_json::to_string_pretty(&applied)?).with_context(|| format!("write {path}"))?;
         for b in &applied.built {
             eprintln!("built: {};", b.ddl);
         }
         eprintln!("kept in {path}: run the workload, then postai-advise CONNSTRING --measure {path}");
+        if let Some(e) = error {
+            anyhow::bail!("stopped applying: {e}");
+        }
     }
     Ok(())
 }

@@ -6,11 +6,14 @@
 use serde::Serialize;
 
 use crate::capture::{Index, Workload};
+use crate::db::ident;
 use crate::select::Budget;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Drop {
     pub index: String,
+    /// The statement, names quoted.
+    pub ddl: String,
     pub table: String,
     pub reason: String,
     pub bytes: f64,
@@ -51,6 +54,7 @@ pub fn drops(w: &Workload, b: &Budget) -> Vec<Drop> {
         let writes = table.map_or(0.0, |t| t.inserts + t.deletes + (t.updates - t.hot_updates).max(0.0));
         out.push(Drop {
             index: format!("{}.{}", a.schema, a.name),
+            ddl: format!("DROP INDEX CONCURRENTLY {}.{}", ident(&a.schema), ident(&a.name)),
             table: format!("{}.{}", a.schema, a.table),
             reason,
             bytes: a.bytes,

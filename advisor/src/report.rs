@@ -116,8 +116,8 @@ fn rest(o: &mut String, r: &Report) {
     for d in &r.drops {
         let _ = writeln!(
             o,
-            "DROP INDEX {};  -- {}; {:.0} kB, {:.1} ms of upkeep saved",
-            d.index,
+            "{};  -- {}; {:.0} kB, {:.1} ms of upkeep saved",
+            d.ddl,
             d.reason,
             d.bytes / 1024.0,
             d.write_ms_saved
@@ -130,7 +130,7 @@ fn rest(o: &mut String, r: &Report) {
 pub fn headlines(r: &Report) -> Vec<String> {
     let mut out: Vec<String> = r.recommended.iter().map(|x| format!("recommended: {};", x.choice.ddl)).collect();
     out.extend(r.withdrawn.iter().map(|x| format!("withdrawn after real execution: {};", x.choice.ddl)));
-    out.extend(r.drops.iter().map(|d| format!("drop proposed: DROP INDEX {}; ({})", d.index, d.reason)));
+    out.extend(r.drops.iter().map(|d| format!("drop proposed: {}; ({})", d.ddl, d.reason)));
     out
 }
 

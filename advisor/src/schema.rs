@@ -8,7 +8,7 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::capture::Workload;
-use crate::db::{AdvisorError, literal, num, rows, text};
+use crate::db::{AdvisorError, ident, literal, num, rows, text};
 use crate::plan::{Kind, Node};
 
 /// The thresholds the hints use.
@@ -112,7 +112,7 @@ async fn index_bloat(client: &Client, t: &Thresholds) -> Result<Vec<Hint>, Advis
                 kind: "index bloat",
                 object: format!("{}.{}", text(&r, 0), text(&r, 1)),
                 detail: format!("{:.1} MB where its rows need about {:.1} MB", bytes / 1e6, need / 1e6),
-                action: format!("REINDEX INDEX CONCURRENTLY {}.{}", text(&r, 0), text(&r, 1)),
+                action: format!("REINDEX INDEX CONCURRENTLY {}.{}", ident(&text(&r, 0)), ident(&text(&r, 1))),
             });
         }
     }
@@ -157,7 +157,10 @@ async fn time_ranges(
             kind: "partitioning",
             object: format!("{schema}.{table}"),
             detail: format!("{:.0} MB, read by ranges of {column} ({ty})", bytes / 1e6),
-            action: format!("partition it by RANGE ({column}), by month or week, and detach old partitions to archive"),
+            action: format!(
+                "partition it by RANGE ({}), by month or week, and detach old partitions to archive",
+                ident(&column)
+            ),
         });
     }
     Ok(out)

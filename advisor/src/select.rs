@@ -93,7 +93,8 @@ pub fn updated_columns(w: &Workload, table: &str) -> Vec<String> {
 fn write_cost(c: &Candidate, w: &Workload, b: &Budget) -> (f64, bool) {
     let Some(t) = w.table(&c.schema, &c.table) else { return (0.0, false) };
     let entries = t.inserts + t.deletes + (t.updates - t.hot_updates).max(0.0);
-    let sets_it = |cols: &Vec<String>| c.columns.iter().any(|col| cols.contains(&col.to_ascii_lowercase()));
+    let sets_it =
+        |cols: &Vec<String>| c.columns.iter().chain(&c.include).any(|col| cols.contains(&col.to_ascii_lowercase()));
     let rows: f64 = updates_of(w, &c.table).iter().filter(|(cols, _)| sets_it(cols)).map(|(_, rows)| rows).sum();
     let indexes = w.indexes_of(&c.schema, &c.table).count() as f64 + 1.0;
     ((entries + rows * indexes) * b.entry_ms, rows > 0.0)
@@ -193,11 +194,15 @@ async fn try_candidate(
         rows(client, &format!("SELECT * FROM hypopg_create_index({})", literal(&ch.ddl))).await?;
     }
     let ddl = c.ddl(None);
-    let made = rows(
-        client,
-        &format!("SELECT indexrelid, hypopg_relation_size(indexrelid) FROM hypopg_create_index({})", literal(&ddl)),
-    )
-    .await?;
+    let sql =
+        format!("SELECT indexrelid, hypopg_relation_size(indexrelid) FROM hypopg_create_index({})", literal(&ddl));
+    let Ok(made) = rows(client, &sql).await else {
+        // HypoPG refuses it (a type without a B-tree operator class, say): it helps nothing
+        let (read_ms_saved, write_ms_cost, bytes) = (0.0, 0.0, 0.0);
+        let choice =
+            Choice { candidate: c.clone(), ddl, bytes, read_ms_saved, write_ms_cost, helps: vec![], breaks_hot: false };
+        return Ok((choice, current.to_vec()));
+    };
     let bytes = made.first().map_or(0.0, |r| num(r, 1));
     let mut costs = current.to_vec();
     let (mut saved, mut helps) = (0.0, Vec::new());
