@@ -46,9 +46,23 @@ pub fn drops(w: &Workload, b: &Budget) -> Vec<Drop> {
             }
         });
         let table = w.table(&a.schema, &a.table);
+        // unused, unless it is the wider index another one is proposed
+        // against (dropping both would leave the columns unindexed)
+        let covers_a_dropped = || {
+            w.indexes_of(&a.schema, &a.table).any(|o| {
+                o.name != a.name
+                    && !o.constraint
+                    && !o.unique
+                    && same_shape(a, o)
+                    && o.columns.len() < a.columns.len()
+                    && a.columns[..o.columns.len()] == o.columns[..]
+            })
+        };
         let reason = reason.or_else(|| {
-            (a.scans == 0.0 && table.is_some_and(|t| t.seq_scans > 0.0 || t.inserts + t.updates > 0.0))
-                .then(|| "not used since the statistics were reset".to_string())
+            (a.scans == 0.0
+                && table.is_some_and(|t| t.seq_scans > 0.0 || t.inserts + t.updates > 0.0)
+                && !covers_a_dropped())
+            .then(|| "not used since the statistics were reset".to_string())
         });
         let Some(reason) = reason else { continue };
         let writes = table.map_or(0.0, |t| t.inserts + t.deletes + (t.updates - t.hot_updates).max(0.0));
@@ -106,5 +120,12 @@ mod tests {
         assert_eq!(names, vec!["public.orders_id_again", "public.orders_customer", "public.orders_note"]);
         assert!(d[0].reason.contains("orders_pkey"));
         assert!(d[2].reason.contains("not used"));
+        // the wider index the narrower one is dropped for stays, used or not
+        let mut unused_wide = w.clone();
+        unused_wide.indexes[3].scans = 0.0;
+        let names: Vec<String> =
+            drops(&unused_wide, &Budget { bytes: 0.0, entry_ms: 0.01 }).into_iter().map(|d| d.index).collect();
+        assert!(names.contains(&"public.orders_customer".to_string()));
+        assert!(!names.contains(&"public.orders_customer_created".to_string()), "{names:?}");
     }
 }

@@ -43,6 +43,9 @@ pub struct ShapeRow {
     pub counters: ShapeCounters,
 }
 
+/// Shapes of earlier catalogs kept at most.
+pub const RETIRED_MAX: usize = 10_000;
+
 #[derive(Debug, Default)]
 pub struct ShapeStats {
     current: Vec<ShapeCounters>,
@@ -86,6 +89,14 @@ impl ShapeStats {
                 counters: ShapeCounters::default(),
             });
             row.counters.add(&c);
+        }
+        if self.retired.len() > RETIRED_MAX {
+            // bounded: clients can make shapes, and DDL renumber them; the
+            // shapes called least go first
+            let mut rows: Vec<ShapeRow> = self.retired.drain().map(|(_, r)| r).collect();
+            rows.sort_by(|a, b| b.counters.calls().cmp(&a.counters.calls()));
+            rows.truncate(RETIRED_MAX);
+            self.retired = rows.into_iter().map(|r| (r.fingerprint, r)).collect();
         }
     }
 

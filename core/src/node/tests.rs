@@ -246,6 +246,15 @@ mod session_and_refresh {
         let rows = n.shape_rows();
         assert_eq!(rows.len(), 1, "one fingerprint across catalogs");
         assert_eq!((rows[0].counters.calls(), rows[0].counters.upstream), (4, 3));
+        // bounded: clients can make shapes, and DDL renumber them
+        for i in 0..(super::super::shape_stats::RETIRED_MAX + 1_000) {
+            let p = n.prepare(&format!("SELECT v AS a{i} FROM items WHERE id = $1")).expect("lexes");
+            let _ = read(&mut n, &p, "9", 5);
+        }
+        let before = n.shape_rows().len();
+        assert!(before > super::super::shape_stats::RETIRED_MAX, "{before} shapes counted");
+        n.update_catalog(|_| {});
+        assert_eq!(n.shape_rows().len(), before.min(super::super::shape_stats::RETIRED_MAX), "from {before}");
     }
 
     /// A process that opened its stream at 10 never saw what changed at or
