@@ -94,7 +94,7 @@ impl ShapeStats {
             // bounded: clients can make shapes, and DDL renumber them; the
             // shapes called least go first
             let mut rows: Vec<ShapeRow> = self.retired.drain().map(|(_, r)| r).collect();
-            rows.sort_by(|a, b| b.counters.calls().cmp(&a.counters.calls()));
+            rows.sort_by_key(|r| std::cmp::Reverse(r.counters.calls()));
             rows.truncate(RETIRED_MAX);
             self.retired = rows.into_iter().map(|r| (r.fingerprint, r)).collect();
         }
