@@ -109,6 +109,9 @@ pub async fn advise(client: &Client, scratch: Option<&Client>, opts: &Options) -
                 .into(),
         ));
     }
+    // (hypothetical indexes a failed earlier run left in this session out
+    // of the plans the advice starts from)
+    db::exec(client, "SELECT hypopg_reset()").await?;
     let (statements, plans, costed) = analyse(client, &w).await;
     let mut cands = Vec::new();
     for p in plans.iter().flatten() {
@@ -118,8 +121,6 @@ pub async fn advise(client: &Client, scratch: Option<&Client>, opts: &Options) -
             }
         }
     }
-    // (hypothetical indexes a failed earlier run left in this session out)
-    db::exec(client, "SELECT hypopg_reset()").await?;
     let mut built = Vec::new();
     let chosen = rounds(client, scratch, &w, &plans, &costed, &cands, opts, &mut built).await;
     // the scratch copy is left as it was, whatever happened
