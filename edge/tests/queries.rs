@@ -9,6 +9,18 @@ use std::time::Duration;
 
 use pg::{ITEMS_TABLE, Pg, create_items, eventually, eventually_within, psql, start_proxy_with, stat_n};
 
+/// One psql session as `user` through the proxy at `port`: each statement a
+/// query of its own, stopping at the first error.
+fn session(port: u16, user: &str, statements: &[&str]) -> std::process::Output {
+    let mut cmd = std::process::Command::new("psql");
+    cmd.args(["-X", "-q", "-At", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", user, "-d", "postgres"]);
+    cmd.args(["-v", "ON_ERROR_STOP=1"]);
+    for st in statements {
+        cmd.args(["-c", st]);
+    }
+    cmd.output().expect("psql")
+}
+
 #[test]
 fn each_shape_reports_what_the_cache_answered() {
     let pg = Pg::start("queries");
@@ -38,25 +50,14 @@ fn each_shape_reports_what_the_cache_answered() {
     // the texts are every session's: not for any role
     let out = psql(pg.port, "CREATE ROLE app LOGIN; GRANT SELECT ON items TO app");
     assert!(!out.contains("ERROR"), "{out}");
-    let as_app = || {
-        std::process::Command::new("psql")
-            .args(["-X", "-At", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app", "-d", "postgres"])
-            .args(["-c", "SHOW POSTAI QUERIES"])
-            .output()
-            .expect("psql")
-    };
+    let as_app = || session(port, "app", &["SHOW POSTAI QUERIES"]);
     let denied = as_app();
     let err = String::from_utf8_lossy(&denied.stderr);
     assert!(err.contains("permission denied") && !denied.status.success(), "{err}");
     let out = psql(pg.port, "GRANT pg_read_all_stats TO app");
     assert!(!out.contains("ERROR"), "{out}");
-    let as_app = std::process::Command::new("psql")
-        .args(["-X", "-At", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app", "-d", "postgres"])
-        .args(["-c", "SHOW POSTAI QUERIES"])
-        .output()
-        .expect("psql");
     assert!(
-        String::from_utf8_lossy(&as_app.stdout).to_ascii_lowercase().contains("from items where id = $1"),
+        String::from_utf8_lossy(&as_app().stdout).to_ascii_lowercase().contains("from items where id = $1"),
         "pg_read_all_stats sees them"
     );
     drop(p);
@@ -93,22 +94,21 @@ fn explain_shows_the_cores_decisions_and_the_plan() {
     assert_eq!(psql(pg.port, "SELECT count(*) FROM items"), "10", "nothing was deleted");
     // a session reading backslash escapes: its text may hide a second
     // statement from the lexer, so nothing is asked of PostgreSQL
-    let session = std::process::Command::new("psql")
-        .args(["-X", "-q", "-At", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-d", "postgres"])
-        .args(["-c", "SET standard_conforming_strings = off", "-c", "POSTAI EXPLAIN SELECT v FROM items WHERE id = 3"])
-        .output()
-        .expect("psql");
-    let out = String::from_utf8_lossy(&session.stdout);
+    let off = session(
+        port,
+        "postgres",
+        &["SET standard_conforming_strings = off", "POSTAI EXPLAIN SELECT v FROM items WHERE id = 3"],
+    );
+    let out = String::from_utf8_lossy(&off.stdout);
     assert!(out.contains("plan|not asked of PostgreSQL (its effects"), "{out}");
     // inside a transaction: the core's rows only, and the transaction stays usable
-    let session = std::process::Command::new("psql")
-        .args(["-X", "-q", "-At", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-d", "postgres"])
-        .args(["-v", "ON_ERROR_STOP=1", "-c", "BEGIN", "-c", "POSTAI EXPLAIN SELECT nope FROM items"])
-        .args(["-c", "SELECT v FROM items WHERE id = 2", "-c", "COMMIT"])
-        .output()
-        .expect("psql");
-    let out = String::from_utf8_lossy(&session.stdout);
-    assert!(session.status.success(), "{out}{}", String::from_utf8_lossy(&session.stderr));
+    let txn = session(
+        port,
+        "postgres",
+        &["BEGIN", "POSTAI EXPLAIN SELECT nope FROM items", "SELECT v FROM items WHERE id = 2", "COMMIT"],
+    );
+    let out = String::from_utf8_lossy(&txn.stdout);
+    assert!(txn.status.success(), "{out}{}", String::from_utf8_lossy(&txn.stderr));
     assert!(out.contains("plan|not asked of PostgreSQL inside a transaction") && out.contains("v2"), "{out}");
     // PostgreSQL's own error for a statement it cannot plan
     let out = psql(port, "POSTAI EXPLAIN SELECT nope FROM items");
