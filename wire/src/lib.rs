@@ -6,6 +6,7 @@
 //! edge can drive it over a WebSocket.
 
 pub mod answers;
+pub mod catalog;
 pub mod messages;
 pub mod pooled;
 pub mod protocol;

@@ -55,6 +55,9 @@ pub struct Access {
     pub token: String,
     /// The Worker's own login to PostgreSQL, and where.
     pub upstream: ConnInfo,
+    /// The regional proxy whose change feed keeps the cache fresh (a role
+    /// with REPLICATION there); `None`: nothing is cached.
+    pub feed: Option<ConnInfo>,
 }
 
 impl Access {
@@ -76,13 +79,17 @@ impl Access {
             );
             return Err(DbError::new("28000", &m));
         }
-        let application_name = info.application_name.unwrap_or_else(|| "postai-worker".into());
-        Ok(Login {
-            user: self.upstream.user.clone(),
-            password: self.upstream.password.clone(),
-            database: self.upstream.database.clone(),
-            application_name,
-        })
+        Ok(login_of(&self.upstream, info.application_name))
+    }
+}
+
+/// The login a connection string names.
+pub fn login_of(c: &ConnInfo, application_name: Option<String>) -> Login {
+    Login {
+        user: c.user.clone(),
+        password: c.password.clone(),
+        database: c.database.clone(),
+        application_name: application_name.or(c.application_name.clone()).unwrap_or_else(|| "postai-worker".into()),
     }
 }
 
@@ -99,7 +106,7 @@ mod tests {
 
     fn access() -> Access {
         let upstream = parse_conn("postgresql://app:secret@127.0.0.1:5433/shop").unwrap();
-        Access { token: "t0k%n".into(), upstream }
+        Access { token: "t0k%n".into(), upstream, feed: None }
     }
 
     #[test]
@@ -128,7 +135,7 @@ mod tests {
         let other = a.authorize(Some("postgresql://admin:t0k%25n@edge/shop"), None).unwrap_err();
         assert_eq!(other.code(), "28000");
         assert!(a.authorize(Some("postgresql://app:t0k%25n@edge/other"), None).is_err());
-        let no_token = Access { token: String::new(), upstream: a.upstream.clone() };
+        let no_token = Access { token: String::new(), upstream: a.upstream.clone(), feed: None };
         assert!(no_token.authorize(Some("postgresql://app@edge/shop"), Some("")).is_err());
         let login = a.authorize(Some("postgresql://app:t0k%25n@edge/shop"), None).unwrap();
         assert_eq!((login.user.as_str(), login.password.as_str()), ("app", "secret"));

@@ -7,12 +7,45 @@
 //!   address; or a Hyperdrive binding `HYPERDRIVE`, whose address and
 //!   login replace it.
 //! - `POSTAI_UPSTREAM_TLS`: `disable` (default) or `require`.
+//! - `POSTAI_FEED_URL` (secret, optional): the regional proxy whose change
+//!   feed keeps the cache fresh (a role with REPLICATION there). Without
+//!   it nothing is cached: every statement runs on PostgreSQL.
+//! - `POSTAI_FEED_MS` (default 1000), `POSTAI_SILENCE_MS` (default 5000):
+//!   how often a request pulls the feed, and how old it may be before the
+//!   cache serves nothing.
+
+use std::cell::RefCell;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use worker::*;
 
 use crate::access::{Access, ConnInfo, parse_conn};
-use crate::handler::{self, Answer};
+use crate::cache::{CacheConfig, Edge};
+use crate::handler::{self, Answer, Net};
+
+thread_local! {
+    /// The isolate's cache: requests of one isolate share it.
+    static EDGE: RefCell<Option<&'static RefCell<Edge>>> = const { RefCell::new(None) };
+}
+
+/// The isolate's cache, made on first use (leaked: it lives as long as the isolate).
+fn edge(config: CacheConfig) -> &'static RefCell<Edge> {
+    EDGE.with(|e| *e.borrow_mut().get_or_insert_with(|| Box::leak(Box::new(RefCell::new(Edge::new(config))))))
+}
+
+struct Sockets {
+    tls: bool,
+}
+
+impl Net for Sockets {
+    type Stream = Socket;
+    async fn open(&self, to: &ConnInfo) -> std::io::Result<Socket> {
+        open(to.host.clone(), to.port, self.tls).await
+    }
+    fn now(&self) -> postai_core::Instant {
+        postai_core::Instant::from_millis(Date::now().as_millis())
+    }
+}
 
 #[event(fetch)]
 async fn fetch(mut req: Request, env: Env, _ctx: Context) -> Result<Response> {
@@ -20,12 +53,12 @@ async fn fetch(mut req: Request, env: Env, _ctx: Context) -> Result<Response> {
         (Method::Options, _) => Answer::text(204, ""),
         (Method::Post, "/sql") => match settings(&env) {
             Err(e) => Answer::text(500, &format!("POST AI Worker misconfigured: {e}")),
-            Ok((access, tls)) => {
+            Ok((access, tls, cache)) => {
                 let body = req.bytes().await.unwrap_or_default();
                 let headers = req.headers().clone();
                 let header = move |name: &str| headers.get(name).ok().flatten();
-                let (host, port) = (access.upstream.host.clone(), access.upstream.port);
-                handler::handle(&access, header, &body, move || open(host, port, tls)).await
+                let edge = access.feed.as_ref().map(|_| edge(cache));
+                handler::handle(&access, edge, &Sockets { tls }, header, &body).await
             }
         },
         _ => Answer::text(400, "query is not supported: POST /sql"),
@@ -49,7 +82,7 @@ fn text(env: &Env, name: &str) -> Option<String> {
     env.secret(name).map(|s| s.to_string()).or_else(|_| env.var(name).map(|v| v.to_string())).ok()
 }
 
-fn settings(env: &Env) -> std::result::Result<(Access, bool), String> {
+fn settings(env: &Env) -> std::result::Result<(Access, bool, CacheConfig), String> {
     let token = text(env, "POSTAI_TOKEN").filter(|t| !t.is_empty()).ok_or("POSTAI_TOKEN is not set")?;
     let upstream = match env.hyperdrive("HYPERDRIVE") {
         Ok(h) => ConnInfo {
@@ -67,7 +100,18 @@ fn settings(env: &Env) -> std::result::Result<(Access, bool), String> {
         Some("require") => true,
         Some(other) => return Err(format!("POSTAI_UPSTREAM_TLS must be disable or require, not {other:?}")),
     };
-    Ok((Access { token, upstream }, tls))
+    let feed = text(env, "POSTAI_FEED_URL").filter(|f| !f.is_empty()).map(|f| parse_conn(&f)).transpose()?;
+    let ms = |name: &str, default: u64| -> std::result::Result<postai_core::Duration, String> {
+        let v = text(env, name)
+            .map_or(Ok(default), |v| v.parse::<u64>().map_err(|_| format!("{name} must be milliseconds")))?;
+        Ok(postai_core::Duration::from_millis(v.max(1)))
+    };
+    let cache = CacheConfig {
+        feed_every: ms("POSTAI_FEED_MS", 1000)?,
+        silence: ms("POSTAI_SILENCE_MS", 5000)?,
+        ..CacheConfig::default()
+    };
+    Ok((Access { token, upstream, feed }, tls, cache))
 }
 
 /// Opens the socket to PostgreSQL; with `tls`, asks for TLS (SSLRequest)

@@ -8,20 +8,27 @@
 //! session has seen or written), which the client sends back as
 //! `x-postai-session` to read its own writes at any edge.
 
+use std::cell::RefCell;
 use std::future::Future;
 
 use bytes::BytesMut;
+use postai_core::consistency::Consistency;
+use postai_core::{Instant, Lsn};
 use postai_wire::protocol;
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::access::{Access, bearer};
+use crate::access::{Access, ConnInfo, bearer, login_of};
+use crate::cache::{Edge, Start};
 use crate::neon::{self, Body, DbError, Options, Query, QueryResult};
-use crate::pg::{self, Client, PgError};
+use crate::pg::{self, Client, Login, PgError};
 
 pub const SERVED: &str = "x-postai-served";
 pub const LSN: &str = "x-postai-lsn";
 pub const SESSION: &str = "x-postai-session";
+/// The request's consistency: `eventual`, `read-your-writes` (the
+/// default: the session token is a floor) or `strong` (PostgreSQL only).
+pub const CONSISTENCY: &str = "x-postai-consistency";
 
 /// What the Worker answers: status, JSON or text body, and its headers.
 #[derive(Clone, Debug, PartialEq)]
@@ -50,58 +57,207 @@ impl Answer {
 
 const CURRENT_LSN: &str = "SELECT pg_current_wal_lsn()";
 
-/// Handles one request: `header` looks a header up by lower-case name,
-/// `connect` opens a stream to PostgreSQL (TLS, if any, negotiated).
-pub async fn handle<S, F, Fut>(
+/// What the Worker connects to, and its clock: `worker::Socket` and
+/// `Date.now()` in the Worker, tokio and the system clock in the host's tests.
+pub trait Net {
+    type Stream: AsyncRead + AsyncWrite + Unpin;
+    /// Opens a stream to `to` (TLS, if any, negotiated).
+    fn open(&self, to: &ConnInfo) -> impl Future<Output = std::io::Result<Self::Stream>>;
+    fn now(&self) -> Instant;
+}
+
+/// A request the Worker accepted: who, what, how.
+struct Admitted {
+    login: Login,
+    options: Options,
+    body: Body,
+    floor: Option<u64>,
+    consistency: Consistency,
+}
+
+/// Checks the token first (nothing else is looked at without it), then the
+/// headers and the body.
+fn admit(access: &Access, header: &impl Fn(&str) -> Option<String>, body: &[u8]) -> Result<Admitted, Answer> {
+    let auth = header("authorization");
+    let login = access
+        .authorize(header("neon-connection-string").as_deref(), bearer(auth.as_deref()))
+        .map_err(|e| Answer::db_error(&e))?;
+    let bad = |code: &str, m: &str| Answer::db_error(&DbError::new(code, m));
+    let options = Options::from_headers(header).map_err(|e| bad(e.code(), &e.to_string()))?;
+    let body = neon::parse_body(body).map_err(|e| bad(e.code(), &e.to_string()))?;
+    let floor = match header(SESSION) {
+        None => None,
+        Some(s) => Some(protocol::parse_lsn(&s).ok_or_else(|| bad("22023", &format!("{SESSION}: not an LSN: {s:?}")))?),
+    };
+    let consistency = match header(CONSISTENCY).as_deref() {
+        None => Consistency::ReadYourWrites,
+        Some(c @ ("eventual" | "read-your-writes" | "strong")) => c.parse().unwrap_or_default(),
+        Some(other) => {
+            return Err(bad("22023", &format!("{CONSISTENCY}: eventual, read-your-writes or strong, not {other:?}")));
+        }
+    };
+    Ok(Admitted { login, options, body, floor, consistency })
+}
+
+/// Handles one request: `header` looks a header up by lower-case name.
+/// With `edge` (a feed is configured), single statements go through the
+/// cache; transactions and everything the cache cannot take run on
+/// PostgreSQL.
+pub async fn handle<N: Net>(
     access: &Access,
+    edge: Option<&RefCell<Edge>>,
+    net: &N,
     header: impl Fn(&str) -> Option<String>,
     body: &[u8],
-    connect: F,
-) -> Answer
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = std::io::Result<S>>,
-{
-    let auth = header("authorization");
-    let login = match access.authorize(header("neon-connection-string").as_deref(), bearer(auth.as_deref())) {
-        Ok(l) => l,
-        Err(e) => return Answer::db_error(&e),
+) -> Answer {
+    let a = match admit(access, &header, body) {
+        Ok(a) => a,
+        Err(answer) => return answer,
     };
-    let (options, body) = match Options::from_headers(&header).and_then(|o| Ok((o, neon::parse_body(body)?))) {
-        Ok(ok) => ok,
-        Err(e) => return Answer::db_error(&DbError::new(e.code(), &e.to_string())),
-    };
-    let floor = header(SESSION).and_then(|s| protocol::parse_lsn(&s));
-    let stream = match connect().await {
-        Ok(s) => s,
-        Err(e) => return Answer::db_error(&unreachable(&e)),
-    };
-    let mut client = match Client::login(stream, &login).await {
+    if let (Some(edge), Some(feed), Body::One(q)) = (edge, &access.feed, &a.body) {
+        return cached(edge, net, (access, feed), &a, q).await;
+    }
+    direct(net, access, &a).await
+}
+
+/// On PostgreSQL, uncached.
+async fn direct<N: Net>(net: &N, access: &Access, a: &Admitted) -> Answer {
+    let mut client = match connect(net, &access.upstream, &a.login).await {
         Ok(c) => c,
         Err(e) => return error_answer(e),
     };
-    let ran = match &body {
-        Body::One(q) => one(&mut client, q).await.map(|(r, lsns)| (r.to_json(&options), lsns)),
+    let ran = match &a.body {
+        Body::One(q) => one(&mut client, q).await.map(|(r, lsns)| (r.to_json(&a.options), lsns)),
         Body::Batch(qs) => {
-            batch(&mut client, qs, &options.begin).await.map(|(r, l)| (neon::batch_json(&r, &options), l))
+            batch(&mut client, qs, &a.options.begin).await.map(|(r, l)| (neon::batch_json(&r, &a.options), l))
         }
     };
     client.terminate().await;
     match ran {
-        Ok((json, (before, after))) => {
-            let mut a = Answer::json(200, &json);
-            a.headers.push((SERVED, "primary".into()));
-            if let Some(l) = before {
-                a.headers.push((LSN, lsn_text(l)));
-            }
-            if let Some(l) = after.max(floor) {
-                a.headers.push((SESSION, lsn_text(l)));
-            }
-            a
-        }
+        Ok((json, (before, after))) => answered(json, "primary", before, after.max(a.floor)),
         Err(e) => error_answer(e),
     }
+}
+
+/// Through the cache: the feed pulled first when due, then a hit, or a
+/// miss run on PostgreSQL and handed back to the node.
+async fn cached<N: Net>(
+    edge: &RefCell<Edge>,
+    net: &N,
+    (access, feed): (&Access, &ConnInfo),
+    a: &Admitted,
+    q: &Query,
+) -> Answer {
+    if edge.borrow_mut().pull(net.now()) {
+        let pulled = pull_feed(edge, net, feed, (&access.upstream, &a.login)).await;
+        if let Err(e) = &pulled {
+            // the node's silence bound decides what may still be served
+            log(&format!("the change feed: {e}"));
+        }
+        edge.borrow_mut().pulled(net.now(), pulled.is_ok());
+    }
+    let who = (a.login.user.as_str(), a.login.database.as_str());
+    let start = edge.borrow_mut().start(net.now(), who, a.consistency, a.floor.map(Lsn), &q.query, &q.params);
+    let pending = match start {
+        Start::Hit { value, lsn } => {
+            return answered(value.to_json(&a.options), "L1", Some(lsn.0), a.floor.max(Some(lsn.0)));
+        }
+        Start::Pass => return direct(net, access, a).await,
+        Start::Miss(p) => p,
+    };
+    let ran = match connect(net, &access.upstream, &a.login).await {
+        Ok(mut c) => {
+            let r = one(&mut c, q).await;
+            c.terminate().await;
+            r
+        }
+        Err(e) => Err(e),
+    };
+    match ran {
+        Ok((r, (before, after))) => {
+            let value = std::sync::Arc::new(r);
+            let commit = after.filter(|_| pending.writes).map(Lsn);
+            edge.borrow_mut().finish(net.now(), pending, Ok((value.clone(), commit)));
+            answered(value.to_json(&a.options), "primary", before, after.max(a.floor))
+        }
+        Err(e) => {
+            edge.borrow_mut().finish(net.now(), pending, Err(e.to_string()));
+            error_answer(e)
+        }
+    }
+}
+
+/// A 200 answer with its tier, what it reflects and the session's token.
+fn answered(json: Value, served: &str, reflects: Option<u64>, token: Option<u64>) -> Answer {
+    let mut a = Answer::json(200, &json);
+    a.headers.push((SERVED, served.into()));
+    if let Some(l) = reflects {
+        a.headers.push((LSN, lsn_text(l)));
+    }
+    if let Some(l) = token {
+        a.headers.push((SESSION, lsn_text(l)));
+    }
+    a
+}
+
+async fn connect<N: Net>(net: &N, to: &ConnInfo, login: &Login) -> Result<Client<N::Stream>, PgError> {
+    let stream = net.open(to).await.map_err(|e| PgError::Db(unreachable(&e)))?;
+    Client::login(stream, login).await
+}
+
+/// Pulls the change feed until it has caught up with the regional (its
+/// first keepalive); the catalog is read where the stream opens on a
+/// position whose past is unknown, and after DDL.
+async fn pull_feed<N: Net>(
+    edge: &RefCell<Edge>,
+    net: &N,
+    feed: &ConnInfo,
+    db: (&ConnInfo, &Login),
+) -> Result<(), PgError> {
+    let mut sub = connect(net, feed, &login_of(feed, Some("postai-worker feed".into()))).await?;
+    let command = edge.borrow_mut().subscribe_command();
+    sub.send_query(&command).await?;
+    let mut stale = false;
+    let outcome = loop {
+        let m = sub.message().await?;
+        match m.tag {
+            b'E' => break Err(PgError::Db(DbError::parse(m.body()))),
+            b'Z' | b'c' => break Err(PgError::Protocol("the regional proxy ended the subscription".into())),
+            b'd' => {}
+            _ => continue,
+        }
+        let text = String::from_utf8_lossy(m.body());
+        if edge.borrow().opens_unknown(&text) {
+            read_catalog(edge, net, db).await?;
+        }
+        let fed = edge.borrow_mut().feed_line(net.now(), &text);
+        stale |= fed.catalog_stale;
+        if fed.caught_up {
+            break Ok(());
+        }
+    };
+    sub.terminate().await;
+    if stale {
+        read_catalog(edge, net, db).await?;
+    }
+    outcome
+}
+
+/// Reads the database's catalog (the Worker's own login) for the node.
+async fn read_catalog<N: Net>(edge: &RefCell<Edge>, net: &N, (to, login): (&ConnInfo, &Login)) -> Result<(), PgError> {
+    let mut c = connect(net, to, login).await?;
+    let live = postai_wire::catalog::load(&mut c).await;
+    c.terminate().await;
+    edge.borrow_mut().set_catalog(&live?);
+    Ok(())
+}
+
+/// A line in the Worker's log (`console.log` in the Worker, stderr on the host).
+fn log(line: &str) {
+    #[cfg(target_arch = "wasm32")]
+    worker::console_log!("postai-worker: {line}");
+    #[cfg(not(target_arch = "wasm32"))]
+    eprintln!("postai-worker: {line}");
 }
 
 /// What a failure looks like to the driver: PostgreSQL's own error as is;

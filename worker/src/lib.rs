@@ -13,6 +13,7 @@
 //! - `entry` (wasm32 only): the `fetch` handler around them.
 
 pub mod access;
+pub mod cache;
 pub mod handler;
 pub mod neon;
 pub mod pg;

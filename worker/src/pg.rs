@@ -121,6 +121,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         Ok(())
     }
 
+    /// Sends a simple Query whose answer the caller reads message by
+    /// message ([`Client::message`]): a subscription's CopyData.
+    pub async fn send_query(&mut self, sql: &str) -> Result<(), PgError> {
+        self.send(&protocol::query(sql)).await
+    }
+
+    /// The next message from the server.
+    pub async fn message(&mut self) -> Result<Message, PgError> {
+        self.recv().await
+    }
+
     async fn recv(&mut self) -> Result<Message, PgError> {
         loop {
             if let Some(m) = protocol::decode(&mut self.buf, MESSAGE_MAX, BACKEND_TAGS)? {
@@ -208,6 +219,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     pub async fn terminate(mut self) {
         let _ = self.send(&[b'X', 0, 0, 0, 4]).await;
         let _ = self.stream.shutdown().await;
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> postai_wire::catalog::Rows for Client<S> {
+    /// The catalog's queries (simple protocol); an error answer is an error.
+    async fn rows(&mut self, sql: &str) -> std::io::Result<Vec<Vec<Option<String>>>> {
+        match self.simple(sql).await {
+            Ok(mut results) => Ok(results.pop().map(|r| r.rows).unwrap_or_default()),
+            Err(PgError::Io(e)) => Err(e),
+            Err(e) => Err(std::io::Error::other(format!("reading the catalog: {e}"))),
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! `worker/build.sh`) and `worker/node_modules` (`worker/setup.sh`);
 //! `.ci/run` runs both before the tests.
 
+#[allow(dead_code)]
 mod common;
 
 use std::path::Path;

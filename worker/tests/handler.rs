@@ -5,26 +5,22 @@
 
 mod common;
 
-use std::cell::Cell;
-
 use common::cluster::{free_port, psql};
-use common::shop as cluster;
+use common::{Tcp, shop as cluster};
 use postai_worker::access::{Access, parse_conn};
 use postai_worker::handler::{self, Answer, LSN, SERVED, SESSION};
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
 
 fn access(port: u16, user: &str, password: &str, database: &str) -> Access {
     let upstream =
         parse_conn(&format!("postgresql://{user}:{}@127.0.0.1:{port}/{database}", password.replace(' ', "%20")))
             .expect("connection string");
-    Access { token: "tok".into(), upstream }
+    Access { token: "tok".into(), upstream, feed: None }
 }
 
 /// Sends one request as the driver would (token as the password).
 async fn send(access: &Access, body: &str, extra: &[(&str, &str)]) -> Answer {
     let conn = format!("postgresql://{}:tok@edge.local/{}", access.upstream.user, access.upstream.database);
-    let port = access.upstream.port;
     let header = |name: &str| -> Option<String> {
         if name == "neon-connection-string" {
             return Some(conn.clone());
@@ -32,7 +28,7 @@ async fn send(access: &Access, body: &str, extra: &[(&str, &str)]) -> Answer {
         let fixed = [("neon-array-mode", "true"), ("neon-raw-text-output", "true")];
         extra.iter().chain(fixed.iter()).find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
     };
-    handler::handle(access, header, body.as_bytes(), || TcpStream::connect(("127.0.0.1", port))).await
+    handler::handle(access, None, &Tcp::default(), header, body.as_bytes()).await
 }
 
 fn json_of(a: &Answer) -> Value {
@@ -125,18 +121,14 @@ async fn errors_carry_sqlstate_and_transactions_roll_back() {
 async fn refused_and_broken_requests_answer_clearly() {
     let pg = cluster();
     let a = access(pg.port, "app", "app pw", "shop");
-    let opened = Cell::new(false);
     let header = |name: &str| match name {
         "neon-connection-string" => Some("postgresql://app:wrong@edge/shop".to_string()),
         _ => None,
     };
-    let connect = || {
-        opened.set(true);
-        TcpStream::connect(("127.0.0.1", pg.port))
-    };
-    let r = handler::handle(&a, header, br#"{"query":"SELECT 1"}"#, connect).await;
+    let net = Tcp::default();
+    let r = handler::handle(&a, None, &net, header, br#"{"query":"SELECT 1"}"#).await;
     assert_eq!((r.status, json_of(&r)["code"].clone()), (400, json!("28P01")));
-    assert!(!opened.get(), "nothing reaches the database without the token");
+    assert_eq!(net.opened.get(), 0, "nothing reaches the database without the token");
     for (body, code) in [("{nope", "08P01"), (r#"{"params":[]}"#, "08P01"), (r#"{"query":"SELECT 1\u0000"}"#, "22021")]
     {
         let r = send(&a, body, &[]).await;

@@ -4,7 +4,30 @@
 #[allow(dead_code)]
 pub mod cluster;
 
+use std::cell::Cell;
+
 use cluster::{Pg, psql};
+use postai_worker::access::ConnInfo;
+use postai_worker::handler::Net;
+use tokio::net::TcpStream;
+
+/// The Worker's connections as tokio streams, counted; its clock the system's.
+#[derive(Default)]
+pub struct Tcp {
+    pub opened: Cell<u32>,
+}
+
+impl Net for Tcp {
+    type Stream = TcpStream;
+    async fn open(&self, to: &ConnInfo) -> std::io::Result<TcpStream> {
+        self.opened.set(self.opened.get() + 1);
+        TcpStream::connect((to.host.as_str(), to.port)).await
+    }
+    fn now(&self) -> postai_core::Instant {
+        let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        postai_core::Instant::from_nanos(since.as_nanos() as u64)
+    }
+}
 
 /// A cluster with password logins over TCP: `app` (SCRAM) owns database
 /// `shop`, `old` logs in with MD5.

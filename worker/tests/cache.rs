@@ -1,0 +1,173 @@
+//! The Worker's cache against a real regional proxy (`postai-edge` in
+//! the regional role, reading a slot of PostgreSQL) and PostgreSQL: the
+//! same `handler::handle` the Worker runs, over tokio streams. A miss then a
+//! hit; a write through the Worker read back by its session; a write made
+//! directly on PostgreSQL reaching the cache through the feed; nothing
+//! served from the cache once the feed is silent past its bound; DDL.
+
+mod common;
+
+// the proxy starters; its cluster.rs is common's too (two copies of the module)
+#[path = "../../edge/tests/pg/mod.rs"]
+#[allow(dead_code, clippy::duplicate_mod)]
+mod pg;
+
+use std::cell::RefCell;
+use std::time::{Duration, Instant};
+
+use common::Tcp;
+use common::cluster::psql;
+use postai_worker::access::{Access, parse_conn};
+use postai_worker::cache::{CacheConfig, Edge};
+use postai_worker::handler::{self, Answer, SERVED, SESSION};
+use serde_json::{Value, json};
+
+struct World {
+    pg: common::cluster::Pg,
+    regional: Option<pg::Proxy>,
+    access: Access,
+    edge: RefCell<Edge>,
+}
+
+fn world(config: CacheConfig) -> World {
+    let pg = common::shop();
+    let regional = pg::start_proxy(&format!(
+        "upstream = '{}'\nrole = 'regional'\n[cdc]\nslot = 'worker_region'\ndatabase = 'shop'\npoll_ms = 20\n",
+        pg.addr()
+    ));
+    let upstream = parse_conn(&format!("postgresql://app:app%20pw@127.0.0.1:{}/shop", pg.port)).expect("url");
+    let feed = parse_conn(&format!("postgresql://postgres@127.0.0.1:{}/shop", regional.port)).expect("url");
+    let access = Access { token: "tok".into(), upstream, feed: Some(feed) };
+    World { pg, regional: Some(regional), access, edge: RefCell::new(Edge::new(config)) }
+}
+
+impl World {
+    /// One request, on a runtime of its own (the regional's runtime must
+    /// not be started or dropped inside another).
+    fn send(&self, body: &str, extra: &[(&str, &str)]) -> Answer {
+        let header = |name: &str| -> Option<String> {
+            if name == "neon-connection-string" {
+                return Some("postgresql://app:tok@edge.local/shop".into());
+            }
+            let fixed = [("neon-array-mode", "true"), ("neon-raw-text-output", "true")];
+            extra.iter().chain(fixed.iter()).find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(handler::handle(&self.access, Some(&self.edge), &Tcp::default(), header, body.as_bytes()))
+    }
+
+    /// Item `id`'s name as the Worker answers it, and the tier that answered.
+    fn name(&self, id: u32, extra: &[(&str, &str)]) -> (String, String) {
+        let body = format!(r#"{{"query":"SELECT name FROM items WHERE id = $1","params":["{id}"]}}"#);
+        let a = self.send(&body, extra);
+        assert_eq!(a.status, 200, "{}", a.body);
+        let v: Value = serde_json::from_str(&a.body).expect("json");
+        let name = v["rows"][0][0].as_str().unwrap_or("<none>").to_string();
+        (name, served(&a))
+    }
+}
+
+fn served(a: &Answer) -> String {
+    a.headers.iter().find(|(k, _)| *k == SERVED).map(|(_, v)| v.clone()).unwrap_or_default()
+}
+
+fn shop_sql(pg: &common::cluster::Pg, sql: &str) {
+    let out = std::process::Command::new("psql")
+        .args(["-X", "-q", "-At", "-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "-d", "shop"])
+        .args(["-v", "ON_ERROR_STOP=1", "-c", sql])
+        .output()
+        .expect("psql runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Until the regional's stream is open and the cache answers a repeated read.
+fn until_cached(w: &World, id: u32) {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(20) {
+        if w.name(id, &[]).1 == "L1" {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("item {id} was never answered from the cache: {:?}", w.edge.borrow().stats());
+}
+
+fn quick() -> CacheConfig {
+    CacheConfig { feed_every: Duration::ZERO, silence: Duration::from_millis(400), ..CacheConfig::default() }
+}
+
+#[test]
+fn reads_are_served_at_the_edge_and_writes_reach_it() {
+    let w = world(quick());
+    until_cached(&w, 1);
+    assert_eq!(w.name(1, &[]), ("one".into(), "L1".into()));
+    let misses = w.edge.borrow().stats().upstream;
+
+    // a write through the Worker: its session reads it back at once
+    let up = w.send(r#"{"query":"UPDATE items SET name = 'uno' WHERE id = 1"}"#, &[]);
+    assert_eq!(up.status, 200, "{}", up.body);
+    let token = up.headers.iter().find(|(k, _)| *k == SESSION).map(|(_, v)| v.clone()).expect("token");
+    assert_eq!(w.name(1, &[(SESSION, &token)]).0, "uno", "read-your-writes with the token");
+    assert!(w.edge.borrow().stats().upstream > misses);
+
+    // a write made directly on PostgreSQL: through the feed, then never the old value again
+    until_cached(&w, 2);
+    shop_sql(&w.pg, "UPDATE items SET name = 'zwei' WHERE id = 2");
+    let started = Instant::now();
+    let mut seen_new = false;
+    while started.elapsed() < Duration::from_secs(10) {
+        let (name, _) = w.name(2, &[]);
+        match name.as_str() {
+            "zwei" => seen_new = true,
+            "two" => assert!(!seen_new, "the old value after the new one"),
+            other => panic!("item 2 is {other:?}"),
+        }
+        if seen_new && w.name(2, &[]).1 == "L1" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(seen_new, "a direct write never reached the Worker");
+    assert_eq!(w.name(2, &[]), ("zwei".into(), "L1".into()), "the new value cached again");
+
+    // strong reads go to PostgreSQL; eventual ones may be cached
+    assert_eq!(w.name(2, &[("x-postai-consistency", "strong")]).1, "primary");
+    assert_eq!(w.name(2, &[("x-postai-consistency", "eventual")]).1, "L1");
+    let bad = w.send(r#"{"query":"SELECT 1"}"#, &[("x-postai-consistency", "sometimes")]);
+    assert_eq!(bad.status, 400);
+
+    // DDL: the catalog is read again, and no answer of the old shape is served
+    let star = r#"{"query":"SELECT * FROM items WHERE id = $1","params":["2"]}"#;
+    w.send(star, &[]);
+    assert_eq!(served(&w.send(star, &[])), "L1", "the five-column answer is cached");
+    shop_sql(&w.pg, "ALTER TABLE items ADD COLUMN extra int DEFAULT 7");
+    let started = Instant::now();
+    loop {
+        let a = w.send(star, &[]);
+        let v: Value = serde_json::from_str(&a.body).expect("json");
+        if v["fields"].as_array().map(Vec::len) == Some(6) {
+            assert_eq!(v["rows"][0][5], json!("7"));
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the new column never showed: {}", a.body);
+        assert_eq!(served(&a), "L1", "only the cached answer may still be the old shape");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_silent_feed_stops_the_cache_and_postgresql_answers() {
+    let mut w = world(quick());
+    until_cached(&w, 1);
+    // the regional goes away: the feed cannot be pulled
+    w.regional = None;
+    std::thread::sleep(Duration::from_millis(500));
+    shop_sql(&w.pg, "UPDATE items SET name = 'changed' WHERE id = 1");
+    for _ in 0..3 {
+        assert_eq!(w.name(1, &[]), ("changed".into(), "primary".into()), "nothing from a cache past its bound");
+    }
+    // a transaction is never cached
+    let t = w.send(r#"{"queries":[{"query":"SELECT name FROM items WHERE id = 1"}]}"#, &[]);
+    assert_eq!(served(&t), "primary");
+    drop(psql(w.pg.port, "SELECT 1"));
+}
