@@ -2,7 +2,8 @@
 // PostgreSQL that worker/tests/e2e.rs started, through the real
 // @neondatabase/serverless driver, compared with node-postgres talking to
 // PostgreSQL directly. Run by `cargo test -p postai-worker --test e2e`;
-// environment: PG_PORT, and the role app / database shop it created.
+// environment: PG_PORT, and the role app / database shop it created;
+// FEED_PORT, a regional proxy (postai-edge) reading PostgreSQL's changes.
 import assert from "node:assert/strict";
 import { Miniflare } from "miniflare";
 import { neon, neonConfig, NeonDbError } from "@neondatabase/serverless";
@@ -10,10 +11,14 @@ import pg from "pg";
 
 const port = Number(process.env.PG_PORT);
 assert.ok(port, "PG_PORT is set");
+const feedPort = Number(process.env.FEED_PORT);
+assert.ok(feedPort, "FEED_PORT is set");
 const TOKEN = "e2e-token";
 const here = new URL(".", import.meta.url).pathname;
 
-function worker(databaseUrl) {
+function worker(databaseUrl, feedUrl) {
+  const bindings = { POSTAI_TOKEN: TOKEN, DATABASE_URL: databaseUrl };
+  if (feedUrl) Object.assign(bindings, { POSTAI_FEED_URL: feedUrl, POSTAI_FEED_MS: "1" });
   return new Miniflare({
     modules: true,
     scriptPath: here + "../build/index.js",
@@ -22,13 +27,16 @@ function worker(databaseUrl) {
       { type: "CompiledWasm", include: ["**/*.wasm"] },
     ],
     compatibilityDate: "2026-04-01",
-    bindings: { POSTAI_TOKEN: TOKEN, DATABASE_URL: databaseUrl },
+    bindings,
     host: "127.0.0.1",
     port: 0,
   });
 }
 
-const mf = worker(`postgresql://app:app%20pw@127.0.0.1:${port}/shop`);
+const mf = worker(
+  `postgresql://app:app%20pw@127.0.0.1:${port}/shop`,
+  `postgresql://postgres@127.0.0.1:${feedPort}/shop`,
+);
 const url = await mf.ready;
 neonConfig.fetchEndpoint = new URL("/sql", url).href;
 const sql = neon(`postgresql://app:${TOKEN}@edge.example/shop`);
@@ -143,6 +151,65 @@ await check("plain fetch: malformed JSON, wrong routes, the tier and LSN headers
   assert.match(r.headers.get("x-postai-lsn"), /^[0-9A-F]+\/[0-9A-F]+$/);
   assert.match(r.headers.get("x-postai-session"), /^[0-9A-F]+\/[0-9A-F]+$/);
   await r.json();
+});
+
+// plain fetch, to see the headers: what served it, the session token
+async function post(query, params, extra = {}) {
+  const r = await mf.dispatchFetch(new URL("/sql", url), {
+    method: "POST",
+    headers: {
+      "Neon-Connection-String": `postgresql://app:${TOKEN}@edge.example/shop`,
+      "Neon-Array-Mode": "true",
+      ...extra,
+    },
+    body: JSON.stringify({ query, params }),
+  });
+  const body = await r.json();
+  assert.equal(r.status, 200, JSON.stringify(body));
+  return { body, served: r.headers.get("x-postai-served"), token: r.headers.get("x-postai-session") };
+}
+const nameOf = (id, extra) => post("SELECT name FROM items WHERE id = $1", [String(id)], extra);
+
+async function untilCached(id) {
+  for (let i = 0; i < 400; i++) {
+    if ((await nameOf(id)).served === "L1") return;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  throw new Error(`item ${id} was never served at the edge`);
+}
+
+await check("a miss, then a hit served at the edge (L1)", async () => {
+  await untilCached(1);
+  const hit = await nameOf(1);
+  assert.equal(hit.served, "L1");
+  assert.deepStrictEqual(hit.body.rows, [["one"]]);
+  // the driver gets the cached answer too, parsed the same
+  assert.deepStrictEqual(await sql`SELECT name FROM items WHERE id = ${1}`, [{ name: "one" }]);
+});
+
+await check("a write through the Worker, read back with the session token", async () => {
+  const w = await post("UPDATE items SET name = 'uno' WHERE id = 1", []);
+  assert.equal(w.body.rowCount, 1);
+  assert.ok(w.token, "a session token");
+  const r = await nameOf(1, { "x-postai-session": w.token });
+  assert.deepStrictEqual(r.body.rows, [["uno"]]);
+});
+
+await check("a write made on PostgreSQL reaches the edge through the change feed", async () => {
+  await untilCached(2);
+  await direct.query("UPDATE items SET name = 'zwei' WHERE id = 2");
+  const started = Date.now();
+  let seenNew = false;
+  while (Date.now() - started < 5000) {
+    const r = await nameOf(2);
+    const name = r.body.rows[0][0];
+    if (name === "zwei") seenNew = true;
+    else assert.ok(!seenNew, "the old value after the new one");
+    if (seenNew && r.served === "L1") break;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  assert.ok(seenNew, "the direct write never reached the Worker within 5 s (the silence bound)");
+  console.log(`     reached the edge within ${Date.now() - started} ms`);
 });
 
 await check("an unreachable database is a clear error (08006); the Worker keeps serving", async () => {

@@ -15,8 +15,8 @@ mod pg;
 use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
-use common::Tcp;
 use common::cluster::psql;
+use common::{Tcp, shop_sql};
 use postai_worker::access::{Access, parse_conn};
 use postai_worker::cache::{CacheConfig, Edge};
 use postai_worker::handler::{self, Answer, SERVED, SESSION};
@@ -69,15 +69,6 @@ impl World {
 
 fn served(a: &Answer) -> String {
     a.headers.iter().find(|(k, _)| *k == SERVED).map(|(_, v)| v.clone()).unwrap_or_default()
-}
-
-fn shop_sql(pg: &common::cluster::Pg, sql: &str) {
-    let out = std::process::Command::new("psql")
-        .args(["-X", "-q", "-At", "-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "-d", "shop"])
-        .args(["-v", "ON_ERROR_STOP=1", "-c", sql])
-        .output()
-        .expect("psql runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// Until the regional's stream is open and the cache answers a repeated read.

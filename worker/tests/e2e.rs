@@ -1,11 +1,17 @@
 //! The built Worker, end to end: `test/e2e.mjs` starts it in Miniflare
 //! against this test's PostgreSQL and drives it with the real
-//! `@neondatabase/serverless` driver. It needs `worker/build` (made by
+//! `@neondatabase/serverless` driver, its cache kept fresh by a regional
+//! proxy started here. It needs `worker/build` (made by
 //! `worker/build.sh`) and `worker/node_modules` (`worker/setup.sh`);
 //! `.ci/run` runs both before the tests.
 
 #[allow(dead_code)]
 mod common;
+
+// the proxy starters; its cluster.rs is common's too (two copies of the module)
+#[path = "../../edge/tests/pg/mod.rs"]
+#[allow(dead_code, clippy::duplicate_mod)]
+mod pg;
 
 use std::path::Path;
 use std::process::Command;
@@ -22,10 +28,15 @@ fn the_real_driver_through_the_worker_in_miniflare() {
         );
     }
     let pg = common::shop();
+    let regional = pg::start_proxy(&format!(
+        "upstream = '{}'\nrole = 'regional'\n[cdc]\nslot = 'worker_e2e'\ndatabase = 'shop'\npoll_ms = 20\n",
+        pg.addr()
+    ));
     let out = Command::new("node")
         .arg("test/e2e.mjs")
         .current_dir(dir)
         .env("PG_PORT", pg.port.to_string())
+        .env("FEED_PORT", regional.port.to_string())
         .output()
         .expect("node runs");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

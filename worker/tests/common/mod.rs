@@ -40,16 +40,19 @@ pub fn shop() -> Pg {
                host all all 127.0.0.1/32 scram-sha-256\n";
     std::fs::write(pg.dir.join("data/pg_hba.conf"), hba).expect("write pg_hba.conf");
     psql(pg.port, "SELECT pg_reload_conf()");
-    let shop = |sql: &str| {
-        let out = std::process::Command::new("psql")
-            .args(["-X", "-q", "-At", "-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "-d", "shop"])
-            .args(["-v", "ON_ERROR_STOP=1", "-c", sql])
-            .output()
-            .expect("psql runs");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    };
+    let shop = |sql: &str| shop_sql(&pg, sql);
     shop("CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL, price numeric(10,2), tags text[], made date)");
     shop("ALTER TABLE items OWNER TO app");
     shop("INSERT INTO items VALUES (1, 'one', 1.50, '{a,b}', '2024-01-02'), (2, 'two', NULL, NULL, NULL)");
     pg
+}
+
+/// Runs `sql` on database `shop` as the superuser (psql); panics on error.
+pub fn shop_sql(pg: &Pg, sql: &str) {
+    let out = std::process::Command::new("psql")
+        .args(["-X", "-q", "-At", "-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "-d", "shop"])
+        .args(["-v", "ON_ERROR_STOP=1", "-c", sql])
+        .output()
+        .expect("psql runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
