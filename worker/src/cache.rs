@@ -99,7 +99,14 @@ pub struct Edge {
     /// A pull of the feed is under way (requests of one isolate run
     /// concurrently: one pull at a time).
     pulling: bool,
+    /// The roles' digest last read, and when: roles change without
+    /// change events (memberships, per-role settings).
+    roles: Option<String>,
+    roles_checked: Option<Instant>,
 }
+
+/// How often a pull also reads the roles' digest (as the native edge does).
+pub const ROLES_CHECK: Duration = Duration::from_millis(1000);
 
 impl Edge {
     pub fn new(config: CacheConfig) -> Edge {
@@ -126,6 +133,8 @@ impl Edge {
             seen: Lsn(0),
             next_session: 0,
             pulling: false,
+            roles: None,
+            roles_checked: None,
         }
     }
 
@@ -168,6 +177,27 @@ impl Edge {
             None => self.node.load_catalog(|c| live.apply(c)),
         }
         self.catalog = Some(digest);
+    }
+
+    /// How long a pull may take: past the silence bound nothing would be
+    /// served anyway.
+    pub fn pull_timeout(&self) -> Duration {
+        self.config.silence
+    }
+
+    /// Whether the roles' digest is due to be read again.
+    pub fn roles_due(&self, now: Instant) -> bool {
+        self.roles_checked.is_none_or(|at| now.saturating_since(at) >= ROLES_CHECK)
+    }
+
+    /// The roles' digest read at `now`, with the primary's position then:
+    /// a change drops what was cached under the old privileges and settings.
+    pub fn set_roles(&mut self, now: Instant, digest: String, at: Lsn) {
+        self.roles_checked = Some(now);
+        if self.roles.as_ref().is_some_and(|old| *old != digest) {
+            self.node.roles_changed(at);
+        }
+        self.roles = Some(digest);
     }
 
     /// The statement that (re)subscribes: from the last commit applied.

@@ -45,6 +45,9 @@ impl Net for Sockets {
     fn now(&self) -> postai_core::Instant {
         postai_core::Instant::from_millis(Date::now().as_millis())
     }
+    async fn sleep(&self, d: postai_core::Duration) {
+        Delay::from(d).await
+    }
 }
 
 #[event(fetch)]

@@ -12,8 +12,10 @@ use std::cell::RefCell;
 use std::future::Future;
 
 use bytes::BytesMut;
+use futures_util::future::{Either, select};
 use postai_core::consistency::Consistency;
-use postai_core::{Instant, Lsn};
+use postai_core::stream::Line;
+use postai_core::{Duration, Instant, Lsn};
 use postai_wire::protocol;
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -64,6 +66,7 @@ pub trait Net {
     /// Opens a stream to `to` (TLS, if any, negotiated).
     fn open(&self, to: &ConnInfo) -> impl Future<Output = std::io::Result<Self::Stream>>;
     fn now(&self) -> Instant;
+    fn sleep(&self, d: Duration) -> impl Future<Output = ()>;
 }
 
 /// A request the Worker accepted: who, what, how.
@@ -205,42 +208,96 @@ async fn connect<N: Net>(net: &N, to: &ConnInfo, login: &Login) -> Result<Client
     Client::login(stream, login).await
 }
 
-/// Pulls the change feed until it has caught up with the regional (its
-/// first keepalive); the catalog is read where the stream opens on a
-/// position whose past is unknown, and after DDL.
+/// Pulls the change feed: the lines of one subscription up to its first
+/// live keepalive (within the silence bound, else nothing is applied), then
+/// applied in order; the catalog is read where the stream opens on a
+/// position whose past is unknown, and after DDL; the roles' digest when due.
 async fn pull_feed<N: Net>(
     edge: &RefCell<Edge>,
     net: &N,
     feed: &ConnInfo,
     db: (&ConnInfo, &Login),
 ) -> Result<(), PgError> {
-    let mut sub = connect(net, feed, &login_of(feed, Some("postai-worker feed".into()))).await?;
-    let command = edge.borrow_mut().subscribe_command();
-    sub.send_query(&command).await?;
+    let (command, timeout) = {
+        let mut e = edge.borrow_mut();
+        (e.subscribe_command(), e.pull_timeout())
+    };
+    let collect = std::pin::pin!(collect_feed(net, feed, &command));
+    let lines = match select(collect, std::pin::pin!(net.sleep(timeout))).await {
+        Either::Left((lines, _)) => lines?,
+        Either::Right(_) => {
+            let m = format!("no live keepalive from the regional proxy within {} ms", timeout.as_millis());
+            return Err(PgError::Protocol(m));
+        }
+    };
     let mut stale = false;
+    for text in &lines {
+        if edge.borrow().opens_unknown(text) {
+            read_catalog(edge, net, db).await?;
+        }
+        stale |= edge.borrow_mut().feed_line(net.now(), text).catalog_stale;
+    }
+    if stale {
+        read_catalog(edge, net, db).await?;
+    }
+    if edge.borrow().roles_due(net.now()) {
+        read_roles(edge, net, db).await?;
+    }
+    Ok(())
+}
+
+/// One subscription's lines up to its first live keepalive. The opening
+/// (`C` and the rows kept since, or a `K` where the stream stands) ends at
+/// its first keepalive, which a regional sends even when its own stream
+/// has stalled (the last position it applied); the next one comes from a
+/// poll of the primary the regional made since: the proof that it is live.
+async fn collect_feed<N: Net>(net: &N, feed: &ConnInfo, command: &str) -> Result<Vec<String>, PgError> {
+    let mut sub = connect(net, feed, &login_of(feed, Some("postai-worker feed".into()))).await?;
+    sub.send_query(command).await?;
+    let mut lines = Vec::new();
+    let mut keepalives = 0;
     let outcome = loop {
-        let m = sub.message().await?;
+        let m = match sub.message().await {
+            Ok(m) => m,
+            Err(e) => break Err(e),
+        };
         match m.tag {
             b'E' => break Err(PgError::Db(DbError::parse(m.body()))),
             b'Z' | b'c' => break Err(PgError::Protocol("the regional proxy ended the subscription".into())),
             b'd' => {}
             _ => continue,
         }
-        let text = String::from_utf8_lossy(m.body());
-        if edge.borrow().opens_unknown(&text) {
-            read_catalog(edge, net, db).await?;
-        }
-        let fed = edge.borrow_mut().feed_line(net.now(), &text);
-        stale |= fed.catalog_stale;
-        if fed.caught_up {
-            break Ok(());
+        let text = String::from_utf8_lossy(m.body()).into_owned();
+        let keepalive = matches!(Line::parse(&text), Some(Line::Keepalive(_)));
+        lines.push(text);
+        keepalives += usize::from(keepalive);
+        if keepalives == 2 {
+            break Ok(lines);
         }
     };
     sub.terminate().await;
-    if stale {
-        read_catalog(edge, net, db).await?;
-    }
     outcome
+}
+
+/// Reads the roles' digest and the primary's position (one round trip).
+async fn read_roles<N: Net>(edge: &RefCell<Edge>, net: &N, (to, login): (&ConnInfo, &Login)) -> Result<(), PgError> {
+    let mut c = connect(net, to, login).await?;
+    let mut out = BytesMut::new();
+    out.extend_from_slice(&protocol::query(postai_wire::catalog::ROLES_DIGEST));
+    out.extend_from_slice(&protocol::query(CURRENT_LSN));
+    let parts = c.pipeline(&out, 2).await;
+    c.terminate().await;
+    let mut parts = parts?.into_iter();
+    let digest = parts.next().transpose()?.and_then(|mut r| r.pop()).and_then(|r| r.rows.into_iter().next());
+    let digest = digest.and_then(|row| row.into_iter().next().flatten());
+    let at = parts.next().and_then(lsn_of);
+    match (digest, at) {
+        (Some(d), Some(at)) => {
+            edge.borrow_mut().set_roles(net.now(), d, Lsn(at));
+            Ok(())
+        }
+        _ => Err(PgError::Protocol("the roles' digest or the WAL position was not answered".into())),
+    }
 }
 
 /// Reads the database's catalog (the Worker's own login) for the node.

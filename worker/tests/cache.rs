@@ -162,3 +162,116 @@ fn a_silent_feed_stops_the_cache_and_postgresql_answers() {
     assert_eq!(served(&t), "primary");
     drop(psql(w.pg.port, "SELECT 1"));
 }
+
+/// Waits until `sql`'s first value, as the Worker answers it, becomes
+/// `want`; after it has, the old value is never answered again.
+fn until_value(w: &World, sql: &str, old: &str, want: &str) {
+    let body = format!(r#"{{"query":"{sql}"}}"#);
+    let started = Instant::now();
+    let mut seen = false;
+    while started.elapsed() < Duration::from_secs(10) {
+        let a = w.send(&body, &[]);
+        let v: Value = serde_json::from_str(&a.body).expect("json");
+        let got = v["rows"][0][0].as_str().map(str::to_string).unwrap_or_else(|| a.body.clone());
+        if got == want {
+            seen = true;
+        } else {
+            assert!(!seen && got == old, "{sql}: {got:?} (old {old:?}, new {want:?}, seen new: {seen})");
+        }
+        if seen && served(&a) == "L1" {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{sql}: never {want:?}");
+}
+
+/// Roles and privileges change without a row changing: a per-role setting
+/// (no change event: the roles' digest), a privilege revoked (DDL through
+/// the feed). Nothing cached under the old ones is served after.
+#[test]
+fn changed_roles_and_privileges_drop_what_was_cached() {
+    let w = world(quick());
+    until_cached(&w, 1);
+    let t = "SELECT '2024-01-01 00:00+00'::timestamptz::text AS t";
+    w.send(&format!(r#"{{"query":"{t}"}}"#), &[]);
+    let cached = w.send(&format!(r#"{{"query":"{t}"}}"#), &[]);
+    assert_eq!(served(&cached), "L1", "{}", cached.body);
+    shop_sql(&w.pg, "ALTER ROLE app SET timezone = 'Asia/Tokyo'");
+    until_value(&w, t, "2024-01-01 00:00:00+00", "2024-01-01 09:00:00+09");
+
+    // a privilege revoked: the cached rows are not served, PostgreSQL refuses
+    until_cached(&w, 1);
+    shop_sql(&w.pg, "REVOKE SELECT ON items FROM app");
+    let started = Instant::now();
+    loop {
+        let a = w.send(r#"{"query":"SELECT name FROM items WHERE id = $1","params":["1"]}"#, &[]);
+        if a.status == 400 {
+            let v: Value = serde_json::from_str(&a.body).expect("json");
+            assert_eq!(v["code"], json!("42501"), "{}", a.body);
+            break;
+        }
+        assert_eq!(served(&a), "L1", "only the cache may still answer, until the feed says: {}", a.body);
+        assert!(started.elapsed() < Duration::from_secs(10), "the revoke never reached the Worker");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for _ in 0..3 {
+        assert_eq!(w.send(r#"{"query":"SELECT name FROM items WHERE id = $1","params":["1"]}"#, &[]).status, 400);
+    }
+}
+
+/// Holds the regional's slot with `pg_recvlogical` (output thrown away):
+/// the regional's own reads of the slot fail from then on, its stream
+/// stalls, and it still opens every subscription with the last position it
+/// applied. Killed on drop.
+struct SlotHeld(std::process::Child);
+
+impl SlotHeld {
+    fn new(pg: &common::cluster::Pg, slot: &str) -> SlotHeld {
+        let started = Instant::now();
+        loop {
+            let mut child = std::process::Command::new("pg_recvlogical")
+                .args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "-d", "shop"])
+                .args(["--slot", slot, "--start", "-f", "/dev/null", "--no-loop"])
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("pg_recvlogical runs");
+            std::thread::sleep(Duration::from_millis(300));
+            if child.try_wait().expect("wait").is_none() {
+                return SlotHeld(child);
+            }
+            // the regional was reading the slot at that moment: again
+            assert!(started.elapsed() < Duration::from_secs(10), "pg_recvlogical never held the slot");
+        }
+    }
+}
+
+impl Drop for SlotHeld {
+    fn drop(&mut self) {
+        drop(self.0.kill());
+        drop(self.0.wait());
+    }
+}
+
+/// A Worker pulls its feed by subscribing anew each time, and a regional
+/// opens every subscription with a keepalive even when its own stream has
+/// stalled: only a keepalive after the opening shows the stream is live.
+/// Here the regional's stream stalls, a row changes, and after the silence
+/// bound (plus a pull's timeout) only the new value is served.
+#[test]
+fn a_stalled_regional_is_silence_though_it_opens_every_subscription() {
+    let w = world(quick());
+    until_cached(&w, 1);
+    let _held = SlotHeld::new(&w.pg, "worker_region");
+    shop_sql(&w.pg, "UPDATE items SET name = 'stale no more' WHERE id = 1");
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(2500) {
+        let (name, tier) = w.name(1, &[]);
+        if started.elapsed() > Duration::from_millis(1000) {
+            assert_eq!((name.as_str(), tier.as_str()), ("stale no more", "primary"), "past the bound");
+        } else {
+            assert!(name == "stale no more" || tier == "L1", "{name} from {tier}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

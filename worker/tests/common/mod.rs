@@ -27,6 +27,9 @@ impl Net for Tcp {
         let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         postai_core::Instant::from_nanos(since.as_nanos() as u64)
     }
+    async fn sleep(&self, d: std::time::Duration) {
+        tokio::time::sleep(d).await
+    }
 }
 
 /// A cluster with password logins over TCP: `app` (SCRAM) owns database
