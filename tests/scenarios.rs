@@ -355,7 +355,7 @@ fn what_if_variants_change_the_baseline_and_run_safely() {
     }
     reports.sort_by(|a, b| a.0.cmp(&b.0));
     let names: Vec<&str> = reports.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["points-only", "points-ttl-1h", "read-only", "site-tiers-x4", "ttl-1h"]);
+    assert_eq!(names, ["points-only", "points-ttl-1h", "read-only", "site-tiers-x4", "ttl-1h", "workers"]);
     let best = &reports[1].1;
     let baseline = run_scenario(&base.short(1));
     assert!(

@@ -103,6 +103,11 @@ pub struct Checker {
     pub l3_lookups: u64,
     pub l3_hits: u64,
     pub upstream_reads: u64,
+    /// The Workers edge's design (`[worker]`): feeds pulled, pulls that
+    /// heard no live keepalive, isolates started cold.
+    pub worker_pulls: u64,
+    pub worker_pulls_failed: u64,
+    pub worker_isolates: u64,
 }
 
 impl Checker {

@@ -63,6 +63,12 @@ pub fn table(r: &Report) -> String {
         "  sites' change streams after a break: {} continued where they broke off, {} started over; resets from a new slot: {} (each drops the site's cache)",
         r.streams_resumed, r.streams_started_over, r.streams_new_history
     );
+    if let Some((pulls, failed, isolates)) = r.worker {
+        let _ = writeln!(
+            s,
+            "  the Workers edge: {pulls} feed pulls by requests ({failed} heard no live keepalive), {isolates} isolates started cold"
+        );
+    }
     if r.ryw_lost_writes + r.limbo_reads + r.relayed_writes + r.cdc_gaps_skipped + r.cdc_gaps_open as u64 > 0 {
         let _ = writeln!(
             s,

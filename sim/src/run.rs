@@ -121,6 +121,10 @@ pub struct Report {
     /// (an event missing while later ones arrived): the model delivers every
     /// event, so any is a bug.
     pub cdc_gaps_open: usize,
+    /// The Workers edge's design only: feeds pulled, pulls that failed,
+    /// isolates started cold.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker: Option<(u64, u64, u64)>,
     pub recoveries: Vec<Recovery>,
     pub site_read_p95_ms: Vec<(String, f64, f64, f64)>,
     pub strategies: Vec<StrategyResult>,
@@ -659,6 +663,7 @@ fn build_report(w: &World) -> Report {
         cdc_gaps_skipped: w.sites.iter().map(|s| s.node.versions().stats().cdc_gaps_skipped).sum(),
         cdc_gaps_open: w.regions.iter().filter(|r| r.versions.has_gap()).count()
             + w.sites.iter().filter(|s| s.node.versions().has_gap()).count(),
+        worker: w.sc.worker.as_ref().map(|_| (c.worker_pulls, c.worker_pulls_failed, c.worker_isolates)),
         recoveries,
         site_read_p95_ms,
         strategies: Vec::new(),

@@ -61,6 +61,39 @@ pub struct Scenario {
     /// (`swarm::small_world`), so that thousands of seeds are cheap.
     #[serde(default)]
     pub small: bool,
+    /// The sites are the Workers edge (`worker/`) instead of the native
+    /// proxy: they pull the regional's feed on request, their cache lives in
+    /// isolates that come and go, they have no L2. `None`: the native edge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<WorkerDesign>,
+}
+
+/// The Workers edge's constraints, as `worker/` runs (README, "The Workers edge").
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerDesign {
+    /// A request that finds its site's feed older than this pulls it first
+    /// and waits for it (`POSTAI_FEED_MS`); at most `db.cdc_silence_max_ms`.
+    pub feed_ms: u64,
+    /// Round trips between the site and its regional before a pull's
+    /// subscription answers (a new connection: TCP, startup and login, the
+    /// subscription itself).
+    pub pull_round_trips: u32,
+    /// The regional's poll interval: a pull waits for the next live
+    /// keepalive, uniformly up to this long.
+    pub poll_ms: f64,
+    /// A pull that hears no live keepalive gives up after this long (and
+    /// applies nothing).
+    pub pull_timeout_ms: u64,
+    /// The mean life of an isolate (exponential): the next one starts with
+    /// an empty cache and no feed.
+    pub isolate_life_s: f64,
+}
+
+impl Default for WorkerDesign {
+    fn default() -> Self {
+        WorkerDesign { feed_ms: 1000, pull_round_trips: 3, poll_ms: 100.0, pull_timeout_ms: 1000, isolate_life_s: 60.0 }
+    }
 }
 
 fn d_warmup() -> u64 {
@@ -528,6 +561,14 @@ impl Scenario {
         }
         int("tiers.l3_entries", t.l3_entries as u64, 1, 100_000_000)?;
         int("tiers.ttl_s", t.ttl_s, 1, 30 * 86_400)?;
+        if let Some(wd) = &self.worker {
+            // a feed pulled less often than the silence bound would leave the cache unusable between pulls
+            int("worker.feed_ms", wd.feed_ms, 1, self.db.cdc_silence_max_ms.max(1))?;
+            int("worker.pull_round_trips", u64::from(wd.pull_round_trips), 0, 10)?;
+            range("worker.poll_ms", wd.poll_ms, 0.0, 10_000.0)?;
+            int("worker.pull_timeout_ms", wd.pull_timeout_ms, 1, MS_MAX as u64)?;
+            range("worker.isolate_life_s", wd.isolate_life_s, 1.0, 1e7)?;
+        }
         int("tiers.entry_bytes", u64::from(t.entry_bytes), 1, 1 << 24)?;
         for (name, v) in [
             ("db.point_ms", d.point_ms),

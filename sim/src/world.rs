@@ -28,6 +28,7 @@ mod faults;
 mod stream;
 mod upstream;
 mod warm;
+mod worker;
 
 use stream::{RegionStream, SiteStream};
 use warm::{warm_start, zipf_cdf};
@@ -105,6 +106,8 @@ pub struct Site {
     stream: SiteStream,
     home: usize,
     pub rate_share: f64,
+    /// The Workers edge's isolate and feed (`[worker]`; `world/worker.rs`).
+    worker: Option<worker::WorkerSite>,
 }
 
 pub struct Region {
@@ -160,6 +163,8 @@ pub struct World {
     pub controller: FailoverController,
     pub checker: Checker,
     pub rng: Rng,
+    /// Draws of the Workers edge's design only (the native edge's draws stay).
+    worker_rng: Rng,
     zipf_cdf: Vec<f64>,
     write_cdf: Vec<f64>,
     inflight: Vec<postai_core::hash::FixedMap<RequestId, OpCtx>>,
@@ -270,6 +275,8 @@ impl World {
     pub fn start_query(&mut self, site: usize) -> Option<UpstreamRequest> {
         let now = self.now();
         self.queries += 1;
+        // (before the request's draws: a Worker's pull draws from its own stream)
+        let pulled_ms = self.worker_before(site, now);
         let w = &self.sc.workload;
         let write = self.rng.unit_f64() < w.write_ratio;
         let (pt, rg) = (w.point, w.range);
@@ -310,11 +317,12 @@ impl World {
         let req = s.node.handle_execute(now, sid, stmt, &params[..nparams]);
         let rtt = s.sessions[session].rtt_ms;
         let out = s.node.poll_output();
-        let ctx = OpCtx { site, session, op, key, eu, started: now, base_ms: rtt };
+        let ctx = OpCtx { site, session, op, key, eu, started: now, base_ms: rtt + pulled_ms };
         match out {
             Some(NodeOutput::Reply { served, value, .. }) => {
                 let tiers = &self.sc.tiers;
-                let ms = rtt + tiers.l1_ms + if served == Served::L2 { tiers.l2_ms } else { 0.0 } + self.jitter();
+                let ms =
+                    ctx.base_ms + tiers.l1_ms + if served == Served::L2 { tiers.l2_ms } else { 0.0 } + self.jitter();
                 self.complete_read(ctx, served, value.lsn, ms);
                 None
             }

@@ -124,7 +124,8 @@ fn site(
     let config = NodeConfig {
         zone: place.zone,
         l1: tier(sc, sc.tiers.l1_entries),
-        l2: tier(sc, sc.tiers.l2_entries),
+        // a Worker keeps no L2 (no file; D1 is not used)
+        l2: tier(sc, if sc.worker.is_some() { 1 } else { sc.tiers.l2_entries }),
         versions: VersionMapConfig::default(),
         analyzer: AnalyzerConfig::default(),
         sessions_max: 10_000,
@@ -174,6 +175,7 @@ fn site(
         stream: SiteStream::default(),
         home,
         rate_share: 1.0,
+        worker: None,
     }
 }
 
@@ -222,7 +224,7 @@ impl World {
         let measure_from = Instant::from_millis(sc.warmup_s * 1000);
         let checker = Checker::new(sc.workload.keys, n, measure_from);
         let inflight = (0..n).map(|_| postai_core::hash::FixedMap::default()).collect();
-        World {
+        let mut world = World {
             start: madsim::time::Instant::now(),
             sites,
             regions,
@@ -230,6 +232,7 @@ impl World {
             controller,
             checker,
             rng,
+            worker_rng: Rng::new(sc.seed ^ 0x5752_4b45_5253_0001),
             zipf_cdf: cdf,
             write_cdf,
             inflight,
@@ -246,6 +249,8 @@ impl World {
             fault_nodes: vec![None; sc.faults.len()],
             pool_links_ms,
             sc,
-        }
+        };
+        world.start_workers();
+        world
     }
 }

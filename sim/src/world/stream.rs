@@ -66,6 +66,14 @@ pub struct SiteStream {
     timeline: u32,
 }
 
+impl SiteStream {
+    /// The subscription's connection closes: the next one subscribes again
+    /// from the last commit applied (a Worker's pull, `world/worker.rs`).
+    pub(super) fn leave(&mut self) {
+        self.next = None;
+    }
+}
+
 impl Default for SiteStream {
     fn default() -> Self {
         // (the simulated sites persist nothing: no L2 file)
@@ -197,7 +205,8 @@ impl World {
             }
             let mut oldest = self.regions[r].stream.end();
             for s in 0..self.sites.len() {
-                if self.sites[s].home == r {
+                // a Worker's site pulls on request instead (`world/worker.rs`)
+                if self.sites[s].home == r && self.sites[s].worker.is_none() {
                     self.site_follows(s, r);
                     oldest = oldest.min(self.sites[s].stream.next.unwrap_or(usize::MAX));
                 }
@@ -210,7 +219,7 @@ impl World {
     /// pool that cannot reads nothing, as the proxy's poll loop fails, and
     /// its sites hear nothing (they stop serving from their tiers after the
     /// silence bound).
-    fn reaches_slot(&self, r: usize) -> bool {
+    pub(super) fn reaches_slot(&self, r: usize) -> bool {
         let p = self.db.primary;
         self.db.nodes[p].up && self.regions[r].cut_from != Some(p)
     }
@@ -264,7 +273,7 @@ impl World {
     /// Site `s` follows its home pool `r`: subscribes (again) when it can
     /// reach it, then gets each feed after its one-way delay. A pool that is
     /// down or cut off breaks the subscription.
-    fn site_follows(&mut self, s: usize, r: usize) {
+    pub(super) fn site_follows(&mut self, s: usize, r: usize) {
         let now = self.now();
         let reg = &self.regions[r];
         let site = &mut self.sites[s];
