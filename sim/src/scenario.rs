@@ -88,11 +88,23 @@ pub struct WorkerDesign {
     /// The mean life of an isolate (exponential): the next one starts with
     /// an empty cache and no feed.
     pub isolate_life_s: f64,
+    /// Entries the isolate's second in-memory tier holds (the Worker's
+    /// node has two, both in the isolate's memory: `tiers.l1_entries`, and
+    /// this many in place of `tiers.l2_entries`, answered at L1's cost);
+    /// nothing persists past the isolate.
+    pub cache_entries: usize,
 }
 
 impl Default for WorkerDesign {
     fn default() -> Self {
-        WorkerDesign { feed_ms: 1000, pull_round_trips: 3, poll_ms: 100.0, pull_timeout_ms: 1000, isolate_life_s: 60.0 }
+        WorkerDesign {
+            feed_ms: 1000,
+            pull_round_trips: 3,
+            poll_ms: 100.0,
+            pull_timeout_ms: 1000,
+            isolate_life_s: 60.0,
+            cache_entries: 100_000,
+        }
     }
 }
 
@@ -568,6 +580,7 @@ impl Scenario {
             range("worker.poll_ms", wd.poll_ms, 0.0, 10_000.0)?;
             int("worker.pull_timeout_ms", wd.pull_timeout_ms, 1, MS_MAX as u64)?;
             range("worker.isolate_life_s", wd.isolate_life_s, 1.0, 1e7)?;
+            int("worker.cache_entries", wd.cache_entries as u64, 1, 10_000_000)?;
         }
         int("tiers.entry_bytes", u64::from(t.entry_bytes), 1, 1 << 24)?;
         for (name, v) in [

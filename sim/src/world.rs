@@ -321,15 +321,17 @@ impl World {
         match out {
             Some(NodeOutput::Reply { served, value, .. }) => {
                 let tiers = &self.sc.tiers;
-                let ms =
-                    ctx.base_ms + tiers.l1_ms + if served == Served::L2 { tiers.l2_ms } else { 0.0 } + self.jitter();
+                // (a Worker's second tier is in the isolate's memory too)
+                let l2_ms = if served == Served::L2 && self.sc.worker.is_none() { tiers.l2_ms } else { 0.0 };
+                let ms = ctx.base_ms + tiers.l1_ms + l2_ms + self.jitter();
                 self.complete_read(ctx, served, value.lsn, ms);
                 None
             }
             Some(NodeOutput::Upstream(u)) => {
                 let mut ctx = ctx;
                 if u.cache_key.is_some() && !eu_foreign(eu, self.sites[site].place.zone) {
-                    ctx.base_ms += self.sc.tiers.l1_ms + self.sc.tiers.l2_ms;
+                    let l2_ms = if self.sc.worker.is_none() { self.sc.tiers.l2_ms } else { 0.0 };
+                    ctx.base_ms += self.sc.tiers.l1_ms + l2_ms;
                 }
                 let _ = req;
                 self.inflight[site].insert(u.req, ctx);

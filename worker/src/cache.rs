@@ -38,6 +38,7 @@ pub struct CacheConfig {
     pub feed_every: Duration,
     /// Nothing is served from the cache while the feed is older than this.
     pub silence: Duration,
+    /// The cache's budget (both tiers, in the isolate's 128 MB).
     pub bytes_max: u64,
     pub entries_max: usize,
     pub ttl: Duration,
@@ -110,13 +111,15 @@ pub const ROLES_CHECK: Duration = Duration::from_millis(1000);
 
 impl Edge {
     pub fn new(config: CacheConfig) -> Edge {
-        let tier = TierConfig {
-            bytes_max: config.bytes_max.max(1),
-            entries_max: config.entries_max.clamp(1, 1 << 31),
+        // both tiers are the isolate's memory: a fifth of the budget for L1,
+        // the rest for L2 (a hit there is promoted)
+        let tier = |share: f64| TierConfig {
+            bytes_max: ((config.bytes_max as f64 * share) as u64).max(1),
+            entries_max: ((config.entries_max as f64 * share) as usize).clamp(1, 1 << 31),
             ttl: config.ttl.max(Duration::from_millis(1)),
             eviction: Eviction::Sieve,
         };
-        let mut nc = NodeConfig::new(Zone::Eu, tier.clone(), tier);
+        let mut nc = NodeConfig::new(Zone::Eu, tier(0.2), tier(0.8));
         nc.cdc_silence_max = Some(config.silence);
         nc.fills_wait_for_cdc = true;
         // a valid config: the tiers are clamped above, the limits positive

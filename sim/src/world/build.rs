@@ -121,11 +121,13 @@ fn site(
     hubs: &[Place],
     rng: &mut Rng,
 ) -> Site {
+    // a Worker's two tiers are the isolate's memory: nothing persists (no file; D1 is not used)
+    let l2 = sc.worker.as_ref().map_or(sc.tiers.l2_entries, |wd| wd.cache_entries);
+    let l1 = sc.tiers.l1_entries;
     let config = NodeConfig {
         zone: place.zone,
-        l1: tier(sc, sc.tiers.l1_entries),
-        // a Worker keeps no L2 (no file; D1 is not used)
-        l2: tier(sc, if sc.worker.is_some() { 1 } else { sc.tiers.l2_entries }),
+        l1: tier(sc, l1),
+        l2: tier(sc, l2),
         versions: VersionMapConfig::default(),
         analyzer: AnalyzerConfig::default(),
         sessions_max: 10_000,

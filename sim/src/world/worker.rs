@@ -8,8 +8,9 @@
 //! (no live keepalive) makes the pull wait `pull_timeout_ms` and apply
 //! nothing: the node's silence bound then stops the cache. An isolate lives
 //! `isolate_life_s` on average (exponential); the next one starts with an
-//! empty cache and no feed. No L2 (the Worker keeps no file; D1 is not
-//! used).
+//! empty cache and no feed. Both of the node's tiers are the isolate's
+//! memory (an L2 hit costs what an L1 hit does); nothing persists past the
+//! isolate (the Worker keeps no file; D1 is not used).
 //!
 //! Modelling shortcut: the pull's subscription is applied when the request
 //! starts, with what the regional had published by then, and the request
