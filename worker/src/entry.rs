@@ -52,6 +52,10 @@ impl Net for Sockets {
 
 #[event(fetch)]
 async fn fetch(mut req: Request, env: Env, _ctx: Context) -> Result<Response> {
+    let upgrade = req.headers().get("upgrade").ok().flatten();
+    if upgrade.is_some_and(|u| u.eq_ignore_ascii_case("websocket")) {
+        return websocket(&env);
+    }
     let answer = match (req.method(), req.path().as_str()) {
         (Method::Options, _) => Answer::text(204, ""),
         (Method::Post, "/sql") => match settings(&env) {
@@ -67,6 +71,74 @@ async fn fetch(mut req: Request, env: Env, _ctx: Context) -> Result<Response> {
         _ => Answer::text(400, "query is not supported: POST /sql"),
     };
     respond(answer)
+}
+
+/// The driver's WebSocket mode (`Pool`, `Client`): any path. The session
+/// runs in the background while the WebSocket is open (`crate::relay`).
+fn websocket(env: &Env) -> Result<Response> {
+    let (access, tls, _) = match settings(env) {
+        Ok(s) => s,
+        Err(e) => return respond(Answer::text(500, &format!("POST AI Worker misconfigured: {e}"))),
+    };
+    let pair = WebSocketPair::new()?;
+    let server = pair.server;
+    server.accept()?;
+    wasm_bindgen_futures::spawn_local(async move {
+        if let Err(e) = bridge(server, access, tls).await {
+            console_log!("postai-worker: websocket session: {e}");
+        }
+    });
+    Response::from_websocket(pair.client)
+}
+
+/// The WebSocket's binary frames as a byte stream (an in-memory pipe) for
+/// [`crate::relay::serve_client`]; the WebSocket closes when the session ends.
+async fn bridge(ws: WebSocket, access: Access, tls: bool) -> std::result::Result<(), String> {
+    use futures_util::StreamExt;
+    let (near, far) = tokio::io::duplex(64 << 10);
+    let (mut far_rd, mut far_wr) = tokio::io::split(far);
+    let mut events = ws.events().map_err(|e| e.to_string())?;
+    let inbound = async {
+        while let Some(Ok(WebsocketEvent::Message(m))) = events.next().await {
+            let Some(bytes) = message_bytes(m.as_ref().data()).await else { continue };
+            if far_wr.write_all(&bytes).await.is_err() {
+                break;
+            }
+        }
+        let _ = far_wr.shutdown().await;
+    };
+    let outbound = async {
+        let mut buf = vec![0u8; 16 << 10];
+        while let Ok(n) = far_rd.read(&mut buf).await {
+            if n == 0 || ws.send_with_bytes(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = ws.close(Some(1000), Some("session ended"));
+    };
+    let net = Sockets { tls };
+    let served = crate::relay::serve_client(near, &access, &net);
+    let (served, (), ()) = futures_util::future::join3(served, inbound, outbound).await;
+    served
+}
+
+/// A WebSocket message's bytes: binary frames arrive as a Blob (read
+/// asynchronously) or an ArrayBuffer; the driver sends no text frames, whose
+/// UTF-8 is taken as is.
+async fn message_bytes(data: wasm_bindgen::JsValue) -> Option<Vec<u8>> {
+    use wasm_bindgen::JsCast;
+    if let Some(text) = data.as_string() {
+        return Some(text.into_bytes());
+    }
+    let read = js_sys::Reflect::get(&data, &"arrayBuffer".into()).ok()?;
+    let buffer = match read.dyn_ref::<js_sys::Function>() {
+        Some(f) => {
+            let promise: js_sys::Promise = f.call0(&data).ok()?.dyn_into().ok()?;
+            wasm_bindgen_futures::JsFuture::from(promise).await.ok()?
+        }
+        None => data,
+    };
+    Some(js_sys::Uint8Array::new(&buffer).to_vec())
 }
 
 fn respond(a: Answer) -> Result<Response> {

@@ -203,7 +203,7 @@ fn answered(json: Value, served: &str, reflects: Option<u64>, token: Option<u64>
     a
 }
 
-async fn connect<N: Net>(net: &N, to: &ConnInfo, login: &Login) -> Result<Client<N::Stream>, PgError> {
+pub(crate) async fn connect<N: Net>(net: &N, to: &ConnInfo, login: &Login) -> Result<Client<N::Stream>, PgError> {
     let stream = net.open(to).await.map_err(|e| PgError::Db(unreachable(&e)))?;
     Client::login(stream, login).await
 }

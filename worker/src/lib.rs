@@ -8,8 +8,11 @@
 //!   driver's JSON out).
 //! - `access`: the API token, the connection string, the Worker's login.
 //! - `pg`: a PostgreSQL connection over any byte stream (login, statements).
+//! - `cache`: the core's node per isolate, fed by a regional's change feed.
 //! - `handler`: one request end to end, generic over the stream, so the
 //!   host's tests run it against PostgreSQL without a Worker.
+//! - `relay`: the driver's WebSocket mode: the login ended here (the API
+//!   token), the session relayed to PostgreSQL.
 //! - `entry` (wasm32 only): the `fetch` handler around them.
 
 pub mod access;
@@ -17,6 +20,7 @@ pub mod cache;
 pub mod handler;
 pub mod neon;
 pub mod pg;
+pub mod relay;
 
 #[cfg(target_arch = "wasm32")]
 mod entry;

@@ -46,6 +46,9 @@ pub struct Client<S> {
     buf: BytesMut,
     /// The transaction status of the last ReadyForQuery (`I`, `T`, `E`).
     pub status: u8,
+    /// The login's greeting as sent: ParameterStatus and BackendKeyData
+    /// (what a relayed client is handed).
+    pub greeting: BytesMut,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
@@ -55,7 +58,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
         use postgres_protocol::message::frontend;
 
-        let mut c = Client { stream, buf: BytesMut::with_capacity(16 << 10), status: b'I' };
+        let mut c = Client { stream, buf: BytesMut::with_capacity(16 << 10), status: b'I', greeting: BytesMut::new() };
         let params = [
             ("user", login.user.as_str()),
             ("database", login.database.as_str()),
@@ -109,7 +112,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                     c.status = protocol::ready_status(&m).unwrap_or(b'I');
                     return Ok(c);
                 }
-                // ParameterStatus, BackendKeyData, notices, NegotiateProtocolVersion
+                b'S' | b'K' => c.greeting.extend_from_slice(&m.raw),
+                // notices, NegotiateProtocolVersion
                 _ => {}
             }
         }
@@ -212,6 +216,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 _ => {}
             }
         }
+    }
+
+    /// The stream, for a relay, and what was read from it past the last
+    /// message handled.
+    pub fn into_stream(self) -> (S, BytesMut) {
+        (self.stream, self.buf)
     }
 
     /// Ends the session (Terminate) and closes the stream: a socket

@@ -6,8 +6,9 @@
 // FEED_PORT, a regional proxy (postai-edge) reading PostgreSQL's changes.
 import assert from "node:assert/strict";
 import { Miniflare } from "miniflare";
-import { neon, neonConfig, NeonDbError } from "@neondatabase/serverless";
+import { neon, neonConfig, NeonDbError, Pool } from "@neondatabase/serverless";
 import pg from "pg";
+import ws from "ws";
 
 const port = Number(process.env.PG_PORT);
 assert.ok(port, "PG_PORT is set");
@@ -45,12 +46,18 @@ await direct.connect();
 
 const failures = [];
 async function check(name, f) {
+  let timer;
+  const limit = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error("no answer within 30 s")), 30_000);
+  });
   try {
-    await f();
+    await Promise.race([f(), limit]);
     console.log(`ok   ${name}`);
   } catch (e) {
     failures.push(name);
     console.log(`FAIL ${name}\n${e.stack ?? e}`);
+  } finally {
+    clearTimeout(timer);
   }
 }
 
@@ -210,6 +217,47 @@ await check("a write made on PostgreSQL reaches the edge through the change feed
   }
   assert.ok(seenNew, "the direct write never reached the Worker within 5 s (the silence bound)");
   console.log(`     reached the edge within ${Date.now() - started} ms`);
+});
+
+// the WebSocket mode: the driver's Pool speaks PostgreSQL's protocol over a
+// WebSocket to the Worker (Node 20 has no global WebSocket: the ws package)
+neonConfig.webSocketConstructor = ws;
+neonConfig.useSecureWebSocket = false;
+neonConfig.wsProxy = () => `${new URL(url).host}/v2`;
+
+await check("the WebSocket mode: a Pool logs in with the token and runs on PostgreSQL", async () => {
+  const pool = new Pool({ connectionString: `postgresql://app:${TOKEN}@edge.example/shop` });
+  try {
+    const got = await pool.query({ text: TYPES, rowMode: "array" });
+    const want = await direct.query({ text: TYPES, rowMode: "array" });
+    same(got.rows, want.rows);
+    const pick = (f) => [f.name, f.tableID, f.columnID, f.dataTypeID, f.dataTypeSize, f.dataTypeModifier];
+    assert.deepStrictEqual(got.fields.map(pick), want.fields.map(pick));
+    // a transaction on one connection, and an error with its SQLSTATE
+    const client = await pool.connect();
+    try {
+      await client.query("BEGIN");
+      await client.query("UPDATE items SET name = 'ws' WHERE id = 2");
+      await assert.rejects(client.query("SELECT * FROM nope"), (e) => e.code === "42P01");
+      await client.query("ROLLBACK");
+    } finally {
+      client.release();
+    }
+    const { rows } = await pool.query("SELECT current_user AS u, name FROM items WHERE id = $1", [2]);
+    assert.equal(rows[0].u, "app");
+    assert.notEqual(rows[0].name, "ws", "rolled back");
+  } finally {
+    await pool.end();
+  }
+});
+
+await check("the WebSocket mode refuses a wrong token", async () => {
+  const pool = new Pool({ connectionString: `postgresql://app:nope@edge.example/shop` });
+  try {
+    await assert.rejects(pool.query("SELECT 1"), (e) => e.code === "28P01");
+  } finally {
+    await pool.end();
+  }
 });
 
 await check("an unreachable database is a clear error (08006); the Worker keeps serving", async () => {

@@ -128,7 +128,11 @@ async fn refused_and_broken_requests_answer_clearly() {
     let net = Tcp::default();
     let r = handler::handle(&a, None, &net, header, br#"{"query":"SELECT 1"}"#).await;
     assert_eq!((r.status, json_of(&r)["code"].clone()), (400, json!("28P01")));
-    assert_eq!(net.opened.get(), 0, "nothing reaches the database without the token");
+    assert_eq!(
+        net.opened.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "nothing reaches the database without the token"
+    );
     for (body, code) in [("{nope", "08P01"), (r#"{"params":[]}"#, "08P01"), (r#"{"query":"SELECT 1\u0000"}"#, "22021")]
     {
         let r = send(&a, body, &[]).await;

@@ -4,7 +4,7 @@
 #[allow(dead_code)]
 pub mod cluster;
 
-use std::cell::Cell;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use cluster::{Pg, psql};
 use postai_worker::access::ConnInfo;
@@ -14,13 +14,13 @@ use tokio::net::TcpStream;
 /// The Worker's connections as tokio streams, counted; its clock the system's.
 #[derive(Default)]
 pub struct Tcp {
-    pub opened: Cell<u32>,
+    pub opened: AtomicU32,
 }
 
 impl Net for Tcp {
     type Stream = TcpStream;
     async fn open(&self, to: &ConnInfo) -> std::io::Result<TcpStream> {
-        self.opened.set(self.opened.get() + 1);
+        self.opened.fetch_add(1, Ordering::Relaxed);
         TcpStream::connect((to.host.as_str(), to.port)).await
     }
     fn now(&self) -> postai_core::Instant {

@@ -1,0 +1,262 @@
+//! The driver's WebSocket mode (`Pool`, `Client`): the PostgreSQL protocol
+//! itself, as bytes in binary WebSocket frames. The Worker ends the
+//! client's login (the API token as a cleartext password: the WebSocket is
+//! the TLS), logs in to PostgreSQL with its own credentials, hands the
+//! client PostgreSQL's greeting, then relays the session both ways.
+//! Nothing is cached in this mode yet: the statements go to PostgreSQL as
+//! sent.
+//!
+//! The driver pipelines its login (`pipelineConnect: "password"`): the
+//! StartupMessage and the PasswordMessage arrive together, before any
+//! request for them; a driver that does not pipeline waits for the request
+//! for a cleartext password, which is sent either way.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use postai_wire::protocol::{self, FRONTEND_TAGS, ProtocolError, Startup};
+use subtle::ConstantTimeEq;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::access::Access;
+use crate::handler::{Net, connect};
+use crate::neon::DbError;
+
+/// The largest message a client may send before it has logged in.
+const LOGIN_MAX: usize = 64 << 10;
+
+/// Where the client's login stands.
+#[derive(Debug, PartialEq, Eq)]
+enum Phase {
+    Startup,
+    Password,
+}
+
+/// The client's side of the login, sans IO: bytes in, bytes to send back
+/// and the outcome out.
+#[derive(Debug)]
+pub struct FrontLogin {
+    phase: Phase,
+    buf: BytesMut,
+}
+
+/// What one call of [`FrontLogin::handle`] gives.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct LoginStep {
+    /// Bytes for the client.
+    pub send: Vec<u8>,
+    /// The login is done: what the client sent after it (a pipelined
+    /// query), to relay once the upstream is ready.
+    pub done: Option<Bytes>,
+    /// The client must be told this and disconnected.
+    pub refused: Option<DbError>,
+}
+
+impl Default for FrontLogin {
+    fn default() -> Self {
+        FrontLogin { phase: Phase::Startup, buf: BytesMut::new() }
+    }
+}
+
+impl FrontLogin {
+    /// Bytes from the client; `access` decides who may log in.
+    pub fn handle(&mut self, bytes: &[u8], access: &Access) -> LoginStep {
+        self.buf.extend_from_slice(bytes);
+        let mut step = LoginStep::default();
+        loop {
+            match self.phase {
+                Phase::Startup => match protocol::decode_startup(&mut self.buf, LOGIN_MAX) {
+                    Ok(None) => return step,
+                    Err(e) => return refuse(step, &e),
+                    // TLS is the WebSocket's: no second layer
+                    Ok(Some(Startup::Ssl | Startup::GssEnc)) => step.send.push(b'N'),
+                    Ok(Some(Startup::Cancel { .. })) => {
+                        step.refused = Some(DbError::new("0A000", "cancel requests are not relayed by this edge"));
+                        return step;
+                    }
+                    Ok(Some(Startup::Params(params))) => {
+                        let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+                        let user = get("user").unwrap_or("");
+                        let database = get("database").unwrap_or(user);
+                        let up = &access.upstream;
+                        if user != up.user || database != up.database {
+                            let m = format!(
+                                "this edge serves role {:?} on database {:?} only (asked for {user:?} on {database:?})",
+                                up.user, up.database
+                            );
+                            step.refused = Some(DbError::new("28000", &m));
+                            return step;
+                        }
+                        // AuthenticationCleartextPassword
+                        step.send.extend_from_slice(&[b'R', 0, 0, 0, 8, 0, 0, 0, 3]);
+                        self.phase = Phase::Password;
+                    }
+                },
+                Phase::Password => match protocol::decode(&mut self.buf, LOGIN_MAX, FRONTEND_TAGS) {
+                    Ok(None) => return step,
+                    Err(e) => return refuse(step, &e),
+                    Ok(Some(m)) if m.tag == b'p' => {
+                        let body = m.body();
+                        let password = body.strip_suffix(&[0]).unwrap_or(body);
+                        let token = access.token.as_bytes();
+                        if token.is_empty() || !bool::from(password.ct_eq(token)) {
+                            let e = DbError::new("28P01", "password authentication failed: wrong or missing API token");
+                            step.refused = Some(e);
+                            return step;
+                        }
+                        step.done = Some(self.buf.split().freeze());
+                        return step;
+                    }
+                    Ok(Some(m)) => {
+                        let e = DbError::new("08P01", &format!("expected a password message, got {:?}", m.tag as char));
+                        step.refused = Some(e);
+                        return step;
+                    }
+                },
+            }
+        }
+    }
+}
+
+fn refuse(mut step: LoginStep, e: &ProtocolError) -> LoginStep {
+    step.refused = Some(DbError::new("08P01", &format!("invalid startup: {e}")));
+    step
+}
+
+/// An ErrorResponse for the client.
+pub fn error_response(e: &DbError) -> Vec<u8> {
+    let mut body = BytesMut::new();
+    for (code, value) in &e.fields {
+        body.put_u8(*code);
+        body.put_slice(value.as_bytes());
+        body.put_u8(0);
+    }
+    body.put_u8(0);
+    let mut out = BytesMut::new();
+    protocol::frame_into(&mut out, b'E', &body);
+    out.to_vec()
+}
+
+/// Serves one client over `client` (the WebSocket's bytes, or a TCP stream
+/// in the host's tests): its login, then the session relayed to PostgreSQL
+/// until either side leaves.
+pub async fn serve_client<C, N>(mut client: C, access: &Access, net: &N) -> Result<(), String>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    N: Net,
+{
+    let mut login = FrontLogin::default();
+    let mut chunk = vec![0u8; 16 << 10];
+    let pipelined = loop {
+        let n = client.read(&mut chunk).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Ok(());
+        }
+        let step = login.handle(&chunk[..n], access);
+        client.write_all(&step.send).await.map_err(|e| e.to_string())?;
+        if let Some(e) = step.refused {
+            let _ = client.write_all(&error_response(&e)).await;
+            let _ = client.shutdown().await;
+            return Err(e.message().to_string());
+        }
+        if let Some(rest) = step.done {
+            break rest;
+        }
+    };
+    let login = crate::access::login_of(&access.upstream, None);
+    let upstream = match connect(net, &access.upstream, &login).await {
+        Ok(c) => c,
+        Err(e) => {
+            let e = match e {
+                crate::pg::PgError::Db(d) => d,
+                other => DbError::new("08006", &other.to_string()),
+            };
+            let _ = client.write_all(&error_response(&e)).await;
+            let _ = client.shutdown().await;
+            return Err(e.message().to_string());
+        }
+    };
+    // AuthenticationOk, then PostgreSQL's own greeting and ReadyForQuery
+    let mut hello = vec![b'R', 0, 0, 0, 8, 0, 0, 0, 0];
+    hello.extend_from_slice(&upstream.greeting);
+    hello.extend_from_slice(&protocol::ready_for_query(upstream.status));
+    let (mut stream, unread) = upstream.into_stream();
+    hello.extend_from_slice(&unread);
+    client.write_all(&hello).await.map_err(|e| e.to_string())?;
+    stream.write_all(&pipelined).await.map_err(|e| e.to_string())?;
+    tokio::io::copy_bidirectional(&mut client, &mut stream).await.map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::access::parse_conn;
+
+    fn access() -> Access {
+        let upstream = parse_conn("postgresql://app:pw@db:5432/shop").unwrap();
+        Access { token: "tok".into(), upstream, feed: None }
+    }
+
+    fn startup(user: &str, db: &str) -> Vec<u8> {
+        protocol::startup(&[("user".into(), user.into()), ("database".into(), db.into())]).to_vec()
+    }
+
+    fn password(p: &str) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        protocol::frame_into(&mut out, b'p', format!("{p}\0").as_bytes());
+        out.to_vec()
+    }
+
+    #[test]
+    fn a_pipelined_login_with_the_token_is_done_at_once() {
+        let mut bytes = startup("app", "shop");
+        bytes.extend(password("tok"));
+        bytes.extend_from_slice(&protocol::query("SELECT 1"));
+        let step = FrontLogin::default().handle(&bytes, &access());
+        assert_eq!(step.send, [b'R', 0, 0, 0, 8, 0, 0, 0, 3]);
+        assert_eq!(step.done.as_deref(), Some(&protocol::query("SELECT 1")[..]), "the pipelined query kept");
+        assert!(step.refused.is_none());
+    }
+
+    #[test]
+    fn a_login_in_pieces_with_tls_asked_first() {
+        let mut l = FrontLogin::default();
+        let ssl = [0, 0, 0, 8, 4, 210, 22, 47];
+        assert_eq!(l.handle(&ssl, &access()).send, b"N");
+        let s = startup("app", "shop");
+        let (a, b) = s.split_at(5);
+        assert_eq!(l.handle(a, &access()), LoginStep::default());
+        assert_eq!(l.handle(b, &access()).send.len(), 9);
+        let p = password("tok");
+        assert!(l.handle(&p[..3], &access()).done.is_none());
+        assert_eq!(l.handle(&p[3..], &access()).done.as_deref(), Some(&[][..]));
+    }
+
+    #[test]
+    fn wrong_tokens_users_and_bytes_are_refused() {
+        let mut bytes = startup("app", "shop");
+        bytes.extend(password("nope"));
+        assert_eq!(FrontLogin::default().handle(&bytes, &access()).refused.unwrap().code(), "28P01");
+        let mut bytes = startup("app", "shop");
+        bytes.extend(password("tok\0x"));
+        assert!(FrontLogin::default().handle(&bytes, &access()).refused.is_some());
+        assert_eq!(FrontLogin::default().handle(&startup("admin", "shop"), &access()).refused.unwrap().code(), "28000");
+        assert_eq!(FrontLogin::default().handle(&startup("app", "other"), &access()).refused.unwrap().code(), "28000");
+        let mut bytes = startup("app", "shop");
+        bytes.extend_from_slice(&protocol::query("SELECT 1"));
+        assert_eq!(FrontLogin::default().handle(&bytes, &access()).refused.unwrap().code(), "08P01");
+        let huge = [0x7f, 0, 0, 0, 0, 3, 0, 0];
+        assert!(FrontLogin::default().handle(&huge, &access()).refused.is_some());
+        let no_token = Access { token: String::new(), ..access() };
+        let mut bytes = startup("app", "shop");
+        bytes.extend(password(""));
+        assert!(FrontLogin::default().handle(&bytes, &no_token).refused.is_some());
+    }
+
+    #[test]
+    fn errors_encode_as_postgresql_does() {
+        let e = error_response(&DbError::new("28P01", "no"));
+        assert_eq!(e[0], b'E');
+        let body = &e[5..];
+        assert_eq!(DbError::parse(body).code(), "28P01");
+    }
+}
