@@ -158,6 +158,11 @@ impl Edge {
         }
     }
 
+    /// The request pulling the feed went away before the pull ended.
+    pub fn pull_abandoned(&mut self) {
+        self.pulling = false;
+    }
+
     /// Whether this feed line opens the stream on a position whose past is
     /// unknown here: the catalog is read before it is applied (DDL after
     /// it comes through the feed).

@@ -152,11 +152,13 @@ async fn cached<N: Net>(
     q: &Query,
 ) -> Answer {
     if edge.borrow_mut().pull(net.now()) {
+        let guard = Pulling(edge);
         let pulled = pull_feed(edge, net, feed, (&access.upstream, &a.login)).await;
         if let Err(e) = &pulled {
             // the node's silence bound decides what may still be served
             log(&format!("the change feed: {e}"));
         }
+        std::mem::forget(guard);
         edge.borrow_mut().pulled(net.now(), pulled.is_ok());
     }
     let who = (a.login.user.as_str(), a.login.database.as_str());
@@ -186,6 +188,19 @@ async fn cached<N: Net>(
         Err(e) => {
             edge.borrow_mut().finish(net.now(), pending, Err(e.to_string()));
             error_answer(e)
+        }
+    }
+}
+
+/// A pull under way, ended however its request ends: a client that leaves
+/// drops the request's future mid-pull, and without this no request of the
+/// isolate would pull again (its cache silent for good).
+struct Pulling<'a>(&'a RefCell<Edge>);
+
+impl Drop for Pulling<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut e) = self.0.try_borrow_mut() {
+            e.pull_abandoned();
         }
     }
 }

@@ -56,6 +56,18 @@ impl World {
         rt.block_on(handler::handle(&self.access, Some(&self.edge), &Tcp::default(), header, body.as_bytes()))
     }
 
+    /// A request whose client leaves after `ms`: its future dropped.
+    fn send_abandoned(&self, body: &str, ms: u64) {
+        let header = |name: &str| -> Option<String> {
+            (name == "neon-connection-string").then(|| "postgresql://app:tok@edge.local/shop".to_string())
+        };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let net = Tcp::default();
+        let request = handler::handle(&self.access, Some(&self.edge), &net, header, body.as_bytes());
+        let left = rt.block_on(async { tokio::time::timeout(Duration::from_millis(ms), request).await });
+        assert!(left.is_err(), "the request ended before its client left");
+    }
+
     /// Item `id`'s name as the Worker answers it, and the tier that answered.
     fn name(&self, id: u32, extra: &[(&str, &str)]) -> (String, String) {
         let body = format!(r#"{{"query":"SELECT name FROM items WHERE id = $1","params":["{id}"]}}"#);
@@ -274,4 +286,36 @@ fn a_stalled_regional_is_silence_though_it_opens_every_subscription() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A regional that accepts connections and never answers. Its port.
+fn silent_regional() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming().flatten() {
+            held.push(conn);
+        }
+    });
+    port
+}
+
+/// A client that leaves while its request pulls the feed: the next
+/// requests pull again (before, the isolate counted a pull under way for
+/// good, and its cache stayed silent).
+#[test]
+fn a_pull_abandoned_by_its_client_does_not_stop_the_next() {
+    let mut w = world(quick());
+    until_cached(&w, 1);
+    let live = w
+        .access
+        .feed
+        .replace(parse_conn(&format!("postgresql://postgres@127.0.0.1:{}/shop", silent_regional())).expect("url"));
+    std::thread::sleep(Duration::from_millis(50));
+    w.send_abandoned(r#"{"query":"SELECT 1"}"#, 200);
+    w.access.feed = live;
+    // past the silence bound: only a new pull lets the cache answer again
+    std::thread::sleep(Duration::from_millis(600));
+    until_cached(&w, 2);
 }
