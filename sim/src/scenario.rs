@@ -72,9 +72,12 @@ pub struct Scenario {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerDesign {
-    /// A request that finds its site's feed older than this pulls it first
-    /// and waits for it (`POSTAI_FEED_MS`); at most `db.cdc_silence_max_ms`.
+    /// A request that finds its site's feed older than this has it pulled
+    /// (`POSTAI_FEED_MS`); at most `db.cdc_silence_max_ms`.
     pub feed_ms: u64,
+    /// The request waits for the pull before it is answered; `false`: the
+    /// pull runs after the answer, as `worker/` runs it (`waitUntil`).
+    pub pull_waits: bool,
     /// Round trips between the site and its regional before a pull's
     /// subscription answers (a new connection: TCP, startup and login, the
     /// subscription itself).
@@ -99,6 +102,7 @@ impl Default for WorkerDesign {
     fn default() -> Self {
         WorkerDesign {
             feed_ms: 1000,
+            pull_waits: false,
             pull_round_trips: 3,
             poll_ms: 100.0,
             pull_timeout_ms: 1000,

@@ -276,7 +276,7 @@ impl World {
         let now = self.now();
         self.queries += 1;
         // (before the request's draws: a Worker's pull draws from its own stream)
-        let pulled_ms = self.worker_before(site, now);
+        let (pulled_ms, pull_after) = self.worker_before(site, now);
         let w = &self.sc.workload;
         let write = self.rng.unit_f64() < w.write_ratio;
         let (pt, rg) = (w.point, w.range);
@@ -318,6 +318,9 @@ impl World {
         let rtt = s.sessions[session].rtt_ms;
         let out = s.node.poll_output();
         let ctx = OpCtx { site, session, op, key, eu, started: now, base_ms: rtt + pulled_ms };
+        if pull_after {
+            self.worker_after(site, now);
+        }
         match out {
             Some(NodeOutput::Reply { served, value, .. }) => {
                 let tiers = &self.sc.tiers;

@@ -65,3 +65,20 @@ fn the_option_is_checked() {
     let text = "name = \"w\"\ndescription = \"d\"\nseed = 1\nduration_s = 5\n[worker]\nfeed_mss = 800\n";
     assert!(Scenario::parse("w.toml", text).is_err());
 }
+
+/// The same world with the pull on the requests' path and off it (as
+/// `worker/` runs it): the same pulls and hits, and a lower read p95 when
+/// no request waits (simulated time: the same seed, the same numbers).
+#[test]
+fn pulls_off_the_requests_path_cost_them_nothing() {
+    let waits = run("pull_waits = true", "", 3);
+    let after = run("pull_waits = false", "", 3);
+    assert_eq!(waits.worker.map(|w| w.0), after.worker.map(|w| w.0), "the same pulls");
+    assert!(
+        after.reads.p95_ms < waits.reads.p95_ms,
+        "p95 {} off the path, {} on it",
+        after.reads.p95_ms,
+        waits.reads.p95_ms
+    );
+    assert!(after.safe() && waits.safe());
+}

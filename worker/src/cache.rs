@@ -4,10 +4,10 @@
 //! [`Subscriber`]).
 //!
 //! A Worker cannot hold a connection between requests, so the feed is
-//! pulled: a request that finds the feed older than `feed_every` first
-//! subscribes `FROM` the last commit applied, applies what the regional
-//! kept since, and leaves at the first keepalive (the regional's position,
-//! caught up). The node serves nothing from the cache while the feed has
+//! pulled: after answering a request that found the feed older than
+//! `feed_every` (in `waitUntil`: no request waits for it), the isolate
+//! subscribes `FROM` the last commit applied, collects what the regional
+//! kept since up to its first live keepalive, and applies it. The node serves nothing from the cache while the feed has
 //! been silent longer than `silence` (`cdc_silence_max`), nor before it was
 //! first heard; a regional that cannot continue the position opens a new
 //! stream, and everything older is invalidated. An answer from PostgreSQL
@@ -141,11 +141,16 @@ impl Edge {
         }
     }
 
-    /// Whether this request pulls the feed first (when it is due and no
-    /// other request is pulling it); then [`Edge::pulled`] when done.
+    /// Whether the feed is due to be pulled (older than `feed_every`, and
+    /// no pull under way).
+    pub fn pull_due(&self, now: Instant) -> bool {
+        !self.pulling && self.fed.is_none_or(|at| now.saturating_since(at) >= self.config.feed_every)
+    }
+
+    /// Whether this caller pulls the feed (it is due); then [`Edge::pulled`]
+    /// when done.
     pub fn pull(&mut self, now: Instant) -> bool {
-        let due = self.fed.is_none_or(|at| now.saturating_since(at) >= self.config.feed_every);
-        let pull = due && !self.pulling;
+        let pull = self.pull_due(now);
         self.pulling |= pull;
         pull
     }

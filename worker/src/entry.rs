@@ -51,7 +51,7 @@ impl Net for Sockets {
 }
 
 #[event(fetch)]
-async fn fetch(mut req: Request, env: Env, _ctx: Context) -> Result<Response> {
+async fn fetch(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
     let upgrade = req.headers().get("upgrade").ok().flatten();
     if upgrade.is_some_and(|u| u.eq_ignore_ascii_case("websocket")) {
         return websocket(&env);
@@ -65,7 +65,12 @@ async fn fetch(mut req: Request, env: Env, _ctx: Context) -> Result<Response> {
                 let headers = req.headers().clone();
                 let header = move |name: &str| headers.get(name).ok().flatten();
                 let edge = access.feed.as_ref().map(|_| edge(cache));
-                handler::handle(&access, edge, &Sockets { tls }, header, &body).await
+                let answer = handler::handle(&access, edge, &Sockets { tls }, header, &body).await;
+                if let (true, Some(edge)) = (answer.pull_feed, edge) {
+                    // off the request's path: the response goes now
+                    ctx.wait_until(async move { handler::pull(edge, &Sockets { tls }, &access).await });
+                }
+                answer
             }
         },
         _ => Answer::text(400, "query is not supported: POST /sql"),

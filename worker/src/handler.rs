@@ -39,11 +39,14 @@ pub struct Answer {
     pub body: String,
     pub json: bool,
     pub headers: Vec<(&'static str, String)>,
+    /// The isolate's change feed is due: the driver runs [`pull`] after
+    /// answering (off the request's path).
+    pub pull_feed: bool,
 }
 
 impl Answer {
     fn json(status: u16, v: &Value) -> Answer {
-        Answer { status, body: v.to_string(), json: true, headers: Vec::new() }
+        Answer { status, body: v.to_string(), json: true, headers: Vec::new(), pull_feed: false }
     }
 
     /// A PostgreSQL-shaped error, as the driver reads one: HTTP 400, the
@@ -53,7 +56,7 @@ impl Answer {
     }
 
     pub fn text(status: u16, body: &str) -> Answer {
-        Answer { status, body: body.into(), json: false, headers: Vec::new() }
+        Answer { status, body: body.into(), json: false, headers: Vec::new(), pull_feed: false }
     }
 }
 
@@ -117,8 +120,8 @@ pub async fn handle<N: Net>(
         Ok(a) => a,
         Err(answer) => return answer,
     };
-    if let (Some(edge), Some(feed), Body::One(q)) = (edge, &access.feed, &a.body) {
-        return cached(edge, net, (access, feed), &a, q).await;
+    if let (Some(edge), Some(_), Body::One(q)) = (edge, &access.feed, &a.body) {
+        return cached(edge, net, access, &a, q).await;
     }
     direct(net, access, &a).await
 }
@@ -142,25 +145,36 @@ async fn direct<N: Net>(net: &N, access: &Access, a: &Admitted) -> Answer {
     }
 }
 
-/// Through the cache: the feed pulled first when due, then a hit, or a
-/// miss run on PostgreSQL and handed back to the node.
-async fn cached<N: Net>(
-    edge: &RefCell<Edge>,
-    net: &N,
-    (access, feed): (&Access, &ConnInfo),
-    a: &Admitted,
-    q: &Query,
-) -> Answer {
-    if edge.borrow_mut().pull(net.now()) {
-        let guard = Pulling(edge);
-        let pulled = pull_feed(edge, net, feed, (&access.upstream, &a.login)).await;
-        if let Err(e) = &pulled {
-            // the node's silence bound decides what may still be served
-            log(&format!("the change feed: {e}"));
-        }
-        std::mem::forget(guard);
-        edge.borrow_mut().pulled(net.now(), pulled.is_ok());
+/// Through the cache: a hit, or a miss run on PostgreSQL and handed back
+/// to the node; the answer says whether the feed is due to be pulled.
+async fn cached<N: Net>(edge: &RefCell<Edge>, net: &N, access: &Access, a: &Admitted, q: &Query) -> Answer {
+    let pull_due = edge.borrow().pull_due(net.now());
+    let mut answer = served(edge, net, access, a, q).await;
+    answer.pull_feed = pull_due;
+    answer
+}
+
+/// Pulls the change feed, unless another request of the isolate is: what
+/// the driver runs after answering when [`Answer::pull_feed`] says so (the
+/// Worker in `waitUntil`), so that no request waits for it.
+pub async fn pull<N: Net>(edge: &RefCell<Edge>, net: &N, access: &Access) {
+    let Some(feed) = &access.feed else { return };
+    if !edge.borrow_mut().pull(net.now()) {
+        return;
     }
+    let guard = Pulling(edge);
+    let login = login_of(&access.upstream, None);
+    let pulled = pull_feed(edge, net, feed, (&access.upstream, &login)).await;
+    if let Err(e) = &pulled {
+        // the node's silence bound decides what may still be served
+        log(&format!("the change feed: {e}"));
+    }
+    std::mem::forget(guard);
+    edge.borrow_mut().pulled(net.now(), pulled.is_ok());
+}
+
+/// A statement through the node: a hit, or a miss run on PostgreSQL.
+async fn served<N: Net>(edge: &RefCell<Edge>, net: &N, access: &Access, a: &Admitted, q: &Query) -> Answer {
     let who = (a.login.user.as_str(), a.login.database.as_str());
     let start = edge.borrow_mut().start(net.now(), who, a.consistency, a.floor.map(Lsn), &q.query, &q.params);
     let pending = match start {
