@@ -62,6 +62,9 @@ impl Answer {
 
 const CURRENT_LSN: &str = "SELECT pg_current_wal_lsn()";
 
+/// The largest request body accepted (statements and parameters).
+pub const REQUEST_MAX: usize = 10 << 20;
+
 /// What the Worker connects to, and its clock: `worker::Socket` and
 /// `Date.now()` in the Worker, tokio and the system clock in the host's tests.
 pub trait Net {
@@ -89,6 +92,9 @@ fn admit(access: &Access, header: &impl Fn(&str) -> Option<String>, body: &[u8])
         .authorize(header("neon-connection-string").as_deref(), bearer(auth.as_deref()))
         .map_err(|e| Answer::db_error(&e))?;
     let bad = |code: &str, m: &str| Answer::db_error(&DbError::new(code, m));
+    if body.len() > REQUEST_MAX {
+        return Err(bad("54000", &format!("request body of {} bytes: at most {REQUEST_MAX}", body.len())));
+    }
     let options = Options::from_headers(header).map_err(|e| bad(e.code(), &e.to_string()))?;
     let body = neon::parse_body(body).map_err(|e| bad(e.code(), &e.to_string()))?;
     let floor = match header(SESSION) {
@@ -352,6 +358,8 @@ fn log(line: &str) {
 fn error_answer(e: PgError) -> Answer {
     match e {
         PgError::Db(d) => Answer::db_error(&d),
+        // as Neon's proxy answers it
+        PgError::TooLarge(_) => Answer::text(507, &e.to_string()),
         PgError::Io(e) => Answer::db_error(&DbError::new("08006", &format!("connection to the database lost: {e}"))),
         other => Answer::db_error(&DbError::new("08P01", &other.to_string())),
     }

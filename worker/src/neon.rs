@@ -423,4 +423,19 @@ mod tests {
         assert_eq!(DbError::parse(b"C42").code(), "42");
         assert_eq!(DbError::parse(b"").code(), "XX000");
     }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bodies_and_errors_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = parse_body(&bytes);
+            let _ = DbError::parse(&bytes).to_json();
+        }
+
+        #[test]
+        fn arbitrary_json_params_are_text_or_null(text in "[\\[\\]{}\",:a-z0-9 .-]{0,64}") {
+            if let Ok(Body::One(q)) = parse_body(format!(r#"{{"query":"x","params":[{text}]}}"#).as_bytes()) {
+                proptest::prop_assert!(q.params.len() <= 64);
+            }
+        }
+    }
 }

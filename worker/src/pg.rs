@@ -14,6 +14,10 @@ use crate::neon::{DbError, Field, QueryResult};
 /// would not fit in a Worker's 128 MB anyway).
 pub const MESSAGE_MAX: usize = 64 << 20;
 
+/// The most row data one answer may hold, as Neon's proxy limits it: a
+/// larger answer is refused (HTTP 507) instead of exhausting the isolate.
+pub const RESPONSE_MAX: usize = 10 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
     #[error("{}", .0.message())]
@@ -24,6 +28,8 @@ pub enum PgError {
     Protocol(String),
     #[error("the database asked for an authentication method the Worker does not speak ({0})")]
     Auth(i32),
+    #[error("response is too large (max is {0} bytes)")]
+    TooLarge(usize),
 }
 
 impl From<protocol::ProtocolError> for PgError {
@@ -49,6 +55,9 @@ pub struct Client<S> {
     /// The login's greeting as sent: ParameterStatus and BackendKeyData
     /// (what a relayed client is handed).
     pub greeting: BytesMut,
+    /// The most row data one answer may hold ([`RESPONSE_MAX`]; the
+    /// catalog's queries have no limit).
+    pub response_max: usize,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
@@ -58,7 +67,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
         use postgres_protocol::message::frontend;
 
-        let mut c = Client { stream, buf: BytesMut::with_capacity(16 << 10), status: b'I', greeting: BytesMut::new() };
+        let mut c = Client {
+            stream,
+            buf: BytesMut::with_capacity(16 << 10),
+            status: b'I',
+            greeting: BytesMut::new(),
+            response_max: RESPONSE_MAX,
+        };
         let params = [
             ("user", login.user.as_str()),
             ("database", login.database.as_str()),
@@ -191,11 +206,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         let mut results = Vec::new();
         let mut current = QueryResult::default();
         let mut error = None;
+        let (mut bytes, mut too_large) = (0usize, false);
         loop {
             let m = self.recv().await?;
             match m.tag {
                 b'T' => current.fields = row_description(m.body()).ok_or_else(|| bad("RowDescription"))?,
-                b'D' => current.rows.push(protocol::text_columns(&m).ok_or_else(|| bad("DataRow"))?),
+                // past the limit the rows are read and dropped, to the end of the answer
+                b'D' if too_large => {}
+                b'D' => {
+                    bytes += m.raw.len();
+                    if bytes > self.response_max {
+                        too_large = true;
+                        results.clear();
+                        current.rows = Vec::new();
+                        continue;
+                    }
+                    current.rows.push(protocol::text_columns(&m).ok_or_else(|| bad("DataRow"))?);
+                }
                 b'C' => {
                     current.tag = cstr(m.body());
                     results.push(std::mem::take(&mut current));
@@ -207,9 +234,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 }
                 b'Z' => {
                     self.status = protocol::ready_status(&m).unwrap_or(b'I');
-                    return match error {
-                        Some(e) => Err(PgError::Db(e)),
-                        None => Ok(results),
+                    return match (error, too_large) {
+                        (Some(e), _) => Err(PgError::Db(e)),
+                        (None, true) => Err(PgError::TooLarge(self.response_max)),
+                        (None, false) => Ok(results),
                     };
                 }
                 // ParseComplete, BindComplete, NoData, notices, ParameterStatus, notifications
@@ -235,7 +263,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> postai_wire::catalog::Rows for Client<S> {
     /// The catalog's queries (simple protocol); an error answer is an error.
     async fn rows(&mut self, sql: &str) -> std::io::Result<Vec<Vec<Option<String>>>> {
-        match self.simple(sql).await {
+        let limit = std::mem::replace(&mut self.response_max, usize::MAX);
+        let answer = self.simple(sql).await;
+        self.response_max = limit;
+        match answer {
             Ok(mut results) => Ok(results.pop().map(|r| r.rows).unwrap_or_default()),
             Err(PgError::Io(e)) => Err(e),
             Err(e) => Err(std::io::Error::other(format!("reading the catalog: {e}"))),
@@ -333,6 +364,13 @@ mod tests {
         );
         for cut in 0..b.len() - 1 {
             assert!(row_description(&b[..cut]).is_none() || cut < 2, "cut at {cut}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_row_descriptions_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            let _ = row_description(&bytes);
         }
     }
 

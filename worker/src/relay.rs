@@ -252,6 +252,21 @@ mod tests {
         assert!(FrontLogin::default().handle(&bytes, &no_token).refused.is_some());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_in_any_pieces_never_panic(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256),
+            cut in 0usize..256,
+        ) {
+            let mut l = FrontLogin::default();
+            let (a, b) = bytes.split_at(cut.min(bytes.len()));
+            let first = l.handle(a, &access());
+            if first.refused.is_none() && first.done.is_none() {
+                let _ = l.handle(b, &access());
+            }
+        }
+    }
+
     #[test]
     fn errors_encode_as_postgresql_does() {
         let e = error_response(&DbError::new("28P01", "no"));

@@ -260,6 +260,35 @@ await check("the WebSocket mode refuses a wrong token", async () => {
   }
 });
 
+await check("a Hyperdrive binding in place of DATABASE_URL", async () => {
+  const hd = new Miniflare({
+    modules: true,
+    scriptPath: here + "../build/index.js",
+    modulesRules: [
+      { type: "ESModule", include: ["**/*.js"] },
+      { type: "CompiledWasm", include: ["**/*.wasm"] },
+    ],
+    compatibilityDate: "2026-04-01",
+    bindings: { POSTAI_TOKEN: TOKEN },
+    hyperdrives: { HYPERDRIVE: `postgresql://app:app%20pw@127.0.0.1:${port}/shop` },
+    host: "127.0.0.1",
+    port: 0,
+  });
+  const hdUrl = await hd.ready;
+  try {
+    const r = await hd.dispatchFetch(new URL("/sql", hdUrl), {
+      method: "POST",
+      headers: { "Neon-Connection-String": `postgresql://app:${TOKEN}@edge.example/shop`, "Neon-Array-Mode": "true" },
+      body: JSON.stringify({ query: "SELECT current_user, name FROM items WHERE id = $1", params: ["2"] }),
+    });
+    const body = await r.json();
+    assert.equal(r.status, 200, JSON.stringify(body));
+    assert.equal(body.rows[0][0], "app");
+  } finally {
+    await hd.dispose();
+  }
+});
+
 await check("an unreachable database is a clear error (08006); the Worker keeps serving", async () => {
   const dead = worker(`postgresql://app:app%20pw@127.0.0.1:1/shop`);
   const deadUrl = await dead.ready;

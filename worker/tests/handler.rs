@@ -176,3 +176,21 @@ async fn refused_and_broken_requests_answer_clearly() {
     let r = send(&a, r#"{"query":"SELECT 1"}"#, &[]).await;
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+/// An answer larger than Neon's 10 MB is refused with Neon's status (507),
+/// its rows dropped as they come; a request body over the limit is refused
+/// before anything runs; the connection's next statement is served.
+#[tokio::test(flavor = "current_thread")]
+async fn answers_and_requests_over_the_limits_are_refused() {
+    let pg = cluster();
+    let a = access(pg.port, "app", "app pw", "shop");
+    let big = r#"{"query":"SELECT repeat('x', 1000) FROM generate_series(1, 20000)"}"#;
+    let r = send(&a, big, &[]).await;
+    assert_eq!(r.status, 507, "{}", &r.body[..r.body.len().min(200)]);
+    assert!(r.body.contains("too large"), "{}", r.body);
+    let fits = r#"{"query":"SELECT count(*) FROM (SELECT repeat('x', 1000) FROM generate_series(1, 5000)) s"}"#;
+    assert_eq!(send(&a, fits, &[]).await.status, 200);
+    let huge = format!(r#"{{"query":"SELECT $1","params":["{}"]}}"#, "y".repeat(postai_worker::handler::REQUEST_MAX));
+    let r = send(&a, &huge, &[]).await;
+    assert_eq!((r.status, json_of(&r)["code"].clone()), (400, json!("54000")));
+}
