@@ -17,8 +17,10 @@ assert.ok(feedPort, "FEED_PORT is set");
 const TOKEN = "e2e-token";
 const here = new URL(".", import.meta.url).pathname;
 
-function worker(databaseUrl, feedUrl) {
-  const bindings = { POSTAI_TOKEN: TOKEN, DATABASE_URL: databaseUrl };
+// `extra`: more Miniflare options (a Hyperdrive binding in place of DATABASE_URL)
+function worker(databaseUrl, feedUrl, extra = {}) {
+  const bindings = { POSTAI_TOKEN: TOKEN };
+  if (databaseUrl) bindings.DATABASE_URL = databaseUrl;
   if (feedUrl) Object.assign(bindings, { POSTAI_FEED_URL: feedUrl, POSTAI_FEED_MS: "1" });
   return new Miniflare({
     modules: true,
@@ -31,6 +33,7 @@ function worker(databaseUrl, feedUrl) {
     bindings,
     host: "127.0.0.1",
     port: 0,
+    ...extra,
   });
 }
 
@@ -261,18 +264,8 @@ await check("the WebSocket mode refuses a wrong token", async () => {
 });
 
 await check("a Hyperdrive binding in place of DATABASE_URL", async () => {
-  const hd = new Miniflare({
-    modules: true,
-    scriptPath: here + "../build/index.js",
-    modulesRules: [
-      { type: "ESModule", include: ["**/*.js"] },
-      { type: "CompiledWasm", include: ["**/*.wasm"] },
-    ],
-    compatibilityDate: "2026-04-01",
-    bindings: { POSTAI_TOKEN: TOKEN },
+  const hd = worker(null, null, {
     hyperdrives: { HYPERDRIVE: `postgresql://app:app%20pw@127.0.0.1:${port}/shop` },
-    host: "127.0.0.1",
-    port: 0,
   });
   const hdUrl = await hd.ready;
   try {
