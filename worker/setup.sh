@@ -11,6 +11,11 @@ tools=${POSTAI_TOOLS:-$HOME/.cache/postai-tools}
 bindgen=$(grep -A1 '^name = "wasm-bindgen"$' ../Cargo.lock | sed -n 's/^version = "\(.*\)"/\1/p')
 builder=0.8.7
 rustup target add wasm32-unknown-unknown >/dev/null 2>&1 || rustup target add wasm32-unknown-unknown
+# worker-build downloads nothing here, but links OpenSSL (its HTTP client's native TLS)
+if ! pkg-config --exists openssl 2>/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libssl-dev pkg-config >/dev/null
+fi
 if [ ! -x "$tools/wasm-bindgen-$bindgen/bin/wasm-bindgen" ]; then
   cargo install -q wasm-bindgen-cli --version "=$bindgen" --root "$tools/wasm-bindgen-$bindgen"
 fi
