@@ -79,15 +79,6 @@ pub struct Pending {
     pub writes: bool,
 }
 
-/// What one feed line did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Fed {
-    /// A keepalive: the feed has caught up with the regional.
-    pub caught_up: bool,
-    /// DDL or a new stream: read the catalog again.
-    pub catalog_stale: bool,
-}
-
 pub struct Edge {
     node: EdgeNode<Value>,
     sub: Subscriber,
@@ -221,9 +212,10 @@ impl Edge {
         }
     }
 
-    /// One line of the feed (a CopyData's text).
-    pub fn feed_line(&mut self, now: Instant, text: &str) -> Fed {
-        let Some(line) = Line::parse(text) else { return Fed::default() };
+    /// One line of the feed (a CopyData's text); whether it was DDL (the
+    /// catalog is read again: nothing is cached until it is).
+    pub fn feed_line(&mut self, now: Instant, text: &str) -> bool {
+        let Some(line) = Line::parse(text) else { return false };
         let opening = self.sub.opening(&line);
         let step = {
             let catalog = self.node.analyzer().catalog();
@@ -248,7 +240,7 @@ impl Edge {
             // nothing is cached until the catalog is read again
             self.node.catalog_changed();
         }
-        Fed { caught_up: step.current.is_some(), catalog_stale }
+        catalog_stale
     }
 
     /// Starts a statement for a client of `role` on `database`; `floor`:

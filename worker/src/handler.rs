@@ -270,7 +270,7 @@ async fn pull_feed<N: Net>(
         if edge.borrow().opens_unknown(text) {
             read_catalog(edge, net, db).await?;
         }
-        stale |= edge.borrow_mut().feed_line(net.now(), text).catalog_stale;
+        stale |= edge.borrow_mut().feed_line(net.now(), text);
     }
     if stale {
         read_catalog(edge, net, db).await?;

@@ -432,10 +432,11 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_json_params_are_text_or_null(text in "[\\[\\]{}\",:a-z0-9 .-]{0,64}") {
-            if let Ok(Body::One(q)) = parse_body(format!(r#"{{"query":"x","params":[{text}]}}"#).as_bytes()) {
-                proptest::prop_assert!(q.params.len() <= 64);
-            }
+        fn strings_pass_as_is_and_quote_every_special_in_arrays(text in "[a-z\"\\\\{},]{0,32}") {
+            proptest::prop_assert_eq!(param_text(&Value::String(text.clone())), Some(text.clone()));
+            let literal = param_text(&json!([text.clone()])).unwrap_or_default();
+            let specials = text.chars().filter(|c| *c == '"' || *c == '\\').count();
+            proptest::prop_assert_eq!(literal.len(), text.len() + specials + 4, "{}", literal);
         }
     }
 }
