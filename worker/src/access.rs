@@ -90,6 +90,7 @@ pub fn login_of(c: &ConnInfo, application_name: Option<String>) -> Login {
         password: c.password.clone(),
         database: c.database.clone(),
         application_name: application_name.or(c.application_name.clone()).unwrap_or_else(|| "postai-worker".into()),
+        settings: Vec::new(),
     }
 }
 

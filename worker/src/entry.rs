@@ -11,8 +11,10 @@
 //!   feed keeps the cache fresh (a role with REPLICATION there). Without
 //!   it nothing is cached: every statement runs on PostgreSQL.
 //! - `POSTAI_FEED_MS` (default 1000), `POSTAI_SILENCE_MS` (default 5000):
-//!   how often a request pulls the feed, and how old it may be before the
-//!   cache serves nothing.
+//!   how often the feed is pulled, and how old it may be before the cache
+//!   serves nothing.
+//! - `POSTAI_IDLE_MS` (default 300 000): a WebSocket session idle this long
+//!   (in a transaction or not) is ended by PostgreSQL.
 
 use std::cell::RefCell;
 
@@ -81,7 +83,7 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
 /// The driver's WebSocket mode (`Pool`, `Client`): any path. The session
 /// runs in the background while the WebSocket is open (`crate::relay`).
 fn websocket(env: &Env) -> Result<Response> {
-    let (access, tls, _) = match settings(env) {
+    let ((access, tls, _), idle_ms) = match settings(env).and_then(|s| Ok((s, idle_ms(env)?))) {
         Ok(s) => s,
         Err(e) => return respond(Answer::text(500, &format!("POST AI Worker misconfigured: {e}"))),
     };
@@ -89,7 +91,7 @@ fn websocket(env: &Env) -> Result<Response> {
     let server = pair.server;
     server.accept()?;
     wasm_bindgen_futures::spawn_local(async move {
-        if let Err(e) = bridge(server, access, tls).await {
+        if let Err(e) = bridge(server, access, tls, idle_ms).await {
             console_log!("postai-worker: websocket session: {e}");
         }
     });
@@ -98,7 +100,7 @@ fn websocket(env: &Env) -> Result<Response> {
 
 /// The WebSocket's binary frames as a byte stream (an in-memory pipe) for
 /// [`crate::relay::serve_client`]; the WebSocket closes when the session ends.
-async fn bridge(ws: WebSocket, access: Access, tls: bool) -> std::result::Result<(), String> {
+async fn bridge(ws: WebSocket, access: Access, tls: bool, idle_ms: u64) -> std::result::Result<(), String> {
     use futures_util::StreamExt;
     let (near, far) = tokio::io::duplex(64 << 10);
     let (mut far_rd, mut far_wr) = tokio::io::split(far);
@@ -122,9 +124,15 @@ async fn bridge(ws: WebSocket, access: Access, tls: bool) -> std::result::Result
         let _ = ws.close(Some(1000), Some("session ended"));
     };
     let net = Sockets { tls };
-    let served = crate::relay::serve_client(near, &access, &net);
+    let served = crate::relay::serve_client(near, &access, &net, idle_ms);
     let (served, (), ()) = futures_util::future::join3(served, inbound, outbound).await;
     served
+}
+
+/// `POSTAI_IDLE_MS` (default 300 000): a WebSocket session idle this long is ended.
+fn idle_ms(env: &Env) -> std::result::Result<u64, String> {
+    text(env, "POSTAI_IDLE_MS")
+        .map_or(Ok(300_000), |v| v.parse().map_err(|_| "POSTAI_IDLE_MS must be milliseconds".into()))
 }
 
 /// A WebSocket message's bytes: binary frames arrive as a Blob (read

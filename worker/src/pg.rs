@@ -45,6 +45,8 @@ pub struct Login {
     pub password: String,
     pub database: String,
     pub application_name: String,
+    /// Settings for the session, sent in the startup message.
+    pub settings: Vec<(String, String)>,
 }
 
 pub struct Client<S> {
@@ -80,7 +82,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             ("application_name", login.application_name.as_str()),
             ("client_encoding", "UTF8"),
         ];
-        let params: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut params: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        params.extend(login.settings.iter().cloned());
         c.send(&protocol::startup(&params)).await?;
         let mut scram: Option<ScramSha256> = None;
         let mut out = BytesMut::new();

@@ -137,8 +137,10 @@ pub fn error_response(e: &DbError) -> Vec<u8> {
 
 /// Serves one client over `client` (the WebSocket's bytes, or a TCP stream
 /// in the host's tests): its login, then the session relayed to PostgreSQL
-/// until either side leaves.
-pub async fn serve_client<C, N>(mut client: C, access: &Access, net: &N) -> Result<(), String>
+/// until either side leaves. A session idle for `idle_ms` (in a
+/// transaction or not) is ended by PostgreSQL: a client cannot hold a
+/// server connection by holding its WebSocket open.
+pub async fn serve_client<C, N>(mut client: C, access: &Access, net: &N, idle_ms: u64) -> Result<(), String>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     N: Net,
@@ -161,7 +163,10 @@ where
             break rest;
         }
     };
-    let login = crate::access::login_of(&access.upstream, None);
+    let mut login = crate::access::login_of(&access.upstream, None);
+    let idle = idle_ms.max(1).to_string();
+    login.settings.push(("idle_session_timeout".into(), idle.clone()));
+    login.settings.push(("idle_in_transaction_session_timeout".into(), idle));
     let upstream = match connect(net, &access.upstream, &login).await {
         Ok(c) => c,
         Err(e) => {

@@ -13,13 +13,18 @@ use tokio::net::TcpListener;
 
 /// A listener that serves each client as the Worker serves a WebSocket.
 async fn edge(access: Access) -> u16 {
+    edge_idle(access, 60_000).await
+}
+
+/// [`edge`] with sessions ended after `idle_ms` idle.
+async fn edge_idle(access: Access, idle_ms: u64) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let access = access.clone();
             tokio::spawn(async move {
-                let _ = serve_client(stream, &access, &Tcp::default()).await;
+                let _ = serve_client(stream, &access, &Tcp::default(), idle_ms).await;
             });
         }
     });
@@ -75,4 +80,23 @@ async fn sessions_log_in_with_the_token_and_run_on_postgresql() {
     assert_eq!(e.code().map(|c| c.code()), Some("08006"), "{e}");
     let c = client(port, "app", "tok", "shop").await.expect("still serving");
     assert_eq!(c.simple_query("SELECT 1").await.expect("query").len(), 3);
+}
+
+/// A client that holds its connection open and idle does not hold a server
+/// connection with it: PostgreSQL ends the session, in a transaction or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sessions_are_ended() {
+    let pg = shop();
+    let upstream = parse_conn(&format!("postgresql://app:app%20pw@127.0.0.1:{}/shop", pg.port)).expect("url");
+    let port = edge_idle(Access { token: "tok".into(), upstream, feed: None }, 300).await;
+    for begin in [false, true] {
+        let c = client(port, "app", "tok", "shop").await.expect("logged in");
+        if begin {
+            c.batch_execute("BEGIN").await.expect("begin");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        assert!(c.simple_query("SELECT 1").await.is_err(), "idle for 1.5 s, in a transaction: {begin}");
+    }
+    let count = "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'";
+    assert_eq!(common::cluster::psql(pg.port, count), "0", "no server connection left");
 }
