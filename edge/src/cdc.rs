@@ -360,8 +360,16 @@ async fn subscribe_loop(proxy: &Proxy, sub: &mut Subscriber, watch: &mut crate::
                 let catalog = node.analyzer().catalog();
                 sub.handle_line(line, &mut |lsn, data| decode_row(proxy, catalog, lsn, data))
             };
-            for event in &step.events {
-                node.handle_cdc(now, event);
+            let apply = |node: &mut postai_core::node::EdgeNode<_>| {
+                for event in &step.events {
+                    node.handle_cdc(now, event);
+                }
+            };
+            if step.live {
+                apply(&mut node);
+            } else {
+                // what the regional repeats when it opens: not news that its stream is live
+                node.unproven(apply);
             }
             if let Some((at, _)) = opening {
                 // the stream opened there: nothing older is filed

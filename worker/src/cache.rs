@@ -221,8 +221,16 @@ impl Edge {
             let catalog = self.node.analyzer().catalog();
             self.sub.handle_line(line, &mut |lsn, data| stream::decode(lsn, data, catalog))
         };
-        for event in &step.events {
-            self.node.handle_cdc(now, event);
+        let apply = |node: &mut EdgeNode<_>| {
+            for event in &step.events {
+                node.handle_cdc(now, event);
+            }
+        };
+        if step.live {
+            apply(&mut self.node);
+        } else {
+            // what the regional repeats when it opens: not news that its stream is live
+            self.node.unproven(apply);
         }
         if let Some((at, _)) = opening {
             self.node.fills_from(at);

@@ -33,6 +33,18 @@ impl<V: Clone> EdgeNode<V> {
         }
     }
 
+    /// Runs `f`, which applies change-stream events, without taking them as
+    /// news that the stream is live: the silence clock stays where it was
+    /// (and a node that never heard the stream still has not). For what a
+    /// relayed stream repeats when it opens ([`crate::stream::Step::live`]):
+    /// a regional whose own stream stalled still opens every subscription.
+    pub fn unproven<R>(&mut self, f: impl FnOnce(&mut Self) -> R) -> R {
+        let heard = self.last_cdc;
+        let out = f(self);
+        self.last_cdc = heard;
+        out
+    }
+
     /// Counts `events` CDC events received at `now`; returns whether the
     /// invalidation mode applies them (every mode but `TtlOnly`).
     fn note_cdc(&mut self, now: Instant, events: usize) -> bool {

@@ -642,9 +642,13 @@ mod silence_tests {
         assert_eq!(read(&mut n, t0), Served::Replica);
         assert_eq!(read(&mut n, t0), Served::Replica, "nothing is served before the stream is heard");
         let keepalive = CdcEvent { prev_lsn: Lsn(0), change: Change { lsn: Lsn(0), targets: Vec::new() } };
+        n.unproven(|n| n.handle_cdc(t0, &keepalive));
+        assert_eq!(read(&mut n, t0), Served::Replica, "an opening repeated is not news of the stream");
         n.handle_cdc(t0, &keepalive);
         assert_eq!(read(&mut n, t0 + Duration::from_secs(1)), Served::L1);
         assert_eq!(read(&mut n, t0 + Duration::from_secs(3)), Served::Replica, "silent for 3 s: go upstream");
+        n.unproven(|n| n.handle_cdc(t0 + Duration::from_secs(3), &keepalive));
+        assert_eq!(read(&mut n, t0 + Duration::from_secs(3)), Served::Replica, "nor after a silence");
         n.handle_cdc(t0 + Duration::from_secs(3), &keepalive);
         assert_eq!(read(&mut n, t0 + Duration::from_secs(3)), Served::L1);
         assert!(n.stats().cdc_silent_misses >= 3);

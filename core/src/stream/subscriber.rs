@@ -11,6 +11,13 @@
 //! commits, so a regional restarted since (which kept no history of the
 //! old timeline) could otherwise continue an old position as if it were
 //! its own, and what the edge cached of the lost commits would stay.
+//!
+//! Only a keepalive after the opening shows the regional's stream is live
+//! ([`Step::live`]): a regional whose own stream has stalled still opens
+//! every subscription with the last position it applied (and a resume with
+//! the rows it kept), so an edge that took the opening for news would serve
+//! for one more silence window per reconnection, for as long as the stall
+//! lasts.
 
 use crate::invalidation::{CdcEvent, Change, ChangeTarget, Lsn};
 use crate::stream::reader::{apply, keepalive};
@@ -24,6 +31,8 @@ pub struct Subscriber {
     subscribed: bool,
     /// This connection's stream opened.
     opened: bool,
+    /// This connection's stream sent a keepalive after its opening.
+    live: bool,
     /// The rows a resumed stream replays, up to its first keepalive.
     replay: Option<Vec<(String, String)>>,
     /// The open transaction's targets.
@@ -52,6 +61,11 @@ pub struct Step {
     /// commits, above what the invalidation reaches; the driver drops it
     /// all, and files no answer in flight.
     pub new_history: bool,
+    /// The regional's stream is live: a keepalive came after the opening
+    /// (in this step or before it on this connection). The driver applies
+    /// a step that is not as the stream's content but not as news that it
+    /// is live (the silence clock stays where it was).
+    pub live: bool,
 }
 
 impl Step {
@@ -92,6 +106,7 @@ impl Subscriber {
     /// this process).
     pub fn connect(&mut self, file: Option<(Lsn, Option<String>)>) -> Option<Lsn> {
         self.opened = false;
+        self.live = false;
         self.replay = None;
         self.pending.clear();
         self.announced = None;
@@ -134,6 +149,12 @@ impl Subscriber {
     /// applied, which is the same as at its line when nothing is filed in
     /// between).
     pub fn handle_line_into(&mut self, line: Line, decode: &mut dyn FnMut(&str, &str) -> Record, step: &mut Step) {
+        // a keepalive once the opening's own (a `K`, or the one that ends a
+        // resume's rows) has come
+        if matches!(line, Line::Keepalive(_)) && self.opened && self.replay.is_none() {
+            self.live = true;
+        }
+        step.live |= self.live;
         match line {
             Line::Origin(origin) => self.announced = Some(origin.to_string()),
             Line::Continue(from) if !self.same_history() => {
@@ -250,8 +271,42 @@ mod tests {
             out.resumed |= step.resumed;
             out.new_history |= step.new_history;
             out.current = step.current.or(out.current);
+            out.live |= step.live;
         }
         out
+    }
+
+    /// A regional whose own stream stalled still opens each subscription
+    /// with the last position it applied (and a resume with the rows it
+    /// kept): only a keepalive after that shows its stream is live.
+    #[test]
+    fn only_a_keepalive_after_the_opening_shows_the_stream_is_live() {
+        let mut s = Subscriber::new();
+        let _ = s.connect(None);
+        let open = run(&mut s, &["O h", "K 0/100", "R 0/110\tbegin", "R 0/111\ttable 1", "R 0/120\tcommit 288"]);
+        assert!(!open.live, "the opening and what follows it before a keepalive");
+        assert_eq!(open.changes.len(), 2, "applied all the same");
+        assert!(run(&mut s, &["K 0/130"]).live);
+        assert!(run(&mut s, &["R 0/140\tbegin"]).live, "rows on a live stream");
+        // reconnected: the rows kept since and the keepalive ending them are the regional's past
+        assert_eq!(s.connect(None), Some(Lsn(288)));
+        let resume = run(&mut s, &["O h", "C 0/120", "R 0/150\tbegin", "R 0/151\ttable 2", "R 0/160\tcommit 400"]);
+        let resume_k = run(&mut s, &["K 0/170"]);
+        assert!(resume_k.resumed || resume.resumed);
+        assert!(!resume.live && !resume_k.live, "a resume is not news");
+        assert_eq!(resume_k.changes.len(), 1, "its rows applied at its keepalive");
+        assert!(run(&mut s, &["K 0/180"]).live);
+        // again, with nothing kept: the opening keepalive alone
+        let _ = s.connect(None);
+        assert!(!run(&mut s, &["O h", "K 0/180"]).live);
+        assert!(run(&mut s, &["K 0/190"]).live);
+        // a batch that holds the opening and a later keepalive is live
+        let _ = s.connect(None);
+        let mut step = Step::default();
+        for l in ["O h", "K 0/190", "K 0/1A0"] {
+            s.handle_line_into(Line::parse(l).expect("line"), &mut decode, &mut step);
+        }
+        assert!(step.live);
     }
 
     #[test]

@@ -302,7 +302,6 @@ impl World {
             stream.file = None;
             stream.timeline = reg.stream.timeline;
             opened_at = Some(stream.sub.last());
-            heard = Some(reg.last_cdc);
             self.checker.streams_resumed += u64::from(step.resumed);
             self.checker.streams_started_over += u64::from(!step.resumed);
             step.resumed = false;
@@ -430,6 +429,8 @@ impl Site {
         if publisher::opening(&pool.history, from, pool.last_applied(), &mut handle).is_ok() {
             self.stream.next = Some(base);
         }
+        // the fleet starts in steady state: its sites' streams were live before
+        step.live = true;
         self.apply_step(Instant::ZERO, step, 0, db);
     }
 
@@ -442,7 +443,12 @@ impl Site {
     fn apply_step(&mut self, heard: Instant, step: Step, entry_bytes: u32, db: &Database) {
         let timeline = self.stream.timeline;
         let mut render = |_, _, _: &Val, pos| Some((Val { lsn: db.id_at(timeline, pos)? }, entry_bytes));
-        self.node.handle_cdc_batch(heard, &step.events, &mut render);
+        if step.live {
+            self.node.handle_cdc_batch(heard, &step.events, &mut render);
+        } else {
+            // what the pool repeats when it opens: not news that its stream is live
+            self.node.unproven(|n| n.handle_cdc_batch(heard, &step.events, &mut render));
+        }
         if step.new_history {
             self.node.primary_changed();
         }
