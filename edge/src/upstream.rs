@@ -243,7 +243,7 @@ async fn login_once(
     if ask_answer_lsn {
         params.push((protocol::ANSWER_LSN_OPTION.to_string(), "on".to_string()));
     }
-    conn.send(&protocol::startup(&params)).await?;
+    conn.send(&protocol::startup(&params).map_err(std::io::Error::other)?).await?;
     let mut greeting = BytesMut::new();
     let mut backend_key = None;
     let mut scram: Option<ScramSha256> = None;

@@ -92,7 +92,7 @@ impl Raw {
 
     fn startup(&mut self, user: &str) {
         let params = vec![("user".to_string(), user.to_string()), ("database".to_string(), "postgres".to_string())];
-        self.s.write_all(&protocol::startup(&params)).expect("startup");
+        self.s.write_all(&protocol::startup(&params).expect("startup")).expect("startup");
     }
 
     /// The next backend message; `None` at EOF.
@@ -248,7 +248,7 @@ fn scram_and_tls_terminate_at_the_proxy() {
         let mut m = BytesMut::new();
         m.put_i32(8);
         m.put_i32(protocol::SSL_REQUEST);
-        m.extend_from_slice(&protocol::startup(&[("user".to_string(), "app".to_string())]));
+        m.extend_from_slice(&protocol::startup(&[("user".to_string(), "app".to_string())]).expect("startup"));
         c.s.write_all(&m).expect("send");
         let mut reply = Vec::new();
         let _ = c.s.read_to_end(&mut reply);

@@ -51,7 +51,7 @@ impl Raw {
     fn startup(&mut self) {
         let params =
             vec![("user".to_string(), "postgres".to_string()), ("database".to_string(), "postgres".to_string())];
-        self.s.write_all(&protocol::startup(&params)).expect("startup");
+        self.s.write_all(&protocol::startup(&params).expect("startup")).expect("startup");
     }
 
     /// The next backend message; `None` at EOF, on a reset or when the read times out.

@@ -284,7 +284,7 @@ fn first_copy_line(port: u16, sql: &str) -> String {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     let params = [("user".to_string(), "postgres".to_string()), ("database".to_string(), "postgres".to_string())];
-    s.write_all(&protocol::startup(&params)).expect("startup");
+    s.write_all(&protocol::startup(&params).expect("startup")).expect("startup");
     let mut buf = bytes::BytesMut::new();
     let (mut sent, mut announced) = (false, false);
     loop {

@@ -203,7 +203,12 @@ pub fn query(sql: &str) -> Bytes {
 }
 
 /// A startup message with protocol 3.0 and `params`.
-pub fn startup(params: &[(String, String)]) -> Bytes {
+pub fn startup(params: &[(String, String)]) -> Result<Bytes, ProtocolError> {
+    // a NUL inside a key or value (or an empty key) would end the list
+    // early or add parameters of the writer's choosing (`database` again)
+    if params.iter().any(|(k, v)| k.is_empty() || k.contains('\0') || v.contains('\0')) {
+        return Err(ProtocolError::Malformed("startup (a parameter holds a NUL)"));
+    }
     let mut body = BytesMut::new();
     body.put_i32(0);
     body.put_i32(PROTOCOL_3);
@@ -216,7 +221,7 @@ pub fn startup(params: &[(String, String)]) -> Bytes {
     body.put_u8(0);
     let len = body.len() as i32;
     body[0..4].copy_from_slice(&len.to_be_bytes());
-    body.freeze()
+    Ok(body.freeze())
 }
 
 /// The text of the first column of the first DataRow in `msgs`.
@@ -296,9 +301,20 @@ mod tests {
     #[test]
     fn startup_round_trip() {
         let params = vec![("user".to_string(), "app".to_string()), ("database".to_string(), "db".to_string())];
-        let mut buf = BytesMut::from(&startup(&params)[..]);
+        let mut buf = BytesMut::from(&startup(&params).expect("valid")[..]);
         assert_eq!(decode_startup(&mut buf, 1 << 20), Ok(Some(Startup::Params(params))));
         assert!(buf.is_empty());
+    }
+
+    /// A value with a NUL would smuggle in parameters (a second `database`,
+    /// which PostgreSQL takes over the first); an empty key ends the list.
+    #[test]
+    fn startup_parameters_cannot_smuggle_others() {
+        let p = |k: &str, v: &str| vec![("user".to_string(), "app".to_string()), (k.to_string(), v.to_string())];
+        assert!(startup(&p("application_name", "x\0database\0other")).is_err());
+        assert!(startup(&p("a\0b", "x")).is_err());
+        assert!(startup(&p("", "x")).is_err());
+        assert!(startup(&p("application_name", "ok")).is_ok());
     }
 
     #[test]

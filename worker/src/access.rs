@@ -38,9 +38,25 @@ pub fn parse_conn(s: &str) -> Result<ConnInfo, String> {
     let database = decode(u.path().trim_start_matches('/'));
     let database = if database.is_empty() { user.clone() } else { database };
     let application_name = u.query_pairs().find(|(k, _)| k == "application_name").map(|(_, v)| v.into_owned());
+    // what goes into PostgreSQL's startup message: a control character
+    // (a NUL would add parameters of the client's choosing) is refused, and
+    // the name is cut where PostgreSQL would cut it (63 bytes)
+    let password = u.password().map(decode).unwrap_or_default();
+    let names = [("user", Some(&user)), ("database", Some(&database)), ("application_name", application_name.as_ref())];
+    if let Some((what, _)) = names.iter().find(|(_, v)| v.is_some_and(|v| v.chars().any(char::is_control))) {
+        return Err(format!("the connection string's {what} holds a control character"));
+    }
+    let application_name = application_name.map(|mut a| {
+        let mut end = a.len().min(63);
+        while !a.is_char_boundary(end) {
+            end -= 1;
+        }
+        a.truncate(end);
+        a
+    });
     Ok(ConnInfo {
         user,
-        password: u.password().map(decode).unwrap_or_default(),
+        password,
         host: u.host_str().unwrap_or_default().to_string(),
         port: u.port().unwrap_or(5432),
         database,
@@ -120,6 +136,28 @@ mod tests {
         assert!(parse_conn("mysql://u@h/d").is_err());
         assert!(parse_conn("postgresql://h/d").is_err());
         assert!(parse_conn("not a url").is_err());
+    }
+
+    /// A NUL in the application name would add startup parameters of the
+    /// client's choosing (a second `database`, `options`, `search_path`):
+    /// the login's settings and database would no longer be the Worker's,
+    /// and what it cached would be shared with every caller.
+    #[test]
+    fn names_cannot_smuggle_startup_parameters() {
+        let a = access();
+        for bad in [
+            "postgresql://app:t0k%25n@h/shop?application_name=x%00database%00other",
+            "postgresql://app:t0k%25n@h/shop?application_name=x%00options%00-csearch_path%3Devil",
+            "postgresql://app%00x:t0k%25n@h/shop",
+            "postgresql://app:t0k%25n@h/shop%00database%00other",
+            "postgresql://app:t0k%25n@h/shop?application_name=a%0Ab",
+        ] {
+            let e = a.authorize(Some(bad), None).expect_err(bad);
+            assert_eq!(e.code(), "08P01", "{bad}");
+        }
+        let long = format!("postgresql://app:t0k%25n@h/shop?application_name={}", "é".repeat(40));
+        let login = a.authorize(Some(&long), None).expect("a long name is cut");
+        assert!(login.application_name.len() <= 63 && login.application_name.starts_with('é'));
     }
 
     #[test]

@@ -84,7 +84,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         ];
         let mut params: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         params.extend(login.settings.iter().cloned());
-        c.send(&protocol::startup(&params)).await?;
+        c.send(&protocol::startup(&params).map_err(|e| PgError::Protocol(e.to_string()))?).await?;
         let mut scram: Option<ScramSha256> = None;
         let mut out = BytesMut::new();
         let bad = |what: &str| PgError::Protocol(format!("malformed {what}"));

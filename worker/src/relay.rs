@@ -202,7 +202,7 @@ mod tests {
     }
 
     fn startup(user: &str, db: &str) -> Vec<u8> {
-        protocol::startup(&[("user".into(), user.into()), ("database".into(), db.into())]).to_vec()
+        protocol::startup(&[("user".into(), user.into()), ("database".into(), db.into())]).expect("startup").to_vec()
     }
 
     fn password(p: &str) -> Vec<u8> {

@@ -84,7 +84,7 @@ impl Raw {
         s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
         let mut r = Raw { s, buf: BytesMut::new() };
         let params: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        r.s.write_all(&protocol::startup(&params)).expect("startup");
+        r.s.write_all(&protocol::startup(&params).expect("startup")).expect("startup");
         let login = r.until_ready();
         assert!(login.iter().all(|m| m.tag != b'E'), "login: {}", tags(&login));
         (r, login)
