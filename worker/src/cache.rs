@@ -7,12 +7,17 @@
 //! pulled: after answering a request that found the feed older than
 //! `feed_every` (in `waitUntil`: no request waits for it), the isolate
 //! subscribes `FROM` the last commit applied, collects what the regional
-//! kept since up to its first live keepalive, and applies it. The node serves nothing from the cache while the feed has
-//! been silent longer than `silence` (`cdc_silence_max`), nor before it was
-//! first heard; a regional that cannot continue the position opens a new
+//! kept since up to its first live keepalive, and applies it. The node
+//! serves nothing from the cache while the feed has been silent longer
+//! than `silence` (`cdc_silence_max`), nor before it was first heard; a
+//! regional that cannot continue the position opens a new
 //! stream, and everything older is invalidated. An answer from PostgreSQL
-//! is filed at the primary's position the feed last reported (a lower bound
-//! of what it reflects); a session's token is its floor (read-your-writes).
+//! is filed at the last commit the feed brought, or lower at the position
+//! up to which the regional last found every commit visible (`V`): a
+//! commit's change arrives from its WAL record, which PostgreSQL writes
+//! before the commit is visible (with a synchronous standby, until the
+//! standby answers), so a read can still miss a write the feed brought.
+//! A session's token is its floor (read-your-writes).
 
 use std::sync::Arc;
 
@@ -85,8 +90,9 @@ pub struct Edge {
     config: CacheConfig,
     fed: Option<Instant>,
     catalog: Option<u128>,
-    /// The primary's WAL position as the feed last reported it.
-    seen: Lsn,
+    /// Every commit up to this position is visible on the primary, as the
+    /// feed last reported it (`V`): what an answer read since reflects.
+    visible: Lsn,
     next_session: u64,
     /// A pull of the feed is under way (requests of one isolate run
     /// concurrently: one pull at a time).
@@ -124,7 +130,7 @@ impl Edge {
             config,
             fed: None,
             catalog: None,
-            seen: Lsn(0),
+            visible: Lsn(0),
             next_session: 0,
             pulling: false,
             roles: None,
@@ -237,11 +243,11 @@ impl Edge {
         }
         if step.new_history {
             // a new timeline reuses the positions what is held was filed at
-            self.seen = Lsn(0);
+            self.visible = Lsn(0);
             self.node.primary_changed();
         }
-        if let Some(current) = step.current {
-            self.seen = self.seen.max(current);
+        if let Some(v) = step.visible {
+            self.visible = self.visible.max(v);
         }
         let catalog_stale = step.ddl();
         if catalog_stale {
@@ -275,7 +281,11 @@ impl Edge {
             return Start::Pass;
         };
         let ps: Vec<Option<&[u8]>> = params.iter().map(|p| p.as_deref().map(str::as_bytes)).collect();
-        let snapshot = self.seen;
+        // what an answer read now reflects: every commit up to the feed's
+        // visible position, and the feed brought each one up to its last (a
+        // commit's change can arrive before the commit is visible: an answer
+        // dated past it would outlive that change)
+        let snapshot = self.sub.last().min(self.visible);
         self.node.handle_execute(now, session, &prepared, &ps);
         let start = match self.node.poll_output() {
             Some(NodeOutput::Reply { value, lsn, .. }) => Start::Hit { value, lsn },

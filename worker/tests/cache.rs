@@ -324,3 +324,49 @@ fn a_pull_abandoned_does_not_stop_the_next() {
     std::thread::sleep(Duration::from_millis(600));
     until_cached(&w, 2);
 }
+
+/// PostgreSQL writes a commit's WAL record before the commit is visible
+/// (with a synchronous standby, until the standby answers): the feed can
+/// bring a write's change while a read still sees the old row. An answer
+/// read then must not be filed as reflecting the write, or the write's own
+/// change (already applied) never removes it. Here the standby never
+/// answers until the test lets the commit through.
+#[test]
+fn a_commit_the_feed_brought_before_it_was_visible_is_not_taken_as_read() {
+    let w = world(quick());
+    until_cached(&w, 1);
+    shop_sql(&w.pg, "ALTER SYSTEM SET synchronous_standby_names = 'nobody'");
+    shop_sql(&w.pg, "SELECT pg_reload_conf()");
+    let port = w.pg.port;
+    let writer = std::thread::spawn(move || {
+        // waits for a standby that never answers, until the setting is reset
+        std::process::Command::new("psql")
+            .args(["-X", "-q", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-d", "shop"])
+            .args(["-c", "UPDATE items SET name = 'hidden' WHERE id = 1"])
+            .output()
+            .expect("psql runs")
+    });
+    // the feed brings the change (the cache stops answering the old row)
+    // while PostgreSQL still answers it: reads now may fill the cache
+    let started = Instant::now();
+    let mut read_old = 0;
+    while started.elapsed() < Duration::from_secs(20) && read_old < 10 {
+        let (name, tier) = w.name(1, &[]);
+        assert_eq!(name, "one", "the write is not visible yet");
+        if tier == "primary" || read_old > 0 {
+            read_old += 1;
+        }
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    assert_eq!(read_old, 10, "the feed never brought the invisible commit");
+    shop_sql(&w.pg, "ALTER SYSTEM RESET synchronous_standby_names");
+    shop_sql(&w.pg, "SELECT pg_reload_conf()");
+    let out = writer.join().expect("writer");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // visible now: the next read shows it, wherever it is answered
+    std::thread::sleep(Duration::from_millis(100));
+    for _ in 0..5 {
+        assert_eq!(w.name(1, &[]).0, "hidden", "an answer read before the commit was visible was filed past it");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

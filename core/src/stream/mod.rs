@@ -122,6 +122,12 @@ pub enum Line<'a> {
     Row { lsn: &'a str, data: &'a str },
     /// `K <lsn>`: after each poll, where the primary's WAL stands.
     Keepalive(Lsn),
+    /// `V <lsn>`: every commit up to this position is visible on the
+    /// primary (a commit's WAL record is written before it is visible, and
+    /// the stream sends it from the record): an answer read from the
+    /// primary after this line reflects every commit up to it. Sent by a
+    /// regional that probes the primary, before its opening and its feeds.
+    Visible(Lsn),
     /// `X <lsn>`: the regional started a new slot there; what came before
     /// may never be streamed.
     Reset(Lsn),
@@ -143,6 +149,7 @@ impl<'a> Line<'a> {
         match tag {
             "R " => rest.split_once('\t').map(|(lsn, data)| Line::Row { lsn, data }),
             "K " => parse_lsn(rest).map(Line::Keepalive),
+            "V " => parse_lsn(rest).map(Line::Visible),
             "X " => parse_lsn(rest).map(Line::Reset),
             "C " => parse_lsn(rest).map(Line::Continue),
             "O " if !rest.is_empty() => Some(Line::Origin(rest)),
@@ -155,6 +162,7 @@ impl<'a> Line<'a> {
         match self {
             Line::Row { lsn, data } => format!("R {lsn}\t{data}"),
             Line::Keepalive(l) => format!("K {}", fmt_lsn(*l)),
+            Line::Visible(l) => format!("V {}", fmt_lsn(*l)),
             Line::Reset(l) => format!("X {}", fmt_lsn(*l)),
             Line::Continue(l) => format!("C {}", fmt_lsn(*l)),
             Line::Origin(o) => format!("O {o}"),
@@ -221,6 +229,7 @@ mod tests {
         for line in [
             Line::Row { lsn: "0/16B3748", data: "table public.t: INSERT: id[integer]:1\tx" },
             Line::Keepalive(Lsn(5)),
+            Line::Visible(Lsn(4)),
             Line::Reset(Lsn(1 << 33)),
             Line::Continue(Lsn(0)),
             Line::Origin("7312345678901234567/00000002"),

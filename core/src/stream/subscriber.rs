@@ -66,6 +66,9 @@ pub struct Step {
     /// a step that is not as the stream's content but not as news that it
     /// is live (the silence clock stays where it was).
     pub live: bool,
+    /// The newest `V` line: every commit up to it is visible on the
+    /// primary (see [`Line::Visible`]).
+    pub visible: Option<Lsn>,
 }
 
 impl Step {
@@ -157,6 +160,7 @@ impl Subscriber {
         step.live |= self.live;
         match line {
             Line::Origin(origin) => self.announced = Some(origin.to_string()),
+            Line::Visible(at) => step.visible = step.visible.max(Some(at)),
             Line::Continue(from) if !self.same_history() => {
                 // a position of another history (a timeline a failover
                 // ended): what is held reflects commits that may be lost,
@@ -272,6 +276,7 @@ mod tests {
             out.new_history |= step.new_history;
             out.current = step.current.or(out.current);
             out.live |= step.live;
+            out.visible = out.visible.max(step.visible);
         }
         out
     }
@@ -303,10 +308,11 @@ mod tests {
         // a batch that holds the opening and a later keepalive is live
         let _ = s.connect(None);
         let mut step = Step::default();
-        for l in ["O h", "K 0/190", "K 0/1A0"] {
+        for l in ["O h", "V 0/180", "K 0/190", "V 0/170", "K 0/1A0"] {
             s.handle_line_into(Line::parse(l).expect("line"), &mut decode, &mut step);
         }
         assert!(step.live);
+        assert_eq!(step.visible, Some(Lsn(0x180)), "the newest visible position, whatever opens");
     }
 
     #[test]

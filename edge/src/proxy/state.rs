@@ -208,6 +208,14 @@ impl Proxy {
         }
     }
 
+    /// Every commit up to this position is visible on the primary (a proxy
+    /// reading its own slot probes it), for the `V` lines of `POSTAI
+    /// SUBSCRIBE`: `None` when this proxy does not know it.
+    pub fn visible_position(&self) -> Option<Lsn> {
+        let slot = self.config.cdc.enabled && self.config.cdc.source == crate::config::CdcSource::Slot;
+        Some(self.primary_answer_floor()).filter(|l| slot && l.0 > 0)
+    }
+
     /// The oldest an answer relayed now may reflect for the `filling` stat:
     /// a proxy reading its own slot knows it ([`Self::primary_answer_floor`]);
     /// one behind a regional is told each answer's position by it.

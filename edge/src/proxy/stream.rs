@@ -65,6 +65,9 @@ impl Client {
             // only a regional keeps a history to continue from
             let regional = self.proxy.config.role == crate::config::Role::Regional;
             let last = Some(Lsn(self.proxy.cdc_last.load(Ordering::Relaxed))).filter(|l| l.0 > 0);
+            if let Some(v) = self.proxy.visible_position() {
+                line_into(&mut out, Line::Visible(v));
+            }
             let opened = publisher::opening(&history, from.filter(|_| regional), last, &mut |l| line_into(&mut out, l));
             (self.proxy.cdc_feed.subscribe(), opened)
         };
@@ -100,6 +103,9 @@ impl Client {
             };
             out.clear();
             let last = self.proxy.cdc_last.load(Ordering::Relaxed);
+            if let Some(v) = self.proxy.visible_position() {
+                line_into(&mut out, Line::Visible(v));
+            }
             publisher::feed_lines(&feed, last, &mut |l| line_into(&mut out, l));
             self.wr.write_all(&out).await?;
         }
