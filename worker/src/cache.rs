@@ -21,7 +21,7 @@
 
 use std::sync::Arc;
 
-use postai_core::cache::{Eviction, TierConfig};
+use postai_core::cache::{Eviction, TierConfig, TierName};
 use postai_core::consistency::Consistency;
 use postai_core::node::{EdgeNode, NodeConfig, NodeOutput, RequestId, Served, SessionId, UpstreamReply};
 use postai_core::router::Zone;
@@ -298,6 +298,41 @@ impl Edge {
         while self.node.poll_output().is_some() {}
         self.node.close_session(session);
         start
+    }
+
+    /// Statements that ran on PostgreSQL outside the node (a transaction,
+    /// or a statement the node passed), committed at `after`: what each may
+    /// have written is invalidated here as the node does for its own
+    /// writes, so that the isolate reads its own writes at once (the feed
+    /// brings them too, a pull later). A statement the node cannot analyse,
+    /// or a commit position unknown, drops everything held.
+    pub fn wrote(
+        &mut self,
+        now: Instant,
+        who: (&str, &str),
+        statements: &[(&str, &[Option<String>])],
+        after: Option<Lsn>,
+    ) {
+        for (sql, params) in statements {
+            match self.node.prepare(sql) {
+                Ok(p) if !may_write(&p.shape) => continue,
+                Ok(_) if after.is_some() => {}
+                _ => {
+                    self.node.clear_tier(TierName::L1);
+                    self.node.clear_tier(TierName::L2);
+                    return;
+                }
+            }
+            // the statement as the node runs a write: its targets invalidated at its commit
+            match self.start(now, who, Consistency::Strong, None, sql, params) {
+                Start::Miss(p) => self.finish(now, p, Ok((Arc::new(QueryResult::default()), after))),
+                Start::Hit { .. } | Start::Pass => {
+                    self.node.clear_tier(TierName::L1);
+                    self.node.clear_tier(TierName::L2);
+                    return;
+                }
+            }
+        }
     }
 
     /// PostgreSQL's outcome of a miss: filed (a read at what the feed had

@@ -129,11 +129,11 @@ pub async fn handle<N: Net>(
     if let (Some(edge), Some(_), Body::One(q)) = (edge, &access.feed, &a.body) {
         return cached(edge, net, access, &a, q).await;
     }
-    direct(net, access, &a).await
+    direct(net, access, &a, edge.filter(|_| access.feed.is_some())).await
 }
 
-/// On PostgreSQL, uncached.
-async fn direct<N: Net>(net: &N, access: &Access, a: &Admitted) -> Answer {
+/// On PostgreSQL, uncached; what it wrote is invalidated in `edge`.
+async fn direct<N: Net>(net: &N, access: &Access, a: &Admitted, edge: Option<&RefCell<Edge>>) -> Answer {
     let mut client = match connect(net, &access.upstream, &a.login).await {
         Ok(c) => c,
         Err(e) => return error_answer(e),
@@ -146,7 +146,17 @@ async fn direct<N: Net>(net: &N, access: &Access, a: &Admitted) -> Answer {
     };
     client.terminate().await;
     match ran {
-        Ok((json, (before, after))) => answered(json, "primary", before, after.max(a.floor)),
+        Ok((json, (before, after))) => {
+            if let Some(edge) = edge {
+                let statements: Vec<(&str, &[Option<String>])> = match &a.body {
+                    Body::One(q) => vec![(q.query.as_str(), q.params.as_slice())],
+                    Body::Batch(qs) => qs.iter().map(|q| (q.query.as_str(), q.params.as_slice())).collect(),
+                };
+                let who = (a.login.user.as_str(), a.login.database.as_str());
+                edge.borrow_mut().wrote(net.now(), who, &statements, after.map(Lsn));
+            }
+            answered(json, "primary", before, after.max(a.floor))
+        }
         Err(e) => error_answer(e),
     }
 }
@@ -187,7 +197,7 @@ async fn served<N: Net>(edge: &RefCell<Edge>, net: &N, access: &Access, a: &Admi
         Start::Hit { value, lsn } => {
             return answered(value.to_json(&a.options), "L1", Some(lsn.0), a.floor.max(Some(lsn.0)));
         }
-        Start::Pass => return direct(net, access, a).await,
+        Start::Pass => return direct(net, access, a, Some(edge)).await,
         Start::Miss(p) => p,
     };
     let ran = match connect(net, &access.upstream, &a.login).await {

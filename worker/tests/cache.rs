@@ -370,3 +370,28 @@ fn a_commit_the_feed_brought_before_it_was_visible_is_not_taken_as_read() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `sql.transaction([...])` runs on PostgreSQL outside the node: what it
+/// wrote must not be answered from the isolate's cache afterwards, before
+/// the feed brings the change (the driver sends no session token).
+#[test]
+fn a_transaction_s_writes_are_read_back_at_once() {
+    let slow = CacheConfig {
+        feed_every: Duration::from_secs(60),
+        silence: Duration::from_secs(120),
+        ..CacheConfig::default()
+    };
+    let w = world(slow);
+    until_cached(&w, 1);
+    let batch = r#"{"queries":[{"query":"UPDATE items SET name = $1 WHERE id = 1","params":["in a transaction"]},
+        {"query":"SELECT 1","params":[]}]}"#;
+    let a = w.send(batch, &[]);
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert!(!a.pull_feed, "no pull in between");
+    assert_eq!(w.name(1, &[]), ("in a transaction".into(), "primary".into()));
+    // and a transaction that reads only drops nothing
+    until_cached(&w, 2);
+    let a = w.send(r#"{"queries":[{"query":"SELECT 1","params":[]}]}"#, &[]);
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(w.name(2, &[]).1, "L1");
+}
