@@ -106,7 +106,9 @@ pub fn login_of(c: &ConnInfo, application_name: Option<String>) -> Login {
         password: c.password.clone(),
         database: c.database.clone(),
         application_name: application_name.or(c.application_name.clone()).unwrap_or_else(|| "postai-worker".into()),
-        settings: Vec::new(),
+        // a statement whose client left (an HTTP request given up, a
+        // WebSocket closed) is cancelled within a second, not run to its end
+        settings: vec![("client_connection_check_interval".into(), "1000".into())],
     }
 }
 

@@ -63,9 +63,14 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
         (Method::Post, "/sql") => match settings(&env) {
             Err(e) => Answer::text(500, &format!("POST AI Worker misconfigured: {e}")),
             Ok((access, tls, cache)) => {
-                let body = req.bytes().await.unwrap_or_default();
                 let headers = req.headers().clone();
                 let header = move |name: &str| headers.get(name).ok().flatten();
+                // the token and a declared length first: a body is read only
+                // for a client that may send one, and only up to the limit
+                if let Err(answer) = handler::precheck(&access, &header) {
+                    return respond(answer);
+                }
+                let body = read_body(&mut req, handler::REQUEST_MAX + 1).await;
                 let edge = access.feed.as_ref().map(|_| edge(cache));
                 let answer = handler::handle(&access, edge, &Sockets { tls }, header, &body).await;
                 if let (true, Some(edge)) = (answer.pull_feed, edge) {
@@ -78,6 +83,21 @@ async fn fetch(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
         _ => Answer::text(400, "query is not supported: POST /sql"),
     };
     respond(answer)
+}
+
+/// The request's body, up to `max` bytes (a longer one is cut there, and
+/// refused for its length).
+async fn read_body(req: &mut Request, max: usize) -> Vec<u8> {
+    use futures_util::StreamExt;
+    let mut body = Vec::new();
+    let Ok(mut stream) = req.stream() else { return body };
+    while let Some(Ok(chunk)) = stream.next().await {
+        body.extend_from_slice(&chunk[..chunk.len().min(max - body.len())]);
+        if body.len() >= max {
+            break;
+        }
+    }
+    body
 }
 
 /// The driver's WebSocket mode (`Pool`, `Client`): any path. The session

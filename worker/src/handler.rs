@@ -84,16 +84,32 @@ struct Admitted {
     consistency: Consistency,
 }
 
-/// Checks the token first (nothing else is looked at without it), then the
-/// headers and the body.
-fn admit(access: &Access, header: &impl Fn(&str) -> Option<String>, body: &[u8]) -> Result<Admitted, Answer> {
+/// What the driver checks before it reads a request's body: the token
+/// (nothing else is looked at without it), then a declared length over
+/// [`REQUEST_MAX`]. The body is then read up to one byte past the limit.
+pub fn precheck(access: &Access, header: &impl Fn(&str) -> Option<String>) -> Result<Login, Answer> {
     let auth = header("authorization");
     let login = access
         .authorize(header("neon-connection-string").as_deref(), bearer(auth.as_deref()))
         .map_err(|e| Answer::db_error(&e))?;
+    let declared = header("content-length").and_then(|l| l.trim().parse::<u64>().ok());
+    if let Some(n) = declared.filter(|n| *n > REQUEST_MAX as u64) {
+        return Err(too_large(n));
+    }
+    Ok(login)
+}
+
+fn too_large(n: u64) -> Answer {
+    Answer::db_error(&DbError::new("54000", &format!("request body of {n} bytes: at most {REQUEST_MAX}")))
+}
+
+/// Checks the token first (nothing else is looked at without it), then the
+/// headers and the body.
+fn admit(access: &Access, header: &impl Fn(&str) -> Option<String>, body: &[u8]) -> Result<Admitted, Answer> {
+    let login = precheck(access, header)?;
     let bad = |code: &str, m: &str| Answer::db_error(&DbError::new(code, m));
     if body.len() > REQUEST_MAX {
-        return Err(bad("54000", &format!("request body of {} bytes: at most {REQUEST_MAX}", body.len())));
+        return Err(too_large(body.len() as u64));
     }
     let options = Options::from_headers(header).map_err(|e| bad(e.code(), &e.to_string()))?;
     let body = neon::parse_body(body).map_err(|e| bad(e.code(), &e.to_string()))?;

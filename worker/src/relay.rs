@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::access::Access;
 use crate::handler::{Net, connect};
 use crate::neon::DbError;
+use postai_core::Duration;
 
 /// The largest message a client may send before it has logged in.
 const LOGIN_MAX: usize = 64 << 10;
@@ -187,8 +188,43 @@ where
     hello.extend_from_slice(&unread);
     client.write_all(&hello).await.map_err(|e| e.to_string())?;
     stream.write_all(&pipelined).await.map_err(|e| e.to_string())?;
-    tokio::io::copy_bidirectional(&mut client, &mut stream).await.map_err(|e| e.to_string())?;
-    Ok(())
+    relay(client, stream, net, Duration::from_millis(idle_ms.max(1).saturating_mul(2))).await
+}
+
+/// Moves bytes both ways until either side leaves, or until nothing moved
+/// either way for `quiet` (the session's own timeouts are settings its
+/// client may change: `SET idle_session_timeout = 0` must not let it hold a
+/// server connection for good). The client is told why.
+async fn relay<C, S, N>(client: C, server: S, net: &N, quiet: Duration) -> Result<(), String>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+    N: Net,
+{
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut sr, mut sw) = tokio::io::split(server);
+    let (mut up, mut down) = (vec![0u8; 16 << 10], vec![0u8; 16 << 10]);
+    loop {
+        tokio::select! {
+            r = cr.read(&mut up) => match r.map_err(|e| e.to_string())? {
+                0 => return Ok(()),
+                n => sw.write_all(&up[..n]).await.map_err(|e| e.to_string())?,
+            },
+            r = sr.read(&mut down) => match r.map_err(|e| e.to_string())? {
+                0 => return Ok(()),
+                n => cw.write_all(&down[..n]).await.map_err(|e| e.to_string())?,
+            },
+            () = net.sleep(quiet) => {
+                let m = "terminating connection: no traffic either way for twice POSTAI_IDLE_MS";
+                let mut e = DbError::new("57P05", m);
+                e.fields.retain(|(c, _)| !matches!(c, b'S' | b'V'));
+                e.fields.splice(0..0, [(b'S', "FATAL".to_string()), (b'V', "FATAL".to_string())]);
+                let _ = cw.write_all(&error_response(&e)).await;
+                let _ = cw.shutdown().await;
+                return Ok(());
+            }
+        }
+    }
 }
 
 #[cfg(test)]

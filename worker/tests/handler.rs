@@ -194,3 +194,44 @@ async fn answers_and_requests_over_the_limits_are_refused() {
     let r = send(&a, &huge, &[]).await;
     assert_eq!((r.status, json_of(&r)["code"].clone()), (400, json!("54000")));
 }
+
+/// What the Worker checks before it reads a body: without the token nothing
+/// is read (a body of any size costs the isolate nothing), and a declared
+/// length over the limit is refused at once.
+#[test]
+fn the_token_and_a_declared_length_are_checked_before_the_body_is_read() {
+    let a = access(5432, "app", "app pw", "shop");
+    let headers = |pairs: Vec<(&'static str, String)>| {
+        move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone())
+    };
+    let conn = |pw: &str| ("neon-connection-string", format!("postgresql://app:{pw}@edge.local/shop"));
+    let code = |r: Result<_, Answer>| r.map(|_| ()).map_err(|e| json_of(&e)["code"].clone());
+    let huge = ("content-length", "999999999999".to_string());
+    assert_eq!(code(handler::precheck(&a, &headers(vec![conn("wrong"), huge.clone()]))), Err(json!("28P01")));
+    assert_eq!(code(handler::precheck(&a, &headers(vec![huge.clone()]))), Err(json!("08P01")));
+    assert_eq!(code(handler::precheck(&a, &headers(vec![conn("tok"), huge]))), Err(json!("54000")));
+    let fits = ("content-length", "100".to_string());
+    assert_eq!(code(handler::precheck(&a, &headers(vec![conn("tok"), fits]))), Ok(()));
+    assert_eq!(
+        code(handler::precheck(&a, &headers(vec![conn("tok")]))),
+        Ok(()),
+        "no length declared: read up to the limit"
+    );
+}
+
+/// A request given up (the client left, the Worker's request ended) must
+/// not leave its statement running on PostgreSQL to its end.
+#[tokio::test(flavor = "current_thread")]
+async fn a_statement_whose_client_left_is_cancelled() {
+    let pg = cluster();
+    let a = access(pg.port, "app", "app pw", "shop");
+    let sleep = r#"{"query":"SELECT pg_sleep(60)"}"#;
+    let gone = tokio::time::timeout(std::time::Duration::from_millis(500), send(&a, sleep, &[])).await;
+    assert!(gone.is_err(), "the request was given up");
+    let running = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(60)%' AND pid <> pg_backend_pid()";
+    let started = std::time::Instant::now();
+    while psql(pg.port, running) != "0" {
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "the statement still runs");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -89,13 +89,19 @@ async fn idle_sessions_are_ended() {
     let pg = shop();
     let upstream = parse_conn(&format!("postgresql://app:app%20pw@127.0.0.1:{}/shop", pg.port)).expect("url");
     let port = edge_idle(Access { token: "tok".into(), upstream, feed: None }, 300).await;
-    for begin in [false, true] {
+    for (begin, disabled) in [(false, false), (true, false), (false, true), (true, true)] {
         let c = client(port, "app", "tok", "shop").await.expect("logged in");
+        if disabled {
+            // the session's own timeouts are the client's to change: the relay's is not
+            c.batch_execute("SET idle_session_timeout = 0; SET idle_in_transaction_session_timeout = 0")
+                .await
+                .expect("set");
+        }
         if begin {
             c.batch_execute("BEGIN").await.expect("begin");
         }
         tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-        assert!(c.simple_query("SELECT 1").await.is_err(), "idle for 1.5 s, in a transaction: {begin}");
+        assert!(c.simple_query("SELECT 1").await.is_err(), "idle 1.5 s, in a transaction {begin}, disabled {disabled}");
     }
     let count = "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'";
     assert_eq!(common::cluster::psql(pg.port, count), "0", "no server connection left");
