@@ -196,7 +196,14 @@ pub async fn pull<N: Net>(edge: &RefCell<Edge>, net: &N, access: &Access) {
     }
     let guard = Pulling(edge);
     let login = login_of(&access.upstream, None);
-    let pulled = pull_feed(edge, net, feed, (&access.upstream, &login)).await;
+    // the whole pull, catalog and roles included, within a bound: a stalled
+    // socket must not keep the isolate from pulling again
+    let limit = edge.borrow().pull_timeout().saturating_mul(3);
+    let pulling = std::pin::pin!(pull_feed(edge, net, feed, (&access.upstream, &login)));
+    let pulled = match select(pulling, std::pin::pin!(net.sleep(limit))).await {
+        Either::Left((pulled, _)) => pulled,
+        Either::Right(_) => Err(PgError::Protocol(format!("the pull took longer than {} ms", limit.as_millis()))),
+    };
     if let Err(e) = &pulled {
         // the node's silence bound decides what may still be served
         log(&format!("the change feed: {e}"));
@@ -291,12 +298,15 @@ async fn pull_feed<N: Net>(
             return Err(PgError::Protocol(m));
         }
     };
+    // the stream was heard live when its live keepalive came, not after
+    // the catalog reads below (the silence bound counts from then)
+    let heard = net.now();
     let mut stale = false;
     for text in &lines {
         if edge.borrow().opens_unknown(text) {
             read_catalog(edge, net, db).await?;
         }
-        stale |= edge.borrow_mut().feed_line(net.now(), text);
+        stale |= edge.borrow_mut().feed_line(heard, text);
     }
     if stale {
         read_catalog(edge, net, db).await?;

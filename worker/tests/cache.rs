@@ -395,3 +395,25 @@ fn a_transaction_s_writes_are_read_back_at_once() {
     assert_eq!(a.status, 200, "{}", a.body);
     assert_eq!(w.name(2, &[]).1, "L1");
 }
+
+/// A pull whose catalog read never gets an answer (PostgreSQL's socket
+/// stalled after the feed was collected) ends within its bound, and the
+/// isolate pulls again.
+#[test]
+fn a_pull_whose_catalog_read_stalls_ends_within_its_bound() {
+    let mut w = world(quick());
+    let live = w.access.upstream.clone();
+    let mut stalled = live.clone();
+    stalled.port = silent_regional();
+    w.access.upstream = stalled;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let net = common::Tcp::default();
+    let started = Instant::now();
+    // the first pull opens the stream on an unknown past: the catalog is read
+    let pull = handler::pull(&w.edge, &net, &w.access);
+    let ended = rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), pull).await });
+    assert!(ended.is_ok(), "the pull never ended");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    w.access.upstream = live;
+    until_cached(&w, 1);
+}
