@@ -357,6 +357,11 @@ impl Edge {
         self.node.close_session(p.session);
     }
 
+    /// Misses under way (handed to [`Edge::finish`] yet to come).
+    pub fn pending(&self) -> usize {
+        self.node.pending_len()
+    }
+
     pub fn stats(&self) -> postai_core::node::NodeStats {
         self.node.stats()
     }

@@ -223,6 +223,7 @@ async fn served<N: Net>(edge: &RefCell<Edge>, net: &N, access: &Access, a: &Admi
         Start::Pass => return direct(net, access, a, Some(edge)).await,
         Start::Miss(p) => p,
     };
+    let mut guard = Finishing { edge, pending: Some(pending), at: net.now() };
     let ran = match connect(net, &access.upstream, &a.login).await {
         Ok(mut c) => {
             let r = one(&mut c, q).await;
@@ -230,6 +231,9 @@ async fn served<N: Net>(edge: &RefCell<Edge>, net: &N, access: &Access, a: &Admi
             r
         }
         Err(e) => Err(e),
+    };
+    let Some(pending) = guard.pending.take() else {
+        return error_answer(PgError::Protocol("the request's cache state was lost".into()));
     };
     match ran {
         Ok((r, (before, after))) => {
@@ -241,6 +245,24 @@ async fn served<N: Net>(edge: &RefCell<Edge>, net: &N, access: &Access, a: &Admi
         Err(e) => {
             edge.borrow_mut().finish(net.now(), pending, Err(e.to_string()));
             error_answer(e)
+        }
+    }
+}
+
+/// A miss under way, handed back to the node however its request ends: a
+/// client that leaves drops the request's future, and without this the
+/// node would keep its session and request for good (at its limits, every
+/// request would pass the cache).
+struct Finishing<'a> {
+    edge: &'a RefCell<Edge>,
+    pending: Option<crate::cache::Pending>,
+    at: Instant,
+}
+
+impl Drop for Finishing<'_> {
+    fn drop(&mut self) {
+        if let (Some(p), Ok(mut e)) = (self.pending.take(), self.edge.try_borrow_mut()) {
+            e.finish(self.at, p, Err("the request was given up".into()));
         }
     }
 }

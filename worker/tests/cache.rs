@@ -417,3 +417,21 @@ fn a_pull_whose_catalog_read_stalls_ends_within_its_bound() {
     w.access.upstream = live;
     until_cached(&w, 1);
 }
+
+/// A miss given up mid-way (the client left): the node does not keep its
+/// request (at the node's limits every later request would pass the cache).
+#[test]
+fn a_miss_given_up_is_handed_back_to_the_node() {
+    let w = world(quick());
+    until_cached(&w, 1);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let net = common::Tcp::default();
+    let header = |name: &str| -> Option<String> {
+        (name == "neon-connection-string").then(|| "postgresql://app:tok@edge.local/shop".to_string())
+    };
+    let body = br#"{"query":"SELECT name FROM items WHERE id = $1 AND pg_sleep(2) IS NOT NULL","params":["1"]}"#;
+    let request = handler::handle(&w.access, Some(&w.edge), &net, header, body);
+    let left = rt.block_on(async { tokio::time::timeout(Duration::from_millis(300), request).await });
+    assert!(left.is_err(), "the request was given up before its answer");
+    assert_eq!(w.edge.borrow().pending(), 0, "the node still holds the request");
+}
