@@ -535,6 +535,33 @@ mod session_and_refresh {
         n.handle_upstream(Instant::ZERO, RequestId(12345), Err("late".into()));
         assert!(n.poll_output().is_none(), "an unknown request id is ignored");
     }
+
+    /// Statements nested or chained deep enough to exhaust a thread's stack
+    /// if analysed recursively (a stack overflow aborts the whole proxy):
+    /// analysed or passed to the primary, on a thread of 2 MB as the
+    /// proxy's are.
+    #[test]
+    fn deep_statements_do_not_exhaust_the_stack() {
+        let n = 100_000;
+        let texts = [
+            format!("SELECT {}1", "1+".repeat(n)),
+            format!("SELECT v FROM items WHERE {}id = 1", "id = 1 AND ".repeat(n)),
+            format!("SELECT {}1{}", "(".repeat(n), ")".repeat(n)),
+            format!("SELECT {}1", "- ".repeat(n)),
+            format!("SELECT {}true", "NOT ".repeat(n)),
+            format!("SELECT v FROM items WHERE id IN ({}1)", "1, ".repeat(n)),
+            format!("SELECT {}1{}", "ARRAY[".repeat(n / 10), "]".repeat(n / 10)),
+            format!("SELECT * FROM {}items{}", "(SELECT * FROM ".repeat(n / 10), ") s".repeat(n / 10)),
+        ];
+        let worker = std::thread::Builder::new().stack_size(2 << 20).spawn(move || {
+            for text in texts {
+                let (mut n, _) = node(InvalidationMode::Key);
+                n.handle_simple_query(Instant::ZERO, SessionId(1), &text);
+                assert!(n.poll_output().is_some(), "{}", &text[..40]);
+            }
+        });
+        worker.expect("thread").join().expect("no panic");
+    }
 }
 
 #[cfg(test)]

@@ -236,6 +236,12 @@ fn analyze(lexed: &Lexed, original: &str, catalog: &mut Catalog, config: &Analyz
             return s;
         }
     }
+    if operators(&text) > OPERATORS_MAX {
+        // a chain of operators parses to a tree as deep as it is long, which
+        // analysing (and dropping) would walk recursively: past this, a
+        // thread's stack could overflow, which aborts the whole process
+        return unparsable(text, lexed, "too many operators to analyse", catalog, config);
+    }
     let dialect = PostgreSqlDialect {};
     // PostgreSQL syntax sqlparser lacks, rewritten to an equivalent it knows:
     // the classification is the same.
@@ -260,6 +266,22 @@ fn analyze(lexed: &Lexed, original: &str, catalog: &mut Catalog, config: &Analyz
         return multi_statement(text, lexed);
     };
     analyze_statement(statement, text, lexed, keys_usable, catalog, config)
+}
+
+/// Operators a statement may chain before it is no longer analysed (a
+/// chain of 50 000 overflowed a 2 MB stack).
+const OPERATORS_MAX: usize = 2000;
+
+/// The operators of a normalised statement (`+`, `=`, `AND`, ...): how deep
+/// its expression trees can be.
+fn operators(shape: &str) -> usize {
+    shape
+        .split(' ')
+        .filter(|t| {
+            matches!(*t, "and" | "or" | "not")
+                || (!t.is_empty() && t.bytes().all(|b| b"+-*/<>=~!@#%^&|`?".contains(&b)))
+        })
+        .count()
 }
 
 /// Statements that change the schema: what any cached result means may
