@@ -18,6 +18,11 @@ pub const MESSAGE_MAX: usize = 64 << 20;
 /// larger answer is refused (HTTP 507) instead of exhausting the isolate.
 pub const RESPONSE_MAX: usize = 10 << 20;
 
+/// What each cell of an answer counts against [`RESPONSE_MAX`] beyond its
+/// bytes: held as text and then as JSON, a cell costs the isolate far more
+/// than its bytes on the wire.
+pub const CELL_COST: usize = 16;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
     #[error("{}", .0.message())]
@@ -217,7 +222,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 // past the limit the rows are read and dropped, to the end of the answer
                 b'D' if too_large => {}
                 b'D' => {
-                    bytes += m.raw.len();
+                    // what the row costs in the isolate, not only on the wire
+                    // (a NULL is 4 bytes there and about 60 once held and shown)
+                    let cells = m.body().get(..2).map_or(0, |n| usize::from(u16::from_be_bytes([n[0], n[1]])));
+                    bytes += m.raw.len() + CELL_COST * cells;
                     if bytes > self.response_max {
                         too_large = true;
                         results.clear();

@@ -188,6 +188,9 @@ async fn answers_and_requests_over_the_limits_are_refused() {
     let r = send(&a, big, &[]).await;
     assert_eq!(r.status, 507, "{}", &r.body[..r.body.len().min(200)]);
     assert!(r.body.contains("too large"), "{}", r.body);
+    // 4 MB of NULLs on the wire would be over 60 MB in the isolate
+    let nulls = format!(r#"{{"query":"SELECT {} FROM generate_series(1, 10000)"}}"#, vec!["NULL"; 100].join(","));
+    assert_eq!(send(&a, &nulls, &[]).await.status, 507);
     let fits = r#"{"query":"SELECT count(*) FROM (SELECT repeat('x', 1000) FROM generate_series(1, 5000)) s"}"#;
     assert_eq!(send(&a, fits, &[]).await.status, 200);
     let huge = format!(r#"{{"query":"SELECT $1","params":["{}"]}}"#, "y".repeat(postai_worker::handler::REQUEST_MAX));
