@@ -32,21 +32,25 @@ pub fn parse_bind(m: &Message) -> Option<Bind> {
         *at += 2;
         Some(v)
     };
+    // counts are unsigned, as PostgreSQL reads them (up to 65535 parameters)
+    let count_at = |at: &mut usize| i16_at(at).map(|n| usize::from(n as u16));
     let portal = cstr(&mut at)?;
     let statement = cstr(&mut at)?;
-    let nformats = i16_at(&mut at)?;
-    let mut formats = Vec::with_capacity(nformats.max(0) as usize);
-    for _ in 0..nformats.max(0) {
+    let nformats = count_at(&mut at)?;
+    let mut formats = Vec::with_capacity(nformats);
+    for _ in 0..nformats {
         formats.push(i16_at(&mut at)?);
     }
-    let nparams = i16_at(&mut at)?;
+    let nparams = count_at(&mut at)?;
     let param_formats: Vec<i16> = match formats.len() {
-        0 => vec![0; nparams.max(0) as usize],
-        1 => vec![formats[0]; nparams.max(0) as usize],
-        _ => formats,
+        0 => vec![0; nparams],
+        1 => vec![formats[0]; nparams],
+        n if n == nparams => formats,
+        // as PostgreSQL refuses it: the formats name another count
+        _ => return None,
     };
-    let mut params = Vec::with_capacity(nparams.max(0) as usize);
-    for _ in 0..nparams.max(0) {
+    let mut params = Vec::with_capacity(nparams);
+    for _ in 0..nparams {
         let len = i32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?);
         at += 4;
         if len < 0 {
@@ -56,8 +60,12 @@ pub fn parse_bind(m: &Message) -> Option<Bind> {
             at += len as usize;
         }
     }
-    let nresults = i16_at(&mut at)?;
-    let result_formats = b.get(at..at + 2 * nresults.max(0) as usize)?.to_vec();
+    let nresults = count_at(&mut at)?;
+    if b.len() != at + 2 * nresults {
+        // PostgreSQL refuses a Bind with bytes missing or left over
+        return None;
+    }
+    let result_formats = b.get(at..)?.to_vec();
     Some(Bind { portal, statement, param_formats, params, result_formats })
 }
 
@@ -130,8 +138,8 @@ pub fn parse_param_types(m: &Message) -> Option<Vec<u32>> {
     let name_end = b.iter().position(|c| *c == 0)?;
     let q = b.get(name_end + 1..)?;
     let at = name_end + 1 + q.iter().position(|c| *c == 0)? + 1;
-    let n = i16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?);
-    (0..n.max(0) as usize)
+    let n = u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?);
+    (0..usize::from(n))
         .map(|i| Some(u32::from_be_bytes(b.get(at + 2 + 4 * i..at + 6 + 4 * i)?.try_into().ok()?)))
         .collect()
 }
@@ -139,8 +147,8 @@ pub fn parse_param_types(m: &Message) -> Option<Vec<u32>> {
 /// The type OIDs of a ParameterDescription.
 pub fn parameter_description(m: &Message) -> Option<Vec<u32>> {
     let b = m.body();
-    let n = i16::from_be_bytes(b.get(..2)?.try_into().ok()?);
-    (0..n.max(0) as usize).map(|i| Some(u32::from_be_bytes(b.get(2 + 4 * i..6 + 4 * i)?.try_into().ok()?))).collect()
+    let n = u16::from_be_bytes(b.get(..2)?.try_into().ok()?);
+    (0..usize::from(n)).map(|i| Some(u32::from_be_bytes(b.get(2 + 4 * i..6 + 4 * i)?.try_into().ok()?))).collect()
 }
 
 /// A binary-format parameter in PostgreSQL's text output form, for the types

@@ -294,7 +294,8 @@ pub fn extended(out: &mut BytesMut, sql: &str, params: &[Option<String>]) -> Res
     if sql.contains('\0') || params.iter().flatten().any(|p| p.contains('\0')) {
         return Err(PgError::Db(DbError::new("22021", "invalid byte sequence for encoding \"UTF8\": 0x00")));
     }
-    let n = i16::try_from(params.len()).map_err(|_| PgError::Db(DbError::new("54000", "too many parameters")))?;
+    // (PostgreSQL reads the count as unsigned: up to 65535)
+    let n = u16::try_from(params.len()).map_err(|_| PgError::Db(DbError::new("54000", "too many parameters")))?;
     let mut body = BytesMut::new();
     body.put_u8(0); // unnamed statement
     body.put_slice(sql.as_bytes());
@@ -305,7 +306,7 @@ pub fn extended(out: &mut BytesMut, sql: &str, params: &[Option<String>]) -> Res
     body.put_u8(0); // unnamed portal
     body.put_u8(0); // of the unnamed statement
     body.put_i16(0); // every parameter in text
-    body.put_i16(n);
+    body.put_u16(n);
     for p in params {
         match p {
             None => body.put_i32(-1),

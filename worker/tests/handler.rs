@@ -188,6 +188,18 @@ async fn answers_and_requests_over_the_limits_are_refused() {
     let r = send(&a, big, &[]).await;
     assert_eq!(r.status, 507, "{}", &r.body[..r.body.len().min(200)]);
     assert!(r.body.contains("too large"), "{}", r.body);
+    // PostgreSQL binds up to 65535 parameters (an unsigned count)
+    let n = 40_000;
+    let refs: Vec<String> = (1..=n).map(|i| format!("${i}")).collect();
+    let many =
+        json!({"query": format!("SELECT cardinality(ARRAY[{}]::int[])", refs.join(",")), "params": vec!["1"; n]});
+    let r = send(&a, &many.to_string(), &[]).await;
+    assert_eq!(
+        (r.status, json_of(&r)["rows"][0][0].clone()),
+        (200, json!("40000")),
+        "{}",
+        &r.body[..r.body.len().min(300)]
+    );
     // 4 MB of NULLs on the wire would be over 60 MB in the isolate
     let nulls = format!(r#"{{"query":"SELECT {} FROM generate_series(1, 10000)"}}"#, vec!["NULL"; 100].join(","));
     assert_eq!(send(&a, &nulls, &[]).await.status, 507);

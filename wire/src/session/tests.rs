@@ -321,3 +321,21 @@ fn the_kept_copy_is_the_answer_only_and_within_its_limit() {
     k.handle(&msg(b'H', b"\0\0\0"));
     assert!(k.finish().0.is_none(), "a COPY is no answer to keep");
 }
+
+/// PostgreSQL reads a Bind's counts as unsigned (up to 65535 parameters)
+/// and refuses one with bytes missing or left over: read as signed, 40 000
+/// parameters were taken for none, and two such batches with different
+/// values had one cache key.
+#[test]
+fn binds_are_read_as_postgresql_reads_them() {
+    let values: Vec<String> = (0..40_000).map(|i| i.to_string()).collect();
+    let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+    let b = crate::messages::parse_bind(&bind("s", &refs)).expect("a valid Bind");
+    assert_eq!(b.params.len(), 40_000);
+    assert_eq!(b.params[39_999].as_deref(), Some(&b"39999"[..]));
+    let mut extra = bind("s", &["1"]).body().to_vec();
+    extra.push(0);
+    assert!(crate::messages::parse_bind(&msg(b'B', &extra)).is_none(), "a byte left over");
+    let short = bind("s", &["1"]).body()[..10].to_vec();
+    assert!(crate::messages::parse_bind(&msg(b'B', &short)).is_none(), "bytes missing");
+}
