@@ -403,3 +403,42 @@ fn a_transaction_opened_behind_an_admin_statement_and_a_flush_is_seen() {
     assert_eq!(status(&theirs), Some(b'I'), "another client got a connection inside a transaction");
     assert_eq!(value(&theirs).as_deref(), Some("t"));
 }
+
+/// SQL-level PREPARE, DEALLOCATE and DISCARD share the namespace of the
+/// protocol's named statements: a statement redefined with SQL must not be
+/// run by the proxy as the statement it knew (its answer would be filed
+/// under the old statement's key and served to everyone who runs it). Also:
+/// a statement whose Parse the cache answered (never sent to the server)
+/// is there for SQL's EXECUTE and DEALLOCATE.
+#[test]
+fn a_statement_redefined_with_sql_is_not_the_one_the_proxy_knew() {
+    let pg = Pg::start("redefine");
+    create_items(&pg, 10);
+    let (port, _p) = proxy(&pg);
+    let mut other = Raw::connect(port, "postgres");
+    read_until_cached(&mut other, port);
+    let redefine = |first: &str| {
+        let mut c = Raw::connect(port, "postgres");
+        // answered from the cache (row 1 is cached): the Parse is held back,
+        // and SQL sees the statement all the same
+        c.send(&[parse("s1", READ), bind("s1", &["1"]), describe_portal(), execute(), sync()]);
+        assert_eq!(value(&c.until_ready()).as_deref(), Some("v1"));
+        let executed = c.query("EXECUTE s1(3)");
+        assert_eq!(value(&executed).as_deref(), Some("v3"), "{}", tags(&executed));
+        for sql in [first, "PREPARE s1(int) AS SELECT 'pwned'::text WHERE $1 IS NOT NULL"] {
+            let m = c.query(sql);
+            assert_eq!(sqlstate(&m), None, "{sql}");
+        }
+        for id in ["1", "4"] {
+            c.send(&[bind("s1", &[id]), describe_portal(), execute(), sync()]);
+            assert_eq!(value(&c.until_ready()).as_deref(), Some("pwned"), "{first}: the server's statement ({id})");
+        }
+    };
+    redefine("DEALLOCATE s1");
+    redefine("DISCARD ALL");
+    redefine("DEALLOCATE ALL");
+    // nobody else is served the redefined statement's answer
+    for id in ["1", "2", "3", "4"] {
+        assert_eq!(value(&read_extended(&mut other, id)).as_deref(), Some(format!("v{id}").as_str()), "row {id}");
+    }
+}

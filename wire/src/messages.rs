@@ -53,8 +53,11 @@ pub fn parse_bind(m: &Message) -> Option<Bind> {
     for _ in 0..nparams {
         let len = i32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?);
         at += 4;
-        if len < 0 {
+        if len == -1 {
             params.push(None);
+        } else if len < 0 {
+            // PostgreSQL refuses any other negative length
+            return None;
         } else {
             params.push(Some(b.get(at..at + len as usize)?.to_vec()));
             at += len as usize;

@@ -106,6 +106,13 @@ pub struct Settled {
     pub overflow: bool,
 }
 
+/// Whether a statement may create, drop or replace prepared statements
+/// (SQL's PREPARE, DEALLOCATE, DISCARD, in any of the statements of a
+/// string, or code whose effects on the session cannot be known).
+pub fn may_change_prepared(shape: &postai_core::sql::Shape) -> bool {
+    shape.session_opaque || shape.text.split([' ', '(', ';']).any(|w| matches!(w, "prepare" | "deallocate" | "discard"))
+}
+
 /// A batch the cache may answer ([`Session::cacheable_batch`]).
 #[derive(Debug)]
 pub struct CacheableExec {
@@ -207,6 +214,16 @@ impl Session {
         let name = parse_message(&parse).map(|(n, _)| n);
         self.unsent_parses.retain(|p| parse_message(p).map(|(n, _)| n) != name);
         self.unsent_parses.push(parse);
+    }
+
+    /// The server's prepared statements may no longer be the ones the
+    /// client Parsed (SQL's PREPARE, DEALLOCATE and DISCARD share their
+    /// namespace): the session forgets what it knew of them, so that a Bind
+    /// of one is relayed as is and never answered or filed as the old one.
+    pub fn forget_statements(&mut self) {
+        self.statements.clear();
+        self.parses.clear();
+        self.param_types.clear();
     }
 
     /// Parses wait to be sent before the next batch.

@@ -173,6 +173,12 @@ impl Edge {
         Line::parse(text).and_then(|l| self.sub.opening(&l)).is_some_and(|(_, unknown)| unknown || first)
     }
 
+    /// The catalog must be read again (DDL came, and the read after it did
+    /// not complete): nothing is cached until it is.
+    pub fn catalog_stale(&self) -> bool {
+        self.node.catalog_is_stale()
+    }
+
     pub fn has_catalog(&self) -> bool {
         self.catalog.is_some()
     }
@@ -282,10 +288,10 @@ impl Edge {
         };
         let ps: Vec<Option<&[u8]>> = params.iter().map(|p| p.as_deref().map(str::as_bytes)).collect();
         // what an answer read now reflects: every commit up to the feed's
-        // visible position, and the feed brought each one up to its last (a
-        // commit's change can arrive before the commit is visible: an answer
-        // dated past it would outlive that change)
-        let snapshot = self.sub.last().min(self.visible);
+        // visible position (a commit's change can arrive before the commit
+        // is visible: an answer dated past it would outlive that change;
+        // one up to it that arrives later finds the answer reflecting it)
+        let snapshot = self.visible;
         self.node.handle_execute(now, session, &prepared, &ps);
         let start = match self.node.poll_output() {
             Some(NodeOutput::Reply { value, lsn, .. }) => Start::Hit { value, lsn },
@@ -304,8 +310,9 @@ impl Edge {
     /// or a statement the node passed), committed at `after`: what each may
     /// have written is invalidated here as the node does for its own
     /// writes, so that the isolate reads its own writes at once (the feed
-    /// brings them too, a pull later). A statement the node cannot analyse,
-    /// or a commit position unknown, drops everything held.
+    /// brings them too, a pull later). A statement the node cannot analyse
+    /// or that may write rows it does not name, or a commit position
+    /// unknown, drops everything held.
     pub fn wrote(
         &mut self,
         now: Instant,
@@ -316,21 +323,35 @@ impl Edge {
         for (sql, params) in statements {
             match self.node.prepare(sql) {
                 Ok(p) if !may_write(&p.shape) => continue,
-                Ok(_) if after.is_some() => {}
-                _ => {
-                    self.node.clear_tier(TierName::L1);
-                    self.node.clear_tier(TierName::L2);
-                    return;
+                // it may have written rows it does not name
+                Ok(p) if p.shape.writes_opaque || p.shape.writes_unknown => {}
+                Ok(_) if after.is_some() => {
+                    self.invalidate_write(now, who, sql, params, after);
+                    continue;
                 }
+                _ => {}
             }
-            // the statement as the node runs a write: its targets invalidated at its commit
-            match self.start(now, who, Consistency::Strong, None, sql, params) {
-                Start::Miss(p) => self.finish(now, p, Ok((Arc::new(QueryResult::default()), after))),
-                Start::Hit { .. } | Start::Pass => {
-                    self.node.clear_tier(TierName::L1);
-                    self.node.clear_tier(TierName::L2);
-                    return;
-                }
+            self.node.clear_tier(TierName::L1);
+            self.node.clear_tier(TierName::L2);
+            return;
+        }
+    }
+
+    /// One statement's write invalidated as the node does for its own: its
+    /// targets at its commit (everything held, when the node cannot run it).
+    fn invalidate_write(
+        &mut self,
+        now: Instant,
+        who: (&str, &str),
+        sql: &str,
+        params: &[Option<String>],
+        after: Option<Lsn>,
+    ) {
+        match self.start(now, who, Consistency::Strong, None, sql, params) {
+            Start::Miss(p) => self.finish(now, p, Ok((Arc::new(QueryResult::default()), after))),
+            Start::Hit { .. } | Start::Pass => {
+                self.node.clear_tier(TierName::L1);
+                self.node.clear_tier(TierName::L2);
             }
         }
     }

@@ -330,7 +330,8 @@ async fn pull_feed<N: Net>(
         }
         stale |= edge.borrow_mut().feed_line(heard, text);
     }
-    if stale {
+    // (also when a read after DDL did not complete in an earlier pull)
+    if stale || edge.borrow().catalog_stale() {
         read_catalog(edge, net, db).await?;
     }
     if edge.borrow().roles_due(net.now()) {

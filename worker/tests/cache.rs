@@ -382,18 +382,26 @@ fn a_transaction_s_writes_are_read_back_at_once() {
         ..CacheConfig::default()
     };
     let w = world(slow);
+    shop_sql(
+        &w.pg,
+        "CREATE FUNCTION rename_two() RETURNS void LANGUAGE sql AS $$UPDATE items SET name = 'by a function' WHERE id = 2$$",
+    );
     until_cached(&w, 1);
+    until_cached(&w, 2);
+    // a transaction that reads only drops nothing
+    let a = w.send(r#"{"queries":[{"query":"SELECT 1","params":[]}]}"#, &[]);
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(w.name(2, &[]).1, "L1");
     let batch = r#"{"queries":[{"query":"UPDATE items SET name = $1 WHERE id = 1","params":["in a transaction"]},
         {"query":"SELECT 1","params":[]}]}"#;
     let a = w.send(batch, &[]);
     assert_eq!(a.status, 200, "{}", a.body);
     assert!(!a.pull_feed, "no pull in between");
     assert_eq!(w.name(1, &[]), ("in a transaction".into(), "primary".into()));
-    // and a transaction that reads only drops nothing
-    until_cached(&w, 2);
-    let a = w.send(r#"{"queries":[{"query":"SELECT 1","params":[]}]}"#, &[]);
+    // a write the statement does not name (a function's): everything held goes
+    let a = w.send(r#"{"queries":[{"query":"SELECT rename_two()","params":[]}]}"#, &[]);
     assert_eq!(a.status, 200, "{}", a.body);
-    assert_eq!(w.name(2, &[]).1, "L1");
+    assert_eq!(w.name(2, &[]), ("by a function".into(), "primary".into()));
 }
 
 /// A pull whose catalog read never gets an answer (PostgreSQL's socket

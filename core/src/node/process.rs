@@ -52,6 +52,12 @@ impl<V: Clone> EdgeNode<V> {
         self.clear_tier(TierName::L1);
     }
 
+    /// Whether DDL ran and the catalog was not read again since (nothing
+    /// is cached meanwhile).
+    pub fn catalog_is_stale(&self) -> bool {
+        self.catalog_stale
+    }
+
     /// DDL ran through this node: until the driver has read the catalog
     /// again ([`Self::catalog_current`] or an update), nothing is cached.
     pub fn catalog_changed(&mut self) {

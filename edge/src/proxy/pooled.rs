@@ -39,15 +39,19 @@ impl Client {
     /// Pooling: session state the statement leaves on the server connection
     /// keeps it with this client.
     pub(super) fn note_session_state(&mut self, shape: &Shape) {
-        if let Upstream::Pooled { lease, pinned, .. } = &mut self.upstream {
-            let first = shape.text.split([' ', '(']).next().unwrap_or("");
-            if matches!(first, "deallocate" | "discard")
-                && let Some(l) = lease.as_mut()
-            {
-                // the server's prepared statements are gone
-                l.server.prepared.clear();
+        let changes_prepared = postai_wire::session::may_change_prepared(shape);
+        match &mut self.upstream {
+            Upstream::Pooled { lease, pinned, .. } => {
+                if changes_prepared && let Some(l) = lease.as_mut() {
+                    // the server's prepared statements may be gone
+                    l.server.prepared.clear();
+                }
+                *pinned |= pins_session(shape);
             }
-            *pinned |= pins_session(shape);
+            // (pooled, the client's statements go under names of the proxy's
+            // own, which SQL does not reach)
+            Upstream::Dedicated(_) if changes_prepared => self.wire.forget_statements(),
+            Upstream::Dedicated(_) => {}
         }
     }
 

@@ -76,6 +76,11 @@ impl Client {
     async fn relay_opaque(&mut self, m: &Message) -> anyhow::Result<Path> {
         self.hold_ready = true;
         self.wire.answers.floor = Some(self.proxy.primary_answer_floor());
+        self.send_unsent_parses().await?;
+        if !self.pooled() {
+            // what it does to prepared statements cannot be read
+            self.wire.forget_statements();
+        }
         self.up().await?.send(&m.raw).await?;
         let (_, error) = self.relay_until_ready(None).await?;
         self.proxy.node().note_opaque(self.session, self.wire.status() != b'I');
@@ -86,6 +91,25 @@ impl Client {
             self.proxy.node().unseen_write(self.session, lsn);
         }
         Ok(Path::Primary)
+    }
+
+    /// Parses the cache answered (held back from the server) are sent before
+    /// a simple query, in a round trip of their own: SQL's EXECUTE,
+    /// DEALLOCATE and PREPARE see the statements the client prepared.
+    async fn send_unsent_parses(&mut self) -> anyhow::Result<()> {
+        if !self.wire.has_unsent_parses() || self.pooled() {
+            return Ok(());
+        }
+        let sync = Message { tag: b'S', raw: bytes::Bytes::from_static(&[b'S', 0, 0, 0, 4]) };
+        self.send_batch(&[], Some(&sync)).await?;
+        loop {
+            let m = self.up().await?.recv().await?;
+            // their ParseCompletes are swallowed; an error (the server
+            // refused one) and the ReadyForQuery are the proxy's, not the client's
+            if !self.swallowed(&m) && m.tag == b'Z' {
+                return Ok(());
+            }
+        }
     }
 
     /// `[cache] enabled = false`: relayed; pooling still sees session state.
@@ -118,6 +142,7 @@ impl Client {
         let (kept, error, served) = match on_replica {
             Some((kept, error)) => (kept, error, Served::Replica),
             None => {
+                self.send_unsent_parses().await?;
                 self.note_session_state(&u.shape);
                 if let Upstream::Pooled { lease: Some(l), .. } = &mut self.upstream {
                     // a simple query ends the unnamed statement

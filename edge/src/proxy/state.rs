@@ -15,6 +15,9 @@ pub struct Proxy {
     /// (`postai_core::stream::visibility`): what a fill from the primary is
     /// dated with. Found by the slot reader's probes; `None` (0) without one.
     pub lsn_visible: AtomicU64,
+    /// The topology generation whose primary `lsn_seen` and `lsn_visible`
+    /// are positions of (set where they are forgotten).
+    pub lsn_generation: AtomicU64,
     /// The database nodes: primary, replicas, failover.
     pub topology: Mutex<Topology>,
     pub metrics: Metrics,
@@ -112,6 +115,7 @@ impl Proxy {
             cdc_last: AtomicU64::new(0),
             lsn_seen: AtomicU64::new(0),
             lsn_visible: AtomicU64::new(0),
+            lsn_generation: AtomicU64::new(0),
             l2_file,
             catalog_stale: std::sync::atomic::AtomicBool::new(false),
             next_session: AtomicU64::new(1),
@@ -184,6 +188,8 @@ impl Proxy {
         let mut n = self.node();
         self.lsn_seen.store(0, Ordering::Relaxed);
         self.lsn_visible.store(0, Ordering::Relaxed);
+        // positions raised from now on are of this primary (`raise` checks)
+        self.lsn_generation.store(self.topology().primary_generation(), Ordering::Relaxed);
         n.primary_changed();
         if let Some(f) = &self.l2_file {
             f.clear("the in-memory tiers were cleared");
@@ -213,7 +219,10 @@ impl Proxy {
     /// SUBSCRIBE`: `None` when this proxy does not know it.
     pub fn visible_position(&self) -> Option<Lsn> {
         let slot = self.config.cdc.enabled && self.config.cdc.source == crate::config::CdcSource::Slot;
-        Some(self.primary_answer_floor()).filter(|l| slot && l.0 > 0)
+        // after a failover, until the old primary's positions are forgotten,
+        // they are not the new one's (its timeline reuses them)
+        let current = self.lsn_generation.load(Ordering::Relaxed) == self.topology().primary_generation();
+        Some(self.primary_answer_floor()).filter(|l| slot && current && l.0 > 0)
     }
 
     /// The oldest an answer relayed now may reflect for the `filling` stat:

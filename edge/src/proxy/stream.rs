@@ -65,10 +65,11 @@ impl Client {
             // only a regional keeps a history to continue from
             let regional = self.proxy.config.role == crate::config::Role::Regional;
             let last = Some(Lsn(self.proxy.cdc_last.load(Ordering::Relaxed))).filter(|l| l.0 > 0);
-            if let Some(v) = self.proxy.visible_position() {
+            let opened = publisher::opening(&history, from.filter(|_| regional), last, &mut |l| line_into(&mut out, l));
+            // (after the opening: its history comes first)
+            if let Some(v) = self.proxy.visible_position().filter(|_| opened.is_ok()) {
                 line_into(&mut out, Line::Visible(v));
             }
-            let opened = publisher::opening(&history, from.filter(|_| regional), last, &mut |l| line_into(&mut out, l));
             (self.proxy.cdc_feed.subscribe(), opened)
         };
         if let Err(e) = opened {

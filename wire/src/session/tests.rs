@@ -338,4 +338,9 @@ fn binds_are_read_as_postgresql_reads_them() {
     assert!(crate::messages::parse_bind(&msg(b'B', &extra)).is_none(), "a byte left over");
     let short = bind("s", &["1"]).body()[..10].to_vec();
     assert!(crate::messages::parse_bind(&msg(b'B', &short)).is_none(), "bytes missing");
+    // a length below -1 is no NULL (PostgreSQL refuses it)
+    let mut minus_two = bind("s", &["1"]).body().to_vec();
+    let at = minus_two.len() - 2 - 1 - 4;
+    minus_two.splice(at..at + 5, (-2i32).to_be_bytes());
+    assert!(crate::messages::parse_bind(&msg(b'B', &minus_two)).is_none(), "length -2");
 }
