@@ -217,6 +217,16 @@ fn analyze(lexed: &Lexed, original: &str, catalog: &mut Catalog, config: &Analyz
         _ if is_ddl_word(first) => {
             let mut s = basic(StatementKind::Ddl, text, lexed);
             s.writes_unknown = true;
+            // the query of `CREATE TABLE ... AS` (or of a materialized view)
+            // runs now: a function it calls may change the session
+            let query = s
+                .text
+                .split_once(" as ")
+                .map(|(_, q)| q)
+                .filter(|q| ["select ", "with ", "values ", "table ", "( "].iter().any(|k| q.starts_with(k)));
+            if query.is_some_and(|q| !calls_harmless(q, catalog, config)) {
+                s = opaque(s);
+            }
             return s;
         }
         // runs the statement it explains, whatever it is
@@ -230,9 +240,16 @@ fn analyze(lexed: &Lexed, original: &str, catalog: &mut Catalog, config: &Analyz
         // code the analyzer cannot see into: any effect on data and session
         "do" | "call" | "execute" | "load" => return opaque(basic(StatementKind::Other, text, lexed)),
         _ => {
-            // LISTEN, NOTIFY, VACUUM, ANALYZE, LOCK, PREPARE, IMPORT, REFRESH, ...
+            // LISTEN, NOTIFY, VACUUM, ANALYZE, LOCK, PREPARE, DECLARE, IMPORT, REFRESH, ...
             let mut s = basic(StatementKind::Other, text, lexed);
             s.writes_unknown = matches!(first, "import" | "refresh");
+            // a cursor's query, run by FETCH in the cursor's transaction (or
+            // at once, WITH HOLD outside one): a function it calls may change
+            // the session or write
+            let cursor = (first == "declare").then(|| s.text.split_once(" for ").map(|(_, q)| q)).flatten();
+            if cursor.is_some_and(|q| !calls_harmless(q, catalog, config)) {
+                s = opaque(s);
+            }
             return s;
         }
     }
@@ -309,8 +326,20 @@ fn unparsable(text: String, lexed: &Lexed, error: &str, catalog: &Catalog, confi
     let first = lexed.first_word.as_str();
     let mut s = basic(StatementKind::Other, text, lexed);
     s.cacheable = Err(NotCacheable::Unparsable(error.to_string()));
-    let words: Vec<&str> = s.text.split(' ').collect();
-    let calls_harmless = words.windows(2).filter(|w| w[1] == "(").all(|w| {
+    let read = matches!(first, "select" | "values" | "table" | "explain" | "(");
+    if !(read && calls_harmless(&s.text, catalog, config) && catalog.comparisons().is_none()) {
+        s = opaque(s);
+    }
+    s
+}
+
+/// Whether every function a normalised text calls (and every operator it
+/// uses) is known to change neither the session nor any row: what is said
+/// of a statement whose text the parser does not see into (an unparsable
+/// one, a cursor's query, `CREATE TABLE ... AS`).
+fn calls_harmless(text: &str, catalog: &Catalog, config: &AnalyzerConfig) -> bool {
+    let words: Vec<&str> = text.split(' ').collect();
+    let calls = words.windows(2).filter(|w| w[1] == "(").all(|w| {
         let name = w[0].trim_matches('"');
         let keyword = matches!(
             w[0],
@@ -371,11 +400,7 @@ fn unparsable(text: String, lexed: &Lexed, error: &str, catalog: &Catalog, confi
         let e = hidden_call_effects(w, catalog.operator(w));
         !e.session_opaque && !e.writes_opaque
     });
-    let read = matches!(first, "select" | "values" | "table" | "explain" | "(");
-    if !(read && calls_harmless && operators_harmless && catalog.comparisons().is_none()) {
-        s = opaque(s);
-    }
-    s
+    calls && operators_harmless
 }
 
 /// COPY options sqlparser does not know (`WITH (FREEZE ON)`): the table follows
@@ -611,5 +636,43 @@ fn definition_effects(sql: &str, catalog: &mut Catalog, config: &AnalyzerConfig)
         uncacheable: shape.cacheable.err(),
         session_opaque: shape.session_opaque,
         writes_opaque: shape.writes_opaque,
+    }
+}
+
+#[cfg(test)]
+mod cursor_tests {
+    use super::*;
+
+    fn shape(sql: &str) -> Shape {
+        let mut catalog = Catalog::new();
+        catalog.set_primary_key("items", "id");
+        Analyzer::new(AnalyzerConfig::default(), catalog).analyze_text(sql).expect("lexes")
+    }
+
+    /// A cursor's query and the query of `CREATE TABLE ... AS` run functions
+    /// the statement's first word does not show: one that changes the
+    /// session (or may write) makes the statement opaque.
+    #[test]
+    fn queries_inside_cursors_and_create_as_are_seen_into() {
+        for sql in [
+            "DECLARE c CURSOR WITH HOLD FOR SELECT set_config('app.tenant', 'x', false)",
+            "DECLARE c NO SCROLL CURSOR FOR SELECT v FROM items WHERE id = my_writer(1)",
+            "CREATE TABLE t AS SELECT set_config('search_path', 'evil', false)",
+            "CREATE MATERIALIZED VIEW m AS SELECT set_config('role', 'admin', false)",
+            "CREATE TEMP TABLE t AS WITH x AS (SELECT set_config('a.b', 'c', false)) SELECT * FROM x",
+        ] {
+            let s = shape(sql);
+            assert!(s.session_opaque && s.writes_opaque, "{sql}");
+        }
+        for sql in [
+            "DECLARE c CURSOR FOR SELECT v FROM items WHERE id IN (1, 2)",
+            "DECLARE c CURSOR WITH HOLD FOR SELECT lower(v) FROM items",
+            "CREATE TABLE t (id int PRIMARY KEY, v varchar(10) CHECK (length(v) > 0))",
+            "CREATE TABLE t AS SELECT lower(v) FROM items",
+            "FETCH 10 FROM c",
+        ] {
+            let s = shape(sql);
+            assert!(!s.session_opaque, "{sql}");
+        }
     }
 }
