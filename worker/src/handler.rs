@@ -295,7 +295,24 @@ fn answered(json: Value, served: &str, reflects: Option<u64>, token: Option<u64>
 
 pub(crate) async fn connect<N: Net>(net: &N, to: &ConnInfo, login: &Login) -> Result<Client<N::Stream>, PgError> {
     let stream = net.open(to).await.map_err(|e| PgError::Db(unreachable(&e)))?;
-    Client::login(stream, login).await
+    match Client::login(stream, login).await {
+        // a pooler (PgBouncer refuses startup parameters it does not know)
+        // or an older PostgreSQL: the login again, without the settings
+        Err(PgError::Db(e)) if !login.settings.is_empty() && refuses_settings(&e) => {
+            let plain = Login { settings: Vec::new(), ..login.clone() };
+            let stream = net.open(to).await.map_err(|e| PgError::Db(unreachable(&e)))?;
+            Client::login(stream, &plain).await
+        }
+        other => other,
+    }
+}
+
+/// Whether a login was refused for one of its startup settings.
+pub fn refuses_settings(e: &DbError) -> bool {
+    let m = e.message();
+    e.code() == "42704"
+        || m.contains("unsupported startup parameter")
+        || m.contains("unrecognized configuration parameter")
 }
 
 /// Pulls the change feed: the lines of one subscription up to its first

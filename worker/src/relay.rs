@@ -188,14 +188,80 @@ where
     hello.extend_from_slice(&unread);
     client.write_all(&hello).await.map_err(|e| e.to_string())?;
     stream.write_all(&pipelined).await.map_err(|e| e.to_string())?;
-    relay(client, stream, net, Duration::from_millis(idle_ms.max(1).saturating_mul(2))).await
+    let mut requests = Requests::default();
+    requests.from_server(&unread);
+    requests.from_client(&pipelined);
+    relay(client, stream, net, Duration::from_millis(idle_ms.max(1).saturating_mul(2)), requests).await
 }
 
-/// Moves bytes both ways until either side leaves, or until nothing moved
-/// either way for `quiet` (the session's own timeouts are settings its
-/// client may change: `SET idle_session_timeout = 0` must not let it hold a
-/// server connection for good). The client is told why.
-async fn relay<C, S, N>(client: C, server: S, net: &N, quiet: Duration) -> Result<(), String>
+/// One direction of the protocol, read as it passes: where each message
+/// starts, and its tag.
+#[derive(Debug, Default)]
+struct Frames {
+    header: [u8; 5],
+    have: usize,
+    left: usize,
+}
+
+impl Frames {
+    /// Calls `tag` with the tag of each message whose header completes in `b`.
+    fn feed(&mut self, mut b: &[u8], mut tag: impl FnMut(u8)) {
+        while !b.is_empty() {
+            if self.left > 0 {
+                let n = self.left.min(b.len());
+                self.left -= n;
+                b = &b[n..];
+                continue;
+            }
+            let n = (5 - self.have).min(b.len());
+            self.header[self.have..self.have + n].copy_from_slice(&b[..n]);
+            self.have += n;
+            b = &b[n..];
+            if self.have == 5 {
+                let len = u32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]);
+                self.left = (len as usize).saturating_sub(4);
+                self.have = 0;
+                tag(self.header[0]);
+            }
+        }
+    }
+
+    fn between_messages(&self) -> bool {
+        self.have == 0 && self.left == 0
+    }
+}
+
+/// Whether a session is idle: every request the client sent (a Query, a
+/// Sync, a function call) has had its ReadyForQuery, and no message is
+/// half sent either way. A statement running long is not idle.
+#[derive(Debug, Default)]
+struct Requests {
+    client: Frames,
+    server: Frames,
+    open: u64,
+}
+
+impl Requests {
+    fn from_client(&mut self, b: &[u8]) {
+        let open = &mut self.open;
+        self.client.feed(b, |t| *open += u64::from(matches!(t, b'Q' | b'S' | b'F')));
+    }
+
+    fn from_server(&mut self, b: &[u8]) {
+        let open = &mut self.open;
+        self.server.feed(b, |t| *open = open.saturating_sub(u64::from(t == b'Z')));
+    }
+
+    fn idle(&self) -> bool {
+        self.open == 0 && self.client.between_messages() && self.server.between_messages()
+    }
+}
+
+/// Moves bytes both ways until either side leaves, or until the session
+/// has been idle ([`Requests`]) for `quiet` (the session's own timeouts are
+/// settings its client may change: `SET idle_session_timeout = 0` must not
+/// let it hold a server connection for good). The client is told why.
+async fn relay<C, S, N>(client: C, server: S, net: &N, quiet: Duration, mut requests: Requests) -> Result<(), String>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
@@ -205,17 +271,24 @@ where
     let (mut sr, mut sw) = tokio::io::split(server);
     let (mut up, mut down) = (vec![0u8; 16 << 10], vec![0u8; 16 << 10]);
     loop {
+        let idle = requests.idle();
         tokio::select! {
             r = cr.read(&mut up) => match r.map_err(|e| e.to_string())? {
                 0 => return Ok(()),
-                n => sw.write_all(&up[..n]).await.map_err(|e| e.to_string())?,
+                n => {
+                    requests.from_client(&up[..n]);
+                    sw.write_all(&up[..n]).await.map_err(|e| e.to_string())?;
+                }
             },
             r = sr.read(&mut down) => match r.map_err(|e| e.to_string())? {
                 0 => return Ok(()),
-                n => cw.write_all(&down[..n]).await.map_err(|e| e.to_string())?,
+                n => {
+                    requests.from_server(&down[..n]);
+                    cw.write_all(&down[..n]).await.map_err(|e| e.to_string())?;
+                }
             },
-            () = net.sleep(quiet) => {
-                let m = "terminating connection: no traffic either way for twice POSTAI_IDLE_MS";
+            () = net.sleep(quiet), if idle => {
+                let m = "terminating connection: idle for twice POSTAI_IDLE_MS";
                 let mut e = DbError::new("57P05", m);
                 e.fields.retain(|(c, _)| !matches!(c, b'S' | b'V'));
                 e.fields.splice(0..0, [(b'S', "FATAL".to_string()), (b'V', "FATAL".to_string())]);
@@ -230,6 +303,34 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Messages split anywhere across reads: a session is idle only between
+    /// a request's ReadyForQuery and the next request.
+    #[test]
+    fn a_session_is_idle_between_requests_only() {
+        let mut r = Requests::default();
+        assert!(r.idle());
+        let mut q = protocol::query("SELECT pg_sleep(10)").to_vec();
+        q.extend_from_slice(&protocol::query("SELECT 1"));
+        for chunk in q.chunks(3) {
+            r.from_client(chunk);
+            assert!(!r.idle());
+        }
+        let mut answers = Vec::new();
+        for _ in 0..2 {
+            let mut c = BytesMut::new();
+            protocol::frame_into(&mut c, b'C', b"SELECT 1\0");
+            answers.extend_from_slice(&c);
+            answers.extend_from_slice(&protocol::ready_for_query(b'I'));
+        }
+        let (first, second) = answers.split_at(answers.len() / 2);
+        r.from_server(first);
+        assert!(!r.idle(), "one request still runs");
+        r.from_server(&second[..4]);
+        assert!(!r.idle(), "a message half received");
+        r.from_server(&second[4..]);
+        assert!(r.idle());
+    }
     use crate::access::parse_conn;
 
     fn access() -> Access {

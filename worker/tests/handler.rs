@@ -250,3 +250,48 @@ async fn a_statement_whose_client_left_is_cancelled() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// A pooler in front of PostgreSQL that refuses startup parameters it does
+/// not know, as PgBouncer does, and forwards everything else. Its port.
+fn strict_pooler(pg_port: u16) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for mut client in listener.incoming().flatten() {
+            let mut len = [0u8; 4];
+            if client.read_exact(&mut len).is_err() {
+                continue;
+            }
+            let mut rest = vec![0u8; (u32::from_be_bytes(len) as usize).saturating_sub(4)];
+            if client.read_exact(&mut rest).is_err() {
+                continue;
+            }
+            if String::from_utf8_lossy(&rest).contains("client_connection_check_interval") {
+                let e = b"SFATAL\0C08P01\0Munsupported startup parameter: client_connection_check_interval\0\0";
+                let mut m = vec![b'E'];
+                m.extend_from_slice(&((e.len() + 4) as u32).to_be_bytes());
+                m.extend_from_slice(e);
+                drop(client.write_all(&m));
+                continue;
+            }
+            let Ok(mut server) = std::net::TcpStream::connect(("127.0.0.1", pg_port)) else { continue };
+            drop(server.write_all(&len).and_then(|()| server.write_all(&rest)));
+            let (Ok(mut c2), Ok(mut s2)) = (client.try_clone(), server.try_clone()) else { continue };
+            std::thread::spawn(move || drop(std::io::copy(&mut s2, &mut c2)));
+            std::thread::spawn(move || drop(std::io::copy(&mut client, &mut server)));
+        }
+    });
+    port
+}
+
+/// Behind a pooler that refuses startup parameters it does not know (Neon's
+/// `-pooler` endpoints are PgBouncer), the Worker logs in again without
+/// its own settings.
+#[tokio::test(flavor = "current_thread")]
+async fn a_pooler_refusing_the_worker_s_settings_is_logged_in_to_without_them() {
+    let pg = cluster();
+    let a = access(strict_pooler(pg.port), "app", "app pw", "shop");
+    let r = send(&a, r#"{"query":"SELECT 41 + 1 AS n"}"#, &[]).await;
+    assert_eq!((r.status, json_of(&r)["rows"][0][0].clone()), (200, json!("42")), "{}", r.body);
+}

@@ -103,6 +103,13 @@ async fn idle_sessions_are_ended() {
         tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
         assert!(c.simple_query("SELECT 1").await.is_err(), "idle 1.5 s, in a transaction {begin}, disabled {disabled}");
     }
+    // a statement running longer than that is not idle
+    let c = client(port, "app", "tok", "shop").await.expect("logged in");
+    c.batch_execute("SET idle_session_timeout = 0").await.expect("set");
+    let slept = c.simple_query("SELECT pg_sleep(1.5)").await;
+    assert!(slept.is_ok(), "a running statement was ended: {slept:?}");
+    drop(c);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let count = "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'";
     assert_eq!(common::cluster::psql(pg.port, count), "0", "no server connection left");
 }
