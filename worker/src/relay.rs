@@ -189,8 +189,8 @@ where
     client.write_all(&hello).await.map_err(|e| e.to_string())?;
     stream.write_all(&pipelined).await.map_err(|e| e.to_string())?;
     let mut requests = Requests::default();
-    requests.from_server(&unread);
-    requests.from_client(&pipelined);
+    requests.server_sent(&unread);
+    requests.client_sent(&pipelined);
     relay(client, stream, net, Duration::from_millis(idle_ms.max(1).saturating_mul(2)), requests).await
 }
 
@@ -242,12 +242,12 @@ struct Requests {
 }
 
 impl Requests {
-    fn from_client(&mut self, b: &[u8]) {
+    fn client_sent(&mut self, b: &[u8]) {
         let open = &mut self.open;
         self.client.feed(b, |t| *open += u64::from(matches!(t, b'Q' | b'S' | b'F')));
     }
 
-    fn from_server(&mut self, b: &[u8]) {
+    fn server_sent(&mut self, b: &[u8]) {
         let open = &mut self.open;
         self.server.feed(b, |t| *open = open.saturating_sub(u64::from(t == b'Z')));
     }
@@ -276,14 +276,14 @@ where
             r = cr.read(&mut up) => match r.map_err(|e| e.to_string())? {
                 0 => return Ok(()),
                 n => {
-                    requests.from_client(&up[..n]);
+                    requests.client_sent(&up[..n]);
                     sw.write_all(&up[..n]).await.map_err(|e| e.to_string())?;
                 }
             },
             r = sr.read(&mut down) => match r.map_err(|e| e.to_string())? {
                 0 => return Ok(()),
                 n => {
-                    requests.from_server(&down[..n]);
+                    requests.server_sent(&down[..n]);
                     cw.write_all(&down[..n]).await.map_err(|e| e.to_string())?;
                 }
             },
@@ -313,7 +313,7 @@ mod tests {
         let mut q = protocol::query("SELECT pg_sleep(10)").to_vec();
         q.extend_from_slice(&protocol::query("SELECT 1"));
         for chunk in q.chunks(3) {
-            r.from_client(chunk);
+            r.client_sent(chunk);
             assert!(!r.idle());
         }
         let mut answers = Vec::new();
@@ -324,11 +324,11 @@ mod tests {
             answers.extend_from_slice(&protocol::ready_for_query(b'I'));
         }
         let (first, second) = answers.split_at(answers.len() / 2);
-        r.from_server(first);
+        r.server_sent(first);
         assert!(!r.idle(), "one request still runs");
-        r.from_server(&second[..4]);
+        r.server_sent(&second[..4]);
         assert!(!r.idle(), "a message half received");
-        r.from_server(&second[4..]);
+        r.server_sent(&second[4..]);
         assert!(r.idle());
     }
     use crate::access::parse_conn;
