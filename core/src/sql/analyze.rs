@@ -289,16 +289,37 @@ fn analyze(lexed: &Lexed, original: &str, catalog: &mut Catalog, config: &Analyz
 /// chain of 50 000 overflowed a 2 MB stack).
 const OPERATORS_MAX: usize = 2000;
 
-/// The operators of a normalised statement (`+`, `=`, `AND`, ...): how deep
-/// its expression trees can be.
+/// The longest chain of operators (`+`, `=`, `AND`, ...) in a normalised
+/// statement, between commas at one level of parentheses: how deep its
+/// expression trees can be (a list of 5 000 negative values is flat).
 fn operators(shape: &str) -> usize {
-    shape
-        .split(' ')
-        .filter(|t| {
-            matches!(*t, "and" | "or" | "not")
-                || (!t.is_empty() && t.bytes().all(|b| b"+-*/<>=~!@#%^&|`?".contains(&b)))
-        })
-        .count()
+    let mut levels = vec![0usize];
+    let mut longest = 0;
+    for t in shape.split(' ') {
+        match t {
+            "(" | "[" => levels.push(0),
+            ")" | "]" => {
+                if levels.len() > 1 {
+                    levels.pop();
+                }
+            }
+            "," => {
+                if let Some(n) = levels.last_mut() {
+                    *n = 0;
+                }
+            }
+            _ if matches!(t, "and" | "or" | "not")
+                || (!t.is_empty() && t.bytes().all(|b| b"+-*/<>=~!@#%^&|`?".contains(&b))) =>
+            {
+                if let Some(n) = levels.last_mut() {
+                    *n += 1;
+                    longest = longest.max(*n);
+                }
+            }
+            _ => {}
+        }
+    }
+    longest
 }
 
 /// Statements that change the schema: what any cached result means may
@@ -665,6 +686,8 @@ mod cursor_tests {
             assert!(s.session_opaque && s.writes_opaque, "{sql}");
         }
         for sql in [
+            &*format!("SELECT v FROM items WHERE id IN ({}-1)", "-1, ".repeat(5000)),
+            &*format!("SELECT {}1", "1 + 1, ".repeat(3000)),
             "DECLARE c CURSOR FOR SELECT v FROM items WHERE id IN (1, 2)",
             "DECLARE c CURSOR WITH HOLD FOR SELECT lower(v) FROM items",
             "CREATE TABLE t (id int PRIMARY KEY, v varchar(10) CHECK (length(v) > 0))",
@@ -672,7 +695,11 @@ mod cursor_tests {
             "FETCH 10 FROM c",
         ] {
             let s = shape(sql);
-            assert!(!s.session_opaque, "{sql}");
+            assert!(
+                !s.session_opaque && s.is_cacheable() == sql.starts_with("SELECT"),
+                "{}",
+                &sql[..40.min(sql.len())]
+            );
         }
     }
 }
