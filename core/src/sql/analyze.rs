@@ -298,10 +298,8 @@ fn operators(shape: &str) -> usize {
     for t in shape.split(' ') {
         match t {
             "(" | "[" => levels.push(0),
-            ")" | "]" => {
-                if levels.len() > 1 {
-                    levels.pop();
-                }
+            ")" | "]" if levels.len() > 1 => {
+                levels.pop();
             }
             "," => {
                 if let Some(n) = levels.last_mut() {
