@@ -397,3 +397,27 @@ fn edges_subscribe_to_the_regional_cdc_stream() {
         assert!(eventually(Duration::from_secs(15), missed), "edge {} dropped its entries", e.port);
     }
 }
+
+/// COPY messages outside a COPY (PostgreSQL ignores them) do not lease a
+/// server connection: a client that sends one and waits holds nothing.
+#[test]
+fn copy_messages_outside_a_copy_hold_no_server_connection() {
+    let pg = Pg::start("poolcopy");
+    let proxy =
+        start_proxy(&format!("upstream = '{}'\n[pool]\nmode = 'transaction'\nsize = 1\nwait_ms = 500\n", pg.addr()));
+    let mut holders = Vec::new();
+    for tag in [b'c', b'd', b'f'] {
+        let mut c = pg::raw::Raw::connect(proxy.port, "postgres");
+        let body: &[u8] = if tag == b'f' { b"no\0" } else { b"" };
+        c.send(&[pg::raw::frame(tag, body)]);
+        holders.push(c);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    for _ in 0..3 {
+        assert_eq!(psql(proxy.port, "SELECT 1"), "1", "the only server connection is free");
+    }
+    // and the clients that sent them go on
+    for c in &mut holders {
+        assert_eq!(pg::raw::value(&c.query("SELECT 2")).as_deref(), Some("2"));
+    }
+}

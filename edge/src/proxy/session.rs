@@ -202,10 +202,10 @@ impl Client {
                     self.wire.handle_close(&m);
                     batch.push(m);
                 }
-                b'd' | b'c' | b'f' => {
-                    self.flush_batch(&mut batch).await?;
-                    self.up().await?.send(&m.raw).await?
-                }
+                // COPY data outside a COPY (the rest of one that failed):
+                // PostgreSQL ignores it, and sent it would lease a pooled
+                // server connection the client then holds
+                b'd' | b'c' | b'f' => {}
                 _ => batch.push(m),
             }
         }
