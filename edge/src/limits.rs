@@ -115,29 +115,43 @@ pub fn declared_len(buf: &[u8]) -> Option<usize> {
     usize::try_from(len).ok().filter(|l| *l >= 4).map(|l| l + 1)
 }
 
-/// Reserves the buffer for the incomplete message at the head of `buf`:
-/// `Ok(None)` while its header is not there or when `held` already covers
-/// it; an error message (for a 53200 ErrorResponse) when the budget cannot
-/// take it. The buffer's capacity is made to fit the message, so that it
-/// does not grow past what was reserved.
+/// How much of an incomplete message is reserved ahead of its bytes: one
+/// read's worth.
+pub const READ_AHEAD: usize = 64 << 10;
+
+/// Reserves the buffer for the incomplete message at the head of `buf` as
+/// its bytes arrive: what is there and one read more ([`READ_AHEAD`]), never
+/// its declared length at once (a client declaring four messages of 64 MB
+/// and sending nothing more would hold the whole budget, and every other
+/// client's messages would be refused). `held` grows to cover it; an error
+/// message (for a 53200 ErrorResponse) when the budget cannot take it. The
+/// buffer's capacity is made to fit what is reserved.
 pub fn reserve_message(
     budget: &Arc<Counter>,
     buf: &mut BytesMut,
-    held: &Option<Held>,
+    held: &mut Option<Held>,
     max_message: usize,
-) -> Result<Option<Held>, String> {
-    let Some(total) = declared_len(buf) else { return Ok(None) };
-    if total > max_message || held.as_ref().is_some_and(|h| h.units() >= total) {
+) -> Result<(), String> {
+    let Some(total) = declared_len(buf) else { return Ok(()) };
+    if total > max_message {
         // too large: the decoder refuses it (08P01)
-        return Ok(None);
+        return Ok(());
     }
-    match budget.take(total) {
-        Some(h) => {
-            buf.reserve(total.saturating_sub(buf.len()));
-            Ok(Some(h))
+    let want = total.min(buf.len().saturating_add(READ_AHEAD));
+    let have = held.as_ref().map_or(0, Held::units);
+    let room = match held {
+        _ if have >= want => true,
+        Some(h) => h.grow(want - have),
+        None => {
+            *held = budget.take(want);
+            held.is_some()
         }
-        None => Err(no_room(budget, &format!("a message of {total} bytes"))),
+    };
+    if !room {
+        return Err(no_room(budget, &format!("a message of {total} bytes")));
     }
+    buf.reserve(want.saturating_sub(buf.len()));
+    Ok(())
 }
 
 /// The 53200 message: `what` does not fit in the budget.
@@ -252,23 +266,31 @@ mod tests {
     }
 
     #[test]
-    fn messages_reserve_their_declared_length() {
-        let budget = Counter::new(100);
+    fn messages_reserve_as_their_bytes_arrive() {
+        let budget = Counter::new(150 << 10);
         let mut buf = BytesMut::from(&b"Q\x00\x00"[..]);
-        assert!(matches!(reserve_message(&budget, &mut buf, &None, 1000), Ok(None)), "no header yet");
+        let mut held = None;
+        assert!(reserve_message(&budget, &mut buf, &mut held, 1 << 30).is_ok() && held.is_none(), "no header yet");
         buf.extend_from_slice(&[0, 63, b'S']);
-        let held = reserve_message(&budget, &mut buf, &None, 1000).expect("fits").expect("reserved");
-        assert_eq!(held.units(), 64);
+        reserve_message(&budget, &mut buf, &mut held, 1 << 30).expect("fits");
+        assert_eq!(held.as_ref().map(Held::units), Some(64), "a small message: its length");
         assert!(buf.capacity() >= 64);
-        let held = Some(held);
-        assert!(matches!(reserve_message(&budget, &mut buf, &held, 1000), Ok(None)), "already covered");
-        let mut other = BytesMut::from(&b"Q\x00\x00\x00\x3f"[..]);
-        let e = reserve_message(&budget, &mut other, &None, 1000).err().unwrap_or_default();
-        assert!(e.contains("buffer_bytes_max (100 bytes, 64 in use"), "{e}");
-        drop(held);
-        assert!(reserve_message(&budget, &mut other, &None, 1000).is_ok_and(|h| h.is_some()));
+        // a message declared at 64 MB holds one read ahead of its bytes, not 64 MB
+        let mut big = BytesMut::from(&b"Q\x04\x00\x00\x00"[..]);
+        let mut big_held = None;
+        reserve_message(&budget, &mut big, &mut big_held, 1 << 30).expect("fits");
+        assert_eq!(big_held.as_ref().map(Held::units), Some(5 + READ_AHEAD));
+        big.extend_from_slice(&vec![b'x'; READ_AHEAD]);
+        reserve_message(&budget, &mut big, &mut big_held, 1 << 30).expect("grows");
+        assert_eq!(big_held.as_ref().map(Held::units), Some(5 + 2 * READ_AHEAD));
+        // past the budget: refused, with what is in use
+        big.extend_from_slice(&vec![b'x'; READ_AHEAD]);
+        let e = reserve_message(&budget, &mut big, &mut big_held, 1 << 30).err().unwrap_or_default();
+        assert!(e.contains("buffer_bytes_max"), "{e}");
+        drop(big_held);
         let mut huge = BytesMut::from(&b"Q\x7f\xff\xff\xff"[..]);
-        assert!(matches!(reserve_message(&budget, &mut huge, &None, 1000), Ok(None)), "left to the decoder");
+        let mut none = None;
+        assert!(reserve_message(&budget, &mut huge, &mut none, 1000).is_ok() && none.is_none(), "left to the decoder");
         assert_eq!(declared_len(b"Q\xff\xff\xff\xff"), None);
     }
 }

@@ -247,11 +247,13 @@ async fn connect(port: u16) -> tokio_postgres::Client {
 
 // ---------------------------------------------------------------- 1. buffers
 
-/// Clients that send the start of large messages and stall: each declared
-/// length is reserved from `buffer_bytes_max` once its header is read; the
-/// client whose message does not fit is refused (53200) and closed, the
-/// others and new clients are served, and a completed message gives its
-/// bytes back.
+/// Clients that send most of large messages and stall: the bytes each has
+/// sent (and one read more) are reserved from `buffer_bytes_max` as they
+/// arrive; the client whose bytes do not fit is refused (53200) and closed,
+/// the others and new clients are served, and a completed message gives its
+/// bytes back. A client that only declares a large message holds almost
+/// nothing (before, the declared length was reserved at once: four headers
+/// of 64 MB held a 256 MB budget).
 #[test]
 fn unfinished_messages_share_one_buffer_budget() {
     let pg = Pg::start("limits-buffers");
@@ -260,7 +262,7 @@ fn unfinished_messages_share_one_buffer_budget() {
         "max_message_bytes = 4194304\nbuffer_bytes_max = 8388608\n[cache]\nenabled = false\n[cdc]\nenabled = false\n",
     );
     const MESSAGE: usize = 3 << 20;
-    const PART: usize = 1 << 20;
+    const PART: usize = 5 << 19;
     // a simple query of 3 MiB: SELECT 1 and a long comment
     let body = |n: usize| {
         let mut b = b"SELECT 1 --".to_vec();
@@ -275,21 +277,34 @@ fn unfinished_messages_share_one_buffer_budget() {
         m.extend_from_slice(&body(MESSAGE)[..PART]);
         c.s.write_all(&m).expect("the start of a large message");
     };
+    // headers alone: nothing much held
+    let mut declared = Vec::new();
+    for _ in 0..8 {
+        let mut c = Raw::login(port);
+        let mut m = BytesMut::new();
+        m.put_u8(b'Q');
+        m.put_i32((MESSAGE + 4) as i32);
+        c.s.write_all(&m).expect("a header");
+        assert!(c.quiet_for(Duration::from_millis(100)), "a declared message holds one read ahead");
+        declared.push(c);
+    }
     let mut stalled = Vec::new();
-    for i in 0..4 {
+    for i in 0..3 {
         let mut c = Raw::login(port);
         start_message(&mut c);
         if i < 2 {
-            // 2 x 3 MiB fit in 8 MiB
+            // 2 x 2.5 MiB (and the headers' read ahead) fit in 8 MiB
             assert!(c.quiet_for(Duration::from_millis(500)), "client {i} waits for the rest of its message");
             stalled.push(c);
         } else {
+            // a third does not
             let m = c.recv().unwrap_or_else(|| panic!("an error for client {i}"));
             assert_eq!(field(&m, b'C'), "53200", "{}", field(&m, b'M'));
             assert!(field(&m, b'M').contains("buffer_bytes_max"), "{}", field(&m, b'M'));
             assert!(c.recv().is_none(), "the refused client is closed");
         }
     }
+    drop(declared);
     assert_eq!(psql(pg.port, "SELECT 1"), "1");
     assert_eq!(psql(port, "SELECT 1"), "1", "the proxy serves new clients");
 

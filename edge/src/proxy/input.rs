@@ -70,9 +70,8 @@ impl Client {
             match protocol::decode(&mut self.buf, max, FRONTEND_TAGS) {
                 Ok(Some(m)) => return Ok(Some(m)),
                 Ok(None) => {
-                    match limits::reserve_message(&self.proxy.limits.buffers, &mut self.buf, &held, max) {
-                        Ok(Some(h)) => held = Some(h),
-                        Ok(None) => {}
+                    match limits::reserve_message(&self.proxy.limits.buffers, &mut self.buf, &mut held, max) {
+                        Ok(()) => {}
                         Err(e) => {
                             drop(held);
                             // 53200: out_of_memory; this client only
