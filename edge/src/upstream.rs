@@ -36,6 +36,12 @@ pub struct Conn {
     pub tells_lsn: bool,
 }
 
+/// How long a TCP connection to an upstream may take to open.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a login may take, TLS and authentication included (a server
+/// that accepts and never answers must not hold a pool's permit for good).
+const LOGIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The `SSLRequest` code (PostgreSQL's `NEGOTIATE_SSL_CODE`).
 const SSL_REQUEST: i32 = 80877103;
 
@@ -43,8 +49,20 @@ impl Conn {
     /// Connects to `addr` and negotiates TLS as the dialer's mode says.
     pub async fn connect(addr: &str, dialer: &Dialer) -> Result<Conn, LoginError> {
         let unreachable = |e| LoginError::Unreachable(addr.to_string(), e);
-        let mut tcp = TcpStream::connect(addr).await.map_err(unreachable)?;
+        let connecting = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await;
+        let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer to the connection");
+        let mut tcp = connecting.map_err(|_| unreachable(timed_out()))?.map_err(unreachable)?;
         tcp.set_nodelay(true).map_err(unreachable)?;
+        // a server that stops answering (power lost, packets dropped) is
+        // noticed in about half a minute, not after the kernel's 15
+        let sock = socket2::SockRef::from(&tcp);
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(std::time::Duration::from_secs(10))
+            .with_interval(std::time::Duration::from_secs(5))
+            .with_retries(3);
+        sock.set_tcp_keepalive(&keepalive).map_err(unreachable)?;
+        #[cfg(target_os = "linux")]
+        sock.set_tcp_user_timeout(Some(std::time::Duration::from_secs(30))).map_err(unreachable)?;
         let tls = &dialer.tls;
         let stream = match tls.connector() {
             None => Stream::Plain(tcp),
@@ -186,6 +204,21 @@ impl LoginError {
 /// mode a failed TLS handshake or a login refused over TLS is tried once
 /// more in plaintext, as libpq does.
 pub async fn login(
+    dialer: &Dialer,
+    addr: &str,
+    params: &[(String, String)],
+    password: Option<&str>,
+) -> Result<Login, LoginError> {
+    match tokio::time::timeout(LOGIN_TIMEOUT, login_trying(dialer, addr, params, password)).await {
+        Ok(done) => done,
+        Err(_) => Err(LoginError::Unreachable(
+            addr.to_string(),
+            std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no login within {LOGIN_TIMEOUT:?}")),
+        )),
+    }
+}
+
+async fn login_trying(
     dialer: &Dialer,
     addr: &str,
     params: &[(String, String)],

@@ -625,3 +625,33 @@ fn cancel_reaches_the_replica_running_the_read() {
     });
     assert_eq!(stat_n(port, "replica_reads"), before + 1, "the read ran on the replica");
 }
+
+/// An upstream that accepts connections and never answers (a hung server,
+/// a black hole behind a load balancer): a client's login through the proxy
+/// ends with an error within the proxy's login timeout (30 s) instead of
+/// waiting for ever.
+#[test]
+fn an_upstream_that_never_answers_ends_the_login_with_an_error() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let silent = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in listener.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    let port = free_port();
+    let config = format!(
+        "listen = '127.0.0.1:{port}'\nupstream = '127.0.0.1:{silent}'\n[cache]\nenabled = false\n[cdc]\nenabled = false\n\
+         [failover]\nenabled = false\n"
+    );
+    let _proxy = pg::start_proxy_on(port, &config.replacen(&format!("listen = '127.0.0.1:{port}'\n"), "", 1));
+    let started = Instant::now();
+    let mut c = Raw::connect(port);
+    c.s.set_read_timeout(Some(Duration::from_secs(45))).expect("timeout");
+    c.startup();
+    let m = c.recv().expect("an answer to the login");
+    assert_eq!(m.tag, b'E', "{}", String::from_utf8_lossy(m.body()));
+    assert!(field(&m, b'M').contains("no login within"), "{}", field(&m, b'M'));
+    assert!(started.elapsed() < Duration::from_secs(40), "{:?}", started.elapsed());
+}
