@@ -154,6 +154,14 @@ pub fn reserve_message(
     Ok(())
 }
 
+/// How many more bytes a read may take into `buf` while its message is
+/// incomplete: what `held` covers beyond what is there (reads never outrun
+/// the reservation; `None`: no message under way).
+pub fn unreserved(buf: &BytesMut, held: &Option<Held>) -> Option<usize> {
+    declared_len(buf)?;
+    Some(held.as_ref()?.units().saturating_sub(buf.len()))
+}
+
 /// The 53200 message: `what` does not fit in the budget.
 pub fn no_room(budget: &Counter, what: &str) -> String {
     format!(
@@ -280,6 +288,7 @@ mod tests {
         let mut big_held = None;
         reserve_message(&budget, &mut big, &mut big_held, 1 << 30).expect("fits");
         assert_eq!(big_held.as_ref().map(Held::units), Some(5 + READ_AHEAD));
+        assert_eq!(unreserved(&big, &big_held), Some(READ_AHEAD), "what the next read may take");
         big.extend_from_slice(&vec![b'x'; READ_AHEAD]);
         reserve_message(&budget, &mut big, &mut big_held, 1 << 30).expect("grows");
         assert_eq!(big_held.as_ref().map(Held::units), Some(5 + 2 * READ_AHEAD));

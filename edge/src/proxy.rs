@@ -258,6 +258,9 @@ impl Client {
         if !settled.relayed.is_empty() || settled.overflow {
             for p in &settled.relayed {
                 self.note_session_state(&p.shape);
+                // (whether it succeeded is not known: forgetting a statement
+                // the server still has only makes its Binds private)
+                self.note_prepared_changes(&p.shape);
                 if p.shape.writes_unknown || p.shape.kind == StatementKind::Ddl {
                     self.proxy.ddl_ran();
                 }

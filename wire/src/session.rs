@@ -106,11 +106,37 @@ pub struct Settled {
     pub overflow: bool,
 }
 
-/// Whether a statement may create, drop or replace prepared statements
-/// (SQL's PREPARE, DEALLOCATE, DISCARD, in any of the statements of a
-/// string, or code whose effects on the session cannot be known).
-pub fn may_change_prepared(shape: &postai_core::sql::Shape) -> bool {
-    shape.session_opaque || shape.text.split([' ', '(', ';']).any(|w| matches!(w, "prepare" | "deallocate" | "discard"))
+/// What a statement does to the server's prepared statements, which SQL's
+/// PREPARE, DEALLOCATE and DISCARD ALL share with the protocol's named ones.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PreparedChange {
+    /// `DEALLOCATE ALL`, `DISCARD ALL` (or several statements naming one
+    /// of these commands).
+    All,
+    /// `PREPARE name`, `DEALLOCATE name`.
+    Named(String),
+}
+
+/// What a statement (its normalised text) does to the server's prepared
+/// statements, if anything. Code run from strings or functions (`DO`,
+/// `EXECUTE`) may do it too: such a statement makes the session private,
+/// so what it redefines reaches no one else's entries.
+pub fn prepared_changes(shape: &postai_core::sql::Shape) -> Option<PreparedChange> {
+    let words: Vec<&str> = shape.text.split(' ').collect();
+    let touches = |w: &&str| matches!(*w, "prepare" | "deallocate" | "discard");
+    if words.contains(&";") && words.iter().any(touches) {
+        return Some(PreparedChange::All);
+    }
+    let name = |w: Option<&&str>| w.map(|n| n.trim_matches('"').to_string());
+    match words.as_slice() {
+        ["deallocate", "prepare", "all", ..] | ["deallocate", "all", ..] | ["discard", "all", ..] => {
+            Some(PreparedChange::All)
+        }
+        ["deallocate", "prepare", rest @ ..] | ["deallocate", rest @ ..] | ["prepare", rest @ ..] => {
+            name(rest.first()).map(PreparedChange::Named)
+        }
+        _ => None,
+    }
 }
 
 /// A batch the cache may answer ([`Session::cacheable_batch`]).
@@ -216,14 +242,19 @@ impl Session {
         self.unsent_parses.push(parse);
     }
 
-    /// The server's prepared statements may no longer be the ones the
-    /// client Parsed (SQL's PREPARE, DEALLOCATE and DISCARD share their
-    /// namespace): the session forgets what it knew of them, so that a Bind
-    /// of one is relayed as is and never answered or filed as the old one.
-    pub fn forget_statements(&mut self) {
-        self.statements.clear();
-        self.parses.clear();
-        self.param_types.clear();
+    /// SQL changed the server's prepared statements ([`prepared_changes`]):
+    /// the session forgets what it knew of those, so that a Bind of one is
+    /// relayed as is (and makes the session private) instead of being
+    /// answered or filed as the statement it was.
+    pub fn forget(&mut self, changed: &PreparedChange) {
+        match changed {
+            PreparedChange::All => {
+                self.statements.clear();
+                self.parses.clear();
+                self.param_types.clear();
+            }
+            PreparedChange::Named(name) => self.forget_statement(name),
+        }
     }
 
     /// Parses wait to be sent before the next batch.
@@ -312,6 +343,11 @@ impl Session {
         }
         let prepared = bind_statement(m).and_then(|n| self.statements.get(n));
         self.extended_write |= prepared.is_none_or(|p| p.shape.kind != StatementKind::Read);
+        if prepared.is_none() {
+            // a statement SQL prepared (or redefined): what it does is not
+            // known here, and the session goes private
+            self.relayed_overflow = true;
+        }
         if let Some(p) = prepared {
             self.relayed_from.get_or_insert(self.status);
             if self.relayed.len() < RELAYED_MAX {

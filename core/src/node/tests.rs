@@ -552,6 +552,13 @@ mod session_and_refresh {
             format!("SELECT v FROM items WHERE id IN ({}1)", "1, ".repeat(n)),
             format!("SELECT {}1{}", "ARRAY[".repeat(n / 10), "]".repeat(n / 10)),
             format!("SELECT * FROM {}items{}", "(SELECT * FROM ".repeat(n / 10), ") s".repeat(n / 10)),
+            // chains under the limit at each of 45 levels of parentheses
+            format!(
+                "SELECT {}1{}",
+                "(".repeat(45),
+                " + 1".repeat(1999).repeat(1) + &format!("){}", " + 1".repeat(1999)).repeat(45)
+            ),
+            format!("SELECT 1{}", "::int".repeat(n)),
         ];
         let worker = std::thread::Builder::new().stack_size(2 << 20).spawn(move || {
             for text in texts {

@@ -289,29 +289,38 @@ fn analyze(lexed: &Lexed, original: &str, catalog: &mut Catalog, config: &Analyz
 /// chain of 50 000 overflowed a 2 MB stack).
 const OPERATORS_MAX: usize = 2000;
 
-/// The longest chain of operators (`+`, `=`, `AND`, ...) in a normalised
-/// statement, between commas at one level of parentheses: how deep its
-/// expression trees can be (a list of 5 000 negative values is flat).
+/// How deep the expression trees of a normalised statement can be: the
+/// longest chain of operators (`+`, `=`, `AND`, `::`, ...) between commas,
+/// where a parenthesised part counts for the chain inside it (a list of
+/// 5 000 negative values is flat; `((1+1+...)+1+...)` is as deep as all
+/// its operators).
 fn operators(shape: &str) -> usize {
-    let mut levels = vec![0usize];
+    // per open parenthesis: the chain so far, the longest chain inside
+    let mut levels = vec![(0usize, 0usize)];
     let mut longest = 0;
     for t in shape.split(' ') {
         match t {
-            "(" | "[" => levels.push(0),
+            "(" | "[" => levels.push((0, 0)),
             ")" | "]" if levels.len() > 1 => {
-                levels.pop();
+                let (chain, inside) = levels.pop().unwrap_or_default();
+                if let Some(outer) = levels.last_mut() {
+                    outer.0 += chain.max(inside);
+                    outer.1 = outer.1.max(outer.0);
+                    longest = longest.max(outer.0);
+                }
             }
             "," => {
-                if let Some(n) = levels.last_mut() {
-                    *n = 0;
+                if let Some(level) = levels.last_mut() {
+                    level.1 = level.1.max(level.0);
+                    level.0 = 0;
                 }
             }
             _ if matches!(t, "and" | "or" | "not")
-                || (!t.is_empty() && t.bytes().all(|b| b"+-*/<>=~!@#%^&|`?".contains(&b))) =>
+                || (!t.is_empty() && t.bytes().all(|b| b"+-*/<>=~!@#%^&|`?:".contains(&b))) =>
             {
-                if let Some(n) = levels.last_mut() {
-                    *n += 1;
-                    longest = longest.max(*n);
+                if let Some(level) = levels.last_mut() {
+                    level.0 += 1;
+                    longest = longest.max(level.0);
                 }
             }
             _ => {}

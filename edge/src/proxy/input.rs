@@ -79,7 +79,8 @@ impl Client {
                             return Ok(None);
                         }
                     }
-                    if !self.read_more().await? {
+                    let limit = limits::unreserved(&self.buf, &held);
+                    if !self.read_more(limit).await? {
                         return Ok(None);
                     }
                 }
@@ -94,8 +95,13 @@ impl Client {
 
     /// Reads what the client sent; `false` when it left or was closed
     /// because the proxy shuts down.
-    async fn read_more(&mut self) -> anyhow::Result<bool> {
+    async fn read_more(&mut self, limit: Option<usize>) -> anyhow::Result<bool> {
         let idle = self.between_requests && self.buf.is_empty() && self.wire.status() == b'I';
+        if let Some(n) = limit.filter(|n| *n > 0) {
+            // a message under way: no more than is reserved for it
+            let mut reserved = (&mut self.rd).take(n as u64);
+            return Ok(reserved.read_buf(&mut self.buf).await? > 0);
+        }
         if !idle {
             return Ok(self.rd.read_buf(&mut self.buf).await? > 0);
         }

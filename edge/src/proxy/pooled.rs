@@ -39,19 +39,25 @@ impl Client {
     /// Pooling: session state the statement leaves on the server connection
     /// keeps it with this client.
     pub(super) fn note_session_state(&mut self, shape: &Shape) {
-        let changes_prepared = postai_wire::session::may_change_prepared(shape);
+        if let Upstream::Pooled { pinned, .. } = &mut self.upstream {
+            *pinned |= pins_session(shape);
+        }
+    }
+
+    /// After a statement ran that changes the server's prepared statements
+    /// (SQL's PREPARE, DEALLOCATE, DISCARD ALL, which share the protocol's
+    /// namespace): a dedicated session forgets the client's statements it
+    /// names; a pooled server connection that lost all of its statements
+    /// forgets them (the client's go under names of the proxy's own there,
+    /// which SQL does not reach). Called while the connection is held.
+    pub(super) fn note_prepared_changes(&mut self, shape: &Shape) {
+        let Some(change) = postai_wire::session::prepared_changes(shape) else { return };
         match &mut self.upstream {
-            Upstream::Pooled { lease, pinned, .. } => {
-                if changes_prepared && let Some(l) = lease.as_mut() {
-                    // the server's prepared statements may be gone
-                    l.server.prepared.clear();
-                }
-                *pinned |= pins_session(shape);
+            Upstream::Pooled { lease: Some(l), .. } if change == postai_wire::session::PreparedChange::All => {
+                l.server.prepared.clear();
             }
-            // (pooled, the client's statements go under names of the proxy's
-            // own, which SQL does not reach)
-            Upstream::Dedicated(_) if changes_prepared => self.wire.forget_statements(),
-            Upstream::Dedicated(_) => {}
+            Upstream::Pooled { .. } => {}
+            Upstream::Dedicated(_) => self.wire.forget(&change),
         }
     }
 

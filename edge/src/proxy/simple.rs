@@ -6,6 +6,13 @@ use postai_core::node::UpstreamRequest;
 
 use super::*;
 
+/// Whether a simple query may use the client's prepared statements (SQL's
+/// EXECUTE, DEALLOCATE, PREPARE, DISCARD, EXPLAIN EXECUTE, or code run
+/// from strings): the Parses the cache answered go to the server first.
+fn uses_prepared(shape: &Shape) -> bool {
+    shape.session_opaque || shape.text.split(' ').any(|w| matches!(w, "execute" | "deallocate" | "prepare" | "discard"))
+}
+
 /// Whether a statement of this shape may change what is stored (its
 /// acknowledgement waits for the node to apply it).
 fn may_write(shape: &Shape) -> bool {
@@ -76,11 +83,8 @@ impl Client {
     async fn relay_opaque(&mut self, m: &Message) -> anyhow::Result<Path> {
         self.hold_ready = true;
         self.wire.answers.floor = Some(self.proxy.primary_answer_floor());
+        // (its text cannot be read: it may use the client's statements)
         self.send_unsent_parses().await?;
-        if !self.pooled() {
-            // what it does to prepared statements cannot be read
-            self.wire.forget_statements();
-        }
         self.up().await?.send(&m.raw).await?;
         let (_, error) = self.relay_until_ready(None).await?;
         self.proxy.node().note_opaque(self.session, self.wire.status() != b'I');
@@ -105,9 +109,16 @@ impl Client {
         loop {
             let m = self.up().await?.recv().await?;
             // their ParseCompletes are swallowed; an error (the server
-            // refused one) and the ReadyForQuery are the proxy's, not the client's
-            if !self.swallowed(&m) && m.tag == b'Z' {
-                return Ok(());
+            // refused one) and the ReadyForQuery are the proxy's, not the
+            // client's; what the server tells the client on its own (a
+            // notification, a notice, a setting) goes to it
+            if self.swallowed(&m) {
+                continue;
+            }
+            match m.tag {
+                b'Z' => return Ok(()),
+                b'A' | b'N' | b'S' => self.wr.write_all(&m.raw).await?,
+                _ => {}
             }
         }
     }
@@ -122,7 +133,13 @@ impl Client {
         }
         self.wire.answers.floor = Some(self.proxy.primary_answer_floor());
         self.up().await?.send(&m.raw).await?;
-        self.relay_until_ready(None).await?;
+        let (_, error) = self.relay_until_ready(None).await?;
+        if error.is_none() {
+            let prepared = self.proxy.node().prepare(sql).ok();
+            if let Some(p) = prepared {
+                self.note_prepared_changes(&p.shape);
+            }
+        }
         Ok(Path::Primary)
     }
 
@@ -142,7 +159,9 @@ impl Client {
         let (kept, error, served) = match on_replica {
             Some((kept, error)) => (kept, error, Served::Replica),
             None => {
-                self.send_unsent_parses().await?;
+                if uses_prepared(&u.shape) {
+                    self.send_unsent_parses().await?;
+                }
                 self.note_session_state(&u.shape);
                 if let Upstream::Pooled { lease: Some(l), .. } = &mut self.upstream {
                     // a simple query ends the unnamed statement
@@ -151,6 +170,9 @@ impl Client {
                 self.wire.answers.floor = Some(self.proxy.primary_answer_floor());
                 self.up().await?.send(&m.raw).await?;
                 let (kept, error) = self.relay_until_ready(keep).await?;
+                if error.is_none() {
+                    self.note_prepared_changes(&u.shape);
+                }
                 (kept, error, Served::Primary)
             }
         };
