@@ -556,7 +556,7 @@ mod session_and_refresh {
             format!(
                 "SELECT {}1{}",
                 "(".repeat(45),
-                " + 1".repeat(1999).repeat(1) + &format!("){}", " + 1".repeat(1999)).repeat(45)
+                format!("{}){}", " + 1".repeat(1999), " + 1".repeat(1999)).repeat(45)
             ),
             format!("SELECT 1{}", "::int".repeat(n)),
         ];
