@@ -294,17 +294,27 @@ fn answered(json: Value, served: &str, reflects: Option<u64>, token: Option<u64>
 }
 
 pub(crate) async fn connect<N: Net>(net: &N, to: &ConnInfo, login: &Login) -> Result<Client<N::Stream>, PgError> {
+    let at = (to.host.clone(), to.port);
+    let refused = REFUSES_SETTINGS.with(|r| r.borrow().contains(&at));
+    let plain = Login { settings: Vec::new(), ..login.clone() };
+    let login = if refused { &plain } else { login };
     let stream = net.open(to).await.map_err(|e| PgError::Db(unreachable(&e)))?;
     match Client::login(stream, login).await {
         // a pooler (PgBouncer refuses startup parameters it does not know)
-        // or an older PostgreSQL: the login again, without the settings
+        // or an older PostgreSQL: the login again, without the settings,
+        // and from now on for this server
         Err(PgError::Db(e)) if !login.settings.is_empty() && refuses_settings(&e) => {
-            let plain = Login { settings: Vec::new(), ..login.clone() };
+            REFUSES_SETTINGS.with(|r| r.borrow_mut().insert(at));
             let stream = net.open(to).await.map_err(|e| PgError::Db(unreachable(&e)))?;
             Client::login(stream, &plain).await
         }
         other => other,
     }
+}
+
+thread_local! {
+    /// The servers that refused the Worker's startup settings (per isolate).
+    static REFUSES_SETTINGS: RefCell<std::collections::HashSet<(String, u16)>> = RefCell::default();
 }
 
 /// Whether a login was refused for one of its startup settings.

@@ -188,7 +188,8 @@ where
     hello.extend_from_slice(&unread);
     client.write_all(&hello).await.map_err(|e| e.to_string())?;
     stream.write_all(&pipelined).await.map_err(|e| e.to_string())?;
-    let mut requests = Requests::default();
+    // (the greeting ended with ReadyForQuery)
+    let mut requests = Requests { ready: true, ..Requests::default() };
     requests.server_sent(&unread);
     requests.client_sent(&pipelined);
     relay(client, stream, net, Duration::from_millis(idle_ms.max(1).saturating_mul(2)), requests).await
@@ -231,29 +232,38 @@ impl Frames {
     }
 }
 
-/// Whether a session is idle: every request the client sent (a Query, a
-/// Sync, a function call) has had its ReadyForQuery, and no message is
-/// half sent either way. A statement running long is not idle.
+/// Whether a session is idle: the server's last word was ReadyForQuery
+/// (notifications, notices and settings aside) and the client has sent
+/// nothing since, and no message is half sent either way. A statement
+/// running long is not idle; nor is a COPY under way, however its Syncs are
+/// counted (PostgreSQL ignores a Sync during COPY FROM STDIN).
 #[derive(Debug, Default)]
 struct Requests {
     client: Frames,
     server: Frames,
-    open: u64,
+    /// The server's last message was ReadyForQuery.
+    ready: bool,
+    /// The client sent bytes since.
+    asked: bool,
 }
 
 impl Requests {
     fn client_sent(&mut self, b: &[u8]) {
-        let open = &mut self.open;
-        self.client.feed(b, |t| *open += u64::from(matches!(t, b'Q' | b'S' | b'F')));
+        self.asked |= !b.is_empty();
+        self.client.feed(b, |_| {});
     }
 
     fn server_sent(&mut self, b: &[u8]) {
-        let open = &mut self.open;
-        self.server.feed(b, |t| *open = open.saturating_sub(u64::from(t == b'Z')));
+        let (ready, asked) = (&mut self.ready, &mut self.asked);
+        self.server.feed(b, |t| match t {
+            b'Z' => (*ready, *asked) = (true, false),
+            b'A' | b'N' | b'S' => {}
+            _ => *ready = false,
+        });
     }
 
     fn idle(&self) -> bool {
-        self.open == 0 && self.client.between_messages() && self.server.between_messages()
+        self.ready && !self.asked && self.client.between_messages() && self.server.between_messages()
     }
 }
 
@@ -308,7 +318,7 @@ mod tests {
     /// a request's ReadyForQuery and the next request.
     #[test]
     fn a_session_is_idle_between_requests_only() {
-        let mut r = Requests::default();
+        let mut r = Requests { ready: true, ..Requests::default() };
         assert!(r.idle());
         let mut q = protocol::query("SELECT pg_sleep(10)").to_vec();
         q.extend_from_slice(&protocol::query("SELECT 1"));
@@ -325,10 +335,26 @@ mod tests {
         }
         let (first, second) = answers.split_at(answers.len() / 2);
         r.server_sent(first);
-        assert!(!r.idle(), "one request still runs");
         r.server_sent(&second[..4]);
         assert!(!r.idle(), "a message half received");
         r.server_sent(&second[4..]);
+        assert!(r.idle());
+        // COPY FROM STDIN: data then CopyDone, no ReadyForQuery yet
+        r.client_sent(&protocol::query("COPY t FROM STDIN"));
+        let mut g = BytesMut::new();
+        protocol::frame_into(&mut g, b'G', b"\0\0\0");
+        r.server_sent(&g);
+        assert!(!r.idle(), "a COPY under way");
+        let mut done = BytesMut::new();
+        protocol::frame_into(&mut done, b'c', b"");
+        r.client_sent(&done);
+        assert!(!r.idle());
+        r.server_sent(&protocol::ready_for_query(b'I'));
+        assert!(r.idle());
+        // a notification while idle leaves it idle
+        let mut a = BytesMut::new();
+        protocol::frame_into(&mut a, b'A', b"\0\0\0\x01ch\0\0");
+        r.server_sent(&a);
         assert!(r.idle());
     }
     use crate::access::parse_conn;

@@ -253,10 +253,12 @@ async fn a_statement_whose_client_left_is_cancelled() {
 
 /// A pooler in front of PostgreSQL that refuses startup parameters it does
 /// not know, as PgBouncer does, and forwards everything else. Its port.
-fn strict_pooler(pg_port: u16) -> u16 {
+fn strict_pooler(pg_port: u16) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
+    let refusals = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = refusals.clone();
     std::thread::spawn(move || {
         for mut client in listener.incoming().flatten() {
             let mut len = [0u8; 4];
@@ -273,6 +275,7 @@ fn strict_pooler(pg_port: u16) -> u16 {
                 m.extend_from_slice(&((e.len() + 4) as u32).to_be_bytes());
                 m.extend_from_slice(e);
                 drop(client.write_all(&m));
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 continue;
             }
             let Ok(mut server) = std::net::TcpStream::connect(("127.0.0.1", pg_port)) else { continue };
@@ -282,7 +285,7 @@ fn strict_pooler(pg_port: u16) -> u16 {
             std::thread::spawn(move || drop(std::io::copy(&mut client, &mut server)));
         }
     });
-    port
+    (port, refusals)
 }
 
 /// Behind a pooler that refuses startup parameters it does not know (Neon's
@@ -291,7 +294,11 @@ fn strict_pooler(pg_port: u16) -> u16 {
 #[tokio::test(flavor = "current_thread")]
 async fn a_pooler_refusing_the_worker_s_settings_is_logged_in_to_without_them() {
     let pg = cluster();
-    let a = access(strict_pooler(pg.port), "app", "app pw", "shop");
-    let r = send(&a, r#"{"query":"SELECT 41 + 1 AS n"}"#, &[]).await;
-    assert_eq!((r.status, json_of(&r)["rows"][0][0].clone()), (200, json!("42")), "{}", r.body);
+    let (port, refusals) = strict_pooler(pg.port);
+    let a = access(port, "app", "app pw", "shop");
+    for _ in 0..3 {
+        let r = send(&a, r#"{"query":"SELECT 41 + 1 AS n"}"#, &[]).await;
+        assert_eq!((r.status, json_of(&r)["rows"][0][0].clone()), (200, json!("42")), "{}", r.body);
+    }
+    assert_eq!(refusals.load(std::sync::atomic::Ordering::Relaxed), 1, "refused once, remembered");
 }
