@@ -230,11 +230,16 @@ async fn poll_loop(proxy: &Proxy, reader: &mut SlotReader, watch: &mut crate::ca
             // a failover: the slot to read is on the new primary
             return Err(std::io::Error::other("the primary changed; reading the new primary's stream"));
         }
-        let lsn_msgs = check(conn.simple("SELECT pg_catalog.pg_current_wal_lsn()::pg_catalog.text").await?)?;
+        // a primary that died while a statement was in flight never
+        // answers it (its packets dropped): the failover ends the wait
+        let follows = cfg.upstream.is_none();
+        let lsn_sql = "SELECT pg_catalog.pg_current_wal_lsn()::pg_catalog.text";
+        let lsn_msgs = check(until_failover(proxy, generation, follows, conn.simple(lsn_sql)).await?)?;
         let current = protocol::first_value(&lsn_msgs).and_then(|s| parse_lsn(&s)).map(|l| l.0);
-        let rows = check(conn.simple(&peek).await?)?;
+        let rows = check(until_failover(proxy, generation, follows, conn.simple(&peek)).await?)?;
         // the slot is still the one this reader left where it left it
-        if let Err(e) = reader.check_position(slot_position(&mut conn, &cfg.slot).await?) {
+        let position = until_failover(proxy, generation, follows, slot_position(&mut conn, &cfg.slot)).await?;
+        if let Err(e) = reader.check_position(position) {
             // what was published is still true, but what follows it may never come
             proxy.cdc_history.lock().unwrap_or_else(|p| p.into_inner()).break_off();
             return Err(std::io::Error::other(e));
@@ -299,6 +304,29 @@ async fn poll_loop(proxy: &Proxy, reader: &mut SlotReader, watch: &mut crate::ca
             proxy.saw_primary_lsn(generation, Lsn(c));
         }
         tokio::time::sleep(Duration::from_millis(cfg.poll_ms)).await;
+    }
+}
+
+/// `statement`, given up once the topology's primary is no longer the one
+/// of `generation` (when the reader `follows` the topology): the reader
+/// then reconnects to the new primary instead of waiting on the old one.
+async fn until_failover<T>(
+    proxy: &Proxy,
+    generation: u64,
+    follows: bool,
+    statement: impl std::future::Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    if !follows {
+        return statement.await;
+    }
+    let changed = async {
+        while proxy.topology().primary_generation() == generation {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    tokio::select! {
+        done = statement => done,
+        () = changed => Err(std::io::Error::other("the primary changed while its stream was read")),
     }
 }
 
