@@ -6,6 +6,7 @@ mod pg;
 
 use std::time::Duration;
 
+use pg::faults::{Relay, SlotHeld};
 use pg::{ITEMS_TABLE, Pg, create_items, eventually_within, psql, start_proxy, stat_n};
 
 /// One read of row `id` through `port`, in the simple protocol (psql) or
@@ -101,77 +102,6 @@ fn a_result_too_large_to_cache_is_relayed_every_time() {
     assert_eq!(stat_n(proxy.port, "l1_hits"), 0, "nothing was cached");
 }
 
-/// A TCP forwarder to `target` whose connections the test cuts at will.
-struct Cutter {
-    port: u16,
-    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
-}
-
-impl Cutter {
-    fn new(target: u16) -> Cutter {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let held = conns.clone();
-        std::thread::spawn(move || {
-            for client in listener.incoming().flatten() {
-                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else { continue };
-                let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else { continue };
-                if let (Ok(c3), Ok(s3)) = (client.try_clone(), server.try_clone()) {
-                    held.lock().expect("lock").extend([c3, s3]);
-                }
-                let pipe = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
-                    std::thread::spawn(move || {
-                        drop(std::io::copy(&mut from, &mut to));
-                        drop(to.shutdown(std::net::Shutdown::Both));
-                    })
-                };
-                pipe(client, s2);
-                pipe(server, c2);
-            }
-        });
-        Cutter { port, conns }
-    }
-
-    /// Ends every connection made so far.
-    fn cut(&self) {
-        for c in self.conns.lock().expect("lock").drain(..) {
-            drop(c.shutdown(std::net::Shutdown::Both));
-        }
-    }
-}
-
-/// Holds a replication slot with `pg_recvlogical` (output thrown away):
-/// the proxy that reads it fails from then on. Killed on drop.
-struct SlotHeld(std::process::Child);
-
-impl SlotHeld {
-    fn new(pg: &Pg, slot: &str) -> SlotHeld {
-        let started = std::time::Instant::now();
-        loop {
-            let mut child = std::process::Command::new("pg_recvlogical")
-                .args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "-d", "postgres"])
-                .args(["--slot", slot, "--start", "-f", "/dev/null", "--no-loop"])
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("pg_recvlogical runs");
-            std::thread::sleep(Duration::from_millis(300));
-            if child.try_wait().expect("wait").is_none() {
-                return SlotHeld(child);
-            }
-            // the proxy was reading the slot at that moment: again
-            assert!(started.elapsed() < Duration::from_secs(10), "pg_recvlogical never held the slot");
-        }
-    }
-}
-
-impl Drop for SlotHeld {
-    fn drop(&mut self) {
-        drop(self.0.kill());
-        drop(self.0.wait());
-    }
-}
-
 /// The regional's own stream stalls (its slot is held by another reader),
 /// yet it still opens every subscription with the last position it
 /// applied and the rows it kept. An edge whose subscription breaks and
@@ -187,7 +117,7 @@ fn a_stalled_regional_is_silence_though_the_edge_reconnects() {
          {ITEMS_TABLE}",
         pg.addr()
     ));
-    let cutter = Cutter::new(regional.port);
+    let cutter = Relay::new(regional.port);
     let edge = start_proxy(&format!(
         "upstream = '127.0.0.1:{}'\n[cdc]\nsource = 'regional'\npoll_ms = 30\nsilence_max_ms = 1500\n\
          [failover]\nenabled = false\n{ITEMS_TABLE}",
@@ -205,7 +135,7 @@ fn a_stalled_regional_is_silence_though_the_edge_reconnects() {
         }),
         "the edge caches the row"
     );
-    let _held = SlotHeld::new(&pg, "stall_region");
+    let _held = SlotHeld::new(pg.port, "postgres", "stall_region");
     psql(pg.port, "UPDATE items SET v = 'new' WHERE id = 1");
     // nothing is read until the edge is silent (a read then would refill
     // the entry from the primary), and then only after each reconnection

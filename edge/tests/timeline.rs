@@ -219,71 +219,6 @@ fn a_commit_not_yet_visible_does_not_date_a_fill_past_it() {
     );
 }
 
-/// A TCP relay to `target` that can stop moving bytes without closing
-/// anything: a server whose host died with its connections open (power
-/// lost, packets dropped).
-struct Hole {
-    port: u16,
-    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Hole {
-    fn new(target: u16) -> Hole {
-        use std::sync::atomic::Ordering;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let f = frozen.clone();
-        std::thread::spawn(move || {
-            let mut held = Vec::new();
-            for client in listener.incoming().flatten() {
-                if f.load(Ordering::Relaxed) {
-                    held.push(client);
-                    continue;
-                }
-                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else { continue };
-                let pipe = |mut from: std::net::TcpStream,
-                            mut to: std::net::TcpStream,
-                            f: std::sync::Arc<std::sync::atomic::AtomicBool>| {
-                    use std::io::{Read, Write};
-                    std::thread::spawn(move || {
-                        drop(from.set_read_timeout(Some(Duration::from_millis(50))));
-                        let mut buf = [0u8; 16384];
-                        loop {
-                            if f.load(Ordering::Relaxed) {
-                                std::thread::sleep(Duration::from_millis(50));
-                                continue;
-                            }
-                            match from.read(&mut buf) {
-                                Ok(0) => return,
-                                Ok(n) => {
-                                    if to.write_all(&buf[..n]).is_err() {
-                                        return;
-                                    }
-                                }
-                                Err(e)
-                                    if matches!(
-                                        e.kind(),
-                                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                                    ) => {}
-                                Err(_) => return,
-                            }
-                        }
-                    })
-                };
-                let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else { continue };
-                pipe(client, s2, f.clone());
-                pipe(server, c2, f.clone());
-            }
-        });
-        Hole { port, frozen }
-    }
-
-    fn freeze(&self) {
-        self.frozen.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
 /// The primary's host dies with the proxy's connections open: the change
 /// stream's reader, waiting on a statement the old primary will never
 /// answer, moves to the promoted replica once the failover happens
@@ -295,7 +230,7 @@ fn the_change_stream_moves_to_the_new_primary_when_the_old_one_goes_silent() {
     create_items(&primary, 20);
     let replica = primary.start_replica("hole-standby", 0);
     assert!(eventually(Duration::from_secs(20), || psql(replica.port, "SELECT count(*) FROM items") == "20"));
-    let hole = Hole::new(primary.port);
+    let hole = pg::faults::Relay::new(primary.port);
     let proxy = pg::start_proxy(&format!(
         "upstream = '127.0.0.1:{}'\nreplicas = ['{}']\n{ITEMS_TABLE}[cdc]\npoll_ms = 50\n\
          [failover]\nhealth_interval_ms = 200\ntimeout_ms = 1500\n",

@@ -236,39 +236,6 @@ fn changed_roles_and_privileges_drop_what_was_cached() {
     }
 }
 
-/// Holds the regional's slot with `pg_recvlogical` (output thrown away):
-/// the regional's own reads of the slot fail from then on, its stream
-/// stalls, and it still opens every subscription with the last position it
-/// applied. Killed on drop.
-struct SlotHeld(std::process::Child);
-
-impl SlotHeld {
-    fn new(pg: &common::cluster::Pg, slot: &str) -> SlotHeld {
-        let started = Instant::now();
-        loop {
-            let mut child = std::process::Command::new("pg_recvlogical")
-                .args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "-d", "shop"])
-                .args(["--slot", slot, "--start", "-f", "/dev/null", "--no-loop"])
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("pg_recvlogical runs");
-            std::thread::sleep(Duration::from_millis(300));
-            if child.try_wait().expect("wait").is_none() {
-                return SlotHeld(child);
-            }
-            // the regional was reading the slot at that moment: again
-            assert!(started.elapsed() < Duration::from_secs(10), "pg_recvlogical never held the slot");
-        }
-    }
-}
-
-impl Drop for SlotHeld {
-    fn drop(&mut self) {
-        drop(self.0.kill());
-        drop(self.0.wait());
-    }
-}
-
 /// A Worker pulls its feed by subscribing anew each time, and a regional
 /// opens every subscription with a keepalive even when its own stream has
 /// stalled: only a keepalive after the opening shows the stream is live.
@@ -278,7 +245,7 @@ impl Drop for SlotHeld {
 fn a_stalled_regional_is_silence_though_it_opens_every_subscription() {
     let w = world(quick());
     until_cached(&w, 1);
-    let _held = SlotHeld::new(&w.pg, "worker_region");
+    let _held = pg::faults::SlotHeld::new(w.pg.port, "shop", "worker_region");
     shop_sql(&w.pg, "UPDATE items SET name = 'stale no more' WHERE id = 1");
     let started = Instant::now();
     while started.elapsed() < Duration::from_millis(2500) {

@@ -2,6 +2,8 @@
 //! the advisor's tests), and proxies started in the test's process.
 
 pub mod cluster;
+#[allow(dead_code)]
+pub mod faults;
 pub mod raw;
 
 pub use cluster::*;
