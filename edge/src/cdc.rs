@@ -262,6 +262,11 @@ async fn poll_loop(proxy: &Proxy, reader: &mut SlotReader, watch: &mut crate::ca
                 publish(proxy, Feed { rows, current, max_commit: batch.max_commit, ..Feed::default() });
             }
             let ddl = batch.ddl();
+            if ddl {
+                // until the catalog is read again nothing is cached (a view or
+                // function may read other relations now)
+                node.catalog_changed();
+            }
             // queued under the node's lock: after every fill validated before these changes
             let written = match (&proxy.l2_file, batch.through) {
                 (Some(f), Some(t)) => Some(f.invalidate(batch.changes, t)),
@@ -407,6 +412,9 @@ async fn subscribe_loop(proxy: &Proxy, sub: &mut Subscriber, watch: &mut crate::
                 proxy.metrics.cdc_resumed.fetch_add(1, Ordering::Relaxed);
             }
             let ddl = step.ddl();
+            if ddl {
+                node.catalog_changed();
+            }
             // queued under the node's lock, as the slot reader does; the file's
             // position is where the next start asks the stream to continue from
             if let Some(f) = &proxy.l2_file

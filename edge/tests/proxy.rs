@@ -84,6 +84,8 @@ fn ddl_made_directly_on_the_primary_invalidates() {
     let out = psql(pg.port, "ALTER TABLE items ADD COLUMN extra int DEFAULT 7");
     assert!(!out.contains("ERROR"), "{out}");
     assert!(eventually(|| psql(port, "SELECT * FROM items WHERE id = 3") == "3|v3|7"), "the new column is seen");
+    // the DDL's change marks the catalog stale (nothing is cached) until it is read again
+    assert!(eventually(|| stat(port, "catalog_stale") == 0), "the catalog is read again");
 
     // temporary objects: nothing cached can depend on them
     assert_eq!(hit("SELECT v FROM items WHERE id = 4"), (false, "v4".into()));

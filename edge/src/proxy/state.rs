@@ -329,6 +329,7 @@ impl Proxy {
             ("cdc_resumed".into(), self.metrics.cdc_resumed.load(Ordering::Relaxed).to_string()),
             // whether an answer of the primary read now would be filed
             ("filling".into(), u8::from(n.files_at(self.fill_floor())).to_string()),
+            ("catalog_stale".into(), u8::from(n.catalog_is_stale()).to_string()),
         ];
         for t in [TierName::L1, TierName::L2] {
             if let Some(tier) = n.tier(t) {
