@@ -16,6 +16,9 @@ pub struct Statement {
     pub total_ms: f64,
     pub mean_ms: f64,
     pub rows: f64,
+    /// Why it is not planned: planning it may run user code (`guard`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_code: Option<String>,
 }
 
 /// One table's size and traffic since the statistics were reset.
@@ -127,6 +130,7 @@ pub async fn capture(client: &Client, limit: usize) -> Result<Workload, AdvisorE
             total_ms: num(r, 3),
             mean_ms: num(r, 4),
             rows: num(r, 5),
+            user_code: None,
         })
         .filter(|s| is_workload(&s.query))
         .take(limit)

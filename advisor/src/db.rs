@@ -53,7 +53,7 @@ pub async fn exec(client: &Client, sql: &str) -> Result<(), AdvisorError> {
     client.batch_execute(sql).await.map_err(|source| AdvisorError::Query { sql: short(sql), source })
 }
 
-fn short(sql: &str) -> String {
+pub(crate) fn short(sql: &str) -> String {
     let s: String = sql.chars().take(200).collect();
     if s.len() < sql.len() { format!("{s}...") } else { s }
 }

@@ -32,7 +32,7 @@ pub async fn suggest(client: &Client, w: &Workload, plans: &[Option<Node>]) -> R
         for c in tried {
             exec(client, "SELECT hypopg_reset()").await?;
             rows(client, &format!("SELECT * FROM hypopg_create_index({})", literal(&c.ddl(None)))).await?;
-            let Ok(p) = generic_plan(client, &w.statements[i].query).await else { continue };
+            let Ok(p) = generic_plan(client, &w.statements[i]).await else { continue };
             if best.as_ref().is_none_or(|(cost, _)| p.total_cost < *cost) {
                 best = Some((p.total_cost, c));
             }

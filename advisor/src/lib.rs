@@ -12,6 +12,7 @@ pub mod candidates;
 pub mod capture;
 pub mod db;
 pub mod dexter;
+pub mod guard;
 pub mod plan;
 pub mod proxy;
 pub mod redundant;
@@ -39,12 +40,33 @@ pub struct Options {
     pub statements: usize,
     pub budget: Budget,
     pub schema: schema::Thresholds,
+    /// Plans statements whose planning may run user code too (`guard`):
+    /// the database's functions are trusted with the advisor's privileges.
+    pub trust_functions: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { statements: 50, budget: Budget { bytes: 1e9, entry_ms: 0.01 }, schema: schema::Thresholds::default() }
+        Options {
+            statements: 50,
+            budget: Budget { bytes: 1e9, entry_ms: 0.01 },
+            schema: schema::Thresholds::default(),
+            trust_functions: false,
+        }
     }
+}
+
+/// The workload, with each statement whose planning may run user code
+/// marked (it is not planned) unless the options trust the functions.
+async fn capture_guarded(client: &Client, opts: &Options) -> Result<Workload, AdvisorError> {
+    let mut w = capture::capture(client, opts.statements).await?;
+    if !opts.trust_functions {
+        let mut guard = guard::Guard::load(client).await?;
+        for s in &mut w.statements {
+            s.user_code = guard.user_code(&s.query);
+        }
+    }
+    Ok(w)
 }
 
 /// One statement as the advisor saw it.
@@ -99,7 +121,7 @@ pub async fn advise(client: &Client, scratch: Option<&Client>, opts: &Options) -
     if let Some(s) = scratch {
         db::harden(s).await?;
     }
-    let w = capture::capture(client, opts.statements).await?;
+    let w = capture_guarded(client, opts).await?;
     if db::rows(client, "SELECT 1 FROM pg_extension WHERE extname = 'hypopg'").await?.is_empty() {
         // (the advisor changes nothing in the database it advises: its
         // hypothetical indexes live in its own session)
@@ -208,7 +230,7 @@ pub async fn workload_plans(
     client: &Client,
     opts: &Options,
 ) -> Result<(Workload, Vec<Option<plan::Node>>), AdvisorError> {
-    let w = capture::capture(client, opts.statements).await?;
+    let w = capture_guarded(client, opts).await?;
     let (_, plans, _) = analyse(client, &w).await;
     Ok((w, plans))
 }
@@ -227,7 +249,7 @@ async fn analyse(client: &Client, w: &Workload) -> (Vec<Analysed>, Vec<Option<pl
             bottlenecks: Vec::new(),
             cache: None,
         };
-        match plan::generic_plan(client, &s.query).await {
+        match plan::generic_plan(client, s).await {
             Ok(p) => {
                 a.cost = Some(p.total_cost);
                 a.bottlenecks = analyze::bottlenecks(&s.query, &p, w);

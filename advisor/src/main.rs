@@ -17,6 +17,8 @@ const USAGE: &str = "usage: postai-advise CONNSTRING [--scratch CONNSTRING] [--b
                      time) each recommendation, withdrawal or proposed drop not seen before
   --budget-mb N      storage for new indexes (default 1000)
   --statements N     the statements that cost the most time to weigh (default 50)
+  --trust-functions  plan statements that call user functions too: planning may run
+                     them (with the advisor's privileges); without it they are not planned
   --json             the report as JSON";
 
 async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
@@ -70,14 +72,25 @@ async fn main() -> anyhow::Result<()> {
     while let Some(a) = args.next() {
         match a.as_str() {
             "--scratch" => scratch = Some(args.next().context("--scratch needs a connection string")?),
-            "--every" => every = Some(args.next().context("--every needs a number of minutes")?.parse()?),
+            "--every" => {
+                let m: f64 = args.next().context("--every needs a number of minutes")?.parse()?;
+                // (at most a year: a Duration of more, or of a NaN, is no time)
+                anyhow::ensure!(m > 0.0 && m <= 525_600.0, "--every: minutes between 0 and 525600, not {m}");
+                every = Some(m);
+            }
             "--apply" => apply = Some(args.next().context("--apply needs a file")?),
             "--measure" => measure = Some(args.next().context("--measure needs a file")?),
             "--proxy" => proxy = Some(args.next().context("--proxy needs a connection string")?),
             "--budget-mb" => {
-                opts.budget.bytes = args.next().context("--budget-mb needs a number")?.parse::<f64>()? * 1e6
+                let mb: f64 = args.next().context("--budget-mb needs a number")?.parse()?;
+                anyhow::ensure!(mb.is_finite() && mb >= 0.0, "--budget-mb: a number of megabytes, not {mb}");
+                opts.budget.bytes = mb * 1e6;
             }
-            "--statements" => opts.statements = args.next().context("--statements needs a number")?.parse()?,
+            "--statements" => {
+                opts.statements = args.next().context("--statements needs a number")?.parse()?;
+                anyhow::ensure!(opts.statements > 0, "--statements: at least 1");
+            }
+            "--trust-functions" => opts.trust_functions = true,
             "--json" => json = true,
             "-h" | "--help" => {
                 println!("{USAGE}");

@@ -8,7 +8,8 @@
 use serde_json::Value;
 use tokio_postgres::Client;
 
-use crate::db::{AdvisorError, exec, rows};
+use crate::capture::Statement;
+use crate::db::{AdvisorError, exec, rows, short};
 
 /// One plan node, as EXPLAIN (FORMAT JSON) gives it.
 #[derive(Clone, Debug, Default)]
@@ -79,27 +80,14 @@ pub fn parse_plan(json: &str) -> Option<Node> {
     Some(Node::from_json(v.get(0)?.get("Plan")?))
 }
 
-/// The highest `$n` in `query` outside quoted text (how many parameters
-/// its normalised form takes).
+/// Parameters a statement may take at most (the protocol's count is 16 bits).
+pub const PARAMS_MAX: usize = 65_535;
+
+/// The highest `$n` in `query` outside quoted text and comments (how many
+/// parameters its normalised form takes), as PostgreSQL's lexer reads it;
+/// text that does not lex (an unterminated quote) takes none.
 pub fn param_count(query: &str) -> usize {
-    let (mut max, mut quote, mut chars) = (0usize, None, query.chars().peekable());
-    while let Some(c) = chars.next() {
-        match (quote, c) {
-            (Some(q), c) if c == q => quote = None,
-            (Some(_), _) => {}
-            (None, '\'' | '"') => quote = Some(c),
-            (None, '$') => {
-                let mut n = String::new();
-                while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
-                    n.push(*d);
-                    chars.next();
-                }
-                max = max.max(n.parse().unwrap_or(0));
-            }
-            _ => {}
-        }
-    }
-    max
+    postai_core::sql::Lexer::new().lex(query).map_or(0, |l| l.param_max as usize)
 }
 
 /// The statement inside an SQL-level `PREPARE name [(types)] AS statement`
@@ -112,7 +100,10 @@ pub fn inner_statement(query: &str) -> &str {
 }
 
 /// `PREPARE name [(types)] AS inner`: (the parameter types, with their
-/// parentheses, or "", and the inner statement).
+/// parentheses, or "", and the inner statement). Only the plain form is
+/// read: a name of letters, digits and underscores, types with no comment
+/// or quote (a comment there could make the text read otherwise here than
+/// in PostgreSQL).
 fn prepare_parts(query: &str) -> Option<(&str, &str)> {
     let q = query.trim_start();
     if !q.get(..8).is_some_and(|p| p.eq_ignore_ascii_case("prepare ")) {
@@ -120,6 +111,12 @@ fn prepare_parts(query: &str) -> Option<(&str, &str)> {
     }
     let rest = q[8..].trim_start();
     let name_end = rest.find(|c: char| c.is_whitespace() || c == '(').unwrap_or(rest.len());
+    let name = &rest[..name_end];
+    let plain_name = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !plain_name {
+        return None;
+    }
     let rest = rest[name_end..].trim_start();
     let (types, rest) = if rest.starts_with('(') {
         let close = rest.find(')')?;
@@ -127,8 +124,18 @@ fn prepare_parts(query: &str) -> Option<(&str, &str)> {
     } else {
         ("", rest)
     };
+    if ["--", "/*", "'", "\"", "$"].iter().any(|t| types.contains(t)) {
+        return None;
+    }
     let inner = rest.get(..3).filter(|a| a.eq_ignore_ascii_case("as ")).map(|_| rest[3..].trim_start())?;
     Some((types, inner))
+}
+
+/// Whether `query` is an SQL-level PREPARE the advisor does not read (see
+/// [`prepare_parts`]): it is not planned.
+pub fn unread_prepare(query: &str) -> bool {
+    let q = query.trim_start();
+    q.get(..8).is_some_and(|p| p.eq_ignore_ascii_case("prepare ")) && prepare_parts(query).is_none()
 }
 
 /// `PREPARE name AS query`, keeping the parameter types of a captured
@@ -140,17 +147,45 @@ pub fn prepare_as(name: &str, query: &str) -> String {
     }
 }
 
-/// The generic plan of `query` (a normalised statement), or why there is none.
-pub async fn generic_plan(client: &Client, query: &str) -> Result<Node, AdvisorError> {
-    let n = param_count(query);
-    exec(client, "SET plan_cache_mode = force_generic_plan").await?;
+/// Prepares `st` (a captured statement) as `name`: through the extended
+/// protocol, whose Parse refuses a second command, and only a statement
+/// whose planning reaches no user code (`guard`). Its parameter count.
+pub async fn prepare(client: &Client, name: &str, st: &Statement) -> Result<usize, AdvisorError> {
+    let refuse = |why: String| Err(AdvisorError::Missing(format!("not planned: {why}")));
+    if let Some(why) = &st.user_code {
+        return refuse(why.clone());
+    }
+    if unread_prepare(&st.query) {
+        return refuse("a PREPARE whose name or parameter types the advisor does not read".into());
+    }
+    let n = param_count(&st.query);
+    if n > PARAMS_MAX {
+        return refuse(format!("it names ${n}, past the {PARAMS_MAX} parameters a statement takes"));
+    }
+    let sql = prepare_as(name, &st.query);
+    client.execute(sql.as_str(), &[]).await.map_err(|source| AdvisorError::Query { sql: short(&sql), source })?;
+    Ok(n)
+}
+
+/// What planning a captured statement may do to the database it runs on:
+/// nothing written (a read-only transaction, rolled back), no wait on a
+/// lock for long, no plan for long.
+const BOUNDED: &str = "BEGIN READ ONLY; SET LOCAL statement_timeout = '10s'; SET LOCAL lock_timeout = '2s'";
+
+/// The generic plan of `st` (a normalised statement), or why there is none.
+pub async fn generic_plan(client: &Client, st: &Statement) -> Result<Node, AdvisorError> {
     let _ = exec(client, "DEALLOCATE postai_advise").await;
-    exec(client, &prepare_as("postai_advise", query)).await?;
-    let args = if n == 0 { String::new() } else { format!("({})", vec!["NULL"; n].join(", ")) };
-    // (VERBOSE: the scans name their schema, the conditions their aliases)
-    let explained = rows(client, &format!("EXPLAIN (FORMAT JSON, VERBOSE) EXECUTE postai_advise{args}")).await;
+    exec(client, &format!("{BOUNDED}; SET LOCAL plan_cache_mode = force_generic_plan")).await?;
+    let explained = async {
+        let n = prepare(client, "postai_advise", st).await?;
+        let args = if n == 0 { String::new() } else { format!("({})", vec!["NULL"; n].join(", ")) };
+        // (VERBOSE: the scans name their schema, the conditions their aliases)
+        rows(client, &format!("EXPLAIN (FORMAT JSON, VERBOSE) EXECUTE postai_advise{args}")).await
+    }
+    .await;
+    // (a prepared statement outlives the transaction)
+    let _ = exec(client, "ROLLBACK").await;
     let _ = exec(client, "DEALLOCATE postai_advise").await;
-    exec(client, "RESET plan_cache_mode").await?;
     let text = explained?.first().and_then(|r| r.first().cloned().flatten()).unwrap_or_default();
     parse_plan(&text).ok_or_else(|| AdvisorError::Missing(format!("no plan in EXPLAIN's answer: {text}")))
 }

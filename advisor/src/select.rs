@@ -167,7 +167,7 @@ async fn costs_with(
     }
     let mut out = Vec::with_capacity(costed.len());
     for s in costed {
-        let plan = generic_plan(client, &w.statements[s.index].query).await;
+        let plan = generic_plan(client, &w.statements[s.index]).await;
         out.push(plan.map_or(s.cost, |p| p.total_cost.min(s.cost)));
     }
     Ok(out)
@@ -206,7 +206,7 @@ async fn try_candidate(
             continue;
         }
         let st = &w.statements[s.index];
-        let Ok(plan) = generic_plan(client, &st.query).await else { continue };
+        let Ok(plan) = generic_plan(client, st).await else { continue };
         if plan.total_cost < current[i] * (1.0 - MIN_COST_FALL) {
             // the time it takes now, scaled by how much cheaper its plan gets
             let now_ms = st.total_ms * current[i] / s.cost.max(1e-9);
@@ -234,6 +234,7 @@ mod tests {
             total_ms: 1.0,
             mean_ms: 1.0,
             rows: 1.0,
+            user_code: None,
         };
         let w = Workload {
             statements: vec![

@@ -60,6 +60,9 @@ impl Verdict {
 /// wrong for another). `None` when a parameter is none of these.
 async fn values(client: &Client, query: &str, plan: &Node, w: &Workload) -> Result<Option<Vec<String>>, AdvisorError> {
     let n = param_count(query);
+    if n > crate::plan::PARAMS_MAX {
+        return Ok(None);
+    }
     let mut out: Vec<Vec<String>> = vec![Vec::new(); n];
     for (i, v) in paging_params(query) {
         if (1..=n).contains(&i) {
@@ -246,7 +249,7 @@ async fn time_all(
             continue;
         };
         let _ = exec(client, "DEALLOCATE postai_verify").await;
-        if exec(client, &crate::plan::prepare_as("postai_verify", &st.query)).await.is_err() {
+        if crate::plan::prepare(client, "postai_verify", st).await.is_err() {
             unverified.push(i);
             continue;
         }

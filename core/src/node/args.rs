@@ -39,6 +39,7 @@ pub(super) fn unlexable_shape(sql: &str, e: &LexError) -> Shape {
         writes_opaque: true,
         reads_any: false,
         reads_settings: false,
+        user_code: None,
         generation: 0,
     }
 }

@@ -152,6 +152,7 @@ fn basic(kind: StatementKind, text: String, lexed: &Lexed) -> Shape {
         writes_opaque: false,
         reads_any: false,
         reads_settings: false,
+        user_code: None,
         generation: 0,
     }
 }
@@ -523,6 +524,9 @@ fn analyze_statement(
         if let Some(w) = catalog.write_effects.get(t) {
             effects.session_opaque |= w.session_opaque;
             effects.writes_opaque |= w.writes_opaque;
+            if effects.user_code.is_none() {
+                effects.user_code.clone_from(&w.user_code);
+            }
         }
     }
     // a write that reaches rows it does not name
@@ -532,6 +536,7 @@ fn analyze_statement(
     s.reads = reads;
     s.writes = writes;
     s.reads_any = effects.reads_any;
+    s.user_code.clone_from(&effects.user_code);
     s.reads_settings = effects.reads_settings;
     s.session_opaque = effects.session_opaque;
     s.writes_opaque = effects.writes_opaque || facts.cascade || (targets_opaque && s.kind == StatementKind::Write);
@@ -664,6 +669,7 @@ fn definition_effects(sql: &str, catalog: &mut Catalog, config: &AnalyzerConfig)
         uncacheable: shape.cacheable.err(),
         session_opaque: shape.session_opaque,
         writes_opaque: shape.writes_opaque,
+        user_code: shape.user_code,
     }
 }
 

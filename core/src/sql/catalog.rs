@@ -117,6 +117,9 @@ pub(crate) struct Effects {
     pub uncacheable: Option<NotCacheable>,
     pub session_opaque: bool,
     pub writes_opaque: bool,
+    /// The first user code it may run (a user's function, operator or
+    /// cast, or a function the catalog does not know), by name.
+    pub user_code: Option<String>,
 }
 
 impl Effects {
@@ -129,6 +132,9 @@ impl Effects {
         }
         self.session_opaque |= other.session_opaque;
         self.writes_opaque |= other.writes_opaque;
+        if self.user_code.is_none() {
+            self.user_code.clone_from(&other.user_code);
+        }
     }
 }
 

@@ -128,10 +128,13 @@ pub(crate) fn call_effects(name: &str, catalog: &Catalog, user_volatile: &[Strin
         e.writes_opaque = true;
     };
     if user_volatile.iter().any(|v| v.eq_ignore_ascii_case(name)) {
+        e.user_code = Some(name.to_string());
         opaque(&mut e, NotCacheable::Volatile(lower));
         return e;
     }
     if SQL_RUNNING.contains(&lower.as_str()) {
+        // (the SQL it runs is any code)
+        e.user_code = Some(lower.clone());
         opaque(&mut e, NotCacheable::Volatile(lower));
         return e;
     }
@@ -147,10 +150,17 @@ pub(crate) fn call_effects(name: &str, catalog: &Catalog, user_volatile: &[Strin
     if lower == "current_setting" {
         e.reads_settings = true;
     }
-    match catalog.function(name) {
+    let info = catalog.function(name);
+    if info.is_some_and(|f| f.user) {
+        e.user_code = Some(name.to_string());
+    }
+    match info {
         None if SQL_CONSTRUCTS.contains(&lower.as_str()) => {}
         // unknown: a user function of any kind
-        None => opaque(&mut e, NotCacheable::Volatile(name.to_string())),
+        None => {
+            e.user_code = Some(name.to_string());
+            opaque(&mut e, NotCacheable::Volatile(name.to_string()));
+        }
         Some(f) => match (f.user, f.volatility) {
             (true, Volatility::Volatile) => opaque(&mut e, NotCacheable::Volatile(name.to_string())),
             (true, Volatility::Stable) => {
@@ -185,6 +195,9 @@ pub(crate) fn hidden_call_effects(what: &str, info: Option<FunctionInfo>) -> Eff
         }
         Some(FunctionInfo { volatility: Volatility::Immutable, user: true }) => e.reads_any = true,
         Some(FunctionInfo { volatility: Volatility::Immutable, user: false }) | None => {}
+    }
+    if info.is_some_and(|f| f.user) {
+        e.user_code = Some(what.to_string());
     }
     e
 }

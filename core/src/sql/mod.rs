@@ -170,6 +170,11 @@ pub struct Shape {
     /// It reads the session's settings (`current_setting`): its cache key
     /// includes every setting, the result-neutral ones too.
     pub reads_settings: bool,
+    /// The first user code running it may call (a user's function,
+    /// operator or cast, also through a view, a policy, a default or a
+    /// check; a function the catalog does not know): what planning it may
+    /// run (the optimization engine explains no such statement).
+    pub user_code: Option<String>,
     /// The catalog generation it was analysed in (see [`Catalog::generation`]).
     pub generation: u64,
 }
