@@ -172,6 +172,20 @@ fn swarm() {
     run_suite_scenario("swarm");
 }
 
+/// The short form keeps each site's rate, whatever the number of sites.
+#[test]
+fn the_short_form_keeps_the_rate_per_site() {
+    let mut few = load("global-read-heavy");
+    few.sites = 6;
+    let short = few.short(1);
+    assert_eq!(short.sites, 6);
+    assert_eq!(short.workload.rate_qps, few.workload.rate_qps, "6 sites keep their rate");
+    let base = load("global-read-heavy");
+    let short = base.short(1);
+    let per_site = |s: &Scenario| s.workload.rate_qps / s.sites as f64;
+    assert!((per_site(&short) - per_site(&base)).abs() < 1e-9 * per_site(&base));
+}
+
 #[test]
 fn same_seed_same_report() {
     let sc = load("primary-failover").short(7);
@@ -205,6 +219,12 @@ fn corrupt_scenarios_are_clear_errors() {
         ("no speed of light", "name='x'\ndescription=''\nseed=1\nduration_s=20\n[network]\nfiber_km_per_ms=0.0"),
         ("routes shorter than fiber", "name='x'\ndescription=''\nseed=1\nduration_s=20\n[network]\nroute_factor=0.5"),
         ("infinite jitter", "name='x'\ndescription=''\nseed=1\nduration_s=20\n[network]\njitter_ms=inf"),
+        ("a name that is a path", "name='../../x'\ndescription=''\nseed=1\nduration_s=20"),
+        ("a warm start of ages", "name='x'\ndescription=''\nseed=1\nduration_s=20\nwarm_start_s=1000000000"),
+        (
+            "caches no memory holds",
+            "name='x'\ndescription=''\nseed=1\nduration_s=20\nsites=300\n[tiers]\nl1_entries=10000000\nl2_entries=10000000",
+        ),
     ];
     for (what, text) in bad {
         let err = Scenario::parse("test.toml", text).err().unwrap_or_else(|| panic!("{what}: accepted"));

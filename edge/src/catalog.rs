@@ -27,11 +27,22 @@ impl Watch {
     /// another catalog), later by dropping what was cached (DDL changed
     /// what it means). Returns the catalog's digest.
     pub async fn sync_catalog(&mut self, proxy: &Proxy, conn: &mut Conn) -> std::io::Result<u128> {
+        let ddl_before = proxy.ddl_count.load(Ordering::SeqCst);
         proxy.catalog_stale.store(false, Ordering::Relaxed);
         let live = load(conn).await?;
         let digest = live.digest();
+        // DDL through the proxy while the catalog was read: what was read
+        // may predate it, and the node stays without a catalog it trusts
+        let stale_again = |node: &mut postai_core::node::EdgeNode<_>| {
+            if proxy.ddl_count.load(Ordering::SeqCst) != ddl_before {
+                proxy.catalog_stale.store(true, Ordering::Relaxed);
+                node.catalog_changed();
+            }
+        };
         if self.catalog == Some(digest) {
-            proxy.node.lock().unwrap_or_else(|p| p.into_inner()).catalog_current();
+            let mut node = proxy.node.lock().unwrap_or_else(|p| p.into_inner());
+            node.catalog_current();
+            stale_again(&mut node);
         } else {
             let mut node = proxy.node.lock().unwrap_or_else(|p| p.into_inner());
             if self.catalog.is_none() {
@@ -42,6 +53,7 @@ impl Watch {
                     f.clear("the database's catalog changed");
                 }
             }
+            stale_again(&mut node);
             drop(node);
             eprintln!("postai-edge: catalog loaded: {}", live.summary());
             self.catalog = Some(digest);

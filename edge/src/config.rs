@@ -46,6 +46,15 @@ pub struct Config {
     /// the upstream login has no password.
     #[serde(default)]
     pub users: Vec<UserConfig>,
+    /// Users who may run every proxy command (`POSTAI RELOAD` too), as
+    /// PgBouncer's `admin_users`; a superuser upstream may as well.
+    #[serde(default)]
+    pub admin_users: Vec<String>,
+    /// Users who may run the proxy's `SHOW POSTAI ...` commands, as
+    /// PgBouncer's `stats_users`; a superuser or a member of
+    /// `pg_read_all_stats` upstream may as well.
+    #[serde(default)]
+    pub stats_users: Vec<String>,
     /// TLS for clients, terminated at the proxy. None: SSLRequest gets 'N'.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
@@ -332,8 +341,15 @@ impl Config {
         if c.pool.size == 0 || c.pool.keys_max == 0 || c.pool.wait_ms == 0 {
             return bad("pool: size, keys_max and wait_ms must be positive");
         }
-        if c.threads == Some(0) {
-            return bad("threads must be at least 1");
+        if c.threads.is_some_and(|n| !(1..=1024).contains(&n)) {
+            return bad("threads must be between 1 and 1024");
+        }
+        if c.pool.size > 100_000 {
+            return bad("pool.size must be at most 100000");
+        }
+        // (a poll once a day at most: the change stream's waits are multiples of it)
+        if !(1..=86_400_000).contains(&c.cdc.poll_ms) || c.cdc.silence_max_ms == 0 {
+            return bad("cdc.poll_ms must be between 1 and 86400000, cdc.silence_max_ms positive");
         }
         if c.max_message_bytes < 1024 {
             return bad("max_message_bytes must be at least 1024");

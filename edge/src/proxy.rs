@@ -418,12 +418,6 @@ impl Client {
         self.wr.write_all(&protocol::error_response("ERROR", code, message)).await?;
         self.wr.write_all(&protocol::ready_for_query(self.wire.status())).await
     }
-
-    /// `SHOW POSTAI STATS|CACHES|POOLS`, `POSTAI RELOAD`: answered by the
-    /// proxy (`proxy/admin.rs`; the extended protocol there too).
-    fn admin(&self, sql: &str) -> Option<BytesMut> {
-        admin::Command::parse(sql).map(|c| c.answer(&self.proxy))
-    }
 }
 
 fn path_of(served: Served) -> Path {

@@ -290,7 +290,8 @@ fn cancel_reaches_the_primary() {
     let pids = psql(pg.port, "SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend'");
     assert!(pids.lines().any(|p| p == pid.to_string()), "the key names a primary backend: {pid} in {pids}");
     c.s.write_all(&protocol::query("SELECT pg_sleep(30)")).expect("query");
-    std::thread::sleep(Duration::from_millis(300));
+    let sleeping = "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = 'SELECT pg_sleep(30)'";
+    assert!(pg::eventually(|| psql(pg.port, sleeping) == "1"), "the query runs on the primary");
     let started = Instant::now();
     let mut cancel = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     let mut m = BytesMut::new();

@@ -180,7 +180,10 @@ fn prepared_statements_survive_pooling_and_cancels_reach_the_server() {
         let client = connect().await;
         let token = client.cancel_token();
         let sleeper = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await });
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        let port = pg.port;
+        let sleeping = "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = 'SELECT pg_sleep(30)'";
+        let seen = tokio::task::spawn_blocking(move || pg::eventually(|| psql(port, sleeping) == "1"));
+        assert!(seen.await.expect("the wait"), "the query runs on a server connection");
         token.cancel_query(tokio_postgres::NoTls).await.expect("cancel sent");
         let r = tokio::time::timeout(Duration::from_secs(10), sleeper).await.expect("cancelled in time").expect("task");
         let e = r.expect_err("the query was cancelled");

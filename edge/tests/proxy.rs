@@ -159,12 +159,13 @@ fn pgbench_runs_through_the_proxy_in_every_mode() {
 #[test]
 fn extended_protocol_hits_the_cache() {
     let pg = Pg::start("extended");
-    let (port, _rt) = start_proxy(&pg);
+    // (before the proxy: DDL it sees leaves nothing cached until the catalog is read again)
     let setup = psql(
         pg.port,
         "CREATE TABLE items (id int PRIMARY KEY, v int); INSERT INTO items SELECT g, g FROM generate_series(1, 10) g;",
     );
     assert!(!setup.contains("ERROR"), "{setup}");
+    let (port, _rt) = start_proxy(&pg);
     assert!(eventually(|| stat(port, "filling") > 0), "CDC connected");
     let script = pg.dir.join("read.sql");
     std::fs::write(
@@ -237,4 +238,64 @@ fn a_dead_upstream_is_a_clear_error() {
     // back again
     pg.restart();
     assert!(eventually(|| psql(port, "SELECT 2") == "2"), "serving again");
+}
+
+/// Runs `sql` through the proxy as `user` (no password: no `[[users]]`).
+fn psql_user(port: u16, user: &str, sql: &str) -> String {
+    let out = std::process::Command::new("psql")
+        .args(["-X", "-q", "-At", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", user, "-d", "postgres"])
+        .args(["-v", "ON_ERROR_STOP=1", "-c", sql])
+        .output()
+        .expect("psql runs");
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// The proxy's commands are PgBouncer's admin console: `admin_users` and a
+/// superuser run all of them, `stats_users` and members of
+/// `pg_read_all_stats` the `SHOW` ones, anyone else gets 42501, in the
+/// simple protocol and in the extended one.
+#[test]
+fn proxy_commands_need_privileges() {
+    let pg = Pg::start("admin-privileges");
+    let roles = "CREATE ROLE bob LOGIN; CREATE ROLE carol LOGIN IN ROLE pg_read_all_stats; \
+                 CREATE ROLE dave LOGIN; CREATE ROLE erin LOGIN";
+    assert!(!psql(pg.port, roles).contains("ERROR"));
+    let (port, _rt) = start_proxy_with(&pg, "admin_users = ['erin']\nstats_users = ['dave']\n");
+    let denied = |out: &str| out.contains("permission denied") && !out.contains("l1_hits");
+    for sql in ["SHOW POSTAI STATS", "SHOW POSTAI CACHES", "SHOW POSTAI POOLS", "SHOW POSTAI QUERIES", "POSTAI RELOAD"]
+    {
+        assert!(denied(&psql_user(port, "bob", sql)), "bob: {sql}");
+    }
+    for user in ["carol", "dave", "erin", "postgres"] {
+        let out = psql_user(port, user, "SHOW POSTAI STATS");
+        assert!(out.contains("l1_hits|"), "{user}: {out}");
+    }
+    for user in ["carol", "dave"] {
+        assert!(denied(&psql_user(port, user, "POSTAI RELOAD")), "{user} may not reload");
+    }
+    // (this proxy's configuration is no file: allowed, the reload has nothing to read)
+    for user in ["erin", "postgres"] {
+        let out = psql_user(port, user, "POSTAI RELOAD");
+        assert!(out.contains("nothing to reload"), "{user}: {out}");
+    }
+    // the extended protocol (tokio-postgres prepares every statement)
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        for (user, allowed) in [("bob", false), ("carol", true)] {
+            let url = format!("host=127.0.0.1 port={port} user={user} dbname=postgres");
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.expect("connect");
+            tokio::spawn(conn);
+            let r = client.query("SHOW POSTAI STATS", &[]).await;
+            match allowed {
+                true => assert!(r.is_ok_and(|rows| !rows.is_empty())),
+                false => {
+                    let e = r.expect_err("refused");
+                    assert_eq!(e.code(), Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE), "{e:?}");
+                    // the session goes on
+                    let one: i32 = client.query_one("SELECT 1", &[]).await.expect("after").get(0);
+                    assert_eq!(one, 1);
+                }
+            }
+        }
+    });
 }

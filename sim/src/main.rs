@@ -54,8 +54,8 @@ fn real_main() -> Result<ExitCode, String> {
             "--seeds" => seeds = Some(sweep::parse_seeds(&args.next().ok_or("--seeds needs A..B")?)?),
             "--jobs" => {
                 jobs = args.next().ok_or("--jobs needs a value")?.parse().map_err(|e| format!("--jobs: {e}"))?;
-                if jobs == 0 {
-                    return Err("--jobs must be at least 1".into());
+                if !(1..=sweep::JOBS_MAX).contains(&jobs) {
+                    return Err(format!("--jobs must be between 1 and {}", sweep::JOBS_MAX));
                 }
             }
             "--duration" => {
@@ -148,6 +148,8 @@ fn load_all(
                 return Err(format!("{f}: --duration {d} is not past its warm-up ({} s)", sc.warmup_s));
             }
             sc.duration_s = d;
+            // (the file's bounds hold for what the command line changed too)
+            sc.validate().map_err(|e| format!("{f} with --duration {d}: {e}"))?;
         }
         sc = form.of(&sc, sc.seed);
         scenarios.push(sc);

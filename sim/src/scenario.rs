@@ -497,9 +497,10 @@ impl Scenario {
         let scale = 24.0 / self.duration_s as f64;
         sc.duration_s = 24;
         sc.warmup_s = ((self.warmup_s as f64 * scale).round() as u64).clamp(1, 5);
-        sc.workload.rate_qps *= 60.0 / self.sites as f64;
-        sc.workload.bypass_write_qps *= 60.0 / self.sites as f64;
         sc.sites = 60.min(self.sites);
+        let kept = sc.sites as f64 / self.sites as f64;
+        sc.workload.rate_qps *= kept;
+        sc.workload.bypass_write_qps *= kept;
         sc.warm_start_s = self.warm_start_s.min(300);
         for f in &mut sc.faults {
             scale_fault(f, scale);
@@ -577,6 +578,14 @@ impl Scenario {
         }
         int("tiers.l3_entries", t.l3_entries as u64, 1, 100_000_000)?;
         int("tiers.ttl_s", t.ttl_s, 1, 30 * 86_400)?;
+        int("warm_start_s", self.warm_start_s, 0, 30 * 86_400)?;
+        // what the sites hold together, and what the warm start draws (a
+        // key per site): each valid alone, too much memory or time together
+        let held = self.sites as u64 * (t.l1_entries as u64 + t.l2_entries as u64);
+        int("sites x (tiers.l1_entries + tiers.l2_entries)", held, 1, 200_000_000)?;
+        if self.warm_start_s > 0 {
+            int("sites x workload.keys (the warm start)", self.sites as u64 * w.keys, 1, 1_000_000_000)?;
+        }
         if let Some(wd) = &self.worker {
             // a feed pulled less often than the silence bound would leave the cache unusable between pulls
             int("worker.feed_ms", wd.feed_ms, 1, self.db.cdc_silence_max_ms.max(1))?;
@@ -652,6 +661,11 @@ impl Scenario {
     }
 
     pub fn validate(&self) -> Result<(), String> {
+        // (it names the report's files: `<dir>/<name>.svg`, `<name>-<seed>.toml`)
+        let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        if self.name.is_empty() || !self.name.chars().all(plain) || self.name.starts_with('.') {
+            return Err(format!("name {:?}: letters, digits, '-', '_' and '.' only (it names files)", self.name));
+        }
         self.validate_numbers()?;
         let w = &self.workload;
         if self.warmup_s >= self.duration_s {

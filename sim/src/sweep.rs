@@ -121,8 +121,17 @@ pub fn parse_seeds(text: &str) -> Result<std::ops::Range<u64>, String> {
     if end <= a {
         return Err(format!("--seeds {text:?}: the range is empty"));
     }
+    if end - a > SEEDS_MAX {
+        return Err(format!("--seeds {text:?}: {} seeds, more than one sweep runs ({SEEDS_MAX})", end - a));
+    }
     Ok(a..end)
 }
+
+/// Seeds one sweep runs at most (its results are kept per seed).
+pub const SEEDS_MAX: u64 = 1_000_000;
+
+/// Threads one sweep runs at most.
+pub const JOBS_MAX: usize = 256;
 
 /// What a sweep keeps of one run.
 #[derive(Clone, Debug, Serialize)]
@@ -369,7 +378,8 @@ mod tests {
     fn seed_ranges() {
         assert_eq!(parse_seeds("0..10"), Ok(0..10));
         assert_eq!(parse_seeds("5..=7"), Ok(5..8));
-        for bad in ["", "7", "..3", "3..", "a..b", "5..5", "9..=3", "-1..4"] {
+        for bad in ["", "7", "..3", "3..", "a..b", "5..5", "9..=3", "-1..4", "0..=18446744073709551614", "0..10000000"]
+        {
             assert!(parse_seeds(bad).is_err(), "{bad:?} accepted");
         }
     }

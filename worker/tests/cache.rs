@@ -99,13 +99,21 @@ fn until_cached(w: &World, id: u32) {
     panic!("item {id} was never answered from the cache: {:?}", w.edge.borrow().stats());
 }
 
+/// A short silence bound (and pull timeout, the same): for the tests of
+/// silence.
 fn quick() -> CacheConfig {
     CacheConfig { feed_every: Duration::ZERO, silence: Duration::from_millis(400), ..CacheConfig::default() }
 }
 
+/// A silence bound a loaded machine does not reach between two requests
+/// (a pull given 400 ms may fail there, and the next read go upstream).
+fn steady() -> CacheConfig {
+    CacheConfig { silence: Duration::from_secs(5), ..quick() }
+}
+
 #[test]
 fn reads_are_served_at_the_edge_and_writes_reach_it() {
-    let w = world(quick());
+    let w = world(steady());
     until_cached(&w, 1);
     assert_eq!(w.name(1, &[]), ("one".into(), "L1".into()));
     let misses = w.edge.borrow().stats().upstream;
@@ -207,7 +215,7 @@ fn until_value(w: &World, sql: &str, old: &str, want: &str) {
 /// the feed). Nothing cached under the old ones is served after.
 #[test]
 fn changed_roles_and_privileges_drop_what_was_cached() {
-    let w = world(quick());
+    let w = world(steady());
     until_cached(&w, 1);
     let t = "SELECT '2024-01-01 00:00+00'::timestamptz::text AS t";
     w.send(&format!(r#"{{"query":"{t}"}}"#), &[]);
@@ -300,7 +308,7 @@ fn a_pull_abandoned_does_not_stop_the_next() {
 /// answers until the test lets the commit through.
 #[test]
 fn a_commit_the_feed_brought_before_it_was_visible_is_not_taken_as_read() {
-    let w = world(quick());
+    let w = world(steady());
     until_cached(&w, 1);
     shop_sql(&w.pg, "ALTER SYSTEM SET synchronous_standby_names = 'nobody'");
     shop_sql(&w.pg, "SELECT pg_reload_conf()");
@@ -397,7 +405,7 @@ fn a_pull_whose_catalog_read_stalls_ends_within_its_bound() {
 /// request (at the node's limits every later request would pass the cache).
 #[test]
 fn a_miss_given_up_is_handed_back_to_the_node() {
-    let w = world(quick());
+    let w = world(steady());
     until_cached(&w, 1);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let net = common::Tcp::default();

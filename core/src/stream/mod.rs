@@ -99,7 +99,10 @@ pub fn commit_time_us(line: &str) -> Option<u64> {
     let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
     let mut t = hms.split(':').map(|p| p.parse::<u64>());
     let (hh, mm, ss) = (t.next()?.ok()?, t.next()?.ok()?, t.next()?.ok()?);
-    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || hh > 23 || mm > 59 || ss > 60 || frac.len() > 9 {
+    // (PostgreSQL's timestamps end in the year 294276: past it the
+    // arithmetic below would overflow)
+    let calendar = (1..=294_276).contains(&y) && (1..=12).contains(&m) && (1..=31).contains(&day);
+    if !calendar || hh > 23 || mm > 59 || ss > 60 || frac.len() > 9 {
         return None;
     }
     let nanos: u64 = format!("{frac:0<9}").parse().ok()?;
@@ -111,8 +114,8 @@ pub fn commit_time_us(line: &str) -> Option<u64> {
     let doy = (153 * mp + 2) / 5 + day - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = u64::try_from(era * 146_097 + doe - 719_468).ok()?;
-    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
-    Some(secs * 1_000_000 + nanos / 1000)
+    let secs = days.checked_mul(86_400)?.checked_add(hh * 3600 + mm * 60 + ss)?;
+    secs.checked_mul(1_000_000)?.checked_add(nanos / 1000)
 }
 
 /// A line of `POSTAI SUBSCRIBE`'s stream (each one CopyData).
@@ -219,6 +222,9 @@ mod tests {
             "COMMIT 1 (at 2026-13-01 00:00:00+00)",
             "COMMIT 1 (at 2026-11-27 03:10:26+02)",
             "COMMIT (at x y)",
+            "COMMIT 1 (at 600000-01-01 00:00:00+00)",
+            "COMMIT 1 (at 9223372036854775807-01-01 00:00:00+00)",
+            "COMMIT 1 (at 0-01-01 00:00:00+00)",
         ] {
             assert_eq!(commit_time_us(bad), None, "{bad}");
         }

@@ -7,6 +7,13 @@
 //! here; in a pipeline that also holds relayed requests, those are sent
 //! upstream in order, each run followed by a Flush, so that the client gets
 //! every answer in the order it asked.
+//!
+//! Who may run them, as PgBouncer's admin console: a user in `admin_users`
+//! every command, one in `stats_users` the `SHOW` ones; otherwise the
+//! session's role upstream decides, asked at each command: a superuser may
+//! run every command, a member of `pg_read_all_stats` the `SHOW` ones
+//! (pools name other roles and databases, counters tell other sessions'
+//! activity, `POSTAI RELOAD` applies the file). Anyone else gets 42501.
 
 use std::collections::HashMap;
 
@@ -51,6 +58,21 @@ impl Command {
             // like PgBouncer's SHOW POOLS: empty without transaction pooling
             Command::Pools => &["server", "user", "database", "idle", "lent", "size", "statements"],
             Command::Reload => &["setting", "result"],
+        }
+    }
+
+    /// Whether a session with `may` may run it.
+    fn allowed(self, may: Privilege) -> bool {
+        if self == Command::Reload { may.admin } else { may.admin || may.stats }
+    }
+
+    /// The refusal of a session that may not run it (42501).
+    fn refusal(self) -> &'static str {
+        if self == Command::Reload {
+            "postai-edge: permission denied: POSTAI RELOAD needs a user of admin_users or a superuser"
+        } else {
+            "postai-edge: permission denied: SHOW POSTAI needs a user of admin_users or stats_users, \
+             a superuser or a member of pg_read_all_stats"
         }
     }
 
@@ -99,9 +121,19 @@ impl Command {
     }
 }
 
-/// A session's prepared admin statements and their portals.
+/// What a session may run of the proxy's commands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Privilege {
+    /// Every command.
+    pub admin: bool,
+    /// The `SHOW` commands.
+    pub stats: bool,
+}
+
+/// A session's user, its prepared admin statements and their portals.
 #[derive(Default)]
 pub(super) struct AdminState {
+    user: String,
     statements: HashMap<String, Command>,
     portals: HashMap<String, Command>,
     /// The batch being collected holds a Parse of an admin command.
@@ -133,6 +165,10 @@ fn first_cstr(m: &Message) -> Option<String> {
 }
 
 impl AdminState {
+    pub(super) fn new(user: &str) -> AdminState {
+        AdminState { user: user.to_string(), ..AdminState::default() }
+    }
+
     /// What the proxy answers for `m`, if it is about an admin statement;
     /// the session's admin statements and portals follow the request.
     fn classify(&mut self, m: &Message) -> Option<Local> {
@@ -180,6 +216,47 @@ impl AdminState {
 }
 
 impl Client {
+    /// What this session may run of the proxy's commands (see the module's
+    /// header): its user in `admin_users` or `stats_users`, else its role
+    /// upstream, asked now (roles change). An answer that fails (an aborted
+    /// transaction, a dead upstream) allows nothing.
+    pub(super) async fn admin_privilege(&mut self) -> anyhow::Result<Privilege> {
+        let cfg = &self.proxy.config;
+        let user = &self.admin.user;
+        let mut may = Privilege { admin: cfg.admin_users.contains(user), stats: cfg.stats_users.contains(user) };
+        if may.admin {
+            return Ok(may);
+        }
+        // (every name qualified: the client's search_path is its own)
+        let sql = "SELECT r.rolsuper::pg_catalog.text, \
+                   pg_catalog.pg_has_role(CURRENT_USER, 'pg_read_all_stats', 'USAGE')::pg_catalog.text \
+                   FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER";
+        let msgs = match self.own_query(sql).await {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("postai-edge: the privileges of a session asking for a proxy command: {e}");
+                return Ok(may);
+            }
+        };
+        let row = msgs.iter().find(|m| m.tag == b'D').and_then(protocol::text_columns).unwrap_or_default();
+        let yes = |i: usize| row.get(i).and_then(|v| v.as_deref()) == Some("true");
+        may.admin |= yes(0);
+        may.stats |= yes(1);
+        Ok(may)
+    }
+
+    /// The answer to the command `sql` names, if it names one: its rows, or
+    /// the refusal of a session that may not run it.
+    pub(super) async fn admin(&mut self, sql: &str) -> anyhow::Result<Option<BytesMut>> {
+        let Some(c) = Command::parse(sql) else { return Ok(None) };
+        let may = self.admin_privilege().await?;
+        Ok(Some(if c.allowed(may) {
+            c.answer(&self.proxy)
+        } else {
+            BytesMut::from(&protocol::error_response("ERROR", "42501", c.refusal())[..])
+        }))
+    }
+
     /// A Parse arriving: whether it prepares an admin command (nothing
     /// about it may reach the node or the statements relayed upstream).
     pub(super) fn admin_parse(&mut self, m: &Message) -> bool {
@@ -209,6 +286,11 @@ impl Client {
             // portals end with the transaction
             a.portals.clear();
         }
+        // (asked before any of the batch goes upstream)
+        let may = match kinds.iter().any(|k| matches!(k, Some(Local::Execute(_)))) {
+            true => self.admin_privilege().await?,
+            false => Privilege::default(),
+        };
         let flush = Message { tag: b'H', raw: Bytes::from_static(&[b'H', 0, 0, 0, 4]) };
         let mut run: Vec<Message> = Vec::new();
         // an error skips every request up to Sync, as PostgreSQL does
@@ -241,6 +323,10 @@ impl Client {
                     out.extend_from_slice(&c.row_description());
                 }
                 Local::DescribePortal(c) => out.extend_from_slice(&c.row_description()),
+                Local::Execute(c) if !c.allowed(may) => {
+                    out.extend_from_slice(&protocol::error_response("ERROR", "42501", c.refusal()));
+                    failed = true;
+                }
                 Local::Execute(c) => {
                     let (answer, error) = c.execute(&self.proxy);
                     out = answer;

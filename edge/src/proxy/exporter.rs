@@ -165,12 +165,24 @@ fn histograms(out: &mut String, proxy: &Proxy) {
     m.invalidation_lag.render(out, "postai_invalidation_lag_seconds", "");
 }
 
-/// Serves `GET /metrics` (anything else: 404) until the listener fails.
+/// Scrapes answered at once at most: past them a connection is closed at
+/// once (the descriptors are the proxy's clients' too).
+const SCRAPES_MAX: usize = 64;
+
+/// Serves `GET /metrics` (anything else: 404). A failed accept (out of
+/// descriptors) pauses it, as it does the clients' listener.
 pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) -> std::io::Result<()> {
+    let scrapes = Arc::new(tokio::sync::Semaphore::new(SCRAPES_MAX));
+    let mut backoff = crate::limits::AcceptBackoff::default();
     loop {
-        let (mut socket, _) = listener.accept().await?;
+        let mut socket = crate::limits::accept(&listener, &mut backoff).await;
+        let Ok(permit) = scrapes.clone().try_acquire_owned() else {
+            drop(socket);
+            continue;
+        };
         let p = proxy.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let mut buf = Vec::with_capacity(1024);
             let mut chunk = [0u8; 1024];
             // the request head, at most 8 KiB, within 5 s

@@ -3,7 +3,8 @@
 //! upstream took), most calls first. The optimization engine reads it
 //! beside `pg_stat_statements`, which never sees what the cache answered.
 //! Query texts are other sessions' too: like `pg_stat_statements`, only a
-//! superuser or a member of `pg_read_all_stats` sees them. Simple protocol.
+//! superuser or a member of `pg_read_all_stats` sees them (or a user of
+//! `admin_users` or `stats_users`). Simple protocol.
 
 use tokio::io::AsyncWriteExt;
 
@@ -21,12 +22,10 @@ const COLUMNS: [&str; 8] =
 
 impl Client {
     pub(super) async fn show_queries(&mut self) -> anyhow::Result<()> {
-        // (every name qualified: the client's search_path is its own)
-        let may = "SELECT (r.rolsuper OR pg_catalog.pg_has_role(CURRENT_USER, 'pg_read_all_stats', 'USAGE'))\
-                   ::pg_catalog.text FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) CURRENT_USER";
-        let msgs = self.own_query(may).await?;
-        if protocol::first_value(&msgs).as_deref() != Some("true") {
-            let e = "postai-edge: permission denied: SHOW POSTAI QUERIES needs a superuser or pg_read_all_stats";
+        let may = self.admin_privilege().await?;
+        if !(may.admin || may.stats) {
+            let e = "postai-edge: permission denied: SHOW POSTAI QUERIES needs a user of admin_users or \
+                     stats_users, a superuser or a member of pg_read_all_stats";
             self.refuse("42501", e).await?;
             return Ok(());
         }

@@ -48,7 +48,7 @@ impl Client {
             primary_generation,
             hold_ready: false,
             held_ready: None,
-            admin: admin::AdminState::default(),
+            admin: admin::AdminState::new(&user),
             cancel_key: cancel::key_in(&greeting),
             between_requests: false,
             batch_held: None,

@@ -47,7 +47,7 @@ impl Client {
             self.show_queries().await?;
             return Ok(Path::Proxy);
         }
-        if let Some(rows) = self.admin(&sql) {
+        if let Some(rows) = self.admin(&sql).await? {
             self.wr.write_all(&rows).await?;
             self.wr.write_all(&protocol::ready_for_query(self.wire.status())).await?;
             return Ok(Path::Proxy);

@@ -40,6 +40,9 @@ pub struct Proxy {
     /// DDL ran through this proxy: the CDC reader reloads the database's
     /// catalog on its next poll (also without the DDL event triggers).
     pub catalog_stale: std::sync::atomic::AtomicBool,
+    /// DDL through this proxy so far: a catalog read that began before the
+    /// last of them may not show it.
+    pub ddl_count: std::sync::atomic::AtomicU64,
     /// Buffered bytes and client connections, bounded (`limits.rs`).
     pub limits: crate::limits::Limits,
     /// What a reload replaces (`reload.rs`): users.
@@ -118,6 +121,7 @@ impl Proxy {
             lsn_generation: AtomicU64::new(0),
             l2_file,
             catalog_stale: std::sync::atomic::AtomicBool::new(false),
+            ddl_count: std::sync::atomic::AtomicU64::new(0),
             next_session: AtomicU64::new(1),
             start,
         }))
@@ -176,6 +180,7 @@ impl Proxy {
     /// its next poll, and until then nothing is cached (functions and views
     /// may mean something else now).
     pub fn ddl_ran(&self) {
+        self.ddl_count.fetch_add(1, Ordering::SeqCst);
         self.catalog_stale.store(true, Ordering::Relaxed);
         self.node().catalog_changed();
     }
