@@ -167,16 +167,17 @@ pub async fn prepare(client: &Client, name: &str, st: &Statement) -> Result<usiz
     Ok(n)
 }
 
-/// What planning a captured statement may do to the database it runs on:
-/// nothing written (a read-only transaction, rolled back), no wait on a
-/// lock for long, no plan for long.
+/// Bounds on planning a captured statement: a read-only transaction,
+/// rolled back (no write to a table; not a sandbox: code a superuser's
+/// session runs may still do what reads allow, which is why `guard` keeps
+/// user code out of planning), no wait on a lock for long, no plan for long.
 const BOUNDED: &str = "BEGIN READ ONLY; SET LOCAL statement_timeout = '10s'; SET LOCAL lock_timeout = '2s'";
 
 /// The generic plan of `st` (a normalised statement), or why there is none.
 pub async fn generic_plan(client: &Client, st: &Statement) -> Result<Node, AdvisorError> {
     let _ = exec(client, "DEALLOCATE postai_advise").await;
-    exec(client, &format!("{BOUNDED}; SET LOCAL plan_cache_mode = force_generic_plan")).await?;
     let explained = async {
+        exec(client, &format!("{BOUNDED}; SET LOCAL plan_cache_mode = force_generic_plan")).await?;
         let n = prepare(client, "postai_advise", st).await?;
         let args = if n == 0 { String::new() } else { format!("({})", vec!["NULL"; n].join(", ")) };
         // (VERBOSE: the scans name their schema, the conditions their aliases)

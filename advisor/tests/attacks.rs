@@ -53,6 +53,28 @@ async fn a_role_of_the_database_runs_nothing_as_the_advisor() {
         let out = as_mallory(pg.port, "SELECT count(*) FROM t WHERE a + b > mallory.folded()");
         assert!(!out.contains("ERROR"), "{out}");
     }
+    // the same code reached otherwise: a user function named like a
+    // built-in, an index expression of a table (the planner folds it), a
+    // rewrite rule planned with a write, a text the analysis cannot parse
+    let out = as_mallory(
+        pg.port,
+        "CREATE FUNCTION mallory.now() RETURNS int LANGUAGE plpgsql IMMUTABLE AS
+           $$ BEGIN RETURN mallory.payload(); END $$;
+         CREATE TABLE mallory.indexed (a int); CREATE INDEX ON mallory.indexed ((a + mallory.folded()));
+         CREATE TABLE mallory.ruled (a int); CREATE RULE r AS ON UPDATE TO mallory.ruled DO ALSO SELECT mallory.folded();",
+    );
+    assert!(!out.contains("ERROR"), "{out}");
+    for sql in [
+        "SELECT count(*) FROM t WHERE a > mallory.now()",
+        "SELECT count(*) FROM mallory.indexed WHERE a = 7",
+        "UPDATE mallory.ruled SET a = 1 WHERE a = 2",
+        "SELECT count(*) FROM t WHERE a = mallory.folded() AND b BETWEEN SYMMETRIC 1 AND 9",
+    ] {
+        for _ in 0..3 {
+            let out = as_mallory(pg.port, sql);
+            assert!(!out.contains("ERROR"), "{sql}: {out}");
+        }
+    }
     // 2. a PREPARE whose comment makes a naive reading of it two statements
     let out = as_mallory(
         pg.port,
@@ -68,9 +90,19 @@ async fn a_role_of_the_database_runs_nothing_as_the_advisor() {
     let advisor = connect(&pg).await;
     let r = advise(&advisor, None, &Options::default()).await.expect("advice");
     assert_eq!(lock_held(pg.port), "0", "mallory's function did not run in the advisor's session");
-    let folded = r.statements.iter().find(|s| s.query.contains("mallory.folded()")).expect("captured");
+    let folded = r.statements.iter().find(|s| s.query.contains("a + b > mallory.folded()")).expect("captured");
     let why = folded.unplanned.as_deref().unwrap_or_default();
     assert!(why.contains("user code (folded)"), "{why}");
+    for (text, reason) in [
+        ("mallory.now()", "user code (now)"),
+        ("mallory.indexed", "evaluates user code"),
+        ("mallory.ruled", "rewrite rule"),
+        ("SYMMETRIC", "cannot parse"),
+    ] {
+        let s = r.statements.iter().find(|s| s.query.contains(text)).unwrap_or_else(|| panic!("{text} captured"));
+        let why = s.unplanned.as_deref().unwrap_or_default();
+        assert!(why.contains(reason), "{text}: {why}");
+    }
     assert_eq!(psql(pg.port, "SELECT count(*) FROM pg_class WHERE relname = 'pwned'"), "0");
     assert_eq!(psql(pg.port, "SELECT rolsuper FROM pg_roles WHERE rolname = 'mallory'"), "f");
     // the other statements are still advised on

@@ -104,7 +104,7 @@ pub async fn run_without_cdc(proxy: std::sync::Arc<Proxy>) {
             loop {
                 watch.check_roles(&proxy, &mut conn).await?;
                 tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
-                let stale = proxy.catalog_stale.load(Ordering::Relaxed);
+                let stale = proxy.catalog_needs_read();
                 if stale || loaded.elapsed() >= std::time::Duration::from_millis(CATALOG_POLL_MS) {
                     watch.sync_catalog(&proxy, &mut conn).await?;
                     loaded = std::time::Instant::now();

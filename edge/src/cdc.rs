@@ -276,7 +276,7 @@ async fn poll_loop(proxy: &Proxy, reader: &mut SlotReader, watch: &mut crate::ca
         };
         // DDL (here or through the proxy) may have changed what relations
         // and functions are; roles change without events
-        if ddl || proxy.catalog_stale.load(Ordering::Relaxed) {
+        if ddl || proxy.catalog_needs_read() {
             watch.sync_catalog(proxy, &mut conn).await?;
         }
         if roles_checked.elapsed() >= Duration::from_millis(ROLES_CHECK_MS) {
@@ -433,7 +433,7 @@ async fn subscribe_loop(proxy: &Proxy, sub: &mut Subscriber, watch: &mut crate::
             // (not under the node's lock: this takes it)
             proxy.saw_primary_lsn(generation, current);
         }
-        if ddl || proxy.catalog_stale.load(Ordering::Relaxed) {
+        if ddl || proxy.catalog_needs_read() {
             watch.sync_catalog(proxy, &mut catalog_conn).await?;
         }
         if roles_checked.elapsed() >= Duration::from_millis(ROLES_CHECK_MS) {

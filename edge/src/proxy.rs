@@ -381,7 +381,9 @@ impl Client {
                     return Ok(kept.finish());
                 }
                 // COPY FROM STDIN: the client's data goes to the primary
-                b'G' => self.copy_in().await?,
+                b'G' => {
+                    self.copy_in(false).await?;
+                }
                 _ => {}
             }
             if self.out.len() > 64 << 10 {
@@ -394,8 +396,11 @@ impl Client {
 
     /// COPY FROM STDIN: the client's messages go to the server up to
     /// CopyDone or CopyFail (and, in the extended protocol, the Sync after
-    /// it, which the server waits for).
-    async fn copy_in(&mut self) -> anyhow::Result<()> {
+    /// it, which the server waits for). `unsynced`: begun by messages sent
+    /// without a Sync, it goes on to the Sync or Flush after CopyDone (the
+    /// server answers the COPY only then; one before CopyDone it ignores,
+    /// as libpq's). The tag of the last message sent.
+    async fn copy_in(&mut self, unsynced: bool) -> anyhow::Result<u8> {
         self.flushed_mid = true;
         self.wr.write_all(&self.out).await?;
         self.out.clear();
@@ -407,8 +412,12 @@ impl Client {
             };
             self.up().await?.send(&c.raw).await?;
             done |= matches!(c.tag, b'c' | b'f');
-            if self.wire.copy_ends(done, c.tag) {
-                return Ok(());
+            let ends = match unsynced {
+                true => done && matches!(c.tag, b'S' | b'H'),
+                false => self.wire.copy_ends(done, c.tag),
+            };
+            if ends {
+                return Ok(c.tag);
             }
         }
     }

@@ -191,6 +191,49 @@ fn copy_in_the_extended_protocol_ends_and_a_client_leaving_mid_copy_frees_the_se
     assert_eq!(psql(port, "SELECT count(*) FROM items WHERE id = 101"), "0");
 }
 
+/// COPY FROM STDIN whose Execute comes with no Sync (tokio-postgres'
+/// `copy_in` sends Bind and Execute and waits for CopyInResponse) or with a
+/// Flush: the proxy sends it at once and relays the COPY; the Sync after
+/// CopyDone gets ReadyForQuery; the rows are there and read back.
+#[test]
+fn copy_in_without_a_sync_first_is_answered() {
+    let pg = Pg::start("copynosync");
+    create_items(&pg, 10);
+    let (port, _p) = proxy(&pg);
+    // Bind and Execute alone
+    let mut c = Raw::connect(port, "postgres");
+    c.send(&[parse("c", "COPY items FROM STDIN"), sync()]);
+    assert_eq!(tags(&c.until_ready()), "1Z");
+    c.send(&[bind("c", &[]), execute()]);
+    assert_eq!(tags(&c.take(2)), "2G");
+    c.send(&[frame(b'd', b"200\ttwo hundred\n"), frame(b'c', b""), sync()]);
+    assert_eq!(tags(&c.until_ready()), "CZ");
+    // with a Flush
+    c.send(&[parse("", "COPY items FROM STDIN"), bind("", &[]), execute(), flush()]);
+    assert_eq!(tags(&c.take(3)), "12G");
+    c.send(&[frame(b'd', b"201\tflushed\n"), frame(b'c', b""), sync()]);
+    assert_eq!(tags(&c.until_ready()), "CZ");
+    // a COPY that fails before it starts: the error, then ReadyForQuery at the Sync
+    c.send(&[parse("", "COPY nosuch FROM STDIN"), bind("", &[]), execute()]);
+    c.send(&[frame(b'f', b"gave up\0"), sync()]);
+    let failed = c.until_ready();
+    assert_eq!(sqlstate(&failed).as_deref(), Some("42P01"), "{}", tags(&failed));
+    assert_eq!(psql(port, "SELECT v FROM items WHERE id IN (200, 201) ORDER BY id"), "two hundred\nflushed");
+    // tokio-postgres
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        use futures_util::SinkExt;
+        let client = pg::client(port).await;
+        let sink = client.copy_in("COPY items FROM STDIN").await.expect("COPY started");
+        futures_util::pin_mut!(sink);
+        sink.as_mut().send(bytes::Bytes::from_static(b"202\tfrom rust\n")).await.expect("data");
+        let n = tokio::time::timeout(Duration::from_secs(10), sink.finish()).await.expect("not stuck").expect("done");
+        assert_eq!(n, 1);
+        let v: String = client.query_one("SELECT v FROM items WHERE id = 202", &[]).await.expect("read").get(0);
+        assert_eq!(v, "from rust");
+    });
+}
+
 /// LISTEN: a notification that arrives before a read is the session's, not
 /// the read's answer: it is relayed to the session and never cached.
 #[test]

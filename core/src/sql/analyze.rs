@@ -355,6 +355,8 @@ fn unparsable(text: String, lexed: &Lexed, error: &str, catalog: &Catalog, confi
     let first = lexed.first_word.as_str();
     let mut s = basic(StatementKind::Other, text, lexed);
     s.cacheable = Err(NotCacheable::Unparsable(error.to_string()));
+    // (what it calls is not known as the parser knows a parsed one's)
+    s.user_code = Some(format!("a text the analysis cannot parse ({error})"));
     let read = matches!(first, "select" | "values" | "table" | "explain" | "(");
     if !(read && calls_harmless(&s.text, catalog, config) && catalog.comparisons().is_none()) {
         s = opaque(s);
@@ -659,7 +661,14 @@ fn definition_effects(sql: &str, catalog: &mut Catalog, config: &AnalyzerConfig)
         Ok(lexed) => analyze(lexed, sql, catalog, config),
         Err(e) => {
             let why = NotCacheable::Unparsable(e.to_string());
-            return Effects { uncacheable: Some(why), session_opaque: true, writes_opaque: true, ..Effects::default() };
+            let user_code = Some(format!("a definition the analysis cannot read ({e})"));
+            return Effects {
+                uncacheable: Some(why),
+                session_opaque: true,
+                writes_opaque: true,
+                user_code,
+                ..Effects::default()
+            };
         }
     };
     Effects {

@@ -127,8 +127,12 @@ pub(crate) fn call_effects(name: &str, catalog: &Catalog, user_volatile: &[Strin
         e.session_opaque = true;
         e.writes_opaque = true;
     };
-    if user_volatile.iter().any(|v| v.eq_ignore_ascii_case(name)) {
+    // (a user's function of a built-in's name too: `mallory.now()`)
+    let info = catalog.function(name);
+    if info.is_some_and(|f| f.user) || user_volatile.iter().any(|v| v.eq_ignore_ascii_case(name)) {
         e.user_code = Some(name.to_string());
+    }
+    if user_volatile.iter().any(|v| v.eq_ignore_ascii_case(name)) {
         opaque(&mut e, NotCacheable::Volatile(lower));
         return e;
     }
@@ -149,10 +153,6 @@ pub(crate) fn call_effects(name: &str, catalog: &Catalog, user_volatile: &[Strin
     }
     if lower == "current_setting" {
         e.reads_settings = true;
-    }
-    let info = catalog.function(name);
-    if info.is_some_and(|f| f.user) {
-        e.user_code = Some(name.to_string());
     }
     match info {
         None if SQL_CONSTRUCTS.contains(&lower.as_str()) => {}
@@ -232,6 +232,7 @@ pub(crate) fn relation_effects(
         return Some(Arc::new(e));
     }
     if catalog.resolving.contains(&id) || catalog.resolving.len() >= DEPTH_MAX {
+        e.user_code = Some(format!("views nested past {DEPTH_MAX} at {name}"));
         e.uncacheable = Some(NotCacheable::TooDeep(name));
     } else {
         catalog.resolving.push(id);

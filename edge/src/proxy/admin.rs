@@ -227,6 +227,12 @@ impl Client {
         if may.admin {
             return Ok(may);
         }
+        if self.wire.unsynced() {
+            // a query of the proxy's own would run inside the client's
+            // pipeline (or wait behind an error until its Sync): the lists
+            // alone decide here
+            return Ok(may);
+        }
         // (every name qualified: the client's search_path is its own)
         let sql = "SELECT r.rolsuper::pg_catalog.text, \
                    pg_catalog.pg_has_role(CURRENT_USER, 'pg_read_all_stats', 'USAGE')::pg_catalog.text \
@@ -238,6 +244,13 @@ impl Client {
                 return Ok(may);
             }
         };
+        // that simple query dropped the client's unnamed statement: it is
+        // prepared again before the client's next batch
+        if !self.pooled()
+            && let Some(p) = self.wire.parse_of("").cloned()
+        {
+            self.wire.defer_parse(p);
+        }
         let row = msgs.iter().find(|m| m.tag == b'D').and_then(protocol::text_columns).unwrap_or_default();
         let yes = |i: usize| row.get(i).and_then(|v| v.as_deref()) == Some("true");
         may.admin |= yes(0);

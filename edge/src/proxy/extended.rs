@@ -65,6 +65,17 @@ impl Client {
                 if m.tag == b'E' {
                     return Ok(true);
                 }
+                if m.tag == b'G' {
+                    // (what `out` holds was sent upstream, not to the client)
+                    self.out.clear();
+                    if self.copy_in(true).await? == b'S' {
+                        // the server answers the COPY and the Sync together
+                        self.relay_until_ready(None).await?;
+                        return Ok(false);
+                    }
+                    // a Flush: the COPY's CommandComplete comes now
+                    continue;
+                }
                 if done.contains(&m.tag) {
                     break;
                 }

@@ -206,6 +206,21 @@ impl Client {
                 // PostgreSQL ignores it, and sent it would lease a pooled
                 // server connection the client then holds
                 b'd' | b'c' | b'f' => {}
+                b'E' if self.wire.executes_copy_in(&batch, &m) => {
+                    // COPY FROM STDIN: the server answers at once and waits
+                    // for the data, which the client may send without a Sync
+                    // first: sent now, relayed through the COPY (the Sync
+                    // after it comes as any other)
+                    batch.push(m);
+                    let sent = std::mem::take(&mut batch);
+                    self.send_batch(&sent, None).await?;
+                    self.relay_responses(&sent).await?;
+                    if !self.wire.unsynced() {
+                        // it ended at the Sync after the COPY: the write is applied
+                        self.settle().await?;
+                        self.release_ready().await?;
+                    }
+                }
                 _ => batch.push(m),
             }
         }

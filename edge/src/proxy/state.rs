@@ -185,6 +185,13 @@ impl Proxy {
         self.node().catalog_changed();
     }
 
+    /// Whether the catalog must be read again: DDL ran through the proxy,
+    /// or the node holds no catalog it trusts (DDL seen in the change
+    /// stream, a read that DDL through the proxy overtook).
+    pub fn catalog_needs_read(&self) -> bool {
+        self.catalog_stale.load(Ordering::Relaxed) || self.node().catalog_is_stale()
+    }
+
     /// Drops every cached entry (a failover: the old CDC stream is gone),
     /// every answer in flight unfiled, and the primary's position seen: the
     /// new primary's timeline reuses the positions of whatever the old one
