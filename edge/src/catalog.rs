@@ -58,6 +58,7 @@ impl Watch {
             eprintln!("postai-edge: catalog loaded: {}", live.summary());
             self.catalog = Some(digest);
         }
+        proxy.catalog_loads.fetch_add(1, Ordering::Relaxed);
         Ok(digest)
     }
 

@@ -248,6 +248,7 @@ impl Client {
         if !settled.reported.is_empty() {
             let mut n = self.proxy.node();
             for (name, value) in settled.reported {
+                self.admin.note_parameter(&name, &value);
                 // the role comes from the commands that set it (a report of
                 // session_authorization alone would forget a SET ROLE)
                 if !matches!(name.as_str(), "session_authorization" | "is_superuser") {

@@ -445,6 +445,7 @@ fn operators_are_function_calls() {
 #[test]
 fn operators_reached_otherwise() {
     let f = fixture("more-ops2", 3000);
+    let loads = pg::stat_n(f.port, "catalog_loads");
     let out = psql(
         f.pg.port,
         "CREATE FUNCTION eq_bump(a int, b text) RETURNS boolean LANGUAGE sql VOLATILE \
@@ -455,8 +456,9 @@ fn operators_reached_otherwise() {
          CREATE OPERATOR - (LEFTARG = int, RIGHTARG = text, FUNCTION = price_imm)",
     );
     assert!(!out.contains("ERROR"), "{out}");
-    // the next poll reloads the catalog
-    std::thread::sleep(Duration::from_millis(3500));
+    // the next poll brings the DDL, and the catalog is read again
+    let read_again = || pg::stat_n(f.port, "catalog_loads") > loads && pg::stat_n(f.port, "catalog_stale") == 0;
+    assert!(eventually_within(Duration::from_secs(30), read_again), "the catalog was read again");
     f.rt.block_on(async {
         let c = connect(f.port, "app").await;
         let mut failures = Vec::new();
@@ -1674,13 +1676,17 @@ fn a_view_replaced_directly_under_a_prepared_statement() {
             assert_eq!(hex_rows(&c.query(&stmt, &[]).await.expect("read")), "7631");
             c.query(&tick, &[]).await.expect("read");
         }
+        let loads = pg::stat_n(f.port, "catalog_loads");
         psql(
             f.pg.port,
             "CREATE OR REPLACE VIEW items_view AS SELECT id, v || random()::text AS v FROM items; \
              CREATE OR REPLACE FUNCTION tick() RETURNS bigint LANGUAGE sql VOLATILE AS $$ SELECT nextval('seq') $$",
         );
-        // the stream brings the DDL within a poll or two
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // the stream brings the DDL, and the catalog is read again
+        let port = f.port;
+        let read_again = move || pg::stat_n(port, "catalog_loads") > loads && pg::stat_n(port, "catalog_stale") == 0;
+        let seen = tokio::task::spawn_blocking(move || eventually_within(Duration::from_secs(30), read_again));
+        assert!(seen.await.expect("the wait"), "the catalog was read again");
         let mut failures = Vec::new();
         for (name, s) in [("view", &stmt), ("function", &tick)] {
             let mut got = Vec::new();

@@ -273,6 +273,14 @@ fn proxy_commands_need_privileges() {
     for user in ["carol", "dave"] {
         assert!(denied(&psql_user(port, user, "POSTAI RELOAD")), "{user} may not reload");
     }
+    // a superuser who took a role that is not one is that role (as pg_stat_statements sees it)
+    let out = std::process::Command::new("psql")
+        .args(["-X", "-q", "-At", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-d", "postgres"])
+        .args(["-c", "SET ROLE bob", "-c", "SHOW POSTAI STATS", "-c", "RESET ROLE", "-c", "SHOW POSTAI STATS"])
+        .output()
+        .expect("psql runs");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(stderr.contains("permission denied") && stdout.contains("l1_hits|"), "{stdout}{stderr}");
     // (this proxy's configuration is no file: allowed, the reload has nothing to read)
     for user in ["erin", "postgres"] {
         let out = psql_user(port, user, "POSTAI RELOAD");

@@ -193,7 +193,7 @@ fn failover_promotes_the_replica_loses_no_acknowledged_write_and_fences_the_old_
     let (port, metrics_at, _rt) = start_proxy(
         &primary,
         &[&replica, &second],
-        "[cdc]\npoll_ms = 50\n[failover]\nhealth_interval_ms = 200\ntimeout_ms = 1500\n",
+        "[cdc]\npoll_ms = 50\n[failover]\nhealth_interval_ms = 200\ntimeout_ms = 3000\n",
     );
     assert!(eventually(Duration::from_secs(10), || stat_n(port, "filling") > 0), "CDC connected");
     assert_eq!(psql(port, "SELECT v FROM items WHERE id = 1"), "one");

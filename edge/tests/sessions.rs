@@ -191,28 +191,27 @@ fn copy_in_the_extended_protocol_ends_and_a_client_leaving_mid_copy_frees_the_se
     assert_eq!(psql(port, "SELECT count(*) FROM items WHERE id = 101"), "0");
 }
 
-/// COPY FROM STDIN whose Execute comes with no Sync (tokio-postgres'
-/// `copy_in` sends Bind and Execute and waits for CopyInResponse) or with a
-/// Flush: the proxy sends it at once and relays the COPY; the Sync after
-/// CopyDone gets ReadyForQuery; the rows are there and read back.
+/// COPY FROM STDIN whose Execute comes with a Flush (the client waits for
+/// CopyInResponse before it sends a Sync): relayed through the COPY; the
+/// Sync after CopyDone gets ReadyForQuery once the write is applied; a
+/// COPY that fails before it starts; tokio-postgres' `copy_in`.
 #[test]
-fn copy_in_without_a_sync_first_is_answered() {
+fn copy_in_after_a_flush_is_relayed() {
     let pg = Pg::start("copynosync");
     create_items(&pg, 10);
     let (port, _p) = proxy(&pg);
-    // Bind and Execute alone
     let mut c = Raw::connect(port, "postgres");
-    c.send(&[parse("c", "COPY items FROM STDIN"), sync()]);
-    assert_eq!(tags(&c.until_ready()), "1Z");
-    c.send(&[bind("c", &[]), execute()]);
-    assert_eq!(tags(&c.take(2)), "2G");
+    c.send(&[parse("c", "COPY items FROM STDIN"), bind("c", &[]), execute(), flush()]);
+    assert_eq!(tags(&c.take(3)), "12G");
     c.send(&[frame(b'd', b"200\ttwo hundred\n"), frame(b'c', b""), sync()]);
     assert_eq!(tags(&c.until_ready()), "CZ");
-    // with a Flush
+    // a Flush after CopyDone too
     c.send(&[parse("", "COPY items FROM STDIN"), bind("", &[]), execute(), flush()]);
     assert_eq!(tags(&c.take(3)), "12G");
-    c.send(&[frame(b'd', b"201\tflushed\n"), frame(b'c', b""), sync()]);
-    assert_eq!(tags(&c.until_ready()), "CZ");
+    c.send(&[frame(b'd', b"201\tflushed\n"), frame(b'c', b""), flush()]);
+    assert_eq!(tags(&c.take(1)), "C");
+    c.send(&[sync()]);
+    assert_eq!(tags(&c.until_ready()), "Z");
     // a COPY that fails before it starts: the error, then ReadyForQuery at the Sync
     c.send(&[parse("", "COPY nosuch FROM STDIN"), bind("", &[]), execute()]);
     c.send(&[frame(b'f', b"gave up\0"), sync()]);

@@ -46,7 +46,7 @@ fn a_lossy_failover_does_not_stamp_new_answers_with_old_positions() {
     let (primary, replica) = cut_pair("tl");
     let proxy = pg::start_proxy(&format!(
         "upstream = '{}'\nreplicas = ['{}']\n[[tables]]\nname = 'items'\nprimary_key = 'id'\ninteger_key = true\n\
-         [cdc]\npoll_ms = 50\n[failover]\nhealth_interval_ms = 200\ntimeout_ms = 1500\n",
+         [cdc]\npoll_ms = 50\n[failover]\nhealth_interval_ms = 200\ntimeout_ms = 3000\n",
         primary.addr(),
         replica.addr()
     ));
@@ -145,7 +145,7 @@ fn a_replica_off_the_primary_s_timeline_takes_no_reads() {
     let start = |replica: &Pg| {
         pg::start_proxy(&format!(
             "upstream = '{}'\nreplicas = ['{}']\n{ITEMS_TABLE}[cache]\nconsistency = 'eventual'\n\
-             [cdc]\npoll_ms = 50\n[failover]\nhealth_interval_ms = 200\ntimeout_ms = 1500\n",
+             [cdc]\npoll_ms = 50\n[failover]\nhealth_interval_ms = 200\ntimeout_ms = 3000\n",
             primary.addr(),
             replica.addr()
         ))
@@ -233,7 +233,7 @@ fn the_change_stream_moves_to_the_new_primary_when_the_old_one_goes_silent() {
     let hole = pg::faults::Relay::new(primary.port);
     let proxy = pg::start_proxy(&format!(
         "upstream = '127.0.0.1:{}'\nreplicas = ['{}']\n{ITEMS_TABLE}[cdc]\npoll_ms = 50\n\
-         [failover]\nhealth_interval_ms = 200\ntimeout_ms = 1500\n",
+         [failover]\nhealth_interval_ms = 200\ntimeout_ms = 3000\n",
         hole.port,
         replica.addr()
     ));

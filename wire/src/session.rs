@@ -228,23 +228,6 @@ impl Session {
         self.parses.remove(name);
     }
 
-    /// Whether `execute` (an Execute that ends `batch` so far) runs `COPY
-    /// ... FROM STDIN`: the server answers it with CopyInResponse and waits
-    /// for the data, and a client may wait for that answer without sending
-    /// the Sync or Flush a batch otherwise ends with (tokio-postgres'
-    /// `copy_in` sends Bind and Execute alone).
-    pub fn executes_copy_in(&self, batch: &[Message], execute: &Message) -> bool {
-        let cstr = |b: &[u8]| b.iter().position(|c| *c == 0).map(|end| b[..end].to_vec());
-        let Some(portal) = cstr(execute.body()) else { return false };
-        // the portal's Bind: the last one of that name in the batch
-        let bound = batch.iter().rev().filter(|m| m.tag == b'B').find(|b| cstr(b.body()).as_ref() == Some(&portal));
-        let Some(statement) = bound.and_then(bind_statement) else { return false };
-        self.statements.get(statement).is_some_and(|p| {
-            let t = p.shape.text.as_str();
-            t.starts_with("copy ") && t.contains(" from stdin")
-        })
-    }
-
     /// The Parse the client sent for statement `name`.
     pub fn parse_of(&self, name: &str) -> Option<&Message> {
         self.parses.get(name)

@@ -134,6 +134,9 @@ pub(super) struct Privilege {
 #[derive(Default)]
 pub(super) struct AdminState {
     user: String,
+    /// The session's role upstream is a superuser (the server's
+    /// `is_superuser`, reported at login and at each change of role).
+    superuser: bool,
     statements: HashMap<String, Command>,
     portals: HashMap<String, Command>,
     /// The batch being collected holds a Parse of an admin command.
@@ -167,6 +170,23 @@ fn first_cstr(m: &Message) -> Option<String> {
 impl AdminState {
     pub(super) fn new(user: &str) -> AdminState {
         AdminState { user: user.to_string(), ..AdminState::default() }
+    }
+
+    /// A ParameterStatus the server sent.
+    pub(super) fn note_parameter(&mut self, name: &str, value: &str) {
+        if name == "is_superuser" {
+            self.superuser = value == "on";
+        }
+    }
+
+    /// The login's ParameterStatus messages.
+    pub(super) fn note_greeting(&mut self, greeting: &[u8]) {
+        let mut rest = BytesMut::from(greeting);
+        while let Ok(Some(m)) = protocol::decode(&mut rest, usize::MAX, protocol::BACKEND_TAGS) {
+            if let Some((name, value)) = postai_wire::messages::parameter_status(&m).filter(|_| m.tag == b'S') {
+                self.note_parameter(&name, &value);
+            }
+        }
     }
 
     /// What the proxy answers for `m`, if it is about an admin statement;
@@ -220,17 +240,24 @@ impl Client {
     /// header): its user in `admin_users` or `stats_users`, else its role
     /// upstream, asked now (roles change). An answer that fails (an aborted
     /// transaction, a dead upstream) allows nothing.
-    pub(super) async fn admin_privilege(&mut self) -> anyhow::Result<Privilege> {
+    pub(super) async fn admin_privilege(&mut self, batch: Option<&[Message]>) -> anyhow::Result<Privilege> {
         let cfg = &self.proxy.config;
         let user = &self.admin.user;
         let mut may = Privilege { admin: cfg.admin_users.contains(user), stats: cfg.stats_users.contains(user) };
-        if may.admin {
+        if may.admin || self.admin.superuser {
+            may.admin = true;
             return Ok(may);
         }
-        if self.wire.unsynced() {
-            // a query of the proxy's own would run inside the client's
-            // pipeline (or wait behind an error until its Sync): the lists
-            // alone decide here
+        // a query of the proxy's own (a simple query: it drops the unnamed
+        // statement) is not sent inside the client's pipeline, behind an
+        // error, or beside a batch that uses the unnamed statement: the
+        // lists alone decide there
+        let unnamed = |m: &Message| match m.tag {
+            b'P' => parse_message(m).is_some_and(|(name, _)| name.is_empty()),
+            b'B' => bind_statement(m) == Some(""),
+            _ => false,
+        };
+        if self.wire.unsynced() || self.wire.status() == b'E' || batch.is_some_and(|b| b.iter().any(unnamed)) {
             return Ok(may);
         }
         // (every name qualified: the client's search_path is its own)
@@ -244,12 +271,19 @@ impl Client {
                 return Ok(may);
             }
         };
-        // that simple query dropped the client's unnamed statement: it is
-        // prepared again before the client's next batch
-        if !self.pooled()
+        // in the extended protocol the client's unnamed statement outlives
+        // its requests: prepared again before its next batch
+        if batch.is_some()
+            && !self.pooled()
             && let Some(p) = self.wire.parse_of("").cloned()
         {
             self.wire.defer_parse(p);
+        }
+        if let Some(e) = msgs.iter().find(|m| m.tag == b'E') {
+            eprintln!(
+                "postai-edge: the privileges of a session asking for a proxy command: {}",
+                crate::upstream::error_message(e)
+            );
         }
         let row = msgs.iter().find(|m| m.tag == b'D').and_then(protocol::text_columns).unwrap_or_default();
         let yes = |i: usize| row.get(i).and_then(|v| v.as_deref()) == Some("true");
@@ -262,7 +296,7 @@ impl Client {
     /// the refusal of a session that may not run it.
     pub(super) async fn admin(&mut self, sql: &str) -> anyhow::Result<Option<BytesMut>> {
         let Some(c) = Command::parse(sql) else { return Ok(None) };
-        let may = self.admin_privilege().await?;
+        let may = self.admin_privilege(None).await?;
         Ok(Some(if c.allowed(may) {
             c.answer(&self.proxy)
         } else {
@@ -301,7 +335,7 @@ impl Client {
         }
         // (asked before any of the batch goes upstream)
         let may = match kinds.iter().any(|k| matches!(k, Some(Local::Execute(_)))) {
-            true => self.admin_privilege().await?,
+            true => self.admin_privilege(Some(batch)).await?,
             false => Privilege::default(),
         };
         let flush = Message { tag: b'H', raw: Bytes::from_static(&[b'H', 0, 0, 0, 4]) };

@@ -69,7 +69,9 @@ impl Client {
                     // (what `out` holds was sent upstream, not to the client)
                     self.out.clear();
                     if self.copy_in(true).await? == b'S' {
-                        // the server answers the COPY and the Sync together
+                        // the server answers the COPY and the Sync together;
+                        // the caller settles the write before its ReadyForQuery
+                        self.hold_ready = self.wire.may_have_written();
                         self.relay_until_ready(None).await?;
                         return Ok(false);
                     }

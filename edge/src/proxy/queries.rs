@@ -22,7 +22,7 @@ const COLUMNS: [&str; 8] =
 
 impl Client {
     pub(super) async fn show_queries(&mut self) -> anyhow::Result<()> {
-        let may = self.admin_privilege().await?;
+        let may = self.admin_privilege(None).await?;
         if !(may.admin || may.stats) {
             let e = "postai-edge: permission denied: SHOW POSTAI QUERIES needs a user of admin_users or \
                      stats_users, a superuser or a member of pg_read_all_stats";

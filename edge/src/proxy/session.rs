@@ -53,6 +53,7 @@ impl Client {
             between_requests: false,
             batch_held: None,
         };
+        c.admin.note_greeting(&greeting);
         // startup parameters and `options` (-c name=value) are session settings
         let (settings, opaque) = startup_settings(&params);
         // a session may choose its consistency: `-c postai.consistency=proxy`
@@ -182,6 +183,12 @@ impl Client {
                     // (the server's state is unknown until the next ReadyForQuery)
                     self.send_batch(&sent, Some(&m)).await?;
                     self.relay_responses(&sent).await?;
+                    if !self.wire.unsynced() {
+                        // a COPY FROM STDIN ended with the client's Sync:
+                        // its ReadyForQuery waits until the write is applied
+                        self.settle().await?;
+                        self.release_ready().await?;
+                    }
                 }
                 b'P' => {
                     if self.admin_parse(&m) {
@@ -206,21 +213,6 @@ impl Client {
                 // PostgreSQL ignores it, and sent it would lease a pooled
                 // server connection the client then holds
                 b'd' | b'c' | b'f' => {}
-                b'E' if self.wire.executes_copy_in(&batch, &m) => {
-                    // COPY FROM STDIN: the server answers at once and waits
-                    // for the data, which the client may send without a Sync
-                    // first: sent now, relayed through the COPY (the Sync
-                    // after it comes as any other)
-                    batch.push(m);
-                    let sent = std::mem::take(&mut batch);
-                    self.send_batch(&sent, None).await?;
-                    self.relay_responses(&sent).await?;
-                    if !self.wire.unsynced() {
-                        // it ended at the Sync after the COPY: the write is applied
-                        self.settle().await?;
-                        self.release_ready().await?;
-                    }
-                }
                 _ => batch.push(m),
             }
         }

@@ -43,6 +43,8 @@ pub struct Proxy {
     /// DDL through this proxy so far: a catalog read that began before the
     /// last of them may not show it.
     pub ddl_count: std::sync::atomic::AtomicU64,
+    /// Times the catalog was read (`SHOW POSTAI STATS` catalog_loads).
+    pub catalog_loads: std::sync::atomic::AtomicU64,
     /// Buffered bytes and client connections, bounded (`limits.rs`).
     pub limits: crate::limits::Limits,
     /// What a reload replaces (`reload.rs`): users.
@@ -122,6 +124,7 @@ impl Proxy {
             l2_file,
             catalog_stale: std::sync::atomic::AtomicBool::new(false),
             ddl_count: std::sync::atomic::AtomicU64::new(0),
+            catalog_loads: std::sync::atomic::AtomicU64::new(0),
             next_session: AtomicU64::new(1),
             start,
         }))
@@ -342,6 +345,7 @@ impl Proxy {
             // whether an answer of the primary read now would be filed
             ("filling".into(), u8::from(n.files_at(self.fill_floor())).to_string()),
             ("catalog_stale".into(), u8::from(n.catalog_is_stale()).to_string()),
+            ("catalog_loads".into(), self.catalog_loads.load(Ordering::Relaxed).to_string()),
         ];
         for t in [TierName::L1, TierName::L2] {
             if let Some(tier) = n.tier(t) {

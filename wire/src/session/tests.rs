@@ -344,18 +344,3 @@ fn binds_are_read_as_postgresql_reads_them() {
     minus_two.splice(at..at + 5, (-2i32).to_be_bytes());
     assert!(crate::messages::parse_bind(&msg(b'B', &minus_two)).is_none(), "length -2");
 }
-
-#[test]
-fn an_execute_of_copy_from_stdin_is_known_by_its_portal_s_statement() {
-    let (mut s, mut n) = (Session::new(false), node());
-    let copy = parsed(&mut s, &mut n, "c", "COPY items (id, v) FROM STDIN WITH (FORMAT csv)");
-    let read = parsed(&mut s, &mut n, "r", "SELECT v FROM items WHERE id = $1");
-    let to = parsed(&mut s, &mut n, "o", "COPY items TO STDOUT");
-    let _ = (copy, read, to);
-    assert!(s.executes_copy_in(&[bind("c", &[])], &execute()));
-    assert!(!s.executes_copy_in(&[bind("r", &["1"])], &execute()), "a read");
-    assert!(!s.executes_copy_in(&[bind("o", &[])], &execute()), "COPY TO");
-    assert!(!s.executes_copy_in(&[], &execute()), "a portal bound before: not known here");
-    // the portal's last Bind decides
-    assert!(!s.executes_copy_in(&[bind("c", &[]), bind("r", &["1"])], &execute()));
-}
