@@ -9,11 +9,13 @@
 //! every answer in the order it asked.
 //!
 //! Who may run them, as PgBouncer's admin console: a user in `admin_users`
-//! every command, one in `stats_users` the `SHOW` ones; otherwise the
-//! session's role upstream decides, asked at each command: a superuser may
-//! run every command, a member of `pg_read_all_stats` the `SHOW` ones
-//! (pools name other roles and databases, counters tell other sessions'
-//! activity, `POSTAI RELOAD` applies the file). Anyone else gets 42501.
+//! every command, one in `stats_users` the `SHOW` ones; a superuser (the
+//! server's `is_superuser`, reported at login and at each change of role)
+//! every command; otherwise the session's role upstream, asked at each
+//! command where the question disturbs nothing: a member of
+//! `pg_read_all_stats` may run the `SHOW` ones (pools name other roles and
+//! databases, counters tell other sessions' activity, `POSTAI RELOAD`
+//! applies the file). Anyone else gets 42501.
 
 use std::collections::HashMap;
 
@@ -237,9 +239,11 @@ impl AdminState {
 
 impl Client {
     /// What this session may run of the proxy's commands (see the module's
-    /// header): its user in `admin_users` or `stats_users`, else its role
-    /// upstream, asked now (roles change). An answer that fails (an aborted
-    /// transaction, a dead upstream) allows nothing.
+    /// header): its user in `admin_users` or `stats_users`, a superuser,
+    /// else its role upstream, asked now (roles change) unless `batch` (the
+    /// extended protocol's requests) or the session's state forbids it. An
+    /// answer that fails (an aborted transaction, a dead upstream) allows
+    /// nothing.
     pub(super) async fn admin_privilege(&mut self, batch: Option<&[Message]>) -> anyhow::Result<Privilege> {
         let cfg = &self.proxy.config;
         let user = &self.admin.user;
