@@ -424,3 +424,27 @@ fn copy_messages_outside_a_copy_hold_no_server_connection() {
         assert_eq!(pg::raw::value(&c.query("SELECT 2")).as_deref(), Some("2"));
     }
 }
+
+/// A named statement prepared, bound and closed in one batch under
+/// transaction pooling: the Bind goes out under the server connection's
+/// name for the statement (the Close, which comes after it, used to make
+/// the proxy forget the statement before the batch went out).
+#[test]
+fn a_statement_closed_in_the_batch_that_uses_it_runs() {
+    use pg::raw::*;
+    let pg = Pg::start("poolclose");
+    create_items(&pg, 5);
+    let proxy = start_proxy(&format!("upstream = '{}'\n{POOLED}", pg.addr()));
+    let mut c = Raw::connect(proxy.port, "postgres");
+    for round in 0..2 {
+        c.send(&[
+            parse("s1", "SELECT v FROM items WHERE id = 3"),
+            bind("s1", &[]),
+            execute(),
+            frame(b'C', b"Ss1\0"),
+            sync(),
+        ]);
+        let got = c.until_ready();
+        assert_eq!(tags(&got), "12DC3Z", "round {round}: {:?}", sqlstate(&got));
+    }
+}

@@ -73,6 +73,10 @@ pub struct Session {
     /// ParameterStatus the server sent during the request: what those
     /// parameters are now, whatever set them.
     reported: Vec<(String, String)>,
+    /// Statements the client closed in the batch being collected, with
+    /// their Parse: a Bind earlier in the same batch still names them when
+    /// it is encoded (a pooled connection prepares them by their text).
+    closing: Vec<(String, Message)>,
     /// What the answers reflect: told to a client that asked, and what a
     /// fill is filed at.
     pub answers: Answers,
@@ -172,6 +176,7 @@ impl Session {
             relayed_from: None,
             relayed_overflow: false,
             reported: Vec::new(),
+            closing: Vec::new(),
             answers: Answers::new(tell),
             unsynced: false,
             parsed: Vec::new(),
@@ -216,7 +221,11 @@ impl Session {
     /// close needs nothing).
     pub fn handle_close(&mut self, m: &Message) {
         if let Some(name) = m.body().strip_prefix(b"S").and_then(|n| n.strip_suffix(b"\0")) {
-            self.forget_statement(&String::from_utf8_lossy(name));
+            let name = String::from_utf8_lossy(name).into_owned();
+            if let Some(parse) = self.parses.get(&name) {
+                self.closing.push((name.clone(), parse.clone()));
+            }
+            self.forget_statement(&name);
         }
     }
 
@@ -302,6 +311,14 @@ impl Session {
             out.extend_from_slice(&parse.raw);
             self.swallow_parse_complete += 1;
         }
+        // what the batch closes after using it is known while it is encoded
+        let mut restored = Vec::new();
+        for (name, parse) in std::mem::take(&mut self.closing) {
+            if !self.parses.contains_key(&name) {
+                self.parses.insert(name.clone(), parse);
+                restored.push(name);
+            }
+        }
         for m in batch {
             match server.as_deref_mut() {
                 Some(s) => pooled_message(
@@ -323,6 +340,9 @@ impl Session {
             {
                 self.described.push_back(String::from_utf8_lossy(name).into_owned());
             }
+        }
+        for name in restored {
+            self.parses.remove(&name);
         }
         if let Some(t) = tail {
             out.extend_from_slice(&t.raw);
@@ -441,6 +461,8 @@ impl Session {
     /// After a request: what the server reported and what the extended
     /// protocol ran outside the node's view (`None` when nothing).
     pub fn take_settled(&mut self) -> Settled {
+        // (a batch answered without the server encoded nothing: its closes stand)
+        self.closing.clear();
         let mut s = Settled { reported: std::mem::take(&mut self.reported), ..Settled::default() };
         if let Some(from) = self.relayed_from.take() {
             s.certain = from == b'I'

@@ -344,3 +344,23 @@ fn binds_are_read_as_postgresql_reads_them() {
     minus_two.splice(at..at + 5, (-2i32).to_be_bytes());
     assert!(crate::messages::parse_bind(&msg(b'B', &minus_two)).is_none(), "length -2");
 }
+
+#[test]
+fn a_statement_closed_in_the_batch_that_uses_it_is_bound_by_its_server_name() {
+    let (mut s, mut n) = (Session::new(false), node());
+    let mut server = ServerStatements::default();
+    let p = parsed(&mut s, &mut n, "s1", "SELECT * FROM items WHERE id = $1");
+    let close = msg(b'C', b"Ss1\0");
+    s.handle_close(&close);
+    let mut out = BytesMut::new();
+    s.encode_batch(&[p, bind("s1", &["1"]), execute(), close], Some(&sync()), Some(&mut server), |_| {}, &mut out);
+    let sname = server.statements.iter().next().cloned().expect("prepared under its server-side name");
+    let mut binds = Vec::new();
+    while let Ok(Some(m)) = decode(&mut out, usize::MAX, crate::protocol::FRONTEND_TAGS) {
+        if m.tag == b'B' {
+            binds.push(crate::messages::bind_statement(&m).map(str::to_string));
+        }
+    }
+    assert_eq!(binds, vec![Some(sname)], "the Bind names the server's statement, not the client's closed name");
+    assert!(s.parse_of("s1").is_none(), "closed for good after the batch");
+}
