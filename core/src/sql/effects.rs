@@ -129,10 +129,11 @@ pub(crate) fn call_effects(name: &str, catalog: &Catalog, user_volatile: &[Strin
     };
     // (a user's function of a built-in's name too: `mallory.now()`)
     let info = catalog.function(name);
-    if info.is_some_and(|f| f.user) || user_volatile.iter().any(|v| v.eq_ignore_ascii_case(name)) {
+    let declared_volatile = user_volatile.iter().any(|v| v.eq_ignore_ascii_case(name));
+    if info.is_some_and(|f| f.user) || declared_volatile {
         e.user_code = Some(name.to_string());
     }
-    if user_volatile.iter().any(|v| v.eq_ignore_ascii_case(name)) {
+    if declared_volatile {
         opaque(&mut e, NotCacheable::Volatile(lower));
         return e;
     }
